@@ -1,0 +1,51 @@
+"""The ``midasflow`` command: ``integrate``, ``refine``, ``run`` and ``demo``.
+
+Each sub-command lives in its own module with a ``main(argv) -> int``. User mistakes
+(:class:`midasflow.errors.MidasflowError`) print one line and exit with status 2; bugs keep
+their traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from midasflow.errors import MidasflowError
+
+COMMANDS = {
+    "integrate": ("midasflow.cli.integrate", "raw frames -> caked MIDAS .zarr.zip"),
+    "refine": ("midasflow.cli.refine", "refine every lineout of a .zarr.zip"),
+    "run": ("midasflow.cli.run", "integrate and refine as one Dask graph"),
+    "demo": ("midasflow.cli.demo", "simulate a strained CeO2 scan and run it end to end"),
+}
+
+USAGE = "usage: midasflow {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
+    f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()
+) + "\n\n'midasflow <command> -h' shows a command's options.\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``midasflow`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0
+    if args[0] in ("-V", "--version"):
+        from midasflow import __version__
+
+        print(f"midasflow {__version__}")
+        return 0
+    command = args[0]
+    if command not in COMMANDS:
+        sys.stderr.write(USAGE)
+        print(f"midasflow: error: unknown command {command!r}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return int(module.main(args[1:]) or 0)
+    except MidasflowError as exc:
+        print(f"midasflow {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"midasflow {command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,456 @@
+"""MIDAS parameter files: parse, validate, write.
+
+A MIDAS parameter file has one ``Key value [value ...]`` per line; lines starting with ``#`` are
+comments and an inline ``# ...`` after the values is dropped. Keys are case-sensitive, the last
+occurrence of a scalar key wins, and ``ImTransOpt`` accumulates (one or several codes per line).
+Units follow MIDAS (reference/midas_caking.md §3): R in detector pixels, lengths in µm, angles in
+degrees, wavelength in Å.
+
+Keys midasflow does not use are kept verbatim in :attr:`Params.extra` and reported once as a
+warning, never silently dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from midasflow.errors import ParameterError
+
+#: GSAS-II instrument defaults written to ``InstrumentParameters`` (midas_caking.md §3.6).
+DEFAULT_WAVELENGTH_A = 0.172978
+DEFAULT_INSTRUMENT = {
+    "Polariz.": 0.99,
+    "SH/L": 0.002,
+    "U": 1.163,
+    "V": -0.126,
+    "W": 0.063,
+    "X": 0.0,
+    "Y": 0.0,
+    "Z": 0.0,
+}
+
+N_DISTORTION_TERMS = 15
+VALID_IM_TRANS_OPT = (0, 1, 2, 3)
+MASK_RULES = ("area", "midas")
+
+
+@dataclass(frozen=True)
+class _KeySpec:
+    """How one parameter-file key maps onto a :class:`Params` field."""
+
+    field: str
+    kind: type  # int, float, str or bool
+    count: int = 1  # number of values expected on the line
+
+
+# Key -> spec. Aliases point at the same field (midas_caking.md §3.1-§3.6).
+_KEYS: dict[str, _KeySpec] = {
+    "NrPixelsY": _KeySpec("nr_pixels_y", int),
+    "NrPixelsZ": _KeySpec("nr_pixels_z", int),
+    "px": _KeySpec("px_um", float),
+    "PixelSize": _KeySpec("px_um", float),
+    "YPixelSize": _KeySpec("px_um", float),
+    "pxY": _KeySpec("px_um", float),
+    "Lsd": _KeySpec("lsd_um", float),
+    "DetDist": _KeySpec("lsd_um", float),
+    "tx": _KeySpec("tx_deg", float),
+    "ty": _KeySpec("ty_deg", float),
+    "tz": _KeySpec("tz_deg", float),
+    "RhoD": _KeySpec("rhod_um", float),
+    "MaxRingRad": _KeySpec("rhod_um", float),
+    "Parallax": _KeySpec("parallax_um", float),
+    "Wavelength": _KeySpec("wavelength_a", float),
+    "RMin": _KeySpec("r_min_px", float),
+    "RMax": _KeySpec("r_max_px", float),
+    "RBinSize": _KeySpec("r_bin_px", float),
+    "EtaMin": _KeySpec("eta_min_deg", float),
+    "MinEta": _KeySpec("eta_min_deg", float),
+    "EtaMax": _KeySpec("eta_max_deg", float),
+    "EtaBinSize": _KeySpec("eta_bin_deg", float),
+    "SolidAngleCorrection": _KeySpec("solid_angle_correction", bool),
+    "PolarizationCorrection": _KeySpec("polarization_correction", bool),
+    "PolarizationFraction": _KeySpec("polarization_fraction", float),
+    "Normalize": _KeySpec("normalize", bool),
+    "OmegaStart": _KeySpec("omega_start_deg", float),
+    "OmegaFirstFile": _KeySpec("omega_start_deg", float),
+    "OmegaStep": _KeySpec("omega_step_deg", float),
+    "OmegaSumFrames": _KeySpec("omega_sum_frames", int),
+    "SkipFrame": _KeySpec("skip_frame", int),
+    "SumImages": _KeySpec("sum_images", bool),
+    "SaveIndividualFrames": _KeySpec("save_individual_frames", bool),
+    "MaskFile": _KeySpec("mask_file", str),
+    "Dark": _KeySpec("dark_file", str),
+    "HeadSize": _KeySpec("ge_header_bytes", int),
+    "PixelValue": _KeySpec("pixel_value_bytes", int),
+    "MinAreaFraction": _KeySpec("min_area_fraction", float),
+    "MaskRule": _KeySpec("mask_rule", str),
+}
+_INSTRUMENT_KEYS = {
+    "Polariz": "Polariz.",
+    "SHpL": "SH/L",
+    "U": "U",
+    "V": "V",
+    "W": "W",
+    "X": "X",
+    "Y": "Y",
+    "Z": "Z",
+}
+# Keys that change the cake but that midasflow does not implement: refuse rather than ignore.
+_UNSUPPORTED = {
+    "DistortionFile": "per-pixel distortion maps are not supported; use p0..p14",
+    "ResidualCorrectionMap": "residual R maps are not supported",
+    "PanelShiftsFile": "panel shifts are not supported",
+}
+# Keys accepted for compatibility whose value MIDAS itself ignores or that do not change the cake.
+_IGNORED = {
+    "pxZ", "DistortionOrder", "GapFile", "BadPxFile", "GapIntensity", "BadPxIntensity",
+    "DoBinSort", "Write2D", "ResultFolder", "DoPeakFit", "PeakLocation", "AutoDetectPeaks",
+    "SNIPIterations", "FitROIPadding", "FitROIAuto", "DoSmoothing", "MultiplePeaks",
+    "DoubletSeparation", "MaskFN", "NPanelsY", "NPanelsZ", "PanelSizeY", "PanelSizeZ",
+    "PanelGapsY", "PanelGapsZ", "SubPixelLevel", "SubPixelCardinalWidth", "GradientCorrection",
+    "QBinSize", "QMin", "QMax",
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every parameter that affects caking, typed, with MIDAS units.
+
+    Lengths are µm, angles degrees, R in detector pixels, wavelength Å. ``bc_y_px``/``bc_z_px``
+    are the beam centre in the frame after the ``ImTransOpt`` transforms.
+    """
+
+    source: str = "<defaults>"
+    nr_pixels_y: int = 2048
+    nr_pixels_z: int = 2048
+    px_um: float = 200.0
+    lsd_um: float = 1.0e6
+    bc_y_px: float = 1024.0
+    bc_z_px: float = 1024.0
+    tx_deg: float = 0.0
+    ty_deg: float = 0.0
+    tz_deg: float = 0.0
+    rhod_um: float = 2.0e5
+    p: tuple[float, ...] = (0.0,) * N_DISTORTION_TERMS
+    parallax_um: float = 0.0
+    im_trans_opt: tuple[int, ...] = (0,)
+    wavelength_a: float = DEFAULT_WAVELENGTH_A
+    r_min_px: float = 10.0
+    r_max_px: float = 1524.0
+    r_bin_px: float = 0.25
+    eta_min_deg: float = -180.0
+    eta_max_deg: float = 180.0
+    eta_bin_deg: float = 5.0
+    solid_angle_correction: bool = False
+    polarization_correction: bool = False
+    polarization_fraction: float = 0.99
+    normalize: bool = True
+    omega_start_deg: float = 0.0
+    omega_step_deg: float = 0.0
+    omega_sum_frames: int = 1
+    skip_frame: int = 0
+    sum_images: bool = False
+    save_individual_frames: bool = True
+    mask_file: str | None = None
+    dark_file: str | None = None
+    ge_header_bytes: int = 8192
+    pixel_value_bytes: int = 2
+    min_area_fraction: float = 0.5
+    mask_rule: str = "area"
+    instrument_overrides: tuple[tuple[str, float], ...] = ()
+    extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        _validate(self, where=self.source)
+
+    # ----------------------------------------------------------------------------- derived
+    @property
+    def n_r(self) -> int:
+        """Number of radial bins, ceil((RMax − RMin)/RBinSize)."""
+        return int(math.ceil((self.r_max_px - self.r_min_px) / self.r_bin_px - 1e-9))
+
+    @property
+    def n_eta(self) -> int:
+        """Number of azimuthal bins, ceil((EtaMax − EtaMin)/EtaBinSize)."""
+        return int(math.ceil((self.eta_max_deg - self.eta_min_deg) / self.eta_bin_deg - 1e-9))
+
+    def r_edges_px(self):
+        """Radial bin edges in pixels, shape (n_r + 1,); the last bin may pass RMax."""
+        import numpy as np
+
+        return self.r_min_px + self.r_bin_px * np.arange(self.n_r + 1, dtype=np.float64)
+
+    def eta_edges_deg(self):
+        """Azimuthal bin edges in degrees, shape (n_eta + 1,)."""
+        import numpy as np
+
+        return self.eta_min_deg + self.eta_bin_deg * np.arange(self.n_eta + 1, dtype=np.float64)
+
+    @property
+    def instrument(self) -> dict[str, float]:
+        """GSAS-II instrument terms (names as GSAS-II spells them); ``Distance`` in µm."""
+        inst = {"Lam": self.wavelength_a, **DEFAULT_INSTRUMENT}
+        inst.update(dict(self.instrument_overrides))
+        inst["Distance"] = self.lsd_um
+        return inst
+
+    @property
+    def extra_keys(self) -> dict[str, tuple[str, ...]]:
+        """Keys midasflow does not use, with their raw values."""
+        return dict(self.extra)
+
+    def geometry_key(self) -> str:
+        """SHA-256 hex digest over every field the pixel → bin map depends on."""
+        fields = (
+            "nr_pixels_y", "nr_pixels_z", "px_um", "lsd_um", "bc_y_px", "bc_z_px", "tx_deg",
+            "ty_deg", "tz_deg", "rhod_um", "p", "parallax_um", "im_trans_opt", "r_min_px",
+            "r_max_px", "r_bin_px", "eta_min_deg", "eta_max_deg", "eta_bin_deg",
+            "solid_angle_correction", "polarization_correction", "polarization_fraction",
+        )
+        blob = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def with_overrides(self, **changes: Any) -> Params:
+        """A copy with some fields replaced (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_text(self) -> str:
+        """MIDAS parameter-file text that :func:`read_params` reads back to an equal Params."""
+        lines = [f"# written by midasflow from {self.source}"]
+        inverse = {}
+        for key, spec in _KEYS.items():
+            inverse.setdefault(spec.field, key)  # first spelling is the canonical one
+        for f in dataclasses.fields(self):
+            name = f.name
+            value = getattr(self, name)
+            if name in ("source", "instrument_overrides", "extra", "p", "im_trans_opt"):
+                continue
+            if name in ("bc_y_px", "bc_z_px"):
+                continue
+            if value is None:
+                continue
+            key = inverse[name]
+            lines.append(f"{key} {_fmt(value)}")
+        lines.append(f"BC {_fmt(self.bc_y_px)} {_fmt(self.bc_z_px)}")
+        lines.extend(f"p{i} {_fmt(v)}" for i, v in enumerate(self.p))
+        lines.extend(f"ImTransOpt {code}" for code in self.im_trans_opt)
+        reverse_inst = {v: k for k, v in _INSTRUMENT_KEYS.items()}
+        lines.extend(f"{reverse_inst[k]} {_fmt(v)}" for k, v in self.instrument_overrides)
+        lines.extend(f"{key} {' '.join(values)}" for key, values in self.extra)
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _validate(params: Params, where: str) -> None:
+    """Raise ParameterError for values no geometry or binning can use."""
+    checks = [
+        (params.nr_pixels_y > 0 and params.nr_pixels_z > 0, "NrPixelsY/NrPixelsZ", "positive pixel counts"),
+        (params.px_um > 0, "px", "a positive pixel size in µm"),
+        (params.lsd_um > 0, "Lsd", "a positive sample-detector distance in µm"),
+        (params.r_bin_px > 0, "RBinSize", "a bin size > 0 (pixels)"),
+        (params.eta_bin_deg > 0, "EtaBinSize", "a bin size > 0 (degrees)"),
+        (params.r_max_px > params.r_min_px, "RMax", f"RMax > RMin (RMin is {params.r_min_px})"),
+        (params.r_min_px >= 0, "RMin", "RMin >= 0 (pixels)"),
+        (params.eta_max_deg > params.eta_min_deg, "EtaMax", f"EtaMax > EtaMin (EtaMin is {params.eta_min_deg})"),
+        (params.rhod_um > 0, "RhoD", "a positive distortion radius in µm"),
+        (params.wavelength_a > 0, "Wavelength", "a positive wavelength in Å"),
+        (params.omega_sum_frames != 0, "OmegaSumFrames", "a non-zero frame count (-1 = all frames)"),
+        (params.skip_frame >= 0, "SkipFrame", "a frame count >= 0"),
+        (0.0 <= params.min_area_fraction <= 1.0, "MinAreaFraction", "a fraction between 0 and 1"),
+        (params.mask_rule in MASK_RULES, "MaskRule", f"one of {', '.join(MASK_RULES)}"),
+        (params.pixel_value_bytes in (2, 4), "PixelValue", "2 (uint16) or 4 (uint32)"),
+        (params.ge_header_bytes >= 0, "HeadSize", "a header size >= 0 bytes"),
+        (len(params.p) == N_DISTORTION_TERMS, "p0..p14", f"{N_DISTORTION_TERMS} distortion terms"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            raise ParameterError(f"{where}: key {key}: expected {expected}")
+    for code in params.im_trans_opt:
+        if code not in VALID_IM_TRANS_OPT:
+            raise ParameterError(
+                f"{where}: key ImTransOpt: unknown code {code}, expected 0 (none), 1 (flip "
+                "left-right), 2 (flip top-bottom) or 3 (transpose)"
+            )
+    if 3 in params.im_trans_opt and params.nr_pixels_y != params.nr_pixels_z:
+        raise ParameterError(f"{where}: key ImTransOpt: code 3 (transpose) needs a square detector")
+
+
+def _convert(token: str, kind: type, where: str, key: str) -> Any:
+    try:
+        if kind is int:
+            number = float(token)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if kind is float:
+            value = float(token)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        if kind is bool:
+            return bool(int(float(token)))
+    except ValueError:
+        raise ParameterError(
+            f"{where}: key {key}: expected {'an integer' if kind in (int, bool) else 'a number'}, got {token!r}"
+        ) from None
+    return token
+
+
+def _strip_comment(line: str) -> str:
+    return line.split("#", 1)[0].strip()
+
+
+def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list[str]]:
+    """Parse (location, text) pairs into Params keyword arguments and the unknown keys."""
+    values: dict[str, Any] = {}
+    im_trans: list[int] = []
+    distortion: dict[int, float] = {}
+    instrument: dict[str, float] = {}
+    extra: dict[str, tuple[str, ...]] = {}
+    ignored: list[str] = []
+    for where, raw in lines:
+        text = _strip_comment(raw)
+        if not text:
+            continue
+        key, *tokens = text.split()
+        if key.startswith("--"):
+            key = key[2:]
+        if key in _UNSUPPORTED:
+            raise ParameterError(f"{where}: key {key}: {_UNSUPPORTED[key]}")
+        if not tokens and key not in _IGNORED:
+            raise ParameterError(f"{where}: key {key}: expected a value after the key")
+        if key == "ImTransOpt":
+            im_trans.extend(_convert(t, int, where, key) for t in tokens)
+        elif key == "BC":
+            if len(tokens) < 2:
+                raise ParameterError(f"{where}: key BC: expected 2 values (Ycen Zcen in pixels), got {len(tokens)}")
+            values["bc_y_px"], values["bc_z_px"] = (_convert(t, float, where, key) for t in tokens[:2])
+        elif key == "NrPixels":
+            n = _convert(tokens[0], int, where, key)
+            values["nr_pixels_y"] = values["nr_pixels_z"] = n
+        elif key.startswith("p") and key[1:].isdigit() and int(key[1:]) < N_DISTORTION_TERMS:
+            distortion[int(key[1:])] = _convert(tokens[0], float, where, key)
+        elif key in _INSTRUMENT_KEYS:
+            instrument[_INSTRUMENT_KEYS[key]] = _convert(tokens[0], float, where, key)
+        elif key in _KEYS:
+            spec = _KEYS[key]
+            if spec.kind is str:
+                values[spec.field] = " ".join(tokens)
+            else:
+                values[spec.field] = _convert(tokens[0], spec.kind, where, key)
+        elif key in _IGNORED:
+            ignored.append(key)
+        else:
+            extra[key] = tuple(tokens)
+    if im_trans:
+        values["im_trans_opt"] = tuple(im_trans)
+    if distortion:
+        values["p"] = tuple(distortion.get(i, 0.0) for i in range(N_DISTORTION_TERMS))
+    if instrument:
+        values["instrument_overrides"] = tuple(sorted(instrument.items()))
+    if extra:
+        values["extra"] = tuple(sorted(extra.items()))
+    if values.get("omega_sum_frames") == 0:
+        values["omega_sum_frames"] = 1  # MIDAS: 0 means 1
+    return values, sorted(set(ignored))
+
+
+def _override_lines(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Command-line ``Key value [value ...]`` overrides as parameter-file lines."""
+    if isinstance(overrides, Mapping):
+        items = [(str(k), " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in overrides.items()]
+        return [(f"command line override {k}", f"{k.lstrip('-')} {v}") for k, v in items]
+    lines: list[tuple[str, str]] = []
+    tokens = list(overrides)
+    i = 0
+    while i < len(tokens):
+        key = tokens[i].lstrip("-")
+        # the first token after a key is its value; later non-numeric tokens start the next key
+        if i + 1 >= len(tokens) or (tokens[i + 1].startswith("-") and not _is_number(tokens[i + 1])):
+            raise ParameterError(f"command line: key {key}: expected a value after the key")
+        j = i + 2
+        while j < len(tokens) and _is_number(tokens[j]):
+            j += 1
+        lines.append((f"command line override {key}", " ".join([key, *tokens[i + 1 : j]])))
+        i = j
+    return lines
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def read_params(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Params:
+    """Read a MIDAS parameter file, apply command-line overrides, validate.
+
+    Parameters
+    ----------
+    path : str or Path
+        The parameter file (``Key value`` lines, ``#`` comments).
+    overrides : sequence of str or mapping, optional
+        ``["Lsd", "1000000", "BC", "1024", "1020"]`` (or ``--Lsd``) or ``{"Lsd": 1e6}``;
+        applied after the file, so they win.
+
+    Returns
+    -------
+    Params
+
+    Raises
+    ------
+    ParameterError
+        One line naming the file, line number and key, and what was expected.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParameterError(f"{path}: parameter file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"{path}: cannot read the parameter file ({exc.__class__.__name__})") from None
+    lines = [(f"{path}:{n}", line) for n, line in enumerate(text.splitlines(), start=1)]
+    override_lines = _override_lines(overrides)
+    if any(line.split()[:1] == ["ImTransOpt"] for _, line in override_lines):
+        # an override replaces the file's transform list instead of extending it
+        lines = [(w, line) for w, line in lines if _strip_comment(line).split()[:1] != ["ImTransOpt"]]
+    values, _ = _parse_lines(lines + override_lines)
+    extra = dict(values.get("extra", ()))
+    if extra:
+        warnings.warn(
+            f"{path}: keys not used by midasflow (kept in Params.extra): {', '.join(sorted(extra))}",
+            UserWarning,
+            stacklevel=2,
+        )
+    try:
+        return Params(source=str(path), **values)
+    except ParameterError as exc:
+        # add the line of the offending key when we know it
+        message = str(exc)
+        key = message.split("key ", 1)[1].split(":", 1)[0] if "key " in message else ""
+        for where, line in reversed(lines + override_lines):
+            if _strip_comment(line).split()[:1] == [key]:
+                raise ParameterError(message.replace(f"{path}: ", f"{where}: ", 1)) from None
+        raise
+
+
+def params_from_text(text: str, source: str = "<text>") -> Params:
+    """Parse parameter-file text (as written by :meth:`Params.to_text`)."""
+    values, _ = _parse_lines([(f"{source}:{n}", line) for n, line in enumerate(text.splitlines(), start=1)])
+    return Params(source=source, **values)
