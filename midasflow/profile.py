@@ -1,0 +1,806 @@
+"""GSAS-II constant-wavelength X-ray ("PXC") peak model: profile, widths, positions, corrections.
+
+Native re-implementation of the pieces of GSAS-II's powder model that ``midasflow.crystal``
+and the least-squares engine ``midasflow.refine`` build on (spec:
+``shared/reference/gsas2_cw_profile.md`` §1-§4). Conventions:
+
+* ``x_deg`` / ``tth_deg``: 2θ in degrees. θ is half of it.
+* Peak widths are GSAS-II's: ``sig2`` = Gaussian variance in centidegree², ``gam`` = Lorentzian
+  FWHM in centidegrees. Profile values are **per centidegree** (unit area in centidegrees), so a
+  peak of integrated intensity ``I`` contributes ``I * Ω(x)`` counts at point ``x`` (§1.5).
+* ``shl`` is GSAS-II's ``SH/L``; the effective value is ``max(shl, 0.002)`` (§1.3) and S/L = H/L =
+  SH/L/2.
+
+Precision. GSAS-II evaluates the Finger–Cox–Jephcoat sum with the REAL*4 Fortran routine
+``PSVFCJO``. With ``precision="float32"`` (the default everywhere in this module) the kernels
+follow that routine's operation order in float32 and reproduce GSAS-II to ~1e-6 relative; with
+``precision="float64"`` the same algorithm runs in double precision, which differs from GSAS-II by
+up to 1 % of the peak maximum at 2θ ≈ 2° with SH/L = 0.002 (spec §1.3) and by ≤ 3e-4 elsewhere.
+Returned arrays are always float64.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numba
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+Precision = Literal["float32", "float64"]
+
+SHL_MIN = 0.002
+"""Floor GSAS-II applies to SH/L in Rietveld / Le Bail profiles (§1.3)."""
+SIG2_FLOOR_CDEG2 = 0.001
+GAM_FLOOR_CDEG = 0.001
+_WINDOW_LOW_FWHM = 50.0
+_WINDOW_HIGH_FWHM = 75.0
+
+# Gauss-Legendre table sizes of PSVFCJO (all even); N = first entry >= K, 400 if K > 300.
+_NTERMS = np.array(
+    [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 40, 50, 60, 70, 80, 90, 100, 110,
+     120, 140, 160, 180, 200, 220, 240, 260, 280, 300, 400], dtype=np.int64)
+_FSTTERM = np.concatenate(([0], np.cumsum(_NTERMS // 2)[:-1])).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# numba kernels. Every kernel takes the float type F (np.float32 emulates GSAS-II's REAL*4,
+# np.float64 runs the same algorithm in double precision) and casts each literal with it, so one
+# source serves both precisions and numba caches one specialisation per type.
+# --------------------------------------------------------------------------------------------
+_COFT = np.array([1.0, 2.69269, 2.42843, 4.47163, 0.07842, 1.0])  # TCH FWHM coefficients
+_COFN = np.array([1.36603, -0.47719, 0.11116])                    # TCH eta coefficients
+_STOFW = 2.35482005       # 2 sqrt(2 ln 2)
+_SQ2PI = 2.506628275      # sqrt(2 pi)
+_PI_LORENTZ = 3.1415292654  # sic: the mistyped pi of GSAS-II's lorentz.for
+_RPD = 0.017453292519943  # radians per degree as in GSAS-II's sind/cosd/acosd
+
+
+@numba.njit(cache=True)
+def _gauleg_positive(n, eps, F):
+    """Positive half of the n-point Gauss-Legendre rule (NR ``gauleg``), ascending nodes."""
+    half = n // 2
+    xs = np.empty(half, dtype=F)
+    ws = np.empty(half, dtype=F)
+    one = F(1.0)
+    for i in range(1, (n + 1) // 2 + 1):
+        z = F(math.cos(F(3.141592654) * (F(i) - F(0.25)) / (F(n) + F(0.5))))
+        z1 = F(0.0)
+        pp = one
+        while abs(z - z1) > F(eps):
+            p1 = one
+            p2 = F(0.0)
+            for j in range(1, n + 1):
+                p3 = p2
+                p2 = p1
+                p1 = ((F(2.0) * F(j) - one) * z * p2 - (F(j) - one) * p3) / F(j)
+            pp = F(n) * (z * p1 - p2) / (z * z - one)
+            z1 = z
+            z = z1 - p1 / pp
+        # x(n+1-i) = +z is the (half - i)-th positive node in ascending order
+        xs[half - i] = z
+        ws[half - i] = F(2.0) / ((one - z * z) * pp * pp)
+    return xs, ws
+
+
+@numba.njit(cache=True)
+def _build_tables(eps, F):
+    """All PSVFCJO quadrature tables, positive halves packed at _FSTTERM offsets."""
+    total = _FSTTERM[-1] + _NTERMS[-1] // 2
+    xp = np.empty(total, dtype=F)
+    wp = np.empty(total, dtype=F)
+    for t in range(_NTERMS.size):
+        xs, ws = _gauleg_positive(_NTERMS[t], eps, F)
+        xp[_FSTTERM[t]:_FSTTERM[t] + xs.size] = xs
+        wp[_FSTTERM[t]:_FSTTERM[t] + ws.size] = ws
+    return xp, wp
+
+
+@numba.njit(cache=True)
+def _tch_widths(sig, gam, F):
+    """PSVOIGT's per-(σ², γ) part: total FWHM Γ, η and the pieces of their derivatives."""
+    sqsg = max(F(math.sqrt(sig)), F(0.001))
+    fwhg = F(_STOFW) * sqsg
+    pgl = fwhg * fwhg * fwhg * fwhg * fwhg
+    sumhm = pgl
+    dsdl = F(0.0)
+    dsdg = F(0.0)
+    for itrm in range(1, 6):
+        pgl = pgl / fwhg
+        dsdl = dsdl + F(itrm) * F(_COFT[itrm]) * pgl
+        dsdg = dsdg + F(6 - itrm) * F(_COFT[itrm - 1]) * pgl
+        pgl = pgl * gam
+        sumhm = sumhm + F(_COFT[itrm]) * pgl
+    fwhm = F(math.exp(F(0.2) * F(math.log(sumhm))))
+    frac = gam / fwhm
+    dedf = F(0.0)
+    pf = F(1.0)
+    eta = F(0.0)
+    for itrm in range(1, 4):
+        dedf = dedf + F(itrm) * F(_COFN[itrm - 1]) * pf
+        pf = pf * frac
+        eta = eta + F(_COFN[itrm - 1]) * pf
+    return fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg
+
+
+@numba.njit(cache=True)
+def _psvoigt(dx, fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg, deriv, F):
+    """TCH pseudo-Voigt at dx (centideg) and d/dx, d/dσ², d/dγ (PSVOIGT + LORENTZ)."""
+    stofw = F(_STOFW)
+    pil = F(_PI_LORENTZ)
+    one = F(1.0)
+    half = F(0.5)
+    denom = fwhm * fwhm + F(4.0) * dx * dx
+    lor_on = abs(fwhm) > F(5.0e-6)
+    tl = F(2.0) * fwhm / pil / denom if lor_on else F(0.0)
+    sigp = (fwhm / stofw) * (fwhm / stofw)
+    ex = max(F(-20.0), -half * dx * dx / sigp)
+    tg = stofw * F(math.exp(ex)) / (F(_SQ2PI) * fwhm)
+    func = eta * tl + (one - eta) * tg
+    if not deriv:
+        return func, F(0.0), F(0.0), F(0.0)
+    dtldt = F(-8.0) * dx * tl / denom if lor_on else F(0.0)
+    dtldfw = (F(8.0) * dx * dx - F(2.0) * fwhm * fwhm) / (pil * denom * denom) if lor_on \
+        else F(0.0)
+    ts = F(-2.0) * (one - eta) * tg * (ex + half) / fwhm
+    dfdx = eta * dtldt - (one - eta) * tg * dx / sigp
+    dfwdg = F(0.2) * dsdg * fwhm / sumhm
+    dfrdg = -frac * dfwdg / fwhm
+    dfds = dedf * dfrdg * (tl - tg) + (eta * dtldfw + ts) * dfwdg
+    dfds = half * dfds * stofw / sqsg
+    dfwdl = F(0.2) * dsdl * fwhm / sumhm
+    dfrdl = (one - frac * dfwdl) / fwhm
+    dfdg = dedf * dfrdl * (tl - tg) + (eta * dtldfw + ts) * dfwdl
+    return func, dfdx, dfds, dfdg
+
+
+@numba.njit(cache=True)
+def _pv_array(delta_cdeg, sig, gam, deriv, F):
+    n = delta_cdeg.size
+    out = np.zeros((4, n), dtype=np.float64)
+    fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg = _tch_widths(F(sig), F(gam), F)
+    for i in range(n):
+        f, dfdx, dfds, dfdg = _psvoigt(F(delta_cdeg[i]), fwhm, eta, frac, dedf, dsdg, dsdl,
+                                       sumhm, sqsg, deriv, F)
+        out[0, i] = f
+        out[1, i] = dfdx
+        out[2, i] = dfds
+        out[3, i] = dfdg
+    return out
+
+
+@numba.njit(cache=True)
+def _fcj_core(x, lo, hi, tth, sig_in, gam_in, shl_in, xp, wp, deriv, scale, pos_fac, out, off,
+              F):
+    """Add scale·Ω(x[i]) (and derivatives) for i in [lo, hi) to out[:, off + i - lo].
+
+    Follows PSVFCJO (psvfcjo.for) with A = B = SH/L/2. out rows: 0 Ω, 1 dΩ/d2θ_h (per degree,
+    times pos_fac), 2 dΩ/dσ², 3 dΩ/dγ, 4 dΩ/d(SH/L_eff). Derivatives differentiate the node
+    positions δ_k(2θ_h, SH/L) and FCJ weights analytically for the selected node count.
+    """
+    one = F(1.0)
+    zero = F(0.0)
+    half = F(0.5)
+    two = F(2.0)
+    hundred = F(100.0)
+    rpd = F(_RPD)
+    sig = F(sig_in)
+    gam = F(gam_in)
+    ttheta = F(tth) * hundred
+    tthetad = F(0.01) * ttheta
+    s2t = F(math.sin(tthetad * rpd))
+    c2t = F(math.cos(tthetad * rpd))
+    s2t2 = s2t * s2t
+    c2t2 = c2t * c2t
+    a_half = F(shl_in) / two
+    apb = a_half + a_half
+    tmp2 = one + apb * apb
+    einfl = F(math.acos(min(one, max(-one, c2t)))) / rpd
+    u = F(math.sqrt(tmp2)) * c2t
+    demin_dt = zero
+    demin_da = zero
+    if abs(u) <= one:
+        emin = F(math.acos(min(one, max(-one, u)))) / rpd
+        one_m_u2 = one - u * u
+        if one_m_u2 > zero:
+            root = F(math.sqrt(one_m_u2))
+            demin_dt = F(math.sqrt(tmp2)) * s2t / root
+            demin_da = -apb * c2t / (F(math.sqrt(tmp2)) * root) / rpd
+    elif u > zero:
+        emin = zero
+    else:
+        emin = F(180.0)
+    tmp = abs(tthetad - emin)
+    if gam <= zero:
+        k = int(tmp * F(200.0))
+    else:
+        k = int(F(300.0) * tmp / gam)
+    arraynum = 0
+    while arraynum < _NTERMS.size - 1 and k > _NTERMS[arraynum]:
+        arraynum += 1
+    first = _FSTTERM[arraynum]
+    nh = _NTERMS[arraynum] // 2
+    # per-node quantities (independent of the data point)
+    d100 = np.empty(nh, dtype=F)
+    wg = np.empty(nh, dtype=F)
+    ddel_dt = np.zeros(nh, dtype=F)
+    ddel_da = np.zeros(nh, dtype=F)
+    dwg_dt = np.zeros(nh, dtype=F)
+    dwg_da = np.zeros(nh, dtype=F)
+    sumwg = zero
+    sum_dwg_dt = zero
+    sum_dwg_da = zero
+    sgn = one if c2t >= zero else -one
+    for kk in range(nh):
+        xk = xp[first + kk]
+        delta = emin + (tthetad - emin) * xk
+        d100[kk] = delta * hundred
+        sind = F(math.sin(delta * rpd))
+        cosd = F(math.cos(delta * rpd))
+        rcos = one / cosd
+        tt = s2t2 - sind * sind
+        if ttheta > F(4500.0):
+            tt = cosd * cosd - c2t2
+        if tt > zero:
+            rs = one / F(math.sqrt(tt))
+            ff = abs(c2t) * rs
+        else:
+            rs = zero
+            ff = one
+        if abs(delta - emin) > abs(einfl - emin):
+            g = two * a_half * ff * rcos
+        else:
+            g = (-one + apb * ff) * rcos
+        wg[kk] = wp[first + kk] * g
+        sumwg = sumwg + wg[kk]
+        if deriv:
+            ddt = (one - xk) * demin_dt + xk
+            dda = (one - xk) * demin_da
+            ddel_dt[kk] = ddt
+            ddel_da[kk] = dda
+            # T = sin²2θ − sin²δ:  dT = 2 s c RPD d2θ − 2 sinδ cosδ RPD dδ
+            dt_dt = two * s2t * c2t * rpd - two * sind * cosd * rpd * ddt
+            dt_da = -two * sind * cosd * rpd * dda
+            df_dt = (-sgn * s2t * rpd * rs - half * abs(c2t) * rs * rs * rs * dt_dt) if tt > zero \
+                else zero
+            df_da = -half * abs(c2t) * rs * rs * rs * dt_da if tt > zero else zero
+            tand = sind * rcos
+            dwg_dt[kk] = wp[first + kk] * (apb * df_dt * rcos + g * tand * rpd * ddt)
+            dwg_da[kk] = wp[first + kk] * ((ff + apb * df_da) * rcos + g * tand * rpd * dda)
+            sum_dwg_dt += dwg_dt[kk]
+            sum_dwg_da += dwg_da[kk]
+    rsumwg = one / sumwg
+    fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg = _tch_widths(sig, gam, F)
+    for i in range(lo, hi):
+        base = F(x[i] - tth) * hundred + ttheta
+        sumwrg = zero
+        s_t = zero
+        s_a = zero
+        s_s = zero
+        s_g = zero
+        for kk in range(nh):
+            r, drdx, drds, drdg = _psvoigt(base - d100[kk], fwhm, eta, frac, dedf, dsdg, dsdl,
+                                           sumhm, sqsg, deriv, F)
+            sumwrg = sumwrg + wg[kk] * r
+            if deriv:
+                # the PV argument moves by −100 dδ at fixed x
+                s_t += dwg_dt[kk] * r - wg[kk] * drdx * hundred * ddel_dt[kk]
+                s_a += dwg_da[kk] * r - wg[kk] * drdx * hundred * ddel_da[kk]
+                s_s += wg[kk] * drds
+                s_g += wg[kk] * drdg
+        prf = sumwrg * rsumwg
+        j = off + i - lo
+        out[0, j] += scale * prf
+        if deriv:
+            out[1, j] += scale * pos_fac * (s_t - prf * sum_dwg_dt) * rsumwg
+            out[2, j] += scale * s_s * rsumwg
+            out[3, j] += scale * s_g * rsumwg
+            out[4, j] += scale * (s_a - prf * sum_dwg_da) * rsumwg
+
+
+@numba.njit(cache=True)
+def _peaks_kernel(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out, F):
+    """Evaluate every (sub)peak p on x[lo[p]:hi[p]] into out[:, off[p]:...]."""
+    for p in range(pos.size):
+        if hi[p] - lo[p] >= 2:
+            _fcj_core(x, lo[p], hi[p], pos[p], sig2[p], gam[p], shl, xp, wp, deriv, scale[p],
+                      pos_fac[p], out, off[p], F)
+
+
+_FTYPES = {"float32": (np.float32, 3.0e-7), "float64": (np.float64, 3.0e-14)}
+
+
+@functools.lru_cache(maxsize=2)
+def _tables(precision: Precision) -> tuple[type, NDArray, NDArray]:
+    """(float type, packed positive Gauss–Legendre nodes, weights) for one precision."""
+    if precision not in _FTYPES:
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    ftype, eps = _FTYPES[precision]
+    xp, wp = _build_tables(eps, ftype)
+    return ftype, xp, wp
+
+
+# --------------------------------------------------------------------------------------------
+# pseudo-Voigt and FCJ profile
+# --------------------------------------------------------------------------------------------
+def tch_fwhm_eta(sig2_cdeg2: float, gam_cdeg: float, *,
+                 precision: Precision = "float32") -> tuple[float, float]:
+    """Total TCH FWHM Γ (centideg) and Lorentzian fraction η of the pseudo-Voigt (§1.2).
+
+    Parameters
+    ----------
+    sig2_cdeg2 : Gaussian variance σ² (centideg²); σ is floored at 0.001 centideg.
+    gam_cdeg : Lorentzian FWHM γ (centideg).
+    precision : "float32" (GSAS-II arithmetic) or "float64".
+    """
+    ftype, _, _ = _tables(precision)
+    fwhm, eta = _tch_widths(ftype(sig2_cdeg2), ftype(gam_cdeg), ftype)[:2]
+    return float(fwhm), float(eta)
+
+
+def tch_pseudo_voigt(delta_cdeg: ArrayLike, sig2_cdeg2: float, gam_cdeg: float, *,
+                     precision: Precision = "float32",
+                     derivatives: bool = False) -> NDArray[np.float64] | tuple[NDArray, ...]:
+    """Thompson–Cox–Hastings pseudo-Voigt, unit area per centidegree (GSAS-II ``PSVOIGT``).
+
+    Reproduces GSAS-II's quirks: π′ = 3.1415292654 in the Lorentzian, Gaussian exponent floored
+    at −20, σ floored at 0.001 centideg (spec §1.2).
+
+    Parameters
+    ----------
+    delta_cdeg : array, any shape — distance from the peak centre in centidegrees.
+    sig2_cdeg2 : Gaussian variance σ² (centideg²).
+    gam_cdeg : Lorentzian FWHM γ (centideg).
+    precision : "float32" (default, GSAS-II's REAL*4) or "float64".
+    derivatives : also return d/dΔ (per centideg), d/dσ², d/dγ.
+
+    Returns
+    -------
+    float64 array of delta's shape (values per centidegree), or a tuple
+    ``(value, d_delta, d_sig2, d_gam)`` of such arrays when ``derivatives``.
+    """
+    d = np.asarray(delta_cdeg, dtype=np.float64)
+    ftype, _, _ = _tables(precision)
+    out = _pv_array(d.ravel(), float(sig2_cdeg2), float(gam_cdeg), bool(derivatives), ftype)
+    vals = tuple(row.reshape(d.shape) for row in out)
+    return vals if derivatives else vals[0]
+
+
+def _fcj_eval(x_deg: ArrayLike, tth_peak_deg: float, sig2: float, gam: float, shl: float,
+              precision: Precision, deriv: bool) -> tuple[NDArray, NDArray]:
+    x = np.ascontiguousarray(x_deg, dtype=np.float64)
+    flat = x.ravel()
+    ftype, xp, wp = _tables(precision)
+    out = np.zeros((5, flat.size), dtype=np.float64)
+    _fcj_core(flat, 0, flat.size, float(tth_peak_deg), float(sig2), float(gam),
+              max(float(shl), SHL_MIN), xp, wp, deriv, 1.0, 1.0, out, 0, ftype)
+    return out, x
+
+
+def fcj_profile(x_deg: ArrayLike, tth_peak_deg: float, sig2: float, gam: float, shl: float, *,
+                precision: Precision = "float32") -> NDArray[np.float64]:
+    """FCJ-asymmetric TCH pseudo-Voigt Ω(x) per centidegree — GSAS-II ``pypsvfcjo`` (§1.3).
+
+    Ω = Σ_k w_k W_k PV(100(x − δ_k)) / Σ_k w_k W_k over the positive half of an N-point
+    Gauss–Legendre rule between 2φ_min and 2θ_h, with S/L = H/L = max(SH/L, 0.002)/2.
+    No window is applied (see :func:`peak_window`).
+
+    Parameters
+    ----------
+    x_deg : array, any shape — 2θ of the data points (degrees).
+    tth_peak_deg : peak position 2θ_h (degrees, corrected for Zero/displacement).
+    sig2 : Gaussian variance σ² (centideg²).  gam : Lorentzian FWHM γ (centideg).
+    shl : SH/L (floored at 0.002).
+    precision : "float32" (default; GSAS-II's REAL*4 operation order, parity ~1e-6) or
+        "float64" (same algorithm in double precision).
+
+    Returns
+    -------
+    float64 array of x's shape, per centidegree.
+    """
+    out, x = _fcj_eval(x_deg, tth_peak_deg, sig2, gam, shl, precision, False)
+    return out[0].reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class ProfileDerivatives:
+    """Ω and its analytic derivatives at the points of :func:`fcj_profile_derivatives`.
+
+    All float64 arrays of the x shape. ``d_pos`` per degree of 2θ_h; ``d_sig2`` per centideg²;
+    ``d_gam`` per centideg; ``d_shl`` per unit SH/L (0 when SH/L < 0.002, where the floor holds).
+    """
+
+    value: NDArray[np.float64]
+    d_pos: NDArray[np.float64]
+    d_sig2: NDArray[np.float64]
+    d_gam: NDArray[np.float64]
+    d_shl: NDArray[np.float64]
+
+
+def fcj_profile_derivatives(x_deg: ArrayLike, tth_peak_deg: float, sig2: float, gam: float,
+                            shl: float, *, precision: Precision = "float32") -> ProfileDerivatives:
+    """Ω of :func:`fcj_profile` with analytic ∂Ω/∂2θ_h, ∂Ω/∂σ², ∂Ω/∂γ and ∂Ω/∂SH/L.
+
+    The derivatives differentiate the quadrature nodes δ_k (through 2φ_min) and the FCJ weights
+    W_k analytically for a fixed node count N (N is piecewise constant in the parameters), and the
+    pseudo-Voigt as GSAS-II's ``PSVOIGT`` does. ``value`` equals :func:`fcj_profile` exactly.
+    """
+    out, x = _fcj_eval(x_deg, tth_peak_deg, sig2, gam, shl, precision, True)
+    rows = [r.reshape(x.shape) for r in out]
+    d_shl = rows[4] if shl >= SHL_MIN else np.zeros_like(rows[4])
+    return ProfileDerivatives(rows[0], rows[1], rows[2], rows[3], d_shl)
+
+
+# --------------------------------------------------------------------------------------------
+# widths, window, position
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SigGam:
+    """Peak widths at 2θ_h and their derivatives (arrays broadcast from the inputs).
+
+    ``sig2`` centideg², ``gam`` centideg. ``d_sig2`` / ``d_gam`` map parameter names 'U', 'V',
+    'W', 'X', 'Y', 'Z', 'Size', 'Mustrain', 'tth' (per degree of 2θ_h) to derivative arrays;
+    derivatives are zero where the 0.001 floor is active.
+    """
+
+    sig2: NDArray[np.float64]
+    gam: NDArray[np.float64]
+    d_sig2: dict[str, NDArray[np.float64]]
+    d_gam: dict[str, NDArray[np.float64]]
+
+
+_FOUR_LN2_X2 = 8.0 * math.log(2.0)
+
+
+def peak_sig2_gam(tth_peak_deg: ArrayLike, U: float, V: float, W: float, X: float, Y: float,
+                  Z: float, size_um: float = 1.0, mustrain: float = 1000.0, lam_a: float = 1.0,
+                  size_mx: float = 1.0, mustrain_mx: float = 1.0) -> SigGam:
+    """Gaussian variance σ² and Lorentzian FWHM γ of each peak (spec §1.1, isotropic sample terms).
+
+    σ² = max(0.001, U tan²θ + V tanθ + W + σ²_sample), γ = max(0.001, X/cosθ + Y tanθ + Z +
+    γ_sample) with Scherrer size S = 1.8λ/(π D cosθ) and microstrain M = 0.018 µ tanθ/π split by
+    the mixing coefficients: γ_sample = S·mx_S + M·mx_M, σ²_sample = ((S(1−mx_S))² +
+    (M(1−mx_M))²)/(8 ln 2). GSAS-II's defaults Size = 1 µm and Mustrain = 1000 are non-zero
+    broadening.
+
+    Parameters
+    ----------
+    tth_peak_deg : array (n,) — corrected peak positions 2θ_h (deg).
+    U, V, W : centideg².  X, Y, Z : centideg.  size_um : crystallite size D (µm).
+    mustrain : microstrain µ (10⁻⁶).  lam_a : wavelength (Å).  size_mx, mustrain_mx : LG mix.
+    """
+    tth = np.asarray(tth_peak_deg, dtype=np.float64)
+    th = np.radians(tth) / 2.0
+    tan_t = np.tan(th)
+    cos_t = np.cos(th)
+    sec2 = 1.0 / cos_t**2
+    s_fw = 1.8 * lam_a / (math.pi * size_um * cos_t)
+    m_per_mu = 0.018 * tan_t / math.pi
+    m_fw = m_per_mu * mustrain
+    gs, gm = 1.0 - size_mx, 1.0 - mustrain_mx
+    sig2_raw = U * tan_t**2 + V * tan_t + W + ((s_fw * gs) ** 2 + (m_fw * gm) ** 2) / _FOUR_LN2_X2
+    gam_raw = X / cos_t + Y * tan_t + Z + s_fw * size_mx + m_fw * mustrain_mx
+    s_on = (sig2_raw > SIG2_FLOOR_CDEG2).astype(np.float64)
+    g_on = (gam_raw > GAM_FLOOR_CDEG).astype(np.float64)
+    # d/dθ (rad) of the pieces, then × (π/360) for per-degree-of-2θ
+    ds_dth = s_fw * tan_t
+    dm_dth = 0.018 * mustrain * sec2 / math.pi
+    dsig_dth = (2 * U * tan_t * sec2 + V * sec2
+                + 2 * ((s_fw * gs**2) * ds_dth + (m_fw * gm**2) * dm_dth) / _FOUR_LN2_X2)
+    dgam_dth = X * tan_t / cos_t + Y * sec2 + ds_dth * size_mx + dm_dth * mustrain_mx
+    to_2th = math.pi / 360.0
+    one = np.ones_like(tan_t)
+    d_sig2 = {
+        "U": tan_t**2, "V": tan_t, "W": one, "X": 0 * one, "Y": 0 * one, "Z": 0 * one,
+        "Size": 2 * (s_fw * gs) ** 2 * (-1.0 / size_um) / _FOUR_LN2_X2,
+        "Mustrain": 2 * m_fw * gm**2 * m_per_mu / _FOUR_LN2_X2,
+        "tth": dsig_dth * to_2th,
+    }
+    d_gam = {
+        "U": 0 * one, "V": 0 * one, "W": 0 * one, "X": 1.0 / cos_t, "Y": tan_t, "Z": one,
+        "Size": -s_fw * size_mx / size_um,
+        "Mustrain": m_per_mu * mustrain_mx,
+        "tth": dgam_dth * to_2th,
+    }
+    return SigGam(
+        sig2=np.maximum(SIG2_FLOOR_CDEG2, sig2_raw),
+        gam=np.maximum(GAM_FLOOR_CDEG, gam_raw),
+        d_sig2={k: v * s_on for k, v in d_sig2.items()},
+        d_gam={k: v * g_on for k, v in d_gam.items()},
+    )
+
+
+def peak_window(tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: ArrayLike,
+                shl: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Evaluation window (lo_deg, hi_deg) of each peak, GSAS-II ``getWidthsCW`` (§1.4).
+
+    fwhm = max((2.355√σ² + γ)/100, 1e-4) deg; low = 2θ − 50(fwhm + SH/L_eff|cos2θ|), high =
+    2θ + 75·fwhm; the two extents swap for 2θ > 90°. Points used: ``lo <= x < hi``, i.e.
+    ``np.searchsorted(x, lo)`` … ``np.searchsorted(x, hi)`` (see :func:`window_indices`).
+    """
+    tth = np.asarray(tth_peak_deg, dtype=np.float64)
+    fwhm = np.maximum((2.355 * np.sqrt(np.asarray(sig2, dtype=np.float64))
+                       + np.asarray(gam, dtype=np.float64)) / 100.0, 0.0001)
+    fmin = _WINDOW_LOW_FWHM * (fwhm + max(shl, SHL_MIN) * np.abs(np.cos(np.radians(tth))))
+    fmax = _WINDOW_HIGH_FWHM * fwhm
+    back = tth > 90.0
+    lo_ext = np.where(back, fmax, fmin)
+    hi_ext = np.where(back, fmin, fmax)
+    return tth - lo_ext, tth + hi_ext
+
+
+def window_indices(x_deg: ArrayLike, lo_deg: ArrayLike,
+                   hi_deg: ArrayLike) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Index ranges [iBeg, iFin) of the points lo <= x < hi (left-sided searchsorted, sorted x)."""
+    x = np.asarray(x_deg, dtype=np.float64)
+    return (np.searchsorted(x, lo_deg).astype(np.int64),
+            np.searchsorted(x, hi_deg).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class PeakPosition:
+    """2θ_h (deg) and its derivatives: ``d_d`` per Å of d, ``d_lam`` per Å, ``d_zero`` (=1),
+    ``d_displace_x`` / ``d_displace_y`` per µm. Arrays of the d shape."""
+
+    tth_deg: NDArray[np.float64]
+    d_d: NDArray[np.float64]
+    d_lam: NDArray[np.float64]
+    d_zero: NDArray[np.float64]
+    d_displace_x: NDArray[np.float64]
+    d_displace_y: NDArray[np.float64]
+
+
+def peak_position_deg(d_A: ArrayLike, lam_a: float, zero_deg: float = 0.0,
+                      displace_x_um: float = 0.0, displace_y_um: float = 0.0,
+                      gonio_radius_mm: float = 200.0) -> PeakPosition:
+    """Debye–Scherrer peak position (spec §2, ``GetReflPos``).
+
+    2θ_h = 2θ₀ − (0.18/(πR))(Dx cos2θ₀ + Dy sin2θ₀) + Zero with 2θ₀ = 2 asin(λ/2d) (deg),
+    Dx, Dy in µm, R in mm, cos/sin of the uncorrected 2θ₀.
+
+    Parameters
+    ----------
+    d_A : array (n,) d-spacings (Å), from A + Dij.
+    lam_a : wavelength (Å).  zero_deg : Zero (deg 2θ).  displace_x_um, displace_y_um : sample
+    displacement (µm).  gonio_radius_mm : goniometer radius R (mm).
+    """
+    d = np.asarray(d_A, dtype=np.float64)
+    arg = lam_a / (2.0 * d)
+    tth0 = 2.0 * np.degrees(np.arcsin(arg))
+    t0 = np.radians(tth0)
+    k = 0.18 / (math.pi * gonio_radius_mm)
+    tth = tth0 - k * (displace_x_um * np.cos(t0) + displace_y_um * np.sin(t0)) + zero_deg
+    # d(2θ₀)/d(arg) in degrees; d(arg)/dd = -arg/d; d(arg)/dλ = 1/(2d)
+    dtth0_darg = 2.0 * np.degrees(1.0 / np.sqrt(1.0 - arg**2))
+    chain = 1.0 - k * (-displace_x_um * np.sin(t0) + displace_y_um * np.cos(t0)) * (math.pi / 180)
+    return PeakPosition(
+        tth_deg=tth,
+        d_d=chain * dtth0_darg * (-arg / d),
+        d_lam=chain * dtth0_darg / (2.0 * d),
+        d_zero=np.ones_like(tth),
+        d_displace_x=-k * np.cos(t0),
+        d_displace_y=-k * np.sin(t0),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# intensity corrections
+# --------------------------------------------------------------------------------------------
+def lorentz_factor(tth_deg: ArrayLike) -> NDArray[np.float64]:
+    """CW Lorentz factor L = 1/(2 sin²θ cosθ) at the corrected 2θ_h (deg) (§3.1)."""
+    th = np.radians(np.asarray(tth_deg, dtype=np.float64)) / 2.0
+    return 1.0 / (2.0 * np.sin(th) ** 2 * np.cos(th))
+
+
+def polarization_factor(tth_deg: ArrayLike, polariz: float,
+                        azimuth_deg: float = 0.0) -> NDArray[np.float64]:
+    """GSAS-II X-ray polarization P_pol (§3.2), ``azimuth_deg`` = **Sample** Azimuth φ.
+
+    P_pol = [(1−P)cos²φ + P sin²φ]cos²2θ + (1−P)sin²φ + P cos²φ.
+    """
+    c2 = np.cos(np.radians(np.asarray(tth_deg, dtype=np.float64))) ** 2
+    cf2 = math.cos(math.radians(azimuth_deg)) ** 2
+    sf2 = 1.0 - cf2
+    return ((1 - polariz) * cf2 + polariz * sf2) * c2 + (1 - polariz) * sf2 + polariz * cf2
+
+
+def polarization_dpolariz(tth_deg: ArrayLike, azimuth_deg: float = 0.0) -> NDArray[np.float64]:
+    """∂P_pol/∂P of :func:`polarization_factor` (independent of P)."""
+    c2 = np.cos(np.radians(np.asarray(tth_deg, dtype=np.float64))) ** 2
+    cf2 = math.cos(math.radians(azimuth_deg)) ** 2
+    sf2 = 1.0 - cf2
+    return (sf2 - cf2) * c2 + cf2 - sf2
+
+
+def lorentz_polarization(tth_deg: ArrayLike, polariz: float,
+                         azimuth_deg: float = 0.0) -> NDArray[np.float64]:
+    """Product L·P_pol of :func:`lorentz_factor` and :func:`polarization_factor`."""
+    return lorentz_factor(tth_deg) * polarization_factor(tth_deg, polariz, azimuth_deg)
+
+
+def march_dollase(equivalents: ArrayLike, axis_hkl: ArrayLike, ratio: float,
+                  G: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """March–Dollase preferred-orientation factor and ∂/∂r (§3.5).
+
+    PO_h = (1/N) Σ_H (r² cos²φ_H + sin²φ_H / r)^(−3/2), φ_H the angle between each equivalent
+    H and the axis, both reciprocal-lattice vectors (metric G). r = 1 gives exactly 1.
+
+    Parameters
+    ----------
+    equivalents : int/float array (n_refl, N, 3) — all symmetry equivalents of each reflection
+        (hkl × rotation parts of every operator, duplicates included), or (n_refl, 3) for N = 1.
+    axis_hkl : (3,) MD axis [h, k, l].
+    ratio : March–Dollase r (> 0).
+    G : (3, 3) reciprocal metric tensor (Å⁻²).
+
+    Returns
+    -------
+    (po, d_po_d_ratio) : float64 arrays (n_refl,).
+    """
+    H = np.asarray(equivalents, dtype=np.float64)
+    if H.ndim == 2:
+        H = H[:, None, :]
+    P = np.asarray(axis_hkl, dtype=np.float64)
+    Gm = np.asarray(G, dtype=np.float64)
+    hgp = np.einsum("rni,ij,j->rn", H, Gm, P)
+    hgh = np.einsum("rni,ij,rnj->rn", H, Gm, H)
+    pgp = P @ Gm @ P
+    cos2 = np.clip(hgp**2 / (hgh * pgp), 0.0, 1.0)
+    sin2 = 1.0 - cos2
+    r = float(ratio)
+    base = r * r * cos2 + sin2 / r
+    po = np.mean(base**-1.5, axis=1)
+    dpo = np.mean(-1.5 * base**-2.5 * (2 * r * cos2 - sin2 / (r * r)), axis=1)
+    return po, dpo
+
+
+# --------------------------------------------------------------------------------------------
+# background
+# --------------------------------------------------------------------------------------------
+def chebyshev_design_matrix(x_deg: ArrayLike, n_terms: int, x0: float,
+                            xn: float) -> NDArray[np.float64]:
+    """Design matrix (npts, n_terms) of GSAS-II 'chebyschev-1': column n = T_n(t) (§4).
+
+    t = −1 + 2(x − x₀)/(x_N − x₀), x₀/x_N = first/last point of the refined-limits slice.
+    """
+    t = -1.0 + 2.0 * (np.asarray(x_deg, dtype=np.float64) - x0) / (xn - x0)
+    return np.polynomial.chebyshev.chebvander(t, n_terms - 1)
+
+
+def chebyshev_background(x_deg: ArrayLike, coeffs: ArrayLike, x0: float,
+                         xn: float) -> NDArray[np.float64]:
+    """GSAS-II 'chebyschev-1' background Σ B_n T_n(t) (§4); see :func:`chebyshev_design_matrix`."""
+    c = np.asarray(coeffs, dtype=np.float64)
+    return chebyshev_design_matrix(x_deg, c.size, x0, xn) @ c
+
+
+# --------------------------------------------------------------------------------------------
+# whole pattern
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PeakSum:
+    """Σ_h I_h Ω_h(x) and the per-peak pieces for the Jacobian (from :func:`pattern`).
+
+    y : (npts,) float64 — peak sum (no background).
+    lo, hi : (npk,) int64 — each peak's point range [lo, hi) (union of Kα1/Kα2 windows; empty
+        when the peak is outside the data).
+    offsets : (npk+1,) int64 — peak p's per-point pieces are ``piece[offsets[p]:offsets[p+1]]``
+        and belong to points ``lo[p] .. hi[p]-1``.
+    d_intensity : ∂y/∂I_p = Ω₁ + k·Ω₂ (per centidegree).
+    d_pos, d_sig2, d_gam, d_shl : ∂y/∂2θ_p (per deg), ∂y/∂σ²_p, ∂y/∂γ_p, ∂y/∂SH/L (this peak's
+        share; sum over peaks for the global SH/L). ``None`` unless ``derivatives=True``.
+    """
+
+    y: NDArray[np.float64]
+    lo: NDArray[np.int64]
+    hi: NDArray[np.int64]
+    offsets: NDArray[np.int64]
+    d_intensity: NDArray[np.float64]
+    d_pos: NDArray[np.float64] | None
+    d_sig2: NDArray[np.float64] | None
+    d_gam: NDArray[np.float64] | None
+    d_shl: NDArray[np.float64] | None
+
+    def dense(self, name: str) -> NDArray[np.float64]:
+        """Piece ``name`` ('d_intensity', 'd_pos', …) as a dense (npk, npts) array."""
+        piece = getattr(self, name)
+        if piece is None:
+            raise ValueError(f"{name} was not computed; call pattern(..., derivatives=True)")
+        out = np.zeros((self.lo.size, self.y.size))
+        for p in range(self.lo.size):
+            out[p, self.lo[p]:self.hi[p]] = piece[self.offsets[p]:self.offsets[p + 1]]
+        return out
+
+
+def kalpha2_position_deg(tth_deg: ArrayLike, lam1_a: float,
+                         lam2_a: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """GSAS-II's Kα2 position 2θ₂ = 2θ₁ + (360/π)(Δλ/λ₁) tan(θ₁) and ∂2θ₂/∂2θ₁."""
+    tth = np.asarray(tth_deg, dtype=np.float64)
+    lam_ratio = 360.0 * (lam2_a - lam1_a) / (math.pi * lam1_a)
+    half = np.radians(tth) / 2.0
+    return tth + lam_ratio * np.tan(half), 1.0 + lam_ratio * (math.pi / 360.0) / np.cos(half) ** 2
+
+
+def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: ArrayLike,
+            intensity: ArrayLike, shl: float, *, lam1_a: float | None = None,
+            lam2_a: float | None = None, i_ratio: float = 0.0, derivatives: bool = False,
+            precision: Precision = "float32") -> PeakSum:
+    """Sum of FCJ pseudo-Voigt peaks over a 2θ grid within GSAS-II's windows (§1.4, §1.5).
+
+    y(x) = Σ_p I_p Ω_p(x) (+ I_p·k·Ω_p at the Kα2 position when ``lam2_a`` and ``i_ratio`` are
+    given, with the same σ²/γ, as GSAS-II does). A peak contributes only on lo <= x < hi of
+    :func:`peak_window`; windows with fewer than 2 points contribute nothing. Unlike GSAS-II,
+    a peak whose window falls into a data gap is skipped instead of ending the loop (identical
+    results for gap-free data).
+
+    Parameters
+    ----------
+    x_deg : (npts,) sorted 2θ (deg) — the data inside the refinement limits.
+    tth_peak_deg, sig2, gam, intensity : (npk,) — corrected 2θ_h (deg), σ² (centideg²),
+        γ (centideg), integrated intensity I_h = refl[11]·|F|² (counts·centideg).
+    shl : SH/L (floored at 0.002).
+    lam1_a, lam2_a, i_ratio : Kα1/Kα2 doublet (Lam1, Lam2, I(L2)/I(L1)); positions are Kα1.
+    derivatives : also return the per-peak derivative pieces.
+    precision : see module docstring.
+    """
+    x = np.ascontiguousarray(x_deg, dtype=np.float64)
+    pos1 = np.atleast_1d(np.asarray(tth_peak_deg, dtype=np.float64))
+    s2 = np.broadcast_to(np.asarray(sig2, dtype=np.float64), pos1.shape)
+    gm = np.broadcast_to(np.asarray(gam, dtype=np.float64), pos1.shape)
+    inten = np.broadcast_to(np.asarray(intensity, dtype=np.float64), pos1.shape)
+    shl_eff = max(float(shl), SHL_MIN)
+    doublet = lam2_a is not None and i_ratio != 0.0
+    if doublet:
+        if lam1_a is None:
+            raise ValueError("lam1_a is required with lam2_a (Kα doublet)")
+        pos2, dpos2 = kalpha2_position_deg(pos1, lam1_a, lam2_a)
+        pos = np.concatenate([pos1, pos2])
+        s2a, gma = np.concatenate([s2, s2]), np.concatenate([gm, gm])
+        ratio = np.concatenate([np.ones_like(pos1), np.full_like(pos1, i_ratio)])
+        pos_fac = np.concatenate([np.ones_like(pos1), dpos2])
+    else:
+        pos, s2a, gma, ratio = pos1, s2.copy(), gm.copy(), np.ones_like(pos1)
+        pos_fac = ratio
+    lo_deg, hi_deg = peak_window(pos, s2a, gma, shl_eff)
+    ilo, ihi = window_indices(x, lo_deg, hi_deg)
+    ihi = np.maximum(ihi, ilo)
+    ihi = np.where(ihi - ilo >= 2, ihi, ilo)
+    npk = pos1.size
+    if doublet:
+        lo2, hi2 = ilo[npk:], ihi[npk:]
+        lo1, hi1 = ilo[:npk], ihi[:npk]
+        has1, has2 = hi1 > lo1, hi2 > lo2
+        lo = np.where(has1 & has2, np.minimum(lo1, lo2), np.where(has1, lo1, lo2))
+        hi = np.where(has1 & has2, np.maximum(hi1, hi2), np.where(has1, hi1, hi2))
+        lo = np.where(has1 | has2, lo, 0)
+        hi = np.where(has1 | has2, hi, 0)
+        lo_all = np.concatenate([lo, lo])
+    else:
+        lo, hi = ilo, ihi
+        lo_all = lo
+    offsets = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
+    # sub-peak s writes into its parent's slot, shifted by its own start within the union
+    parent_off = np.concatenate([offsets[:-1]] * (2 if doublet else 1))
+    sub_off = parent_off + (ilo - lo_all)
+    ftype, xp, wp = _tables(precision)
+    buf = np.zeros((5, offsets[-1]), dtype=np.float64)
+    _peaks_kernel(x, pos, s2a, gma, shl_eff, xp, wp, ilo, ihi, sub_off.astype(np.int64),
+                  ratio, pos_fac, bool(derivatives), buf, ftype)
+    y = np.zeros(x.size, dtype=np.float64)
+    point_idx = _piece_points(lo, hi, offsets)
+    scale = np.repeat(inten, hi - lo)
+    np.add.at(y, point_idx, scale * buf[0])
+    d = (lambda row: scale * buf[row]) if derivatives else (lambda row: None)
+    return PeakSum(y=y, lo=lo.astype(np.int64), hi=hi.astype(np.int64), offsets=offsets,
+                   d_intensity=buf[0], d_pos=d(1), d_sig2=d(2), d_gam=d(3),
+                   d_shl=d(4) if shl >= SHL_MIN else (np.zeros(offsets[-1]) if derivatives
+                                                       else None))
+
+
+def _piece_points(lo: NDArray, hi: NDArray, offsets: NDArray) -> NDArray[np.int64]:
+    """Data-point index of every entry of the concatenated per-peak pieces."""
+    n = hi - lo
+    return (np.arange(offsets[-1]) - np.repeat(offsets[:-1], n) + np.repeat(lo, n)).astype(
+        np.int64)
