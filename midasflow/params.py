@@ -168,6 +168,13 @@ class Params:
     extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
+        # plain Python scalars (numpy scalars would leak into to_text() and the hash)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", "int", "bool") and value is not None:
+                object.__setattr__(self, f.name, {"float": float, "int": int, "bool": bool}[f.type](value))
+        object.__setattr__(self, "p", tuple(float(v) for v in self.p))
+        object.__setattr__(self, "im_trans_opt", tuple(int(v) for v in self.im_trans_opt))
         _validate(self, where=self.source)
 
     # ----------------------------------------------------------------------------- derived

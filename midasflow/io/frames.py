@@ -1,0 +1,361 @@
+"""Raw detector frames as a lazy, dark-subtracted ``xarray.DataArray`` over dask.
+
+:func:`open_frames` reads metadata only: it resolves the file series, checks every file (exists,
+format known, dataset present, frame shape equal to NrPixelsZ×NrPixelsY) and builds a dask graph
+whose tasks open the files themselves, so the graph pickles and runs on any dask worker.
+
+Formats, dispatched on the extension (one small module each):
+
+============================  ===============================================================
+``.h5 .hdf5 .hdf .nxs``       HDF5/NeXus dataset ``data_loc`` (compressed via hdf5plugin)
+``.ge1`` … ``.geN``           GE binary: ``HeadSize``-byte header, uint16/uint32 (``PixelValue``)
+``.tif .tiff``                TIFF, one frame per page (tifffile)
+``.cbf .edf``                 CBF / EDF (fabio)
+``.zarr``, ``.zip``, zarr dir  zarr array, or array ``data_loc`` of a zarr group (format 2 or 3)
+============================  ===============================================================
+
+Choices (see midas_caking.md §8):
+
+* **Series** (§8.5): ``start_file_nr``/``end_file_nr`` select files whose names differ only in the
+  file number; they are one scan, concatenated along ``frame``. A missing file is an error
+  (MIDAS skips it, which would silently break the ω sequence).
+* **SkipFrame** drops the first ``SkipFrame`` frames *of the scan* (of its first file, running
+  into the next files only if the first holds fewer frames). MIDAS drops them from every file of
+  a multi-frame series; we treat a series as one continuous acquisition whose ω follows
+  ``OmegaStart + i·OmegaStep`` for the kept frames i = 0, 1, ….
+* **Dark** = mean of the dark frames after the first ``SkipFrame`` (all frames if the dark holds
+  no more than ``SkipFrame``, e.g. a single-frame dark TIFF), subtracted in float32. Source, in
+  order: ``dark_fn``; the parameter file's ``Dark``; dataset ``dark_loc`` inside the (first) HDF5
+  data file or zarr group. None found: no subtraction.
+* **Detector flags**: pixels whose raw value is negative in signed-integer data (Pilatus gaps −1,
+  bad pixels −2) become NaN, in frames and dark alike; floating-point raw data are kept as they
+  are (negative values can be real after pre-processing; NaN stays NaN).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from midasflow.errors import FrameError
+from midasflow.io.mask import read_mask
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from midasflow.params import Params
+
+__all__ = ["open_frames", "read_mask", "series_files", "open_source", "ScanReader"]
+
+#: Target size of one dask chunk of float32 frames.
+CHUNK_BYTES = 64 * 2**20
+
+
+class FrameSource(Protocol):
+    """One file's frames: metadata as attributes, pixels read on demand."""
+
+    path: str
+    n_frames: int
+    frame_shape: tuple[int, int]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Raw frames ``start:stop`` as an array (stop − start, nz, ny)."""
+
+
+def open_source(path: str, params: Params, loc: str) -> FrameSource:
+    """Describe the frames of one file (no pixel data read) and check their shape.
+
+    Parameters
+    ----------
+    path : str
+        Frame file; the format follows from the extension (module docstring).
+    params : Params
+        Supplies NrPixelsZ×NrPixelsY (and ``HeadSize``/``PixelValue`` for GE files).
+    loc : str
+        Dataset path for HDF5 files and zarr groups.
+
+    Raises
+    ------
+    FrameError
+        Missing file, unknown extension, missing dataset, or a frame shape other than
+        NrPixelsZ×NrPixelsY.
+    """
+    from midasflow.io import fabio_frames, ge, hdf5, zarr_frames
+
+    if not os.path.exists(path):
+        raise FrameError(f"{path}: file not found")
+    expected = (int(params.nr_pixels_z), int(params.nr_pixels_y))
+    lower = path.lower()
+    source: FrameSource
+    if lower.endswith(hdf5.EXTENSIONS):
+        source = hdf5.open_hdf5(path, loc)
+    elif ge.is_ge(lower):
+        source = ge.open_ge(path, expected, header_bytes=params.ge_header_bytes,
+                            pixel_value_bytes=params.pixel_value_bytes)
+    elif lower.endswith(fabio_frames.TIFF_EXTENSIONS):
+        source = fabio_frames.open_tiff(path)
+    elif lower.endswith(fabio_frames.FABIO_EXTENSIONS):
+        source = fabio_frames.open_fabio(path)
+    elif zarr_frames.is_zarr(path):
+        source = zarr_frames.open_zarr(path, loc)
+    else:
+        raise FrameError(
+            f"{path}: unknown frame format {Path(path).suffix or '(no extension)'!r}; expected "
+            ".h5/.hdf5/.hdf/.nxs, .geN, .tif/.tiff, .cbf, .edf, .zarr or .zip"
+        )
+    if source.frame_shape != expected:
+        raise FrameError(
+            f"{path}: frames are {source.frame_shape[0]}×{source.frame_shape[1]} (z×y) but the "
+            f"parameters say NrPixelsZ×NrPixelsY = {expected[0]}×{expected[1]}"
+        )
+    if source.n_frames < 1:
+        raise FrameError(f"{path}: holds no frames")
+    return source
+
+
+def _find_file_number(name: str, number: int | None) -> tuple[int, int]:
+    """(start index, width) of the file-number digits inside ``name`` (a base name).
+
+    ``number`` given: its six-digit zero-padded spelling, else a digit run of any width equal to
+    it. Otherwise (or if it does not occur): the first run of exactly six digits, else the last
+    digit run of the stem (the extension's digits, e.g. ``.ge3``, never count).
+    """
+    stem = name[: len(name) - len(Path(name).suffix)]
+    runs = [(m.start(), m.end() - m.start(), int(m.group())) for m in re.finditer(r"\d+", stem)]
+    if number is not None:
+        matches = [r for r in runs if r[1] == 6 and r[2] == number] or [r for r in runs[::-1] if r[2] == number]
+        if matches:
+            return matches[0][:2]
+    six = [r for r in runs if r[1] == 6]
+    if six or runs:
+        return (six or runs[-1:])[0][:2]
+    raise FrameError(f"{name}: no file number in the name to build a file series from")
+
+
+def series_files(data_fn: str | os.PathLike, start_file_nr: int | None = None,
+                 end_file_nr: int | None = None) -> list[str]:
+    """File names of a numbered scan (midas_caking.md §8.5).
+
+    Parameters
+    ----------
+    data_fn : path
+        One file of the series; its number locates the digits to replace (see
+        ``_find_file_number``); a number wider than its digits widens the name.
+    start_file_nr, end_file_nr : int, optional
+        Inclusive range. Both None: ``[data_fn]``. ``start_file_nr`` None: the number in the
+        name. ``end_file_nr`` None: one file.
+
+    Returns
+    -------
+    list of str
+        Names with the number zero-padded to the width it has in ``data_fn``.
+
+    Raises
+    ------
+    FrameError
+        No number in the name, ``end < start``, or a file of the series is missing.
+    """
+    data_fn = os.fspath(data_fn)
+    if start_file_nr is None and end_file_nr is None:
+        files = [data_fn]
+    else:
+        folder, name = os.path.split(data_fn)
+        pos, width = _find_file_number(name, start_file_nr)
+        start = int(name[pos:pos + width]) if start_file_nr is None else int(start_file_nr)
+        end = start if end_file_nr is None else int(end_file_nr)
+        if end < start:
+            raise FrameError(f"{data_fn}: end file number {end} is before start file number {start}")
+        files = [os.path.join(folder, f"{name[:pos]}{k:0{width}d}{name[pos + width:]}")
+                 for k in range(start, end + 1)]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        more = f" (and {len(missing) - 1} more of the series)" if len(missing) > 1 else ""
+        raise FrameError(f"{missing[0]}: file not found{more}")
+    return files
+
+
+def _to_float32(raw: np.ndarray) -> np.ndarray:
+    """Raw frames -> float32; negative values of signed-integer data (detector flags) -> NaN."""
+    out = raw.astype(np.float32)
+    if raw.dtype.kind == "i":
+        out[raw < 0] = np.nan
+    return out
+
+
+@dataclass(frozen=True)
+class ScanReader:
+    """Array-like view (frame, z, y) float32 of several files' frames after ``skip`` frames.
+
+    Indexing with slices reads only the frames asked for (opening the files inside the call),
+    converts them to float32 and turns detector flags into NaN. Picklable; used by
+    ``dask.array.from_array``.
+    """
+
+    sources: tuple[FrameSource, ...]
+    skip: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(frames after skip, nz, ny)."""
+        total = sum(s.n_frames for s in self.sources)
+        return (total - self.skip, *self.sources[0].frame_shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Always float32."""
+        return np.dtype(np.float32)
+
+    @property
+    def ndim(self) -> int:
+        """3."""
+        return 3
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        frames = key[0] if key else slice(None)
+        if not isinstance(frames, slice):
+            raise TypeError("ScanReader takes slices along the frame axis")
+        start, stop, step = frames.indices(self.shape[0])
+        pieces = []
+        lo, hi = start + self.skip, max(start, stop) + self.skip  # raw indices over the series
+        offset = 0
+        for source in self.sources:
+            a, b = max(lo, offset), min(hi, offset + source.n_frames)
+            if a < b:
+                pieces.append(source.read(a - offset, b - offset))
+            offset += source.n_frames
+        nz, ny = self.shape[1:]
+        raw = np.concatenate(pieces) if pieces else np.empty((0, nz, ny), np.float32)
+        return _to_float32(raw)[(slice(None, None, step), *key[1:])]
+
+
+def _frames_per_chunk(shape: tuple[int, int, int], frames_per_chunk: int | None) -> int:
+    if frames_per_chunk is None:
+        return max(1, CHUNK_BYTES // (shape[1] * shape[2] * 4))
+    if int(frames_per_chunk) < 1:
+        raise FrameError(f"frames_per_chunk: expected a frame count >= 1, got {frames_per_chunk}")
+    return int(frames_per_chunk)
+
+
+def _lazy(reader: ScanReader, per_chunk: int, label: str):
+    """dask array over ``reader``, chunked by ``per_chunk`` frames, named by the files' state."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    n, nz, ny = reader.shape
+    stamps = [(s.path, os.stat(s.path).st_mtime_ns, os.stat(s.path).st_size) for s in reader.sources]
+    chunks = ((per_chunk,) * (n // per_chunk) + ((n % per_chunk,) if n % per_chunk else ()), (nz,), (ny,))
+    name = f"{label}-{tokenize(reader, stamps, per_chunk)}"
+    return da.from_array(reader, chunks=chunks, name=name, meta=np.empty((0, 0, 0), np.float32))
+
+
+def _resolve_dark_path(dark_file: str, params: Params) -> str:
+    """The parameter file's ``Dark``: as given, else relative to the parameter file's folder."""
+    if os.path.isabs(dark_file) or os.path.exists(dark_file):
+        return dark_file
+    beside = os.path.join(os.path.dirname(params.source), dark_file)
+    return beside if os.path.exists(beside) else dark_file
+
+
+def _dark_source(first_file: str, params: Params, dark_fn: str | None, dark_loc: str) -> FrameSource | None:
+    from midasflow.io import hdf5, zarr_frames
+
+    if dark_fn is None and params.dark_file:
+        dark_fn = _resolve_dark_path(params.dark_file, params)
+    if dark_fn is not None:
+        return open_source(os.fspath(dark_fn), params, dark_loc)
+    lower = first_file.lower()
+    if lower.endswith(hdf5.EXTENSIONS) and hdf5.has_dataset(first_file, dark_loc):
+        return open_source(first_file, params, dark_loc)
+    if zarr_frames.is_zarr(first_file) and zarr_frames.has_array(first_file, dark_loc):
+        return open_source(first_file, params, dark_loc)
+    return None
+
+
+def open_frames(
+    data_fn: str | os.PathLike,
+    params: Params,
+    *,
+    dark_fn: str | os.PathLike | None = None,
+    data_loc: str = "exchange/data",
+    dark_loc: str = "exchange/dark",
+    start_file_nr: int | None = None,
+    end_file_nr: int | None = None,
+    frames_per_chunk: int | None = None,
+) -> xr.DataArray:
+    """Open a scan lazily as dark-subtracted float32 frames.
+
+    Parameters
+    ----------
+    data_fn : path
+        Frame file (or the first/any file of a numbered series); format from the extension.
+    params : Params
+        NrPixelsZ/NrPixelsY (checked against the files), SkipFrame, OmegaStart, OmegaStep,
+        Dark, HeadSize and PixelValue (GE).
+    dark_fn : path, optional
+        Dark file in any supported format; overrides the parameter file's ``Dark``.
+    data_loc, dark_loc : str
+        Dataset paths inside HDF5 files and zarr groups.
+    start_file_nr, end_file_nr : int, optional
+        Inclusive file-number range of a series (:func:`series_files`).
+    frames_per_chunk : int, optional
+        Frames per dask chunk; default ≈ 64 MiB of float32 per chunk.
+
+    Returns
+    -------
+    xarray.DataArray, dims (frame, z, y), float32, dask-backed
+        Raw orientation, dark subtracted, detector-flagged pixels NaN, SkipFrame frames dropped.
+        Coords ``frame`` (int, index after SkipFrame) and ``omega`` (deg,
+        OmegaStart + frame·OmegaStep). Attrs ``source_files`` (list of str), ``data_loc``,
+        ``dark_source`` ("" when no dark), ``skip_frame``.
+
+    Raises
+    ------
+    FrameError
+        Any file missing or unreadable, a missing dataset, wrong frame shape or dimensionality,
+        or SkipFrame leaving no frame. Nothing is read beyond metadata and nothing is written.
+
+    Notes
+    -----
+    Series, SkipFrame, dark and flag rules are in the module docstring.
+    """
+    import xarray as xr
+
+    files = series_files(data_fn, start_file_nr, end_file_nr)
+    sources = tuple(open_source(f, params, data_loc) for f in files)
+    total = sum(s.n_frames for s in sources)
+    skip = int(params.skip_frame)
+    if skip >= total:
+        raise FrameError(f"{files[0]}: SkipFrame {skip} leaves no frames (the scan holds {total})")
+    reader = ScanReader(sources, skip)
+    per_chunk = _frames_per_chunk(reader.shape, frames_per_chunk)
+    frames = _lazy(reader, per_chunk, "frames")
+
+    dark = _dark_source(files[0], params, None if dark_fn is None else os.fspath(dark_fn), dark_loc)
+    dark_label = ""
+    if dark is not None:
+        dark_reader = ScanReader((dark,), skip if dark.n_frames > skip else 0)
+        dark_frames = _lazy(dark_reader, per_chunk, "dark")
+        frames = frames - dark_frames.astype(np.float64).mean(axis=0).astype(np.float32)
+        dark_label = dark.path + (f"::{dark.loc}" if getattr(dark, "loc", "") else "")
+
+    n = reader.shape[0]
+    index = np.arange(n)
+    omega = float(params.omega_start_deg) + float(params.omega_step_deg) * index
+    return xr.DataArray(
+        frames,
+        dims=("frame", "z", "y"),
+        coords={"frame": index, "omega": ("frame", omega, {"units": "deg"})},
+        name="frames",
+        attrs={
+            "source_files": list(files),
+            "data_loc": data_loc,
+            "dark_source": dark_label,
+            "skip_frame": skip,
+        },
+    )
+
