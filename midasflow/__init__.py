@@ -17,7 +17,7 @@ _LAZY = {
     "cake": "midasflow.cake",
     "open_caked": "midasflow.io.caked_store",
     "write_midas_zarr": "midasflow.io.midas_zarr",
-    "refine_pattern": "midasflow.refine.recipe",
+    "refine_pattern": "midasflow.refine.engine",
     "read_phase": "midasflow.crystal",
     "read_phases": "midasflow.crystal",
     "read_instprm": "midasflow.io.instprm",

@@ -1,0 +1,541 @@
+"""Lineouts as tasks: a plain plan (one frozen spec per (ω-group, η) lineout) and two executors.
+
+The plan follows GSAS-II's MIDAS importer (reference/midas_caking.md §7.4,
+reference/gsas2_cw_profile.md §8): one lineout per ω-group and η column, numbered
+``index = group · n_eta + eta_index``; its points are the R bins with bin area ≠ 0 and a finite
+intensity, and a lineout with ``min_points`` (20) or fewer such points is skipped.
+
+Intensity and σ (counts per frame). A group's cake is the SUM over its N frames of per-frame
+cakes, each the area-weighted mean pixel value of the bin (``Normalize 1``). The lineout
+intensity is the per-frame mean ``y = sum / N``. The counts behind a bin over the whole group are
+``C = sum · area`` (``sum`` alone when the cake was not normalised), Poisson, so
+
+    σ_y = sqrt(max(C, 1)) / (area · N)        (σ² = y / (area · N) when C ≥ 1),
+
+the σ GSAS-II's importer derives in its comment (its code uses N times larger weights, which
+changes χ² and GOF but not the minimum or wR). The floor of one count keeps σ > 0 for empty or
+negative (dark-subtracted) bins.
+
+Executors: :func:`run_serial` (the reference) and :func:`run_distributed` (one
+``dask.distributed`` task per lineout, keys ``refine-lineout-<index>-<token>``) return the same
+list of :class:`LineoutResult` for the same plan. A failing lineout becomes a "failed" result with
+its error; finished lineouts are checkpointed one small file each so ``resume=True`` computes
+only what is missing.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from midasflow.errors import CakeFileError, ParameterError
+
+SEED_MODES = (None, "neighbour")
+CHECKPOINT_SUBDIR = "lineouts"
+TASK_PREFIX = "refine-lineout"
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class LineoutSpec:
+    """One lineout to refine.
+
+    Attributes
+    ----------
+    index : int
+        ``group · n_eta + eta_index`` (GSAS-II importer numbering; ``hist_NNNN`` files).
+    group, eta_index : int
+    omega_deg : float
+        Mid-group ω (mean of the group's first and last frame ω), degrees.
+    eta_deg : float
+        η bin centre, degrees (MIDAS convention).
+    tth_deg, intensity, sigma : ndarray (n_points,), float64, read-only
+        2θ (deg), counts per frame and σ of the usable bins (area ≠ 0, finite intensity).
+    frames_summed : int
+    skipped : bool
+        True when n_points ≤ the plan's ``min_points``; such a lineout is not refined.
+    """
+
+    index: int
+    group: int
+    eta_index: int
+    omega_deg: float
+    eta_deg: float
+    tth_deg: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    frames_summed: int
+    skipped: bool
+
+    @property
+    def n_points(self) -> int:
+        """Number of usable bins."""
+        return int(self.tth_deg.size)
+
+    @property
+    def name(self) -> str:
+        """File stem, ``hist_NNNN``."""
+        return f"hist_{self.index:04d}"
+
+
+def lineout_sigma(group_sum: np.ndarray, area: np.ndarray, frames_summed: int, *,
+                  normalized: bool = True) -> np.ndarray:
+    """σ of the per-frame lineout intensity ``group_sum / frames_summed`` (see module docstring).
+
+    Parameters
+    ----------
+    group_sum : ndarray, float64
+        Summed cake values of the bins (counts per pixel when ``normalized``).
+    area : ndarray, float64, pixel²
+        Bin areas (> 0), same shape.
+    frames_summed : int
+        N, the number of frames in the group.
+    normalized : bool
+        Whether the cake is area-normalised (MIDAS ``Normalize 1``).
+
+    Returns
+    -------
+    ndarray, float64, same shape: sqrt(max(C, 1)) / (area·N) with C = sum·area (normalised) or
+    sqrt(max(sum, 1)) / N (not normalised).
+    """
+    n = float(frames_summed)
+    if normalized:
+        counts = group_sum * area
+        return np.sqrt(np.maximum(counts, 1.0)) / (area * n)
+    return np.sqrt(np.maximum(group_sum, 1.0)) / n
+
+
+def lineouts_of_group(
+    intensity: np.ndarray,
+    *,
+    group: int,
+    frames_summed: int,
+    omega_deg: float,
+    tth_deg: np.ndarray,
+    eta_deg: np.ndarray,
+    bin_area: np.ndarray,
+    min_points: int = 20,
+    normalized: bool = True,
+) -> list[LineoutSpec]:
+    """Specs of every η column of one ω-group's cake (pure numpy).
+
+    Parameters
+    ----------
+    intensity : ndarray (n_r, n_eta), float64
+        The group's summed cake (NaN = masked bin).
+    group, frames_summed : int
+    omega_deg : float
+        Mid-group ω.
+    tth_deg : ndarray (n_r,) or (n_r, n_eta), degrees
+    eta_deg : ndarray (n_eta,), degrees
+    bin_area : ndarray (n_r, n_eta), pixel²
+    min_points, normalized
+        As :func:`plan_lineouts`.
+
+    Returns
+    -------
+    list of LineoutSpec, one per η column, in η order.
+    """
+    intensity = np.asarray(intensity, dtype=np.float64)
+    area = np.asarray(bin_area, dtype=np.float64)
+    n_r, n_eta = intensity.shape
+    tth2d = np.broadcast_to(np.asarray(tth_deg, dtype=np.float64).reshape(n_r, -1), (n_r, n_eta))
+    n_frames = max(int(frames_summed), 1)
+    specs = []
+    for e in range(n_eta):
+        use = (area[:, e] != 0) & np.isfinite(intensity[:, e])
+        col_sum, col_area = intensity[use, e], area[use, e]
+        arrays = [tth2d[use, e], col_sum / n_frames,
+                  lineout_sigma(col_sum, col_area, n_frames, normalized=normalized)]
+        for arr in arrays:
+            arr.setflags(write=False)
+        specs.append(LineoutSpec(
+            index=int(group) * n_eta + e, group=int(group), eta_index=e, omega_deg=float(omega_deg),
+            eta_deg=float(eta_deg[e]), tth_deg=arrays[0], intensity=arrays[1], sigma=arrays[2],
+            frames_summed=n_frames, skipped=bool(use.sum() <= min_points),
+        ))
+    return specs
+
+
+def _is_normalized(params_text: str) -> bool:
+    m = re.search(r"^\s*Normalize\s+(\S+)", params_text or "", flags=re.MULTILINE)
+    return True if m is None else m.group(1).strip() not in ("0", "0.0")
+
+
+def plan_lineouts(ds: Any, *, min_points: int = 20, normalized: bool | None = None) -> list[LineoutSpec]:
+    """The refinement plan of a caked scan: one :class:`LineoutSpec` per (ω-group, η).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset or path
+        Caked Dataset as :func:`midasflow.cake.cake` makes it (``intensity`` (group, r, eta) =
+        sum of per-frame cakes, ``frames_summed`` (group), coords ``tth_deg``, ``eta_deg``,
+        ``bin_area``, ``omega_deg``), or a ``.zarr.zip``/zarr path opened with
+        :func:`midasflow.io.caked_store.open_caked`. Lazy intensities are computed one group
+        at a time.
+    min_points : int
+        A lineout needs MORE than this many usable bins (GSAS-II's importer: > 20).
+    normalized : bool, optional
+        Whether the cake values are area-normalised; default from the ``Normalize`` key in
+        ``ds.attrs["params"]`` (true when absent).
+
+    Returns
+    -------
+    list of LineoutSpec, ordered by index (skipped ones included, flagged).
+    """
+    if isinstance(ds, (str, os.PathLike)):
+        from midasflow.io.caked_store import open_caked
+
+        ds = open_caked(ds)
+    for name in ("intensity", "frames_summed", "tth_deg", "eta_deg", "bin_area"):
+        if name not in ds.variables:
+            raise CakeFileError(f"caked dataset: missing {name!r} (expected the layout of midasflow.cake.cake)")
+    if normalized is None:
+        normalized = _is_normalized(str(ds.attrs.get("params", "")))
+    if "omega_deg" in ds.variables:
+        omega = np.asarray(ds["omega_deg"].values, dtype=np.float64)
+    else:
+        omega = 0.5 * (np.asarray(ds["omega_first_deg"].values) + np.asarray(ds["omega_last_deg"].values))
+    tth = np.asarray(ds["tth_deg"].transpose("r", ...).values, dtype=np.float64)
+    eta = np.asarray(ds["eta_deg"].values, dtype=np.float64)
+    area = np.asarray(ds["bin_area"].transpose("r", "eta").values, dtype=np.float64)
+    frames = np.asarray(ds["frames_summed"].values)
+    intensity = ds["intensity"].transpose("group", "r", "eta")
+    plan: list[LineoutSpec] = []
+    for g in range(intensity.sizes["group"]):
+        plan += lineouts_of_group(
+            np.asarray(intensity.isel(group=g).values), group=g, frames_summed=int(frames[g]),
+            omega_deg=float(omega[g]), tth_deg=tth, eta_deg=eta, bin_area=area,
+            min_points=min_points, normalized=normalized)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# one lineout
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class LineoutResult:
+    """Outcome of one lineout.
+
+    Attributes
+    ----------
+    index, group, eta_index : int
+    omega_deg, eta_deg : float
+    n_points : int
+        Usable bins of the lineout.
+    status : str
+        "ok", "failed" or "skipped".
+    message : str
+        Error or skip reason; empty when ok.
+    pattern : PatternResult or None
+        The engine's result (None when skipped or when the engine raised).
+    elapsed_s : float
+        Wall time of the engine call on its worker.
+    seeded : bool
+        Whether the refinement started from a neighbour's refined values.
+    """
+
+    index: int
+    group: int
+    eta_index: int
+    omega_deg: float
+    eta_deg: float
+    n_points: int
+    status: str
+    message: str = ""
+    pattern: Any = None
+    elapsed_s: float = 0.0
+    seeded: bool = False
+
+
+def _result(spec: LineoutSpec, status: str, message: str = "", pattern: Any = None,
+            elapsed_s: float = 0.0, seeded: bool = False) -> LineoutResult:
+    return LineoutResult(spec.index, spec.group, spec.eta_index, spec.omega_deg, spec.eta_deg,
+                         spec.n_points, status, message, pattern, elapsed_s, seeded)
+
+
+def default_refine_fn() -> Callable[..., Any]:
+    """The built-in engine, :func:`midasflow.refine.engine.refine_pattern` (imported lazily)."""
+    from midasflow.refine.engine import refine_pattern
+
+    return refine_pattern
+
+
+def refine_lineout(spec: LineoutSpec, refine_fn: Callable[..., Any], common: Mapping[str, Any],
+                   seed: LineoutResult | None = None) -> LineoutResult:
+    """Refine one lineout; never raises.
+
+    ``refine_fn(spec.tth_deg, spec.intensity, spec.sigma, **common, start=...)`` is called with
+    ``start`` = the seed's refined ``values`` when ``seed`` is an "ok" result (else no ``start``
+    is passed). An exception, or a pattern whose ``status`` is not "ok", gives a "failed" result
+    carrying the one-line message.
+    """
+    if spec.skipped:
+        return _result(spec, "skipped", f"{spec.n_points} usable points (need more than the plan's minimum)")
+    kwargs = dict(common)
+    seeded = seed is not None and seed.status == "ok" and seed.pattern is not None
+    if seeded:
+        kwargs["start"] = dict(seed.pattern.values)
+    t0 = time.perf_counter()
+    try:
+        pattern = refine_fn(spec.tth_deg, spec.intensity, spec.sigma, **kwargs)
+    except Exception as exc:  # one lineout must never stop the others
+        first_line = (str(exc).splitlines() or [""])[0]
+        return _result(spec, "failed", f"{type(exc).__name__}: {first_line}", None,
+                       time.perf_counter() - t0, seeded)
+    elapsed = time.perf_counter() - t0
+    status = getattr(pattern, "status", "ok")
+    message = getattr(pattern, "message", "") or ""
+    return _result(spec, "ok" if status == "ok" else "failed", message, pattern, elapsed, seeded)
+
+
+def seed_sources(plan: Sequence[LineoutSpec], seed_from: str | None) -> dict[int, int]:
+    """Map lineout index → index of the lineout whose refined values seed it.
+
+    ``seed_from="neighbour"``: every lineout of an ω-group starts from the first (lowest η index)
+    non-skipped lineout of that group; ``None``: independent starts (empty map).
+    """
+    if seed_from not in SEED_MODES:
+        raise ParameterError(f"--seed-from {seed_from!r}: expected 'neighbour' or nothing")
+    if seed_from is None:
+        return {}
+    first: dict[int, int] = {}
+    out = {}
+    for spec in sorted(plan, key=lambda s: s.index):
+        if spec.skipped:
+            continue
+        if spec.group not in first:
+            first[spec.group] = spec.index
+        else:
+            out[spec.index] = first[spec.group]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def checkpoint_path(checkpoint_dir: str | os.PathLike, index: int) -> Path:
+    """``<checkpoint_dir>/lineouts/hist_NNNN.pkl``."""
+    return Path(checkpoint_dir) / CHECKPOINT_SUBDIR / f"hist_{index:04d}.pkl"
+
+
+def save_checkpoint(result: LineoutResult, checkpoint_dir: str | os.PathLike) -> Path:
+    """Write one finished lineout atomically (temporary file, then rename). Pickle: a private cache
+    of this output folder, read back only by :func:`load_checkpoints`."""
+    path = checkpoint_path(checkpoint_dir, result.index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoints(plan: Sequence[LineoutSpec], checkpoint_dir: str | os.PathLike) -> dict[int, LineoutResult]:
+    """Finished lineouts of ``plan`` found in ``checkpoint_dir`` (unreadable or foreign files ignored)."""
+    done = {}
+    for spec in plan:
+        path = checkpoint_path(checkpoint_dir, spec.index)
+        if not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as fh:
+                res = pickle.load(fh)
+        except Exception:
+            continue
+        if isinstance(res, LineoutResult) and (res.group, res.eta_index) == (spec.group, spec.eta_index):
+            done[spec.index] = res
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+class _TextProgress:
+    """One updating line on stderr: ``refine-lineout  37/72  ok 35  failed 2  4.1/s``."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.done = self.ok = self.failed = 0
+        self.t0 = time.perf_counter()
+
+    def update(self, res: LineoutResult) -> None:
+        self.done += 1
+        self.ok += res.status == "ok"
+        self.failed += res.status == "failed"
+        if self.enabled:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            width = 30
+            fill = int(width * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r{TASK_PREFIX} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total}"
+                             f"  ok {self.ok}  failed {self.failed}  {rate:.1f}/s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.total:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _in_notebook() -> bool:
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+# ---------------------------------------------------------------------------------------------
+# executors
+# ---------------------------------------------------------------------------------------------
+def _prepare(plan: Sequence[LineoutSpec], seed_from: str | None, checkpoint_dir: Any, resume: bool
+             ) -> tuple[list[LineoutSpec], dict[int, int], dict[int, LineoutResult]]:
+    plan = sorted(plan, key=lambda s: s.index)
+    if len({s.index for s in plan}) != len(plan):
+        raise ParameterError("lineout plan: duplicate lineout indices")
+    seeds = seed_sources(plan, seed_from)
+    if resume and checkpoint_dir is None:
+        raise ParameterError("--resume needs an output folder (checkpoint_dir)")
+    done = load_checkpoints(plan, checkpoint_dir) if resume else {}
+    return plan, seeds, done
+
+
+def run_serial(
+    plan: Sequence[LineoutSpec],
+    refine_fn: Callable[..., Any] | None = None,
+    common: Mapping[str, Any] | None = None,
+    *,
+    seed_from: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = False,
+) -> list[LineoutResult]:
+    """Refine every lineout of ``plan`` in this process, in index order (the reference executor).
+
+    Parameters
+    ----------
+    plan : sequence of LineoutSpec
+    refine_fn : callable, optional
+        ``refine_fn(tth_deg, intensity, sigma, **common, [start=dict])`` → PatternResult;
+        default the built-in engine.
+    common : mapping
+        Keyword arguments shared by every lineout: ``phases``, ``instprm``, ``bkg_terms``,
+        ``limits``, ``refine_atoms``, ``mode`` …
+    seed_from : {None, "neighbour"}
+        See :func:`seed_sources`.
+    checkpoint_dir : path, optional
+        Each finished lineout is written to ``<checkpoint_dir>/lineouts/hist_NNNN.pkl``.
+    resume : bool
+        Load finished lineouts from ``checkpoint_dir`` instead of recomputing them.
+    progress : bool
+        Progress line on stderr.
+
+    Returns
+    -------
+    list of LineoutResult, in plan index order.
+    """
+    refine_fn = refine_fn or default_refine_fn()
+    plan, seeds, results = _prepare(plan, seed_from, checkpoint_dir, resume)
+    bar = _TextProgress(len(plan) - len(results), progress)
+    for spec in plan:
+        if spec.index in results:
+            continue
+        seed = results.get(seeds[spec.index]) if spec.index in seeds else None
+        res = refine_lineout(spec, refine_fn, common or {}, seed)
+        if checkpoint_dir is not None:
+            save_checkpoint(res, checkpoint_dir)
+        results[spec.index] = res
+        bar.update(res)
+    bar.close()
+    return [results[s.index] for s in plan]
+
+
+def _refine_task(spec: LineoutSpec, refine_fn: Callable[..., Any], common: Mapping[str, Any],
+                 seed: LineoutResult | None) -> LineoutResult:
+    return refine_lineout(spec, refine_fn, common, seed)
+
+
+def run_distributed(
+    plan: Sequence[LineoutSpec],
+    refine_fn: Callable[..., Any] | None,
+    common: Mapping[str, Any] | None,
+    client: Any,
+    *,
+    seed_from: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    retries: int = 2,
+) -> list[LineoutResult]:
+    """Refine every lineout as one ``dask.distributed`` task; same results as :func:`run_serial`.
+
+    ``common`` (phases, instrument, options) is scattered once to every worker
+    (``broadcast=True``) and each task receives it by reference. Task keys are
+    ``refine-lineout-<index>-<token>`` (the dashboard groups them as "refine-lineout"; the
+    per-call token keeps repeated runs on one client apart). ``retries`` covers workers that die;
+    a lineout still lost after that is recorded "failed" with the error. With
+    ``seed_from="neighbour"`` the seeding lineout of each ω-group is a dependency of the others.
+    Results are checkpointed by the client as they arrive.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    Other parameters as :func:`run_serial`; ``progress`` shows a widget in a notebook and a
+    text line on stderr elsewhere.
+
+    Returns
+    -------
+    list of LineoutResult, in plan index order.
+    """
+    from distributed import as_completed
+
+    refine_fn = refine_fn or default_refine_fn()
+    plan, seeds, results = _prepare(plan, seed_from, checkpoint_dir, resume)
+    todo = [s for s in plan if s.index not in results]
+    if not todo:
+        return [results[s.index] for s in plan]
+    [common_future] = client.scatter([dict(common or {})], broadcast=True, hash=False)
+    token = uuid.uuid4().hex[:8]
+    futures: dict[Any, LineoutSpec] = {}
+    by_index: dict[int, Any] = {}
+    for spec in todo:  # index order: every group's seeding lineout comes before its dependants
+        seed_index = seeds.get(spec.index)
+        seed = None if seed_index is None else results.get(seed_index, by_index.get(seed_index))
+        fut = client.submit(_refine_task, spec, refine_fn, common_future, seed,
+                            key=f"{TASK_PREFIX}-{spec.index}-{token}", retries=retries, pure=False)
+        futures[fut] = spec
+        by_index[spec.index] = fut
+    notebook = progress and _in_notebook()
+    if notebook:
+        from distributed import progress as dask_progress
+
+        dask_progress(list(futures))
+    bar = _TextProgress(len(todo), progress and not notebook)
+    try:
+        for fut in as_completed(list(futures)):
+            spec = futures[fut]
+            try:
+                res = fut.result()
+            except Exception as exc:  # worker lost beyond retries, or the seed's task lost
+                res = _result(spec, "failed", f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+            if checkpoint_dir is not None:
+                save_checkpoint(res, checkpoint_dir)
+            results[spec.index] = res
+            bar.update(res)
+    finally:
+        bar.close()
+        client.cancel(list(futures) + [common_future])
+    return [results[s.index] for s in plan]

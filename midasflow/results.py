@@ -1,0 +1,335 @@
+"""The results of a refinement run: an xarray Dataset over (group, eta), its stores and exports.
+
+:func:`assemble_results` turns the executors' list of
+:class:`~midasflow.refine.lineouts.LineoutResult` into the results Dataset, including the lattice
+strain of every lineout against a reference cell and the strain-tensor fits
+(:mod:`midasflow.strain`). :func:`write_results` writes ``results.zarr``,
+``refinement_summary.json`` (MIDAS ``gsas_ii_refine.py`` fields plus ω, η and strain) and, unless
+``no_export``, ``hist_NNNN_data.csv`` and ``hist_NNNN_<phase>.cif`` per refined lineout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from midasflow import strain as strain_mod
+
+CELL_VARS = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg", "volume_a3")
+#: per-lineout variable → GSAS-II parameter name
+PROFILE_VARS = {"zero": "Zero", "u": "U", "v": "V", "w": "W", "x": "X", "y": "Y", "shl": "SH/L", "scale": "Scale"}
+
+
+def _nan_grid(*shape: int) -> np.ndarray:
+    return np.full(shape, np.nan)
+
+
+def _phase_names(results: Sequence[Any]) -> list[str]:
+    names: list[str] = []
+    for r in results:
+        for name in getattr(r.pattern, "cells", {}) or {}:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def effective_theta_deg(pattern: Any, phase: str) -> float:
+    """Bragg angle θ (deg) the refined cell of ``phase`` stands for in one lineout.
+
+    The intensity-weighted mean 2θ/2 of the phase's reflections inside the fitted range
+    (``pattern.reflections[phase]`` with ``tth_deg`` and ``intensity``); without reflections, the
+    mean over the fitted points weighted by the net calculated intensity (calc − bkg).
+    """
+    x = np.asarray(getattr(pattern, "tth_deg", ()), dtype=float)
+    refl = (getattr(pattern, "reflections", None) or {}).get(phase)
+    if refl is not None and x.size and "tth_deg" in refl and "intensity" in refl:
+        tth = np.asarray(refl["tth_deg"], dtype=float)
+        inten = np.asarray(refl["intensity"], dtype=float)
+        inside = (tth >= x.min()) & (tth <= x.max()) & np.isfinite(inten) & (inten > 0)
+        if inside.any():
+            return float(0.5 * np.average(tth[inside], weights=inten[inside]))
+    net = np.asarray(getattr(pattern, "calc", ()), dtype=float) - np.asarray(getattr(pattern, "bkg", ()), dtype=float)
+    good = np.isfinite(net) & (net > 0)
+    return float(0.5 * np.average(x[good], weights=net[good])) if good.any() else float("nan")
+
+
+def _lineout_strain(pattern: Any, phase: str, ref_cell: Sequence[float]) -> tuple[float, float]:
+    cell = pattern.cells[phase]
+    esd = (getattr(pattern, "cell_esds", {}) or {}).get(phase)
+    if strain_mod.is_cubic(ref_cell, rtol=1e-6) and strain_mod.is_cubic(cell, rtol=1e-6):
+        return strain_mod.lattice_strain(cell, ref_cell, cell_esd=esd)
+    refl = (getattr(pattern, "reflections", None) or {}).get(phase)
+    if refl is None or not {"h", "k", "l", "intensity"} <= set(refl):
+        return float("nan"), float("nan")
+    hkl = np.column_stack([refl["h"], refl["k"], refl["l"]])
+    return strain_mod.lattice_strain(cell, ref_cell, cell_esd=esd, hkl=hkl, weights=refl["intensity"])
+
+
+def assemble_results(
+    results: Sequence[Any],
+    *,
+    ref_cells: Mapping[str, Sequence[float]] | None = None,
+    phase_names: Sequence[str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Build the results Dataset from the executors' results.
+
+    Parameters
+    ----------
+    results : sequence of LineoutResult
+        Every lineout of the plan (skipped and failed ones included), any order.
+    ref_cells : mapping phase name → (a, b, c, α, β, γ), optional
+        Reference (unstrained) cells; no strain is computed for phases without one.
+    phase_names : sequence of str, optional
+        Phase order; default the order in which the patterns name them.
+    attrs : mapping, optional
+        Extra attributes (e.g. ``data_file``); JSON-serialisable.
+
+    Returns
+    -------
+    xarray.Dataset
+        dims ``group``, ``eta``, ``phase``, ``component`` (``strain.COMPONENTS``); coords
+        ``omega_deg`` (group, mid-group ω), ``eta_deg`` (eta), ``histogram_index`` (group, eta).
+        Per phase (phase, group, eta): ``a_a b_a c_a alpha_deg beta_deg gamma_deg volume_a3``
+        and ``<name>_esd``, ``phase_scale``, ``phase_fraction`` (+ ``_esd``), ``strain``,
+        ``strain_esd``, ``strain_theta_deg``. Per lineout (group, eta): ``rwp``, ``rp``, ``gof``,
+        ``chi2``, ``zero u v w x y shl scale`` (GSAS-II Zero, U, V, W, X, Y, SH/L, Scale),
+        ``n_points``, ``status``, ``message``, ``warnings`` (str; "; "-joined), ``elapsed_s``.
+        Strain fits: ``strain_lab`` / ``strain_lab_esd`` (phase, group, component) and
+        ``strain_lab_status`` (phase, group) from :func:`midasflow.strain.fit_strain_orientation`
+        per ω-group; ``strain_sample`` / ``strain_sample_esd`` (phase, component) and
+        ``strain_sample_status`` (phase) from :func:`midasflow.strain.fit_strain_tensor` when
+        there are several ω-groups. attrs: ``ref_cells`` and ``strain_fits`` (JSON) plus ``attrs``.
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("assemble_results: no lineout results (empty plan)")
+    n_groups = 1 + max(r.group for r in results)
+    n_eta = 1 + max(r.eta_index for r in results)
+    phases = list(phase_names) if phase_names is not None else _phase_names(results)
+    n_ph = len(phases)
+    omega = _nan_grid(n_groups)
+    eta = _nan_grid(n_eta)
+    hist = np.full((n_groups, n_eta), -1, dtype=np.int64)
+    per_phase = {name: _nan_grid(n_ph, n_groups, n_eta) for name in
+                 [*CELL_VARS, *(f"{v}_esd" for v in CELL_VARS), "phase_scale", "phase_fraction",
+                  "phase_fraction_esd", "strain", "strain_esd", "strain_theta_deg"]}
+    per_lineout = {name: _nan_grid(n_groups, n_eta) for name in
+                   ["rwp", "rp", "gof", "chi2", "elapsed_s", *PROFILE_VARS]}
+    n_points = np.zeros((n_groups, n_eta), dtype=np.int64)
+    status = np.full((n_groups, n_eta), "skipped", dtype=object)
+    message = np.full((n_groups, n_eta), "", dtype=object)
+    warnings = np.full((n_groups, n_eta), "", dtype=object)
+    ref_cells = dict(ref_cells or {})
+    for r in results:
+        g, e = r.group, r.eta_index
+        omega[g], eta[e], hist[g, e] = r.omega_deg, r.eta_deg, r.index
+        n_points[g, e], status[g, e], message[g, e] = r.n_points, r.status, r.message
+        per_lineout["elapsed_s"][g, e] = r.elapsed_s
+        p = r.pattern
+        if p is None:
+            continue
+        warnings[g, e] = "; ".join(getattr(p, "warnings", []) or [])
+        for name in ("rwp", "rp", "gof", "chi2"):
+            per_lineout[name][g, e] = getattr(p, name, np.nan)
+        for name, key in PROFILE_VARS.items():
+            per_lineout[name][g, e] = p.values.get(key, np.nan)
+        if r.status != "ok":
+            continue
+        for k, ph in enumerate(phases):
+            if ph not in p.cells:
+                continue
+            cell, esd = p.cells[ph], (p.cell_esds or {}).get(ph, (np.nan,) * 7)
+            for j, name in enumerate(CELL_VARS):
+                per_phase[name][k, g, e] = cell[j]
+                per_phase[f"{name}_esd"][k, g, e] = esd[j]
+            per_phase["phase_scale"][k, g, e] = p.values.get(f"{k}:0:Scale", 1.0 if k == 0 else np.nan)
+            frac = (p.phase_fractions or {}).get(ph, (np.nan, np.nan))
+            per_phase["phase_fraction"][k, g, e], per_phase["phase_fraction_esd"][k, g, e] = frac
+            if ph in ref_cells:
+                eps, eps_esd = _lineout_strain(p, ph, ref_cells[ph])
+                per_phase["strain"][k, g, e], per_phase["strain_esd"][k, g, e] = eps, eps_esd
+                per_phase["strain_theta_deg"][k, g, e] = effective_theta_deg(p, ph)
+
+    n_c = len(strain_mod.COMPONENTS)
+    lab, lab_esd = _nan_grid(n_ph, n_groups, n_c), _nan_grid(n_ph, n_groups, n_c)
+    lab_status = np.full((n_ph, n_groups), "not run", dtype=object)
+    sample, sample_esd = _nan_grid(n_ph, n_c), _nan_grid(n_ph, n_c)
+    sample_status = np.full(n_ph, "not run", dtype=object)
+    fits: dict[str, Any] = {}
+    for k, ph in enumerate(phases):
+        if ph not in ref_cells:
+            continue
+        eps, esd, th = (per_phase[n][k] for n in ("strain", "strain_esd", "strain_theta_deg"))
+        fits[ph] = {"orientations": [], "sample": None}
+        for g in range(n_groups):
+            fit = strain_mod.fit_strain_orientation(eta, th[g], eps[g], esd[g])
+            lab[k, g], lab_esd[k, g], lab_status[k, g] = fit.values, fit.esds, fit.status
+            fits[ph]["orientations"].append({"group": g, "omega_deg": float(omega[g]), **fit.to_dict()})
+        groups_with_data = np.isfinite(eps).any(axis=1).sum()
+        if groups_with_data > 1:
+            om = np.broadcast_to(omega[:, None], eps.shape)
+            fit = strain_mod.fit_strain_tensor(np.broadcast_to(eta, eps.shape), th, om, eps, esd)
+            sample[k], sample_esd[k], sample_status[k] = fit.values, fit.esds, fit.status
+            fits[ph]["sample"] = fit.to_dict()
+
+    ge, pge = ("group", "eta"), ("phase", "group", "eta")
+    data_vars: dict[str, Any] = {name: (pge, arr) for name, arr in per_phase.items()}
+    data_vars.update({name: (ge, arr) for name, arr in per_lineout.items()})
+    data_vars.update(
+        n_points=(ge, n_points), status=(ge, status.astype(str)), message=(ge, message.astype(str)),
+        warnings=(ge, warnings.astype(str)),
+        strain_lab=(("phase", "group", "component"), lab),
+        strain_lab_esd=(("phase", "group", "component"), lab_esd),
+        strain_lab_status=(("phase", "group"), lab_status.astype(str)),
+        strain_sample=(("phase", "component"), sample),
+        strain_sample_esd=(("phase", "component"), sample_esd),
+        strain_sample_status=("phase", sample_status.astype(str)),
+    )
+    out_attrs = {"ref_cells": json.dumps({k: [float(v) for v in c[:6]] for k, c in ref_cells.items()}),
+                 "strain_fits": json.dumps(fits), "strain_frame": "MIDAS lab (x beam, y horizontal, z up); "
+                 "sample frame = lab rotated by omega about +z", **dict(attrs or {})}
+    return xr.Dataset(
+        data_vars,
+        coords={"group": np.arange(n_groups), "eta": np.arange(n_eta), "phase": np.array(phases, dtype=str),
+                "component": np.array(strain_mod.COMPONENTS), "omega_deg": ("group", omega),
+                "eta_deg": ("eta", eta), "histogram_index": (ge, hist)},
+        attrs=out_attrs,
+    )
+
+
+def _num(v: Any) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
+    """``refinement_summary.json`` content from a results Dataset.
+
+    MIDAS fields: ``data_file``, ``total_histograms``, ``succeeded``, ``failed``, ``skipped``,
+    ``mean_Rwp`` (mean over succeeded lineouts), ``histograms`` (one per lineout, by
+    ``histogram_index``: ``histogram_index``, ``status``, ``Rwp``, ``phases`` [{``name``,
+    ``cell`` [a, b, c, α, β, γ, V]}]); added: per histogram ``group``, ``eta_index``,
+    ``omega_deg``, ``eta_deg``, ``n_points``, ``message`` and ``strain`` {phase: {``eps``,
+    ``esd``}}, and top-level ``strain`` (the fits, as :meth:`midasflow.strain.StrainFit.to_dict`).
+    """
+    status = ds["status"].values
+    rwp = ds["rwp"].values
+    ok = status == "ok"
+    hists = []
+    for g in range(ds.sizes["group"]):
+        for e in range(ds.sizes["eta"]):
+            if int(ds["histogram_index"][g, e]) < 0:
+                continue
+            phases, strains = [], {}
+            for k, ph in enumerate(ds["phase"].values.tolist()):
+                cell = [float(ds[v].values[k, g, e]) for v in CELL_VARS]
+                if np.isfinite(cell).all():
+                    phases.append({"name": ph, "cell": cell})
+                eps = ds["strain"].values[k, g, e]
+                if np.isfinite(eps):
+                    strains[ph] = {"eps": float(eps), "esd": _num(ds["strain_esd"].values[k, g, e])}
+            hists.append({
+                "histogram_index": int(ds["histogram_index"][g, e]), "status": str(status[g, e]),
+                "Rwp": _num(rwp[g, e]), "phases": phases, "group": g, "eta_index": e,
+                "omega_deg": float(ds["omega_deg"][g]), "eta_deg": float(ds["eta_deg"][e]),
+                "n_points": int(ds["n_points"][g, e]), "message": str(ds["message"].values[g, e]),
+                "strain": strains,
+            })
+    hists.sort(key=lambda h: h["histogram_index"])
+    return {
+        "data_file": str(ds.attrs.get("data_file", "")),
+        "total_histograms": len(hists),
+        "succeeded": int(ok.sum()),
+        "failed": int((status == "failed").sum()),
+        "skipped": int((status == "skipped").sum()),
+        "mean_Rwp": _num(np.mean(rwp[ok])) if ok.any() else None,
+        "histograms": hists,
+        "strain": json.loads(ds.attrs.get("strain_fits", "{}")),
+    }
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write the results Dataset as a zarr (format 2) directory store, atomically (temporary name, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        # zarr format 2: its fixed-width string dtype (status, messages) is specified; v3's is not
+        ds.to_zarr(tmp / "store.zarr", mode="w", consolidated=True, zarr_format=2)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{time.time_ns()}")
+            os.replace(path, old)
+        os.replace(tmp / "store.zarr", path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def open_results(path: str | os.PathLike) -> xr.Dataset:
+    """Read ``results.zarr`` back (loaded into memory)."""
+    with xr.open_zarr(path, consolidated=True) as ds:
+        return ds.load()
+
+
+def write_results(
+    ds: xr.Dataset,
+    folder: str | os.PathLike,
+    *,
+    lineouts: Sequence[Any] = (),
+    no_export: bool = False,
+) -> dict[str, Any]:
+    """Write ``results.zarr``, ``refinement_summary.json`` and (unless ``no_export``) per-lineout exports.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        From :func:`assemble_results`.
+    folder : path
+        Output folder (created).
+    lineouts : sequence of LineoutResult
+        Source of the exports: ``hist_NNNN_data.csv`` (``PatternResult.to_csv``) and
+        ``hist_NNNN_<phase>.cif`` (``PatternResult.write_cifs``) for every lineout with a pattern.
+    no_export : bool
+
+    Returns
+    -------
+    dict
+        ``{"results": Path, "summary": Path, "exports": [Path, ...]}``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    zarr_path = write_results_zarr(ds, folder / "results.zarr")
+    summary_path = folder / "refinement_summary.json"
+    _atomic_text(summary_path, json.dumps(summary_dict(ds), indent=1))
+    exports: list[Path] = []
+    if not no_export:
+        for res in lineouts:
+            if res.pattern is None or res.status != "ok":
+                continue
+            stem = f"hist_{res.index:04d}"
+            exports.append(res.pattern.to_csv(folder / f"{stem}_data.csv"))
+            exports += res.pattern.write_cifs(folder, stem)
+    return {"results": zarr_path, "summary": summary_path, "exports": exports}

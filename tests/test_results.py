@@ -1,0 +1,99 @@
+"""Results Dataset, strain columns and fits, results.zarr / refinement_summary.json / exports."""
+import json
+
+import numpy as np
+import pytest
+
+from midasflow import strain
+from midasflow.refine.lineouts import plan_lineouts, run_serial
+from midasflow.results import assemble_results, open_results, summary_dict, write_results
+
+from lineouts_helpers import A0_A, TENSOR, make_caked, toy_refine
+
+REF = {"CeO2": (A0_A, A0_A, A0_A, 90.0, 90.0, 90.0)}
+
+
+@pytest.fixture(scope="module")
+def run():
+    ds = make_caked(n_groups=3, n_eta=12, omega_step=45.0, height=3000.0, masked=[(1, 4)], seed=7)
+    ds["intensity"][2, :, 7] = 1.0  # flat: the injected failure triggers on it
+    lineouts = run_serial(plan_lineouts(ds), toy_refine, {"phases": ("CeO2",), "fail_below": 3.0})
+    res = assemble_results(lineouts, ref_cells=REF, attrs={"data_file": "scan.zarr.zip"})
+    return ds, lineouts, res
+
+
+def test_results_dataset_fields(run):
+    caked, lineouts, res = run
+    assert dict(res.sizes) == {"group": 3, "eta": 12, "phase": 1, "component": 6}
+    for name in ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg", "volume_a3", "a_a_esd",
+                 "volume_a3_esd", "phase_scale", "phase_fraction", "phase_fraction_esd", "rwp", "gof",
+                 "zero", "u", "v", "w", "x", "y", "shl", "scale", "n_points", "status", "warnings",
+                 "strain", "strain_esd", "strain_lab", "strain_sample"):
+        assert name in res, name
+    np.testing.assert_allclose(res.omega_deg, [0.0, 45.0, 90.0])
+    np.testing.assert_allclose(res.eta_deg, caked.eta_deg)
+    assert res.status.values[1, 4] == "skipped" and res.status.values[2, 7] == "failed"
+    assert (res.status.values == "ok").sum() == 34
+    assert int(res.histogram_index[2, 7]) == 2 * 12 + 7
+    ok = res.status.values == "ok"
+    z = (res.a_a.values[0] - caked.true_a.values) / res.a_a_esd.values[0]
+    assert np.all(np.abs(z[ok]) < 5)
+    assert np.isnan(res.a_a.values[0, 2, 7]) and np.isnan(res.strain.values[0, 1, 4])
+    np.testing.assert_allclose(res.strain.values[0][ok], res.a_a.values[0][ok] / A0_A - 1)
+    np.testing.assert_allclose(res.shl.values[ok], 0.002)
+
+
+def test_strain_fits_recover_the_tensor(run):
+    caked, _, res = run
+    truth = strain.components_from_tensor(TENSOR)
+    assert list(res.strain_sample_status.values) == ["ok"]
+    z = (res.strain_sample.values[0] - truth) / res.strain_sample_esd.values[0]
+    assert np.all(np.abs(z) < 5), z
+    # in-plane components well below 1e-5; the weak x shears are looser
+    assert np.all(res.strain_sample_esd.values[0, 1:4] < 1e-5)
+    # per ω-group lab-frame fits: ε_zz equals the sample ε_zz at every ω
+    izz = strain.COMPONENTS.index("zz")
+    assert list(res.strain_lab_status.values[0]) == ["ok"] * 3
+    zz = res.strain_lab.values[0, :, izz]
+    assert np.all(np.abs(zz - truth[izz]) < 5 * res.strain_lab_esd.values[0, :, izz])
+
+
+def test_write_and_read_back(run, tmp_path):
+    _, lineouts, res = run
+    out = write_results(res, tmp_path / "out", lineouts=lineouts)
+    back = open_results(out["results"])
+    for name in ("a_a", "strain", "rwp", "strain_sample", "omega_deg", "eta_deg"):
+        np.testing.assert_array_equal(back[name].values, res[name].values)
+    assert back.status.values.tolist() == res.status.values.tolist()
+    assert back.attrs["data_file"] == "scan.zarr.zip"
+
+    summary = json.loads(out["summary"].read_text())
+    for key in ("data_file", "total_histograms", "succeeded", "failed", "skipped", "mean_Rwp", "histograms"):
+        assert key in summary
+    assert (summary["total_histograms"], summary["succeeded"], summary["failed"], summary["skipped"]) == (36, 34, 1, 1)
+    assert summary["mean_Rwp"] == pytest.approx(float(np.nanmean(res.rwp.values[res.status.values == "ok"])))
+    h = summary["histograms"][13]
+    assert h["histogram_index"] == 13 and h["status"] == "ok" and h["group"] == 1 and h["eta_index"] == 1
+    assert h["omega_deg"] == 45.0 and h["eta_deg"] == pytest.approx(float(res.eta_deg[1]))
+    assert h["phases"][0]["name"] == "CeO2" and len(h["phases"][0]["cell"]) == 7
+    assert h["Rwp"] == pytest.approx(float(res.rwp[1, 1]))
+    failed = summary["histograms"][31]
+    assert failed["status"] == "failed" and "injected failure" in failed["message"] and failed["phases"] == []
+    assert summary["strain"]["CeO2"]["sample"]["components"]["zz"]["determined"]
+    assert len(summary["strain"]["CeO2"]["orientations"]) == 3
+
+    csvs = sorted(p.name for p in (tmp_path / "out").glob("hist_*_data.csv"))
+    assert len(csvs) == 34 and csvs[0] == "hist_0000_data.csv"
+    table = np.loadtxt(tmp_path / "out" / "hist_0000_data.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(table[:, 1], lineouts[0].pattern.obs)
+
+    # rewriting replaces the store atomically; no_export writes no new exports
+    out2 = write_results(res, tmp_path / "out", lineouts=lineouts, no_export=True)
+    assert out2["exports"] == [] and open_results(out2["results"]).sizes["group"] == 3
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_summary_from_dataset_only(run):
+    _, _, res = run
+    s = summary_dict(res)
+    assert [h["histogram_index"] for h in s["histograms"]] == list(range(36))
