@@ -120,3 +120,156 @@ def integrate(
         write_caked_zarr(ds, folder / f"{stem}.zarr")
     log.info("wrote %s", out)
     return out
+
+
+BACKENDS = ("native", "gsas2")
+
+
+def _refine_fn(backend: str, cif_paths: Sequence[str | Path], out: Path) -> Any:
+    """The per-lineout refinement callable of a backend (checked before any task is submitted)."""
+    if backend == "native":
+        from midasflow.refine.lineouts import default_refine_fn
+
+        return default_refine_fn()
+    if backend == "gsas2":
+        from midasflow.refine.gsas2 import Gsas2Refiner, check_gsas2_available
+
+        check_gsas2_available()
+        return Gsas2Refiner(cif_paths=tuple(str(p) for p in cif_paths), workdir=str(out / "gsas2"))
+    from midasflow.errors import ParameterError
+
+    raise ParameterError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def refine(
+    data: str | Path | xr.Dataset,
+    cifs: Sequence[str | Path],
+    *,
+    out: str | Path = "refinement",
+    instprm: str | Path | None = None,
+    bkg_terms: int = 6,
+    limits: tuple[float, float] | None = None,
+    refine_atoms: bool = False,
+    mode: str = "rietveld",
+    export: bool = True,
+    backend: str = "native",
+    client: Any = None,
+    seed_from: str | None = None,
+    resume: bool = False,
+    ref_cells: Mapping[str, Sequence[float]] | None = None,
+    min_points: int = 20,
+    report: bool = True,
+    progress: bool = False,
+) -> xr.Dataset:
+    """Refine every (ω-group, η) lineout of a caked scan; write and return the results Dataset.
+
+    Parameters
+    ----------
+    data : path or xarray.Dataset
+        A MIDAS ``.zarr.zip``, a plain caked zarr store, or the Dataset :func:`midasflow.cake` made.
+    cifs : sequence of path
+        One CIF per phase.
+    out : path
+        Output folder: ``results.zarr``, ``refinement_summary.json``, ``hist_NNNN_data.csv``,
+        ``hist_NNNN_<phase>.cif``, ``report.html``, and ``lineouts/`` checkpoints for ``resume``.
+    instprm : path, optional
+        GSAS-II ``.instprm``; default the store's ``InstrumentParameters`` (§7.4).
+    bkg_terms, limits, refine_atoms, mode
+        The staged recipe's options (Chebyshev terms; 2θ range in degrees; atoms stage;
+        "rietveld" or "lebail").
+    export : bool
+        Write the per-lineout CSV and CIF files.
+    backend : {"native", "gsas2"}
+    client : distributed.Client, optional
+        Run one task per lineout on this client; in-process serial execution when None.
+    seed_from : {None, "neighbour"}
+        Start each lineout from the refined values of the first lineout of its ω-group.
+    resume : bool
+        Skip lineouts whose results already exist in ``out``.
+    ref_cells : mapping phase name → (a, b, c, α, β, γ), optional
+        Reference cells for strain; default each CIF's cell.
+    min_points : int
+        Lineouts with this many usable bins or fewer are skipped (GSAS-II's importer: 20).
+    report : bool
+        Write ``report.html``.
+    progress : bool
+        Progress line on stderr.
+    """
+    from midasflow.crystal import read_phases
+    from midasflow.io.caked_store import open_caked
+    from midasflow.io.instprm import instrument_from_midas, read_instprm
+    from midasflow.refine.lineouts import plan_lineouts, run_distributed, run_serial
+    from midasflow.results import assemble_results, write_results
+
+    out = Path(out)
+    source = data if isinstance(data, xr.Dataset) else open_caked(data)
+    phases = read_phases(cifs)
+    instrument = read_instprm(instprm) if instprm else instrument_from_midas(data)
+    refine_fn = _refine_fn(backend, cifs, out)
+    plan = plan_lineouts(source, min_points=min_points)
+    common = dict(phases=phases, instprm=instrument, bkg_terms=bkg_terms, limits=limits,
+                  refine_atoms=refine_atoms, mode=mode)
+    out.mkdir(parents=True, exist_ok=True)
+    options = dict(seed_from=seed_from, checkpoint_dir=out, resume=resume, progress=progress)
+    if client is None:
+        lineouts = run_serial(plan, refine_fn, common, **options)
+    else:
+        lineouts = run_distributed(plan, refine_fn, common, client, **options)
+    cells = dict(ref_cells or {})
+    for phase in phases:
+        cells.setdefault(phase.name, tuple(phase.cell))
+    data_file = str(data) if not isinstance(data, xr.Dataset) else data.attrs.get("source", "<dataset>")
+    results = assemble_results(
+        lineouts,
+        ref_cells=cells,
+        phase_names=[p.name for p in phases],
+        attrs={"data_file": data_file, "backend": backend, "mode": mode},
+    )
+    write_results(results, out, lineouts=lineouts, no_export=not export)
+    if report:
+        from midasflow.report import write_report
+
+        write_report(results, out / "report.html", caked=source, lineouts=lineouts)
+    return results
+
+
+def run(
+    param_fn: str | Path,
+    data_fn: str | Path,
+    cifs: Sequence[str | Path],
+    *,
+    out: str | Path = "refinement",
+    result_folder: str | Path = ".",
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    dark_fn: str | Path | None = None,
+    data_loc: str = "exchange/data",
+    dark_loc: str = "exchange/dark",
+    start_file_nr: int | None = None,
+    end_file_nr: int | None = None,
+    cache_dir: str | Path | None = None,
+    skip_integration: bool = False,
+    zarr_file: str | Path | None = None,
+    skip_refinement: bool = False,
+    **refine_options: Any,
+) -> xr.Dataset | Path:
+    """Integration then refinement, MIDAS's ``integrate_and_refine.py`` as one dataflow.
+
+    The caked store is written first (``<result_folder>/<scan>.zarr.zip``, the file GSAS-II and
+    MIDAS tools read) and the lineouts are refined from it on the same scheduler. Returns the
+    results Dataset, or the store's path with ``skip_refinement``.
+    """
+    from midasflow.errors import ParameterError
+
+    if skip_integration:
+        if zarr_file is None:
+            raise ParameterError("--skip-integration needs --zarr-file F (the caked .zarr.zip to refine)")
+        store = Path(zarr_file)
+    else:
+        store = integrate(
+            param_fn, data_fn, overrides=overrides, result_folder=result_folder, dark_fn=dark_fn,
+            data_loc=data_loc, dark_loc=dark_loc, start_file_nr=start_file_nr,
+            end_file_nr=end_file_nr, cache_dir=cache_dir,
+        )
+    if skip_refinement:
+        return store
+    return refine(store, cifs, out=out, **refine_options)
