@@ -288,6 +288,8 @@ def refine_lineout(spec: LineoutSpec, refine_fn: Callable[..., Any], common: Map
     seeded = seed is not None and seed.status == "ok" and seed.pattern is not None
     if seeded:
         kwargs["start"] = dict(seed.pattern.values)
+    if getattr(refine_fn, "takes_lineout_index", False):  # e.g. GSAS-II names its project files by it
+        kwargs["index"] = spec.index
     t0 = time.perf_counter()
     try:
         pattern = refine_fn(spec.tth_deg, spec.intensity, spec.sigma, **kwargs)
