@@ -1,0 +1,629 @@
+"""Pixel -> (R, η) bin map with exact pixel splitting (midas_caking.md §5), as sparse matrices.
+
+Each raw pixel's four corners are mapped through :func:`midasflow.geometry.pixel_to_r_eta` and
+placed in the ideal plane (X, Y) = (−R sin η, R cos η) (pixels, origin at the beam centre). The
+straight-edged quadrilateral they span is intersected *exactly* with every annular sector
+{R_lo ≤ r ≤ R_hi, η_lo ≤ η ≤ η_hi} it can touch:
+
+* the quadrilateral is clipped to the η wedge (two half-planes through the origin; wedges wider
+  than 180° are split into pieces of at most 180°), then
+* the area inside the annulus is area(P ∩ disk R_hi) − area(P ∩ disk R_lo), where each disk
+  area is a Green's-theorem sum over the polygon edges of the signed area of
+  (triangle origin-a-b) ∩ disk: straight (shoelace) terms inside the circle and exact arc
+  terms (R²/2)·Δφ outside it.
+
+This is exact for any simple polygon, so MIDAS's "skip edge intersections when ≥ 4 vertices
+are already found" shortcut (which can under-estimate an overlap) is deliberately NOT
+reproduced; for an untilted, undistorted detector the split areas of a pixel sum to 1 to
+rounding. Entries below ``MIN_AREA_PX2`` (1e−10 px², i.e. rounding noise) are dropped; MIDAS
+drops areas < 1e−5. ``SubPixelLevel`` is not needed with exact areas and is not implemented.
+The ±180° seam needs no special case: a pixel's η interval is unwrapped around its first
+corner, and bins are matched against that interval shifted by multiples of 360°.
+
+Weights are ``area / C`` with C = cos³(2θ) (``SolidAngleCorrection``) times
+1 − f·sin²(2θ)·cos²(η) (``PolarizationCorrection``, applied only where it exceeds 1e−6),
+both at the pixel centre (§5.3). Masked pixels have no entries in ``weights``/``areas`` but
+their overlap counts in ``geometric_area`` and flags ``touches_mask`` on every bin they overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+from numpy.typing import NDArray
+
+from midasflow.errors import FrameError, ParameterError
+from midasflow.geometry import pixel_map, pixel_to_r_eta, r_to_tth_deg, untransform_image
+
+if TYPE_CHECKING:
+    from midasflow.params import Params
+
+__all__ = ["BinMap", "build_binmap", "load_or_build_binmap", "binmap_key", "MIN_AREA_PX2"]
+
+#: Overlap areas (px²) at or below this are rounding noise and produce no entry.
+MIN_AREA_PX2 = 1e-10
+#: Bumped whenever the map algorithm or file layout changes, so stale cache files are not reused.
+_FORMAT = "midasflow-binmap-v1"
+_MAX_VERTS = 16
+
+
+@dataclass(frozen=True, eq=False)
+class BinMap:
+    """Sparse pixel -> bin map of one detector geometry, binning and static mask.
+
+    Attributes
+    ----------
+    n_r, n_eta : int
+        Number of radial and azimuthal bins; bins are flattened r-major, b = r*n_eta + e.
+    detector_shape : tuple of int
+        Raw frame shape (nz, ny); pixel columns are raw flat indices z*ny + y.
+    r_edges_px : ndarray, shape (n_r + 1,), float64
+    eta_edges_deg : ndarray, shape (n_eta + 1,), float64
+    weights : scipy.sparse.csr_matrix, shape (n_r*n_eta, nz*ny), float64
+        Corrected weight frac = area / C of every unmasked pixel in every bin it overlaps.
+    areas : scipy.sparse.csr_matrix, same shape and sparsity as ``weights``, float64
+        Uncorrected overlap area (px² of the ideal plane).
+    bin_area : ndarray, shape (n_r, n_eta), float64
+        Σ overlap area over unmasked pixels.
+    geometric_area : ndarray, shape (n_r, n_eta), float64
+        Σ overlap area over all pixels, masked ones included.
+    touches_mask : ndarray, shape (n_r, n_eta), bool
+        True where a masked pixel overlaps the bin (MIDAS maskMap flag).
+    key : str
+        Cache key: hash of ``Params.geometry_key()``, the mask and the map format.
+    """
+
+    n_r: int
+    n_eta: int
+    detector_shape: tuple[int, int]
+    r_edges_px: NDArray[np.float64]
+    eta_edges_deg: NDArray[np.float64]
+    weights: sp.csr_matrix
+    areas: sp.csr_matrix
+    bin_area: NDArray[np.float64]
+    geometric_area: NDArray[np.float64]
+    touches_mask: NDArray[np.bool_]
+    key: str
+
+
+# ----------------------------------------------------------------------------------- kernels
+@numba.njit(cache=True, inline="always")
+def _arc_angle(ax, ay, bx, by):
+    """Signed angle (rad) from vector a to vector b."""
+    return np.arctan2(ax * by - ay * bx, ax * bx + ay * by)
+
+
+@numba.njit(cache=True)
+def _tri_disk_area(ax, ay, bx, by, r, r2):
+    """Signed area of triangle (origin, a, b) ∩ disk of radius r about the origin."""
+    a2 = ax * ax + ay * ay
+    b2 = bx * bx + by * by
+    if a2 <= r2 and b2 <= r2:
+        return 0.5 * (ax * by - ay * bx)
+    dx = bx - ax
+    dy = by - ay
+    qa = dx * dx + dy * dy
+    if qa == 0.0:
+        return 0.0
+    qb = ax * dx + ay * dy
+    disc = qb * qb - qa * (a2 - r2)
+    root = np.sqrt(disc) if disc > 0.0 else 0.0
+    if a2 <= r2:  # a inside, b outside: straight a -> exit point, then arc to b
+        t = (-qb + root) / qa
+        px = ax + t * dx
+        py = ay + t * dy
+        return 0.5 * (ax * py - ay * px) + 0.5 * r2 * _arc_angle(px, py, bx, by)
+    if b2 <= r2:  # a outside, b inside: arc a -> entry point, then straight to b
+        t = (-qb - root) / qa
+        px = ax + t * dx
+        py = ay + t * dy
+        return 0.5 * r2 * _arc_angle(ax, ay, px, py) + 0.5 * (px * by - py * bx)
+    if disc > 0.0:  # both outside: the chord may still cut the disk
+        t1 = (-qb - root) / qa
+        t2 = (-qb + root) / qa
+        if t1 > 0.0 and t2 < 1.0:
+            p1x = ax + t1 * dx
+            p1y = ay + t1 * dy
+            p2x = ax + t2 * dx
+            p2y = ay + t2 * dy
+            return 0.5 * (
+                r2 * (_arc_angle(ax, ay, p1x, p1y) + _arc_angle(p2x, p2y, bx, by))
+                + (p1x * p2y - p1y * p2x)
+            )
+    return 0.5 * r2 * _arc_angle(ax, ay, bx, by)
+
+
+@numba.njit(cache=True)
+def _poly_disk_area(xs, ys, n, r):
+    """Signed area of polygon (xs, ys)[:n] ∩ disk of radius r about the origin."""
+    total = 0.0
+    r2 = r * r
+    for k in range(n):
+        k1 = k + 1 if k + 1 < n else 0
+        total += _tri_disk_area(xs[k], ys[k], xs[k1], ys[k1], r, r2)
+    return total
+
+
+@numba.njit(cache=True)
+def _poly_area(xs, ys, n):
+    """Signed shoelace area of polygon (xs, ys)[:n]."""
+    total = 0.0
+    for k in range(n):
+        k1 = k + 1 if k + 1 < n else 0
+        total += xs[k] * ys[k1] - ys[k] * xs[k1]
+    return 0.5 * total
+
+
+@numba.njit(cache=True)
+def _clip_half_plane(xs, ys, n, nx, ny, out_x, out_y):
+    """Sutherland–Hodgman clip of polygon (xs, ys)[:n] to nx*x + ny*y ≥ 0; returns count.
+
+    A convex n-gon gains at most one vertex, so 4 corners and two clips fit in _MAX_VERTS.
+    """
+    m = 0
+    for k in range(n):
+        k1 = k + 1 if k + 1 < n else 0
+        fa = nx * xs[k] + ny * ys[k]
+        fb = nx * xs[k1] + ny * ys[k1]
+        if fa >= 0.0:
+            out_x[m] = xs[k]
+            out_y[m] = ys[k]
+            m += 1
+        if (fa >= 0.0) != (fb >= 0.0):
+            t = fa / (fa - fb)
+            out_x[m] = xs[k] + t * (xs[k1] - xs[k])
+            out_y[m] = ys[k] + t * (ys[k1] - ys[k])
+            m += 1
+    return m
+
+
+@numba.njit(cache=True)
+def _clip_wedge(xs, ys, n, lo_deg, hi_deg, tmp_x, tmp_y, out_x, out_y):
+    """Clip a polygon to the wedge lo ≤ η ≤ hi (width ≤ 180°) of the ideal plane."""
+    lo = np.deg2rad(lo_deg)
+    hi = np.deg2rad(hi_deg)
+    # direction of η is (−sin η, cos η); η ≥ lo <=> cross(d_lo, p) ≥ 0, η ≤ hi <=> cross(p, d_hi) ≥ 0
+    m = _clip_half_plane(xs, ys, n, -np.cos(lo), -np.sin(lo), tmp_x, tmp_y)
+    if m < 3:
+        return 0
+    return _clip_half_plane(tmp_x, tmp_y, m, np.cos(hi), np.sin(hi), out_x, out_y)
+
+
+@numba.njit(cache=True)
+def _pixel_polygon(cx, cy, z, y, xs, ys):
+    """Corners of raw pixel (y, z) in perimeter order into (xs, ys).
+
+    Returns (signed area, r_min, r_max, origin_inside) of the quadrilateral.
+    """
+    xs[0] = cx[z, y]
+    ys[0] = cy[z, y]
+    xs[1] = cx[z, y + 1]
+    ys[1] = cy[z, y + 1]
+    xs[2] = cx[z + 1, y + 1]
+    ys[2] = cy[z + 1, y + 1]
+    xs[3] = cx[z + 1, y]
+    ys[3] = cy[z + 1, y]
+    area = _poly_area(xs, ys, 4)
+    r_max = 0.0
+    r_min = np.inf
+    inside = True
+    for k in range(4):
+        k1 = k + 1 if k < 3 else 0
+        r_max = max(r_max, np.sqrt(xs[k] * xs[k] + ys[k] * ys[k]))
+        # origin inside <=> it is on the inner side of every edge
+        if (xs[k] * ys[k1] - ys[k] * xs[k1]) * area < 0.0:
+            inside = False
+        dx = xs[k1] - xs[k]
+        dy = ys[k1] - ys[k]
+        d2 = dx * dx + dy * dy
+        t = 0.0 if d2 == 0.0 else min(1.0, max(0.0, -(xs[k] * dx + ys[k] * dy) / d2))
+        qx = xs[k] + t * dx
+        qy = ys[k] + t * dy
+        r_min = min(r_min, np.sqrt(qx * qx + qy * qy))
+    if inside:
+        r_min = 0.0
+    return area, r_min, r_max, inside
+
+
+@numba.njit(cache=True)
+def _eta_interval(ceta, z, y):
+    """Unwrapped η interval (deg) spanned by the corners of raw pixel (y, z)."""
+    base = ceta[z, y]
+    lo = 0.0
+    hi = 0.0
+    for dz, dy in ((0, 1), (1, 1), (1, 0)):
+        d = ceta[z + dz, y + dy] - base
+        d -= 360.0 * np.floor((d + 180.0) / 360.0)
+        lo = min(lo, d)
+        hi = max(hi, d)
+    return base + lo, base + hi
+
+
+@numba.njit(cache=True)
+def _eta_ranges(lo, hi, full, eta_edges, starts, stops, shifts):
+    """Bin ranges [start, stop] overlapping [lo, hi] + 360·k; returns how many ranges."""
+    n_eta = eta_edges.size - 1
+    if full:
+        starts[0] = 0
+        stops[0] = n_eta - 1
+        shifts[0] = 0.0
+        return 1
+    n = 0
+    last = -1
+    for k in range(-2, 3):
+        a = lo + 360.0 * k
+        b = hi + 360.0 * k
+        if b < eta_edges[0] or a > eta_edges[-1]:
+            continue
+        e0 = max(np.searchsorted(eta_edges, a, side="right") - 1, 0, last + 1)
+        e1 = min(np.searchsorted(eta_edges, b, side="left") - 1, n_eta - 1)
+        if e0 <= e1:
+            starts[n] = e0
+            stops[n] = e1
+            shifts[n] = 360.0 * k
+            last = e1
+            n += 1
+    return n
+
+
+@numba.njit(cache=True)
+def _r_range(r_min, r_max, r_edges):
+    n_r = r_edges.size - 1
+    k0 = max(np.searchsorted(r_edges, r_min, side="right") - 1, 0)
+    k1 = min(np.searchsorted(r_edges, r_max, side="left") - 1, n_r - 1)
+    return k0, k1
+
+
+@numba.njit(cache=True, parallel=True)
+def _count_candidates(cx, cy, ceta, r_edges, eta_edges):
+    """Upper bound of the number of (pixel, bin) entries of every raw pixel, shape (nz*ny,)."""
+    nz = cx.shape[0] - 1
+    ny = cx.shape[1] - 1
+    counts = np.zeros(nz * ny, dtype=np.int64)
+    for z in numba.prange(nz):
+        xs = np.empty(4)
+        ys = np.empty(4)
+        starts = np.empty(5, dtype=np.int64)
+        stops = np.empty(5, dtype=np.int64)
+        shifts = np.empty(5)
+        for y in range(ny):
+            area, r_min, r_max, inside = _pixel_polygon(cx, cy, z, y, xs, ys)
+            k0, k1 = _r_range(r_min, r_max, r_edges)
+            if area == 0.0 or k0 > k1:
+                continue
+            lo, hi = _eta_interval(ceta, z, y)
+            n = _eta_ranges(lo, hi, inside, eta_edges, starts, stops, shifts)
+            n_e = 0
+            for j in range(n):
+                n_e += stops[j] - starts[j] + 1
+            counts[z * ny + y] = n_e * (k1 - k0 + 1)
+    return counts
+
+
+@numba.njit(cache=True, parallel=True)
+def _split_pixels(cx, cy, ceta, r_edges, eta_edges, offsets, out_bin, out_area, min_area):
+    """Exact overlap areas of every raw pixel with its candidate bins.
+
+    Entries of pixel p go to out_bin/out_area[offsets[p]:offsets[p] + n_p]; returns n_p per pixel.
+    """
+    nz = cx.shape[0] - 1
+    ny = cx.shape[1] - 1
+    n_r = r_edges.size - 1
+    n_eta = eta_edges.size - 1
+    used = np.zeros(nz * ny, dtype=np.int64)
+    for z in numba.prange(nz):
+        xs = np.empty(4)
+        ys = np.empty(4)
+        tmp_x = np.empty(_MAX_VERTS)
+        tmp_y = np.empty(_MAX_VERTS)
+        cl_x = np.empty(_MAX_VERTS)
+        cl_y = np.empty(_MAX_VERTS)
+        starts = np.empty(5, dtype=np.int64)
+        stops = np.empty(5, dtype=np.int64)
+        shifts = np.empty(5)
+        acc = np.empty(n_r)
+        disk = np.empty(n_r + 1)
+        for y in range(ny):
+            pix = z * ny + y
+            area, r_min, r_max, inside = _pixel_polygon(cx, cy, z, y, xs, ys)
+            k0, k1 = _r_range(r_min, r_max, r_edges)
+            if area == 0.0 or k0 > k1:
+                continue
+            sign = 1.0 if area > 0.0 else -1.0
+            lo, hi = _eta_interval(ceta, z, y)
+            n_ranges = _eta_ranges(lo, hi, inside, eta_edges, starts, stops, shifts)
+            pos = offsets[pix]
+            for j in range(n_ranges):
+                for e in range(starts[j], stops[j] + 1):
+                    w_lo = eta_edges[e] - shifts[j]
+                    w_hi = eta_edges[e + 1] - shifts[j]
+                    acc[k0 : k1 + 1] = 0.0
+                    whole = (not inside) and w_lo <= lo and hi <= w_hi
+                    n_sub = 1 if whole else int(np.ceil((w_hi - w_lo) / 180.0))
+                    for s in range(n_sub):
+                        if whole:
+                            px_, py_, m = xs, ys, 4
+                        else:
+                            s_lo = w_lo + (w_hi - w_lo) * s / n_sub
+                            s_hi = w_lo + (w_hi - w_lo) * (s + 1) / n_sub
+                            m = _clip_wedge(xs, ys, 4, s_lo, s_hi, tmp_x, tmp_y, cl_x, cl_y)
+                            px_, py_ = cl_x, cl_y
+                        if m < 3:
+                            continue
+                        full = sign * _poly_area(px_, py_, m)
+                        if full <= min_area:
+                            continue
+                        for k in range(k0, k1 + 2):
+                            edge = r_edges[k]
+                            if edge <= r_min:
+                                disk[k] = 0.0
+                            elif edge >= r_max:
+                                disk[k] = full
+                            else:
+                                disk[k] = sign * _poly_disk_area(px_, py_, m, edge)
+                        for k in range(k0, k1 + 1):
+                            acc[k] += disk[k + 1] - disk[k]
+                    for k in range(k0, k1 + 1):
+                        if acc[k] > min_area:
+                            out_bin[pos] = k * n_eta + e
+                            out_area[pos] = acc[k]
+                            pos += 1
+            used[pix] = pos - offsets[pix]
+    return used
+
+
+@numba.njit(cache=True)
+def _assemble(offsets, used, out_bin, out_area, masked, corr, n_bins):
+    """Bin-major CSR of the unmasked entries plus per-bin area sums and mask flags."""
+    n_pix = used.size
+    row_counts = np.zeros(n_bins + 1, dtype=np.int64)
+    geometric = np.zeros(n_bins)
+    bin_area = np.zeros(n_bins)
+    touches = np.zeros(n_bins, dtype=np.bool_)
+    for p in range(n_pix):
+        for i in range(offsets[p], offsets[p] + used[p]):
+            b = out_bin[i]
+            geometric[b] += out_area[i]
+            if masked[p]:
+                touches[b] = True
+            else:
+                bin_area[b] += out_area[i]
+                row_counts[b + 1] += 1
+    indptr = np.cumsum(row_counts)
+    nnz = indptr[-1]
+    indices = np.empty(nnz, dtype=np.int32)  # build_binmap refuses detectors of >= 2^31 pixels
+    areas = np.empty(nnz)
+    weights = np.empty(nnz)
+    fill = indptr[:-1].copy()
+    for p in range(n_pix):  # pixels in order -> column indices sorted inside every row
+        if masked[p]:
+            continue
+        for i in range(offsets[p], offsets[p] + used[p]):
+            b = out_bin[i]
+            q = fill[b]
+            indices[q] = p
+            areas[q] = out_area[i]
+            weights[q] = out_area[i] / corr[p]
+            fill[b] = q + 1
+    return indptr, indices, areas, weights, bin_area, geometric, touches
+
+
+# ------------------------------------------------------------------------------- python API
+def _check_mask(mask: NDArray | None, params: Params) -> NDArray[np.bool_]:
+    shape = (int(params.nr_pixels_z), int(params.nr_pixels_y))
+    if mask is None:
+        return np.zeros(shape, dtype=np.bool_)
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise FrameError(
+            f"mask: shape {mask.shape} does not match NrPixelsZ×NrPixelsY = {shape} (raw frame)"
+        )
+    return np.ascontiguousarray(mask, dtype=np.bool_)
+
+
+def binmap_key(params: Params, mask: NDArray | None = None) -> str:
+    """Cache key of the map of ``params`` and ``mask``.
+
+    SHA-256 hex over the map format version, ``params.geometry_key()`` and the mask bytes
+    (shape included); ``mask=None`` and an all-False mask give the same key.
+    """
+    m = _check_mask(mask, params)
+    h = hashlib.sha256()
+    h.update(_FORMAT.encode())
+    h.update(params.geometry_key().encode())
+    h.update(repr(m.shape).encode())
+    h.update(np.packbits(m).tobytes())
+    return h.hexdigest()
+
+
+def _corner_grid(params: Params) -> tuple[NDArray, NDArray, NDArray]:
+    """Ideal-plane (X, Y) and η of every pixel corner, raw frame, shape (nz+1, ny+1)."""
+    nz, ny = int(params.nr_pixels_z), int(params.nr_pixels_y)
+    zt, yt = np.meshgrid(
+        np.arange(nz + 1, dtype=np.float64) - 0.5,
+        np.arange(ny + 1, dtype=np.float64) - 0.5,
+        indexing="ij",
+    )
+    r_t, eta_t = pixel_to_r_eta(yt, zt, params)
+    # flipping/transposing the corner grid is the same permutation as for the image
+    r = untransform_image(r_t, params.im_trans_opt)
+    eta = np.ascontiguousarray(untransform_image(eta_t, params.im_trans_opt))
+    eta_rad = np.deg2rad(eta)
+    return np.ascontiguousarray(-r * np.sin(eta_rad)), np.ascontiguousarray(r * np.cos(eta_rad)), eta
+
+
+def _correction(params: Params) -> NDArray[np.float64]:
+    """Per raw pixel correction C of §5.3, flat (nz*ny,); all ones when both are off."""
+    if not (params.solid_angle_correction or params.polarization_correction):
+        return np.ones(int(params.nr_pixels_z) * int(params.nr_pixels_y))
+    r_c, eta_c = pixel_map(params)
+    corr = np.ones_like(r_c)
+    tth = np.deg2rad(r_to_tth_deg(r_c, params))
+    if params.solid_angle_correction:
+        corr *= np.cos(tth) ** 3
+    if params.polarization_correction:
+        pol = 1.0 - params.polarization_fraction * np.sin(tth) ** 2 * np.cos(np.deg2rad(eta_c)) ** 2
+        corr *= np.where(pol > 1e-6, pol, 1.0)
+    return corr.ravel()
+
+
+def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
+    """Build the exact pixel-splitting map of ``params`` (no cache).
+
+    Parameters
+    ----------
+    params : Params
+        Geometry (§4), binning (RMin/RMax/RBinSize, EtaMin/EtaMax/EtaBinSize) and corrections.
+    mask : ndarray of bool, shape (nz, ny), optional
+        Static mask in the RAW frame, True = masked.
+
+    Returns
+    -------
+    BinMap
+    """
+    masked = _check_mask(mask, params)
+    if params.eta_bin_deg > 360.0:
+        raise ParameterError(f"{params.source}: key EtaBinSize: expected at most 360 degrees")
+    r_edges = np.asarray(params.r_edges_px(), dtype=np.float64)
+    eta_edges = np.asarray(params.eta_edges_deg(), dtype=np.float64)
+    if eta_edges[0] < -540.0 or eta_edges[-1] > 540.0:
+        # _eta_ranges tries the shifts 0, ±360, ±720, which reach bins inside ±540°
+        raise ParameterError(
+            f"{params.source}: keys EtaMin/EtaMax: expected η bin edges within ±540 degrees, "
+            f"got {eta_edges[0]}..{eta_edges[-1]}"
+        )
+    n_r, n_eta = r_edges.size - 1, eta_edges.size - 1
+    n_bins = n_r * n_eta
+    if n_bins >= 2**31:
+        raise ParameterError(f"{params.source}: keys RBinSize/EtaBinSize: {n_bins} bins, expected < 2^31")
+    if masked.size >= 2**31:
+        raise ParameterError(f"{params.source}: keys NrPixelsY/NrPixelsZ: expected < 2^31 pixels")
+    cx, cy, ceta = _corner_grid(params)
+    counts = _count_candidates(cx, cy, ceta, r_edges, eta_edges)
+    offsets = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    out_bin = np.empty(offsets[-1], dtype=np.int32)
+    out_area = np.empty(offsets[-1], dtype=np.float64)
+    used = _split_pixels(cx, cy, ceta, r_edges, eta_edges, offsets, out_bin, out_area, MIN_AREA_PX2)
+    del cx, cy, ceta
+    indptr, indices, areas, weights, bin_area, geometric, touches = _assemble(
+        offsets, used, out_bin, out_area, masked.ravel(), _correction(params), n_bins
+    )
+    shape = (n_bins, masked.size)
+    # one index dtype for indptr and indices, so scipy does not copy them
+    indptr = indptr.astype(np.int32) if indptr[-1] < 2**31 else indptr
+    indices = indices if indptr.dtype == np.int32 else indices.astype(np.int64)
+    return BinMap(
+        n_r=n_r,
+        n_eta=n_eta,
+        detector_shape=masked.shape,
+        r_edges_px=r_edges,
+        eta_edges_deg=eta_edges,
+        weights=sp.csr_matrix((weights, indices, indptr), shape=shape),
+        areas=sp.csr_matrix((areas, indices, indptr), shape=shape),
+        bin_area=bin_area.reshape(n_r, n_eta),
+        geometric_area=geometric.reshape(n_r, n_eta),
+        touches_mask=touches.reshape(n_r, n_eta),
+        key=binmap_key(params, masked),
+    )
+
+
+def _default_cache_dir() -> Path:
+    env = os.environ.get("MIDASFLOW_CACHE")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "midasflow" / "binmaps"
+
+
+def _save(bm: BinMap, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(
+                fh,
+                key=np.array(bm.key),
+                detector_shape=np.array(bm.detector_shape, dtype=np.int64),
+                r_edges_px=bm.r_edges_px,
+                eta_edges_deg=bm.eta_edges_deg,
+                indptr=bm.weights.indptr,
+                indices=bm.weights.indices,
+                weights=bm.weights.data,
+                areas=bm.areas.data,
+                bin_area=bm.bin_area,
+                geometric_area=bm.geometric_area,
+                touches_mask=bm.touches_mask,
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load(path: Path, key: str) -> BinMap | None:
+    """The map stored at ``path``, or None when it is unreadable or for another key."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["key"]) != key:
+                return None
+            r_edges, eta_edges = f["r_edges_px"], f["eta_edges_deg"]
+            n_r, n_eta = r_edges.size - 1, eta_edges.size - 1
+            nz, ny = (int(v) for v in f["detector_shape"])
+            shape = (n_r * n_eta, nz * ny)
+            indptr, indices = f["indptr"], f["indices"]
+            return BinMap(
+                n_r=n_r,
+                n_eta=n_eta,
+                detector_shape=(nz, ny),
+                r_edges_px=r_edges,
+                eta_edges_deg=eta_edges,
+                weights=sp.csr_matrix((f["weights"], indices, indptr), shape=shape),
+                areas=sp.csr_matrix((f["areas"], indices, indptr), shape=shape),
+                bin_area=f["bin_area"],
+                geometric_area=f["geometric_area"],
+                touches_mask=f["touches_mask"],
+                key=key,
+            )
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def load_or_build_binmap(
+    params: Params, mask: NDArray | None = None, cache_dir: str | os.PathLike | None = None
+) -> BinMap:
+    """The map of ``params`` and ``mask``, from the cache when present, else built and cached.
+
+    Parameters
+    ----------
+    params : Params
+    mask : ndarray of bool, shape (nz, ny), optional
+        Static mask in the RAW frame, True = masked.
+    cache_dir : path, optional
+        Directory of ``<key>.npz`` files; default ``$MIDASFLOW_CACHE`` or
+        ``~/.cache/midasflow/binmaps``. Files are written under a temporary name and renamed,
+        so concurrent builders never see a partial file.
+
+    Returns
+    -------
+    BinMap
+    """
+    key = binmap_key(params, mask)
+    path = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    path = path / f"{key}.npz"
+    if path.exists():
+        cached = _load(path, key)
+        if cached is not None:
+            return cached
+    bm = build_binmap(params, mask)
+    _save(bm, path)
+    return bm

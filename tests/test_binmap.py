@@ -1,0 +1,191 @@
+"""Bin map: exact pixel splitting, area bookkeeping, masks, corrections, ImTransOpt, cache."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import midasflow.binmap as binmap_mod
+from midasflow.binmap import binmap_key, build_binmap, load_or_build_binmap
+from midasflow.errors import FrameError, ParameterError
+from midasflow.geometry import pixel_map, pixel_to_r_eta, r_to_tth_deg
+from midasflow.params import Params
+
+NZ, NY = 48, 56
+
+
+def _params(**kw) -> Params:
+    base = dict(
+        nr_pixels_y=NY, nr_pixels_z=NZ, px_um=200.0, lsd_um=300_000.0,
+        bc_y_px=27.3, bc_z_px=22.6, r_min_px=0.0, r_max_px=60.0, r_bin_px=0.5, eta_bin_deg=10.0,
+    )
+    base.update(kw)
+    return Params(**base)
+
+
+def _sector_area(bm) -> np.ndarray:
+    """Ideal-plane area of every (R, η) bin, shape (n_r, n_eta)."""
+    r = bm.r_edges_px
+    eta = np.deg2rad(bm.eta_edges_deg)
+    return 0.5 * np.outer(r[1:] ** 2 - r[:-1] ** 2, np.diff(eta))
+
+
+def _pixel_sums(bm) -> np.ndarray:
+    return np.asarray(bm.areas.sum(axis=0)).reshape(bm.detector_shape)
+
+
+@pytest.mark.parametrize("bc", [(27.3, 22.6), (27.0, 22.0), (27.5, 22.5), (27.5, 22.2)],
+                         ids=["generic", "on-centre", "on-corner", "on-edge"])
+def test_split_areas_of_every_pixel_sum_to_one_untilted(bc):
+    # RMin 0 and a large RMax: every pixel is in range, including the one(s) touching the beam
+    # centre and the column crossing the η = ±180° seam (y ≈ 27, z < 22)
+    bm = build_binmap(_params(r_bin_px=0.37, eta_bin_deg=7.2, bc_y_px=bc[0], bc_z_px=bc[1]))
+    sums = _pixel_sums(bm)
+    assert np.max(np.abs(sums - 1.0)) < 1e-5
+    assert bm.areas.nnz > 3 * NZ * NY  # pixels really are split
+    if bc[0] % 1 != 0.5:  # otherwise the seam runs along pixel edges
+        seam_pixel = bm.areas[:, 10 * NY + 27].toarray().reshape(bm.n_r, bm.n_eta)
+        used = np.nonzero(seam_pixel.sum(axis=0))[0]
+        assert {0, bm.n_eta - 1} <= set(used)  # split across −180 and +180
+    np.testing.assert_array_equal(bm.weights.toarray(), bm.areas.toarray())  # no corrections
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"tx_deg": 0.7, "ty_deg": 2.0, "tz_deg": -0.3, "p": (2e-2,) + (0.0,) * 6 + (5e-2, 40.0) + (0.0,) * 6},
+        {"eta_min_deg": 0.0, "eta_max_deg": 360.0, "eta_bin_deg": 45.0, "ty_deg": 1.0},
+        {"eta_min_deg": -190.0, "eta_max_deg": 170.0, "eta_bin_deg": 120.0},
+        {"eta_bin_deg": 360.0},
+    ],
+    ids=["untilted", "tilted-distorted", "eta-0-360", "eta-shifted-wide", "one-eta-bin"],
+)
+def test_geometric_area_equals_sector_area(extra):
+    # the mapped pixel quadrilaterals share corners, so they tile the covered part of the ideal
+    # plane without gaps: every bin well inside the detector has exactly its sector area
+    params = _params(r_min_px=3.0, r_max_px=19.0, bc_y_px=28.4, bc_z_px=24.1, **extra)
+    bm = build_binmap(params)
+    np.testing.assert_allclose(bm.geometric_area, _sector_area(bm), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(bm.bin_area, bm.geometric_area)
+    assert not bm.touches_mask.any()
+    # and the total equals the annulus
+    total = np.pi * (bm.r_edges_px[-1] ** 2 - bm.r_edges_px[0] ** 2)
+    assert bm.geometric_area.sum() == pytest.approx(total, rel=1e-10)
+
+
+def test_tilted_pixel_splits_sum_to_the_quadrilateral_area():
+    # with tilt and distortion a pixel's pieces add up to the area of its mapped quadrilateral
+    params = _params(ty_deg=20.0, tx_deg=5.0, p=(0.0,) * 5 + (0.2,) + (0.0,) * 9, rhod_um=8000.0)
+    bm = build_binmap(params)
+    z, y = np.mgrid[0:NZ, 0:NY].astype(np.float64)
+    xs, ys = [], []
+    for dy, dz in ((-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)):
+        r, eta = pixel_to_r_eta(y + dy, z + dz, params)
+        xs.append(-r * np.sin(np.deg2rad(eta)))
+        ys.append(r * np.cos(np.deg2rad(eta)))
+    quad = 0.5 * np.abs(sum(xs[k] * ys[k - 3] - ys[k] * xs[k - 3] for k in range(4)))
+    assert np.ptp(quad) > 0.1  # tilt and distortion really change the projected pixel area
+    np.testing.assert_allclose(_pixel_sums(bm), quad, rtol=1e-9)
+
+
+def test_mask_semantics():
+    params = _params(r_min_px=2.0, r_max_px=30.0)
+    mask = np.zeros((NZ, NY), dtype=bool)
+    mask[10:14, 5:40] = True
+    mask[30, 30] = True
+    plain = build_binmap(params)
+    masked = build_binmap(params, mask)
+    cols = np.flatnonzero(mask.ravel())
+    masked_area = np.asarray(plain.areas[:, cols].sum(axis=1)).reshape(plain.n_r, plain.n_eta)
+    np.testing.assert_allclose(masked.geometric_area, plain.geometric_area, rtol=1e-12)
+    np.testing.assert_allclose(masked.bin_area + masked_area, masked.geometric_area, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(masked.touches_mask, masked_area > 0)
+    assert masked.touches_mask.any() and not masked.touches_mask.all()
+    assert masked.weights[:, cols].nnz == 0 and masked.areas[:, cols].nnz == 0
+    keep = np.flatnonzero(~mask.ravel())
+    assert abs(masked.areas[:, keep] - plain.areas[:, keep]).max() == 0.0
+    np.testing.assert_allclose(np.asarray(masked.areas.sum(axis=1)).ravel(), masked.bin_area.ravel())
+    with pytest.raises(FrameError, match="mask"):
+        build_binmap(params, mask[:, :-1])
+
+
+def test_corrections_divide_the_area():
+    params = _params(
+        lsd_um=20_000.0, solid_angle_correction=True, polarization_correction=True,
+        polarization_fraction=0.9,
+    )
+    bm = build_binmap(params)
+    r_c, eta_c = pixel_map(params)
+    tth = np.deg2rad(r_to_tth_deg(r_c, params)).ravel()
+    corr = np.cos(tth) ** 3 * (1 - 0.9 * np.sin(tth) ** 2 * np.cos(np.deg2rad(eta_c.ravel())) ** 2)
+    assert corr.min() < 0.85  # large angles, so the test means something
+    expected = bm.areas @ sp.diags(1.0 / corr)
+    assert abs(bm.weights - expected).max() < 1e-12
+    assert (bm.weights.indices == bm.areas.indices).all()
+
+
+@pytest.mark.parametrize("codes", [(1,), (2,), (1, 2), (3,), (3, 1)])
+def test_im_trans_opt_permutes_columns(codes):
+    n = 40  # square, so the transpose is allowed
+    base = _params(nr_pixels_y=n, nr_pixels_z=n, bc_y_px=17.2, bc_z_px=23.9, tx_deg=1.0, ty_deg=-2.0, r_max_px=25.0)
+    ref = build_binmap(base)
+    flipped = build_binmap(base.with_overrides(im_trans_opt=codes))
+    # raw pixel (y, z) of the transformed detector is pixel (y_t, z_t) of the reference
+    z, y = np.mgrid[0:n, 0:n]
+    for code in codes:
+        y, z = {1: (n - 1 - y, z), 2: (y, n - 1 - z), 3: (z, y)}[code]
+    perm = (z * n + y).ravel()
+    assert not np.array_equal(perm, np.arange(n * n))
+    assert abs(flipped.areas - ref.areas[:, perm]).max() < 1e-12
+    np.testing.assert_allclose(flipped.geometric_area, ref.geometric_area, rtol=1e-12, atol=1e-12)
+
+
+def test_cache_reuse_and_key(tmp_path, monkeypatch):
+    params = _params(r_max_px=20.0)
+    mask = np.zeros((NZ, NY), dtype=bool)
+    first = load_or_build_binmap(params, mask, cache_dir=tmp_path)
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == [f"{first.key}.npz"]
+    mtime = files[0].stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("rebuilt although a cached map exists")
+
+    monkeypatch.setattr(binmap_mod, "build_binmap", fail)
+    again = load_or_build_binmap(params, None, cache_dir=tmp_path)  # None == all-False mask
+    assert again.key == first.key and files[0].stat().st_mtime_ns == mtime
+    assert abs(again.weights - first.weights).max() == 0.0
+    for name in ("bin_area", "geometric_area", "touches_mask", "r_edges_px", "eta_edges_deg"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
+    assert again.detector_shape == first.detector_shape == (NZ, NY)
+    monkeypatch.undo()
+
+    p = list(params.p)
+    p[7] = 1e-3
+    changed = params.with_overrides(p=tuple(p))
+    assert binmap_key(changed) != first.key
+    mask[0, 0] = True
+    assert binmap_key(params, mask) != first.key
+    load_or_build_binmap(changed, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_cache_dir_from_env_and_corrupt_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIDASFLOW_CACHE", str(tmp_path))
+    params = _params(r_max_px=10.0)
+    path = tmp_path / f"{binmap_key(params)}.npz"
+    path.write_bytes(b"not a zip file")
+    bm = load_or_build_binmap(params)
+    assert path.stat().st_size > 100 and bm.weights.nnz > 0
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_unusable_eta_binning_is_refused():
+    with pytest.raises(ParameterError, match="EtaBinSize"):
+        build_binmap(_params(eta_min_deg=-180.0, eta_max_deg=540.0, eta_bin_deg=720.0))
+    with pytest.raises(ParameterError, match="EtaMin/EtaMax"):
+        build_binmap(_params(eta_min_deg=-720.0, eta_max_deg=0.0))
