@@ -1,0 +1,322 @@
+"""Caking kernel (numba vs scipy oracle), mask rules, and the lazy Dask wrapper."""
+from __future__ import annotations
+
+import pickle
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+from cake_helpers import lazy_frames, small_params
+
+from midasflow.binmap import build_binmap
+from midasflow.cake import cake, cake_block, cake_block_reference, group_bounds
+from midasflow.errors import FrameError, ParameterError
+from midasflow.params import params_from_text
+
+
+@pytest.fixture(scope="module")
+def params():
+    return small_params()
+
+
+@pytest.fixture(scope="module")
+def masked_map(params):
+    mask = np.zeros((params.nr_pixels_z, params.nr_pixels_y), dtype=bool)
+    mask[30:32, :] = True  # a dead row pair: some bins lose part of their area
+    mask[:, 8] = True
+    return build_binmap(params, mask)
+
+
+@pytest.fixture(scope="module")
+def plain_map():
+    # no corrections: weights == areas, so a flat frame must cake to its value exactly
+    # RMax 32 px: the outer bins of some eta sectors lie off the detector (empty bins)
+    return build_binmap(small_params(solid_angle_correction=False,
+                                     polarization_correction=False, r_max_px=32.0))
+
+
+def _frames(params, n=5, seed=1):
+    rng = np.random.default_rng(seed)
+    f = rng.gamma(2.0, 40.0, size=(n, params.nr_pixels_z, params.nr_pixels_y))
+    f[1, 10:12, 4:30] = np.nan  # per-frame NaN stripe
+    f[3, 20:40, 17] = np.nan
+    return f
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mask_rule", ["area", "midas"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_kernel_matches_reference(params, masked_map, dtype, mask_rule, normalize):
+    frames = _frames(params).astype(dtype)
+    kw = dict(normalize=normalize, mask_rule=mask_rule, min_area_fraction=0.6)
+    fast = cake_block(frames, masked_map, **kw)
+    ref = cake_block_reference(frames, masked_map, **kw)
+    assert fast.shape == (5, masked_map.n_r, masked_map.n_eta) and fast.dtype == np.float64
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
+    np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=0, equal_nan=True)
+    assert np.isfinite(fast[0]).sum() > 0.5 * fast[0].size  # the comparison is not vacuous
+
+
+def test_fast_path_without_nan_matches_reference(params, masked_map):
+    frames = _frames(params)[[0, 2, 4]]  # no NaN: uses the precomputed bin_area
+    np.testing.assert_allclose(cake_block(frames, masked_map),
+                               cake_block_reference(frames, masked_map), rtol=1e-10,
+                               equal_nan=True)
+
+
+def test_flat_frame_gives_its_value(plain_map):
+    frame = np.full((1,) + plain_map.detector_shape, 3.5, dtype=np.float32)
+    out = cake_block(frame, plain_map)[0]
+    covered = plain_map.geometric_area > 0
+    np.testing.assert_allclose(out[covered], 3.5, rtol=1e-12)
+    assert (out[~covered] == 0).all() and (~covered).any()  # empty bins are 0, not NaN
+    counts = cake_block(frame, plain_map, normalize=False)[0]
+    np.testing.assert_allclose(counts, 3.5 * plain_map.bin_area, rtol=1e-12)
+
+
+def test_nan_pixels_leave_the_area_out(plain_map):
+    """A NaN pixel neither adds intensity nor area: a flat frame stays flat around it."""
+    frame = np.full((1,) + plain_map.detector_shape, 2.0)
+    frame[0, 30, 10:14] = np.nan
+    out = cake_block(frame, plain_map, min_area_fraction=0.0)[0]
+    covered = plain_map.geometric_area > 0
+    np.testing.assert_allclose(out[covered], 2.0, rtol=1e-12)
+
+
+def test_mask_rules(params, masked_map):
+    frames = _frames(params)
+    area_rule = cake_block(frames, masked_map, min_area_fraction=0.5)
+    midas_rule = cake_block(frames, masked_map, mask_rule="midas")
+    geom = masked_map.geometric_area
+    # static mask: "midas" drops every touched bin; "area" only those below half their area
+    static_bad = masked_map.bin_area < 0.5 * geom
+    assert np.isnan(area_rule[0][static_bad]).all()
+    assert np.isfinite(area_rule[0][~static_bad]).all()
+    assert np.isnan(midas_rule[0][masked_map.touches_mask]).all()
+    assert np.isnan(midas_rule).sum() > np.isnan(area_rule).sum()
+    # a per-frame NaN stripe flags bins only in that frame under "midas"
+    assert np.isnan(midas_rule[1]).sum() > np.isnan(midas_rule[0]).sum()
+    # min_area_fraction 0 keeps every bin that has any unmasked area
+    keep_all = cake_block(frames[[0]], masked_map, min_area_fraction=0.0)[0]
+    assert np.isfinite(keep_all).all()
+
+
+def test_kernel_rejects_bad_input(params, masked_map):
+    with pytest.raises(ParameterError, match="MaskRule"):
+        cake_block(_frames(params), masked_map, mask_rule="strict")
+    with pytest.raises(ParameterError, match="expected shape"):
+        cake_block(np.zeros((2, 10, 10)), masked_map)
+
+
+# ------------------------------------------------------------------------------ Dask wrapper
+def _counting_frames(params, n, counter):
+    base = lazy_frames(params, n, chunks=4)
+
+    def touch(block):
+        counter.append(1)
+        return block
+
+    return base.copy(data=base.data.map_blocks(touch, dtype=np.float32,
+                                               meta=np.empty((0, 0, 0), np.float32)))
+
+
+def test_building_the_graph_computes_nothing(params, masked_map):
+    calls: list[int] = []
+    frames = _counting_frames(params.with_overrides(sum_images=True), 10, calls)
+    ds = cake(frames, params.with_overrides(sum_images=True, omega_sum_frames=3),
+              binmap=masked_map)
+    assert calls == []
+    assert all(isinstance(ds[v].data, dask.array.Array)
+               for v in ("intensity", "frame_intensity", "sum_frames"))
+    ds.compute()
+    assert len(calls) == 3  # each frame chunk read once, shared by every output
+
+
+def test_binmap_is_one_graph_key(params, masked_map):
+    ds = cake(lazy_frames(params, 12, chunks=2), params, binmap=masked_map)
+    graph = dict(ds["frame_intensity"].data.__dask_graph__())
+    map_keys = [k for k in graph if str(k).startswith("binmap-")]
+    assert len(map_keys) == 1
+    big = len(pickle.dumps(masked_map))
+    for key, task in graph.items():
+        if key not in map_keys:
+            assert len(pickle.dumps(task)) < big / 4, key  # no task embeds the map
+
+
+@pytest.mark.parametrize("chunks", [12, 1, 5, (3, 1, 7, 1)])
+def test_results_do_not_depend_on_chunking(params, masked_map, chunks):
+    p = params.with_overrides(omega_sum_frames=5, sum_images=True)
+    ref = cake(lazy_frames(p, 12, chunks=4), p, binmap=masked_map).compute()
+    got = cake(lazy_frames(p, 12, chunks=chunks), p, binmap=masked_map).compute()
+    xr.testing.assert_identical(ref, got)
+
+
+def test_group_sums_and_metadata(params, masked_map):
+    p = params.with_overrides(omega_sum_frames=4, sum_images=True)
+    frames = lazy_frames(p, 10, chunks=3)
+    ds = cake(frames, p, binmap=masked_map).compute()
+    per_frame = cake_block(frames.values, masked_map)
+    np.testing.assert_array_equal(ds["frame_intensity"].values, per_frame)
+    assert ds.sizes["group"] == 3
+    np.testing.assert_array_equal(ds["frames_summed"], [4, 4, 2])  # remainder group kept
+    np.testing.assert_array_equal(ds["last_frame"], [3, 7, 9])
+    omega = 10.0 + 0.25 * np.arange(10)
+    np.testing.assert_allclose(ds["omega_first_deg"], omega[[0, 4, 8]])
+    np.testing.assert_allclose(ds["omega_last_deg"], omega[[3, 7, 9]])
+    np.testing.assert_allclose(ds["omega_deg"], (omega[[0, 4, 8]] + omega[[3, 7, 9]]) / 2)
+    for g, (lo, hi) in enumerate([(0, 4), (4, 8), (8, 10)]):
+        np.testing.assert_allclose(ds["intensity"][g], per_frame[lo:hi].sum(axis=0),
+                                   rtol=1e-13, equal_nan=True)
+    # NaN bins of any member frame stay NaN in the group sum
+    assert np.isnan(ds["intensity"][0]).sum() >= np.isnan(per_frame[0]).sum()
+    np.testing.assert_allclose(ds["sum_frames"], per_frame.sum(axis=0), rtol=1e-13,
+                               equal_nan=True)
+
+
+def test_all_frames_group_and_no_individual_frames(params, masked_map):
+    p = params.with_overrides(omega_sum_frames=-1, save_individual_frames=False)
+    ds = cake(lazy_frames(p, 7, chunks=3), p, binmap=masked_map)
+    assert "frame_intensity" not in ds and "sum_frames" not in ds
+    assert ds.sizes["group"] == 1 and int(ds["frames_summed"][0]) == 7
+    np.testing.assert_array_equal(group_bounds(7, 3)[1], [2, 5, 6])
+
+
+def test_coordinates_and_attrs(params, masked_map):
+    ds = cake(lazy_frames(params, 3), params, binmap=masked_map)
+    r_c = 0.5 * (params.r_edges_px()[1:] + params.r_edges_px()[:-1])
+    np.testing.assert_allclose(ds["r_px"], r_c)
+    tth = np.degrees(np.arctan(r_c * params.px_um / params.lsd_um))
+    np.testing.assert_allclose(ds["tth_deg"], tth, rtol=1e-14)
+    np.testing.assert_allclose(ds["q_inv_a"], 4 * np.pi / 0.2 * np.sin(np.radians(tth) / 2))
+    np.testing.assert_allclose(ds["eta_deg"], -157.5 + 45.0 * np.arange(8))
+    np.testing.assert_array_equal(ds["bin_area"], masked_map.bin_area)
+    np.testing.assert_allclose(ds["omega_frame_deg"], [10.0, 10.25, 10.5])
+    back = params_from_text(ds.attrs["params"])
+    assert back.with_overrides(source=params.source) == params
+    import json
+    assert json.loads(ds.attrs["instrument"])["Lam"] == 0.2
+
+
+def test_frame_shape_mismatch_is_one_line(params, masked_map):
+    frames = lazy_frames(small_params(nr_pixels_y=41), 2)
+    with pytest.raises(FrameError, match="does not match the detector"):
+        cake(frames, params, binmap=masked_map)
+
+
+def _max_live_cake_bytes(params, binmap, n, monkeypatch):
+    """Largest number of bytes held at once in per-frame cake chunks while computing the group
+    sums of ``n`` frames (every chunk the kernel returns is tracked until it is freed)."""
+    import weakref
+
+    import midasflow.cake as cake_module
+
+    live = [0, 0]  # current, maximum
+    kernel = cake_module._cake_chunk
+
+    def tracked(*args):
+        out = kernel(*args)
+        live[0] += out.nbytes
+        live[1] = max(live)
+        weakref.finalize(out, lambda nbytes=out.nbytes: live.__setitem__(0, live[0] - nbytes))
+        return out
+
+    monkeypatch.setattr(cake_module, "_cake_chunk", tracked)
+    p = params.with_overrides(omega_sum_frames=-1, save_individual_frames=False)
+    ds = cake(lazy_frames(p, n, chunks=5), p, binmap=binmap)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        out = ds["intensity"].values
+    monkeypatch.undo()
+    assert np.isfinite(out).any() and live[0] == 0
+    return live[1]
+
+
+def test_group_sum_memory_does_not_grow_with_frames(monkeypatch):
+    p = small_params(nr_pixels_y=64, nr_pixels_z=64, bc_y_px=31.7, bc_z_px=32.2,
+                     r_max_px=40.0, r_bin_px=0.5, eta_bin_deg=10.0)
+    bm = build_binmap(p)
+    chunk_bytes = 5 * bm.n_r * bm.n_eta * 8
+    peak_20 = _max_live_cake_bytes(p, bm, 20, monkeypatch)
+    peak_200 = _max_live_cake_bytes(p, bm, 200, monkeypatch)
+    # a few chunks in flight (2 threads), not the 40 chunks of 200 frames
+    assert peak_200 <= 4 * chunk_bytes, (peak_20, peak_200, chunk_bytes)
+    assert peak_200 <= peak_20 + 2 * chunk_bytes, (peak_20, peak_200)
+
+
+def test_distributed_client_gives_same_result(params, masked_map):
+    distributed = pytest.importorskip("distributed")
+    p = params.with_overrides(omega_sum_frames=2)
+    ref = cake(lazy_frames(p, 6, chunks=2), p, binmap=masked_map).compute()
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=None):
+        got = cake(lazy_frames(p, 6, chunks=2), p, binmap=masked_map).compute()
+    xr.testing.assert_identical(ref, got)
+
+
+# ------------------------------------------------------------------ simulated CeO2 rings
+@pytest.fixture(scope="module")
+def ceo2():
+    from midasflow.simulate import cubic_rings, module_gaps, simulate_frames
+
+    p = small_params(nr_pixels_y=480, nr_pixels_z=480, bc_y_px=241.3, bc_z_px=238.6,
+                     lsd_um=5.0e5, r_min_px=120.0, r_max_px=235.0, r_bin_px=0.25,
+                     eta_bin_deg=30.0, wavelength_a=0.172978, solid_angle_correction=False,
+                     polarization_correction=False)
+    rings = cubic_rings(5.411, [(1, 1, 1), (2, 0, 0), (2, 2, 0)])
+    kw = dict(fwhm_deg=0.05, background=10.0, supersample=4, dtype=np.float64)
+    clean, truth = simulate_frames(p, rings, **kw)
+    gaps = module_gaps((480, 480), module_px=(97, 121), gap_px=(8, 5))  # Pilatus-like
+    gapped, _ = simulate_frames(p, rings, masked_regions=gaps, flag_value=np.nan, **kw)
+    return p, build_binmap(p), clean, gapped, truth["tth0_deg"]
+
+
+def _ring_centres(cake2d, tth_deg, tth0_deg):
+    """Gaussian + constant fit of every ring in every η lineout -> centres (ring, eta), NaN where
+    the lineout has a NaN bin under the ring."""
+    from scipy.optimize import curve_fit
+
+    def gauss(x, a, c, s, b):
+        return a * np.exp(-0.5 * ((x - c) / s) ** 2) + b
+
+    out = np.full((len(tth0_deg), cake2d.shape[1]), np.nan)
+    for k, t0 in enumerate(tth0_deg):
+        window = np.abs(tth_deg - t0) < 0.1
+        for e in range(cake2d.shape[1]):
+            y = cake2d[window, e]
+            if np.isfinite(y).all():
+                popt, _ = curve_fit(gauss, tth_deg[window], y, p0=[y.max() - y.min(), t0, 0.02,
+                                                                   y.min()])
+                out[k, e] = popt[1]
+    return out
+
+
+def test_simulated_ceo2_rings_at_true_tth(ceo2):
+    p, bm, clean, _, tth0 = ceo2
+    ds = cake(xr.DataArray(clean, dims=("frame", "z", "y")), p, binmap=bm).compute()
+    centres = _ring_centres(ds["intensity"].values[0], ds["tth_deg"].values, tth0)
+    ppm = (centres / tth0[:, None] - 1) * 1e6
+    assert np.isfinite(ppm).all() and ppm.shape == (3, 12)
+    assert np.abs(ppm).max() < 20, ppm
+
+
+def test_module_gaps_keep_rings_and_most_bins(ceo2):
+    p, bm, clean, gapped, tth0 = ceo2
+    assert 0.05 < np.isnan(gapped).mean() < 0.2
+    ref = cake_block(clean, bm)[0]
+    area = cake_block(gapped, bm)[0]
+    midas = cake_block(gapped, bm, mask_rule="midas")[0]
+    covered = bm.geometric_area > 0
+    assert np.isnan(area[covered]).mean() < 0.05  # default rule keeps most bins
+    assert np.isnan(midas[covered]).mean() > 0.6  # MIDAS rule loses most of them
+    r_px = 0.5 * (p.r_edges_px()[1:] + p.r_edges_px()[:-1])
+    tth = np.degrees(np.arctan(r_px * p.px_um / p.lsd_um))
+    c_ref = _ring_centres(ref, tth, tth0)
+    c_gap = _ring_centres(area, tth, tth0)
+    shift_ppm = (c_gap / c_ref - 1) * 1e6
+    kept = np.isfinite(shift_ppm)
+    assert kept.mean() > 0.8
+    # partially masked bins move a centre by at most ~20 ppm; on average the rings stay put
+    assert np.abs(shift_ppm[kept]).max() < 25, shift_ppm
+    assert abs(np.nanmean(shift_ppm)) < 5, shift_ppm
+    assert np.abs((c_gap[kept] / np.broadcast_to(tth0[:, None], c_gap.shape)[kept] - 1)).max() \
+        < 25e-6

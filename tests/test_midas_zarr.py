@@ -1,0 +1,204 @@
+"""MIDAS .zarr.zip (§7.1) and plain zarr caked stores: layout, round trip, GSAS-II import."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from cake_helpers import lazy_frames, small_params
+
+from midasflow.binmap import build_binmap
+from midasflow.cake import cake
+from midasflow.errors import CakeFileError
+from midasflow.io.caked_store import open_caked, write_caked_zarr
+from midasflow.io.midas_zarr import write_midas_zarr
+
+N_FRAMES = 23
+
+
+@pytest.fixture(scope="module")
+def params():
+    # 30 R bins (> 20 so GSAS-II keeps the lineouts), 8 eta bins, groups of 2 -> 12 groups
+    # (more than 10, so lexicographic and numeric member order differ)
+    return small_params(r_max_px=24.5, omega_sum_frames=2, sum_images=True,
+                        instrument_overrides=(("U", 2.5), ("SH/L", 0.003)))
+
+
+@pytest.fixture(scope="module")
+def caked(params):
+    return cake(lazy_frames(params, N_FRAMES, chunks=(5, 7, 11)), params,
+                binmap=build_binmap(params))
+
+
+@pytest.fixture(scope="module")
+def zip_path(caked, tmp_path_factory):
+    return write_midas_zarr(caked, tmp_path_factory.mktemp("z") / "scan_000001.zarr.zip")
+
+
+def _json(zf, name):
+    return json.loads(zf.read(name))
+
+
+def test_zip_members_match_spec(zip_path, caked, params):
+    zf = zipfile.ZipFile(zip_path)
+    names = [i.filename for i in zf.infolist()]
+    assert len(names) == len(set(names))  # every node written once
+    assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+    n_r, n_eta = caked.sizes["r"], caked.sizes["eta"]
+    groups = [f"OmegaSumFrame/LastFrameNumber_{i}" for i in range(1, N_FRAMES, 2)] + [
+        f"OmegaSumFrame/LastFrameNumber_{N_FRAMES - 1}"]
+    frames = [f"IntegrationResult/FrameNr_{i}" for i in range(N_FRAMES)]
+    inst = [f"InstrumentParameters/{k}" for k in
+            ("Polariz", "Lam", "SH_L", "U", "V", "W", "X", "Y", "Z", "Distance")]
+    arrays = {"REtaMap": (5, n_r, n_eta), "Omegas": (N_FRAMES,), "SumFrames": (n_r, n_eta),
+              **{g: (n_r, n_eta) for g in groups}, **{f: (n_r, n_eta) for f in frames},
+              **{i: (1,) for i in inst}}
+    assert {n[:-len("/.zarray")] for n in names if n.endswith(".zarray")} == set(arrays)
+    assert {n[:-len(".zgroup")].rstrip("/") for n in names if n.endswith(".zgroup")} == {
+        "", "OmegaSumFrame", "IntegrationResult", "InstrumentParameters"}
+    for name, shape in arrays.items():
+        meta = _json(zf, f"{name}/.zarray")
+        assert meta == {
+            "shape": list(shape), "chunks": list(shape), "dtype": "<f8", "fill_value": 0.0,
+            "order": "C", "filters": None, "dimension_separator": ".", "zarr_format": 2,
+            "compressor": {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2,
+                           "blocksize": 0},
+        }, name
+        assert f"{name}/{'.'.join('0' * len(shape))}" in names  # one chunk, '.' keys
+    assert _json(zf, ".zgroup") == {"zarr_format": 2}
+
+    assert _json(zf, "REtaMap/.zattrs") == {
+        "nEtaBins": n_eta, "nRBins": n_r, "Header": "Radius,2Theta,Eta,BinArea,Q",
+        "Units": "Pixels,Degrees,Degrees,Pixels,InvAngstrom"}
+    assert _json(zf, "Omegas/.zattrs") == {"Units": "Degrees"}
+    omega = 10.0 + 0.25 * np.arange(N_FRAMES)
+    assert _json(zf, "OmegaSumFrame/LastFrameNumber_5/.zattrs") == {
+        "LastFrameNumber": 5, "Number Of Frames Summed": 2, "FirstOme": omega[4],
+        "LastOme": omega[5], "Temperature": 0.0, "Pressure": 0.0, "I": 0.0, "I0": 0.0}
+    last = _json(zf, f"OmegaSumFrame/LastFrameNumber_{N_FRAMES - 1}/.zattrs")
+    assert last["Number Of Frames Summed"] == 1  # the real count of the remainder group
+    assert _json(zf, "IntegrationResult/FrameNr_7/.zattrs") == {
+        "omega": omega[7], "Header": "Radius,Eta", "Units": "Pixels,Degrees"}
+    assert _json(zf, "SumFrames/.zattrs") == {"Header": "Radius,Eta", "Units": "Pixels,Degrees",
+                                               "nFrames": N_FRAMES}
+    root = _json(zf, ".zattrs")
+    assert root["midasflow_version"] and root["creation_timestamp"]
+
+    z = zarr.open_group(zarr.storage.ZipStore(zip_path, mode="r"), mode="r", zarr_format=2)
+    ret = z["REtaMap"][...]
+    np.testing.assert_array_equal(ret[0], np.broadcast_to(caked.r_px.values[:, None], ret[0].shape))
+    np.testing.assert_array_equal(ret[1][:, 3], caked.tth_deg.values)
+    np.testing.assert_array_equal(ret[2][5], caked.eta_deg.values)
+    np.testing.assert_array_equal(ret[3], caked.bin_area.values)
+    np.testing.assert_array_equal(ret[4][:, 0], caked.q_inv_a.values)
+    np.testing.assert_array_equal(z["Omegas"][...], omega)
+    assert z["InstrumentParameters/U"][0] == 2.5 and z["InstrumentParameters/SH_L"][0] == 0.003
+    assert z["InstrumentParameters/Lam"][0] == 0.2
+    assert z["InstrumentParameters/Distance"][0] == params.lsd_um
+    np.testing.assert_array_equal(z["OmegaSumFrame/LastFrameNumber_5"][...],
+                                  caked.intensity[2].values)
+
+
+def test_roundtrip_both_stores(caked, zip_path, tmp_path):
+    ref = caked.compute()
+    from_zip = open_caked(zip_path)
+    assert isinstance(from_zip["intensity"].data, da.Array)  # read lazily
+    np.testing.assert_array_equal(from_zip["last_frame"], np.r_[1:N_FRAMES:2, N_FRAMES - 1])
+    xr.testing.assert_identical(from_zip.compute(), ref)
+    store = write_caked_zarr(caked, tmp_path / "caked.zarr")
+    xr.testing.assert_identical(open_caked(store).compute(), ref)
+    # rewriting replaces the store atomically and leaves no temporaries behind
+    write_caked_zarr(ref.isel(group=slice(0, 3)), store)
+    assert open_caked(store).sizes["group"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["caked.zarr"]
+
+
+def test_roundtrip_without_optional_members(params, tmp_path):
+    p = params.with_overrides(save_individual_frames=False, sum_images=False)
+    ds = cake(lazy_frames(p, 5, chunks=2), p, binmap=build_binmap(p))
+    back = open_caked(write_midas_zarr(ds, tmp_path / "x.zarr.zip"))
+    assert "frame_intensity" not in back and "sum_frames" not in back
+    xr.testing.assert_identical(back.compute(), ds.compute())
+
+
+def test_gsas2_importer_emulation(zip_path, caked):
+    """Read the file as G2pwd_MIDAS does (gsas2_cw_profile.md §8) and check its histograms."""
+    z = zarr.open_group(zarr.storage.ZipStore(zip_path, mode="r"), mode="r")
+    assert {"InstrumentParameters", "REtaMap", "OmegaSumFrame"} <= set(z.group_keys()) | set(
+        z.array_keys())
+    inst = {k: z["InstrumentParameters"][k][0] for k in z["InstrumentParameters"].array_keys()}
+    inst["Polariz."] = inst.pop("Polariz")
+    inst["SH/L"] = inst.pop("SH_L")
+    gonio_radius_mm = inst["Distance"] / 1000
+    ret = z["REtaMap"][...]
+    hists = []
+    for key in sorted(z["OmegaSumFrame"].array_keys()):  # lexicographic, as zarr iterates
+        arr = z["OmegaSumFrame"][key]
+        n_frame = arr.attrs.get("Number Of Frames Summed", 1)
+        phi = (arr.attrs["FirstOme"] + arr.attrs["LastOme"]) / 2
+        data = arr[...]
+        for i_azm in range(ret.shape[2]):
+            used = ret[3][:, i_azm] != 0
+            if used.sum() <= 20:
+                continue
+            x = ret[1][used, i_azm]
+            y = data[used, i_azm] / n_frame
+            hists.append(dict(key=key, azimuth=90 - ret[2][used, i_azm].mean(), phi=phi, x=x, y=y))
+    n_eta_used = int(((caked.bin_area.values != 0).sum(axis=0) > 20).sum())
+    assert n_eta_used >= 4
+    assert len(hists) == caked.sizes["group"] * n_eta_used
+    assert [h["key"] for h in hists][:n_eta_used] == ["LastFrameNumber_1"] * n_eta_used
+    assert gonio_radius_mm == 1000.0 and inst["Polariz."] == 0.99 and inst["SH/L"] == 0.003
+    ref = caked.compute()
+    for h in hists:
+        g = int(np.flatnonzero(ref.last_frame.values == int(h["key"].split("_")[1]))[0])
+        e = int(np.argmin(np.abs(90 - ref.eta_deg.values - h["azimuth"])))
+        used = ref.bin_area.values[:, e] != 0
+        np.testing.assert_allclose(h["phi"], ref.omega_deg.values[g])
+        np.testing.assert_array_equal(h["x"], ref.tth_deg.values[used])
+        # y is the per-frame mean: group sum / real frame count
+        np.testing.assert_allclose(h["y"], ref.intensity.values[g, used, e]
+                                   / ref.frames_summed.values[g], equal_nan=True)
+        assert np.all(np.diff(h["x"]) > 0) and np.nanmean(h["y"]) > 0
+
+
+def test_failed_write_leaves_nothing(caked, zip_path, tmp_path):
+    target = tmp_path / "out.zarr.zip"
+    target.write_bytes(zip_path.read_bytes())
+
+    def boom(block):
+        raise RuntimeError("disk on fire")
+
+    bad = caked.copy()
+    bad["intensity"] = bad["intensity"].copy(data=bad["intensity"].data.map_blocks(
+        boom, dtype=np.float64, meta=np.empty((0, 0, 0))))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_midas_zarr(bad, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr.zip"]
+    assert target.read_bytes() == zip_path.read_bytes()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_caked_zarr(bad, tmp_path / "plain.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr.zip"]
+
+
+def test_open_errors_are_one_line(tmp_path):
+    with pytest.raises(CakeFileError, match="no such"):
+        open_caked(tmp_path / "missing.zarr.zip")
+    (tmp_path / "text.zarr.zip").write_text("hello")
+    with pytest.raises(CakeFileError, match="not a zip"):
+        open_caked(tmp_path / "text.zarr.zip")
+    other = tmp_path / "other.zarr.zip"
+    store = zarr.storage.ZipStore(other, mode="w")
+    g = zarr.open_group(store, mode="w", zarr_format=2)
+    g.create_array("exchange", shape=(2,), dtype="<f8")[...] = 1.0
+    store.close()
+    with pytest.raises(CakeFileError, match="member 'REtaMap' missing") as info:
+        open_caked(other)
+    assert "\n" not in str(info.value)
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(CakeFileError, match="emptydir"):
+        open_caked(tmp_path / "emptydir")
