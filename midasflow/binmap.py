@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,13 @@ import scipy.sparse as sp
 from numpy.typing import NDArray
 
 from midasflow.errors import FrameError, ParameterError
-from midasflow.geometry import pixel_map, pixel_to_r_eta, r_to_tth_deg, untransform_image
+from midasflow.geometry import (
+    pixel_map,
+    pixel_to_r_eta,
+    r_to_tth_deg,
+    untransform_image,
+)
+from midasflow.io.atomic import atomic_output
 
 if TYPE_CHECKING:
     from midasflow.params import Params
@@ -545,29 +550,21 @@ def _default_cache_dir() -> Path:
 
 
 def _save(bm: BinMap, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                key=np.array(bm.key),
-                detector_shape=np.array(bm.detector_shape, dtype=np.int64),
-                r_edges_px=bm.r_edges_px,
-                eta_edges_deg=bm.eta_edges_deg,
-                indptr=bm.weights.indptr,
-                indices=bm.weights.indices,
-                weights=bm.weights.data,
-                areas=bm.areas.data,
-                bin_area=bm.bin_area,
-                geometric_area=bm.geometric_area,
-                touches_mask=bm.touches_mask,
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            key=np.array(bm.key),
+            detector_shape=np.array(bm.detector_shape, dtype=np.int64),
+            r_edges_px=bm.r_edges_px,
+            eta_edges_deg=bm.eta_edges_deg,
+            indptr=bm.weights.indptr,
+            indices=bm.weights.indices,
+            weights=bm.weights.data,
+            areas=bm.areas.data,
+            bin_area=bm.bin_area,
+            geometric_area=bm.geometric_area,
+            touches_mask=bm.touches_mask,
+        )
 
 
 def _load(path: Path, key: str) -> BinMap | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,6 +23,7 @@ import gemmi
 import numpy as np
 
 from midasflow.errors import CIFError
+from midasflow.io.atomic import write_text_atomic
 
 __all__ = [
     "Atom",
@@ -626,17 +626,7 @@ def write_phase_cif(phase: Phase, path: str | os.PathLike,
         for a in phase.atoms:
             lines.append(f"{_cif_token(a.label)} {a.element} {a.xyz[0]:.6f} {a.xyz[1]:.6f} "
                          f"{a.xyz[2]:.6f} {a.occ:.5f} {a.uiso:.6f}")
-    text = "\n".join(lines) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _cif_token(text: str) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 
 from midasflow import strain as strain_mod
+from midasflow.io.atomic import atomic_output
 
 _WIDTH, _HEIGHT = 760, 300
 
@@ -203,7 +204,6 @@ def write_report(
                        f"{int((status == 'skipped').sum())} skipped lineouts "
                        f"({results.sizes['group']} ω-groups × {results.sizes['eta']} η).</p>"), width=_WIDTH)
     layout = column(header, *report_figures(results, caked=caked, lineouts=lineouts, max_groups=max_groups))
-    tmp = path.with_name(f".{path.name}.tmp")
-    save(layout, filename=str(tmp), resources=INLINE, title=title)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save(layout, filename=str(tmp), resources=INLINE, title=title)
     return path

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import numpy as np
 import xarray as xr
 
 from midasflow import strain as strain_mod
+from midasflow.io.atomic import atomic_output, write_text_atomic
 
 CELL_VARS = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg", "volume_a3")
 #: per-lineout variable → GSAS-II parameter name
@@ -257,35 +255,12 @@ def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
     }
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write the results Dataset as a zarr (format 2) directory store, atomically (temporary name, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    with atomic_output(path) as tmp:
         # zarr format 2: its fixed-width string dtype (status, messages) is specified; v3's is not
-        ds.to_zarr(tmp / "store.zarr", mode="w", consolidated=True, zarr_format=2)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{time.time_ns()}")
-            os.replace(path, old)
-        os.replace(tmp / "store.zarr", path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+        ds.to_zarr(tmp, mode="w", consolidated=True, zarr_format=2)
+    return Path(path)
 
 
 def open_results(path: str | os.PathLike) -> xr.Dataset:
@@ -323,7 +298,7 @@ def write_results(
     folder.mkdir(parents=True, exist_ok=True)
     zarr_path = write_results_zarr(ds, folder / "results.zarr")
     summary_path = folder / "refinement_summary.json"
-    _atomic_text(summary_path, json.dumps(summary_dict(ds), indent=1))
+    write_text_atomic(summary_path, json.dumps(summary_dict(ds), indent=1))
     exports: list[Path] = []
     if not no_export:
         for res in lineouts:

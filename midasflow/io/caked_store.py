@@ -7,12 +7,12 @@ returns the Dataset :func:`midasflow.cake.cake` produced.
 from __future__ import annotations
 
 import os
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from midasflow.errors import CakeFileError
+from midasflow.io.atomic import atomic_output
 
 #: Variables every caked store holds.
 CAKED_VARS = ("intensity", "frames_summed", "omega_first_deg", "omega_last_deg", "last_frame")
@@ -45,20 +45,9 @@ def write_caked_zarr(ds: Any, path: str | os.PathLike) -> Path:
     Path
         ``path``.
     """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f"{path.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(path) as tmp:
         _regular_chunks(ds).to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def open_caked(path: str | os.PathLike) -> Any:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from midasflow.errors import CakeFileError
+from midasflow.io.atomic import atomic_output
 
 #: REtaMap plane names and units (§7.1).
 RETAMAP_HEADER = "Radius,2Theta,Eta,BinArea,Q"
@@ -219,15 +220,9 @@ def write_midas_zarr(ds: Any, path: str | os.PathLike) -> Path:
         ``path``. The file is written to ``<path>.tmp-<pid>`` and renamed into place; on any
         error the temporary file is removed and ``path`` is left untouched.
     """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path) as tmp:
         _write(ds, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------------ reading

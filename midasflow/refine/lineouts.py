@@ -28,7 +28,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from midasflow.errors import CakeFileError, ParameterError
+from midasflow.io.atomic import write_bytes_atomic
 
 SEED_MODES = (None, "neighbour")
 CHECKPOINT_SUBDIR = "lineouts"
@@ -337,16 +337,7 @@ def save_checkpoint(result: LineoutResult, checkpoint_dir: str | os.PathLike) ->
     """Write one finished lineout atomically (temporary file, then rename). Pickle: a private cache
     of this output folder, read back only by :func:`load_checkpoints`."""
     path = checkpoint_path(checkpoint_dir, result.index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def load_checkpoints(plan: Sequence[LineoutSpec], checkpoint_dir: str | os.PathLike) -> dict[int, LineoutResult]:
