@@ -207,7 +207,8 @@ def refine(
     instrument = read_instprm(instprm) if instprm else instrument_from_midas(data)
     refine_fn = _refine_fn(backend, cifs, out)
     plan = plan_lineouts(source, min_points=min_points)
-    common = dict(phases=phases, instprm=instrument, bkg_terms=bkg_terms, limits=limits,
+    # GSAS-II-keyed mapping: the form every backend reads the same way (Lam, Zero, U..Z, SH/L …)
+    common = dict(phases=phases, instprm=instrument.to_dict(), bkg_terms=bkg_terms, limits=limits,
                   refine_atoms=refine_atoms, mode=mode)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(seed_from=seed_from, checkpoint_dir=out, resume=resume, progress=progress)
@@ -231,6 +232,27 @@ def refine(
 
         write_report(results, out / "report.html", caked=source, lineouts=lineouts)
     return results
+
+
+def _check_refinement_inputs(cifs: Sequence[str | Path], options: Mapping[str, Any]) -> None:
+    """Read the CIFs and the .instprm and check the backend before any work (or output) starts."""
+    from midasflow.crystal import read_phases
+    from midasflow.errors import ParameterError
+
+    if not cifs:
+        raise ParameterError("--cif: at least one CIF is needed to refine")
+    read_phases(cifs)
+    if options.get("instprm"):
+        from midasflow.io.instprm import read_instprm
+
+        read_instprm(options["instprm"])
+    backend = options.get("backend", "native")
+    if backend not in BACKENDS:
+        raise ParameterError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "gsas2":
+        from midasflow.refine.gsas2 import check_gsas2_available
+
+        check_gsas2_available()
 
 
 def run(
@@ -260,10 +282,16 @@ def run(
     """
     from midasflow.errors import ParameterError
 
+    if not skip_refinement:
+        _check_refinement_inputs(cifs, refine_options)
     if skip_integration:
         if zarr_file is None:
             raise ParameterError("--skip-integration needs --zarr-file F (the caked .zarr.zip to refine)")
         store = Path(zarr_file)
+        if not skip_refinement and not store.exists():
+            from midasflow.errors import CakeFileError
+
+            raise CakeFileError(f"{store}: no such caked store (--zarr-file)")
     else:
         store = integrate(
             param_fn, data_fn, overrides=overrides, result_folder=result_folder, dark_fn=dark_fn,

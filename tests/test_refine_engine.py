@@ -158,7 +158,7 @@ def test_lebail_and_rietveld_agree():
 
 def test_diverging_stage_is_rolled_back(monkeypatch):
     x, y, s, truth = simulate([ceo2()], seed=2)
-    original = PatternModel.evaluate
+    original = PatternModel._evaluate
 
     def exploding(self, values, vary=(), jac=False):
         if "U" in vary:                 # the U, V, W stage blows up (singular normal matrix)
@@ -166,7 +166,7 @@ def test_diverging_stage_is_rolled_back(monkeypatch):
         return original(self, values, vary, jac)
 
     start = dict(U=INST["U"])
-    monkeypatch.setattr(PatternModel, "evaluate", exploding)
+    monkeypatch.setattr(PatternModel, "_evaluate", exploding)
     res = refine_pattern(x, y, s, [ceo2(5.4113 * 1.002)], INST, start=start)
     assert any("profile_gauss" in w and "rolled back" in w for w in res.warnings)
     assert res.values["U"] == INST["U"] and "U" not in res.esds

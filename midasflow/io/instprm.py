@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -35,6 +35,8 @@ _SAMPLE_FIELDS = {"Diff-type": "diff_type", "Gonio. radius": "gonio_radius_mm",
 _STRING_KEYS = {"Type", "Diff-type", "InstrName"}
 #: Keys a complete single-wavelength / doublet file must provide (Z, Azimuth, Bank optional).
 _REQUIRED = ("Type", "Zero", "Polariz.", "U", "V", "W", "X", "Y", "SH/L")
+#: Other keys GSAS-II writes into CW instrument dicts/.instprm files (kept in ``extra``).
+_OTHER_GSAS_KEYS = {"Source"}
 #: MIDAS InstrumentParameters dataset name -> GSAS-II key (§8); Distance (µm) handled apart.
 _MIDAS_NAMES = {"Bank": "Bank", "Lam": "Lam", "Polariz": "Polariz.", "Polariz.": "Polariz.",
                 "SH_L": "SH/L", "SH/L": "SH/L", "Type": "Type", "U": "U", "V": "V", "W": "W",
@@ -338,3 +340,68 @@ def instrument_from_midas(path_or_ds: Any) -> Instrument:
             raise CakeFileError("dataset attrs['instrument']: expected a JSON object of GSAS-II "
                                 f"instrument keys, got {str(raw)[:60]!r}") from None
     return Instrument.from_dict(_from_midas_values(values), source="dataset")
+
+
+# --------------------------------------------------------------------------------------------
+# one normaliser for every way instrument terms are passed
+# --------------------------------------------------------------------------------------------
+def _mapping_value(key: str, value: Any) -> Any:
+    """A mapping value: a scalar, or GSAS-II's in-memory ``[original, current(, refine)]``."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InstprmError(f"instrument parameters: key {key!r}: expected a value, got []")
+        value = value[1] if len(value) >= 2 else value[0]
+    if key in _STRING_KEYS or key in _OTHER_GSAS_KEYS:
+        return str(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InstprmError(f"instrument parameters: key {key!r}: expected a number, got "
+                           f"{value!r}") from None
+    if not math.isfinite(number):
+        raise InstprmError(f"instrument parameters: key {key!r}: expected a finite number, got "
+                           f"{value!r}")
+    return number
+
+
+def as_instrument(instprm: Instrument | Mapping[str, Any] | str | os.PathLike) -> Instrument:
+    """Instrument terms as an :class:`Instrument`, whatever form they were given in.
+
+    Parameters
+    ----------
+    instprm : Instrument, mapping or path-like
+        An :class:`Instrument` (returned as is); a mapping of GSAS-II keys (``Lam`` or
+        ``Lam1``/``Lam2``/``I(L2)/I(L1)``, ``Zero``, ``Polariz.``, ``Azimuth``, ``U`` … ``Z``,
+        ``SH/L``, ``Type``, ``Bank``, ``Diff-type``, ``Gonio. radius``, ``InstrName``,
+        ``Source``), each value a number or GSAS-II's ``[original, current, refine]`` list (the
+        current value is used), missing keys taking the :class:`Instrument` defaults; or the
+        path of an ``.instprm`` file (:func:`read_instprm`).
+
+    Returns
+    -------
+    Instrument
+
+    Raises
+    ------
+    InstprmError
+        Unknown (e.g. misspelled) key, non-numeric value, no wavelength, an unreadable file, or
+        another type — one line naming the key.
+    """
+    if isinstance(instprm, Instrument):
+        return instprm
+    if isinstance(instprm, (str, os.PathLike)):
+        return read_instprm(instprm)
+    if not isinstance(instprm, Mapping):
+        raise InstprmError(f"instrument parameters: expected an Instrument, a mapping of GSAS-II "
+                           f"keys or an .instprm path, got {type(instprm).__name__}")
+    known = _FIELDS.keys() | _SAMPLE_FIELDS.keys() | _OTHER_GSAS_KEYS
+    values: dict[str, Any] = {}
+    for key, value in instprm.items():
+        if key not in known:
+            raise InstprmError(f"instrument parameters: unknown key {key!r} (expected GSAS-II "
+                               f"keys: {', '.join(sorted(known))})")
+        values[key] = _mapping_value(key, value)
+    if "Lam" not in values and not {"Lam1", "Lam2", "I(L2)/I(L1)"} <= values.keys():
+        raise InstprmError("instrument parameters: missing key 'Lam' (or 'Lam1', 'Lam2' and "
+                           "'I(L2)/I(L1)' for a Kα doublet)")
+    return Instrument.from_dict(values, source="instrument parameters")
