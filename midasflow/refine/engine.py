@@ -19,7 +19,8 @@ fraction), ``p:0:Size;i`` (µm), ``p:0:Mustrain;i`` (10⁻⁶), ``p:0:MD`` (Marc
 [001]), ``p::Ax:j``, ``p::Ay:j``, ``p::Az:j``, ``p::AUiso:j``.
 
 Le Bail (``mode='lebail'``, §3.7): the |F|² of every reflection is replaced by the extracted
-Fo², re-extracted after every least-squares cycle, each extraction iterated to its fixed point.
+Fo², re-extracted after every least-squares cycle, each extraction's partition repeated while it
+lowers χ² (up to its fixed point).
 The histogram and phase scales are held fixed (they are fully correlated with the extracted
 intensities). One deliberate difference from GSAS-II's ``ComputeFobsSqCW``: every point of a
 reflection's window contributes its ratio (y − y_b)/(y_c − y_b), negative ones included. GSAS-II
@@ -34,28 +35,40 @@ from __future__ import annotations
 import math
 import warnings as _warnings
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import sparse
 
 from midasflow import profile as _profile
-from midasflow.crystal import (A_derivative_H, A_to_cell, Atom, Phase, StructureFactorTable,
-                               cell_esds, cell_to_A, cell_volume, free_coordinates, laue_rotations,
-                               laue_tie_matrix, reflections)
+from midasflow.crystal import (
+    A_derivative_H,
+    A_to_cell,
+    Atom,
+    Phase,
+    StructureFactorTable,
+    cell_esds,
+    cell_to_A,
+    cell_volume,
+    free_coordinates,
+    laue_rotations,
+    laue_tie_matrix,
+    reflections,
+)
 from midasflow.errors import PatternError
 from midasflow.io.instprm import Instrument, as_instrument
 from midasflow.refine.recipe import Stage, default_stages
 from midasflow.refine.result import PatternResult
 
-__all__ = ["PatternModel", "refine_pattern", "levenberg_marquardt"]
+__all__ = ["PatternModel", "levenberg_marquardt", "refine_pattern"]
 
 _DEG = 180.0 / math.pi
 _SIG2_FLOOR = _profile.SIG2_FLOOR_CDEG2
 _GAM_FLOOR = _profile.GAM_FLOOR_CDEG
 #: Reflection tables reused between calls (the pipeline refines many lineouts of one phase).
-_TABLE_CACHE: OrderedDict[tuple, "_PhaseTables"] = OrderedDict()
+_TABLE_CACHE: OrderedDict[tuple, _PhaseTables] = OrderedDict()
 _TABLE_CACHE_SIZE = 16
 #: 2θ range of a reflection list is widened to multiples of this (deg) so lineouts share it.
 _RANGE_STEP_DEG = 0.5
@@ -66,6 +79,8 @@ _LEBAIL_RTOL = 1e-5
 _LEBAIL_FLOOR = 1e-9
 #: SH/L escape scan (stage option ``scan``): relative offsets tried around the current value.
 _SCAN_FACTORS = np.exp(np.linspace(math.log(0.8), math.log(1.25), 12))
+#: ... and the relative χ² gain a candidate must bring to restart the LM from it.
+_SCAN_GAIN = 1e-3
 
 
 @dataclass(frozen=True)
@@ -384,7 +399,7 @@ class PatternModel:
         return {key: np.concatenate([t[key] for t in terms]) for key in terms[0]}, terms
 
     def _peaks(self, rt: Mapping[str, np.ndarray], shl: float, jac: bool,
-               intensity: np.ndarray | None = None) -> "_profile.PeakSum":
+               intensity: np.ndarray | None = None) -> _profile.PeakSum:
         return _profile.pattern(self.x, rt["tth"], rt["sig2"], rt["gam"],
                                 rt["intensity"] if intensity is None else intensity, shl,
                                 derivatives=jac, precision=self.precision, **self.doublet)
@@ -525,8 +540,9 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
     λ starts at 0 (Gauss–Newton), becomes 1e-3 on a rejected step and is ×10 per retry up to
     1e3; the next cycle starts from λ/10 (0 below 1e-2); a cycle with no accepted step, or whose
     step promises (linear model) a χ² decrease below ``tol``·χ², ends the stage. A step is rejected when χ² does not
-    decrease, SH/L becomes negative or more peak widths hit GSAS-II's 0.001 floors (a floored
-    width has zero derivative and would trap the fit). Converged when the relative decrease of χ²
+    decrease, SH/L becomes negative, a scale, size or March–Dollase ratio non-positive (see
+    :func:`_physical`) or more peak widths hit GSAS-II's 0.001 floors (a floored width has zero
+    derivative and would trap the fit). Converged when the relative decrease of χ²
     is below ``tol``. In Le Bail mode the intensities are re-extracted after every cycle
     (:meth:`PatternModel.lebail_extract`).
 
@@ -564,7 +580,7 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
             trial = dict(vals)
             for name, s in zip(vary, step_n / scale):
                 trial[name] += s
-            if trial["SH/L"] >= 0:
+            if _physical(trial, vary):
                 chi2_new, fl_new = model.chi2(trial, yobs, sqrt_w)
                 if chi2_new < chi2 and fl_new <= floored:
                     accepted = True
@@ -585,6 +601,19 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
     return _LMState(vals, chi2, cycles)
 
 
+def _physical(values: Mapping[str, float], vary: Sequence[str]) -> bool:
+    """SH/L ≥ 0 and every varied scale, phase fraction, size and MD ratio > 0.
+
+    GSAS-II floors the scales at 1e-12 instead; a negative phase fraction lets a misplaced
+    phase (cell still off in stage 1) cancel observed intensity and drags its cell into a
+    wrong minimum (seen on CeO2 + Si: Si a off by 3e-3 relative).
+    """
+    if values["SH/L"] < 0:
+        return False
+    return all(values[n] > 0 for n in vary
+               if n == "Scale" or n.endswith((":0:Scale", ":0:Size;i", ":0:MD")))
+
+
 def _svd_solve(N: np.ndarray, g: np.ndarray, rtol: float) -> np.ndarray:
     u, s, vt = np.linalg.svd(N)
     keep = s > rtol * s[0] if s.size and s[0] > 0 else np.zeros_like(s, bool)
@@ -601,7 +630,7 @@ def _svd_pinv(N: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
 
 def _escape_scan(model: PatternModel, state: _LMState, vary: Sequence[str],
                  names: Sequence[str], yobs: np.ndarray, sqrt_w: np.ndarray, max_cycles: int,
-                 tol: float, lebail: bool, svd_tol: float = 1e-10) -> _LMState:
+                 lebail: bool, svd_tol: float = 1e-10) -> _LMState:
     """Step across the model's discontinuities in ``names`` (stage option ``scan``).
 
     GSAS-II's FCJ quadrature order jumps with SH/L (and γ), so χ²(SH/L) is piecewise smooth
@@ -609,8 +638,8 @@ def _escape_scan(model: PatternModel, state: _LMState, vary: Sequence[str],
     neighbours hold a far lower minimum (GSAS-II stops there too). For each name, candidates at
     the current value × 0.8 … 1.25 (12 log-spaced factors) each get one Gauss–Newton step of
     the other parameters (normal matrix of the current point, residual of the candidate); if
-    one ends below the current χ² (without more floored widths) the LM restarts from it with the
-    whole vary list. At most three rounds.
+    one ends ≥ 0.1 % below the current χ² (without more floored widths) the LM restarts from it
+    with the whole vary list. At most three rounds.
     """
     for _ in range(3):
         _, floored = model.chi2(state.values, yobs, sqrt_w)
@@ -631,19 +660,19 @@ def _escape_scan(model: PatternModel, state: _LMState, vary: Sequence[str],
             base = state.values[name]
             for f in _SCAN_FACTORS:
                 trial = dict(state.values, **{name: base * float(f)})
-                if trial["SH/L"] < 0:
-                    continue
                 yc, _, _, _ = model._evaluate(trial)
                 step = solve @ (sqrt_w * (yobs - yc)) / scale
                 for other, st in zip(others, step):
                     trial[other] += st
+                if not _physical(trial, vary):
+                    continue
                 c, fl = model.chi2(trial, yobs, sqrt_w)
-                if c < best_chi2 * (1 - 1e-6) and fl <= floored:
+                if c < best_chi2 * (1 - _SCAN_GAIN) and fl <= floored:
                     best, best_chi2 = trial, c
         if best is None:
             break
         st = levenberg_marquardt(model, best, vary, yobs, sqrt_w, max_cycles=max_cycles,
-                                 tol=tol, lebail=lebail)
+                                 lebail=lebail)
         state = _LMState(st.values, st.chi2, state.cycles + st.cycles)
     return state
 
@@ -791,10 +820,10 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
                 # Le Bail alternates LSQ cycles with intensity extraction: allow more cycles
                 cycles = stage.max_cycles * (3 if lebail else 1)
                 st = levenberg_marquardt(model, values, trial_vary, y, sqrt_w,
-                                         max_cycles=cycles, tol=stage.tol, lebail=lebail)
+                                         max_cycles=cycles, lebail=lebail)
                 if stage.scan:
                     st = _escape_scan(model, st, trial_vary, stage.scan, y, sqrt_w, cycles,
-                                      stage.tol, lebail)
+                                      lebail)
                 yc, _, _ = model.evaluate(st.values)
                 rwp_new = _rwp(y, yc, w)
                 floored_after = model.n_floored(st.values)

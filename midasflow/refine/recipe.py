@@ -13,14 +13,13 @@ Each stage adds parameters to the cumulative vary list of the previous stages:
    true start gives 1.01);
 5. ``atoms`` (only when asked, Rietveld only): atom coordinates and U_iso.
 
-Every stage but the last stops at GSAS-II's χ² convergence 0.001; the last one at 1e-6.
 In Le Bail mode the scale factors are not refined (the extracted intensities absorb them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 __all__ = ["Stage", "default_stages"]
 
@@ -37,8 +36,6 @@ class Stage:
         GSAS-II parameter names added to the vary list in this stage.
     max_cycles : int
         Levenberg–Marquardt cycles at most.
-    tol : float
-        The LM stops when χ² falls by less than this fraction in a cycle.
     scan : tuple of str
         Parameters scanned after the LM (current value × 0.8 … 1.25, the others fixed) to step
         over discontinuities of χ²; a lower χ² restarts the LM of the whole vary list
@@ -48,7 +45,6 @@ class Stage:
     name: str
     add: tuple[str, ...]
     max_cycles: int = 8
-    tol: float = 1e-6
     scan: tuple[str, ...] = ()
 
 
@@ -83,6 +79,4 @@ def default_stages(n_phases: int, bkg_terms: int, cell_names: Sequence[str],
               Stage("profile_lorentz", ("X", "Y", "SH/L"), scan=("SH/L",))]
     if refine_atoms and mode == "rietveld" and atom_names:
         stages.append(Stage("atoms", tuple(atom_names)))
-    # every parameter is refined again in the last stage: the earlier ones only need to get
-    # close (GSAS-II's default min dM/M = 0.001), the last one converges tightly
-    return [replace(st, tol=1e-3) for st in stages[:-1]] + stages[-1:]
+    return stages
