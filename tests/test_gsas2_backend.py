@@ -193,10 +193,19 @@ def test_console_output_goes_to_the_log(gsasii, ceo2_cif, tmp_path, capfd):
     assert "Cycle" in (tmp_path / "hist_0007" / "hist_0007.log").read_text()
 
 
-def test_failed_lineout_records_gsas_message(gsasii, ceo2_cif, tmp_path):
+def test_failed_lineout_records_gsas_message(gsasii, ceo2_cif, tmp_path, monkeypatch):
     tth, y, sigma, _ = _simulated_lineout(ceo2_cif, 0.0, seed=8)
-    bad = {**INSTRUMENT, "U": float("nan")}
-    result = refine_pattern_gsas2(tth, y, sigma, [ceo2_cif], bad, workdir=tmp_path, index=8)
+    write = gsas2.write_instprm
+
+    def write_nan_u(inst, path):  # our own checks refuse NaN, so corrupt the file GSAS-II reads
+        out = write(inst, path)
+        text = Path(out).read_text()
+        Path(out).write_text("\n".join("U:nan" if line.startswith("U:") else line
+                                       for line in text.splitlines()) + "\n")
+        return out
+
+    monkeypatch.setattr(gsas2, "write_instprm", write_nan_u)
+    result = refine_pattern_gsas2(tth, y, sigma, [ceo2_cif], INSTRUMENT, workdir=tmp_path, index=8)
     assert result.status == "failed"
     assert result.message.startswith("GSAS-II: ") and "nan" in result.message.lower()
     assert math.isnan(result.rwp) and result.cells == {}

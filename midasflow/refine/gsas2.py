@@ -34,8 +34,8 @@ import numpy as np
 
 from midasflow.crystal import (A_to_cell, Phase, cell_to_A, cell_volume, laue_tie_matrix,
                                read_phases)
-from midasflow.errors import BackendError, InstprmError, PatternError
-from midasflow.io.instprm import Instrument, read_instprm, write_instprm
+from midasflow.errors import BackendError, PatternError
+from midasflow.io.instprm import Instrument, as_instrument, write_instprm
 from midasflow.refine.result import PatternResult
 
 log = logging.getLogger(__name__)
@@ -168,18 +168,6 @@ def check_gsas2_available() -> str:
 
 
 # ------------------------------------------------------------------------------ input files
-
-def _instrument(instprm: Instrument | Mapping[str, Any] | str | os.PathLike) -> Instrument:
-    """The instrument terms as an :class:`Instrument` (validated)."""
-    if isinstance(instprm, Instrument):
-        return instprm
-    if isinstance(instprm, (str, os.PathLike)):
-        return read_instprm(instprm)
-    if isinstance(instprm, Mapping):
-        return Instrument.from_dict(dict(instprm), source="instprm")
-    raise InstprmError(f"instprm: expected an Instrument, a mapping of GSAS-II keys or an "
-                       f".instprm path, got {type(instprm).__name__}")
-
 
 def _write_xye(path: Path, x: np.ndarray, y: np.ndarray, s: np.ndarray, index: int) -> None:
     """Three-column 2θ (deg), intensity, σ text that GSAS-II's 'xye' importer reads with σ."""
@@ -474,7 +462,7 @@ def refine_pattern_gsas2(
     x, y, s, (lo, hi), n_dropped = _clean_pattern(tth_deg, intensity, sigma, limits, index)
     cifs = [Path(p).resolve() for p in phase_cif_paths]
     phases = read_phases(cifs)
-    instrument = _instrument(instprm)
+    instrument = as_instrument(instprm)
     G2sc = import_gsasii()
 
     stem = f"hist_{int(index):04d}"
