@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import numpy as np
 
 from midasflow.geometry import pixel_to_r_eta, r_to_tth_deg, raw_to_transformed
 from midasflow.params import Params
+from midasflow.strain import rotation_z, scattering_vector
 
 __all__ = [
     "Rings",
@@ -134,22 +135,15 @@ def module_gaps(shape: tuple[int, int], module_px: tuple[int, int] = (195, 487),
     return rects
 
 
-def _rz(omega_deg: float) -> np.ndarray:
-    c, s = np.cos(np.deg2rad(omega_deg)), np.sin(np.deg2rad(omega_deg))
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+def _strain_n(n: np.ndarray, strain_lab: np.ndarray) -> np.ndarray:
+    """nᵀ ε n for unit scattering vectors ``n`` (..., 3) and a symmetric lab-frame tensor."""
+    return np.einsum("...i,ij,...j->...", n, strain_lab, n)
 
 
-def _n_products(theta_rad: np.ndarray, eta_deg: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-    """(i, j, w·n_i·n_j) for i ≤ j (w = 2 off the diagonal), n = (−sin θ, −cos θ sin η, cos θ cos η)
-    the unit scattering vector of reference/strain.md, so that nᵀεn = Σ ε_ij·term."""
-    eta = np.deg2rad(eta_deg)
-    n = (-np.sin(theta_rad), -np.cos(theta_rad) * np.sin(eta), np.cos(theta_rad) * np.cos(eta))
-    return [(i, j, (1.0 if i == j else 2.0) * n[i] * n[j]) for i in range(3) for j in range(i, 3)]
-
-
-def _strain_n(products: list[tuple[int, int, np.ndarray]], strain_lab: np.ndarray) -> np.ndarray:
-    """nᵀ ε n from :func:`_n_products` and a symmetric lab-frame tensor."""
-    return sum(strain_lab[i, j] * term for i, j, term in products)
+def _lab_tensor(strain_sample: np.ndarray, omega_deg: float) -> np.ndarray:
+    """Sample-frame tensor seen in the lab with the sample turned by ω about +z."""
+    rot = rotation_z(omega_deg)
+    return rot @ np.asarray(strain_sample, float) @ rot.T
 
 
 def ring_tth_deg(d0_a: Sequence[float], wavelength_a: float, eta_deg: Sequence[float], *,
@@ -175,9 +169,9 @@ def ring_tth_deg(d0_a: Sequence[float], wavelength_a: float, eta_deg: Sequence[f
     sin0 = wavelength_a / (2.0 * d0) * np.ones_like(eta)
     theta = np.arcsin(sin0)
     if strain_tensor is not None:
-        lab = _rz(omega_deg) @ np.asarray(strain_tensor, float) @ _rz(omega_deg).T
+        lab = _lab_tensor(strain_tensor, omega_deg)
         for _ in range(4):  # fixed point: n depends (weakly) on the strained θ itself
-            theta = np.arcsin(sin0 / (1.0 + _strain_n(_n_products(theta, eta), lab)))
+            theta = np.arcsin(sin0 / (1.0 + _strain_n(scattering_vector(np.rad2deg(theta), eta), lab)))
     return np.rad2deg(2.0 * theta)
 
 
@@ -328,7 +322,7 @@ def simulate_frames(
     # frames with equal ω share one ring image; without strain every frame does
     keys = np.zeros(n_frames) if strain is None else omega
     unique_omega, which = np.unique(keys, return_inverse=True)
-    lab = [None if strain is None else _rz(w) @ strain @ _rz(w).T for w in unique_omega]
+    lab = [None if strain is None else _lab_tensor(strain, w) for w in unique_omega]
 
     s = int(supersample)
     sub = (np.arange(s) + 0.5) / s - 0.5
@@ -344,10 +338,10 @@ def simulate_frames(
         tth = r_to_tth_deg(r, params)
         if strain is not None:
             theta = np.deg2rad(tth) / 2.0
-            sin_theta, products = np.sin(theta), _n_products(theta, eta)
+            sin_theta, n = np.sin(theta), scattering_vector(np.rad2deg(theta), eta)
         for k, strain_lab in enumerate(lab):
             if strain_lab is not None:
-                sin_unstrained = sin_theta * (1.0 + _strain_n(products, strain_lab))
+                sin_unstrained = sin_theta * (1.0 + _strain_n(n, strain_lab))
                 tth = 2.0 * np.rad2deg(np.arcsin(np.clip(sin_unstrained, -1.0, 1.0)))
             ring_images[k, z0:z1] = pattern(tth).mean(axis=(2, 3))
 
