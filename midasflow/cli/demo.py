@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -98,6 +99,8 @@ def main(argv: Sequence[str]) -> int:
     from midasflow.pipeline import run
 
     args = build_parser().parse_args(argv)
+    if args.n_cpus is None and not (args.scheduler or args.cluster):
+        args.n_cpus = min(os.cpu_count() or 1, 4)  # the demo shows the distributed run by default
     out = Path(args.out)
     t0 = time.perf_counter()
     files, truth, cif = make_demo_scan(out, n_frames=args.frames, sum_frames=args.sum_frames,

@@ -73,9 +73,14 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def print_summary(results: Any, out: str, file: Any = sys.stdout) -> None:
-    """The summary table: counts, mean Rwp, cell per phase, strain fits, where the files are."""
+def print_summary(results: Any, out: str, file: Any = None) -> None:
+    """The summary table: counts, mean Rwp, cell per phase, strain fits, where the files are.
+
+    ``file`` defaults to the ``sys.stdout`` of the moment of the call (not of the import).
+    """
     import numpy as np
+
+    file = sys.stdout if file is None else file
 
     from midasflow.results import summary_dict
 

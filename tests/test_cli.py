@@ -1,0 +1,162 @@
+"""The ``midasflow`` command: integrate, refine, run, demo — in-process and through ``python -m``.
+
+One tiny simulated scan (256×256 px, two frames summed into one ω-group, 45° η bins: 8 lineouts)
+keeps every refinement here to a few seconds.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from midasflow.cli import main
+from midasflow.cli.demo import make_demo_scan
+
+ETA_BIN_DEG = 45.0
+N_LINEOUTS = int(360 / ETA_BIN_DEG)
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    files, _, cif = make_demo_scan(root, n_frames=2, sum_frames=2, size=256, seed=3, eta_bin_deg=ETA_BIN_DEG)
+    return dict(root=root, params=str(files.params_file), data=str(files.data), cif=str(cif))
+
+
+@pytest.fixture(scope="module")
+def store(scan):
+    folder = scan["root"] / "integrated"
+    assert main(["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"],
+                 "-resultFolder", str(folder), "--cache-dir", str(scan["root"] / "cache")]) == 0
+    return folder / "scan_000001.zarr.zip"
+
+
+def _python_m(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "midasflow", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def _check_results(out, n=N_LINEOUTS):
+    from midasflow.results import open_results
+
+    summary = json.loads((out / "refinement_summary.json").read_text())
+    assert summary["total_histograms"] == n
+    assert summary["succeeded"] + summary["failed"] + summary["skipped"] == n
+    assert summary["succeeded"] >= n - 1
+    back = open_results(out / "results.zarr")
+    assert back.sizes["eta"] == N_LINEOUTS and back.sizes["group"] * N_LINEOUTS == n
+    assert np.isfinite(back.a_a.values).sum() == summary["succeeded"]
+    return summary, back
+
+
+def test_integrate_writes_the_store_with_overrides_and_progress(scan, tmp_path, capsys):
+    from midasflow.io.caked_store import open_caked
+    from midasflow.params import read_params
+
+    assert main(["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder",
+                 str(tmp_path), "--cache-dir", str(scan["root"] / "cache"), "RBinSize", "0.5",
+                 "EtaBinSize", "30"]) == 0
+    captured = capsys.readouterr()
+    out = tmp_path / "scan_000001.zarr.zip"
+    assert captured.out.strip() == str(out)
+    assert "100% Completed" in captured.err  # the progress bar
+    ds = open_caked(out)
+    base = read_params(scan["params"])
+    assert ds.sizes["eta"] == 12
+    assert ds.sizes["r"] == int(np.ceil((base.r_max_px - base.r_min_px) / 0.5))
+    np.testing.assert_allclose(np.diff(ds.r_px.values), 0.5)
+
+
+def test_integrate_through_python_m_with_long_flags(scan, tmp_path):
+    proc = _python_m("integrate", "--param-fn", scan["params"], "--data-fn", scan["data"],
+                     "--result-folder", str(tmp_path), "--cache-dir", str(scan["root"] / "cache"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "scan_000001.zarr.zip").is_file()
+    assert proc.stdout.strip() == str(tmp_path / "scan_000001.zarr.zip")
+
+
+def test_refine_writes_results(scan, store, tmp_path, capsys):
+    out = tmp_path / "refined"
+    assert main(["refine", "--data", str(store), "--cif", scan["cif"], "--out", str(out), "--no-atoms"]) == 0
+    text = capsys.readouterr().out
+    assert f"lineouts: {N_LINEOUTS} total" in text and "CeO2: a = " in text
+    summary, back = _check_results(out)
+    assert summary["data_file"] == str(store)
+    assert (out / "hist_0000_data.csv").is_file() and (out / "hist_0000_CeO2.cif").is_file()
+    assert (out / "report.html").is_file()
+
+
+def test_run_end_to_end_then_refine_only_from_the_store(scan, tmp_path, capsys):
+    result_folder, out = tmp_path / "caked", tmp_path / "refined"
+    assert main(["run", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(result_folder),
+                 "--cache-dir", str(scan["root"] / "cache"), "--cif", scan["cif"], "--out", str(out),
+                 "--no-atoms", "--mode", "lebail", "--no-export", "--no-report"]) == 0
+    store = result_folder / "scan_000001.zarr.zip"
+    assert store.is_file()
+    summary, first = _check_results(out)
+    assert summary["succeeded"] == N_LINEOUTS
+    assert not list(out.glob("hist_*_data.csv")) and not (out / "report.html").exists()
+    capsys.readouterr()
+
+    again = tmp_path / "again"
+    assert main(["run", "--skip-integration", "--zarr-file", str(store), "--cif", scan["cif"], "--out", str(again),
+                 "--no-atoms", "--mode", "lebail", "--no-export", "--no-report"]) == 0
+    _, second = _check_results(again)
+    np.testing.assert_array_equal(second.a_a.values, first.a_a.values)
+
+
+def _bad(scan, store, tmp_path):
+    garbage = tmp_path / "garbage.cif"
+    garbage.write_text("this is not a CIF\n")
+    out = str(tmp_path / "out")
+    integrate = ["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", out]
+    return {
+        "missing parameter file": ["integrate", "-paramFN", str(tmp_path / "nope.txt"), "-dataFN", scan["data"],
+                                   "-resultFolder", out],
+        "bad key value": integrate + ["RBinSize", "abc"],
+        "missing data file": ["integrate", "-paramFN", scan["params"], "-dataFN", str(tmp_path / "nope.h5"),
+                              "-resultFolder", out],
+        "wrong dataset path": integrate + ["-dataLoc", "entry/nothing"],
+        "bad CIF (refine)": ["refine", "--data", str(store), "--cif", str(garbage), "--out", out],
+        "bad CIF (run, before integrating)": ["run", "-paramFN", scan["params"], "-dataFN", scan["data"],
+                                              "-resultFolder", out, "--cif", str(garbage), "--out", out],
+        "missing .zarr.zip (refine)": ["refine", "--data", str(tmp_path / "nope.zarr.zip"), "--cif", scan["cif"],
+                                       "--out", out],
+        "missing .zarr.zip (run)": ["run", "--skip-integration", "--zarr-file", str(tmp_path / "nope.zarr.zip"),
+                                    "--cif", scan["cif"], "--out", out],
+    }
+
+
+@pytest.mark.parametrize("case", ["missing parameter file", "bad key value", "missing data file",
+                                  "wrong dataset path", "bad CIF (refine)", "bad CIF (run, before integrating)",
+                                  "missing .zarr.zip (refine)", "missing .zarr.zip (run)"])
+def test_bad_inputs_exit_2_with_one_line_and_no_output(case, scan, store, tmp_path, capsys):
+    argv = _bad(scan, store, tmp_path)[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_through_python_m_has_no_traceback(scan, tmp_path):
+    proc = _python_m("integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder",
+                     str(tmp_path / "out"), "-dataLoc", "entry/nothing")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "entry/nothing" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--frames", "2", "--sum-frames", "1", "--size", "256",
+                 "--eta-bin", str(ETA_BIN_DEG), "-nCPUs", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "simulated truth" in text and "report" in text
+    summary, _ = _check_results(out / "refinement", n=2 * N_LINEOUTS)
+    assert summary["succeeded"] == 2 * N_LINEOUTS
+    assert (out / "refinement" / "report.html").is_file()
+    assert (out / "scan_000001.zarr.zip").is_file()

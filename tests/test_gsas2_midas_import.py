@@ -1,0 +1,61 @@
+"""The .zarr.zip we write, read by GSAS-II's own MIDAS importer (skipped where GSAS-II is absent)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from midasflow.errors import BackendError
+from midasflow.io.caked_store import open_caked
+from midasflow.pipeline import integrate
+from midasflow.refine.gsas2 import check_gsas2_available, import_gsasii
+from midasflow.refine.lineouts import plan_lineouts
+from midasflow.simulate import simulate_ceo2_scan
+
+
+@pytest.fixture(scope="module")
+def gsasii():
+    try:
+        check_gsas2_available()
+    except BackendError as exc:
+        pytest.skip(f"GSAS-II is not importable here: {exc}")
+    return import_gsasii()
+
+
+@pytest.fixture(scope="module")
+def scan_zip(tmp_path_factory):
+    out = tmp_path_factory.mktemp("g2import")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files, truth = simulate_ceo2_scan(out / "scan", n_frames=5, shape=(256, 256), seed=3,
+                                          params_overrides={"omega_sum_frames": 2})
+        path = integrate(files.params_file, files.data, result_folder=out, cache_dir=out / "cache")
+    return path, truth
+
+
+def test_gsasii_midas_importer_reads_our_lineouts(gsasii, scan_zip, tmp_path):
+    path, truth = scan_zip
+    ours = [spec for spec in plan_lineouts(open_caked(path)) if not spec.skipped]
+    gpx = gsasii.G2Project(newgpx=str(tmp_path / "import.gpx"))
+    hists = gpx.add_powder_histogram(str(path), None, fmthint="MIDAS", multiple=True)
+    # same selection (> 20 bins with area ≠ 0), numbered image·n_eta + eta as GSAS-II numbers them
+    assert len(hists) == len(ours) > 0
+    caked = open_caked(path)
+    assert caked.sizes["group"] == 3  # 5 frames in groups of 2: the remainder group is kept
+    n_frames = caked.frames_summed.values
+    for hist, spec in zip(hists, ours):
+        x = np.asarray(hist.getdata("X"))
+        y = np.asarray(hist.getdata("Yobs"))
+        np.testing.assert_allclose(x, spec.tth_deg, rtol=1e-12)
+        np.testing.assert_allclose(y, spec.intensity, rtol=1e-12)
+        assert f"eta={spec.eta_deg}" in hist.name
+        # GSAS-II divides by the real frame count we wrote (the remainder group has 1 frame)
+        group_sum = caked.intensity.values[spec.group][:, spec.eta_index]
+        finite = np.isfinite(group_sum) & (caked.bin_area.values[:, spec.eta_index] != 0)
+        np.testing.assert_allclose(y, group_sum[finite] / n_frames[spec.group], rtol=1e-12)
+    first = hists[0]
+    assert float(first.InstrumentParameters["Lam"][1]) == pytest.approx(truth["params"].wavelength_a)
+    assert first.SampleParameters["Gonio. radius"] == pytest.approx(truth["params"].lsd_um / 1000)
+    omega = caked.omega_first_deg.values[0], caked.omega_last_deg.values[0]
+    assert first.SampleParameters["Phi"] == pytest.approx(np.mean(omega))
