@@ -91,12 +91,14 @@ def integrate(
     end_file_nr: int | None = None,
     cache_dir: str | Path | None = None,
     plain_zarr: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Integrate one scan to ``<result_folder>/<scan>.zarr.zip`` (MIDAS layout) and return its path.
 
     The computation runs on the current Dask scheduler: a ``distributed.Client`` if one is
     active, the threaded scheduler otherwise. With ``plain_zarr`` the same Dataset is also
-    written as ``<scan>.zarr`` through xarray.
+    written as ``<scan>.zarr`` through xarray. ``progress`` shows a progress line on stderr when
+    a distributed client computes it.
     """
     from midasflow.io.caked_store import write_caked_zarr
     from midasflow.io.midas_zarr import write_midas_zarr
@@ -115,7 +117,7 @@ def integrate(
     folder = Path(result_folder)
     folder.mkdir(parents=True, exist_ok=True)
     stem = scan_stem(data_fn)
-    out = write_midas_zarr(ds, folder / f"{stem}.zarr.zip")
+    out = write_midas_zarr(ds, folder / f"{stem}.zarr.zip", progress=progress)
     if plain_zarr:
         write_caked_zarr(ds, folder / f"{stem}.zarr")
     log.info("wrote %s", out)
@@ -280,7 +282,7 @@ def run(
     MIDAS tools read) and the lineouts are refined from it on the same scheduler. Returns the
     results Dataset, or the store's path with ``skip_refinement``.
     """
-    from midasflow.errors import ParameterError
+    from midasflow.errors import CakeFileError, ParameterError
 
     if not skip_refinement:
         _check_refinement_inputs(cifs, refine_options)
@@ -289,14 +291,13 @@ def run(
             raise ParameterError("--skip-integration needs --zarr-file F (the caked .zarr.zip to refine)")
         store = Path(zarr_file)
         if not skip_refinement and not store.exists():
-            from midasflow.errors import CakeFileError
-
             raise CakeFileError(f"{store}: no such caked store (--zarr-file)")
     else:
         store = integrate(
             param_fn, data_fn, overrides=overrides, result_folder=result_folder, dark_fn=dark_fn,
             data_loc=data_loc, dark_loc=dark_loc, start_file_nr=start_file_nr,
             end_file_nr=end_file_nr, cache_dir=cache_dir,
+            progress=bool(refine_options.get("progress", False)),
         )
     if skip_refinement:
         return store

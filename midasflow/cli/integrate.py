@@ -59,6 +59,7 @@ def main(argv: Sequence[str]) -> int:
             end_file_nr=args.end_file_nr,
             cache_dir=args.cache_dir,
             plain_zarr=args.plain_zarr,
+            progress=not args.no_progress,
         )
     print(out)
     return 0

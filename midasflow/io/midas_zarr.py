@@ -36,6 +36,7 @@ import numpy as np
 
 from midasflow.errors import CakeFileError
 from midasflow.io.atomic import atomic_output
+from midasflow.progress import TextProgress
 
 #: REtaMap plane names and units (§7.1).
 RETAMAP_HEADER = "Radius,2Theta,Eta,BinArea,Q"
@@ -84,7 +85,7 @@ def _instrument(ds: Any) -> dict[str, float]:
     return inst
 
 
-def _write(ds: Any, path: Path) -> None:
+def _write(ds: Any, path: Path, progress: bool) -> None:
     import dask.array as da
     import zarr
 
@@ -147,7 +148,7 @@ def _write(ds: Any, path: Path) -> None:
             }))
             sources.append(ds["sum_frames"].data)
         sources = [s if isinstance(s, da.Array) else da.from_array(np.asarray(s)) for s in sources]
-        _store_all(sources, targets)
+        _store_all(sources, targets, progress=progress)
     finally:
         store.close()
 
@@ -162,7 +163,20 @@ class _Sink:
         self.queue.put((self.index, key, np.array(value, dtype="<f8")))
 
 
-def _store_all(sources: list[Any], targets: list[Any]) -> None:
+def _blocks(source: Any) -> list[tuple[tuple[slice, ...], Any]]:
+    """(index of the block in the array, delayed block) for every chunk of a dask array."""
+    import itertools
+
+    starts = [np.cumsum((0,) + c) for c in source.chunks]
+    delayed = source.to_delayed()
+    out = []
+    for idx in itertools.product(*(range(len(c)) for c in source.chunks)):
+        key = tuple(slice(int(s[k]), int(s[k + 1])) for s, k in zip(starts, idx))
+        out.append((key, delayed[idx]))
+    return out
+
+
+def _store_all(sources: list[Any], targets: list[Any], *, progress: bool = False) -> None:
     """Compute all sources in ONE graph (each frame chunk is caked once) and write each block in
     this thread as soon as it is computed: memory stays bounded and only one thread touches the
     zip (zarr's ZipStore is not safe to write from scheduler threads or other processes)."""
@@ -177,10 +191,19 @@ def _store_all(sources: list[Any], targets: list[Any]) -> None:
     except (ImportError, ValueError):
         client = None
     if client is not None:
-        futures = client.compute(sources)
-        index = {f.key: i for i, f in enumerate(futures)}
+        # one future per block (shared upstream chunks computed once), written as they arrive
+        # and released, so neither the workers nor this process hold a whole array
+        blocks = [(i, key, block) for i, source in enumerate(sources)
+                  for key, block in _blocks(source)]
+        futures = client.compute([block for _, _, block in blocks])
+        where = {f.key: (i, key) for f, (i, key, _) in zip(futures, blocks)}
+        bar = TextProgress(len(futures), "write-midas-zarr", enabled=progress)
         for fut, value in as_completed(futures, with_results=True):
-            targets[index[fut.key]][...] = value
+            i, key = where[fut.key]
+            targets[i][key] = value
+            fut.release()
+            bar.update()
+        bar.close()
         return
     blocks: queue.Queue = queue.Queue()
     done = object()
@@ -204,7 +227,7 @@ def _store_all(sources: list[Any], targets: list[Any]) -> None:
         raise failure[0]
 
 
-def write_midas_zarr(ds: Any, path: str | os.PathLike) -> Path:
+def write_midas_zarr(ds: Any, path: str | os.PathLike, *, progress: bool = False) -> Path:
     """Write a caked Dataset as a MIDAS ``.zarr.zip`` (§7.1 layout, zarr format 2), atomically.
 
     Parameters
@@ -213,15 +236,18 @@ def write_midas_zarr(ds: Any, path: str | os.PathLike) -> Path:
         Output of :func:`midasflow.cake.cake` (lazy or computed).
     path : path-like
         Destination, conventionally ``<stem>.zarr.zip`` (GSAS-II's importer needs that suffix).
+    progress : bool
+        With a distributed client: a progress line on stderr as blocks arrive (the threaded
+        scheduler's progress is shown by ``dask.diagnostics.ProgressBar``).
 
     Returns
     -------
     Path
-        ``path``. The file is written to ``<path>.tmp-<pid>`` and renamed into place; on any
-        error the temporary file is removed and ``path`` is left untouched.
+        ``path``. The file is written under a temporary sibling name and renamed into place; on
+        any error the temporary file is removed and ``path`` is left untouched.
     """
     with atomic_output(path) as tmp:
-        _write(ds, tmp)
+        _write(ds, tmp, progress)
     return Path(path)
 
 

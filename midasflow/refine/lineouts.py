@@ -39,6 +39,7 @@ import numpy as np
 
 from midasflow.errors import CakeFileError, ParameterError
 from midasflow.io.atomic import write_bytes_atomic
+from midasflow.progress import TextProgress
 
 SEED_MODES = (None, "neighbour")
 CHECKPOINT_SUBDIR = "lineouts"
@@ -360,30 +361,17 @@ def load_checkpoints(plan: Sequence[LineoutSpec], checkpoint_dir: str | os.PathL
 # ---------------------------------------------------------------------------------------------
 # progress
 # ---------------------------------------------------------------------------------------------
-class _TextProgress:
-    """One updating line on stderr: ``refine-lineout  37/72  ok 35  failed 2  4.1/s``."""
+class _LineoutProgress(TextProgress):
+    """``refine-lineout [####....] 37/72  ok 35  failed 2  4.1/s`` on stderr."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.done = self.ok = self.failed = 0
-        self.t0 = time.perf_counter()
+        super().__init__(total, TASK_PREFIX, enabled)
+        self.ok = self.failed = 0
 
-    def update(self, res: LineoutResult) -> None:
-        self.done += 1
+    def update(self, res: LineoutResult) -> None:  # type: ignore[override]
         self.ok += res.status == "ok"
         self.failed += res.status == "failed"
-        if self.enabled:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            width = 30
-            fill = int(width * self.done / max(self.total, 1))
-            sys.stderr.write(f"\r{TASK_PREFIX} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total}"
-                             f"  ok {self.ok}  failed {self.failed}  {rate:.1f}/s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.total:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        super().update(f"ok {self.ok}  failed {self.failed}  ")
 
 
 def _in_notebook() -> bool:
@@ -442,7 +430,7 @@ def run_serial(
     """
     refine_fn = refine_fn or default_refine_fn()
     plan, seeds, results = _prepare(plan, seed_from, checkpoint_dir, resume)
-    bar = _TextProgress(len(plan) - len(results), progress)
+    bar = _LineoutProgress(len(plan) - len(results), progress)
     for spec in plan:
         if spec.index in results:
             continue
@@ -516,7 +504,7 @@ def run_distributed(
         from distributed import progress as dask_progress
 
         dask_progress(list(futures))
-    bar = _TextProgress(len(todo), progress and not notebook)
+    bar = _LineoutProgress(len(todo), progress and not notebook)
     try:
         for fut in as_completed(list(futures)):
             spec = futures[fut]
