@@ -788,10 +788,9 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
     buf = np.zeros((5, offsets[-1]), dtype=np.float64)
     _peaks_kernel(x, pos, s2a, gma, shl_eff, xp, wp, ilo, ihi, sub_off.astype(np.int64),
                   ratio, pos_fac, bool(derivatives), buf, ftype)
-    y = np.zeros(x.size, dtype=np.float64)
     point_idx = _piece_points(lo, hi, offsets)
     scale = np.repeat(inten, hi - lo)
-    np.add.at(y, point_idx, scale * buf[0])
+    y = np.bincount(point_idx, weights=scale * buf[0], minlength=x.size)
     d = (lambda row: scale * buf[row]) if derivatives else (lambda row: None)
     return PeakSum(y=y, lo=lo.astype(np.int64), hi=hi.astype(np.int64), offsets=offsets,
                    d_intensity=buf[0], d_pos=d(1), d_sig2=d(2), d_gam=d(3),
