@@ -13,9 +13,21 @@ n_sample = Rz(ω)ᵀ·n; Rz as in midas_caking.md §4.3). A sub-pixel at Bragg a
 the unstrained pattern at sin θ' = sin θ_s·(1 + nᵀεn), with n evaluated at its own (θ_s, η_s); the
 unstrained pattern is tabulated once in 2θ and interpolated.
 
-Profiles are peak-height normalised in 2θ (degrees): Gaussian exp(−4 ln2 x²/FWHM²), Lorentzian
-1/(1 + 4x²/FWHM²), pseudo-Voigt = ``lorentz_fraction``·L + (1 − ``lorentz_fraction``)·G, so
-``counts`` is the peak height (above background) of a ring of relative intensity 1.
+The unstrained 1-D pattern comes from one of two sources:
+
+* a :class:`midasflow.crystal.Phase`: the refinement engine's own model
+  (:class:`midasflow.refine.engine.PatternModel`, no background) with the instrument terms of
+  ``params.instrument`` (what the parameter file, and so the ``.zarr.zip`` InstrumentParameters,
+  carry) — GSAS-II's CW profile (TCH pseudo-Voigt ⊗ FCJ asymmetry, widths from U, V, W, X, Y, Z
+  and the default Size/Mustrain) and I_h = M_h·L·P·|F_h|²/V, with the sample azimuth 0 that the
+  pipeline refines with. A refinement of these rings therefore has the simulated cell as its
+  exact answer (up to the pixel, bin and η-bin averaging of the detector and the cake).
+* :class:`Rings` (idealised rings for geometry and caking tests): peak-height normalised
+  profiles in 2θ (degrees), Gaussian exp(−4 ln2 x²/FWHM²), Lorentzian 1/(1 + 4x²/FWHM²),
+  pseudo-Voigt = ``lorentz_fraction``·L + (1 − ``lorentz_fraction``)·G.
+
+``counts`` is the peak height (above background) of a ring of relative intensity 1 (Rings) or
+of the highest point of the phase's pattern (Phase).
 """
 from __future__ import annotations
 
@@ -36,7 +48,6 @@ from midasflow.strain import rotation_z, scattering_vector
 __all__ = [
     "Rings",
     "cubic_rings",
-    "rings_from_phase",
     "module_gaps",
     "ring_tth_deg",
     "simulate_frames",
@@ -47,12 +58,20 @@ __all__ = [
     "ceo2_params",
     "CEO2_A_A",
     "CEO2_WAVELENGTH_A",
+    "CEO2_GAUSS_FWHM_PX",
+    "CEO2_LORENTZ_FWHM_PX",
+    "CEO2_SHL",
 ]
 
 #: CeO2 (NIST SRM 674b-like) lattice parameter, Å.
 CEO2_A_A = 5.411651
 #: A typical APS 1-ID wavelength, Å.
 CEO2_WAVELENGTH_A = 0.172979
+#: Ring profile of the CeO2 scans in detector pixels (at the detector centre): Gaussian FWHM,
+#: Lorentzian FWHM, and GSAS-II's smallest FCJ asymmetry SH/L; see :func:`ceo2_params`.
+CEO2_GAUSS_FWHM_PX = 2.0
+CEO2_LORENTZ_FWHM_PX = 0.5
+CEO2_SHL = 0.002
 #: Sub-pixels per geometry block (bounds memory; geometry is computed once per block).
 _BLOCK_SUBPIXELS = 2**20
 
@@ -98,15 +117,6 @@ def cubic_rings(a_a: float, hkl_list: Sequence[Sequence[int]]) -> Rings:
     d = a_a / np.sqrt((hkl**2).sum(axis=1))
     mult = np.array([_cubic_multiplicity(tuple(row)) for row in hkl], dtype=np.float64)
     return Rings(d, mult / mult.max(), hkl)
-
-
-def rings_from_phase(phase: Any, wavelength_a: float, tth_max_deg: float) -> Rings:
-    """Rings of a :class:`midasflow.crystal.Phase`: intensity ∝ multiplicity·|F|²."""
-    from midasflow.crystal import reflections
-
-    refl = reflections(phase, wavelength_a, tth_max_deg)
-    weight = refl.mult * refl.fsq
-    return Rings(np.asarray(refl.d_a, float), weight / weight.max(), np.asarray(refl.hkl))
 
 
 def module_gaps(shape: tuple[int, int], module_px: tuple[int, int] = (195, 487),
@@ -195,15 +205,76 @@ class _Pattern:
         return self.values[i] * (1.0 - frac) + self.values[i + 1] * frac
 
 
+#: Tabulation step of the 1-D pattern: this fraction of the narrowest peak's FWHM.
+_STEPS_PER_FWHM = 64
+
+
 def _tabulate(tth0_deg: np.ndarray, intensity: np.ndarray, fwhm_deg: np.ndarray, lorentz_fraction: float,
               tth_max_deg: float) -> _Pattern:
-    step = float(fwhm_deg.min()) / 64.0
+    step = float(fwhm_deg.min()) / _STEPS_PER_FWHM
     n = int(np.ceil(tth_max_deg / step)) + 2
     grid = np.arange(n) * step
     values = np.zeros(n)
     for t0, amp, w in zip(tth0_deg, intensity, fwhm_deg):
         values += amp * _profile(grid - t0, w, lorentz_fraction)
     return _Pattern(0.0, step, values)
+
+
+def _rings_pattern(rings: Rings, wavelength_a: float, fwhm_deg: float | Sequence[float],
+                   lorentz_fraction: float, tth_max_deg: float) -> tuple[_Pattern, dict[str, Any]]:
+    """Pseudo-Voigt pattern of idealised rings (peak heights = ``rings.intensity``) and its truth."""
+    d0 = np.asarray(rings.d_a, float)
+    keep = wavelength_a / (2.0 * d0) < 1.0
+    d0, amp = d0[keep], np.asarray(rings.intensity, float)[keep]
+    tth0 = np.rad2deg(2.0 * np.arcsin(wavelength_a / (2.0 * d0)))
+    fwhm = np.broadcast_to(np.asarray(fwhm_deg, float), rings.d_a.shape)[keep]
+    pattern = _tabulate(tth0, amp, fwhm, lorentz_fraction, tth_max_deg + 10.0 * fwhm.max())
+    truth = dict(profile="pseudo-voigt", d0_a=d0, tth0_deg=tth0, intensity=amp,
+                 hkl=None if rings.hkl is None else np.asarray(rings.hkl)[keep], fwhm_deg=fwhm,
+                 lorentz_fraction=float(lorentz_fraction), instrument=None)
+    return pattern, truth
+
+
+def _phase_pattern(phase: Any, params: Params, tth_max_deg: float) -> tuple[_Pattern, dict[str, Any]]:
+    """The refinement engine's model of ``phase`` (peaks only, max = 1) on a fine 2θ grid, and its truth.
+
+    The instrument terms are ``params.instrument`` read as the pipeline reads them from the caked
+    file (:func:`midasflow.io.instprm.instrument_from_midas`), so simulation and refinement use
+    one instrument and one model (:class:`midasflow.refine.engine.PatternModel`).
+    """
+    import json
+
+    import xarray as xr
+
+    from midasflow.io.instprm import instrument_from_midas
+    from midasflow.profile import tch_fwhm_eta
+    from midasflow.refine.engine import PatternModel
+
+    instrument = instrument_from_midas(xr.Dataset(attrs={"instrument": json.dumps(params.instrument)}))
+    if instrument.is_doublet:
+        raise ValueError("simulate_frames: a Kα doublet instrument is not supported (set Lam)")
+    hi = tth_max_deg + 1.0
+
+    def widths(model: PatternModel) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Reflection terms inside 0..hi and their TCH FWHM (deg)."""
+        rt = model.reflection_terms(0, model.values)
+        keep = np.isfinite(rt["tth"]) & (rt["tth"] <= hi)
+        rt = {key: np.asarray(val)[keep] for key, val in rt.items()}
+        rt["hkl"] = np.asarray(model.phases[0].hkl)[keep]
+        return rt, np.array([tch_fwhm_eta(s2, g)[0] for s2, g in zip(rt["sig2"], rt["gam"])]) / 100.0
+
+    _, fwhm = widths(PatternModel(np.array([0.0, hi]), (0.0, hi), [phase], instrument, bkg_terms=1))
+    step = float(fwhm.min()) / _STEPS_PER_FWHM
+    grid = np.arange(int(np.ceil(hi / step)) + 2) * step
+    model = PatternModel(grid, (0.0, float(grid[-1])), [phase], instrument, bkg_terms=1)
+    y, bkg, _ = model.evaluate(model.values)
+    peaks = y - bkg
+    top = float(peaks.max())
+    rt, fwhm = widths(model)
+    truth = dict(profile="gsas2-cw", d0_a=params.wavelength_a / (2.0 * np.sin(np.deg2rad(rt["tth"]) / 2.0)),
+                 tth0_deg=rt["tth"], intensity=rt["intensity"] / top, hkl=rt["hkl"], fwhm_deg=fwhm,
+                 lorentz_fraction=None, instrument=instrument.to_dict())
+    return _Pattern(0.0, step, peaks / top), truth
 
 
 def _finish(values: np.ndarray, *, poisson: bool, rng: np.random.Generator, dtype: np.dtype,
@@ -265,18 +336,20 @@ def simulate_frames(
     params : Params
         Detector geometry, wavelength, NrPixelsZ×NrPixelsY, ImTransOpt, OmegaStart/OmegaStep.
     rings : Rings or midasflow.crystal.Phase
-        A Phase is turned into rings up to the detector's largest 2θ (:func:`rings_from_phase`).
+        Idealised rings drawn with the pseudo-Voigt of ``fwhm_deg``/``lorentz_fraction``, or a
+        Phase drawn with the refinement engine's model and the instrument terms of
+        ``params.instrument`` (module docstring).
     n_frames : int
         Frames; frame i is at ω = OmegaStart + i·OmegaStep (deg).
     strain_tensor : (3, 3) array, optional
         Symmetric sample-frame strain (module docstring).
     fwhm_deg : float or (n_rings,)
-        Profile FWHM in 2θ, degrees.
+        Profile FWHM in 2θ, degrees (Rings only).
     lorentz_fraction : float
-        0 = Gaussian, 1 = Lorentzian, between = pseudo-Voigt.
+        0 = Gaussian, 1 = Lorentzian, between = pseudo-Voigt (Rings only).
     background, counts, dark_offset : float
-        Flat background (counts/pixel), peak height of a ring of intensity 1, detector offset
-        (the level a dark frame records).
+        Flat background (counts/pixel), peak height of a ring of intensity 1 (Rings) or of the
+        pattern's highest point (Phase), detector offset (the level a dark frame records).
     poisson : bool
         Add Poisson noise (``seed`` makes it reproducible).
     masked_regions : sequence of (z0, z1, y0, y1)
@@ -293,8 +366,12 @@ def simulate_frames(
     frames : ndarray, shape (n_frames, nz, ny), ``dtype``
         Raw orientation.
     truth : dict
-        ``wavelength_a``, ``d0_a``, ``tth0_deg``, ``intensity``, ``hkl`` (n_rings arrays or
-        None), ``fwhm_deg``, ``omega_deg`` (n_frames,), ``omega_factor`` (n_frames,),
+        ``wavelength_a``, ``profile`` ("pseudo-voigt" for Rings, "gsas2-cw" for a Phase),
+        ``d0_a``, ``tth0_deg``, ``intensity`` (Rings: peak heights; Phase: integrated I_h in
+        units of ``counts``·centidegree), ``hkl`` (n_rings arrays or None), ``fwhm_deg`` (total
+        FWHM per ring), ``lorentz_fraction`` (Rings) and ``instrument`` (Phase: the GSAS-II
+        terms used, as refinement reads them back; else None), ``omega_deg`` (n_frames,),
+        ``omega_factor`` (n_frames,),
         ``strain_tensor`` (3, 3), ``eta_deg`` (360,) 1° grid, ``ring_tth_deg``
         (n_frames, n_rings, 360) true ring 2θ along η, ``background``, ``counts``,
         ``dark_offset``, ``flagged`` (nz, ny) bool, ``supersample``.
@@ -302,14 +379,11 @@ def simulate_frames(
     nz, ny = int(params.nr_pixels_z), int(params.nr_pixels_y)
     dtype = np.dtype(dtype)
     tth_max = _detector_tth_max(params)
-    if not isinstance(rings, Rings):
-        rings = rings_from_phase(rings, params.wavelength_a, tth_max + 1.0)
-    d0 = np.asarray(rings.d_a, float)
-    keep = params.wavelength_a / (2.0 * d0) < 1.0
-    d0, amp = d0[keep], np.asarray(rings.intensity, float)[keep]
-    tth0 = np.rad2deg(2.0 * np.arcsin(params.wavelength_a / (2.0 * d0)))
-    fwhm = np.broadcast_to(np.asarray(fwhm_deg, float), rings.d_a.shape)[keep]
-    pattern = _tabulate(tth0, amp, fwhm, lorentz_fraction, tth_max + 10.0 * fwhm.max())
+    if isinstance(rings, Rings):
+        pattern, ring_truth = _rings_pattern(rings, params.wavelength_a, fwhm_deg, lorentz_fraction, tth_max)
+    else:
+        pattern, ring_truth = _phase_pattern(rings, params, tth_max)
+    d0 = ring_truth["d0_a"]
 
     omega = float(params.omega_start_deg) + float(params.omega_step_deg) * np.arange(n_frames)
     if omega_factor is None:
@@ -356,11 +430,7 @@ def simulate_frames(
     eta_grid = np.arange(-179.5, 180.0, 1.0)
     truth = {
         "wavelength_a": float(params.wavelength_a),
-        "d0_a": d0,
-        "tth0_deg": tth0,
-        "intensity": amp,
-        "hkl": None if rings.hkl is None else np.asarray(rings.hkl)[keep],
-        "fwhm_deg": fwhm,
+        **ring_truth,
         "omega_deg": omega,
         "omega_factor": factor,
         "strain_tensor": np.zeros((3, 3)) if strain is None else strain,
@@ -507,6 +577,12 @@ def ceo2_params(shape: tuple[int, int] = (512, 512), **overrides: Any) -> Params
     200 µm pixels, λ = 0.172979 Å, Lsd = 1 m × (max(shape)/2048) so the rings cover the same
     2θ range as a 2048² detector at 1 m; beam centre slightly off the middle, small tilts and
     distortion; R bins of 0.25 px out to the largest full ring radius, η bins of 5°.
+
+    Unless ``instrument_overrides`` is given, the GSAS-II instrument terms of the rings (written
+    to the parameter file, used by :func:`simulate_frames` for a Phase and read back by the
+    refinement as a calibrated instrument): ``Polariz.`` 0.99, ``SH/L`` = :data:`CEO2_SHL`,
+    ``U = V = Y = Z = 0``, ``W`` = σ² and ``X`` = γ (centidegrees of 2θ) of a Gaussian FWHM of
+    :data:`CEO2_GAUSS_FWHM_PX` and a Lorentzian FWHM of :data:`CEO2_LORENTZ_FWHM_PX` pixels.
     """
     nz, ny = shape
     scale = max(shape) / 2048.0
@@ -520,6 +596,12 @@ def ceo2_params(shape: tuple[int, int] = (512, 512), **overrides: Any) -> Params
         r_bin_px=0.25, eta_bin_deg=5.0, omega_start_deg=0.0, omega_step_deg=1.0,
     )
     fields.update(overrides)
+    if "instrument_overrides" not in overrides:
+        cdeg_per_px = 100.0 * float(np.rad2deg(np.arctan(fields["px_um"] / fields["lsd_um"])))
+        sigma = CEO2_GAUSS_FWHM_PX * cdeg_per_px / np.sqrt(8.0 * np.log(2.0))
+        fields["instrument_overrides"] = (
+            ("Polariz.", 0.99), ("SH/L", CEO2_SHL), ("U", 0.0), ("V", 0.0), ("W", round(float(sigma**2), 6)),
+            ("X", round(CEO2_LORENTZ_FWHM_PX * cdeg_per_px, 6)), ("Y", 0.0), ("Z", 0.0))
     return Params(**fields)
 
 
@@ -538,10 +620,12 @@ def simulate_ceo2_scan(
     counts: float = 2000.0,
     background: float = 50.0,
     dark_offset: float = 100.0,
-    fwhm_px: float = 2.5,
     params_overrides: dict[str, Any] | None = None,
 ) -> tuple[ScanFiles, dict[str, Any]]:
     """A complete small CeO2 scan on disk (frames, dark, parameter file, mask) with its truth.
+
+    The rings are the engine's model of CeO2 (a = :data:`CEO2_A_A`) with the instrument terms of
+    the parameter file (:func:`simulate_frames` with a Phase).
 
     Parameters
     ----------
@@ -560,10 +644,9 @@ def simulate_ceo2_scan(
     supersample : int
     counts, background, dark_offset : float
         Peak height of the strongest ring, flat background, dark level (counts).
-    fwhm_px : float
-        Profile FWHM expressed in pixels at the detector centre (converted to 2θ degrees).
     params_overrides : dict, optional
-        :class:`Params` fields replacing those of :func:`ceo2_params`.
+        :class:`Params` fields replacing those of :func:`ceo2_params` (``instrument_overrides``
+        replaces the ring profile terms).
 
     Returns
     -------
@@ -574,17 +657,14 @@ def simulate_ceo2_scan(
     from midasflow.crystal import cubic_phase
 
     params = ceo2_params(shape, **(params_overrides or {}))
-    nz, ny = shape
     scale = max(shape) / 2048.0
     regions = module_gaps(shape, (max(1, round(195 * scale)), max(1, round(487 * scale))),
                           (max(1, round(17 * scale)), max(1, round(7 * scale)))) if gaps else []
     dtype = np.int32 if gaps else np.uint16
-    fwhm_deg = float(np.rad2deg(np.arctan(fwhm_px * params.px_um / params.lsd_um)))
     phase = cubic_phase("CeO2", CEO2_A_A)
     frames, truth = simulate_frames(
-        params, phase, n_frames=n_frames, strain_tensor=strain_tensor, fwhm_deg=fwhm_deg,
-        lorentz_fraction=0.2, background=background, counts=counts, dark_offset=dark_offset,
-        poisson=poisson, seed=seed, masked_regions=regions, supersample=supersample, dtype=dtype,
+        params, phase, n_frames=n_frames, strain_tensor=strain_tensor, background=background,
+        counts=counts, dark_offset=dark_offset, poisson=poisson, seed=seed, masked_regions=regions, supersample=supersample, dtype=dtype,
     )
     dark = simulate_dark(params, n_frames=2, level=dark_offset, poisson=poisson, seed=seed + 1,
                          masked_regions=regions, dtype=dtype)

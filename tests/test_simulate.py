@@ -111,6 +111,40 @@ def test_raw_orientation_matches_pixel_map():
     np.testing.assert_allclose(frames[0], expected, rtol=1e-3, atol=1e-3)
 
 
+def test_phase_rings_are_the_engine_model_with_the_parameter_file_instrument():
+    # supersample 1: each pixel is the engine's y_calc (no background) at its centre's 2θ, scaled
+    from midasflow.crystal import cubic_phase, reflections
+    from midasflow.profile import lorentz_polarization
+    from midasflow.refine.engine import PatternModel
+
+    params = ceo2_params((96, 96))
+    phase = cubic_phase("CeO2", CEO2_A_A)
+    frames, truth = simulate_frames(params, phase, background=5.0, counts=100.0, supersample=1,
+                                    dtype=np.float64)
+    assert truth["profile"] == "gsas2-cw"
+    for key in ("Lam", "Polariz.", "SH/L", "U", "V", "W", "X", "Y", "Z"):
+        assert truth["instrument"][key] == params.instrument[key], key
+    assert truth["instrument"]["W"] > 0 and truth["instrument"]["X"] > 0 and truth["instrument"]["SH/L"] == 0.002
+
+    tth = r_to_tth_deg(pixel_map(params)[0], params).ravel()
+    order = np.argsort(tth)
+    model = PatternModel(tth[order], (tth.min(), tth.max()), [phase], truth["instrument"], bkg_terms=1)
+    y, bkg, _ = model.evaluate(model.values)
+    engine = np.empty_like(tth)
+    engine[order] = y - bkg
+    net = frames[0].ravel() - 5.0
+    scale = (net @ engine) / (engine @ engine)
+    assert np.abs(net - scale * engine).max() < 2e-3 * net.max()
+    assert net.max() > 50.0  # rings are really there
+
+    # integrated intensities ∝ M·LP·|F|² (Lorentz–polarisation included), independent of the engine
+    refl = reflections(phase, params.wavelength_a, 10.0)
+    n = len(refl.mult)
+    np.testing.assert_allclose(truth["tth0_deg"][:n], refl.tth_deg, rtol=1e-9)
+    weight = refl.mult * refl.fsq * lorentz_polarization(refl.tth_deg, 0.99, 0.0)
+    np.testing.assert_allclose(truth["intensity"][:n] / truth["intensity"][0], weight / weight[0], rtol=1e-6)
+
+
 def test_noise_seed_flags_and_omega_factor():
     params = _params(omega_start_deg=10.0, omega_step_deg=5.0)
     rings = cubic_rings(CEO2_A_A, [[1, 1, 1]])
@@ -155,6 +189,10 @@ def test_ceo2_scan_end_to_end(tmp_path):
     eps = np.diag([0.0, 1e-3, -5e-4])
     files, truth = simulate_ceo2_scan(tmp_path, n_frames=2, shape=(128, 128), strain_tensor=eps, seed=11, gaps=True)
     assert truth["a0_a"] == CEO2_A_A and truth["phase"] == "CeO2"
+    # the instrument terms of the rings are in the parameter file, as a calibration would put them
+    for key, value in truth["instrument"].items():
+        if key in files.params.instrument:
+            assert files.params.instrument[key] == pytest.approx(value, rel=1e-12), key
     np.testing.assert_array_equal(truth["strain_tensor"], eps)
     assert truth["ring_tth_deg"].shape == (2, truth["d0_a"].size, 360)
     assert truth["hkl"][0].tolist() == [1, 1, 1]
@@ -167,6 +205,6 @@ def test_ceo2_scan_end_to_end(tmp_path):
     # dark (mean of 2 Poisson frames around 100) removed: the background level remains
     far = values[:, ~mask]
     assert np.median(far) > truth["background"] - 5
-    files2, truth2 = simulate_ceo2_scan(tmp_path / "again", n_frames=2, shape=(128, 128), strain_tensor=eps,
+    files2, _ = simulate_ceo2_scan(tmp_path / "again", n_frames=2, shape=(128, 128), strain_tensor=eps,
                                         seed=11, gaps=True)
     np.testing.assert_array_equal(open_frames(files2.data, files2.params).values, values)
