@@ -5,7 +5,7 @@ in a ``concurrent.futures.ProcessPoolExecutor``.
 Prints, per worker count, the integration and refinement wall times and lineouts per second, the
 2-worker/1-worker scaling ratio, and the GSAS-II process-pool rate beside the built-in engine's on
 the same lineouts with the same number of processes. The scan is the one ``midasflow demo``
-simulates (512² px, 8 frames summed in pairs → 4 ω-groups × 72 η = 288 lineouts; Le Bail).
+simulates (512² px, 8 frames summed in pairs → 4 ω-groups × 72 η = 288 lineouts; Rietveld).
 
 Run: python benchmarks/bench_pipeline.py [--workers 1 2] [--gsas2-lineouts 24] [--size 512]
 """
@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-MODE = "lebail"
+MODE = "rietveld"
 
 
 def _end_to_end(scan, cif, folder: Path, n_workers: int) -> dict[str, float]:

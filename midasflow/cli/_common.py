@@ -16,7 +16,7 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that choose where Dask runs: local workers, a scheduler, or a jobqueue cluster."""
     group = parser.add_argument_group("where the work runs")
     add_flag(group, "-nCPUs", "--nCPUs", dest="n_cpus", type=int, default=None,
-             help="workers of the local Dask cluster (default: this process; demo: up to 4 workers)")
+             help="workers of a local Dask cluster (default: run in this process)")
     group.add_argument("--scheduler", default=None, metavar="ADDR",
                        help="address of a running Dask scheduler, e.g. tcp://host:8786")
     group.add_argument("--cluster", choices=("slurm", "pbs"), default=None,
