@@ -114,8 +114,12 @@ _IGNORED = {
     "DoBinSort", "Write2D", "ResultFolder", "DoPeakFit", "PeakLocation", "AutoDetectPeaks",
     "SNIPIterations", "FitROIPadding", "FitROIAuto", "DoSmoothing", "MultiplePeaks",
     "DoubletSeparation", "MaskFN", "NPanelsY", "NPanelsZ", "PanelSizeY", "PanelSizeZ",
-    "PanelGapsY", "PanelGapsZ", "SubPixelLevel", "SubPixelCardinalWidth", "GradientCorrection",
-    "QBinSize", "QMin", "QMax",
+    "PanelGapsY", "PanelGapsZ", "SubPixelCardinalWidth", "QMin", "QMax",
+}
+# Keys MIDAS applies but midasflow does not: (value that changes nothing, what the user gets).
+_NOT_APPLIED = {
+    "SubPixelLevel": (1.0, "exact pixel splitting is used instead of sub-pixels"),
+    "GradientCorrection": (0.0, "pixel values are not resampled at the R-bin centre"),
 }
 
 
@@ -322,13 +326,14 @@ def _strip_comment(line: str) -> str:
 
 
 def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list[str]]:
-    """Parse (location, text) pairs into Params keyword arguments and the unknown keys."""
+    """Parse (location, text) pairs into Params keyword arguments and the MIDAS keys whose
+    values midasflow does not apply (with what that means)."""
     values: dict[str, Any] = {}
     im_trans: list[int] = []
     distortion: dict[int, float] = {}
     instrument: dict[str, float] = {}
     extra: dict[str, tuple[str, ...]] = {}
-    ignored: list[str] = []
+    not_applied: list[str] = []
     for where, raw in lines:
         text = _strip_comment(raw)
         if not text:
@@ -340,7 +345,15 @@ def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list
             raise ParameterError(f"{where}: key {key}: {_UNSUPPORTED[key]}")
         if not tokens and key not in _IGNORED:
             raise ParameterError(f"{where}: key {key}: expected a value after the key")
-        if key == "ImTransOpt":
+        if key == "QBinSize":
+            if _convert(tokens[0], float, where, key) > 0:
+                raise ParameterError(f"{where}: key QBinSize: Q-mode binning is not supported; "
+                                     "expected 0, bin in R with RMin/RMax/RBinSize (pixels)")
+        elif key in _NOT_APPLIED:
+            neutral, consequence = _NOT_APPLIED[key]
+            if _convert(tokens[0], float, where, key) != neutral:
+                not_applied.append(f"{key} ({consequence})")
+        elif key == "ImTransOpt":
             im_trans.extend(_convert(t, int, where, key) for t in tokens)
         elif key == "BC":
             if len(tokens) < 2:
@@ -360,7 +373,7 @@ def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list
             else:
                 values[spec.field] = _convert(tokens[0], spec.kind, where, key)
         elif key in _IGNORED:
-            ignored.append(key)
+            continue
         else:
             extra[key] = tuple(tokens)
     if im_trans:
@@ -373,7 +386,7 @@ def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list
         values["extra"] = tuple(sorted(extra.items()))
     if values.get("omega_sum_frames") == 0:
         values["omega_sum_frames"] = 1  # MIDAS: 0 means 1
-    return values, sorted(set(ignored))
+    return values, sorted(set(not_applied))
 
 
 def _override_lines(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -437,7 +450,10 @@ def read_params(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
     if any(line.split()[:1] == ["ImTransOpt"] for _, line in override_lines):
         # an override replaces the file's transform list instead of extending it
         lines = [(w, line) for w, line in lines if _strip_comment(line).split()[:1] != ["ImTransOpt"]]
-    values, _ = _parse_lines(lines + override_lines)
+    values, not_applied = _parse_lines(lines + override_lines)
+    if not_applied:
+        warnings.warn(f"{path}: not applied by midasflow: {'; '.join(not_applied)}", UserWarning,
+                      stacklevel=2)
     extra = dict(values.get("extra", ()))
     if extra:
         warnings.warn(

@@ -136,3 +136,17 @@ def test_missing_file(tmp_path):
 def test_bad_override_is_named(tmp_path):
     with pytest.raises(ParameterError, match="command line override RBinSize: key RBinSize"):
         read_params(write(tmp_path, "RMin 10\n"), ["RBinSize", "-1"])
+
+
+def test_q_mode_is_refused_not_ignored(tmp_path):
+    with pytest.raises(ParameterError, match=r"ps.txt:2: key QBinSize: Q-mode binning is not supported"):
+        read_params(write(tmp_path, "RMin 10\nQBinSize 0.01\nQMin 1\nQMax 5\n"))
+    assert read_params(write(tmp_path, "QBinSize 0\n")).r_bin_px == 0.25  # 0 = R-mode, fine
+
+
+def test_midas_keys_not_applied_are_reported(tmp_path):
+    with pytest.warns(UserWarning, match=r"not applied by midasflow: GradientCorrection .*SubPixelLevel"):
+        read_params(write(tmp_path, "SubPixelLevel 3\nGradientCorrection 1\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neutral values say nothing
+        read_params(write(tmp_path, "SubPixelLevel 1\nGradientCorrection 0\n"))
