@@ -49,7 +49,7 @@ def _frames(params, n=5, seed=1):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_kernel_matches_reference(params, masked_map, dtype, mask_rule, normalize):
     frames = _frames(params).astype(dtype)
-    kw = dict(normalize=normalize, mask_rule=mask_rule, min_area_fraction=0.6)
+    kw = {"normalize": normalize, "mask_rule": mask_rule, "min_area_fraction": 0.6}
     fast = cake_block(frames, masked_map, **kw)
     ref = cake_block_reference(frames, masked_map, **kw)
     assert fast.shape == (5, masked_map.n_r, masked_map.n_eta) and fast.dtype == np.float64
@@ -84,6 +84,26 @@ def test_nan_pixels_leave_the_area_out(plain_map):
     np.testing.assert_allclose(out[covered], 2.0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("mask_rule", ["area", "midas"])
+def test_all_nan_frame_matches_reference(plain_map, mask_rule):
+    """Bins that lose every pixel: area exactly 0 (value 0 when min_area_fraction is 0), as the
+    oracle, not a rounding residue of the subtracted NaN areas."""
+    frames = np.full((2,) + plain_map.detector_shape, 4.0)
+    frames[0] = np.nan
+    frames[1, :20] = np.nan
+    for fraction in (0.0, 0.5):
+        got = cake_block(frames, plain_map, min_area_fraction=fraction, mask_rule=mask_rule)
+        ref = cake_block_reference(frames, plain_map, min_area_fraction=fraction,
+                                   mask_rule=mask_rule)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=0, equal_nan=True)
+        covered = plain_map.geometric_area > 0
+        if mask_rule == "area" and fraction == 0.0:
+            assert (got[0][covered] == 0).all()
+        else:
+            assert np.isnan(got[0][covered]).all()
+
+
 def test_mask_rules(params, masked_map):
     frames = _frames(params)
     area_rule = cake_block(frames, masked_map, min_area_fraction=0.5)
@@ -100,6 +120,50 @@ def test_mask_rules(params, masked_map):
     # min_area_fraction 0 keeps every bin that has any unmasked area
     keep_all = cake_block(frames[[0]], masked_map, min_area_fraction=0.0)[0]
     assert np.isfinite(keep_all).all()
+
+
+def test_ring_order_covers_every_entry_pixel(masked_map):
+    from midasflow.cake import _kernel_map
+
+    km = _kernel_map(masked_map)
+    W = masked_map.weights
+    used = np.unique(W.indices)
+    assert km.n_used == used.size and (km.slot[used] >= 0).all()
+    assert (np.delete(km.slot, used) == -1).all()  # masked / out-of-range pixels get no row
+    np.testing.assert_array_equal(np.sort(km.slot[used]), np.arange(used.size))
+    np.testing.assert_array_equal(km.rows, km.slot[W.indices])
+    # rows first appear in map order: the bins read the buffer front to back
+    first = np.maximum.accumulate(km.rows)
+    assert (np.diff(np.unique(first)) == 1).all()
+    assert km.chunks[0] == 0 and km.chunks[-1] == W.shape[0] and (np.diff(km.chunks) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_result_does_not_depend_on_pass_size(params, masked_map, monkeypatch, dtype):
+    """Frames split over several map passes (NaN and NaN-free passes mixed) give bit-identical
+    per-frame cakes to one pass and to one call per frame."""
+    import midasflow.cake as cake_module
+
+    frames = _frames(params, n=7).astype(dtype)  # NaN only in frames 1 and 3
+    one_pass = cake_block(frames, masked_map, mask_rule="midas")
+    assert cake_module.frames_per_pass(masked_map, frames.dtype) >= 7
+    row_bytes = cake_module._kernel_map(masked_map).n_used * frames.itemsize
+    monkeypatch.setattr(cake_module, "_PASS_BYTES", 2 * row_bytes)
+    assert cake_module.frames_per_pass(masked_map, frames.dtype) == 2
+    np.testing.assert_array_equal(cake_block(frames, masked_map, mask_rule="midas"), one_pass)
+    singles = np.concatenate([cake_block(f, masked_map, mask_rule="midas") for f in frames])
+    np.testing.assert_array_equal(singles, one_pass)
+
+
+def test_concurrent_calls_use_their_own_buffers(params, masked_map):
+    from concurrent.futures import ThreadPoolExecutor
+
+    blocks = [_frames(params, n=5, seed=s).astype(np.float32) for s in range(6)]
+    expected = [cake_block(b, masked_map) for b in blocks]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda b: cake_block(b, masked_map), blocks))
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(g, e)
 
 
 def test_kernel_rejects_bad_input(params, masked_map):
@@ -263,7 +327,7 @@ def ceo2():
                      eta_bin_deg=30.0, wavelength_a=0.172978, solid_angle_correction=False,
                      polarization_correction=False)
     rings = cubic_rings(5.411, [(1, 1, 1), (2, 0, 0), (2, 2, 0)])
-    kw = dict(fwhm_deg=0.05, background=10.0, supersample=4, dtype=np.float64)
+    kw = {"fwhm_deg": 0.05, "background": 10.0, "supersample": 4, "dtype": np.float64}
     clean, truth = simulate_frames(p, rings, **kw)
     gaps = module_gaps((480, 480), module_px=(97, 121), gap_px=(8, 5))  # Pilatus-like
     gapped, _ = simulate_frames(p, rings, masked_regions=gaps, flag_value=np.nan, **kw)
@@ -318,5 +382,5 @@ def test_module_gaps_keep_rings_and_most_bins(ceo2):
     # partially masked bins move a centre by at most ~20 ppm; on average the rings stay put
     assert np.abs(shift_ppm[kept]).max() < 25, shift_ppm
     assert abs(np.nanmean(shift_ppm)) < 5, shift_ppm
-    assert np.abs((c_gap[kept] / np.broadcast_to(tth0[:, None], c_gap.shape)[kept] - 1)).max() \
+    assert np.abs(c_gap[kept] / np.broadcast_to(tth0[:, None], c_gap.shape)[kept] - 1).max() \
         < 25e-6
