@@ -58,7 +58,7 @@ def integrate_dataset(
         Where bin maps are cached (default ``~/.cache/midasflow/binmaps``).
     """
     from midasflow.binmap import load_or_build_binmap
-    from midasflow.cake import cake
+    from midasflow.cake import cake, frames_per_pass
     from midasflow.io.frames import open_frames
     from midasflow.io.mask import read_mask
 
@@ -75,6 +75,8 @@ def integrate_dataset(
     if params.mask_file:
         mask = read_mask(params.mask_file, (params.nr_pixels_z, params.nr_pixels_y))
     binmap = load_or_build_binmap(params, mask, cache_dir)
+    # the kernel's fastest chunk: as many frames as one pass over the map takes (bounded memory)
+    frames = frames.chunk({"frame": frames_per_pass(binmap, frames.dtype)})
     return cake(frames, params, binmap=binmap)
 
 
