@@ -42,7 +42,7 @@ def _end_to_end(scan, cif, folder: Path, n_workers: int) -> dict[str, float]:
 
 
 def _gsas2_one(args):
-    from midasflow.refine.gsas2 import refine_pattern_gsas2
+    from midasflow.refinement.gsas2 import refine_pattern_gsas2
 
     spec, cif, instprm, workdir = args
     res = refine_pattern_gsas2(spec.tth_deg, spec.intensity, spec.sigma, [cif], instprm, workdir=workdir,
@@ -52,7 +52,7 @@ def _gsas2_one(args):
 
 def _compare_gsas2(store: Path, cif: Path, folder: Path, n_lineouts: int, n_procs: int) -> None:
     try:
-        from midasflow.refine.gsas2 import check_gsas2_available
+        from midasflow.refinement.gsas2 import check_gsas2_available
 
         where = check_gsas2_available()
     except Exception as exc:  # BackendError: say why and skip
@@ -61,7 +61,7 @@ def _compare_gsas2(store: Path, cif: Path, folder: Path, n_lineouts: int, n_proc
     from midasflow.cluster import close_client, get_client
     from midasflow.crystal import read_phases
     from midasflow.io.instprm import instrument_from_midas
-    from midasflow.refine.lineouts import plan_lineouts, run_distributed
+    from midasflow.refinement.lineouts import plan_lineouts, run_distributed
 
     plan = [s for s in plan_lineouts(store) if not s.skipped]
     step = max(1, len(plan) // n_lineouts)

@@ -58,7 +58,7 @@ def integrate_dataset(
         Where bin maps are cached (default ``~/.cache/midasflow/binmaps``).
     """
     from midasflow.binmap import load_or_build_binmap
-    from midasflow.cake import cake, frames_per_pass
+    from midasflow.caking import cake, frames_per_pass
     from midasflow.io.frames import open_frames
     from midasflow.io.mask import read_mask
 
@@ -132,11 +132,11 @@ BACKENDS = ("native", "gsas2")
 def _refine_fn(backend: str, cif_paths: Sequence[str | Path], out: Path) -> Any:
     """The per-lineout refinement callable of a backend (checked before any task is submitted)."""
     if backend == "native":
-        from midasflow.refine.lineouts import default_refine_fn
+        from midasflow.refinement.lineouts import default_refine_fn
 
         return default_refine_fn()
     if backend == "gsas2":
-        from midasflow.refine.gsas2 import Gsas2Refiner, check_gsas2_available
+        from midasflow.refinement.gsas2 import Gsas2Refiner, check_gsas2_available
 
         check_gsas2_available()
         return Gsas2Refiner(cif_paths=tuple(str(p) for p in cif_paths), workdir=str(out / "gsas2"))
@@ -202,7 +202,7 @@ def refine(
     from midasflow.crystal import read_phases
     from midasflow.io.caked_store import open_caked
     from midasflow.io.instprm import instrument_from_midas, read_instprm
-    from midasflow.refine.lineouts import plan_lineouts, run_distributed, run_serial
+    from midasflow.refinement.lineouts import plan_lineouts, run_distributed, run_serial
     from midasflow.results import assemble_results, write_results
 
     out = Path(out)
@@ -254,7 +254,7 @@ def _check_refinement_inputs(cifs: Sequence[str | Path], options: Mapping[str, A
     if backend not in BACKENDS:
         raise ParameterError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "gsas2":
-        from midasflow.refine.gsas2 import check_gsas2_available
+        from midasflow.refinement.gsas2 import check_gsas2_available
 
         check_gsas2_available()
 

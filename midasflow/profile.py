@@ -1,7 +1,7 @@
 """GSAS-II constant-wavelength X-ray ("PXC") peak model: profile, widths, positions, corrections.
 
 Native re-implementation of the pieces of GSAS-II's powder model that ``midasflow.crystal``
-and the least-squares engine ``midasflow.refine`` build on (spec:
+and the least-squares engine ``midasflow.refinement`` build on (spec:
 ``shared/reference/gsas2_cw_profile.md`` §1-§4). Conventions:
 
 * ``x_deg`` / ``tth_deg``: 2θ in degrees. θ is half of it.

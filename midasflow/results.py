@@ -1,7 +1,7 @@
 """The results of a refinement run: an xarray Dataset over (group, eta), its stores and exports.
 
 :func:`assemble_results` turns the executors' list of
-:class:`~midasflow.refine.lineouts.LineoutResult` into the results Dataset, including the lattice
+:class:`~midasflow.refinement.lineouts.LineoutResult` into the results Dataset, including the lattice
 strain of every lineout against a reference cell and the strain-tensor fits
 (:mod:`midasflow.strain`). :func:`write_results` writes ``results.zarr``,
 ``refinement_summary.json`` (MIDAS ``gsas_ii_refine.py`` fields plus ω, η and strain) and, unless

@@ -16,7 +16,7 @@ unstrained pattern is tabulated once in 2θ and interpolated.
 The unstrained 1-D pattern comes from one of two sources:
 
 * a :class:`midasflow.crystal.Phase`: the refinement engine's own model
-  (:class:`midasflow.refine.engine.PatternModel`, no background) with the instrument terms of
+  (:class:`midasflow.refinement.engine.PatternModel`, no background) with the instrument terms of
   ``params.instrument`` (what the parameter file, and so the ``.zarr.zip`` InstrumentParameters,
   carry) — GSAS-II's CW profile (TCH pseudo-Voigt ⊗ FCJ asymmetry, widths from U, V, W, X, Y, Z
   and the default Size/Mustrain) and I_h = M_h·L·P·|F_h|²/V, with the sample azimuth 0 that the
@@ -240,7 +240,7 @@ def _phase_pattern(phase: Any, params: Params, tth_max_deg: float) -> tuple[_Pat
 
     The instrument terms are ``params.instrument`` read as the pipeline reads them from the caked
     file (:func:`midasflow.io.instprm.instrument_from_midas`), so simulation and refinement use
-    one instrument and one model (:class:`midasflow.refine.engine.PatternModel`).
+    one instrument and one model (:class:`midasflow.refinement.engine.PatternModel`).
     """
     import json
 
@@ -248,7 +248,7 @@ def _phase_pattern(phase: Any, params: Params, tth_max_deg: float) -> tuple[_Pat
 
     from midasflow.io.instprm import instrument_from_midas
     from midasflow.profile import tch_fwhm_eta
-    from midasflow.refine.engine import PatternModel
+    from midasflow.refinement.engine import PatternModel
 
     instrument = instrument_from_midas(xr.Dataset(attrs={"instrument": json.dumps(params.instrument)}))
     if instrument.is_doublet:

@@ -16,7 +16,7 @@ import xarray as xr
 from scipy.optimize import least_squares
 
 from midasflow import strain
-from midasflow.refine.result import PatternResult
+from midasflow.refinement.result import PatternResult
 
 WAVELENGTH_A = 0.172979
 A0_A = 5.411

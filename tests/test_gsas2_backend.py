@@ -1,4 +1,4 @@
-"""GSAS-II backend (midasflow.refine.gsas2).
+"""GSAS-II backend (midasflow.refinement.gsas2).
 
 The import-error tests always run. The refinement tests need GSAS-II (GSASIIscriptable plus its
 compiled Fortran) and are skipped, with the import error as the reason, where it is missing.
@@ -15,8 +15,8 @@ import pytest
 
 from midasflow.crystal import cubic_phase, read_phase, write_phase_cif
 from midasflow.errors import BackendError
-from midasflow.refine import gsas2
-from midasflow.refine.gsas2 import check_gsas2_available, import_gsasii, refine_pattern_gsas2
+from midasflow.refinement import gsas2
+from midasflow.refinement.gsas2 import check_gsas2_available, import_gsasii, refine_pattern_gsas2
 
 A_CEO2 = 5.411
 INSTRUMENT = {"Type": "PXC", "Bank": 1, "Lam": 0.172979, "Zero": 0.0, "Polariz.": 0.99,
@@ -100,7 +100,7 @@ def ceo2_cif(tmp_path_factory) -> Path:
 
 def _simulated_lineout(cif: Path, strain: float, seed: int):
     """CeO2 lineout from the built-in engine's forward model with Poisson noise."""
-    from midasflow.refine.engine import PatternModel
+    from midasflow.refinement.engine import PatternModel
 
     phase = read_phase(cif)
     a = A_CEO2 * (1.0 + strain)
@@ -116,7 +116,7 @@ def _simulated_lineout(cif: Path, strain: float, seed: int):
 
 @pytest.fixture(scope="module")
 def three_lineouts(gsasii, ceo2_cif, tmp_path_factory):
-    from midasflow.refine.engine import refine_pattern
+    from midasflow.refinement.engine import refine_pattern
 
     out = tmp_path_factory.mktemp("gsas2_out")
     runs = []

@@ -9,8 +9,8 @@ import pytest
 from midasflow.errors import BackendError
 from midasflow.io.caked_store import open_caked
 from midasflow.pipeline import integrate
-from midasflow.refine.gsas2 import check_gsas2_available, import_gsasii
-from midasflow.refine.lineouts import plan_lineouts
+from midasflow.refinement.gsas2 import check_gsas2_available, import_gsasii
+from midasflow.refinement.lineouts import plan_lineouts
 from midasflow.simulate import simulate_ceo2_scan
 
 

@@ -5,8 +5,8 @@ from dask.utils import key_split
 from distributed import get_task_stream
 
 from midasflow.errors import CakeFileError, ParameterError
-from midasflow.refine import lineouts
-from midasflow.refine.lineouts import plan_lineouts, run_distributed, run_serial
+from midasflow.refinement import lineouts
+from midasflow.refinement.lineouts import plan_lineouts, run_distributed, run_serial
 
 from lineouts_helpers import make_caked, toy_refine
 

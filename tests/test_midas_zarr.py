@@ -12,7 +12,7 @@ import zarr
 from cake_helpers import lazy_frames, small_params
 
 from midasflow.binmap import build_binmap
-from midasflow.cake import cake
+from midasflow.caking import cake
 from midasflow.errors import CakeFileError
 from midasflow.io.caked_store import open_caked, write_caked_zarr
 from midasflow.io.midas_zarr import write_midas_zarr

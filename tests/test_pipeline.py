@@ -75,7 +75,7 @@ def _response_weights(tth_deg, sigma, truth):
 
 def _expected_strain(e2e):
     """Σ_k c_k n(θ_k, η)ᵀ ε_lab(ω) n(θ_k, η) per lineout (group, eta) at the η-bin centre."""
-    from midasflow.refine.lineouts import plan_lineouts
+    from midasflow.refinement.lineouts import plan_lineouts
 
     r, truth = e2e["results"], e2e["truth"]
     theta_k = truth["tth0_deg"] / 2.0
@@ -137,7 +137,7 @@ def test_strain_fits_recover_the_simulated_tensor(e2e):
 def test_two_worker_cluster_matches_single_process(e2e):
     from midasflow.crystal import read_phases
     from midasflow.io.instprm import instrument_from_midas
-    from midasflow.refine.lineouts import plan_lineouts, run_serial
+    from midasflow.refinement.lineouts import plan_lineouts, run_serial
 
     r = e2e["results"]
     plan = plan_lineouts(e2e["store"])
@@ -213,7 +213,7 @@ class _Counting:
     """The built-in engine, counting its calls; raises KeyboardInterrupt at call ``interrupt_at``."""
 
     def __init__(self, interrupt_at: int | None = None):
-        from midasflow.refine.engine import refine_pattern
+        from midasflow.refinement.engine import refine_pattern
 
         self.fn, self.calls, self.interrupt_at = refine_pattern, [], interrupt_at
 
@@ -225,7 +225,7 @@ class _Counting:
 
 
 def _use_engine(monkeypatch, engine):
-    import midasflow.refine.lineouts as lineouts
+    import midasflow.refinement.lineouts as lineouts
 
     monkeypatch.setattr(lineouts, "default_refine_fn", lambda: engine)
 

@@ -1,4 +1,4 @@
-"""Tests of the native refinement engine (midasflow.refine.engine) on self-simulated patterns."""
+"""Tests of the native refinement engine (midasflow.refinement.engine) on self-simulated patterns."""
 
 import itertools
 import math
@@ -10,8 +10,8 @@ import pytest
 from midasflow.crystal import Atom, cubic_phase, phase_from_cell, read_phase
 from midasflow.errors import InstprmError, PatternError
 from midasflow.io.instprm import Instrument, as_instrument, write_instprm
-from midasflow.refine.engine import PatternModel, refine_pattern
-from midasflow.refine.recipe import Stage
+from midasflow.refinement.engine import PatternModel, refine_pattern
+from midasflow.refinement.recipe import Stage
 
 LAM = 0.172979
 INST = {"Lam": LAM, "Polariz.": 0.99, "Zero": 0.0, "U": 1.163, "V": -0.126, "W": 0.063,

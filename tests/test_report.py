@@ -2,7 +2,7 @@
 import json
 import re
 
-from midasflow.refine.lineouts import plan_lineouts, run_serial
+from midasflow.refinement.lineouts import plan_lineouts, run_serial
 from midasflow.report import report_figures, write_report
 from midasflow.results import assemble_results
 

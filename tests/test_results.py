@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from midasflow import strain
-from midasflow.refine.lineouts import plan_lineouts, run_serial
+from midasflow.refinement.lineouts import plan_lineouts, run_serial
 from midasflow.results import assemble_results, open_results, summary_dict, write_results
 
 from lineouts_helpers import A0_A, TENSOR, make_caked, toy_refine

@@ -115,7 +115,7 @@ def test_phase_rings_are_the_engine_model_with_the_parameter_file_instrument():
     # supersample 1: each pixel is the engine's y_calc (no background) at its centre's 2θ, scaled
     from midasflow.crystal import cubic_phase, reflections
     from midasflow.profile import lorentz_polarization
-    from midasflow.refine.engine import PatternModel
+    from midasflow.refinement.engine import PatternModel
 
     params = ceo2_params((96, 96))
     phase = cubic_phase("CeO2", CEO2_A_A)

@@ -2,7 +2,7 @@
 
 ``write_caked_zarr`` keeps the caked Dataset exactly (every variable, coordinate and attribute);
 ``open_caked`` opens that store or a MIDAS ``.zarr.zip`` (:mod:`midasflow.io.midas_zarr`) and
-returns the Dataset :func:`midasflow.cake.cake` produced.
+returns the Dataset :func:`midasflow.caking.cake` produced.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def write_caked_zarr(ds: Any, path: str | os.PathLike) -> Path:
     Parameters
     ----------
     ds : xarray.Dataset
-        Output of :func:`midasflow.cake.cake` (lazy: computed while writing).
+        Output of :func:`midasflow.caking.cake` (lazy: computed while writing).
     path : path-like
         Destination directory. Written to ``<path>.tmp-<pid>`` first and renamed into place; an
         existing store at ``path`` is replaced only after the new one is complete.
@@ -51,7 +51,7 @@ def write_caked_zarr(ds: Any, path: str | os.PathLike) -> Path:
 
 
 def open_caked(path: str | os.PathLike) -> Any:
-    """Open a caked store of either kind as the Dataset :func:`midasflow.cake.cake` produced.
+    """Open a caked store of either kind as the Dataset :func:`midasflow.caking.cake` produced.
 
     Parameters
     ----------

@@ -19,7 +19,7 @@ member                                        shape            attributes
 ``i`` is the post-SkipFrame frame index (not zero-padded). ``Number Of Frames Summed`` is the real
 frame count of the group (midasflow writes what MIDAS' IZ-param path writes, not IZ-zarr's
 ω-arithmetic value). Root attributes: ``midasflow_version``, ``creation_timestamp`` and, so the
-file reopens to the very Dataset :func:`midasflow.cake.cake` produced, ``midasflow_params`` (MIDAS
+file reopens to the very Dataset :func:`midasflow.caking.cake` produced, ``midasflow_params`` (MIDAS
 parameter text) and ``midasflow_instrument`` (JSON).
 """
 from __future__ import annotations
@@ -233,7 +233,7 @@ def write_midas_zarr(ds: Any, path: str | os.PathLike, *, progress: bool = False
     Parameters
     ----------
     ds : xarray.Dataset
-        Output of :func:`midasflow.cake.cake` (lazy or computed).
+        Output of :func:`midasflow.caking.cake` (lazy or computed).
     path : path-like
         Destination, conventionally ``<stem>.zarr.zip`` (GSAS-II's importer needs that suffix).
     progress : bool
@@ -285,7 +285,7 @@ def _numbered(group: Any, prefix: str, path: Path) -> list[tuple[int, str]]:
 
 
 def read_midas_zarr(path: str | os.PathLike) -> Any:
-    """Open a MIDAS ``.zarr.zip`` as the caked Dataset :func:`midasflow.cake.cake` produces.
+    """Open a MIDAS ``.zarr.zip`` as the caked Dataset :func:`midasflow.caking.cake` produces.
 
     Cakes (``intensity``, ``frame_intensity``, ``sum_frames``) are read lazily, one member per
     task; ``REtaMap`` and the attributes are read now. Files written by MIDAS itself lack the
@@ -299,7 +299,7 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
     """
     import zarr
 
-    from midasflow.cake import caked_dataset
+    from midasflow.caking import caked_dataset
 
     path = Path(path)
     if not path.is_file():

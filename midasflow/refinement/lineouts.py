@@ -181,7 +181,7 @@ def plan_lineouts(ds: Any, *, min_points: int = 20, normalized: bool | None = No
     Parameters
     ----------
     ds : xarray.Dataset or path
-        Caked Dataset as :func:`midasflow.cake.cake` makes it (``intensity`` (group, r, eta) =
+        Caked Dataset as :func:`midasflow.caking.cake` makes it (``intensity`` (group, r, eta) =
         sum of per-frame cakes, ``frames_summed`` (group), coords ``tth_deg``, ``eta_deg``,
         ``bin_area``, ``omega_deg``), or a ``.zarr.zip``/zarr path opened with
         :func:`midasflow.io.caked_store.open_caked`. Lazy intensities are computed one group
@@ -202,7 +202,7 @@ def plan_lineouts(ds: Any, *, min_points: int = 20, normalized: bool | None = No
         ds = open_caked(ds)
     for name in ("intensity", "frames_summed", "tth_deg", "eta_deg", "bin_area"):
         if name not in ds.variables:
-            raise CakeFileError(f"caked dataset: missing {name!r} (expected the layout of midasflow.cake.cake)")
+            raise CakeFileError(f"caked dataset: missing {name!r} (expected the layout of midasflow.caking.cake)")
     if normalized is None:
         normalized = _is_normalized(str(ds.attrs.get("params", "")))
     if "omega_deg" in ds.variables:
@@ -268,8 +268,8 @@ def _result(spec: LineoutSpec, status: str, message: str = "", pattern: Any = No
 
 
 def default_refine_fn() -> Callable[..., Any]:
-    """The built-in engine, :func:`midasflow.refine.engine.refine_pattern` (imported lazily)."""
-    from midasflow.refine.engine import refine_pattern
+    """The built-in engine, :func:`midasflow.refinement.engine.refine_pattern` (imported lazily)."""
+    from midasflow.refinement.engine import refine_pattern
 
     return refine_pattern
 

@@ -1,8 +1,8 @@
 """Optional GSAS-II backend: each lineout refined by GSASIIscriptable into its own ``.gpx``.
 
-The built-in engine (:func:`midasflow.refine.engine.refine_pattern`) is the default. Users
+The built-in engine (:func:`midasflow.refinement.engine.refine_pattern`) is the default. Users
 who have GSAS-II can ask for this backend to get the same
-:class:`~midasflow.refine.result.PatternResult` plus one GSAS-II project per lineout that they
+:class:`~midasflow.refinement.result.PatternResult` plus one GSAS-II project per lineout that they
 can open, inspect and continue in the GSAS-II GUI.
 
 GSAS-II is not a dependency: it is imported only by the functions below, from an installed
@@ -36,7 +36,7 @@ from midasflow.crystal import (A_to_cell, Phase, cell_to_A, cell_volume, laue_ti
                                read_phases)
 from midasflow.errors import BackendError, PatternError
 from midasflow.io.instprm import Instrument, as_instrument, write_instprm
-from midasflow.refine.result import PatternResult
+from midasflow.refinement.result import PatternResult
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _clean_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
 def _stages(bkg_terms: int, limits: tuple[float, float], refine_atoms: bool, mode: str,
             n_phases: int, start: Mapping[str, float] | None = None
             ) -> list[tuple[str, list[dict[str, Any]]]]:
-    """The built-in engine's staged recipe (:func:`~midasflow.refine.recipe.default_stages`) as
+    """The built-in engine's staged recipe (:func:`~midasflow.refinement.recipe.default_stages`) as
     GSAS-II ``do_refinements`` step dicts, keyed by the same stage names.
 
     Each stage is a list of dicts applied with ``G2Project.set_refinement`` (a dict's

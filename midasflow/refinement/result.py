@@ -16,7 +16,7 @@ __all__ = ["PatternResult"]
 
 @dataclass
 class PatternResult:
-    """Outcome of :func:`midasflow.refine.engine.refine_pattern`.
+    """Outcome of :func:`midasflow.refinement.engine.refine_pattern`.
 
     Attributes
     ----------

@@ -39,7 +39,7 @@ class Stage:
     scan : tuple of str
         Parameters scanned after the LM (current value × 0.8 … 1.25, the others fixed) to step
         over discontinuities of χ²; a lower χ² restarts the LM of the whole vary list
-        (``midasflow.refine.engine._escape_scan``).
+        (``midasflow.refinement.engine._escape_scan``).
     """
 
     name: str

@@ -59,8 +59,8 @@ from midasflow.crystal import (
 )
 from midasflow.errors import PatternError
 from midasflow.io.instprm import Instrument, as_instrument
-from midasflow.refine.recipe import Stage, default_stages
-from midasflow.refine.result import PatternResult
+from midasflow.refinement.recipe import Stage, default_stages
+from midasflow.refinement.result import PatternResult
 
 __all__ = ["PatternModel", "levenberg_marquardt", "refine_pattern"]
 
@@ -766,7 +766,7 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
     sample_azimuth_deg : float
         Sample azimuth used by the polarization factor.
     stages : sequence of Stage, optional
-        Replaces :func:`~midasflow.refine.recipe.default_stages`.
+        Replaces :func:`~midasflow.refinement.recipe.default_stages`.
 
     Returns
     -------
