@@ -42,18 +42,27 @@ def _phase_names(results: Sequence[Any]) -> list[str]:
 def effective_theta_deg(pattern: Any, phase: str) -> float:
     """Bragg angle θ (deg) the refined cell of ``phase`` stands for in one lineout.
 
-    The intensity-weighted mean 2θ/2 of the phase's reflections inside the fitted range
-    (``pattern.reflections[phase]`` with ``tth_deg`` and ``intensity``); without reflections, the
-    mean over the fitted points weighted by the net calculated intensity (calc − bkg).
+    A refined cell is a least-squares compromise between reflections at different θ; each
+    reflection pulls on it in proportion to the information its position carries about the cell:
+    intensity × tan²θ / FWHM² (Poisson statistics, ∂2θ/∂ln d = −2 tan θ). The mean θ under those
+    weights, over the phase's reflections inside the fitted range (``pattern.reflections[phase]``
+    with ``tth_deg``, ``intensity``, ``sig2``, ``gam``). Without reflections: the mean over the
+    fitted points weighted by the net calculated intensity (calc − bkg).
     """
+    from midasflow.profile import tch_fwhm_eta
+
     x = np.asarray(getattr(pattern, "tth_deg", ()), dtype=float)
     refl = (getattr(pattern, "reflections", None) or {}).get(phase)
-    if refl is not None and x.size and "tth_deg" in refl and "intensity" in refl:
+    if refl is not None and x.size and {"tth_deg", "intensity", "sig2", "gam"} <= set(refl):
         tth = np.asarray(refl["tth_deg"], dtype=float)
         inten = np.asarray(refl["intensity"], dtype=float)
         inside = (tth >= x.min()) & (tth <= x.max()) & np.isfinite(inten) & (inten > 0)
         if inside.any():
-            return float(0.5 * np.average(tth[inside], weights=inten[inside]))
+            fwhm = np.array([tch_fwhm_eta(s2, g)[0] for s2, g in
+                             zip(np.asarray(refl["sig2"])[inside], np.asarray(refl["gam"])[inside])])
+            theta = np.deg2rad(tth[inside]) / 2.0
+            weight = inten[inside] * np.tan(theta) ** 2 / fwhm**2
+            return float(np.rad2deg(np.average(theta, weights=weight)))
     net = np.asarray(getattr(pattern, "calc", ()), dtype=float) - np.asarray(getattr(pattern, "bkg", ()), dtype=float)
     good = np.isfinite(net) & (net > 0)
     return float(0.5 * np.average(x[good], weights=net[good])) if good.any() else float("nan")

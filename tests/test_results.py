@@ -97,3 +97,22 @@ def test_summary_from_dataset_only(run):
     _, _, res = run
     s = summary_dict(res)
     assert [h["histogram_index"] for h in s["histograms"]] == list(range(36))
+
+
+def test_effective_theta_weights_reflections_by_their_pull_on_the_cell():
+    from types import SimpleNamespace
+
+    from midasflow.results import effective_theta_deg
+
+    tth = np.array([4.0, 8.0])
+    refl = {"tth_deg": tth, "intensity": np.array([1.0, 1.0]), "sig2": np.array([1.0, 1.0]),
+            "gam": np.array([0.5, 0.5])}
+    pattern = SimpleNamespace(tth_deg=np.linspace(3.0, 9.0, 50), reflections={"P": refl})
+    theta = np.deg2rad(tth / 2)
+    expected = np.rad2deg(np.average(theta, weights=np.tan(theta) ** 2))  # equal I and widths
+    assert effective_theta_deg(pattern, "P") == pytest.approx(expected, rel=1e-12)
+    assert effective_theta_deg(pattern, "P") > 3.0  # pulled towards the high-angle reflection
+    # a broader reflection carries less information about the cell
+    broad = dict(refl, sig2=np.array([1.0, 16.0]), gam=np.array([0.5, 2.0]))
+    pattern.reflections = {"P": broad}
+    assert effective_theta_deg(pattern, "P") < expected
