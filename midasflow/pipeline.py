@@ -145,6 +145,29 @@ def _refine_fn(backend: str, cif_paths: Sequence[str | Path], out: Path) -> Any:
     raise ParameterError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
+class ExportingRefiner:
+    """A backend's per-lineout callable that also writes the lineout's CSV/CIF exports.
+
+    The exports are part of each lineout's task, so they are written on the workers in
+    parallel, not one after another in the client at the end.
+    """
+
+    takes_lineout_index = True
+
+    def __init__(self, refine_fn: Any, folder: str | Path) -> None:
+        self.refine_fn, self.folder = refine_fn, Path(folder)
+
+    def __call__(self, tth_deg: Any, intensity: Any, sigma: Any, *, index: int, **options: Any) -> Any:
+        from midasflow.results import export_lineout
+
+        if getattr(self.refine_fn, "takes_lineout_index", False):
+            options["index"] = index
+        pattern = self.refine_fn(tth_deg, intensity, sigma, **options)
+        if getattr(pattern, "status", "ok") == "ok":
+            export_lineout(pattern, self.folder, index)
+        return pattern
+
+
 def refine(
     data: str | Path | xr.Dataset,
     cifs: Sequence[str | Path],
@@ -210,6 +233,8 @@ def refine(
     phases = read_phases(cifs)
     instrument = read_instprm(instprm) if instprm else instrument_from_midas(data)
     refine_fn = _refine_fn(backend, cifs, out)
+    if export:
+        refine_fn = ExportingRefiner(refine_fn, out)
     plan = plan_lineouts(source, min_points=min_points)
     # GSAS-II-keyed mapping: the form every backend reads the same way (Lam, Zero, U..Z, SH/L …)
     common = dict(phases=phases, instprm=instrument.to_dict(), bkg_terms=bkg_terms, limits=limits,
@@ -230,7 +255,7 @@ def refine(
         phase_names=[p.name for p in phases],
         attrs={"data_file": data_file, "backend": backend, "mode": mode},
     )
-    write_results(results, out, lineouts=lineouts, no_export=not export)
+    write_results(results, out, lineouts=lineouts, no_export=True)  # exported by the tasks
     if report:
         from midasflow.report import write_report
 

@@ -311,9 +311,15 @@ def write_results(
     exports: list[Path] = []
     if not no_export:
         for res in lineouts:
-            if res.pattern is None or res.status != "ok":
-                continue
-            stem = f"hist_{res.index:04d}"
-            exports.append(res.pattern.to_csv(folder / f"{stem}_data.csv"))
-            exports += res.pattern.write_cifs(folder, stem)
+            if res.pattern is not None and res.status == "ok":
+                exports += export_lineout(res.pattern, folder, res.index)
     return {"results": zarr_path, "summary": summary_path, "exports": exports}
+
+
+def export_lineout(pattern: Any, folder: str | os.PathLike, index: int) -> list[Path]:
+    """Write one refined lineout's ``hist_NNNN_data.csv`` and ``hist_NNNN_<phase>.cif`` files.
+
+    ``NNNN`` is the lineout index as GSAS-II's MIDAS importer numbers histograms.
+    """
+    stem = f"hist_{index:04d}"
+    return [pattern.to_csv(Path(folder) / f"{stem}_data.csv"), *pattern.write_cifs(folder, stem)]
