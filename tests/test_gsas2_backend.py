@@ -16,7 +16,11 @@ import pytest
 from midasflow.crystal import cubic_phase, read_phase, write_phase_cif
 from midasflow.errors import BackendError
 from midasflow.refinement import gsas2
-from midasflow.refinement.gsas2 import check_gsas2_available, import_gsasii, refine_pattern_gsas2
+from midasflow.refinement.gsas2 import (
+    check_gsas2_available,
+    import_gsasii,
+    refine_pattern_gsas2,
+)
 
 A_CEO2 = 5.411
 INSTRUMENT = {"Type": "PXC", "Bank": 1, "Lam": 0.172979, "Zero": 0.0, "Polariz.": 0.99,
@@ -82,15 +86,6 @@ def test_gsasii_path_folder_is_imported(isolated_import, tmp_path):
 
 
 # --------------------------------------------------------------------- refinements, GSAS-II
-
-@pytest.fixture(scope="module")
-def gsasii():
-    try:
-        check_gsas2_available()
-    except BackendError as exc:
-        pytest.skip(f"GSAS-II is not importable here: {exc}")
-    return import_gsasii()
-
 
 @pytest.fixture(scope="module")
 def ceo2_cif(tmp_path_factory) -> Path:

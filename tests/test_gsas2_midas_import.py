@@ -6,32 +6,24 @@ import warnings
 import numpy as np
 import pytest
 
-from midasflow.errors import BackendError
 from midasflow.io.caked_store import open_caked
 from midasflow.pipeline import integrate
-from midasflow.refinement.gsas2 import check_gsas2_available, import_gsasii
 from midasflow.refinement.lineouts import plan_lineouts
 from midasflow.simulate import simulate_ceo2_scan
 
 
-@pytest.fixture(scope="module")
-def gsasii():
-    try:
-        check_gsas2_available()
-    except BackendError as exc:
-        pytest.skip(f"GSAS-II is not importable here: {exc}")
-    return import_gsasii()
+def _integrated_scan(out, **overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files, truth = simulate_ceo2_scan(out / "scan", shape=(256, 256), **overrides)
+        path = integrate(files.params_file, files.data, result_folder=out, cache_dir=out / "cache")
+    return path, truth
 
 
 @pytest.fixture(scope="module")
 def scan_zip(tmp_path_factory):
-    out = tmp_path_factory.mktemp("g2import")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        files, truth = simulate_ceo2_scan(out / "scan", n_frames=5, shape=(256, 256), seed=3,
-                                          params_overrides={"omega_sum_frames": 2})
-        path = integrate(files.params_file, files.data, result_folder=out, cache_dir=out / "cache")
-    return path, truth
+    return _integrated_scan(tmp_path_factory.mktemp("g2import"), n_frames=5, seed=3,
+                            params_overrides={"omega_sum_frames": 2})
 
 
 def test_gsasii_midas_importer_reads_our_lineouts(gsasii, scan_zip, tmp_path):
@@ -68,11 +60,7 @@ def coarse_scan(tmp_path_factory):
     from midasflow.simulate import CEO2_A_A
 
     out = tmp_path_factory.mktemp("g2pipeline")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        files, truth = simulate_ceo2_scan(out / "scan", n_frames=2, shape=(256, 256), seed=5,
-                                          params_overrides={"eta_bin_deg": 90.0})
-        path = integrate(files.params_file, files.data, result_folder=out, cache_dir=out / "cache")
+    path, _ = _integrated_scan(out, n_frames=2, seed=5, params_overrides={"eta_bin_deg": 90.0})
     cif = write_phase_cif(cubic_phase("CeO2", CEO2_A_A), out / "CeO2.cif")
     return path, cif, out
 
