@@ -39,6 +39,31 @@ def _phase_names(results: Sequence[Any]) -> list[str]:
     return names
 
 
+def _reflection_weights(pattern: Any, phase: str) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+    """The phase's reflections inside the fitted range and the weight each puts on its cell.
+
+    Weight = intensity × tan²θ / FWHM² (the information a reflection position carries about the
+    cell: Poisson statistics, ∂2θ/∂ln d = −2 tan θ). Returns ``(table restricted to those
+    reflections, weights)``, or None without a usable reflection table.
+    """
+    from midasflow.profile import tch_fwhm_eta
+
+    x = np.asarray(getattr(pattern, "tth_deg", ()), dtype=float)
+    refl = (getattr(pattern, "reflections", None) or {}).get(phase)
+    if refl is None or not x.size or not {"tth_deg", "intensity", "sig2", "gam"} <= set(refl):
+        return None
+    tth = np.asarray(refl["tth_deg"], dtype=float)
+    inten = np.asarray(refl["intensity"], dtype=float)
+    inside = (tth >= x.min()) & (tth <= x.max()) & np.isfinite(inten) & (inten > 0)
+    if not inside.any():
+        return None
+    fwhm = np.array([tch_fwhm_eta(s2, g)[0] for s2, g in
+                     zip(np.asarray(refl["sig2"])[inside], np.asarray(refl["gam"])[inside])])
+    theta = np.deg2rad(tth[inside]) / 2.0
+    table = {key: np.asarray(col)[inside] for key, col in refl.items()}
+    return table, inten[inside] * np.tan(theta) ** 2 / fwhm**2
+
+
 def effective_theta_deg(pattern: Any, phase: str) -> float:
     """Bragg angle θ (deg) the refined cell of ``phase`` stands for in one lineout.
 
@@ -46,23 +71,17 @@ def effective_theta_deg(pattern: Any, phase: str) -> float:
     reflection pulls on it in proportion to the information its position carries about the cell:
     intensity × tan²θ / FWHM² (Poisson statistics, ∂2θ/∂ln d = −2 tan θ). The mean θ under those
     weights, over the phase's reflections inside the fitted range (``pattern.reflections[phase]``
-    with ``tth_deg``, ``intensity``, ``sig2``, ``gam``). Without reflections: the mean over the
-    fitted points weighted by the net calculated intensity (calc − bkg).
+    with ``tth_deg``, ``intensity``, ``sig2``, ``gam``); the non-cubic lattice strain of the
+    lineout averages d/d₀ − 1 over the same reflections with the same weights. Without
+    reflections: the mean over the fitted points weighted by the net calculated intensity
+    (calc − bkg).
     """
-    from midasflow.profile import tch_fwhm_eta
-
     x = np.asarray(getattr(pattern, "tth_deg", ()), dtype=float)
-    refl = (getattr(pattern, "reflections", None) or {}).get(phase)
-    if refl is not None and x.size and {"tth_deg", "intensity", "sig2", "gam"} <= set(refl):
-        tth = np.asarray(refl["tth_deg"], dtype=float)
-        inten = np.asarray(refl["intensity"], dtype=float)
-        inside = (tth >= x.min()) & (tth <= x.max()) & np.isfinite(inten) & (inten > 0)
-        if inside.any():
-            fwhm = np.array([tch_fwhm_eta(s2, g)[0] for s2, g in
-                             zip(np.asarray(refl["sig2"])[inside], np.asarray(refl["gam"])[inside])])
-            theta = np.deg2rad(tth[inside]) / 2.0
-            weight = inten[inside] * np.tan(theta) ** 2 / fwhm**2
-            return float(np.rad2deg(np.average(theta, weights=weight)))
+    weighted = _reflection_weights(pattern, phase)
+    if weighted is not None:
+        table, weight = weighted
+        theta = np.deg2rad(np.asarray(table["tth_deg"], dtype=float)) / 2.0
+        return float(np.rad2deg(np.average(theta, weights=weight)))
     net = np.asarray(getattr(pattern, "calc", ()), dtype=float) - np.asarray(getattr(pattern, "bkg", ()), dtype=float)
     good = np.isfinite(net) & (net > 0)
     return float(0.5 * np.average(x[good], weights=net[good])) if good.any() else float("nan")
@@ -73,11 +92,12 @@ def _lineout_strain(pattern: Any, phase: str, ref_cell: Sequence[float]) -> tupl
     esd = (getattr(pattern, "cell_esds", {}) or {}).get(phase)
     if strain_mod.is_cubic(ref_cell, rtol=1e-6) and strain_mod.is_cubic(cell, rtol=1e-6):
         return strain_mod.lattice_strain(cell, ref_cell, cell_esd=esd)
-    refl = (getattr(pattern, "reflections", None) or {}).get(phase)
-    if refl is None or not {"h", "k", "l", "intensity"} <= set(refl):
+    weighted = _reflection_weights(pattern, phase)
+    if weighted is None or not {"h", "k", "l"} <= set(weighted[0]):
         return float("nan"), float("nan")
-    hkl = np.column_stack([refl["h"], refl["k"], refl["l"]])
-    return strain_mod.lattice_strain(cell, ref_cell, cell_esd=esd, hkl=hkl, weights=refl["intensity"])
+    table, weight = weighted
+    hkl = np.column_stack([table["h"], table["k"], table["l"]])
+    return strain_mod.lattice_strain(cell, ref_cell, cell_esd=esd, hkl=hkl, weights=weight)
 
 
 def assemble_results(

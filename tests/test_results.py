@@ -116,3 +116,27 @@ def test_effective_theta_weights_reflections_by_their_pull_on_the_cell():
     broad = dict(refl, sig2=np.array([1.0, 16.0]), gam=np.array([0.5, 2.0]))
     pattern.reflections = {"P": broad}
     assert effective_theta_deg(pattern, "P") < expected
+
+
+def test_noncubic_lineout_strain_uses_the_reflections_and_weights_of_its_theta():
+    """ε of a non-cubic cell averages d/d0 - 1 over the fitted range's reflections with the weights
+    effective_theta_deg uses; a strong reflection outside the data (no information) must not count."""
+    from types import SimpleNamespace
+
+    from midasflow.results import _lineout_strain, effective_theta_deg
+
+    ref = (3.0, 3.0, 5.0, 90.0, 90.0, 120.0)
+    cell = (3.003, 3.003, 5.0, 90.0, 90.0, 120.0)   # ε_a = 1e-3, ε_c = 0
+    hkl = np.array([[1, 0, 0], [0, 0, 2], [0, 0, 4]])
+    tth = np.array([4.0, 5.0, 12.0])                  # (004) beyond the fitted 3..9°
+    refl = {"h": hkl[:, 0], "k": hkl[:, 1], "l": hkl[:, 2], "tth_deg": tth,
+            "intensity": np.array([1.0, 1.0, 100.0]), "sig2": np.ones(3), "gam": np.full(3, 0.5)}
+    pattern = SimpleNamespace(tth_deg=np.linspace(3.0, 9.0, 50), reflections={"P": refl},
+                              cells={"P": cell + (0.0,)}, cell_esds={"P": (1e-4,) * 7})
+    theta = np.deg2rad(tth[:2] / 2)
+    w = np.tan(theta) ** 2
+    d = strain.d_spacing_a(cell, hkl[:2]) / strain.d_spacing_a(ref, hkl[:2]) - 1
+    eps, esd = _lineout_strain(pattern, "P", ref)
+    assert eps == pytest.approx(np.average(d, weights=w), rel=1e-9)
+    assert np.isfinite(esd) and esd > 0
+    assert effective_theta_deg(pattern, "P") == pytest.approx(np.rad2deg(np.average(theta, weights=w)))

@@ -31,27 +31,35 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
     parser.add_argument("--resume", action="store_true",
                         help="skip lineouts whose results already exist in --out")
     parser.add_argument("--ref-cell", nargs="+", type=float, default=None, metavar="A",
-                        help="reference cell of the first phase for strain: a | a b c | a b c α β γ "
-                        "(default: the CIF's cell)")
+                        help="reference cell of the first phase for strain: a (cubic) | a b c (angles "
+                        "from the CIF) | a b c α β γ (default: the CIF's cell)")
     parser.add_argument("--no-report", action="store_true", help="do not write report.html")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
 
 def ref_cells_from(args: argparse.Namespace) -> dict[str, tuple[float, ...]] | None:
-    """``--ref-cell`` as {first phase name: (a, b, c, α, β, γ)}."""
+    """``--ref-cell`` as {first phase name: (a, b, c, α, β, γ)}.
+
+    One number is a cubic a (refused for a non-cubic first phase); with three, the angles are the
+    first CIF's (a hexagonal γ stays 120°).
+    """
     if not args.ref_cell:
         return None
     from midasflow.crystal import read_phase
     from midasflow.errors import ParameterError
 
+    phase = read_phase(args.cif[0])
     values = list(args.ref_cell)
     if len(values) == 1:
+        if phase.laue not in ("m3", "m3m"):
+            raise ParameterError(f"--ref-cell: one number is a cubic a, but {args.cif[0]} is "
+                                 f"{phase.space_group.crystal_system_str()}; give a b c or a b c α β γ")
         values = values * 3 + [90.0, 90.0, 90.0]
     elif len(values) == 3:
-        values += [90.0, 90.0, 90.0]
+        values += list(phase.cell[3:6])
     elif len(values) != 6:
         raise ParameterError(f"--ref-cell: expected 1, 3 or 6 numbers, got {len(values)}")
-    return {read_phase(args.cif[0]).name: tuple(values)}
+    return {phase.name: tuple(values)}
 
 
 def refine_options(args: argparse.Namespace) -> dict[str, Any]:
