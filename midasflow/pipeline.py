@@ -225,7 +225,12 @@ def refine(
     from midasflow.crystal import read_phases
     from midasflow.io.caked_store import open_caked
     from midasflow.io.instprm import instrument_from_midas, read_instprm
-    from midasflow.refinement.lineouts import plan_lineouts, run_distributed, run_serial
+    from midasflow.refinement.lineouts import (
+        plan_lineouts,
+        record_settings,
+        run_distributed,
+        run_serial,
+    )
     from midasflow.results import assemble_results, write_results
 
     out = Path(out)
@@ -240,6 +245,13 @@ def refine(
     common = dict(phases=phases, instprm=instrument.to_dict(), bkg_terms=bkg_terms, limits=limits,
                   refine_atoms=refine_atoms, mode=mode)
     out.mkdir(parents=True, exist_ok=True)
+    record_settings(out, {
+        "data": str(data) if not isinstance(data, xr.Dataset) else "<dataset>",
+        "phases": {p.name: list(p.cell) for p in phases}, "instrument": instrument.to_dict(),
+        "bkg_terms": bkg_terms, "limits": list(limits) if limits else None,
+        "refine_atoms": refine_atoms, "mode": mode, "backend": backend, "min_points": min_points,
+        "seed_from": seed_from,
+    }, resume=resume)
     options = dict(seed_from=seed_from, checkpoint_dir=out, resume=resume, progress=progress)
     if client is None:
         lineouts = run_serial(plan, refine_fn, common, **options)

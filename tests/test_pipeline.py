@@ -274,3 +274,17 @@ def test_resume_after_interruption_refines_only_what_is_missing(small, tmp_path,
     _use_engine(monkeypatch, fresh)
     pipeline.refine(ds, [cif], **options)
     assert len(fresh.calls) == 6
+
+
+def test_resume_refuses_checkpoints_made_with_other_settings(small, tmp_path, monkeypatch):
+    from midasflow.errors import ParameterError
+
+    ds, cif = small
+    _use_engine(monkeypatch, _Counting())
+    pipeline.refine(ds, [cif], out=tmp_path, export=False, report=False, bkg_terms=6)
+    counting = _Counting()
+    _use_engine(monkeypatch, counting)
+    with pytest.raises(ParameterError, match=r"settings.json: --resume: .*other bkg_terms, mode"):
+        pipeline.refine(ds, [cif], out=tmp_path, export=False, report=False, bkg_terms=4,
+                        mode="lebail", resume=True)
+    assert counting.calls == []  # refused before any lineout ran

@@ -24,6 +24,7 @@ only what is missing.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from midasflow.errors import CakeFileError, ParameterError
-from midasflow.io.atomic import write_bytes_atomic
+from midasflow.io.atomic import write_bytes_atomic, write_text_atomic
 from midasflow.progress import TextProgress
 
 SEED_MODES = (None, "neighbour")
@@ -356,6 +357,30 @@ def load_checkpoints(plan: Sequence[LineoutSpec], checkpoint_dir: str | os.PathL
         if isinstance(res, LineoutResult) and (res.group, res.eta_index) == (spec.group, spec.eta_index):
             done[spec.index] = res
     return done
+
+
+def record_settings(checkpoint_dir: str | os.PathLike, settings: Mapping[str, Any], *, resume: bool) -> Path:
+    """Keep the settings the checkpoints are made with; refuse to resume under other settings.
+
+    ``settings`` (JSON-serialisable: data file, phases, instrument, recipe options, backend) is
+    written to ``<checkpoint_dir>/lineouts/settings.json``. With ``resume``, an existing file that
+    differs raises :class:`ParameterError` naming the settings that changed, so finished lineouts
+    of one setup are never mixed silently with lineouts of another.
+    """
+    path = Path(checkpoint_dir) / CHECKPOINT_SUBDIR / "settings.json"
+    current = json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
+    if resume and path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict) and before != current:
+            changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+            raise ParameterError(
+                f"{path}: --resume: the finished lineouts were refined with other {', '.join(changed)}; "
+                "run without --resume or choose another output folder"
+            )
+    return write_text_atomic(path, json.dumps(current, indent=1, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------
