@@ -321,6 +321,13 @@ def _convert(token: str, kind: type, where: str, key: str) -> Any:
     return token
 
 
+def _check_count(tokens: Sequence[str], count: int, where: str, key: str, what: str) -> None:
+    """A numeric key must carry exactly ``count`` values (a stray token is a typo, not a comment)."""
+    if len(tokens) != count:
+        raise ParameterError(f"{where}: key {key}: expected {count} value{'s' if count > 1 else ''}"
+                             f" ({what}), got {len(tokens)}: {' '.join(tokens)!r}")
+
+
 def _strip_comment(line: str) -> str:
     return line.split("#", 1)[0].strip()
 
@@ -356,21 +363,25 @@ def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list
         elif key == "ImTransOpt":
             im_trans.extend(_convert(t, int, where, key) for t in tokens)
         elif key == "BC":
-            if len(tokens) < 2:
-                raise ParameterError(f"{where}: key BC: expected 2 values (Ycen Zcen in pixels), got {len(tokens)}")
-            values["bc_y_px"], values["bc_z_px"] = (_convert(t, float, where, key) for t in tokens[:2])
+            _check_count(tokens, 2, where, key, "Ycen Zcen in pixels")
+            values["bc_y_px"], values["bc_z_px"] = (_convert(t, float, where, key) for t in tokens)
         elif key == "NrPixels":
+            _check_count(tokens, 1, where, key, "a pixel count")
             n = _convert(tokens[0], int, where, key)
             values["nr_pixels_y"] = values["nr_pixels_z"] = n
         elif key.startswith("p") and key[1:].isdigit() and int(key[1:]) < N_DISTORTION_TERMS:
+            _check_count(tokens, 1, where, key, "a number")
             distortion[int(key[1:])] = _convert(tokens[0], float, where, key)
         elif key in _INSTRUMENT_KEYS:
+            _check_count(tokens, 1, where, key, "a number")
             instrument[_INSTRUMENT_KEYS[key]] = _convert(tokens[0], float, where, key)
         elif key in _KEYS:
             spec = _KEYS[key]
             if spec.kind is str:
                 values[spec.field] = " ".join(tokens)
             else:
+                _check_count(tokens, spec.count, where, key,
+                             "an integer" if spec.kind in (int, bool) else "a number")
                 values[spec.field] = _convert(tokens[0], spec.kind, where, key)
         elif key in _IGNORED:
             continue
@@ -467,8 +478,13 @@ def read_params(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
         # add the line of the offending key when we know it
         message = str(exc)
         key = message.split("key ", 1)[1].split(":", 1)[0] if "key " in message else ""
+        names = set(key.split("/"))  # "NrPixelsY/NrPixelsZ", and every alias of the field:
+        fields = {_KEYS[k].field for k in names if k in _KEYS}
+        names |= {k for k, spec in _KEYS.items() if spec.field in fields}
+        if fields & {"nr_pixels_y", "nr_pixels_z"}:
+            names.add("NrPixels")
         for where, line in reversed(lines + override_lines):
-            if _strip_comment(line).split()[:1] == [key]:
+            if _strip_comment(line).split()[:1] and _strip_comment(line).split()[0].lstrip("-") in names:
                 raise ParameterError(message.replace(f"{path}: ", f"{where}: ", 1)) from None
         raise
 

@@ -125,6 +125,35 @@ def test_roundtrip_without_optional_members(params, tmp_path):
     xr.testing.assert_identical(back.compute(), ds.compute())
 
 
+def test_reads_midas_stream_writer_files(caked, tmp_path):
+    """MIDAS's GPU/stream writer (§7.2) stores no Omegas or IntegrationResult; older files have a
+    4-plane REtaMap without Q. Both must open (GSAS-II reads them), Q from Lam."""
+    ref = caked.compute()
+    path = tmp_path / "stream.zarr.zip"
+    store = zarr.storage.ZipStore(path, mode="w")
+    root = zarr.open_group(store, mode="w", zarr_format=2)
+    retamap = np.stack([np.broadcast_to(ref[k].values[:, None], ref.bin_area.shape)
+                        for k in ("r_px", "tth_deg")]
+                       + [np.broadcast_to(ref.eta_deg.values, ref.bin_area.shape), ref.bin_area.values])
+    root.create_array("REtaMap", data=retamap)
+    grp = root.create_group("OmegaSumFrame")
+    for g in range(ref.sizes["group"]):
+        last = int(ref.last_frame[g])
+        grp.create_array(f"LastFrameNumber_{last}", data=ref.intensity.values[g], attributes={
+            "LastFrameNumber": last, "Number Of Frames Summed": int(ref.frames_summed[g]),
+            "FirstOme": float(ref.omega_first_deg[g]), "LastOme": float(ref.omega_last_deg[g])})
+    inst = root.create_group("InstrumentParameters")
+    lam = json.loads(ref.attrs["instrument"])["Lam"]
+    for name in ("Lam", "Polariz", "SH_L", "U", "V", "W", "X", "Y", "Z", "Distance"):
+        inst.create_array(name, data=np.array([lam if name == "Lam" else 0.0]))
+    store.close()
+    back = open_caked(path).compute()
+    assert back.sizes["frame"] == 0
+    for name in ("intensity", "frames_summed", "last_frame", "omega_deg", "bin_area", "tth_deg"):
+        xr.testing.assert_equal(back[name], ref[name])
+    np.testing.assert_allclose(back.q_inv_a, ref.q_inv_a, rtol=1e-14)
+
+
 def test_gsas2_importer_emulation(zip_path, caked):
     """Read the file as G2pwd_MIDAS does (gsas2_cw_profile.md §8) and check its histograms."""
     z = zarr.open_group(zarr.storage.ZipStore(zip_path, mode="r"), mode="r")

@@ -120,6 +120,11 @@ def test_geometry_key_tracks_every_geometry_field():
         ("NrPixelsY 2.5\n", r"ps.txt:1: key NrPixelsY: expected an integer"),
         ("Lsd\n", r"ps.txt:1: key Lsd: expected a value"),
         ("DistortionFile d.bin\n", r"ps.txt:1: key DistortionFile: per-pixel distortion maps are not supported"),
+        ("Lsd 1000000 900000\n", r"ps.txt:1: key Lsd: expected 1 value \(a number\), got 2"),
+        ("BC 1024 1020 5\n", r"ps.txt:1: key BC: expected 2 values"),
+        ("p2 0.1 0.2\n", r"ps.txt:1: key p2: expected 1 value"),
+        ("NrPixels 100\nNrPixelsY 0\n", r"ps.txt:2: key NrPixelsY/NrPixelsZ: expected positive"),
+        ("DetDist -5\n", r"ps.txt:1: key Lsd: expected a positive"),
     ],
 )
 def test_bad_files_name_file_line_key(tmp_path, text, expected):

@@ -313,19 +313,21 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         except Exception as exc:  # zarr raises several types for a zip without a group
             raise CakeFileError(f"{path}: not a zarr format 2 group ({exc})") from None
         members = set(root.group_keys()) | set(root.array_keys())
-        for name in REQUIRED + ("Omegas",):
+        for name in REQUIRED:
             if name not in members:
                 raise CakeFileError(f"{path}: not a MIDAS caked layout, member {name!r} missing")
         retamap = root["REtaMap"][...]
-        if retamap.ndim != 3 or retamap.shape[0] < 5:
+        if retamap.ndim != 3 or retamap.shape[0] < 4:
             raise CakeFileError(f"{path}: REtaMap has shape {retamap.shape}, expected "
                                 "(5, nR, nEta)")
         n_r, n_eta = retamap.shape[1:]
         groups = _numbered(root["OmegaSumFrame"], GROUP_PREFIX, path)
         g_attrs = [dict(root["OmegaSumFrame"][name].attrs) for _, name in groups]
-        omegas = root["Omegas"][...]
         frames = (_numbered(root["IntegrationResult"], FRAME_PREFIX, path)
                   if "IntegrationResult" in members else [])
+        # MIDAS's GPU/stream writer stores no Omegas (§7.2): per-frame ω from IntegrationResult
+        omegas = (root["Omegas"][...] if "Omegas" in members else np.array(
+            [float(root["IntegrationResult"][name].attrs.get("omega", 0.0)) for _, name in frames]))
         has_sum = "SumFrames" in members
         inst_group = root["InstrumentParameters"]
         inst = {INSTRUMENT_NAMES[k]: float(inst_group[k][0]) for k in inst_group.array_keys()
@@ -333,6 +335,11 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         root_attrs = dict(root.attrs)
     finally:
         store.close()
+    if retamap.shape[0] == 4:  # legacy 4-plane REtaMap (R, 2θ, η, BinArea): Q from Lam
+        from midasflow.geometry import tth_to_q_inv_a
+
+        lam = inst.get("Lam", _INSTRUMENT_DEFAULTS["Lam"])
+        retamap = np.concatenate([retamap, tth_to_q_inv_a(retamap[1:2], lam)])
 
     src = str(path)
     attrs = {}
