@@ -32,6 +32,8 @@ def _expected(raw: np.ndarray) -> np.ndarray:
     out = raw.astype(np.float32)
     if raw.dtype.kind == "i":
         out[raw < 0] = np.nan
+    elif raw.dtype.kind == "u":
+        out[raw == np.iinfo(raw.dtype).max] = np.nan
     return out
 
 
@@ -224,6 +226,17 @@ def test_single_frame_tiff_series_other_width_and_skip_across_files(tmp_path):
     assert [os.path.basename(n) for n in names] == [f"img_{k:04d}_x.tif" for k in range(10, 14)]
     frames = open_frames(tmp_path / "img_0010_x.tif", _params(skip_frame=3), start_file_nr=10, end_file_nr=13)
     np.testing.assert_array_equal(frames.values, _expected(raw)[3:])
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint16])
+def test_eiger_gap_value_of_unsigned_data_is_masked(tmp_path, dtype):
+    raw = _frames(3, dtype)
+    raw[:, 2, :] = np.iinfo(dtype).max  # Eiger module gap row
+    raw[1, 4, 5] = np.iinfo(dtype).max  # a dead pixel in one frame
+    frames = open_frames(_write_h5(tmp_path / "eiger.h5", raw, "bitshuffle"), _params()).values
+    assert np.isnan(frames[:, 2, :]).all() and np.isnan(frames[1, 4, 5])
+    assert np.isfinite(frames[0, 4, 5]) and np.isfinite(np.delete(frames, 2, axis=1)[[0, 2]]).all()
+    assert np.nanmax(frames) < 1000  # no 4e9 counts leak into the cake
 
 
 def test_dark_mean_subtracted_with_skip_and_flags(tmp_path):

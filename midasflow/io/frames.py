@@ -28,8 +28,10 @@ Choices (see midas_caking.md §8):
   order: ``dark_fn``; the parameter file's ``Dark``; dataset ``dark_loc`` inside the (first) HDF5
   data file or zarr group. None found: no subtraction.
 * **Detector flags**: pixels whose raw value is negative in signed-integer data (Pilatus gaps −1,
-  bad pixels −2) become NaN, in frames and dark alike; floating-point raw data are kept as they
-  are (negative values can be real after pre-processing; NaN stays NaN).
+  bad pixels −2) or the largest value of unsigned-integer data (Eiger gaps and dead pixels,
+  2³²−1 or 2¹⁶−1; a pixel saturated at the full range of its type is no measurement either)
+  become NaN, in frames and dark alike; floating-point raw data are kept as they are (negative
+  values can be real after pre-processing; NaN stays NaN).
 """
 from __future__ import annotations
 
@@ -179,10 +181,13 @@ def series_files(data_fn: str | os.PathLike, start_file_nr: int | None = None,
 
 
 def _to_float32(raw: np.ndarray) -> np.ndarray:
-    """Raw frames -> float32; negative values of signed-integer data (detector flags) -> NaN."""
+    """Raw frames -> float32; detector flags -> NaN: negative values of signed-integer data,
+    the type's largest value in unsigned-integer data."""
     out = raw.astype(np.float32)
     if raw.dtype.kind == "i":
         out[raw < 0] = np.nan
+    elif raw.dtype.kind == "u":
+        out[raw == np.iinfo(raw.dtype).max] = np.nan
     return out
 
 
