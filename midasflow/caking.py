@@ -560,10 +560,10 @@ def cake(
     if binmap is None:
         from midasflow.binmap import load_or_build_binmap
 
-        if mask is None and params.mask_file:
-            from midasflow.io.frames import read_mask
+        if mask is None:
+            from midasflow.io.mask import mask_from_params
 
-            mask = read_mask(params.mask_file, (params.nr_pixels_z, params.nr_pixels_y))
+            mask = mask_from_params(params)
         binmap = load_or_build_binmap(params, mask=mask, cache_dir=cache_dir)
     if tuple(frames.shape[1:]) != tuple(binmap.detector_shape):
         raise FrameError(

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -227,6 +228,14 @@ class Params:
         )
         blob = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def resolve_path(self, path: str) -> str:
+        """A file named in the parameter file: as given when it exists (or is absolute), else
+        relative to the parameter file's folder, as MIDAS users write them."""
+        if os.path.isabs(path) or os.path.exists(path):
+            return path
+        beside = os.path.join(os.path.dirname(self.source), path)
+        return beside if os.path.exists(beside) else path
 
     def with_overrides(self, **changes: Any) -> Params:
         """A copy with some fields replaced (validated again)."""

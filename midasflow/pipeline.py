@@ -60,7 +60,7 @@ def integrate_dataset(
     from midasflow.binmap import load_or_build_binmap
     from midasflow.caking import cake, frames_per_pass
     from midasflow.io.frames import open_frames
-    from midasflow.io.mask import read_mask
+    from midasflow.io.mask import mask_from_params
 
     frames = open_frames(
         data_fn,
@@ -71,10 +71,7 @@ def integrate_dataset(
         start_file_nr=start_file_nr,
         end_file_nr=end_file_nr,
     )
-    mask = None
-    if params.mask_file:
-        mask = read_mask(params.mask_file, (params.nr_pixels_z, params.nr_pixels_y))
-    binmap = load_or_build_binmap(params, mask, cache_dir)
+    binmap = load_or_build_binmap(params, mask_from_params(params), cache_dir)
     # the kernel's fastest chunk: as many frames as one pass over the map takes (bounded memory)
     frames = frames.chunk({"frame": frames_per_pass(binmap, frames.dtype)})
     return cake(frames, params, binmap=binmap)

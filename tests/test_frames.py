@@ -339,3 +339,21 @@ def test_read_mask(tmp_path):
     (tmp_path / "bad.tif").write_bytes(b"garbage")
     with pytest.raises(FrameError, match="bad.tif: not a readable TIFF mask"):
         read_mask(str(tmp_path / "bad.tif"), (NZ, NY))
+
+
+def test_mask_file_relative_to_the_parameter_file(tmp_path, monkeypatch):
+    import tifffile
+
+    from midasflow.io.mask import mask_from_params
+
+    (tmp_path / "masks").mkdir()
+    image = np.zeros((NZ, NY), np.uint8)
+    image[2, 3] = 1
+    tifffile.imwrite(tmp_path / "masks" / "m.tif", image)
+    params = _params(mask_file="masks/m.tif").with_overrides(source=str(tmp_path / "ps.txt"))
+    monkeypatch.chdir(tmp_path.parent)  # not where the parameter file is
+    mask = mask_from_params(params)
+    assert mask.sum() == 1 and mask[2, 3]
+    assert mask_from_params(_params()) is None
+    with pytest.raises(FrameError, match="nope.tif: mask file not found"):
+        mask_from_params(_params(mask_file="nope.tif").with_overrides(source=str(tmp_path / "ps.txt")))

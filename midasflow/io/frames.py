@@ -258,19 +258,11 @@ def _lazy(reader: ScanReader, per_chunk: int, label: str):
     return da.from_array(reader, chunks=chunks, name=name, meta=np.empty((0, 0, 0), np.float32))
 
 
-def _resolve_dark_path(dark_file: str, params: Params) -> str:
-    """The parameter file's ``Dark``: as given, else relative to the parameter file's folder."""
-    if os.path.isabs(dark_file) or os.path.exists(dark_file):
-        return dark_file
-    beside = os.path.join(os.path.dirname(params.source), dark_file)
-    return beside if os.path.exists(beside) else dark_file
-
-
 def _dark_source(first_file: str, params: Params, dark_fn: str | None, dark_loc: str) -> FrameSource | None:
     from midasflow.io import hdf5, zarr_frames
 
     if dark_fn is None and params.dark_file:
-        dark_fn = _resolve_dark_path(params.dark_file, params)
+        dark_fn = params.resolve_path(params.dark_file)
     if dark_fn is not None:
         return open_source(os.fspath(dark_fn), params, dark_loc)
     lower = first_file.lower()

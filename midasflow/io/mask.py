@@ -5,9 +5,26 @@ is a valid pixel.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from midasflow.errors import FrameError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from midasflow.params import Params
+
+
+def mask_from_params(params: Params) -> np.ndarray | None:
+    """The parameter file's ``MaskFile`` (path relative to the parameter file allowed), or None.
+
+    Returns
+    -------
+    ndarray (NrPixelsZ, NrPixelsY) bool, True = masked; None without ``MaskFile``.
+    """
+    if not params.mask_file:
+        return None
+    return read_mask(params.resolve_path(params.mask_file), (params.nr_pixels_z, params.nr_pixels_y))
 
 
 def read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
