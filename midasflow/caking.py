@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse
 
 from midasflow.errors import FrameError, ParameterError
+from midasflow.params import PROCESS_VARIABLES
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
@@ -516,7 +517,9 @@ def cake(
         Dark-subtracted raw frames (NaN = masked pixel), usually from ``open_frames``; dask-backed
         (a numpy-backed array is wrapped). Coordinates ``frame`` (post-SkipFrame index) and
         ``omega`` (deg) are used when present, else ``frame = 0..n-1`` and
-        ``omega = OmegaStart + i * OmegaStep``.
+        ``omega = OmegaStart + i * OmegaStep``. Per-frame process-variable coordinates
+        ``temperature``, ``pressure``, ``i``, ``i0`` (``open_frames`` reads them from HDF5) become
+        per-group variables of the same names.
     params : Params
         Binning, normalisation, mask rule, grouping (``omega_sum_frames``, negative = all frames),
         ``save_individual_frames`` and ``sum_images``.
@@ -533,7 +536,9 @@ def cake(
         Lazy (dask) dataset with ``intensity`` (group, r, eta) float64 — the SUM of the per-frame
         normalised cakes of each group (NaN stays NaN) —, ``frames_summed``, ``omega_first_deg``,
         ``omega_last_deg``, ``last_frame`` (group), ``frame_intensity`` (frame, r, eta) when
-        ``save_individual_frames``, ``sum_frames`` (r, eta) when ``sum_images``; coordinates
+        ``save_individual_frames``, ``sum_frames`` (r, eta) when ``sum_images``, ``temperature``,
+        ``pressure``, ``i``, ``i0`` (group, float64) for the process variables ``frames`` carries,
+        each the mean over the group's frames; coordinates
         ``r_px``, ``tth_deg``, ``q_inv_a`` (r), ``eta_deg`` (eta), ``bin_area`` (r, eta, pixel²),
         ``omega_deg`` (group, mid-group ω), ``omega_frame_deg`` (frame); attrs ``params`` (MIDAS
         text) and ``instrument`` (JSON of the GSAS-II instrument terms).
@@ -547,6 +552,11 @@ def cake(
     once (4-frame chunks run at about half the rate on 2048 x 2048 frames). Each task runs the
     kernel on numba's threads; a second Dask thread per machine still helps, by overlapping the
     serial parts of one chunk with the kernel of the next (each thread keeps its own buffer).
+
+    Process variables: MIDAS IntegratorZarrOMP writes group sums divided by the ω-arithmetic
+    frame count for Temperature/Pressure/I, and for I0 the last frame's value divided by that
+    count (an assignment where it means to accumulate; midas_caking.md §7.1). midasflow writes
+    the mean over the group's frames for every one of them (NaN if a frame's value is NaN).
     """
     import dask.array as da
 
@@ -596,6 +606,9 @@ def cake(
     else:
         omega = params.omega_start_deg + params.omega_step_deg * np.arange(n, dtype=np.float64)
     first, last = group_bounds(n, params.omega_sum_frames)
+    counts = last - first + 1
+    process = {name: np.add.reduceat(np.asarray(frames[name].values, dtype=np.float64), first)
+               / counts for name in PROCESS_VARIABLES if name in frames.coords}
 
     r_px = bin_centres(binmap.r_edges_px)
     tth = r_to_tth_deg(r_px, params)
@@ -605,7 +618,7 @@ def cake(
         sum_frames = _group_sums(cakes, all_first, all_last)[0]
     return caked_dataset(
         intensity=_group_sums(cakes, first, last),
-        frames_summed=last - first + 1,
+        frames_summed=counts,
         omega_first_deg=omega[first],
         omega_last_deg=omega[last],
         last_frame=frame_idx[last],
@@ -618,6 +631,7 @@ def cake(
         bin_area=binmap.bin_area,
         frame_intensity=cakes if params.save_individual_frames else None,
         sum_frames=sum_frames,
+        process_variables=process,
         attrs={"params": params.to_text(), "instrument": json.dumps(params.instrument)},
     )
 
@@ -638,6 +652,7 @@ def caked_dataset(
     bin_area: np.ndarray,
     frame_intensity: Any = None,
     sum_frames: Any = None,
+    process_variables: dict[str, Any] | None = None,
     attrs: dict[str, str] | None = None,
 ) -> xr.Dataset:
     """Assemble the caked Dataset (layout of :func:`cake`) from its parts.
@@ -645,7 +660,9 @@ def caked_dataset(
     Used by :func:`cake` and by the store readers so every path yields the same variables, dims,
     dtypes and coordinates. ``intensity`` (group, r, eta), ``frame_intensity`` (frame, r, eta) and
     ``sum_frames`` (r, eta) may be numpy or dask arrays; the rest are numpy. ``omega_deg`` (group)
-    is derived as the mid-group ω, (first + last) / 2.
+    is derived as the mid-group ω, (first + last) / 2. ``process_variables`` maps names of
+    :data:`midasflow.params.PROCESS_VARIABLES` to per-group values (group,), stored as float64
+    variables of those names.
     """
     import xarray as xr
 
@@ -662,6 +679,8 @@ def caked_dataset(
         data_vars["frame_intensity"] = (("frame", "r", "eta"), frame_intensity)
     if sum_frames is not None:
         data_vars["sum_frames"] = (("r", "eta"), sum_frames)
+    for name, values in (process_variables or {}).items():
+        data_vars[name] = ("group", np.asarray(values, dtype=np.float64))
     coords = {
         "frame": ("frame", np.asarray(frame, dtype=np.int64)),
         "r_px": ("r", np.asarray(r_px, dtype=np.float64)),

@@ -37,6 +37,15 @@ DEFAULT_INSTRUMENT = {
     "Z": 0.0,
 }
 
+#: Per-frame process variables: caked-variable name -> (parameter key, MIDAS default HDF5 path)
+#: (midas_caking.md §3.4).
+PROCESS_VARIABLES = {
+    "temperature": ("TemperatureDatasetPath", "/measurement/instrument/GSAS2_PVS/Temperature"),
+    "pressure": ("PressureDatasetPath", "/measurement/instrument/GSAS2_PVS/Pressure"),
+    "i": ("IDatasetPath", "/measurement/instrument/GSAS2_PVS/I"),
+    "i0": ("I0DatasetPath", "/measurement/instrument/GSAS2_PVS/I0"),
+}
+
 N_DISTORTION_TERMS = 15
 VALID_IM_TRANS_OPT = (0, 1, 2, 3)
 MASK_RULES = ("area", "midas")
@@ -92,6 +101,7 @@ _KEYS: dict[str, _KeySpec] = {
     "PixelValue": _KeySpec("pixel_value_bytes", int),
     "MinAreaFraction": _KeySpec("min_area_fraction", float),
     "MaskRule": _KeySpec("mask_rule", str),
+    **{key: _KeySpec(f"{name}_dataset_path", str) for name, (key, _) in PROCESS_VARIABLES.items()},
 }
 _INSTRUMENT_KEYS = {
     "Polariz": "Polariz.",
@@ -169,6 +179,10 @@ class Params:
     pixel_value_bytes: int = 2
     min_area_fraction: float = 0.5
     mask_rule: str = "area"
+    temperature_dataset_path: str = PROCESS_VARIABLES["temperature"][1]
+    pressure_dataset_path: str = PROCESS_VARIABLES["pressure"][1]
+    i_dataset_path: str = PROCESS_VARIABLES["i"][1]
+    i0_dataset_path: str = PROCESS_VARIABLES["i0"][1]
     instrument_overrides: tuple[tuple[str, float], ...] = ()
     extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
@@ -217,6 +231,12 @@ class Params:
     def extra_keys(self) -> dict[str, tuple[str, ...]]:
         """Keys midasflow does not use, with their raw values."""
         return dict(self.extra)
+
+    @property
+    def process_variable_paths(self) -> dict[str, str]:
+        """HDF5 dataset path of each per-frame process variable, keyed by its caked name
+        (``temperature``, ``pressure``, ``i``, ``i0``; :data:`PROCESS_VARIABLES`)."""
+        return {name: getattr(self, f"{name}_dataset_path") for name in PROCESS_VARIABLES}
 
     def geometry_key(self) -> str:
         """SHA-256 hex digest over every field the pixel → bin map depends on."""

@@ -384,3 +384,34 @@ def test_module_gaps_keep_rings_and_most_bins(ceo2):
     assert abs(np.nanmean(shift_ppm)) < 5, shift_ppm
     assert np.abs(c_gap[kept] / np.broadcast_to(tth0[:, None], c_gap.shape)[kept] - 1).max() \
         < 25e-6
+
+
+def test_process_variables_become_group_means(params, plain_map, tmp_path):
+    """Temperature/Pressure/I/I0 read per frame from HDF5 (custom Temperature path, SkipFrame)
+    become per-group means, remainder group included; the cakes do not change."""
+    import h5py
+
+    from midasflow.io.frames import open_frames
+
+    rng = np.random.default_rng(11)
+    raw = rng.integers(0, 500, size=(9, params.nr_pixels_z, params.nr_pixels_y)).astype(np.int32)
+    pv = {name: rng.normal(300.0, 20.0, size=9) for name in ("temperature", "pressure", "i", "i0")}
+    path = str(tmp_path / "scan.h5")
+    with h5py.File(path, "w") as f:
+        f["exchange/data"] = raw
+        f["/sample/T_K"] = pv["temperature"]
+        for name, key in (("pressure", "Pressure"), ("i", "I"), ("i0", "I0")):
+            f[f"/measurement/instrument/GSAS2_PVS/{key}"] = pv[name]
+    p = params.with_overrides(skip_frame=1, omega_sum_frames=3,
+                              temperature_dataset_path="/sample/T_K")
+    frames = open_frames(path, p, frames_per_chunk=2)
+    ds = cake(frames, p, binmap=plain_map).compute()
+    np.testing.assert_array_equal(ds["frames_summed"], [3, 3, 2])
+    for name, values in pv.items():
+        kept = values[1:]
+        expected = [kept[0:3].mean(), kept[3:6].mean(), kept[6:8].mean()]
+        assert ds[name].dims == ("group",) and ds[name].dtype == np.float64
+        np.testing.assert_allclose(ds[name].values, expected, rtol=1e-15)
+    plain = cake(frames.drop_vars(list(pv)), p, binmap=plain_map).compute()
+    assert not set(pv) & set(plain.variables)
+    xr.testing.assert_identical(ds.drop_vars(list(pv)), plain)

@@ -357,3 +357,46 @@ def test_mask_file_relative_to_the_parameter_file(tmp_path, monkeypatch):
     assert mask_from_params(_params()) is None
     with pytest.raises(FrameError, match="nope.tif: mask file not found"):
         mask_from_params(_params(mask_file="nope.tif").with_overrides(source=str(tmp_path / "ps.txt")))
+
+
+# ----------------------------------------------------------------------------- process variables
+def _write_pvs(path, values: dict[str, np.ndarray]):
+    """Add per-frame process-variable datasets (path inside the file -> values) to an HDF5 file."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        for loc, v in values.items():
+            f.create_dataset(loc, data=v)
+    return path
+
+
+def test_process_variables_concatenated_over_series_after_skip(tmp_path):
+    rng = np.random.default_rng(3)
+    pv = {name: rng.normal(100.0, 10.0, size=7) for name in ("T", "P", "I", "I0")}
+    gsas2 = "/measurement/instrument/GSAS2_PVS/"
+    for k, (lo, hi) in enumerate([(0, 4), (4, 7)]):
+        path = _write_h5(str(tmp_path / f"scan_{k + 1:06d}.h5"), _frames(hi - lo, seed=k))
+        _write_pvs(path, {"/my/temperature": pv["T"][lo:hi], gsas2 + "Pressure": pv["P"][lo:hi],
+                          gsas2 + "I0": pv["I0"][lo:hi].reshape(-1, 1)})
+        if k == 0:  # I only in the first file -> absent
+            _write_pvs(path, {gsas2 + "I": pv["I"][lo:hi]})
+    params = _params(skip_frame=2, temperature_dataset_path="/my/temperature")
+    da_ = open_frames(str(tmp_path / "scan_000001.h5"), params, start_file_nr=1, end_file_nr=2)
+    assert da_.sizes["frame"] == 5
+    np.testing.assert_array_equal(da_["temperature"].values, pv["T"][2:])
+    np.testing.assert_array_equal(da_["pressure"].values, pv["P"][2:])
+    np.testing.assert_array_equal(da_["i0"].values, pv["I0"][2:])
+    assert da_["temperature"].dims == ("frame",) and da_["temperature"].dtype == np.float64
+    assert "i" not in da_.coords
+    # the default GSAS2_PVS Temperature path is absent here: no coordinate, no error
+    assert "temperature" not in open_frames(str(tmp_path / "scan_000001.h5"), _params()).coords
+
+
+def test_process_variable_of_wrong_length_is_one_line(tmp_path):
+    path = _write_h5(str(tmp_path / "scan.h5"), _frames(4))
+    _write_pvs(path, {"/measurement/instrument/GSAS2_PVS/Temperature": np.arange(3.0)})
+    with pytest.raises(FrameError) as info:
+        open_frames(path, _params())
+    msg = str(info.value)
+    assert "\n" not in msg and path in msg and "GSAS2_PVS/Temperature" in msg
+    assert "3 values" in msg and "(4)" in msg

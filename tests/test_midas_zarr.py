@@ -231,3 +231,49 @@ def test_open_errors_are_one_line(tmp_path):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(CakeFileError, match="emptydir"):
         open_caked(tmp_path / "emptydir")
+
+
+def test_process_variables_written_as_group_attrs_and_read_back(params, tmp_path):
+    """Per-frame Temperature/Pressure/I/I0 -> group means in the OmegaSumFrame attrs (remainder
+    group included) and back; absent ones stay 0.0 in the file and absent in the Dataset."""
+    n = 7  # groups of 2: (0,1) (2,3) (4,5) (6)
+    rng = np.random.default_rng(5)
+    pv = {"temperature": rng.normal(295.0, 3.0, n), "pressure": rng.normal(1.0, 0.1, n),
+          "i0": rng.normal(1e5, 1e3, n)}
+    frames = lazy_frames(params, n, chunks=3).assign_coords(
+        {name: ("frame", v) for name, v in pv.items()})
+    ds = cake(frames, params, binmap=build_binmap(params))
+    path = write_midas_zarr(ds, tmp_path / "pv.zarr.zip")
+    zf = zipfile.ZipFile(path)
+    bounds = [(0, 2), (2, 4), (4, 6), (6, 7)]
+    for g, (lo, hi) in enumerate(bounds):
+        attrs = _json(zf, f"OmegaSumFrame/LastFrameNumber_{hi - 1}/.zattrs")
+        assert attrs["Number Of Frames Summed"] == hi - lo
+        assert attrs["Temperature"] == float(ds["temperature"][g])
+        assert attrs["Pressure"] == float(ds["pressure"][g])
+        assert attrs["I0"] == float(ds["i0"][g])
+        assert attrs["I"] == 0.0  # not measured: MIDAS's placeholder
+        np.testing.assert_allclose(attrs["Temperature"], pv["temperature"][lo:hi].mean(), rtol=1e-15)
+        np.testing.assert_allclose(attrs["I0"], pv["i0"][lo:hi].mean(), rtol=1e-15)
+    ref = ds.compute()
+    back = open_caked(path)
+    assert "i" not in back and back["temperature"].dims == ("group",)
+    xr.testing.assert_identical(back.compute(), ref)
+    xr.testing.assert_identical(open_caked(write_caked_zarr(ds, tmp_path / "pv.zarr")).compute(), ref)
+
+
+def test_midas_written_process_variables_are_read(zip_path, tmp_path):
+    """A MIDAS IZ file (no midasflow root attrs) carries all four attrs: all four are read."""
+    midas = tmp_path / "midas.zarr.zip"
+    with zipfile.ZipFile(zip_path) as src, zipfile.ZipFile(midas, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == ".zattrs":
+                data = json.dumps({"midas_version": "7"}).encode()
+            elif info.filename == "OmegaSumFrame/LastFrameNumber_5/.zattrs":
+                data = json.dumps({**json.loads(data), "Temperature": 310.5}).encode()
+            dst.writestr(info, data)
+    back = open_caked(midas)
+    assert back["temperature"].values[2] == 310.5 and back["temperature"].values[0] == 0.0
+    for name in ("pressure", "i", "i0"):
+        np.testing.assert_array_equal(back[name], 0.0)

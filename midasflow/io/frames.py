@@ -32,6 +32,12 @@ Choices (see midas_caking.md §8):
   2³²−1 or 2¹⁶−1; a pixel saturated at the full range of its type is no measurement either)
   become NaN, in frames and dark alike; floating-point raw data are kept as they are (negative
   values can be real after pre-processing; NaN stays NaN).
+* **Process variables** (§3.4): ``Temperature``/``Pressure``/``I``/``I0`` per frame, read from the
+  HDF5 data files at ``TemperatureDatasetPath`` etc. (default
+  ``/measurement/instrument/GSAS2_PVS/<name>``), concatenated over the series, SkipFrame frames
+  dropped, and attached as frame coordinates ``temperature``, ``pressure``, ``i``, ``i0``. A
+  variable is attached only when every file of the scan holds it; a dataset that does not hold
+  one value per frame is an error.
 """
 from __future__ import annotations
 
@@ -273,6 +279,21 @@ def _dark_source(first_file: str, params: Params, dark_fn: str | None, dark_loc:
     return None
 
 
+def _process_variables(sources: tuple[FrameSource, ...], params: Params,
+                       skip: int) -> dict[str, np.ndarray]:
+    """Per-frame process variables found in every (HDF5) file, concatenated, SkipFrame dropped."""
+    from midasflow.io import hdf5
+
+    if not all(s.path.lower().endswith(hdf5.EXTENSIONS) for s in sources):
+        return {}
+    out = {}
+    for name, loc in params.process_variable_paths.items():
+        parts = [hdf5.read_per_frame(s.path, loc, s.n_frames) for s in sources]
+        if all(p is not None for p in parts):
+            out[name] = np.concatenate(parts)[skip:]
+    return out
+
+
 def open_frames(
     data_fn: str | os.PathLike,
     params: Params,
@@ -307,14 +328,16 @@ def open_frames(
     xarray.DataArray, dims (frame, z, y), float32, dask-backed
         Raw orientation, dark subtracted, detector-flagged pixels NaN, SkipFrame frames dropped.
         Coords ``frame`` (int, index after SkipFrame) and ``omega`` (deg,
-        OmegaStart + frame·OmegaStep). Attrs ``source_files`` (list of str), ``data_loc``,
+        OmegaStart + frame·OmegaStep), plus ``temperature``, ``pressure``, ``i``, ``i0``
+        (float64, per frame) for the process variables the HDF5 files hold. Attrs ``source_files`` (list of str), ``data_loc``,
         ``dark_source`` ("" when no dark), ``skip_frame``.
 
     Raises
     ------
     FrameError
         Any file missing or unreadable, a missing dataset, wrong frame shape or dimensionality,
-        or SkipFrame leaving no frame. Nothing is read beyond metadata and nothing is written.
+        a process-variable dataset not holding one value per frame, or SkipFrame leaving no
+        frame. Nothing is read beyond metadata and nothing is written.
 
     Notes
     -----
@@ -343,10 +366,12 @@ def open_frames(
     n = reader.shape[0]
     index = np.arange(n)
     omega = float(params.omega_start_deg) + float(params.omega_step_deg) * index
+    pvs = _process_variables(sources, params, skip)
     return xr.DataArray(
         frames,
         dims=("frame", "z", "y"),
-        coords={"frame": index, "omega": ("frame", omega, {"units": "deg"})},
+        coords={"frame": index, "omega": ("frame", omega, {"units": "deg"}),
+                **{name: ("frame", values) for name, values in pvs.items()}},
         name="frames",
         attrs={
             "source_files": list(files),

@@ -91,3 +91,40 @@ def open_hdf5(path: str, loc: str) -> Hdf5Source:
     if len(shape) == 3:
         return Hdf5Source(path, loc, int(shape[0]), (int(shape[1]), int(shape[2])))
     raise FrameError(f"{path}: dataset '{loc}' has shape {shape}, expected (frames, nz, ny) or (nz, ny)")
+
+
+def read_per_frame(path: str, loc: str, n_frames: int) -> np.ndarray | None:
+    """One value per frame from dataset ``loc`` of ``path`` (a process variable, §3.4).
+
+    Parameters
+    ----------
+    path : str
+        HDF5 file.
+    loc : str
+        Dataset path, e.g. ``/measurement/instrument/GSAS2_PVS/Temperature``.
+    n_frames : int
+        Frames of the file's data dataset; the dataset must hold exactly that many values.
+
+    Returns
+    -------
+    ndarray (n_frames,) float64 or None
+        None when the file has no dataset at ``loc``.
+
+    Raises
+    ------
+    FrameError
+        The dataset is not numeric or does not hold one value per frame.
+    """
+    import h5py
+
+    with _open_file(path) as f:
+        node = f.get(loc)
+        if not isinstance(node, h5py.Dataset):
+            return None
+        if node.dtype.kind not in "biuf":
+            raise FrameError(f"{path}: dataset '{loc}' has dtype {node.dtype}, expected numbers")
+        values = np.asarray(node[()], dtype=np.float64).ravel()
+    if values.size != n_frames:
+        raise FrameError(f"{path}: dataset '{loc}' holds {values.size} values, expected one per "
+                         f"frame ({n_frames})")
+    return values

@@ -18,9 +18,13 @@ member                                        shape            attributes
 
 ``i`` is the post-SkipFrame frame index (not zero-padded). ``Number Of Frames Summed`` is the real
 frame count of the group (midasflow writes what MIDAS' IZ-param path writes, not IZ-zarr's
-ω-arithmetic value). Root attributes: ``midasflow_version``, ``creation_timestamp`` and, so the
-file reopens to the very Dataset :func:`midasflow.caking.cake` produced, ``midasflow_params`` (MIDAS
-parameter text) and ``midasflow_instrument`` (JSON).
+ω-arithmetic value). ``Temperature``, ``Pressure``, ``I``, ``I0`` are the group means of the
+Dataset's ``temperature``, ``pressure``, ``i``, ``i0`` (see :func:`midasflow.caking.cake`), 0.0 for
+a variable the Dataset lacks, as MIDAS writes. Root attributes: ``midasflow_version``,
+``creation_timestamp`` and, so the file reopens to the very Dataset :func:`midasflow.caking.cake`
+produced, ``midasflow_params`` (MIDAS parameter text), ``midasflow_instrument`` (JSON) and
+``midasflow_process_variables`` (the names of the variables the Dataset held, so a measured 0.0
+and an absent variable read back apart).
 """
 from __future__ import annotations
 
@@ -59,6 +63,8 @@ INSTRUMENT_NAMES = {
 #: GSAS-II defaults for InstrumentParameters missing from the dataset attrs (§3.6, IZ column).
 _INSTRUMENT_DEFAULTS = {"Polariz.": 0.99, "Lam": 0.172978, "SH/L": 0.002, "U": 1.163, "V": -0.126,
                         "W": 0.063, "X": 0.0, "Y": 0.0, "Z": 0.0, "Distance": 1.0e6}
+#: Caked process-variable name -> OmegaSumFrame attribute (§7.1).
+PROCESS_ATTRS = {"temperature": "Temperature", "pressure": "Pressure", "i": "I", "i0": "I0"}
 GROUP_PREFIX = "LastFrameNumber_"
 FRAME_PREFIX = "FrameNr_"
 REQUIRED = ("REtaMap", "OmegaSumFrame", "InstrumentParameters")
@@ -99,6 +105,7 @@ def _write(ds: Any, path: Path, progress: bool) -> None:
             "creation_timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "midasflow_params": ds.attrs.get("params", ""),
             "midasflow_instrument": ds.attrs.get("instrument", json.dumps(_instrument(ds))),
+            "midasflow_process_variables": [name for name in PROCESS_ATTRS if name in ds],
         }
         root = zarr.open_group(store, mode="w", zarr_format=2, attributes=root_attrs)
 
@@ -132,7 +139,8 @@ def _write(ds: Any, path: Path, progress: bool) -> None:
                 "Number Of Frames Summed": int(ds["frames_summed"].values[g]),
                 "FirstOme": float(ds["omega_first_deg"].values[g]),
                 "LastOme": float(ds["omega_last_deg"].values[g]),
-                "Temperature": 0.0, "Pressure": 0.0, "I": 0.0, "I0": 0.0,
+                **{attr: float(ds[name].values[g]) if name in ds else 0.0
+                   for name, attr in PROCESS_ATTRS.items()},
             }))
             sources.append(ds["intensity"].data[g])
         if "frame_intensity" in ds:
@@ -290,7 +298,10 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
     Cakes (``intensity``, ``frame_intensity``, ``sum_frames``) are read lazily, one member per
     task; ``REtaMap`` and the attributes are read now. Files written by MIDAS itself lack the
     ``midasflow_*`` root attributes: ``attrs['params']`` is then absent and ``instrument`` is
-    rebuilt from ``InstrumentParameters``.
+    rebuilt from ``InstrumentParameters``, and every process variable whose attribute
+    (``Temperature``, ``Pressure``, ``I``, ``I0``) all groups carry is read (MIDAS IZ writes all
+    four, its stream writer none); midasflow files name theirs in ``midasflow_process_variables``
+    (files from before it have none).
 
     Raises
     ------
@@ -348,6 +359,11 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
     attrs["instrument"] = root_attrs.get("midasflow_instrument", json.dumps(inst))
     frame_idx = (np.array([i for i, _ in frames], dtype=np.int64) if frames
                  else np.arange(omegas.shape[0], dtype=np.int64))
+    # older midasflow files (no list) wrote placeholder zeros; MIDAS files: whatever they carry
+    measured = root_attrs.get("midasflow_process_variables",
+                              () if "midasflow_version" in root_attrs else PROCESS_ATTRS)
+    process = {name: [a[attr] for a in g_attrs] for name, attr in PROCESS_ATTRS.items()
+               if name in measured and all(attr in a for a in g_attrs)}
     return caked_dataset(
         intensity=_lazy_stack(src, [f"OmegaSumFrame/{n}" for _, n in groups], (n_r, n_eta)),
         frames_summed=[a["Number Of Frames Summed"] for a in g_attrs],
@@ -364,5 +380,6 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         frame_intensity=(_lazy_stack(src, [f"IntegrationResult/{n}" for _, n in frames],
                                      (n_r, n_eta)) if frames else None),
         sum_frames=_lazy_stack(src, ["SumFrames"], (n_r, n_eta))[0] if has_sum else None,
+        process_variables=process,
         attrs=attrs,
     )
