@@ -14,7 +14,7 @@ from typing import Any
 
 import xarray as xr
 
-from midasflow.params import Params, read_params
+from midasflow.params import PROCESS_VARIABLES, Params, read_params
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,10 @@ def refine(
         phase_names=[p.name for p in phases],
         attrs={"data_file": data_file, "backend": backend, "mode": mode},
     )
+    # the ω-groups' process variables (temperature, pressure, I, I0) ride along as coordinates
+    measured = [name for name in PROCESS_VARIABLES if name in source and "group" in source[name].dims]
+    if results.sizes["group"] == source.sizes.get("group"):
+        results = results.assign_coords({name: ("group", source[name].values) for name in measured})
     write_results(results, out, lineouts=lineouts, no_export=True)  # exported by the tasks
     if report:
         from midasflow.report import write_report

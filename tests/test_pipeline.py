@@ -288,3 +288,14 @@ def test_resume_refuses_checkpoints_made_with_other_settings(small, tmp_path, mo
         pipeline.refine(ds, [cif], out=tmp_path, export=False, report=False, bkg_terms=4,
                         mode="lebail", resume=True)
     assert counting.calls == []  # refused before any lineout ran
+
+
+def test_group_process_variables_reach_the_results(small, tmp_path):
+    from midasflow.results import open_results
+
+    ds, cif = small
+    ds = ds.assign(temperature=("group", [412.5]), i0=("group", [1.25e6]))
+    r = pipeline.refine(ds, [cif], out=tmp_path, export=False, report=False)
+    assert r.temperature.dims == ("group",) and r.temperature.values.tolist() == [412.5]
+    back = open_results(tmp_path / "results.zarr")
+    assert back.i0.values.tolist() == [1.25e6] and "pressure" not in back.coords
