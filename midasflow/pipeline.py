@@ -62,18 +62,15 @@ def integrate_dataset(
     from midasflow.io.frames import open_frames
     from midasflow.io.mask import mask_from_params
 
-    frames = open_frames(
-        data_fn,
-        params,
-        dark_fn=dark_fn,
-        data_loc=data_loc,
-        dark_loc=dark_loc,
-        start_file_nr=start_file_nr,
-        end_file_nr=end_file_nr,
-    )
+    source = dict(dark_fn=dark_fn, data_loc=data_loc, dark_loc=dark_loc,
+                  start_file_nr=start_file_nr, end_file_nr=end_file_nr)
+    frames = open_frames(data_fn, params, **source)  # checks every input before any work
     binmap = load_or_build_binmap(params, mask_from_params(params), cache_dir)
-    # the kernel's fastest chunk: as many frames as one pass over the map takes (bounded memory)
-    frames = frames.chunk({"frame": frames_per_pass(binmap, frames.dtype)})
+    # the kernel's fastest chunk: as many frames as one pass over the map takes (bounded memory);
+    # reading chunks of that size directly avoids concatenating smaller ones
+    per_pass = frames_per_pass(binmap, frames.dtype)
+    if frames.chunks[0][0] != min(per_pass, frames.sizes["frame"]):
+        frames = open_frames(data_fn, params, frames_per_chunk=per_pass, **source)
     return cake(frames, params, binmap=binmap)
 
 
