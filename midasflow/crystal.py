@@ -296,6 +296,7 @@ def _g_real(cell: Sequence[float]) -> np.ndarray:
 
 
 def _A_to_G(A: np.ndarray) -> np.ndarray:
+    """Reciprocal metric tensor G* (3, 3), Å⁻², of the A-terms (6,)."""
     return np.array([[A[0], A[3] / 2, A[4] / 2],
                      [A[3] / 2, A[1], A[5] / 2],
                      [A[4] / 2, A[5] / 2, A[2]]])

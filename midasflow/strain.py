@@ -124,20 +124,12 @@ def normal_strain(theta_deg: Any, eta_deg: Any, tensor: np.ndarray, omega_deg: A
 # ---------------------------------------------------------------------------------------------
 # strain of one lineout from its refined cell
 # ---------------------------------------------------------------------------------------------
-def _reciprocal_metric(cell: Sequence[float]) -> np.ndarray:
-    a, b, c, al, be, ga = (float(v) for v in cell[:6])
-    ca, cb, cg = np.cos(np.deg2rad([al, be, ga]))
-    g = np.array(
-        [[a * a, a * b * cg, a * c * cb], [a * b * cg, b * b, b * c * ca], [a * c * cb, b * c * ca, c * c]]
-    )
-    return np.linalg.inv(g)
-
-
 def d_spacing_a(cell: Sequence[float], hkl: Any) -> np.ndarray:
     """d-spacings (Å) of reflections ``hkl`` (int array (n, 3) or (3,)) for a cell (a, b, c Å; α, β, γ deg)."""
+    from midasflow.crystal import A_derivative_H, cell_to_A
+
     h = np.atleast_2d(np.asarray(hkl, dtype=float))
-    gstar = _reciprocal_metric(cell)
-    return 1.0 / np.sqrt(np.einsum("ni,ij,nj->n", h, gstar, h))
+    return 1.0 / np.sqrt(A_derivative_H(h) @ cell_to_A(cell[:6]))
 
 
 def is_cubic(cell: Sequence[float], *, rtol: float = 1e-9) -> bool:

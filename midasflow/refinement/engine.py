@@ -49,6 +49,7 @@ from midasflow.crystal import (
     Atom,
     Phase,
     StructureFactorTable,
+    _A_to_G,
     cell_esds,
     cell_to_A,
     cell_volume,
@@ -153,11 +154,6 @@ class _PhaseData:
         return self.tables.free
 
 
-def _metric(A: np.ndarray) -> np.ndarray:
-    return np.array([[A[0], A[3] / 2, A[4] / 2], [A[3] / 2, A[1], A[5] / 2],
-                     [A[4] / 2, A[5] / 2, A[2]]])
-
-
 class PatternModel:
     """y_calc and its Jacobian for one pattern and a set of phases.
 
@@ -231,7 +227,7 @@ class PatternModel:
             for c, v in zip("xyz", atom.xyz):
                 self.values[f"{p}::A{c}:{j}"] = float(v)
             self.values[f"{p}::AUiso:{j}"] = float(atom.uiso)
-        return _PhaseData(p, ph, tables, _metric(A), np.ones(len(tables.mult)), tables.sf,
+        return _PhaseData(p, ph, tables, _A_to_G(A), np.ones(len(tables.mult)), tables.sf,
                           tuple(c for a in ph.atoms for c in a.xyz))
 
     def atom_names(self, p: int) -> list[str]:
@@ -272,8 +268,11 @@ class PatternModel:
         uiso = np.array([values[f"{p}::AUiso:{j}"] for j in range(pd.sf.n_atoms)])
         memo_key = (A.tobytes(), uiso.tobytes(), key)
         old_key, old = pd.fsq_memo
-        if old_key == memo_key and (isinstance(old, tuple) or not derivatives):
-            return old if derivatives or not isinstance(old, tuple) else old[0]
+        if old_key == memo_key:
+            if isinstance(old, tuple):          # computed with derivatives: serves both calls
+                return old if derivatives else old[0]
+            if not derivatives:
+                return old
         out = pd.sf.fsq(inv_d2, uiso, derivatives=derivatives)
         pd.fsq_memo = (memo_key, out)
         return out
@@ -293,7 +292,7 @@ class PatternModel:
         pd = self.phases[p]
         tb = pd.tables
         v = values
-        A = tb.T @ np.array([v[f"{p}::A{i}"] for i in tb.free])
+        A = self.A_terms(p, v)
         inv_d2 = tb.H6 @ A
         with np.errstate(invalid="ignore", divide="ignore"):
             d = 1.0 / np.sqrt(inv_d2)
@@ -305,7 +304,7 @@ class PatternModel:
                                     size_um=size, mustrain=mu, lam_a=self.lam)
         lorentz = _profile.lorentz_factor(tth)
         ppol = _profile.polarization_factor(tth, self.polariz, self.azimuth)
-        det_g = np.linalg.det(_metric(A))
+        det_g = np.linalg.det(_A_to_G(A))
         inv_v = math.sqrt(det_g) if det_g > 0 else math.nan
         r = v[f"{p}:0:MD"]
         if r != 1.0 or f"{p}:0:MD" in vary:
@@ -335,7 +334,7 @@ class PatternModel:
         dI_dtth = intensity * (dlnl_dtth + dppol_dtth / ppol)
         # cell: 2θ through 1/d² (d = (1/d²)^-1/2), 1/V, |F|²(1/d²)
         dtth_dinvd2 = pos.d_d * (-0.5 * d ** 3)
-        g_real = np.linalg.inv(_metric(A))
+        g_real = np.linalg.inv(_A_to_G(A))
         dlninvv_dp = 0.5 * np.array([g_real[0, 0], g_real[1, 1], g_real[2, 2], g_real[0, 1],
                                      g_real[0, 2], g_real[1, 2]]) @ tb.T
         for k, i in enumerate(tb.free):
@@ -653,10 +652,8 @@ def _escape_scan(model: PatternModel, state: _LMState, vary: Sequence[str],
             N = Jw.T @ Jw
             scale = np.sqrt(np.diag(N))
             scale[scale == 0] = 1.0
-            u, sv, vt = np.linalg.svd(N / np.outer(scale, scale))
-            keep = sv > svd_tol * sv[0] if sv.size and sv[0] > 0 else np.zeros_like(sv, bool)
-            inv = np.where(keep, 1.0 / np.where(keep, sv, 1.0), 0.0)
-            solve = (vt.T * inv) @ u.T @ (Jw / scale).T        # (n_others, n_points)
+            # (n_others, n_points)
+            solve = _svd_pinv(N / np.outer(scale, scale), svd_tol) @ (Jw / scale).T
             base = state.values[name]
             for f in _SCAN_FACTORS:
                 trial = dict(state.values, **{name: base * float(f)})
@@ -869,6 +866,18 @@ def _lebail_start(model: PatternModel, values: dict[str, float], yobs, sqrt_w) -
     values["Scale"] = 1.0
 
 
+def _sub_covariance(cov: np.ndarray, idx: Mapping[str, int],
+                    names: Sequence[str]) -> np.ndarray:
+    """Covariance block of ``names`` (rows/columns of unrefined names are 0)."""
+    sub = [idx.get(n) for n in names]
+    out = np.zeros((len(names), len(names)))
+    for a, ia in enumerate(sub):
+        for b, ib in enumerate(sub):
+            if ia is not None and ib is not None:
+                out[a, b] = cov[ia, ib]
+    return out
+
+
 def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp,
             warn) -> PatternResult:
     yc, bkg, J = model.evaluate(values, vary, jac=True)
@@ -891,13 +900,7 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
         A = model.A_terms(p, values)
         cell = A_to_cell(A)
         cells[ph.name] = tuple(cell) + (cell_volume(cell),)
-        names = [f"{p}::A{i}" for i in pd.free]
-        sub = [idx.get(n) for n in names]
-        cov_p = np.zeros((len(names), len(names)))
-        for a_, ia in enumerate(sub):
-            for b_, ib in enumerate(sub):
-                if ia is not None and ib is not None:
-                    cov_p[a_, b_] = cov[ia, ib]
+        cov_p = _sub_covariance(cov, idx, [f"{p}::A{i}" for i in pd.free])
         cell_err[ph.name] = tuple(float(e) for e in cell_esds(A, cov_p, ph.laue, ph.unique_axis))
         phases_out.append(model.refined_phase(p, values))
         masses.append(phases_out[-1].cell_mass)
@@ -913,12 +916,7 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
     wt = sc * m
     frac = wt / wt.sum()
     jf = (np.diag(m) * wt.sum() - np.outer(wt, m)) / wt.sum() ** 2     # ∂frac_i/∂S_j
-    cov_s = np.zeros((len(sc), len(sc)))
-    for a_, pa in enumerate(model.phases):
-        for b_, pb in enumerate(model.phases):
-            ia, ib = idx.get(f"{pa.index}:0:Scale"), idx.get(f"{pb.index}:0:Scale")
-            if ia is not None and ib is not None:
-                cov_s[a_, b_] = cov[ia, ib]
+    cov_s = _sub_covariance(cov, idx, [f"{pd.index}:0:Scale" for pd in model.phases])
     frac_esd = np.sqrt(np.maximum(np.diag(jf @ cov_s @ jf.T), 0.0))
     for i, pd in enumerate(model.phases):
         fractions[pd.phase.name] = (float(frac[i]), float(frac_esd[i]))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from midasflow.crystal import Phase, write_phase_cif
+from midasflow.io.atomic import atomic_output
 
 __all__ = ["PatternResult"]
 
@@ -84,16 +84,9 @@ class PatternResult:
         path = Path(path)
         table = np.column_stack([self.tth_deg, self.obs, self.calc, self.bkg,
                                  self.obs - self.calc])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                np.savetxt(fh, table, delimiter=",", fmt="%.10g",
-                           header="tth_deg,obs,calc,bkg,diff", comments="")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(path) as tmp:
+            np.savetxt(tmp, table, delimiter=",", fmt="%.10g",
+                       header="tth_deg,obs,calc,bkg,diff", comments="")
         return path
 
     def write_cifs(self, folder: str | os.PathLike, stem: str) -> list[Path]:
