@@ -33,7 +33,7 @@ import numpy as np
 import scipy.sparse
 
 from midasflow.errors import FrameError, ParameterError
-from midasflow.params import PROCESS_VARIABLES
+from midasflow.params import MASK_RULES, PROCESS_VARIABLES
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
@@ -41,8 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from midasflow.binmap import BinMap
     from midasflow.params import Params
-
-MASK_RULES = ("area", "midas")
 
 
 # --------------------------------------------------------------------------------------------

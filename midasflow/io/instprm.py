@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from midasflow.errors import CakeFileError, InstprmError
+from midasflow.io.atomic import write_text_atomic
 
 HEADER = "#GSAS-II instrument parameter file; do not add/delete items!"
 MIDAS_DEFAULT_RADIUS_MM = 1000.0
@@ -244,17 +244,8 @@ def write_instprm(inst: Instrument, path: str | os.PathLike) -> Path:
     Writes ``key:value`` for every instrument key, the extra keys, then Diff-type,
     Gonio. radius and InstrName (as GSAS-II's ``WriteInstprm``).
     """
-    p = Path(path)
     text = "\n".join([HEADER] + [f"{k}:{_format(v)}" for k, v in inst.to_dict().items()]) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import numpy as np
 
 from midasflow.errors import CakeFileError
 from midasflow.io.atomic import atomic_output
+from midasflow.params import Params
 from midasflow.progress import TextProgress
 
 #: REtaMap plane names and units (§7.1).
@@ -60,9 +61,9 @@ INSTRUMENT_NAMES = {
     "Z": "Z",
     "Distance": "Distance",
 }
-#: GSAS-II defaults for InstrumentParameters missing from the dataset attrs (§3.6, IZ column).
-_INSTRUMENT_DEFAULTS = {"Polariz.": 0.99, "Lam": 0.172978, "SH/L": 0.002, "U": 1.163, "V": -0.126,
-                        "W": 0.063, "X": 0.0, "Y": 0.0, "Z": 0.0, "Distance": 1.0e6}
+#: GSAS-II defaults for InstrumentParameters missing from the dataset attrs (§3.6, IZ column):
+#: those of the default :class:`~midasflow.params.Params` (Distance = its Lsd, 1e6 µm).
+_INSTRUMENT_DEFAULTS = Params().instrument
 #: Caked process-variable name -> OmegaSumFrame attribute (§7.1).
 PROCESS_ATTRS = {"temperature": "Temperature", "pressure": "Pressure", "i": "I", "i0": "I0"}
 GROUP_PREFIX = "LastFrameNumber_"
