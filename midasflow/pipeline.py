@@ -235,8 +235,7 @@ def refine(
     if export:
         refine_fn = ExportingRefiner(refine_fn, out)
     plan = plan_lineouts(source, min_points=min_points)
-    # GSAS-II-keyed mapping: the form every backend reads the same way (Lam, Zero, U..Z, SH/L …)
-    common = dict(phases=phases, instprm=instrument.to_dict(), bkg_terms=bkg_terms, limits=limits,
+    common = dict(phases=phases, instprm=instrument, bkg_terms=bkg_terms, limits=limits,
                   refine_atoms=refine_atoms, mode=mode)
     out.mkdir(parents=True, exist_ok=True)
     record_settings(out, {

@@ -251,24 +251,30 @@ def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
     status = ds["status"].values
     rwp = ds["rwp"].values
     ok = status == "ok"
+    # plain numpy arrays up front: xarray indexing inside the loop took ~1.7 ms a lineout
+    hist_index, omega, eta = (ds[v].values for v in ("histogram_index", "omega_deg", "eta_deg"))
+    n_points, message = ds["n_points"].values, ds["message"].values
+    cells = np.stack([ds[v].values for v in CELL_VARS], axis=-1)  # (phase, group, eta, 7)
+    strain, strain_esd = ds["strain"].values, ds["strain_esd"].values
+    phase_names = ds["phase"].values.tolist()
     hists = []
     for g in range(ds.sizes["group"]):
         for e in range(ds.sizes["eta"]):
-            if int(ds["histogram_index"][g, e]) < 0:
+            if int(hist_index[g, e]) < 0:
                 continue
             phases, strains = [], {}
-            for k, ph in enumerate(ds["phase"].values.tolist()):
-                cell = [float(ds[v].values[k, g, e]) for v in CELL_VARS]
+            for k, ph in enumerate(phase_names):
+                cell = [float(v) for v in cells[k, g, e]]
                 if np.isfinite(cell).all():
                     phases.append({"name": ph, "cell": cell})
-                eps = ds["strain"].values[k, g, e]
+                eps = strain[k, g, e]
                 if np.isfinite(eps):
-                    strains[ph] = {"eps": float(eps), "esd": _num(ds["strain_esd"].values[k, g, e])}
+                    strains[ph] = {"eps": float(eps), "esd": _num(strain_esd[k, g, e])}
             hists.append({
-                "histogram_index": int(ds["histogram_index"][g, e]), "status": str(status[g, e]),
+                "histogram_index": int(hist_index[g, e]), "status": str(status[g, e]),
                 "Rwp": _num(rwp[g, e]), "phases": phases, "group": g, "eta_index": e,
-                "omega_deg": float(ds["omega_deg"][g]), "eta_deg": float(ds["eta_deg"][e]),
-                "n_points": int(ds["n_points"][g, e]), "message": str(ds["message"].values[g, e]),
+                "omega_deg": float(omega[g]), "eta_deg": float(eta[e]),
+                "n_points": int(n_points[g, e]), "message": str(message[g, e]),
                 "strain": strains,
             })
     hists.sort(key=lambda h: h["histogram_index"])

@@ -35,7 +35,7 @@ def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
     if not wants_cluster:
         yield None
         return
-    from midasflow.cluster import get_client
+    from midasflow.cluster import close_client, get_client
 
     client, description = get_client(
         n_workers=args.n_cpus,
@@ -51,10 +51,7 @@ def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
     try:
         yield client
     finally:
-        client.close()
-        cluster = getattr(client, "cluster", None)
-        if cluster is not None and args.scheduler is None:
-            cluster.close()
+        close_client(client)  # and the cluster get_client made (a --scheduler client has none)
 
 
 @contextlib.contextmanager

@@ -469,11 +469,6 @@ def run_serial(
     return [results[s.index] for s in plan]
 
 
-def _refine_task(spec: LineoutSpec, refine_fn: Callable[..., Any], common: Mapping[str, Any],
-                 seed: LineoutResult | None) -> LineoutResult:
-    return refine_lineout(spec, refine_fn, common, seed)
-
-
 def run_distributed(
     plan: Sequence[LineoutSpec],
     refine_fn: Callable[..., Any] | None,
@@ -520,7 +515,7 @@ def run_distributed(
     for spec in todo:  # index order: every group's seeding lineout comes before its dependants
         seed_index = seeds.get(spec.index)
         seed = None if seed_index is None else results.get(seed_index, by_index.get(seed_index))
-        fut = client.submit(_refine_task, spec, refine_fn, common_future, seed,
+        fut = client.submit(refine_lineout, spec, refine_fn, common_future, seed,
                             key=f"{TASK_PREFIX}-{spec.index}-{token}", retries=retries, pure=False)
         futures[fut] = spec
         by_index[spec.index] = fut
