@@ -50,7 +50,7 @@ def _map_build_child() -> None:
     """Run in a fresh interpreter with an empty numba cache: print the build timings as JSON."""
     t0 = time.perf_counter()
     from midasflow.binmap import build_binmap, load_or_build_binmap
-    from midasflow.caking import cake_block
+    from midasflow.caking_kernel import cake_block
     t_import = time.perf_counter() - t0
     params = _params()
     t0 = time.perf_counter()
@@ -100,7 +100,8 @@ def bench_throughput(args) -> None:
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
     from midasflow.binmap import load_or_build_binmap
-    from midasflow.caking import cake, cake_block, frames_per_pass
+    from midasflow.caking import cake
+    from midasflow.caking_kernel import cake_block, frames_per_pass
 
     numba.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as cache:

@@ -58,7 +58,8 @@ def integrate_dataset(
         Where bin maps are cached (default ``~/.cache/midasflow/binmaps``).
     """
     from midasflow.binmap import load_or_build_binmap
-    from midasflow.caking import cake, frames_per_pass
+    from midasflow.caking import cake
+    from midasflow.caking_kernel import frames_per_pass
     from midasflow.io.frames import open_frames
     from midasflow.io.mask import mask_from_params
 

@@ -10,7 +10,8 @@ import xarray as xr
 from cake_helpers import lazy_frames, small_params
 
 from midasflow.binmap import build_binmap
-from midasflow.caking import cake, cake_block, cake_block_reference, group_bounds
+from midasflow.caking import cake, group_bounds
+from midasflow.caking_kernel import cake_block, cake_block_reference
 from midasflow.errors import FrameError, ParameterError
 from midasflow.params import params_from_text
 
@@ -123,7 +124,7 @@ def test_mask_rules(params, masked_map):
 
 
 def test_ring_order_covers_every_entry_pixel(masked_map):
-    from midasflow.caking import _kernel_map
+    from midasflow.caking_kernel import _kernel_map
 
     km = _kernel_map(masked_map)
     W = masked_map.weights
@@ -142,7 +143,7 @@ def test_ring_order_covers_every_entry_pixel(masked_map):
 def test_result_does_not_depend_on_pass_size(params, masked_map, monkeypatch, dtype):
     """Frames split over several map passes (NaN and NaN-free passes mixed) give bit-identical
     per-frame cakes to one pass and to one call per frame."""
-    import midasflow.caking as cake_module
+    import midasflow.caking_kernel as cake_module
 
     frames = _frames(params, n=7).astype(dtype)  # NaN only in frames 1 and 3
     one_pass = cake_block(frames, masked_map, mask_rule="midas")
