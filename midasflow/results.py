@@ -129,7 +129,8 @@ def assemble_results(
         and ``<name>_esd``, ``phase_scale``, ``phase_fraction`` (+ ``_esd``), ``strain``,
         ``strain_esd``, ``strain_theta_deg``. Per lineout (group, eta): ``rwp``, ``rp``, ``gof``,
         ``chi2``, ``zero u v w x y shl scale`` (GSAS-II Zero, U, V, W, X, Y, SH/L, Scale),
-        ``n_points``, ``status``, ``message``, ``warnings`` (str; "; "-joined), ``elapsed_s``.
+        ``n_points``, ``status``, ``message``, ``warnings`` (str; "; "-joined), ``elapsed_s``,
+        ``worker`` (address of the Dask worker that refined it; "" in the calling process).
         Strain fits: ``strain_lab`` / ``strain_lab_esd`` (phase, group, component) and
         ``strain_lab_status`` (phase, group) from :func:`midasflow.strain.fit_strain_orientation`
         per ω-group; ``strain_sample`` / ``strain_sample_esd`` (phase, component) and
@@ -155,12 +156,13 @@ def assemble_results(
     status = np.full((n_groups, n_eta), "skipped", dtype=object)
     message = np.full((n_groups, n_eta), "", dtype=object)
     warnings = np.full((n_groups, n_eta), "", dtype=object)
+    worker = np.full((n_groups, n_eta), "", dtype=object)
     ref_cells = dict(ref_cells or {})
     for r in results:
         g, e = r.group, r.eta_index
         omega[g], eta[e], hist[g, e] = r.omega_deg, r.eta_deg, r.index
         n_points[g, e], status[g, e], message[g, e] = r.n_points, r.status, r.message
-        per_lineout["elapsed_s"][g, e] = r.elapsed_s
+        per_lineout["elapsed_s"][g, e], worker[g, e] = r.elapsed_s, r.worker
         p = r.pattern
         if p is None:
             continue
@@ -213,7 +215,7 @@ def assemble_results(
     data_vars.update({name: (ge, arr) for name, arr in per_lineout.items()})
     data_vars.update(
         n_points=(ge, n_points), status=(ge, status.astype(str)), message=(ge, message.astype(str)),
-        warnings=(ge, warnings.astype(str)),
+        warnings=(ge, warnings.astype(str)), worker=(ge, worker.astype(str)),
         strain_lab=(("phase", "group", "component"), lab),
         strain_lab_esd=(("phase", "group", "component"), lab_esd),
         strain_lab_status=(("phase", "group"), lab_status.astype(str)),

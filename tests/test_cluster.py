@@ -1,5 +1,11 @@
 """Clients: a real two-worker LocalCluster (loopback), scheduler address, jobqueue scripts."""
 import builtins
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
 
 import pytest
 
@@ -69,3 +75,61 @@ def test_missing_dask_jobqueue_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(BackendError, match=r"install midasflow\[cluster\]"):
         cluster.get_client(cluster="slurm", cores=4, memory="8GB")
+
+
+# ------------------------------------------------------------------------------ a real SLURM
+
+def _slurm_unavailable() -> str | None:
+    """Why no SLURM here takes jobs (None when one does). ci/slurm.sh starts one as root."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "sbatch/sinfo are not installed (bash ci/slurm.sh, as root, installs and starts a one-node SLURM)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%a %t"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 30 s (is slurmctld running? bash ci/slurm.sh starts it)"
+    if out.returncode != 0:
+        return f"sinfo failed: {' '.join(out.stderr.split())} (bash ci/slurm.sh starts slurmctld/slurmd)"
+    if not re.search(r"^up (idle|mix)", out.stdout, flags=re.M):
+        return f"no SLURM partition is up with an idle node (sinfo: {' '.join(out.stdout.split())!r})"
+    return None
+
+
+@pytest.mark.slow
+def test_demo_on_slurm_refines_every_lineout_in_a_slurm_job(tmp_path):
+    """``midasflow demo --cluster slurm --jobs 2``: every lineout's worker was started by one of
+    the two SLURM jobs that dask-jobqueue submitted for this run."""
+    reason = _slurm_unavailable()
+    if reason:
+        pytest.skip(f"no SLURM here: {reason}")
+    job_name = f"mf-test-{uuid.uuid4().hex[:8]}"  # this run's jobs, apart from any others
+    env = dict(os.environ, DASK_JOBQUEUE__SLURM__NAME=job_name,
+               DASK_JOBQUEUE__SLURM__INTERFACE="lo")  # scheduler and workers on loopback
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "midasflow", "demo", "--out", "demo", "--frames", "4",
+             "--cluster", "slurm", "--jobs", "2", "--cores", "1", "--memory", "2GB",
+             "--walltime", "00:20:00"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    finally:  # jobs of a killed run must not wait for their walltime
+        subprocess.run(["scancel", "--name", job_name], capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "SLURMCluster: 2 job(s)" in proc.stderr
+
+    # SLURM wrote each job's output (the worker's log) to slurm-<job id>.out in the submit folder
+    started: dict[str, str] = {}  # worker address -> SLURM job id
+    for log in tmp_path.glob("slurm-*.out"):
+        for address in re.findall(r"Start worker at:\s+(\S+)", log.read_text()):
+            started[address] = log.stem.removeprefix("slurm-")
+    job_ids = set(started.values())
+    assert len(job_ids) == 2, sorted(p.name for p in tmp_path.glob("slurm-*.out"))
+    for job_id in job_ids:  # slurmctld knows them as this run's jobs, run in this folder
+        info = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                              timeout=30).stdout
+        assert f"JobName={job_name}" in info and f"WorkDir={tmp_path}" in info, info
+
+    from midasflow.results import open_results
+
+    results = open_results(tmp_path / "demo" / "refinement" / "results.zarr")
+    status, worker = results["status"].values.ravel(), results["worker"].values.ravel()
+    assert status.size == 2 * 72 and (status == "ok").all()  # 4 frames / 2 per group x 72 η bins
+    assert set(worker) <= set(started), set(worker) - set(started)

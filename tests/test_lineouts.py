@@ -104,6 +104,9 @@ def test_serial_and_distributed_give_identical_results(client, tmp_path):
             np.testing.assert_array_equal(a.pattern.calc, b.pattern.calc)
     assert len(list((tmp_path / "lineouts").glob("hist_*.pkl"))) == 16
     assert len(client.scheduler_info()["workers"]) == 2
+    # each result names the worker that refined it; the serial ones ran in this process
+    assert {r.worker for r in ser} == {""}
+    assert {r.worker for r in dis} <= set(client.scheduler_info()["workers"]) and all(r.worker for r in dis)
 
 
 def test_distributed_failure_isolated_and_keys_named(client):

@@ -247,6 +247,9 @@ class LineoutResult:
         Wall time of the engine call on its worker.
     seeded : bool
         Whether the refinement started from a neighbour's refined values.
+    worker : str
+        Address of the Dask worker that refined the lineout (e.g. ``"tcp://10.0.0.7:40215"``);
+        empty when it was refined in the calling process.
     """
 
     index: int
@@ -260,12 +263,26 @@ class LineoutResult:
     pattern: Any = None
     elapsed_s: float = 0.0
     seeded: bool = False
+    worker: str = ""
 
 
 def _result(spec: LineoutSpec, status: str, message: str = "", pattern: Any = None,
             elapsed_s: float = 0.0, seeded: bool = False) -> LineoutResult:
     return LineoutResult(spec.index, spec.group, spec.eta_index, spec.omega_deg, spec.eta_deg,
-                         spec.n_points, status, message, pattern, elapsed_s, seeded)
+                         spec.n_points, status, message, pattern, elapsed_s, seeded,
+                         _worker_address())
+
+
+def _worker_address() -> str:
+    """Address of the Dask worker running this call; "" outside a worker."""
+    if "distributed" not in sys.modules:  # nothing can be running on a worker
+        return ""
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:  # not inside a worker task
+        return ""
 
 
 def default_refine_fn() -> Callable[..., Any]:
