@@ -4,7 +4,7 @@ Per lineout: wall and CPU time of the four-stage recipe, time per model evaluati
 Jacobian, and the share of a Jacobian evaluation spent in the profile
 (``midasflow.profile.pattern``). Phases: CeO2 (Fm-3m, 2θ 2.5–12°) and PbSO4 (Pnma, 2θ 2.5–5.9°,
 ~40 reflections), 3000 points each, started 0.3 % off in cell and ~40 % off in U..Y. The
-instrument is passed as an :class:`~midasflow.io.instprm.Instrument`, as the pipeline does. If
+instrument is passed as an :class:`~midasflow.instrument.Instrument`, as the pipeline does. If
 GSAS-II is importable (:func:`midasflow.refinement.gsas2.import_gsasii`), the same recipe runs through
 GSASIIscriptable (:func:`~midasflow.refinement.gsas2.refine_pattern_gsas2`) on the same CeO2 data
 and the time ratio and both final Rwp are printed; otherwise the reason is printed.
@@ -26,7 +26,7 @@ import numpy as np
 
 from midasflow.crystal import Atom, cubic_phase, phase_from_cell, write_phase_cif
 from midasflow.errors import BackendError
-from midasflow.io.instprm import Instrument
+from midasflow.instrument import Instrument
 from midasflow.refinement.engine import PatternModel, refine_pattern
 
 INST = Instrument(lam=0.172979, polariz=0.99, zero=0.0, U=1.163, V=-0.126, W=0.063, X=0.2,

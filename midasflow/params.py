@@ -23,19 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from midasflow.errors import ParameterError
-
-#: GSAS-II instrument defaults written to ``InstrumentParameters`` (midas_caking.md §3.6).
-DEFAULT_WAVELENGTH_A = 0.172978
-DEFAULT_INSTRUMENT = {
-    "Polariz.": 0.99,
-    "SH/L": 0.002,
-    "U": 1.163,
-    "V": -0.126,
-    "W": 0.063,
-    "X": 0.0,
-    "Y": 0.0,
-    "Z": 0.0,
-}
+from midasflow.instrument import (
+    MIDAS_DEFAULT_WAVELENGTH_A,
+    PARAMETER_FILE_KEYS,
+    PROFILE_DEFAULTS,
+    Instrument,
+)
 
 #: Per-frame process variables: caked-variable name -> (parameter key, MIDAS default HDF5 path)
 #: (midas_caking.md §3.4).
@@ -103,16 +96,6 @@ _KEYS: dict[str, _KeySpec] = {
     "MaskRule": _KeySpec("mask_rule", str),
     **{key: _KeySpec(f"{name}_dataset_path", str) for name, (key, _) in PROCESS_VARIABLES.items()},
 }
-_INSTRUMENT_KEYS = {
-    "Polariz": "Polariz.",
-    "SHpL": "SH/L",
-    "U": "U",
-    "V": "V",
-    "W": "W",
-    "X": "X",
-    "Y": "Y",
-    "Z": "Z",
-}
 # Keys that change the cake but that midasflow does not implement: refuse rather than ignore.
 _UNSUPPORTED = {
     "DistortionFile": "per-pixel distortion maps are not supported; use p0..p14",
@@ -156,7 +139,7 @@ class Params:
     p: tuple[float, ...] = (0.0,) * N_DISTORTION_TERMS
     parallax_um: float = 0.0
     im_trans_opt: tuple[int, ...] = (0,)
-    wavelength_a: float = DEFAULT_WAVELENGTH_A
+    wavelength_a: float = MIDAS_DEFAULT_WAVELENGTH_A
     r_min_px: float = 10.0
     r_max_px: float = 1524.0
     r_bin_px: float = 0.25
@@ -220,12 +203,17 @@ class Params:
         return self.eta_min_deg + self.eta_bin_deg * np.arange(self.n_eta + 1, dtype=np.float64)
 
     @property
-    def instrument(self) -> dict[str, float]:
-        """GSAS-II instrument terms (names as GSAS-II spells them); ``Distance`` in µm."""
-        inst = {"Lam": self.wavelength_a, **DEFAULT_INSTRUMENT}
-        inst.update(dict(self.instrument_overrides))
-        inst["Distance"] = self.lsd_um
-        return inst
+    def instrument(self) -> Instrument:
+        """The GSAS-II instrument terms this parameter file writes into a caked store.
+
+        ``Lam`` = Wavelength, the profile terms (``Polariz``, ``SHpL``, ``U`` … ``Z`` keys) over
+        MIDAS's defaults, goniometer radius = Lsd / 1000 mm; :meth:`Instrument.to_midas` gives
+        them as stored (``Distance`` in µm).
+        """
+        terms = {**PROFILE_DEFAULTS, **dict(self.instrument_overrides)}
+        return Instrument.from_dict(
+            {"Lam": self.wavelength_a, **terms, "Gonio. radius": self.lsd_um / 1000.0},
+            source=self.source)
 
     @property
     def extra_keys(self) -> dict[str, tuple[str, ...]]:
@@ -281,7 +269,7 @@ class Params:
         lines.append(f"BC {_fmt(self.bc_y_px)} {_fmt(self.bc_z_px)}")
         lines.extend(f"p{i} {_fmt(v)}" for i, v in enumerate(self.p))
         lines.extend(f"ImTransOpt {code}" for code in self.im_trans_opt)
-        reverse_inst = {v: k for k, v in _INSTRUMENT_KEYS.items()}
+        reverse_inst = {v: k for k, v in PARAMETER_FILE_KEYS.items()}
         lines.extend(f"{reverse_inst[k]} {_fmt(v)}" for k, v in self.instrument_overrides)
         lines.extend(f"{key} {' '.join(values)}" for key, values in self.extra)
         return "\n".join(lines) + "\n"
@@ -401,9 +389,9 @@ def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list
         elif key.startswith("p") and key[1:].isdigit() and int(key[1:]) < N_DISTORTION_TERMS:
             _check_count(tokens, 1, where, key, "a number")
             distortion[int(key[1:])] = _convert(tokens[0], float, where, key)
-        elif key in _INSTRUMENT_KEYS:
+        elif key in PARAMETER_FILE_KEYS:
             _check_count(tokens, 1, where, key, "a number")
-            instrument[_INSTRUMENT_KEYS[key]] = _convert(tokens[0], float, where, key)
+            instrument[PARAMETER_FILE_KEYS[key]] = _convert(tokens[0], float, where, key)
         elif key in _KEYS:
             spec = _KEYS[key]
             if spec.kind is str:

@@ -231,7 +231,9 @@ def refine(
     out = Path(out)
     source = data if isinstance(data, xr.Dataset) else open_caked(data)
     phases = read_phases(cifs)
-    instrument = read_instprm(instprm) if instprm else instrument_from_midas(data)
+    # the store's InstrumentParameters were read with it (open_caked): not read again
+    instrument = (read_instprm(instprm) if instprm else instrument_from_midas(
+        source, store=None if isinstance(data, xr.Dataset) else data))
     refine_fn = _refine_fn(backend, cifs, out)
     if export:
         refine_fn = ExportingRefiner(refine_fn, out)

@@ -238,19 +238,14 @@ def _rings_pattern(rings: Rings, wavelength_a: float, fwhm_deg: float | Sequence
 def _phase_pattern(phase: Any, params: Params, tth_max_deg: float) -> tuple[_Pattern, dict[str, Any]]:
     """The refinement engine's model of ``phase`` (peaks only, max = 1) on a fine 2θ grid, and its truth.
 
-    The instrument terms are ``params.instrument`` read as the pipeline reads them from the caked
-    file (:func:`midasflow.io.instprm.instrument_from_midas`), so simulation and refinement use
-    one instrument and one model (:class:`midasflow.refinement.engine.PatternModel`).
+    The instrument terms are ``params.instrument``, the terms the caked file carries and the
+    pipeline reads back (:func:`midasflow.io.instprm.instrument_from_midas`), so simulation and
+    refinement use one instrument and one model (:class:`midasflow.refinement.engine.PatternModel`).
     """
-    import json
-
-    import xarray as xr
-
-    from midasflow.io.instprm import instrument_from_midas
     from midasflow.profile import tch_fwhm_eta
     from midasflow.refinement.engine import PatternModel
 
-    instrument = instrument_from_midas(xr.Dataset(attrs={"instrument": json.dumps(params.instrument)}))
+    instrument = params.instrument
     if instrument.is_doublet:
         raise ValueError("simulate_frames: a Kα doublet instrument is not supported (set Lam)")
     hi = tth_max_deg + 1.0

@@ -152,6 +152,34 @@ def test_reads_midas_stream_writer_files(caked, tmp_path):
     for name in ("intensity", "frames_summed", "last_frame", "omega_deg", "bin_area", "tth_deg"):
         xr.testing.assert_equal(back[name], ref[name])
     np.testing.assert_allclose(back.q_inv_a, ref.q_inv_a, rtol=1e-14)
+    # without midasflow's root attributes the Dataset's instrument is the group's
+    from midasflow.io.instprm import instrument_from_midas
+
+    inst = instrument_from_midas(open_caked(path), store=path)
+    assert inst == instrument_from_midas(path) and inst.U == 0.0 and inst.lam == lam
+
+
+def test_store_instrument_is_read_once_and_equals_the_group(zip_path, params, monkeypatch, tmp_path):
+    """refine() opens the store once: the Dataset's instrument is the InstrumentParameters group's,
+    sibling .instprm included, and nothing reads the group again."""
+    from midasflow.io import midas_zarr
+    from midasflow.io.instprm import instrument_from_midas
+
+    by_path = instrument_from_midas(zip_path)
+    assert (by_path.U, by_path.shl, by_path.lam) == (2.5, 0.003, 0.2)
+    assert by_path.gonio_radius_mm == params.lsd_um / 1000.0
+    reads = []
+    read_group = midas_zarr._instrument_parameters
+    monkeypatch.setattr(midas_zarr, "_instrument_parameters",
+                        lambda group: reads.append(group.path) or read_group(group))
+    ds = open_caked(zip_path)
+    assert instrument_from_midas(ds, store=zip_path) == by_path
+    assert reads == ["InstrumentParameters"]
+    # a sibling <root>.instprm applies to the Dataset of the store as to the path
+    copy = tmp_path / "scan.zarr.zip"
+    copy.write_bytes(zip_path.read_bytes())
+    (tmp_path / "scan.zarr.instprm").write_text("#GSAS-II instrument parameter file\nU:9.0\n")
+    assert instrument_from_midas(open_caked(copy), store=copy).U == 9.0 == instrument_from_midas(copy).U
 
 
 def test_gsas2_importer_emulation(zip_path, caked):

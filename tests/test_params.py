@@ -6,7 +6,8 @@ import warnings
 import pytest
 
 from midasflow.errors import ParameterError
-from midasflow.params import DEFAULT_WAVELENGTH_A, Params, params_from_text, read_params
+from midasflow.instrument import MIDAS_DEFAULT_WAVELENGTH_A as DEFAULT_WAVELENGTH_A
+from midasflow.params import Params, params_from_text, read_params
 
 GOOD = """\
 # a comment line
@@ -57,8 +58,9 @@ def test_reads_every_caking_key_with_units(tmp_path):
     assert p.n_r == 180 and p.n_eta == 72
     assert p.r_edges_px()[-1] == pytest.approx(100.0)
     assert p.omega_sum_frames == 10 and p.omega_step_deg == 0.25
-    assert p.instrument["Polariz."] == 0.95 and p.instrument["SH/L"] == 0.003
-    assert p.instrument["Lam"] == 0.2 and p.instrument["Distance"] == 1e6
+    assert p.instrument.polariz == 0.95 and p.instrument.shl == 0.003
+    assert p.instrument.lam == 0.2 and p.instrument.to_midas()["Distance"] == 1e6
+    assert p.instrument.gonio_radius_mm == 1000.0
     assert p.extra_keys == {"SpaceGroup": ("225",)}
 
 
@@ -67,7 +69,7 @@ def test_defaults_follow_midas():
     assert (p.r_min_px, p.r_max_px, p.r_bin_px) == (10.0, 1524.0, 0.25)
     assert (p.eta_min_deg, p.eta_max_deg, p.eta_bin_deg) == (-180.0, 180.0, 5.0)
     assert p.wavelength_a == DEFAULT_WAVELENGTH_A and p.normalize
-    assert p.instrument["U"] == 1.163 and p.instrument["V"] == -0.126 and p.instrument["W"] == 0.063
+    assert p.instrument.U == 1.163 and p.instrument.V == -0.126 and p.instrument.W == 0.063
 
 
 def test_overrides_win_and_replace_imtransopt(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 
 from midasflow.crystal import Atom, cubic_phase, phase_from_cell, read_phase
 from midasflow.errors import InstprmError, PatternError
-from midasflow.io.instprm import Instrument, as_instrument, write_instprm
+from midasflow.instrument import Instrument, as_instrument
+from midasflow.io.instprm import write_instprm
 from midasflow.refinement.engine import PatternModel, refine_pattern
 from midasflow.refinement.recipe import Stage
 

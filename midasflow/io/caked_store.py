@@ -11,11 +11,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from midasflow.caked_schema import CAKED_VARS
 from midasflow.errors import CakeFileError
 from midasflow.io.atomic import atomic_output
-
-#: Variables every caked store holds.
-CAKED_VARS = ("intensity", "frames_summed", "omega_first_deg", "omega_last_deg", "last_frame")
 
 
 def _regular_chunks(ds: Any) -> Any:

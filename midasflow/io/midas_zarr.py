@@ -28,19 +28,21 @@ and an absent variable read back apart).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from midasflow.errors import CakeFileError
+from midasflow.instrument import DATASET_NAMES, MIDAS_WRITE_DEFAULTS, gsas_names
 from midasflow.io.atomic import atomic_output
-from midasflow.params import Params
 from midasflow.progress import TextProgress
 
 #: REtaMap plane names and units (§7.1).
@@ -48,22 +50,6 @@ RETAMAP_HEADER = "Radius,2Theta,Eta,BinArea,Q"
 RETAMAP_UNITS = "Pixels,Degrees,Degrees,Pixels,InvAngstrom"
 CAKE_HEADER = "Radius,Eta"
 CAKE_UNITS = "Pixels,Degrees"
-#: InstrumentParameters dataset name -> GSAS-II instrument key (Distance in µm).
-INSTRUMENT_NAMES = {
-    "Polariz": "Polariz.",
-    "Lam": "Lam",
-    "SH_L": "SH/L",
-    "U": "U",
-    "V": "V",
-    "W": "W",
-    "X": "X",
-    "Y": "Y",
-    "Z": "Z",
-    "Distance": "Distance",
-}
-#: GSAS-II defaults for InstrumentParameters missing from the dataset attrs (§3.6, IZ column):
-#: those of the default :class:`~midasflow.params.Params` (Distance = its Lsd, 1e6 µm).
-_INSTRUMENT_DEFAULTS = Params().instrument
 #: Caked process-variable name -> OmegaSumFrame attribute (§7.1).
 PROCESS_ATTRS = {"temperature": "Temperature", "pressure": "Pressure", "i": "I", "i0": "I0"}
 GROUP_PREFIX = "LastFrameNumber_"
@@ -86,7 +72,8 @@ def _new_array(group: Any, name: str, shape: tuple[int, ...], attrs: dict[str, A
 
 
 def _instrument(ds: Any) -> dict[str, float]:
-    inst = dict(_INSTRUMENT_DEFAULTS)
+    """GSAS-II-named terms to write: MIDAS's defaults, then the Dataset's ``attrs['instrument']``."""
+    inst = dict(MIDAS_WRITE_DEFAULTS)
     if "instrument" in ds.attrs:
         inst.update(json.loads(ds.attrs["instrument"]))
     return inst
@@ -128,7 +115,7 @@ def _write(ds: Any, path: Path, progress: bool) -> None:
 
         inst = _instrument(ds)
         grp = root.create_group("InstrumentParameters")
-        for name, key in INSTRUMENT_NAMES.items():
+        for name, key in DATASET_NAMES.items():
             _new_array(grp, name, (1,), {})[...] = np.array([inst[key]], dtype="<f8")
 
         sources, targets = [], []
@@ -293,6 +280,59 @@ def _numbered(group: Any, prefix: str, path: Path) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+@contextlib.contextmanager
+def _open_root(path: str | os.PathLike) -> Iterator[Any]:
+    """The root group of a ``.zarr.zip`` opened read-only, closed on exit.
+
+    Raises
+    ------
+    CakeFileError
+        The file is missing, not a zip, or not a zarr format 2 group.
+    """
+    import zarr
+
+    path = Path(path)
+    if not path.is_file():
+        raise CakeFileError(f"{path}: no such file, expected a MIDAS .zarr.zip")
+    if not zipfile.is_zipfile(path):
+        raise CakeFileError(f"{path}: not a zip file, expected a MIDAS .zarr.zip")
+    store = zarr.storage.ZipStore(path, mode="r")
+    try:
+        try:
+            root = zarr.open_group(store, mode="r", zarr_format=2)
+        except Exception as exc:  # zarr raises several types for a zip without a group
+            raise CakeFileError(f"{path}: not a zarr format 2 group ({exc})") from None
+        yield root
+    finally:
+        store.close()
+
+
+def _instrument_parameters(group: Any) -> dict[str, Any]:
+    """Name -> first element of every array of an ``InstrumentParameters`` group (text decoded)."""
+    values: dict[str, Any] = {}
+    for name, arr in group.arrays():
+        data = np.asarray(arr[...]).reshape(-1)
+        if data.size:
+            item = data[0]
+            values[name] = item.decode() if isinstance(item, bytes) else item.item()
+    return values
+
+
+def read_instrument_parameters(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``InstrumentParameters`` group of a ``.zarr.zip`` (dataset name -> value), read alone.
+
+    Raises
+    ------
+    CakeFileError
+        The file is missing, not a zip, or has no ``InstrumentParameters`` group.
+    """
+    with _open_root(path) as root:
+        if "InstrumentParameters" not in root:
+            raise CakeFileError(f"{path}: group 'InstrumentParameters' not found (expected a "
+                                "MIDAS caked .zarr.zip)")
+        return _instrument_parameters(root["InstrumentParameters"])
+
+
 def read_midas_zarr(path: str | os.PathLike) -> Any:
     """Open a MIDAS ``.zarr.zip`` as the caked Dataset :func:`midasflow.caking.cake` produces.
 
@@ -309,21 +349,10 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
     CakeFileError
         The file is missing, not a zip, or lacks the §7.1 members.
     """
-    import zarr
-
-    from midasflow.caking import caked_dataset
+    from midasflow.caked_schema import caked_dataset
 
     path = Path(path)
-    if not path.is_file():
-        raise CakeFileError(f"{path}: no such file, expected a MIDAS .zarr.zip")
-    if not zipfile.is_zipfile(path):
-        raise CakeFileError(f"{path}: not a zip file, expected a MIDAS .zarr.zip")
-    store = zarr.storage.ZipStore(path, mode="r")
-    try:
-        try:
-            root = zarr.open_group(store, mode="r", zarr_format=2)
-        except Exception as exc:  # zarr raises several types for a zip without a group
-            raise CakeFileError(f"{path}: not a zarr format 2 group ({exc})") from None
+    with _open_root(path) as root:
         members = set(root.group_keys()) | set(root.array_keys())
         for name in REQUIRED:
             if name not in members:
@@ -341,16 +370,12 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         omegas = (root["Omegas"][...] if "Omegas" in members else np.array(
             [float(root["IntegrationResult"][name].attrs.get("omega", 0.0)) for _, name in frames]))
         has_sum = "SumFrames" in members
-        inst_group = root["InstrumentParameters"]
-        inst = {INSTRUMENT_NAMES[k]: float(inst_group[k][0]) for k in inst_group.array_keys()
-                if k in INSTRUMENT_NAMES}
+        inst = gsas_names(_instrument_parameters(root["InstrumentParameters"]))
         root_attrs = dict(root.attrs)
-    finally:
-        store.close()
     if retamap.shape[0] == 4:  # legacy 4-plane REtaMap (R, 2θ, η, BinArea): Q from Lam
         from midasflow.geometry import tth_to_q_inv_a
 
-        lam = inst.get("Lam", _INSTRUMENT_DEFAULTS["Lam"])
+        lam = inst.get("Lam", MIDAS_WRITE_DEFAULTS["Lam"])
         retamap = np.concatenate([retamap, tth_to_q_inv_a(retamap[1:2], lam)])
 
     src = str(path)

@@ -59,7 +59,7 @@ from midasflow.crystal import (
     reflections,
 )
 from midasflow.errors import PatternError
-from midasflow.io.instprm import Instrument, as_instrument
+from midasflow.instrument import Instrument, as_instrument
 from midasflow.refinement.recipe import Stage, default_stages
 from midasflow.refinement.result import PatternResult
 
@@ -165,7 +165,7 @@ class PatternModel:
         (x₀, x_N) mapped onto t = −1..1 for the Chebyshev background.
     phases : sequence of Phase
     instprm : Instrument, mapping of GSAS-II keys or .instprm path
-        Normalised by :func:`midasflow.io.instprm.as_instrument`. Lam (or Lam1, Lam2,
+        Normalised by :func:`midasflow.instrument.as_instrument`. Lam (or Lam1, Lam2,
         I(L2)/I(L1)), Polariz. and Gonio. radius are fixed; Zero, U..Z, SH/L are starting values.
     bkg_terms : int
     sample_azimuth_deg : float
@@ -748,7 +748,7 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
         dropped (counted in ``n_dropped``).
     phases : sequence of Phase
     instprm : Instrument, mapping of GSAS-II keys or .instprm path
-        Instrument terms (:func:`midasflow.io.instprm.as_instrument`): ``Lam`` or the Kα
+        Instrument terms (:func:`midasflow.instrument.as_instrument`): ``Lam`` or the Kα
         doublet ``Lam1, Lam2, I(L2)/I(L1)``, ``Polariz.``, ``Gonio. radius`` and the starting
         ``Zero, U..Z, SH/L``.
     bkg_terms : int

@@ -35,7 +35,8 @@ import numpy as np
 from midasflow.crystal import (A_to_cell, Phase, cell_to_A, cell_volume, laue_tie_matrix,
                                read_phases)
 from midasflow.errors import BackendError, PatternError
-from midasflow.io.instprm import Instrument, as_instrument, write_instprm
+from midasflow.instrument import Instrument, as_instrument
+from midasflow.io.instprm import write_instprm
 from midasflow.refinement.result import PatternResult
 
 log = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ def refine_pattern_gsas2(
         One CIF per phase; phase names are the file stems, as in
         :func:`midasflow.crystal.read_phases`.
     instprm : Instrument, mapping or path-like
-        Instrument terms: an :class:`~midasflow.io.instprm.Instrument`, a mapping of GSAS-II
+        Instrument terms: an :class:`~midasflow.instrument.Instrument`, a mapping of GSAS-II
         keys (§7.5) or an ``.instprm`` file; written to ``hist_NNNN.instprm`` for GSAS-II.
     workdir : path-like
         Output folder; this lineout's files go to its own subfolder ``hist_NNNN/``:
