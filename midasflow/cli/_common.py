@@ -49,6 +49,10 @@ def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
     )
     print(description, file=sys.stderr)
     try:
+        if args.cluster:  # batch jobs start when the queue lets them; work needs a worker
+            print(f"waiting for the first of {args.jobs} {args.cluster.upper()} job(s) to start a worker "
+                  "(Ctrl-C to give up)", file=sys.stderr)
+            client.wait_for_workers(1)
         yield client
     finally:
         close_client(client)  # and the cluster get_client made (a --scheduler client has none)
