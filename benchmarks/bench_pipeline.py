@@ -62,18 +62,19 @@ def _compare_gsas2(store: Path, cif: Path, folder: Path, n_lineouts: int, n_proc
     from midasflow.crystal import read_phases
     from midasflow.io.instprm import instrument_from_midas
     from midasflow.refinement.lineouts import plan_lineouts, run_distributed
+    from midasflow.refinement.options import RefineOptions
 
     plan = [s for s in plan_lineouts(store) if not s.skipped]
     step = max(1, len(plan) // n_lineouts)
     subset = plan[::step][:n_lineouts]
     instprm = instrument_from_midas(store).to_dict()
-    common = dict(phases=read_phases([cif]), instprm=instprm, bkg_terms=6, limits=None, refine_atoms=False,
-                  mode=MODE)
+    options = RefineOptions(phases=tuple(read_phases([cif])), instrument=instrument_from_midas(store),
+                            bkg_terms=6, limits=None, refine_atoms=False, mode=MODE)
     client, _ = get_client(n_workers=n_procs, dashboard=False)
     try:
         client.wait_for_workers(n_procs)
         t0 = time.perf_counter()
-        native = run_distributed(subset, None, common, client, progress=False)
+        native = run_distributed(subset, options, client, progress=False)
         t_native = time.perf_counter() - t0
     finally:
         close_client(client)

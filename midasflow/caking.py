@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
 
     from midasflow.binmap import BinMap
-    from midasflow.params import Params
+    from midasflow.params import MaskRule, Params
 
 __all__ = ["cake", "group_bounds", "bin_centres"]
 
@@ -112,7 +112,7 @@ def _group_sums(cakes, first: np.ndarray, last: np.ndarray):
 # Dask / xarray wrapper
 # --------------------------------------------------------------------------------------------
 def _cake_chunk(block: np.ndarray, binmap: BinMap, normalize: bool, min_area_fraction: float,
-                mask_rule: str) -> np.ndarray:
+                mask_rule: MaskRule) -> np.ndarray:
     return cake_block(block, binmap, normalize=normalize, min_area_fraction=min_area_fraction,
                       mask_rule=mask_rule)
 

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse
 
 from midasflow.errors import ParameterError
-from midasflow.params import MASK_RULES
+from midasflow.params import MASK_RULES, MaskRule
 
 if TYPE_CHECKING:  # pragma: no cover
     from numpy.typing import DTypeLike
@@ -204,7 +204,7 @@ def _pass_buffer(n_rows: int, n_frames: int, dtype: np.dtype) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(n_rows, n_frames)
 
 
-def _check(frames: np.ndarray, binmap: Any, mask_rule: str) -> np.ndarray:
+def _check(frames: np.ndarray, binmap: Any, mask_rule: MaskRule) -> np.ndarray:
     if mask_rule not in MASK_RULES:
         raise ParameterError(f"MaskRule: expected one of {MASK_RULES}, got {mask_rule!r}")
     frames = np.asarray(frames)
@@ -296,7 +296,7 @@ def cake_block(
     *,
     normalize: bool = True,
     min_area_fraction: float = 0.5,
-    mask_rule: str = "area",
+    mask_rule: MaskRule = "area",
 ) -> np.ndarray:
     """Cake a block of frames with the numba CSR kernel.
 
@@ -358,7 +358,7 @@ def cake_block_reference(
     *,
     normalize: bool = True,
     min_area_fraction: float = 0.5,
-    mask_rule: str = "area",
+    mask_rule: MaskRule = "area",
 ) -> np.ndarray:
     """Oracle for :func:`cake_block`: the same result with plain ``scipy.sparse`` products.
 

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from midasflow.errors import ParameterError
 from midasflow.instrument import (
@@ -41,7 +41,9 @@ PROCESS_VARIABLES = {
 
 N_DISTORTION_TERMS = 15
 VALID_IM_TRANS_OPT = (0, 1, 2, 3)
-MASK_RULES = ("area", "midas")
+#: Which caked bins are NaN: too little unmasked area ("area"), or any masked pixel ("midas").
+MaskRule = Literal["area", "midas"]
+MASK_RULES: tuple[str, ...] = get_args(MaskRule)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ class Params:
     ge_header_bytes: int = 8192
     pixel_value_bytes: int = 2
     min_area_fraction: float = 0.5
-    mask_rule: str = "area"
+    mask_rule: MaskRule = "area"
     temperature_dataset_path: str = PROCESS_VARIABLES["temperature"][1]
     pressure_dataset_path: str = PROCESS_VARIABLES["pressure"][1]
     i_dataset_path: str = PROCESS_VARIABLES["i"][1]

@@ -12,9 +12,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
+from midasflow.io.frames import ScanSource
 from midasflow.params import PROCESS_VARIABLES, Params, read_params
+from midasflow.refinement.options import BackendName, Mode, SeedFrom
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +37,29 @@ def scan_stem(data_fn: str | Path) -> str:
 
 
 def integrate_dataset(
-    data_fn: str | Path,
+    source: ScanSource | str | Path,
     params: Params,
     *,
-    dark_fn: str | Path | None = None,
-    data_loc: str = "exchange/data",
-    dark_loc: str = "exchange/dark",
-    start_file_nr: int | None = None,
-    end_file_nr: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> xr.Dataset:
     """Open the frames and cake them: the lazy caked Dataset (nothing is computed).
 
     Parameters
     ----------
-    data_fn : path
-        First data file of the scan (HDF5/NeXus, GE, TIFF, CBF/EDF or zarr).
+    source : ScanSource or path
+        The scan (HDF5/NeXus, GE, TIFF, CBF/EDF or zarr files, dark, dataset locations, file
+        range; MIDAS ``integrator.py``'s flags of the same names); a path is one data file.
     params : Params
         Geometry, binning and frame parameters.
-    dark_fn, data_loc, dark_loc, start_file_nr, end_file_nr
-        As the MIDAS ``integrator.py`` flags of the same names.
     cache_dir : path, optional
         Where bin maps are cached (default ``~/.cache/midasflow/binmaps``).
+
+    Notes
+    -----
+    The bin map comes first, then the frames are opened once, in chunks of as many frames as
+    one pass over the map takes (the kernel's fastest size, with bounded memory). The files'
+    existence and the mask are checked before the map is built; the frames' shapes when they
+    are opened.
     """
     from midasflow.binmap import load_or_build_binmap
     from midasflow.caking import cake
@@ -63,29 +67,19 @@ def integrate_dataset(
     from midasflow.io.frames import open_frames
     from midasflow.io.mask import mask_from_params
 
-    source = dict(dark_fn=dark_fn, data_loc=data_loc, dark_loc=dark_loc,
-                  start_file_nr=start_file_nr, end_file_nr=end_file_nr)
-    frames = open_frames(data_fn, params, **source)  # checks every input before any work
+    scan = ScanSource.of(source)
+    scan.files()  # every file of the series exists, before the map is built
     binmap = load_or_build_binmap(params, mask_from_params(params), cache_dir)
-    # the kernel's fastest chunk: as many frames as one pass over the map takes (bounded memory);
-    # reading chunks of that size directly avoids concatenating smaller ones
-    per_pass = frames_per_pass(binmap, frames.dtype)
-    if frames.chunks[0][0] != min(per_pass, frames.sizes["frame"]):
-        frames = open_frames(data_fn, params, frames_per_chunk=per_pass, **source)
+    frames = open_frames(scan, params, frames_per_chunk=frames_per_pass(binmap, np.float32))
     return cake(frames, params, binmap=binmap)
 
 
 def integrate(
     param_fn: str | Path,
-    data_fn: str | Path,
+    source: ScanSource | str | Path,
     *,
     overrides: Sequence[str] | Mapping[str, Any] = (),
     result_folder: str | Path = ".",
-    dark_fn: str | Path | None = None,
-    data_loc: str = "exchange/data",
-    dark_loc: str = "exchange/dark",
-    start_file_nr: int | None = None,
-    end_file_nr: int | None = None,
     cache_dir: str | Path | None = None,
     plain_zarr: bool = False,
     progress: bool = False,
@@ -100,67 +94,17 @@ def integrate(
     from midasflow.io.caked_store import write_caked_zarr
     from midasflow.io.midas_zarr import write_midas_zarr
 
+    scan = ScanSource.of(source)
     params = read_params(param_fn, overrides)
-    ds = integrate_dataset(
-        data_fn,
-        params,
-        dark_fn=dark_fn,
-        data_loc=data_loc,
-        dark_loc=dark_loc,
-        start_file_nr=start_file_nr,
-        end_file_nr=end_file_nr,
-        cache_dir=cache_dir,
-    )
+    ds = integrate_dataset(scan, params, cache_dir=cache_dir)
     folder = Path(result_folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = scan_stem(data_fn)
+    stem = scan_stem(scan.data_fn)
     out = write_midas_zarr(ds, folder / f"{stem}.zarr.zip", progress=progress)
     if plain_zarr:
         write_caked_zarr(ds, folder / f"{stem}.zarr")
     log.info("wrote %s", out)
     return out
-
-
-BACKENDS = ("native", "gsas2")
-
-
-def _refine_fn(backend: str, cif_paths: Sequence[str | Path], out: Path) -> Any:
-    """The per-lineout refinement callable of a backend (checked before any task is submitted)."""
-    if backend == "native":
-        from midasflow.refinement.lineouts import default_refine_fn
-
-        return default_refine_fn()
-    if backend == "gsas2":
-        from midasflow.refinement.gsas2 import Gsas2Refiner, check_gsas2_available
-
-        check_gsas2_available()
-        return Gsas2Refiner(cif_paths=tuple(str(p) for p in cif_paths), workdir=str(out / "gsas2"))
-    from midasflow.errors import ParameterError
-
-    raise ParameterError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-
-
-class ExportingRefiner:
-    """A backend's per-lineout callable that also writes the lineout's CSV/CIF exports.
-
-    The exports are part of each lineout's task, so they are written on the workers in
-    parallel, not one after another in the client at the end.
-    """
-
-    takes_lineout_index = True
-
-    def __init__(self, refine_fn: Any, folder: str | Path) -> None:
-        self.refine_fn, self.folder = refine_fn, Path(folder)
-
-    def __call__(self, tth_deg: Any, intensity: Any, sigma: Any, *, index: int, **options: Any) -> Any:
-        from midasflow.results import export_lineout
-
-        if getattr(self.refine_fn, "takes_lineout_index", False):
-            options["index"] = index
-        pattern = self.refine_fn(tth_deg, intensity, sigma, **options)
-        if getattr(pattern, "status", "ok") == "ok":
-            export_lineout(pattern, self.folder, index)
-        return pattern
 
 
 def refine(
@@ -172,11 +116,11 @@ def refine(
     bkg_terms: int = 6,
     limits: tuple[float, float] | None = None,
     refine_atoms: bool = False,
-    mode: str = "rietveld",
+    mode: Mode = "rietveld",
     export: bool = True,
-    backend: str = "native",
+    backend: BackendName = "native",
     client: Any = None,
-    seed_from: str | None = None,
+    seed_from: SeedFrom | None = None,
     resume: bool = False,
     ref_cells: Mapping[str, Sequence[float]] | None = None,
     min_points: int = 20,
@@ -220,12 +164,14 @@ def refine(
     from midasflow.crystal import read_phases
     from midasflow.io.caked_store import open_caked
     from midasflow.io.instprm import instrument_from_midas, read_instprm
+    from midasflow.refinement.backends import ExportingBackend, get_backend
     from midasflow.refinement.lineouts import (
         plan_lineouts,
         record_settings,
         run_distributed,
         run_serial,
     )
+    from midasflow.refinement.options import RefineOptions
     from midasflow.results import assemble_results, write_results
 
     out = Path(out)
@@ -234,25 +180,23 @@ def refine(
     # the store's InstrumentParameters were read with it (open_caked): not read again
     instrument = (read_instprm(instprm) if instprm else instrument_from_midas(
         source, store=None if isinstance(data, xr.Dataset) else data))
-    refine_fn = _refine_fn(backend, cifs, out)
+    options = RefineOptions(phases=tuple(phases), instrument=instrument, bkg_terms=bkg_terms,
+                            limits=limits, refine_atoms=refine_atoms, mode=mode)
+    refiner = get_backend(backend, cifs, out)
     if export:
-        refine_fn = ExportingRefiner(refine_fn, out)
+        refiner = ExportingBackend(refiner, out)
     plan = plan_lineouts(source, min_points=min_points)
-    common = dict(phases=phases, instprm=instrument, bkg_terms=bkg_terms, limits=limits,
-                  refine_atoms=refine_atoms, mode=mode)
     out.mkdir(parents=True, exist_ok=True)
     record_settings(out, {
         "data": str(data) if not isinstance(data, xr.Dataset) else "<dataset>",
-        "phases": {p.name: list(p.cell) for p in phases}, "instrument": instrument.to_dict(),
-        "bkg_terms": bkg_terms, "limits": list(limits) if limits else None,
-        "refine_atoms": refine_atoms, "mode": mode, "backend": backend, "min_points": min_points,
-        "seed_from": seed_from,
+        **options.settings(), "backend": backend, "min_points": min_points, "seed_from": seed_from,
     }, resume=resume)
-    options = dict(seed_from=seed_from, checkpoint_dir=out, resume=resume, progress=progress)
+    execution = dict(backend=refiner, seed_from=seed_from, checkpoint_dir=out, resume=resume,
+                     progress=progress)
     if client is None:
-        lineouts = run_serial(plan, refine_fn, common, **options)
+        lineouts = run_serial(plan, options, **execution)
     else:
-        lineouts = run_distributed(plan, refine_fn, common, client, **options)
+        lineouts = run_distributed(plan, options, client, **execution)
     cells = dict(ref_cells or {})
     for phase in phases:
         cells.setdefault(phase.name, tuple(phase.cell))
@@ -275,67 +219,76 @@ def refine(
     return results
 
 
-def _check_refinement_inputs(cifs: Sequence[str | Path], options: Mapping[str, Any]) -> None:
-    """Read the CIFs and the .instprm and check the backend before any work (or output) starts."""
-    from midasflow.crystal import read_phases
-    from midasflow.errors import ParameterError
+def check_run_inputs(
+    param_fn: str | Path | None,
+    source: ScanSource | str | Path | None,
+    cifs: Sequence[str | Path],
+    *,
+    skip_integration: bool = False,
+    zarr_file: str | Path | None = None,
+    skip_refinement: bool = False,
+    **refine_options: Any,
+) -> None:
+    """Every check :func:`run` makes before any work (or output) starts: the scan's parameter
+    and data files or the store to refine, the CIFs, the ``.instprm`` and the backend.
 
+    Raises
+    ------
+    MidasflowError
+        One line naming the input and what was expected.
+    """
+    from midasflow.crystal import read_phases
+    from midasflow.errors import CakeFileError, ParameterError
+    from midasflow.refinement.backends import get_backend
+
+    if skip_integration:
+        if zarr_file is None:
+            raise ParameterError("--skip-integration needs --zarr-file F (the caked .zarr.zip to refine)")
+        if not skip_refinement and not Path(zarr_file).exists():
+            raise CakeFileError(f"{zarr_file}: no such caked store (--zarr-file)")
+    elif param_fn is None or source is None:
+        raise ParameterError("-paramFN and -dataFN are required unless --skip-integration --zarr-file F")
+    if skip_refinement:
+        return
     if not cifs:
         raise ParameterError("--cif: at least one CIF is needed to refine")
     read_phases(cifs)
-    if options.get("instprm"):
+    if refine_options.get("instprm"):
         from midasflow.io.instprm import read_instprm
 
-        read_instprm(options["instprm"])
-    backend = options.get("backend", "native")
-    if backend not in BACKENDS:
-        raise ParameterError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if backend == "gsas2":
-        from midasflow.refinement.gsas2 import check_gsas2_available
-
-        check_gsas2_available()
+        read_instprm(refine_options["instprm"])
+    get_backend(refine_options.get("backend", "native"), cifs, ".")  # a known name; GSAS-II importable
 
 
 def run(
-    param_fn: str | Path,
-    data_fn: str | Path,
+    param_fn: str | Path | None,
+    source: ScanSource | str | Path | None,
     cifs: Sequence[str | Path],
     *,
     out: str | Path = "refinement",
     result_folder: str | Path = ".",
     overrides: Sequence[str] | Mapping[str, Any] = (),
-    dark_fn: str | Path | None = None,
-    data_loc: str = "exchange/data",
-    dark_loc: str = "exchange/dark",
-    start_file_nr: int | None = None,
-    end_file_nr: int | None = None,
     cache_dir: str | Path | None = None,
     skip_integration: bool = False,
     zarr_file: str | Path | None = None,
     skip_refinement: bool = False,
     **refine_options: Any,
 ) -> xr.Dataset | Path:
-    """Integration then refinement, MIDAS's ``integrate_and_refine.py`` as one dataflow.
+    """Integration, then refinement of the written store: MIDAS's ``integrate_and_refine.py``.
 
-    The caked store is written first (``<result_folder>/<scan>.zarr.zip``, the file GSAS-II and
-    MIDAS tools read) and the lineouts are refined from it on the same scheduler. Returns the
-    results Dataset, or the store's path with ``skip_refinement``.
+    Two steps on the same scheduler: the caked store is written first
+    (``<result_folder>/<scan>.zarr.zip``, the file GSAS-II and MIDAS tools read; one Dask graph),
+    then its lineouts are refined (one task per lineout). Every input is checked first
+    (:func:`check_run_inputs`). Returns the results Dataset, or the store's path with
+    ``skip_refinement``.
     """
-    from midasflow.errors import CakeFileError, ParameterError
-
-    if not skip_refinement:
-        _check_refinement_inputs(cifs, refine_options)
+    check_run_inputs(param_fn, source, cifs, skip_integration=skip_integration, zarr_file=zarr_file,
+                     skip_refinement=skip_refinement, **refine_options)
     if skip_integration:
-        if zarr_file is None:
-            raise ParameterError("--skip-integration needs --zarr-file F (the caked .zarr.zip to refine)")
         store = Path(zarr_file)
-        if not skip_refinement and not store.exists():
-            raise CakeFileError(f"{store}: no such caked store (--zarr-file)")
     else:
         store = integrate(
-            param_fn, data_fn, overrides=overrides, result_folder=result_folder, dark_fn=dark_fn,
-            data_loc=data_loc, dark_loc=dark_loc, start_file_nr=start_file_nr,
-            end_file_nr=end_file_nr, cache_dir=cache_dir,
+            param_fn, source, overrides=overrides, result_folder=result_folder, cache_dir=cache_dir,
             progress=bool(refine_options.get("progress", False)),
         )
     if skip_refinement:

@@ -6,6 +6,8 @@ tensor) on a flat background, summed over N frames with Poisson noise.
 
 ``toy_refine`` is a genuine least-squares fit (scipy) of that peak: it returns a
 ``PatternResult`` with the fields the lineout/results code reads, and honours ``start``.
+``ToyBackend`` runs it as a :class:`~midasflow.refinement.backends.RefineBackend` with
+``TOY_OPTIONS``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import xarray as xr
 from scipy.optimize import least_squares
 
 from midasflow import strain
+from midasflow.crystal import cubic_phase
+from midasflow.instrument import Instrument
+from midasflow.refinement.options import RefineOptions
 from midasflow.refinement.result import PatternResult
 
 WAVELENGTH_A = 0.172979
@@ -105,3 +110,19 @@ def toy_refine(tth_deg, intensity, sigma, phases=("CeO2",), instprm=None, *, bkg
         tth_deg=x, obs=y, calc=calc, bkg=np.full_like(x, fit.x[0]), warnings=[],
     )
 
+
+
+#: Options of the toy runs: the cubic phase and the wavelength the caked data were made with.
+TOY_OPTIONS = RefineOptions(phases=(cubic_phase("CeO2", A0_A),), instrument=Instrument(lam=WAVELENGTH_A),
+                            bkg_terms=1)
+
+
+class ToyBackend:
+    """``toy_refine`` as a refinement backend (picklable); ``fail_below`` injects failures."""
+
+    def __init__(self, fail_below=None):
+        self.fail_below = fail_below
+
+    def refine(self, spec, options, start=None):
+        return toy_refine(spec.tth_deg, spec.intensity, spec.sigma, options.phases, options.instrument,
+                          start=start, fail_below=self.fail_below, **options.recipe_kwargs())

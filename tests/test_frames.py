@@ -9,7 +9,7 @@ import pytest
 
 from midasflow.errors import FrameError
 from midasflow.io import fabio_frames, ge, hdf5, zarr_frames
-from midasflow.io.frames import open_frames, read_mask, series_files
+from midasflow.io.frames import ScanSource, open_frames, read_mask, series_files
 from midasflow.params import Params
 
 NZ, NY = 6, 7
@@ -192,7 +192,7 @@ def test_opening_reads_no_pixels(tmp_path, monkeypatch):
         f["exchange/dark"] = np.full((2, NZ, NY), 3, np.int32)
     frames = open_frames(path, _params(skip_frame=1), frames_per_chunk=2)
     ge_path = _write_ge(tmp_path / "scan.ge2", _frames(3, np.uint16))
-    lazy_ge = open_frames(ge_path, _params(), dark_fn=_write_tiff_stack(tmp_path / "d.tif", _frames(1)))
+    lazy_ge = open_frames(ScanSource(ge_path, dark_fn=_write_tiff_stack(tmp_path / "d.tif", _frames(1))), _params())
     assert reads == []
     first = frames.isel(frame=slice(0, 2)).values  # one chunk of data + the dark
     assert sorted(reads) == [(str(path), 1, 2), (str(path), 1, 3)]  # dark frame 1, data frames 1-2
@@ -208,13 +208,13 @@ def test_series_concatenates_and_skips_first_frames_of_scan(tmp_path):
     _write_ge(tmp_path / "ff_000006.ge3", raw[3:5])
     _write_ge(tmp_path / "ff_000007.ge3", raw[5:])
     params = _params(skip_frame=2, omega_start_deg=-5.0, omega_step_deg=0.25)
-    frames = open_frames(tmp_path / "ff_000005.ge3", params, end_file_nr=7, frames_per_chunk=2)
+    frames = open_frames(ScanSource(tmp_path / "ff_000005.ge3", end_file_nr=7), params, frames_per_chunk=2)
     np.testing.assert_array_equal(frames.values, _expected(raw)[2:])
     np.testing.assert_array_equal(frames["frame"].values, np.arange(5))
     np.testing.assert_allclose(frames["omega"].values, -5.0 + 0.25 * np.arange(5))
     assert frames.attrs["source_files"] == [str(tmp_path / f"ff_00000{k}.ge3") for k in (5, 6, 7)]
     # an explicit start number picks the file even when data_fn names another one of the series
-    frames = open_frames(tmp_path / "ff_000005.ge3", params, start_file_nr=6, end_file_nr=7)
+    frames = open_frames(ScanSource(tmp_path / "ff_000005.ge3", start_file_nr=6, end_file_nr=7), params)
     np.testing.assert_array_equal(frames.values, _expected(raw)[5:])
 
 
@@ -224,7 +224,8 @@ def test_single_frame_tiff_series_other_width_and_skip_across_files(tmp_path):
         _write_tiff_stack(tmp_path / f"img_{10 + k:04d}_x.tif", frame[np.newaxis])
     names = series_files(tmp_path / "img_0010_x.tif", 10, 13)
     assert [os.path.basename(n) for n in names] == [f"img_{k:04d}_x.tif" for k in range(10, 14)]
-    frames = open_frames(tmp_path / "img_0010_x.tif", _params(skip_frame=3), start_file_nr=10, end_file_nr=13)
+    frames = open_frames(ScanSource(tmp_path / "img_0010_x.tif", start_file_nr=10, end_file_nr=13),
+                         _params(skip_frame=3))
     np.testing.assert_array_equal(frames.values, _expected(raw)[3:])
 
 
@@ -256,10 +257,10 @@ def test_dark_mean_subtracted_with_skip_and_flags(tmp_path):
     assert frames.attrs["dark_source"] == f"{path}::exchange/dark"
     np.testing.assert_array_equal(frames.values, expected)
     # another location in the same file; a one-frame dark is used whole despite SkipFrame
-    frames = open_frames(path, _params(skip_frame=1), dark_fn=path, dark_loc="other/dark")
+    frames = open_frames(ScanSource(path, dark_fn=path, dark_loc="other/dark"), _params(skip_frame=1))
     np.testing.assert_array_equal(frames.values, _expected(raw)[1:] - 2)
     # no dark anywhere: no subtraction
-    frames = open_frames(path, _params(), dark_loc="missing/dark")
+    frames = open_frames(ScanSource(path, dark_loc="missing/dark"), _params())
     np.testing.assert_array_equal(frames.values, _expected(raw))
 
 
@@ -273,10 +274,10 @@ def test_dark_from_parameter_file_relative_to_it(tmp_path):
     np.testing.assert_array_equal(frames.values, _expected(raw) - 6)
 
 
-def _one_line_error(match, tmp_path, *args, **kwargs):
+def _one_line_error(match, tmp_path, data_fn, params, frames_per_chunk=None, **source):
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(FrameError, match=match) as info:
-        open_frames(*args, **kwargs)
+        open_frames(ScanSource(data_fn, **source), params, frames_per_chunk=frames_per_chunk)
     assert "\n" not in str(info.value)
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
     return str(info.value)
@@ -381,7 +382,7 @@ def test_process_variables_concatenated_over_series_after_skip(tmp_path):
         if k == 0:  # I only in the first file -> absent
             _write_pvs(path, {gsas2 + "I": pv["I"][lo:hi]})
     params = _params(skip_frame=2, temperature_dataset_path="/my/temperature")
-    da_ = open_frames(str(tmp_path / "scan_000001.h5"), params, start_file_nr=1, end_file_nr=2)
+    da_ = open_frames(ScanSource(str(tmp_path / "scan_000001.h5"), start_file_nr=1, end_file_nr=2), params)
     assert da_.sizes["frame"] == 5
     np.testing.assert_array_equal(da_["temperature"].values, pv["T"][2:])
     np.testing.assert_array_equal(da_["pressure"].values, pv["P"][2:])

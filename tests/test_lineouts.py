@@ -8,9 +8,10 @@ from midasflow.errors import CakeFileError, ParameterError
 from midasflow.refinement import lineouts
 from midasflow.refinement.lineouts import plan_lineouts, run_distributed, run_serial
 
-from lineouts_helpers import make_caked, toy_refine
+from lineouts_helpers import TOY_OPTIONS, ToyBackend, make_caked
 
-COMMON = {"phases": ("CeO2",), "instprm": None}
+TOY = ToyBackend()
+FAILING = ToyBackend(fail_below=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +23,16 @@ def client():
     close_client(c)
 
 
-class CountingRefine:
+class CountingBackend(ToyBackend):
     """Counts calls in this process (serial executor only)."""
 
     def __init__(self):
+        super().__init__()
         self.calls = []
 
-    def __call__(self, tth, y, s, **kw):
-        self.calls.append(len(tth))
-        return toy_refine(tth, y, s, **kw)
+    def refine(self, spec, options, start=None):
+        self.calls.append(spec.n_points)
+        return super().refine(spec, options, start)
 
 
 def test_plan_selection_numbering_and_sigma():
@@ -72,7 +74,7 @@ def test_sigma_floor_and_unnormalised_cakes():
 
 def test_serial_refines_and_recovers_the_cell():
     ds = make_caked(n_groups=2, n_eta=8)
-    res = run_serial(plan_lineouts(ds), toy_refine, COMMON)
+    res = run_serial(plan_lineouts(ds), TOY_OPTIONS, backend=TOY)
     assert [r.status for r in res] == ["ok"] * 16
     a = np.array([r.pattern.cells["CeO2"][0] for r in res]).reshape(2, 8)
     da = np.array([r.pattern.cell_esds["CeO2"][0] for r in res]).reshape(2, 8)
@@ -84,7 +86,7 @@ def test_failures_never_stop_the_others():
     ds = make_caked(n_groups=1, n_eta=4, masked=[(0, 1)])
     ds["intensity"][0, :, 2] = 1.0  # flat: the injected failure triggers on it
     plan = plan_lineouts(ds)
-    res = run_serial(plan, toy_refine, {**COMMON, "fail_below": 3.0})
+    res = run_serial(plan, TOY_OPTIONS, backend=FAILING)
     assert [r.status for r in res] == ["ok", "skipped", "failed", "ok"]
     assert res[2].message == "RuntimeError: injected failure" and res[2].pattern is None
     assert "usable points" in res[1].message
@@ -93,8 +95,8 @@ def test_failures_never_stop_the_others():
 def test_serial_and_distributed_give_identical_results(client, tmp_path):
     ds = make_caked(n_groups=2, n_eta=8, masked=[(0, 4)])
     plan = plan_lineouts(ds)
-    ser = run_serial(plan, toy_refine, COMMON)
-    dis = run_distributed(plan, toy_refine, COMMON, client, progress=False, checkpoint_dir=tmp_path)
+    ser = run_serial(plan, TOY_OPTIONS, backend=TOY)
+    dis = run_distributed(plan, TOY_OPTIONS, client, backend=TOY, progress=False, checkpoint_dir=tmp_path)
     assert [r.index for r in dis] == [r.index for r in ser]
     assert [r.status for r in dis] == [r.status for r in ser]
     for a, b in zip(ser, dis):
@@ -114,7 +116,7 @@ def test_distributed_failure_isolated_and_keys_named(client):
     ds["intensity"][0, :, 1] = 1.0
     plan = plan_lineouts(ds)
     with get_task_stream(client) as ts:
-        res = run_distributed(plan, toy_refine, {**COMMON, "fail_below": 3.0}, client, progress=False)
+        res = run_distributed(plan, TOY_OPTIONS, client, backend=FAILING, progress=False)
     assert [r.status for r in res] == ["ok", "failed", "ok", "ok"]
     assert "injected failure" in res[1].message
     # task keys as the dashboard's task stream shows them
@@ -126,29 +128,29 @@ def test_distributed_failure_isolated_and_keys_named(client):
 def test_resume_computes_only_the_missing_lineouts(tmp_path):
     ds = make_caked(n_groups=2, n_eta=4)
     plan = plan_lineouts(ds)
-    first = CountingRefine()
+    first = CountingBackend()
     # "interrupted" run: only the first 5 lineouts were finished
-    run_serial(plan[:5], first, COMMON, checkpoint_dir=tmp_path)
+    run_serial(plan[:5], TOY_OPTIONS, backend=first, checkpoint_dir=tmp_path)
     assert len(first.calls) == 5
-    again = CountingRefine()
-    res = run_serial(plan, again, COMMON, checkpoint_dir=tmp_path, resume=True)
+    again = CountingBackend()
+    res = run_serial(plan, TOY_OPTIONS, backend=again, checkpoint_dir=tmp_path, resume=True)
     assert len(again.calls) == 3 and all(r.status == "ok" for r in res)
-    full = run_serial(plan, toy_refine, COMMON)
+    full = run_serial(plan, TOY_OPTIONS, backend=TOY)
     assert [r.pattern.values for r in res] == [r.pattern.values for r in full]
     # without resume everything is recomputed
-    fresh = CountingRefine()
-    run_serial(plan, fresh, COMMON, checkpoint_dir=tmp_path)
+    fresh = CountingBackend()
+    run_serial(plan, TOY_OPTIONS, backend=fresh, checkpoint_dir=tmp_path)
     assert len(fresh.calls) == 8
     with pytest.raises(ParameterError, match="resume"):
-        run_serial(plan, toy_refine, COMMON, resume=True)
+        run_serial(plan, TOY_OPTIONS, backend=TOY, resume=True)
 
 
 def test_resume_distributed_after_interruption(client, tmp_path):
     ds = make_caked(n_groups=2, n_eta=4)
     plan = plan_lineouts(ds)
-    run_serial(plan[:6], toy_refine, COMMON, checkpoint_dir=tmp_path)
+    run_serial(plan[:6], TOY_OPTIONS, backend=TOY, checkpoint_dir=tmp_path)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lineouts").iterdir()}
-    res = run_distributed(plan, toy_refine, COMMON, client, checkpoint_dir=tmp_path, resume=True, progress=False)
+    res = run_distributed(plan, TOY_OPTIONS, client, backend=TOY, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert all(r.status == "ok" for r in res)
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lineouts").iterdir()}
     assert len(after) == 8
@@ -160,12 +162,12 @@ def test_seed_from_neighbour(client):
     plan = plan_lineouts(ds)
     seeds = lineouts.seed_sources(plan, "neighbour")
     assert seeds == {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 8: 7, 9: 7, 10: 7, 11: 7}
-    ser = run_serial(plan, toy_refine, COMMON, seed_from="neighbour")
-    dis = run_distributed(plan, toy_refine, COMMON, client, seed_from="neighbour", progress=False)
+    ser = run_serial(plan, TOY_OPTIONS, backend=TOY, seed_from="neighbour")
+    dis = run_distributed(plan, TOY_OPTIONS, client, backend=TOY, seed_from="neighbour", progress=False)
     assert [r.seeded for r in ser] == [i in seeds for i in range(12)]
     assert [r.pattern.values if r.pattern else None for r in ser] == \
            [r.pattern.values if r.pattern else None for r in dis]
-    indep = run_serial(plan, toy_refine, COMMON)
+    indep = run_serial(plan, TOY_OPTIONS, backend=TOY)
     # seeded starts are closer: fewer function evaluations in total
     nfev = lambda rs: sum(r.pattern.values["nfev"] for r in rs if r.pattern)  # noqa: E731
     assert nfev(ser) < nfev(indep)
@@ -175,6 +177,6 @@ def test_seed_from_neighbour(client):
 
 def test_progress_line_on_stderr(capsys):
     ds = make_caked(n_groups=1, n_eta=2)
-    run_serial(plan_lineouts(ds), toy_refine, COMMON, progress=True)
+    run_serial(plan_lineouts(ds), TOY_OPTIONS, backend=TOY, progress=True)
     err = capsys.readouterr().err
     assert "refine-lineout" in err and "2/2" in err and "ok 2" in err

@@ -28,6 +28,7 @@ import pytest
 
 from midasflow import pipeline, strain
 from midasflow.cli.demo import DEMO_STRAIN, make_demo_scan
+from midasflow.refinement import engine
 from midasflow.simulate import CEO2_A_A
 
 SIZE = 320
@@ -138,13 +139,14 @@ def test_two_worker_cluster_matches_single_process(e2e):
     from midasflow.crystal import read_phases
     from midasflow.io.instprm import instrument_from_midas
     from midasflow.refinement.lineouts import plan_lineouts, run_serial
+    from midasflow.refinement.options import RefineOptions
 
     r = e2e["results"]
     plan = plan_lineouts(e2e["store"])
     subset = plan[::7]  # every group, spread over η
-    common = dict(phases=read_phases([e2e["cif"]]), instprm=instrument_from_midas(e2e["store"]).to_dict(),
-                  bkg_terms=6, limits=None, refine_atoms=False, mode="rietveld")
-    serial = run_serial(subset, None, common)
+    options = RefineOptions(phases=tuple(read_phases([e2e["cif"]])), instrument=instrument_from_midas(e2e["store"]),
+                            bkg_terms=6, limits=None, refine_atoms=False, mode="rietveld")
+    serial = run_serial(subset, options)
     for res in serial:
         assert res.status == "ok"
         g, e = res.group, res.eta_index
@@ -209,25 +211,25 @@ def small(e2e):
     return ds, e2e["cif"]
 
 
+#: The engine itself, kept before any test replaces it with a counting wrapper.
+_REFINE_PATTERN = engine.refine_pattern
+
+
 class _Counting:
     """The built-in engine, counting its calls; raises KeyboardInterrupt at call ``interrupt_at``."""
 
     def __init__(self, interrupt_at: int | None = None):
-        from midasflow.refinement.engine import refine_pattern
+        self.fn, self.calls, self.interrupt_at = _REFINE_PATTERN, [], interrupt_at
 
-        self.fn, self.calls, self.interrupt_at = refine_pattern, [], interrupt_at
-
-    def __call__(self, tth, y, s, **kw):
+    def __call__(self, tth, y, s, *args, **kw):
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
         self.calls.append(float(tth[0]))
-        return self.fn(tth, y, s, **kw)
+        return self.fn(tth, y, s, *args, **kw)
 
 
-def _use_engine(monkeypatch, engine):
-    import midasflow.refinement.lineouts as lineouts
-
-    monkeypatch.setattr(lineouts, "default_refine_fn", lambda: engine)
+def _use_engine(monkeypatch, counting):
+    monkeypatch.setattr(engine, "refine_pattern", counting)
 
 
 def test_a_bad_lineout_is_reported_while_the_others_succeed(small, tmp_path):

@@ -6,12 +6,12 @@ from midasflow.refinement.lineouts import plan_lineouts, run_serial
 from midasflow.report import report_figures, write_report
 from midasflow.results import assemble_results
 
-from lineouts_helpers import A0_A, make_caked, toy_refine
+from lineouts_helpers import A0_A, TOY_OPTIONS, ToyBackend, make_caked
 
 
 def test_report_written_with_expected_figures(tmp_path):
     caked = make_caked(n_groups=2, n_eta=12, omega_step=90.0, height=2000.0, masked=[(0, 3)])
-    lineouts = run_serial(plan_lineouts(caked), toy_refine, {"phases": ("CeO2",)})
+    lineouts = run_serial(plan_lineouts(caked), TOY_OPTIONS, backend=ToyBackend())
     results = assemble_results(lineouts, ref_cells={"CeO2": (A0_A,) * 3 + (90.0,) * 3},
                                attrs={"data_file": "demo.zarr.zip"})
     figs = report_figures(results, caked=caked, lineouts=lineouts)

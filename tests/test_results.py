@@ -8,7 +8,7 @@ from midasflow import strain
 from midasflow.refinement.lineouts import plan_lineouts, run_serial
 from midasflow.results import assemble_results, open_results, summary_dict, write_results
 
-from lineouts_helpers import A0_A, TENSOR, make_caked, toy_refine
+from lineouts_helpers import A0_A, TENSOR, TOY_OPTIONS, ToyBackend, make_caked
 
 REF = {"CeO2": (A0_A, A0_A, A0_A, 90.0, 90.0, 90.0)}
 
@@ -17,7 +17,7 @@ REF = {"CeO2": (A0_A, A0_A, A0_A, 90.0, 90.0, 90.0)}
 def run():
     ds = make_caked(n_groups=3, n_eta=12, omega_step=45.0, height=3000.0, masked=[(1, 4)], seed=7)
     ds["intensity"][2, :, 7] = 1.0  # flat: the injected failure triggers on it
-    lineouts = run_serial(plan_lineouts(ds), toy_refine, {"phases": ("CeO2",), "fail_below": 3.0})
+    lineouts = run_serial(plan_lineouts(ds), TOY_OPTIONS, backend=ToyBackend(fail_below=3.0))
     res = assemble_results(lineouts, ref_cells=REF, attrs={"data_file": "scan.zarr.zip"})
     return ds, lineouts, res
 

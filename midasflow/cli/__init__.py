@@ -15,7 +15,7 @@ from midasflow.errors import MidasflowError
 COMMANDS = {
     "integrate": ("midasflow.cli.integrate", "raw frames -> caked MIDAS .zarr.zip"),
     "refine": ("midasflow.cli.refine", "refine every lineout of a .zarr.zip"),
-    "run": ("midasflow.cli.run", "integrate and refine as one Dask graph"),
+    "run": ("midasflow.cli.run", "integrate, then refine the written store, on one scheduler"),
     "demo": ("midasflow.cli.demo", "simulate a strained CeO2 scan and run it end to end"),
 }
 

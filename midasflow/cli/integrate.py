@@ -5,6 +5,7 @@ import argparse
 from collections.abc import Sequence
 
 from midasflow.cli._common import add_cluster_flags, add_flag, dask_client, progress_bar
+from midasflow.io.frames import ScanSource
 
 
 def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -41,25 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def scan_source(args: argparse.Namespace) -> ScanSource | None:
+    """The scan the flags name (``-dataFN``, ``-darkFN``, ``-dataLoc``, ``-darkLoc``,
+    ``-startFileNr``, ``-endFileNr``); None without ``-dataFN``."""
+    if not args.data_fn:
+        return None
+    return ScanSource(args.data_fn, dark_fn=args.dark_fn, data_loc=args.data_loc,
+                      dark_loc=args.dark_loc, start_file_nr=args.start_file_nr,
+                      end_file_nr=args.end_file_nr)
+
+
 def main(argv: Sequence[str]) -> int:
     from midasflow.pipeline import integrate
 
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     with dask_client(args) as client, progress_bar(client, not args.no_progress):
-        out = integrate(
-            args.param_fn,
-            args.data_fn,
-            overrides=overrides,
-            result_folder=args.result_folder,
-            dark_fn=args.dark_fn,
-            data_loc=args.data_loc,
-            dark_loc=args.dark_loc,
-            start_file_nr=args.start_file_nr,
-            end_file_nr=args.end_file_nr,
-            cache_dir=args.cache_dir,
-            plain_zarr=args.plain_zarr,
-            progress=not args.no_progress,
-        )
+        out = integrate(args.param_fn, scan_source(args), overrides=overrides,
+                        result_folder=args.result_folder, cache_dir=args.cache_dir,
+                        plain_zarr=args.plain_zarr, progress=not args.no_progress)
     print(out)
     return 0

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from midasflow.cli._common import add_cluster_flags, dask_client
+from midasflow.refinement.options import BACKENDS, MODES, SEED_MODES
 
 
 def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool = True) -> None:
@@ -23,10 +24,10 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                         help="2θ range to refine, degrees")
     parser.add_argument("--no-atoms", action="store_true", help="skip the atom stage of the recipe")
     parser.add_argument("--no-export", action="store_true", help="no per-lineout CSV/CIF files")
-    parser.add_argument("--mode", choices=("rietveld", "lebail"), default="rietveld")
-    parser.add_argument("--backend", choices=("native", "gsas2"), default="native",
+    parser.add_argument("--mode", choices=MODES, default="rietveld")
+    parser.add_argument("--backend", choices=BACKENDS, default="native",
                         help="built-in engine (default) or GSAS-II (GSASIIscriptable)")
-    parser.add_argument("--seed-from", choices=("neighbour",), default=None,
+    parser.add_argument("--seed-from", choices=SEED_MODES[1:], default=None,
                         help="start each lineout from the first refined lineout of its ω-group")
     parser.add_argument("--resume", action="store_true",
                         help="skip lineouts whose results already exist in --out")

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from midasflow.cli._common import add_cluster_flags, dask_client
-from midasflow.cli.integrate import add_integration_flags
+from midasflow.cli.integrate import add_integration_flags, scan_source
 from midasflow.cli.refine import add_refinement_flags, print_summary, refine_options
 
 
@@ -27,23 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    from midasflow.errors import ParameterError
-    from midasflow.pipeline import run
+    from midasflow.pipeline import check_run_inputs, run
 
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    if not args.skip_integration and not (args.param_fn and args.data_fn):
-        raise ParameterError("-paramFN and -dataFN are required unless --skip-integration --zarr-file F")
+    source = scan_source(args)
+    steps = dict(skip_integration=args.skip_integration, zarr_file=args.zarr_file,
+                 skip_refinement=args.skip_refinement, **refine_options(args))
+    check_run_inputs(args.param_fn, source, args.cif, **steps)  # before any worker starts
     with dask_client(args) as client:
-        result = run(
-            args.param_fn, args.data_fn, args.cif,
-            result_folder=args.result_folder, overrides=overrides, dark_fn=args.dark_fn,
-            data_loc=args.data_loc, dark_loc=args.dark_loc, start_file_nr=args.start_file_nr,
-            end_file_nr=args.end_file_nr, cache_dir=args.cache_dir,
-            skip_integration=args.skip_integration, zarr_file=args.zarr_file,
-            skip_refinement=args.skip_refinement, client=client, **refine_options(args),
-        )
+        result = run(args.param_fn, source, args.cif, result_folder=args.result_folder,
+                     overrides=overrides, cache_dir=args.cache_dir, client=client, **steps)
     if args.skip_refinement:
         print(result)
     else:

@@ -16,7 +16,7 @@ Formats, dispatched on the extension (one small module each):
 
 Choices (see midas_caking.md §8):
 
-* **Series** (§8.5): ``start_file_nr``/``end_file_nr`` select files whose names differ only in the
+* **Series** (§8.5): :class:`ScanSource`'s ``start_file_nr``/``end_file_nr`` select files whose names differ only in the
   file number; they are one scan, concatenated along ``frame``. A missing file is an error
   (MIDAS skips it, which would silently break the ω sequence).
 * **SkipFrame** drops the first ``SkipFrame`` frames *of the scan* (of its first file, running
@@ -25,7 +25,7 @@ Choices (see midas_caking.md §8):
   ``OmegaStart + i·OmegaStep`` for the kept frames i = 0, 1, ….
 * **Dark** = mean of the dark frames after the first ``SkipFrame`` (all frames if the dark holds
   no more than ``SkipFrame``, e.g. a single-frame dark TIFF), subtracted in float32. Source, in
-  order: ``dark_fn``; the parameter file's ``Dark``; dataset ``dark_loc`` inside the (first) HDF5
+  order: :class:`ScanSource`'s ``dark_fn``; the parameter file's ``Dark``; dataset ``dark_loc`` inside the (first) HDF5
   data file or zarr group. None found: no subtraction.
 * **Detector flags**: pixels whose raw value is negative in signed-integer data (Pilatus gaps −1,
   bad pixels −2) or the largest value of unsigned-integer data (Eiger gaps and dead pixels,
@@ -57,10 +57,49 @@ if TYPE_CHECKING:
 
     from midasflow.params import Params
 
-__all__ = ["open_frames", "read_mask", "series_files", "open_source", "ScanReader"]
+__all__ = ["ScanSource", "open_frames", "read_mask", "series_files", "open_source", "ScanReader"]
 
 #: Target size of one dask chunk of float32 frames.
 CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ScanSource:
+    """Where a scan's frames are: the six arguments of MIDAS's ``integrator.py`` that name them.
+
+    Attributes
+    ----------
+    data_fn : str
+        Frame file, or the first/any file of a numbered series; format from the extension.
+    dark_fn : str or None
+        Dark file in any supported format; overrides the parameter file's ``Dark``.
+    data_loc, dark_loc : str
+        Dataset paths inside HDF5 files and zarr groups (``-dataLoc``, ``-darkLoc``).
+    start_file_nr, end_file_nr : int or None
+        Inclusive file-number range of a series (:func:`series_files`; ``-startFileNr``,
+        ``-endFileNr``).
+    """
+
+    data_fn: str
+    dark_fn: str | None = None
+    data_loc: str = "exchange/data"
+    dark_loc: str = "exchange/dark"
+    start_file_nr: int | None = None
+    end_file_nr: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_fn", os.fspath(self.data_fn))
+        if self.dark_fn is not None:
+            object.__setattr__(self, "dark_fn", os.fspath(self.dark_fn))
+
+    @classmethod
+    def of(cls, source: ScanSource | str | os.PathLike) -> ScanSource:
+        """``source`` as is, or a single data file with every other setting at its default."""
+        return source if isinstance(source, ScanSource) else cls(os.fspath(source))
+
+    def files(self) -> list[str]:
+        """The scan's data files (:func:`series_files`); FrameError if one is missing."""
+        return series_files(self.data_fn, self.start_file_nr, self.end_file_nr)
 
 
 class FrameSource(Protocol):
@@ -295,31 +334,21 @@ def _process_variables(sources: tuple[FrameSource, ...], params: Params,
 
 
 def open_frames(
-    data_fn: str | os.PathLike,
+    source: ScanSource | str | os.PathLike,
     params: Params,
     *,
-    dark_fn: str | os.PathLike | None = None,
-    data_loc: str = "exchange/data",
-    dark_loc: str = "exchange/dark",
-    start_file_nr: int | None = None,
-    end_file_nr: int | None = None,
     frames_per_chunk: int | None = None,
 ) -> xr.DataArray:
     """Open a scan lazily as dark-subtracted float32 frames.
 
     Parameters
     ----------
-    data_fn : path
-        Frame file (or the first/any file of a numbered series); format from the extension.
+    source : ScanSource or path
+        The scan's files, dark and dataset locations; a path is a single data file with the
+        defaults of :class:`ScanSource`.
     params : Params
         NrPixelsZ/NrPixelsY (checked against the files), SkipFrame, OmegaStart, OmegaStep,
         Dark, HeadSize and PixelValue (GE).
-    dark_fn : path, optional
-        Dark file in any supported format; overrides the parameter file's ``Dark``.
-    data_loc, dark_loc : str
-        Dataset paths inside HDF5 files and zarr groups.
-    start_file_nr, end_file_nr : int, optional
-        Inclusive file-number range of a series (:func:`series_files`).
     frames_per_chunk : int, optional
         Frames per dask chunk; default ≈ 64 MiB of float32 per chunk.
 
@@ -345,8 +374,9 @@ def open_frames(
     """
     import xarray as xr
 
-    files = series_files(data_fn, start_file_nr, end_file_nr)
-    sources = tuple(open_source(f, params, data_loc) for f in files)
+    scan = ScanSource.of(source)
+    files = scan.files()
+    sources = tuple(open_source(f, params, scan.data_loc) for f in files)
     total = sum(s.n_frames for s in sources)
     skip = int(params.skip_frame)
     if skip >= total:
@@ -355,7 +385,7 @@ def open_frames(
     per_chunk = _frames_per_chunk(reader.shape, frames_per_chunk)
     frames = _lazy(reader, per_chunk, "frames")
 
-    dark = _dark_source(files[0], params, None if dark_fn is None else os.fspath(dark_fn), dark_loc)
+    dark = _dark_source(files[0], params, scan.dark_fn, scan.dark_loc)
     dark_label = ""
     if dark is not None:
         dark_reader = ScanReader((dark,), skip if dark.n_frames > skip else 0)
@@ -375,7 +405,7 @@ def open_frames(
         name="frames",
         attrs={
             "source_files": list(files),
-            "data_loc": data_loc,
+            "data_loc": scan.data_loc,
             "dark_source": dark_label,
             "skip_frame": skip,
         },

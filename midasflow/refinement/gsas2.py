@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,10 @@ from midasflow.errors import BackendError, PatternError
 from midasflow.instrument import Instrument, as_instrument
 from midasflow.io.instprm import write_instprm
 from midasflow.refinement.result import PatternResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from midasflow.refinement.lineouts import LineoutSpec
+    from midasflow.refinement.options import RefineOptions
 
 log = logging.getLogger(__name__)
 
@@ -512,21 +516,21 @@ def refine_pattern_gsas2(
     return result
 
 
-class Gsas2Refiner:
-    """Per-lineout callable for the lineout executors: GSAS-II in place of the built-in engine.
+class Gsas2Backend:
+    """GSAS-II in place of the built-in engine, as a
+    :class:`~midasflow.refinement.backends.RefineBackend`.
 
-    The executors call ``refiner(tth, y, sigma, phases=..., instprm=..., index=<lineout index>,
-    **options)``; GSAS-II reads the phases from the CIFs itself, so ``phases`` is not used.
-    Picklable, so it travels to distributed workers.
+    GSAS-II reads the phases from the CIFs itself (``options.phases`` is not used); every
+    lineout's project goes to ``<workdir>/hist_NNNN/``, named by the lineout's index. Picklable,
+    so it travels to distributed workers.
     """
-
-    takes_lineout_index = True
 
     def __init__(self, cif_paths: Sequence[str], workdir: str) -> None:
         self.cif_paths = tuple(str(p) for p in cif_paths)
         self.workdir = str(workdir)
 
-    def __call__(self, tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, *,
-                 phases: Any = None, instprm: Any, index: int, **options: Any) -> PatternResult:
-        return refine_pattern_gsas2(tth_deg, intensity, sigma, self.cif_paths, instprm,
-                                    workdir=self.workdir, index=index, **options)
+    def refine(self, spec: LineoutSpec, options: RefineOptions,
+               start: Mapping[str, float] | None = None) -> PatternResult:
+        return refine_pattern_gsas2(spec.tth_deg, spec.intensity, spec.sigma, self.cif_paths,
+                                    options.instrument, workdir=self.workdir, index=spec.index,
+                                    start=start, **options.recipe_kwargs())

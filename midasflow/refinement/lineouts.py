@@ -31,7 +31,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,9 @@ import numpy as np
 from midasflow.errors import CakeFileError, ParameterError
 from midasflow.io.atomic import write_bytes_atomic, write_text_atomic
 from midasflow.progress import TextProgress
+from midasflow.refinement.backends import NativeBackend, RefineBackend
+from midasflow.refinement.options import SEED_MODES, RefineOptions, SeedFrom
 
-SEED_MODES = (None, "neighbour")
 CHECKPOINT_SUBDIR = "lineouts"
 TASK_PREFIX = "refine-lineout"
 
@@ -285,33 +286,21 @@ def _worker_address() -> str:
         return ""
 
 
-def default_refine_fn() -> Callable[..., Any]:
-    """The built-in engine, :func:`midasflow.refinement.engine.refine_pattern` (imported lazily)."""
-    from midasflow.refinement.engine import refine_pattern
-
-    return refine_pattern
-
-
-def refine_lineout(spec: LineoutSpec, refine_fn: Callable[..., Any], common: Mapping[str, Any],
+def refine_lineout(spec: LineoutSpec, backend: RefineBackend, options: RefineOptions,
                    seed: LineoutResult | None = None) -> LineoutResult:
     """Refine one lineout; never raises.
 
-    ``refine_fn(spec.tth_deg, spec.intensity, spec.sigma, **common, start=...)`` is called with
-    ``start`` = the seed's refined ``values`` when ``seed`` is an "ok" result (else no ``start``
-    is passed). An exception, or a pattern whose ``status`` is not "ok", gives a "failed" result
-    carrying the one-line message.
+    ``backend.refine(spec, options, start)`` is called with ``start`` = the seed's refined
+    ``values`` when ``seed`` is an "ok" result (else None). An exception, or a pattern whose
+    ``status`` is not "ok", gives a "failed" result carrying the one-line message.
     """
     if spec.skipped:
         return _result(spec, "skipped", f"{spec.n_points} usable points (need more than the plan's minimum)")
-    kwargs = dict(common)
     seeded = seed is not None and seed.status == "ok" and seed.pattern is not None
-    if seeded:
-        kwargs["start"] = dict(seed.pattern.values)
-    if getattr(refine_fn, "takes_lineout_index", False):  # e.g. GSAS-II names its project files by it
-        kwargs["index"] = spec.index
+    start = dict(seed.pattern.values) if seeded else None
     t0 = time.perf_counter()
     try:
-        pattern = refine_fn(spec.tth_deg, spec.intensity, spec.sigma, **kwargs)
+        pattern = backend.refine(spec, options, start)
     except Exception as exc:  # one lineout must never stop the others
         first_line = (str(exc).splitlines() or [""])[0]
         return _result(spec, "failed", f"{type(exc).__name__}: {first_line}", None,
@@ -322,7 +311,7 @@ def refine_lineout(spec: LineoutSpec, refine_fn: Callable[..., Any], common: Map
     return _result(spec, "ok" if status == "ok" else "failed", message, pattern, elapsed, seeded)
 
 
-def seed_sources(plan: Sequence[LineoutSpec], seed_from: str | None) -> dict[int, int]:
+def seed_sources(plan: Sequence[LineoutSpec], seed_from: SeedFrom | None) -> dict[int, int]:
     """Map lineout index → index of the lineout whose refined values seed it.
 
     ``seed_from="neighbour"``: every lineout of an ω-group starts from the first (lowest η index)
@@ -424,7 +413,7 @@ def _in_notebook() -> bool:
 # ---------------------------------------------------------------------------------------------
 # executors
 # ---------------------------------------------------------------------------------------------
-def _prepare(plan: Sequence[LineoutSpec], seed_from: str | None, checkpoint_dir: Any, resume: bool
+def _prepare(plan: Sequence[LineoutSpec], seed_from: SeedFrom | None, checkpoint_dir: Any, resume: bool
              ) -> tuple[list[LineoutSpec], dict[int, int], dict[int, LineoutResult]]:
     plan = sorted(plan, key=lambda s: s.index)
     if len({s.index for s in plan}) != len(plan):
@@ -438,10 +427,10 @@ def _prepare(plan: Sequence[LineoutSpec], seed_from: str | None, checkpoint_dir:
 
 def run_serial(
     plan: Sequence[LineoutSpec],
-    refine_fn: Callable[..., Any] | None = None,
-    common: Mapping[str, Any] | None = None,
+    options: RefineOptions,
     *,
-    seed_from: str | None = None,
+    backend: RefineBackend | None = None,
+    seed_from: SeedFrom | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = False,
@@ -451,12 +440,11 @@ def run_serial(
     Parameters
     ----------
     plan : sequence of LineoutSpec
-    refine_fn : callable, optional
-        ``refine_fn(tth_deg, intensity, sigma, **common, [start=dict])`` → PatternResult;
-        default the built-in engine.
-    common : mapping
-        Keyword arguments shared by every lineout: ``phases``, ``instprm``, ``bkg_terms``,
-        ``limits``, ``refine_atoms``, ``mode`` …
+    options : RefineOptions
+        Phases, instrument and recipe options shared by every lineout.
+    backend : RefineBackend, optional
+        What refines each lineout; default the built-in engine
+        (:class:`~midasflow.refinement.backends.NativeBackend`).
     seed_from : {None, "neighbour"}
         See :func:`seed_sources`.
     checkpoint_dir : path, optional
@@ -470,14 +458,14 @@ def run_serial(
     -------
     list of LineoutResult, in plan index order.
     """
-    refine_fn = refine_fn or default_refine_fn()
+    backend = backend or NativeBackend()
     plan, seeds, results = _prepare(plan, seed_from, checkpoint_dir, resume)
     bar = _LineoutProgress(len(plan) - len(results), progress)
     for spec in plan:
         if spec.index in results:
             continue
         seed = results.get(seeds[spec.index]) if spec.index in seeds else None
-        res = refine_lineout(spec, refine_fn, common or {}, seed)
+        res = refine_lineout(spec, backend, options, seed)
         if checkpoint_dir is not None:
             save_checkpoint(res, checkpoint_dir)
         results[spec.index] = res
@@ -488,11 +476,11 @@ def run_serial(
 
 def run_distributed(
     plan: Sequence[LineoutSpec],
-    refine_fn: Callable[..., Any] | None,
-    common: Mapping[str, Any] | None,
+    options: RefineOptions,
     client: Any,
     *,
-    seed_from: str | None = None,
+    backend: RefineBackend | None = None,
+    seed_from: SeedFrom | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -500,7 +488,7 @@ def run_distributed(
 ) -> list[LineoutResult]:
     """Refine every lineout as one ``dask.distributed`` task; same results as :func:`run_serial`.
 
-    ``common`` (phases, instrument, options) is scattered once to every worker
+    ``options`` (phases, instrument, recipe) is scattered once to every worker
     (``broadcast=True``) and each task receives it by reference. Task keys are
     ``refine-lineout-<index>-<token>`` (the dashboard groups them as "refine-lineout"; the
     per-call token keeps repeated runs on one client apart). ``retries`` covers workers that die;
@@ -520,19 +508,19 @@ def run_distributed(
     """
     from distributed import as_completed
 
-    refine_fn = refine_fn or default_refine_fn()
+    backend = backend or NativeBackend()
     plan, seeds, results = _prepare(plan, seed_from, checkpoint_dir, resume)
     todo = [s for s in plan if s.index not in results]
     if not todo:
         return [results[s.index] for s in plan]
-    [common_future] = client.scatter([dict(common or {})], broadcast=True, hash=False)
+    [options_future] = client.scatter([options], broadcast=True, hash=False)
     token = uuid.uuid4().hex[:8]
     futures: dict[Any, LineoutSpec] = {}
     by_index: dict[int, Any] = {}
     for spec in todo:  # index order: every group's seeding lineout comes before its dependants
         seed_index = seeds.get(spec.index)
         seed = None if seed_index is None else results.get(seed_index, by_index.get(seed_index))
-        fut = client.submit(refine_lineout, spec, refine_fn, common_future, seed,
+        fut = client.submit(refine_lineout, spec, backend, options_future, seed,
                             key=f"{TASK_PREFIX}-{spec.index}-{token}", retries=retries, pure=False)
         futures[fut] = spec
         by_index[spec.index] = fut
@@ -555,5 +543,5 @@ def run_distributed(
             bar.update(res)
     finally:
         bar.close()
-        client.cancel(list(futures) + [common_future])
+        client.cancel(list(futures) + [options_future])
     return [results[s.index] for s in plan]

@@ -1,0 +1,88 @@
+"""Refinement backends: what refines one lineout, behind one protocol.
+
+A backend is any picklable object with a :meth:`RefineBackend.refine` method; the executors
+(:func:`midasflow.refinement.lineouts.run_serial`, :func:`~midasflow.refinement.lineouts.run_distributed`)
+call it once per lineout with the lineout's spec, the run's :class:`RefineOptions` and the start
+values of a seeding lineout. Every backend gets the same call, the lineout's index included.
+
+* :class:`NativeBackend`: the built-in engine, :func:`midasflow.refinement.engine.refine_pattern`;
+* :class:`midasflow.refinement.gsas2.Gsas2Backend`: GSAS-II itself (one ``.gpx`` per lineout);
+* :class:`ExportingBackend`: wraps another and writes each refined lineout's CSV/CIF files in
+  the lineout's own task (so on the workers, in parallel).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from midasflow.errors import ParameterError
+from midasflow.refinement.options import BACKENDS, RefineOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from midasflow.refinement.lineouts import LineoutSpec
+    from midasflow.refinement.result import PatternResult
+
+
+@runtime_checkable
+class RefineBackend(Protocol):
+    """Refines one lineout. Implementations must be picklable (they travel to Dask workers)."""
+
+    def refine(self, spec: LineoutSpec, options: RefineOptions,
+               start: Mapping[str, float] | None = None) -> PatternResult:
+        """Refine ``spec`` (its ``tth_deg``, ``intensity``, ``sigma``; ``index``, ``eta_deg``,
+        ``omega_deg`` as needed) with ``options``, from the GSAS-II-named ``start`` values when
+        given. May raise: the executor records the error as a failed lineout."""
+
+
+class NativeBackend:
+    """The built-in engine (:func:`midasflow.refinement.engine.refine_pattern`)."""
+
+    def refine(self, spec: LineoutSpec, options: RefineOptions,
+               start: Mapping[str, float] | None = None) -> PatternResult:
+        from midasflow.refinement import engine
+
+        return engine.refine_pattern(spec.tth_deg, spec.intensity, spec.sigma, list(options.phases),
+                                     options.instrument, start=start, **options.recipe_kwargs())
+
+
+class ExportingBackend:
+    """Another backend whose every "ok" lineout also writes ``hist_NNNN_data.csv`` and
+    ``hist_NNNN_<phase>.cif`` into ``folder`` (:func:`midasflow.results.export_lineout`)."""
+
+    def __init__(self, backend: RefineBackend, folder: str | os.PathLike) -> None:
+        self.backend, self.folder = backend, Path(folder)
+
+    def refine(self, spec: LineoutSpec, options: RefineOptions,
+               start: Mapping[str, float] | None = None) -> PatternResult:
+        from midasflow.results import export_lineout
+
+        pattern = self.backend.refine(spec, options, start)
+        if getattr(pattern, "status", "ok") == "ok":
+            export_lineout(pattern, self.folder, spec.index)
+        return pattern
+
+
+def get_backend(name: str, cif_paths: Sequence[str | os.PathLike], out: str | os.PathLike
+                ) -> RefineBackend:
+    """The backend called ``name`` (:data:`~midasflow.refinement.options.BACKENDS`), checked
+    before any task is submitted: "gsas2" needs GSAS-II importable (its projects go to
+    ``<out>/gsas2``).
+
+    Raises
+    ------
+    ParameterError
+        Unknown name.
+    BackendError
+        "gsas2" without GSAS-II.
+    """
+    if name == "native":
+        return NativeBackend()
+    if name == "gsas2":
+        from midasflow.refinement.gsas2 import Gsas2Backend, check_gsas2_available
+
+        check_gsas2_available()
+        return Gsas2Backend(cif_paths=tuple(str(p) for p in cif_paths),
+                            workdir=str(Path(out) / "gsas2"))
+    raise ParameterError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
