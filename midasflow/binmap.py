@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +53,13 @@ from midasflow.io.atomic import atomic_output
 if TYPE_CHECKING:
     from midasflow.params import Params
 
-__all__ = ["BinMap", "build_binmap", "load_or_build_binmap", "binmap_key", "MIN_AREA_PX2"]
+__all__ = ["BinMap", "build_binmap", "load_or_build_binmap", "binmap_key", "check_binmap",
+           "MIN_AREA_PX2"]
 
 #: Overlap areas (px²) at or below this are rounding noise and produce no entry.
 MIN_AREA_PX2 = 1e-10
 #: Bumped whenever the map algorithm or file layout changes, so stale cache files are not reused.
-_FORMAT = "midasflow-binmap-v1"
+_FORMAT = "midasflow-binmap-v2"
 _MAX_VERTS = 16
 
 
@@ -549,50 +551,166 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "midasflow" / "binmaps"
 
 
+#: The arrays of a cached map, in the order the digest covers them.
+_ARRAYS = ("detector_shape", "r_edges_px", "eta_edges_deg", "indptr", "indices", "weights", "areas",
+           "bin_area", "geometric_area", "touches_mask")
+
+
+def _arrays(bm: BinMap) -> dict[str, np.ndarray]:
+    return {
+        "detector_shape": np.array(bm.detector_shape, dtype=np.int64),
+        "r_edges_px": bm.r_edges_px,
+        "eta_edges_deg": bm.eta_edges_deg,
+        "indptr": bm.weights.indptr,
+        "indices": bm.weights.indices,
+        "weights": bm.weights.data,
+        "areas": bm.areas.data,
+        "bin_area": bm.bin_area,
+        "geometric_area": bm.geometric_area,
+        "touches_mask": bm.touches_mask,
+    }
+
+
+def _digest(key: str, arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 hex over the format, the key and every array's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(_FORMAT.encode())
+    h.update(key.encode())
+    for name in _ARRAYS:
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _check_arrays(n_r: int, n_eta: int, arrays: dict[str, np.ndarray]) -> None:
+    """The checks of :func:`check_binmap` on the arrays of a map (as :func:`_arrays` names them)."""
+    det = np.asarray(arrays["detector_shape"])
+    if det.shape != (2,) or det.dtype.kind not in "iu" or (det < 1).any():
+        raise ValueError(f"detector_shape {det}: expected two positive sizes")
+    for name, n in (("r_edges_px", n_r), ("eta_edges_deg", n_eta)):
+        edges = arrays[name]
+        if not (edges.dtype == np.float64 and edges.ndim == 1 and edges.size == n + 1 and n >= 1):
+            raise ValueError(f"{name}: expected {n + 1} float64 bin edges")
+        if not (np.isfinite(edges).all() and (np.diff(edges) > 0).all()):
+            raise ValueError(f"{name}: expected finite, increasing bin edges")
+    n_bins, n_pix = n_r * n_eta, int(det[0]) * int(det[1])
+    indptr, indices = arrays["indptr"], arrays["indices"]
+    if indices.dtype not in (np.int32, np.int64) or indptr.dtype != indices.dtype \
+            or indices.ndim != 1 or indptr.ndim != 1:
+        raise ValueError("indptr/indices: expected 1-D arrays of one index dtype, int32 or int64")
+    nnz = indices.size
+    if indptr.size != n_bins + 1 or indptr[0] != 0 or indptr[-1] != nnz:
+        raise ValueError(f"indptr: expected {n_bins + 1} row pointers from 0 to {nnz} entries")
+    if (np.diff(indptr) < 0).any():
+        raise ValueError("indptr: row pointers decrease")
+    if nnz and (indices.min() < 0 or indices.max() >= n_pix):
+        raise ValueError(f"indices: pixel index outside 0..{n_pix - 1}")
+    weights, areas = arrays["weights"], arrays["areas"]
+    for name, values in (("weights", weights), ("areas", areas)):
+        if values.dtype != np.float64 or values.shape != (nnz,):
+            raise ValueError(f"{name}: expected {nnz} float64 values, one per entry")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name}: expected finite values")
+    if nnz and (areas.min() < 0 or (weights < areas * (1 - 1e-12)).any()):
+        raise ValueError("weights/areas: expected areas >= 0 and weights >= areas")
+    for name in ("bin_area", "geometric_area", "touches_mask"):
+        a = arrays[name]
+        dtype = np.bool_ if name == "touches_mask" else np.float64
+        if not (a.shape == (n_r, n_eta) and a.dtype == dtype):
+            raise ValueError(f"{name}: expected a {np.dtype(dtype)} array of shape {(n_r, n_eta)}")
+    rows = np.zeros(n_bins)
+    nonempty = np.flatnonzero(np.diff(indptr))
+    if nonempty.size:
+        rows[nonempty] = np.add.reduceat(areas, indptr[nonempty])
+    if not np.allclose(rows, arrays["bin_area"].ravel(), rtol=1e-9, atol=1e-12):
+        raise ValueError("bin_area: expected the row sums of areas")
+    if not (arrays["geometric_area"] >= arrays["bin_area"] * (1 - 1e-9) - 1e-12).all():
+        raise ValueError("geometric_area: expected at least bin_area")
+
+
+def check_binmap(bm: BinMap) -> None:
+    """Check that a map is consistent, so the caking kernels can never read or write out of bounds.
+
+    Checks shapes and dtypes, bin edges (finite, increasing), the CSR structure (row pointers
+    from 0, non-decreasing, ending at the entry count; pixel indices inside the detector; ``areas``
+    sharing the sparsity of ``weights``), finite non-negative areas and weights, weights at least
+    the areas (the corrections only divide by factors <= 1), and ``bin_area`` equal to the row
+    sums of ``areas``. Weights scaled consistently are not caught here; the digest of a cached
+    map catches those (:func:`load_or_build_binmap`).
+
+    Raises
+    ------
+    ValueError
+        One line naming the first inconsistency found.
+    """
+    W, A = bm.weights, bm.areas
+    shape = (bm.n_r * bm.n_eta, int(np.prod(bm.detector_shape)))
+    for name, m in (("weights", W), ("areas", A)):
+        if not (sp.issparse(m) and m.format == "csr" and m.shape == shape):
+            raise ValueError(f"{name}: expected a CSR matrix of shape {shape}")
+    if not (A.indptr is W.indptr or np.array_equal(A.indptr, W.indptr)) or not (
+            A.indices is W.indices or np.array_equal(A.indices, W.indices)):
+        raise ValueError("areas: expected the sparsity pattern of weights")
+    arrays = _arrays(bm)
+    for name in ("bin_area", "geometric_area", "touches_mask"):
+        arrays[name] = np.asarray(arrays[name])
+    _check_arrays(int(bm.n_r), int(bm.n_eta), arrays)
+
+
 def _save(bm: BinMap, path: Path) -> None:
+    arrays = _arrays(bm)
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            key=np.array(bm.key),
-            detector_shape=np.array(bm.detector_shape, dtype=np.int64),
-            r_edges_px=bm.r_edges_px,
-            eta_edges_deg=bm.eta_edges_deg,
-            indptr=bm.weights.indptr,
-            indices=bm.weights.indices,
-            weights=bm.weights.data,
-            areas=bm.areas.data,
-            bin_area=bm.bin_area,
-            geometric_area=bm.geometric_area,
-            touches_mask=bm.touches_mask,
-        )
+        np.savez(fh, key=np.array(bm.key), digest=np.array(_digest(bm.key, arrays)), **arrays)
 
 
-def _load(path: Path, key: str) -> BinMap | None:
-    """The map stored at ``path``, or None when it is unreadable or for another key."""
+def _load(path: Path, params: Params, key: str) -> BinMap:
+    """The map stored at ``path``, validated.
+
+    Raises
+    ------
+    ValueError
+        The file is unreadable, for another key or parameters, fails its digest or
+        :func:`check_binmap` (one line saying why).
+    """
     try:
         with np.load(path, allow_pickle=False) as f:
-            if str(f["key"]) != key:
-                return None
-            r_edges, eta_edges = f["r_edges_px"], f["eta_edges_deg"]
-            n_r, n_eta = r_edges.size - 1, eta_edges.size - 1
-            nz, ny = (int(v) for v in f["detector_shape"])
-            shape = (n_r * n_eta, nz * ny)
-            indptr, indices = f["indptr"], f["indices"]
-            return BinMap(
-                n_r=n_r,
-                n_eta=n_eta,
-                detector_shape=(nz, ny),
-                r_edges_px=r_edges,
-                eta_edges_deg=eta_edges,
-                weights=sp.csr_matrix((f["weights"], indices, indptr), shape=shape),
-                areas=sp.csr_matrix((f["areas"], indices, indptr), shape=shape),
-                bin_area=f["bin_area"],
-                geometric_area=f["geometric_area"],
-                touches_mask=f["touches_mask"],
-                key=key,
-            )
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
+            missing = [k for k in ("key", "digest", *_ARRAYS) if k not in f.files]
+            if missing:
+                raise ValueError(f"member {missing[0]!r} missing")
+            arrays = {name: f[name] for name in _ARRAYS}
+            stored_key, digest = f["key"], f["digest"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"unreadable ({exc})") from None
+    if stored_key.dtype.kind != "U" or str(stored_key) != key:
+        raise ValueError("made for other parameters (key differs)")
+    if digest.dtype.kind != "U" or str(digest) != _digest(key, arrays):
+        raise ValueError("content does not match its digest")
+    det = arrays["detector_shape"]
+    expected = (int(params.nr_pixels_z), int(params.nr_pixels_y))
+    if det.dtype != np.int64 or det.shape != (2,) or tuple(int(v) for v in det) != expected:
+        raise ValueError(f"detector_shape: expected {expected}")
+    r_edges, eta_edges = arrays["r_edges_px"], arrays["eta_edges_deg"]
+    if not (np.array_equal(r_edges, params.r_edges_px())
+            and np.array_equal(eta_edges, params.eta_edges_deg())):
+        raise ValueError("bin edges differ from the parameters'")
+    n_r, n_eta = r_edges.size - 1, eta_edges.size - 1
+    _check_arrays(n_r, n_eta, arrays)
+    shape = (n_r * n_eta, expected[0] * expected[1])
+    indptr, indices = arrays["indptr"], arrays["indices"]
+    return BinMap(
+        n_r=n_r,
+        n_eta=n_eta,
+        detector_shape=expected,
+        r_edges_px=r_edges,
+        eta_edges_deg=eta_edges,
+        weights=sp.csr_matrix((arrays["weights"], indices, indptr), shape=shape, copy=False),
+        areas=sp.csr_matrix((arrays["areas"], indices, indptr), shape=shape, copy=False),
+        bin_area=arrays["bin_area"],
+        geometric_area=arrays["geometric_area"],
+        touches_mask=arrays["touches_mask"],
+        key=key,
+    )
 
 
 def load_or_build_binmap(
@@ -608,7 +726,10 @@ def load_or_build_binmap(
     cache_dir : path, optional
         Directory of ``<key>.npz`` files; default ``$MIDASFLOW_CACHE`` or
         ``~/.cache/midasflow/binmaps``. Files are written under a temporary name and renamed,
-        so concurrent builders never see a partial file.
+        so concurrent builders never see a partial file. Nothing in them is trusted: they are
+        read without unpickling, their SHA-256 content digest (stored in the file) is checked,
+        and so are the parameters they were made for and :func:`check_binmap`; a file that fails
+        is rebuilt and replaced, with a warning.
 
     Returns
     -------
@@ -618,9 +739,10 @@ def load_or_build_binmap(
     path = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     path = path / f"{key}.npz"
     if path.exists():
-        cached = _load(path, key)
-        if cached is not None:
-            return cached
+        try:
+            return _load(path, params, key)
+        except ValueError as exc:
+            warnings.warn(f"{path}: cached bin map rejected, {exc}; rebuilding it", stacklevel=2)
     bm = build_binmap(params, mask)
     _save(bm, path)
     return bm

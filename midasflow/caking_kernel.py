@@ -29,6 +29,7 @@ import numba
 import numpy as np
 import scipy.sparse
 
+from midasflow.binmap import check_binmap
 from midasflow.errors import ParameterError
 from midasflow.params import MASK_RULES, MaskRule
 
@@ -177,10 +178,20 @@ _BUFFERS = threading.local()
 
 
 def _kernel_map(binmap: BinMap) -> _KernelMap:
-    """The kernel layout of ``binmap``, built on first use and kept while the map lives."""
+    """The kernel layout of ``binmap``, built on first use and kept while the map lives.
+
+    Raises
+    ------
+    ParameterError
+        The map fails :func:`midasflow.binmap.check_binmap`.
+    """
     with _KERNEL_MAPS_LOCK:
         km = _KERNEL_MAPS.get(binmap)
         if km is None:
+            try:  # the kernels trust the map's indices: nothing out of bounds may reach them
+                check_binmap(binmap)
+            except ValueError as exc:
+                raise ParameterError(f"bin map {binmap.key}: {exc}") from None
             W = binmap.weights
             slot, n_used, rows = _ring_order(W.indices, W.shape[1])
             n_bins = W.shape[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -150,6 +151,8 @@ def test_cache_reuse_and_key(tmp_path, monkeypatch):
     first = load_or_build_binmap(params, mask, cache_dir=tmp_path)
     files = sorted(tmp_path.iterdir())
     assert [f.name for f in files] == [f"{first.key}.npz"]
+    with np.load(files[0], allow_pickle=False) as f:  # data only, and its digest inside
+        assert all(f[k].dtype != object for k in f.files) and len(str(f["digest"])) == 64
     mtime = files[0].stat().st_mtime_ns
 
     def fail(*args, **kwargs):
@@ -179,7 +182,8 @@ def test_cache_dir_from_env_and_corrupt_file(tmp_path, monkeypatch):
     params = _params(r_max_px=10.0)
     path = tmp_path / f"{binmap_key(params)}.npz"
     path.write_bytes(b"not a zip file")
-    bm = load_or_build_binmap(params)
+    with pytest.warns(UserWarning, match="unreadable"):
+        bm = load_or_build_binmap(params)
     assert path.stat().st_size > 100 and bm.weights.nnz > 0
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
@@ -189,3 +193,93 @@ def test_unusable_eta_binning_is_refused():
         build_binmap(_params(eta_min_deg=-180.0, eta_max_deg=540.0, eta_bin_deg=720.0))
     with pytest.raises(ParameterError, match="EtaMin/EtaMax"):
         build_binmap(_params(eta_min_deg=-720.0, eta_max_deg=0.0))
+
+
+def _tamper(path, change, *, redigest: bool) -> None:
+    """Rewrite a cached map with ``change(arrays)`` applied, re-signing it when ``redigest``
+    (a consistent-looking file that only the structural checks can catch)."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    change(arrays)
+    if redigest:
+        body = {k: arrays[k] for k in binmap_mod._ARRAYS}
+        arrays["digest"] = np.array(binmap_mod._digest(str(arrays["key"]), body))
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _set(name, fn):
+    def change(arrays):
+        arrays[name] = fn(arrays[name])
+    return change
+
+
+def _poke(name, index, value):
+    def fn(a):
+        a = a.copy()
+        a[index] = value
+        return a
+    return _set(name, fn)
+
+
+_OBJECT = np.empty(1, dtype=object)
+_OBJECT[0] = {"x": 1}
+
+
+@pytest.mark.parametrize("change, redigest, reason", [
+    (_poke("indices", 5, NZ * NY + 10), True, "pixel index outside"),
+    (_poke("indices", 5, -3), True, "pixel index outside"),
+    (_poke("indptr", 7, 10**6), True, "row pointers"),
+    (_set("indptr", lambda a: a[::-1].copy()), True, "row pointers"),
+    (_set("indices", lambda a: a.astype(np.float64)), True, "index dtype"),
+    (_set("weights", lambda a: a[:-1]), True, "one per entry"),
+    (_set("bin_area", lambda a: a.T.copy()), True, "bin_area"),
+    (_set("areas", lambda a: -a), True, "areas >= 0"),
+    (_set("weights", lambda a: 2 * a), False, "digest"),
+    (_set("weights", lambda a: np.full_like(a, np.nan)), False, "digest"),
+    (_set("r_edges_px", lambda a: a + 1.0), True, "bin edges"),
+    (_set("detector_shape", lambda a: a[::-1].copy()), True, "detector_shape"),
+    (_set("key", lambda a: np.array("0" * 64)), True, "key"),
+    (_set("digest", lambda a: np.array(0.0)), False, "digest"),
+    (_set("touches_mask", lambda a: _OBJECT), False, "unreadable"),
+], ids=["index-too-large", "index-negative", "indptr-overrun", "indptr-decreasing",
+        "index-dtype", "short-data", "bin-area-shape", "negative-areas", "weights-x2",
+        "weights-nan", "r-edges", "detector-shape", "key", "digest-type", "pickled-object"])
+def test_tampered_cache_is_rejected_and_rebuilt(tmp_path, change, redigest, reason):
+    """Nothing in a cached map is trusted: each inconsistency is caught on load (one-line
+    warning naming the file and the reason), the map is rebuilt and the file replaced."""
+    params = _params(r_max_px=20.0, solid_angle_correction=True)
+    good = load_or_build_binmap(params, cache_dir=tmp_path)
+    path = tmp_path / f"{good.key}.npz"
+    _tamper(path, change, redigest=redigest)
+    with pytest.warns(UserWarning, match=reason) as record:
+        again = load_or_build_binmap(params, cache_dir=tmp_path)
+    assert str(path) in str(record[0].message) and "\n" not in str(record[0].message)
+    assert abs(again.weights - good.weights).max() == 0.0
+    np.testing.assert_array_equal(again.bin_area, good.bin_area)
+    import warnings
+
+    with warnings.catch_warnings():  # the rebuilt file is valid again
+        warnings.simplefilter("error")
+        load_or_build_binmap(params, cache_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_kernel_refuses_an_inconsistent_map():
+    """A BinMap built in memory is checked before the kernels use it: out-of-range or negative
+    pixel indices give a one-line ParameterError, never an out-of-bounds access."""
+    from midasflow.caking_kernel import cake_block
+
+    good = build_binmap(_params(r_max_px=20.0))
+    frames = np.ones((2, NZ, NY), dtype=np.float32)
+    for bad_index in (NZ * NY + 7, -1):
+        indices = good.weights.indices.copy()
+        indices[3] = bad_index
+        W = sp.csr_matrix((good.weights.data, indices, good.weights.indptr), shape=good.weights.shape)
+        bad = dataclasses.replace(good, weights=W, areas=W.copy())
+        with pytest.raises(ParameterError, match="pixel index outside") as info:
+            cake_block(frames, bad)
+        assert "\n" not in str(info.value)
+    doubled = dataclasses.replace(good, bin_area=good.bin_area * 2)
+    with pytest.raises(ParameterError, match="bin_area"):
+        cake_block(frames, doubled)
