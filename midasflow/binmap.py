@@ -28,9 +28,11 @@ their overlap counts in ``geometric_area`` and flags ``touches_mask`` on every b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import NDArray
 
-from midasflow.errors import FrameError, ParameterError
+from midasflow.errors import FrameError, MidasflowError, ParameterError
 from midasflow.geometry import (
     pixel_map,
     pixel_to_r_eta,
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
     from midasflow.params import Params
 
 __all__ = ["BinMap", "build_binmap", "load_or_build_binmap", "binmap_key", "check_binmap",
-           "MIN_AREA_PX2"]
+           "cached_binmap", "MIN_AREA_PX2"]
 
 #: Overlap areas (px²) at or below this are rounding noise and produce no entry.
 MIN_AREA_PX2 = 1e-10
@@ -87,6 +89,11 @@ class BinMap:
         True where a masked pixel overlaps the bin (MIDAS maskMap flag).
     key : str
         Cache key: hash of ``Params.geometry_key()``, the mask and the map format.
+    digest : str or None
+        SHA-256 of the content, set on maps saved to or loaded from the cache.
+    cache_file : str or None
+        Absolute path of the cache file holding this very content (with ``digest``); Dask
+        workers load the map from it (:func:`cached_binmap`) instead of receiving it.
     """
 
     n_r: int
@@ -100,6 +107,8 @@ class BinMap:
     geometric_area: NDArray[np.float64]
     touches_mask: NDArray[np.bool_]
     key: str
+    digest: str | None = None
+    cache_file: str | None = None
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -658,20 +667,33 @@ def check_binmap(bm: BinMap) -> None:
     _check_arrays(int(bm.n_r), int(bm.n_eta), arrays)
 
 
-def _save(bm: BinMap, path: Path) -> None:
+def _save(bm: BinMap, path: Path) -> BinMap:
+    """Write ``bm`` to ``path`` atomically; return it with its ``digest`` and ``cache_file``."""
     arrays = _arrays(bm)
+    digest = _digest(bm.key, arrays)
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, key=np.array(bm.key), digest=np.array(_digest(bm.key, arrays)), **arrays)
+        np.savez(fh, key=np.array(bm.key), digest=np.array(digest), **arrays)
+    return _remember(dataclasses.replace(bm, digest=digest, cache_file=str(path.resolve())))
 
 
-def _load(path: Path, params: Params, key: str) -> BinMap:
-    """The map stored at ``path``, validated.
+#: Maps with a digest alive in this process, so loading one by digest never reads it twice.
+_LIVE: weakref.WeakValueDictionary[str, BinMap] = weakref.WeakValueDictionary()
+
+
+def _remember(bm: BinMap) -> BinMap:
+    if bm.digest is not None:
+        _LIVE.setdefault(bm.digest, bm)
+    return bm
+
+
+def _load_file(path: Path, key: str, digest: str | None = None) -> BinMap:
+    """The map stored at ``path``, checked against its own digest (and ``digest`` when given),
+    ``key`` and :func:`check_binmap`.
 
     Raises
     ------
     ValueError
-        The file is unreadable, for another key or parameters, fails its digest or
-        :func:`check_binmap` (one line saying why).
+        One line saying why the file is unusable.
     """
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -679,29 +701,26 @@ def _load(path: Path, params: Params, key: str) -> BinMap:
             if missing:
                 raise ValueError(f"member {missing[0]!r} missing")
             arrays = {name: f[name] for name in _ARRAYS}
-            stored_key, digest = f["key"], f["digest"]
+            stored_key, stored_digest = f["key"], f["digest"]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ValueError(f"unreadable ({exc})") from None
     if stored_key.dtype.kind != "U" or str(stored_key) != key:
         raise ValueError("made for other parameters (key differs)")
-    if digest.dtype.kind != "U" or str(digest) != _digest(key, arrays):
+    actual = _digest(key, arrays)
+    if stored_digest.dtype.kind != "U" or str(stored_digest) != actual:
         raise ValueError("content does not match its digest")
-    det = arrays["detector_shape"]
-    expected = (int(params.nr_pixels_z), int(params.nr_pixels_y))
-    if det.dtype != np.int64 or det.shape != (2,) or tuple(int(v) for v in det) != expected:
-        raise ValueError(f"detector_shape: expected {expected}")
+    if digest is not None and actual != digest:
+        raise ValueError("content differs from the map the task graph was built with")
     r_edges, eta_edges = arrays["r_edges_px"], arrays["eta_edges_deg"]
-    if not (np.array_equal(r_edges, params.r_edges_px())
-            and np.array_equal(eta_edges, params.eta_edges_deg())):
-        raise ValueError("bin edges differ from the parameters'")
     n_r, n_eta = r_edges.size - 1, eta_edges.size - 1
     _check_arrays(n_r, n_eta, arrays)
-    shape = (n_r * n_eta, expected[0] * expected[1])
+    nz, ny = (int(v) for v in arrays["detector_shape"])
+    shape = (n_r * n_eta, nz * ny)
     indptr, indices = arrays["indptr"], arrays["indices"]
-    return BinMap(
+    return _remember(BinMap(
         n_r=n_r,
         n_eta=n_eta,
-        detector_shape=expected,
+        detector_shape=(nz, ny),
         r_edges_px=r_edges,
         eta_edges_deg=eta_edges,
         weights=sp.csr_matrix((arrays["weights"], indices, indptr), shape=shape, copy=False),
@@ -710,7 +729,42 @@ def _load(path: Path, params: Params, key: str) -> BinMap:
         geometric_area=arrays["geometric_area"],
         touches_mask=arrays["touches_mask"],
         key=key,
-    )
+        digest=actual,
+        cache_file=str(path.resolve()),
+    ))
+
+
+def _load(path: Path, params: Params, key: str) -> BinMap:
+    """The map cached at ``path`` for ``params``, validated (ValueError saying why not)."""
+    bm = _load_file(path, key)
+    expected = (int(params.nr_pixels_z), int(params.nr_pixels_y))
+    if bm.detector_shape != expected:
+        raise ValueError(f"detector_shape: expected {expected}")
+    if not (np.array_equal(bm.r_edges_px, params.r_edges_px())
+            and np.array_equal(bm.eta_edges_deg, params.eta_edges_deg())):
+        raise ValueError("bin edges differ from the parameters'")
+    return bm
+
+
+def cached_binmap(cache_file: str, key: str, digest: str) -> BinMap:
+    """The map of content ``digest``: the one alive in this process, else loaded from its cache
+    file (checked as on every load). This is the bin map's task in the caking graphs, so every
+    Dask worker reads it from the cache instead of receiving it from the client.
+
+    Raises
+    ------
+    MidasflowError
+        The file is missing, unreadable or does not hold that content (one line).
+    """
+    bm = _LIVE.get(digest)
+    if bm is not None:
+        return bm
+    try:
+        return _load_file(Path(cache_file), key, digest)
+    except ValueError as exc:
+        raise MidasflowError(
+            f"{cache_file}: bin map cache {exc}; the cache folder (cache_dir or "
+            "$MIDASFLOW_CACHE) must be the same for every Dask worker") from None
 
 
 def load_or_build_binmap(
@@ -743,6 +797,4 @@ def load_or_build_binmap(
             return _load(path, params, key)
         except ValueError as exc:
             warnings.warn(f"{path}: cached bin map rejected, {exc}; rebuilding it", stacklevel=2)
-    bm = build_binmap(params, mask)
-    _save(bm, path)
-    return bm
+    return _save(build_binmap(params, mask), path)

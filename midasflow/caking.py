@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+import numba
 import numpy as np
 
 from midasflow.caked_schema import caked_dataset
@@ -93,7 +94,7 @@ def _group_sums(cakes, first: np.ndarray, last: np.ndarray):
     starts[first] = True
     ends[last] = True
     step = dask.delayed(_group_step, nout=2, pure=True)
-    blocks = cakes.to_delayed().ravel()
+    blocks = cakes.to_delayed(optimize_graph=False).ravel()  # same keys as the cakes: computed once
     carry = None
     pieces = []
     lo = 0
@@ -111,24 +112,39 @@ def _group_sums(cakes, first: np.ndarray, last: np.ndarray):
 # --------------------------------------------------------------------------------------------
 # Dask / xarray wrapper
 # --------------------------------------------------------------------------------------------
+def _worker_threads() -> int | None:
+    """The thread count of the Dask worker running this task, or None outside a worker."""
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
 def _cake_chunk(block: np.ndarray, binmap: BinMap, normalize: bool, min_area_fraction: float,
                 mask_rule: MaskRule) -> np.ndarray:
+    """One frame chunk's cakes. On a distributed worker the kernel runs on at most the worker's
+    own thread count of numba threads (numba's setting is per calling thread), so n one-thread
+    workers on n cores run n threads, not n x cpu_count."""
+    threads = _worker_threads()
+    if threads is not None:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     return cake_block(block, binmap, normalize=normalize, min_area_fraction=min_area_fraction,
                       mask_rule=mask_rule)
 
 
 def _binmap_handle(binmap: BinMap) -> Any:
-    """The bin map as ONE graph key (or one scattered future when a distributed client exists)."""
+    """The bin map as ONE graph key: a task loading it from its cache file when it has one
+    (:func:`midasflow.binmap.cached_binmap`; in this process it is the live object, on a worker
+    it is read from the shared cache), else the map itself."""
     import dask
 
-    try:
-        from distributed import default_client
+    if binmap.cache_file is not None and binmap.digest is not None:
+        from midasflow.binmap import cached_binmap
 
-        client = default_client()
-    except (ImportError, ValueError):
-        client = None
-    if client is not None:
-        return client.scatter(binmap, broadcast=False, hash=False)
+        return dask.delayed(cached_binmap, pure=True)(
+            binmap.cache_file, binmap.key, binmap.digest, dask_key_name=f"binmap-{binmap.digest}")
     return dask.delayed(binmap, name=f"binmap-{binmap.key}", pure=True)
 
 

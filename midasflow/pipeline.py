@@ -82,14 +82,17 @@ def integrate(
     result_folder: str | Path = ".",
     cache_dir: str | Path | None = None,
     plain_zarr: bool = False,
+    client: Any = None,
     progress: bool = False,
 ) -> Path:
     """Integrate one scan to ``<result_folder>/<scan>.zarr.zip`` (MIDAS layout) and return its path.
 
-    The computation runs on the current Dask scheduler: a ``distributed.Client`` if one is
-    active, the threaded scheduler otherwise. With ``plain_zarr`` the same Dataset is also
-    written as ``<scan>.zarr`` through xarray. ``progress`` shows a progress line on stderr when
-    a distributed client computes it.
+    The computation runs on ``client`` (a ``distributed.Client``) when given, else on the current
+    Dask scheduler (an active distributed client, or the threaded scheduler). Either way the
+    tasks that cake the frames write the store's members themselves (the output folder must be
+    on a filesystem the workers share) and only per-bin NaN flags come back. With ``plain_zarr``
+    the same Dataset is also written as ``<scan>.zarr`` through xarray. ``progress`` shows a
+    progress bar on stderr when ``client`` computes it.
     """
     from midasflow.io.caked_store import write_caked_zarr
     from midasflow.io.midas_zarr import write_midas_zarr
@@ -100,9 +103,9 @@ def integrate(
     folder = Path(result_folder)
     folder.mkdir(parents=True, exist_ok=True)
     stem = scan_stem(scan.data_fn)
-    out = write_midas_zarr(ds, folder / f"{stem}.zarr.zip", progress=progress)
+    out = write_midas_zarr(ds, folder / f"{stem}.zarr.zip", client=client, progress=progress)
     if plain_zarr:
-        write_caked_zarr(ds, folder / f"{stem}.zarr")
+        write_caked_zarr(ds, folder / f"{stem}.zarr", client=client)
     log.info("wrote %s", out)
     return out
 
@@ -289,6 +292,7 @@ def run(
     else:
         store = integrate(
             param_fn, source, overrides=overrides, result_folder=result_folder, cache_dir=cache_dir,
+            client=refine_options.get("client"),
             progress=bool(refine_options.get("progress", False)),
         )
     if skip_refinement:

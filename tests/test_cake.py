@@ -318,6 +318,45 @@ def test_distributed_client_gives_same_result(params, masked_map):
     xr.testing.assert_identical(ref, got)
 
 
+def _numba_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def test_cached_map_reaches_workers_as_one_small_key_and_caps_numba_threads(params, tmp_path):
+    """A cached map enters the graph as ONE task loading it from the cache (no client-side
+    scatter, no map inside the graph); worker processes give the threaded scheduler's result;
+    and on one-thread workers every caking task runs numba on one thread, not cpu_count."""
+    import os
+
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from midasflow.binmap import load_or_build_binmap
+
+    bm = load_or_build_binmap(params, cache_dir=tmp_path)
+    assert bm.cache_file == str((tmp_path / f"{bm.key}.npz").resolve()) and bm.digest
+    ds = cake(lazy_frames(params, 8, chunks=1), params, binmap=bm)
+    graph = dict(ds["intensity"].data.__dask_graph__())
+    map_keys = [k for k in graph if str(k).startswith("binmap-")]
+    assert len(map_keys) == 1 and len(pickle.dumps(graph[map_keys[0]])) < 4096
+    ref = ds.compute(scheduler="threads")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        workers = list(client.scheduler_info()["workers"])
+        before = [client.submit(_numba_threads, workers=[w], pure=False).result()
+                  for w in workers]
+        with get_task_stream(client) as stream:
+            got = client.compute(ds).result()
+        caking = {t["worker"] for t in stream.data if "cake-frames" in str(t["key"])}
+        after = [client.submit(_numba_threads, workers=[w], pure=False).result()
+                 for w in caking]
+    xr.testing.assert_identical(ref, got)
+    if (os.cpu_count() or 1) > 1:
+        assert min(before) > 1  # numba's default: every core, in every worker
+    assert after and set(after) == {1}
+
+
 # ------------------------------------------------------------------ simulated CeO2 rings
 @pytest.fixture(scope="module")
 def ceo2():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -55,6 +56,7 @@ def test_zip_members_match_spec(zip_path, caked, params):
     inst = [f"InstrumentParameters/{k}" for k in
             ("Polariz", "Lam", "SH_L", "U", "V", "W", "X", "Y", "Z", "Distance")]
     arrays = {"REtaMap": (5, n_r, n_eta), "Omegas": (N_FRAMES,), "SumFrames": (n_r, n_eta),
+              "BinArea": (n_r, n_eta),
               **{g: (n_r, n_eta) for g in groups}, **{f: (n_r, n_eta) for f in frames},
               **{i: (1,) for i in inst}}
     assert {n[:-len("/.zarray")] for n in names if n.endswith(".zarray")} == set(arrays)
@@ -305,3 +307,109 @@ def test_midas_written_process_variables_are_read(zip_path, tmp_path):
     assert back["temperature"].values[2] == 310.5 and back["temperature"].values[0] == 0.0
     for name in ("pressure", "i", "i0"):
         np.testing.assert_array_equal(back[name], 0.0)
+
+
+def test_nan_bins_have_zero_area_for_importers(params, tmp_path):
+    """A dead-pixel band makes some bins NaN in every group and a frame-level NaN stripe makes
+    others NaN in some groups (MIDAS mask rule): REtaMap's BinArea is 0 exactly where any group
+    is NaN, so an importer keeping the bins of area != 0 (GSAS-II) reads no NaN; the true areas
+    are kept in BinArea and read back."""
+    p = params.with_overrides(mask_rule="midas")
+    mask = np.zeros((p.nr_pixels_z, p.nr_pixels_y), dtype=bool)
+    mask[30:32, :] = True
+    bm = build_binmap(p, mask)
+    ds = cake(lazy_frames(p, 6, chunks=4, nan_every=4), p, binmap=bm)
+    ref = ds.compute()
+    nan_any = np.isnan(ref.intensity.values).any(axis=0)
+    assert bm.touches_mask.any() and (nan_any & ~bm.touches_mask).any()  # both kinds
+    assert (ref.bin_area.values[nan_any] > 0).all()  # partly masked bins keep an area
+    path = write_midas_zarr(ds, tmp_path / "gaps.zarr.zip")
+    z = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r", zarr_format=2)
+    area = z["REtaMap"][3]
+    np.testing.assert_array_equal(area, np.where(nan_any, 0.0, ref.bin_area.values))
+    np.testing.assert_array_equal(z["BinArea"][...], ref.bin_area.values)
+    for key in z["OmegaSumFrame"].array_keys():
+        y = z["OmegaSumFrame"][key][...][area != 0]
+        assert np.isfinite(y).all(), key
+    back = open_caked(path)
+    xr.testing.assert_identical(back.compute(), ref)  # bin_area from BinArea, not REtaMap
+
+
+def test_write_on_a_distributed_client_sends_no_cakes_back(caked, zip_path, tmp_path):
+    """integrate(client=...) path: the workers write their own members; the file equals the one
+    written on the threaded scheduler, and no caked block travels to the client."""
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class ClientBytes(SchedulerPlugin):
+        """Bytes of every task result a client asked for (what travels to the client)."""
+
+        def __init__(self, scheduler) -> None:
+            self.scheduler, self.wanted = scheduler, []
+
+        def transition(self, key, start, finish, *args, **kwargs) -> None:
+            ts = self.scheduler.tasks.get(key)
+            if finish == "memory" and ts is not None and ts.who_wants:
+                self.wanted.append(ts.nbytes)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        plugin = ClientBytes(cluster.scheduler)  # the scheduler runs in this process
+        cluster.scheduler.add_plugin(plugin)
+        path = write_midas_zarr(caked, tmp_path / "dist.zarr.zip", client=client)
+    one_cake = caked.sizes["r"] * caked.sizes["eta"] * 8
+    assert 1 <= len(plugin.wanted) <= 2 and max(plugin.wanted) < one_cake  # NaN flags only
+    a, b = zipfile.ZipFile(zip_path), zipfile.ZipFile(path)
+    assert sorted(a.namelist()) == sorted(b.namelist())
+    for name in a.namelist():
+        if name != ".zattrs":  # creation_timestamp differs
+            assert a.read(name) == b.read(name), name
+    assert [p.name for p in tmp_path.iterdir()] == ["dist.zarr.zip"]
+
+
+# VmHWM, not getrusage's ru_maxrss, which Linux carries over from the parent across exec
+_PEAK_RSS_SCRIPT = """
+import sys
+from midasflow.pipeline import integrate
+integrate(sys.argv[1], sys.argv[2], result_folder=sys.argv[3], cache_dir=sys.argv[4])
+with open("/proc/self/status") as f:
+    print([line.split()[1] for line in f if line.startswith("VmHWM:")][0])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_integrate_peak_memory_does_not_grow_with_frames(tmp_path):
+    """512² frames, one ω-group per frame and every frame's cake saved (SaveIndividualFrames 1):
+    the peak RSS of ``integrate`` at 200 and at 800 frames differs by less than 10 %."""
+    import os
+    import subprocess
+    import sys
+
+    import h5py
+
+    import midasflow
+    from midasflow.simulate import simulate_ceo2_scan, write_scan
+
+    # the child imports this very midasflow (a worktree may shadow an installed one)
+    env = dict(os.environ, PYTHONPATH=str(Path(midasflow.__file__).parents[1]))
+
+    files, truth = simulate_ceo2_scan(tmp_path / "one", n_frames=1, shape=(512, 512),
+                                      poisson=False, supersample=1,
+                                      params_overrides={"save_individual_frames": True})
+    with h5py.File(files.data) as f:
+        one, dark = f["exchange/data"][0], f["exchange/dark"][...]
+    rng = np.random.default_rng(0)
+    peak = {}
+    for n in (200, 800):
+        frames = np.empty((n,) + one.shape, dtype=one.dtype)
+        for i in range(n):
+            frames[i] = one + rng.integers(0, 3, size=one.shape, dtype=one.dtype)
+        scan = write_scan(tmp_path / f"s{n}", truth["params"], frames, dark, compression="blosc")
+        del frames
+        out = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(scan.params_file),
+                              str(scan.data), str(tmp_path / f"o{n}"), str(tmp_path / "cache")],
+                             check=True, capture_output=True, text=True, env=env).stdout
+        peak[n] = int(out.split()[-1]) / 1024  # MiB (VmHWM is in kB)
+        assert open_caked(tmp_path / f"o{n}" / "scan_000001.zarr.zip").sizes["group"] == n
+    assert abs(peak[800] - peak[200]) < 0.1 * peak[200], peak

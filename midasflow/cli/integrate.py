@@ -60,6 +60,7 @@ def main(argv: Sequence[str]) -> int:
     with dask_client(args) as client, progress_bar(client, not args.no_progress):
         out = integrate(args.param_fn, scan_source(args), overrides=overrides,
                         result_folder=args.result_folder, cache_dir=args.cache_dir,
-                        plain_zarr=args.plain_zarr, progress=not args.no_progress)
+                        plain_zarr=args.plain_zarr, client=client,
+                        progress=not args.no_progress)
     print(out)
     return 0

@@ -27,7 +27,7 @@ def _regular_chunks(ds: Any) -> Any:
     return out
 
 
-def write_caked_zarr(ds: Any, path: str | os.PathLike) -> Path:
+def write_caked_zarr(ds: Any, path: str | os.PathLike, *, client: Any = None) -> Path:
     """Write a caked Dataset to a plain zarr store (``xarray.Dataset.to_zarr``), atomically.
 
     Parameters
@@ -37,6 +37,9 @@ def write_caked_zarr(ds: Any, path: str | os.PathLike) -> Path:
     path : path-like
         Destination directory. Written to ``<path>.tmp-<pid>`` first and renamed into place; an
         existing store at ``path`` is replaced only after the new one is complete.
+    client : distributed.Client, optional
+        Compute on this client (each task writes its own chunks); default the current Dask
+        scheduler.
 
     Returns
     -------
@@ -44,7 +47,12 @@ def write_caked_zarr(ds: Any, path: str | os.PathLike) -> Path:
         ``path``.
     """
     with atomic_output(path) as tmp:
-        _regular_chunks(ds).to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+        stored = _regular_chunks(ds).to_zarr(tmp, mode="w", zarr_format=3, consolidated=False,
+                                             compute=False)
+        if client is None:
+            stored.compute()
+        else:
+            client.compute(stored).result()
     return Path(path)
 
 

@@ -14,7 +14,13 @@ member                                        shape            attributes
 ``IntegrationResult/FrameNr_<i>``             (nR, nEta)       omega, Header, Units
 ``SumFrames``                                 (nR, nEta)       Header, Units, nFrames
 ``InstrumentParameters/<name>``               (1,)             —
+``BinArea`` (midasflow)                       (nR, nEta)       Units
 ============================================  ===============  =====================================
+
+REtaMap's BinArea plane is the bin's unmasked area, except that it is 0 wherever the intensity of
+any ω-group is NaN (a bin masked by the mask rule): GSAS-II's importer keeps exactly the bins of
+non-zero area, so it never reads a NaN point (a module gap would otherwise put NaN y and w into
+most of its histograms). The true areas are kept in ``BinArea`` and read back as ``bin_area``.
 
 ``i`` is the post-SkipFrame frame index (not zero-padded). ``Number Of Frames Summed`` is the real
 frame count of the group (midasflow writes what MIDAS' IZ-param path writes, not IZ-zarr's
@@ -43,7 +49,6 @@ import numpy as np
 from midasflow.errors import CakeFileError
 from midasflow.instrument import DATASET_NAMES, MIDAS_WRITE_DEFAULTS, gsas_names
 from midasflow.io.atomic import atomic_output
-from midasflow.progress import TextProgress
 
 #: REtaMap plane names and units (§7.1).
 RETAMAP_HEADER = "Radius,2Theta,Eta,BinArea,Q"
@@ -55,6 +60,9 @@ PROCESS_ATTRS = {"temperature": "Temperature", "pressure": "Pressure", "i": "I",
 GROUP_PREFIX = "LastFrameNumber_"
 FRAME_PREFIX = "FrameNr_"
 REQUIRED = ("REtaMap", "OmegaSumFrame", "InstrumentParameters")
+#: Root array holding every bin's unmasked area (px²); REtaMap's BinArea plane is 0 where a group's
+#: intensity is NaN, so GSAS-II's importer (which keeps bins of area != 0) gets no NaN points.
+BIN_AREA = "BinArea"
 
 
 def _compressor() -> Any:
@@ -79,151 +87,150 @@ def _instrument(ds: Any) -> dict[str, float]:
     return inst
 
 
-def _write(ds: Any, path: Path, progress: bool) -> None:
+class _Members:
+    """The (nR, nEta) member arrays ``names`` of the layout, as a ``da.store`` target.
+
+    Row ``i`` along axis 0 is member ``names[i]``. Each block is encoded (the codec of the
+    ``.zarray`` document ``template``, which zarr wrote for an array of that shape) by the task
+    that computed it, on whichever thread, process or machine that is, and written as one small
+    uncompressed zip of its members' chunks into the folder ``parts`` (temporary name, then
+    renamed, so a retried task simply replaces its part). The object pickles as plain values.
+    """
+
+    def __init__(self, parts: str, tag: str, names: list[str], template: bytes) -> None:
+        self.parts, self.tag, self.names, self.template = parts, tag, names, template
+
+    def __setitem__(self, key: tuple[slice, ...], value: np.ndarray) -> None:
+        import numcodecs
+
+        meta = json.loads(self.template)
+        codec = numcodecs.get_codec(meta["compressor"])
+        chunk = ".".join("0" * len(meta["shape"]))
+        rows = range(*key[0].indices(len(self.names)))
+        part = Path(self.parts, f"{self.tag}-{rows.start:09d}.zip")
+        tmp = part.with_name(f".{part.name}.{os.getpid()}-{threading.get_ident()}")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for i, row in zip(rows, value):
+                data = np.ascontiguousarray(row, dtype=meta["dtype"])
+                zf.writestr(f"{self.names[i]}/{chunk}", codec.encode(data))
+        os.replace(tmp, part)
+
+
+def _compute(collections: list[Any], client: Any, progress: bool) -> tuple[Any, ...]:
+    """Compute ``collections`` together on ``client`` (a ``distributed.Client``), or on the
+    current Dask scheduler when None."""
+    import dask
+
+    if client is None:
+        return dask.compute(*collections)
+    futures = client.compute(collections)
+    if progress:
+        import contextlib
+        import sys
+
+        from distributed import progress as show_progress
+
+        with contextlib.redirect_stdout(sys.stderr):  # stdout stays the commands' output
+            show_progress(futures, notebook=False)
+    return tuple(client.gather(futures))
+
+
+def _write(ds: Any, path: Path, parts: Path, client: Any, progress: bool) -> None:
+    """Write the §7.1 layout of ``ds`` as the zip ``path``; ``parts`` is an empty scratch folder.
+
+    Metadata and small arrays are made by zarr in memory; the cakes are encoded and written by
+    the tasks that compute them (``da.store`` into :class:`_Members`), in parallel, and only
+    their per-bin NaN flags come back; REtaMap is made last, once the NaN bins are known. Then
+    everything is packed into the uncompressed zip zarr's ZipStore would write."""
     import dask.array as da
     import zarr
 
     from midasflow import __version__
 
     n_r, n_eta = ds.sizes["r"], ds.sizes["eta"]
-    store = zarr.storage.ZipStore(path, mode="w")
-    try:
-        root_attrs = {
-            "midasflow_version": __version__,
-            "creation_timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "midasflow_params": ds.attrs.get("params", ""),
-            "midasflow_instrument": ds.attrs.get("instrument", json.dumps(_instrument(ds))),
-            "midasflow_process_variables": [name for name in PROCESS_ATTRS if name in ds],
-        }
-        root = zarr.open_group(store, mode="w", zarr_format=2, attributes=root_attrs)
+    entries: dict[str, Any] = {}  # zarr's in-memory store: member name -> Buffer
+    root = zarr.open_group(zarr.storage.MemoryStore(store_dict=entries), mode="w", zarr_format=2,
+                           attributes={
+        "midasflow_version": __version__,
+        "creation_timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "midasflow_params": ds.attrs.get("params", ""),
+        "midasflow_instrument": ds.attrs.get("instrument", json.dumps(_instrument(ds))),
+        "midasflow_process_variables": [name for name in PROCESS_ATTRS if name in ds],
+    })
+    omegas = ds["omega_frame_deg"].values.astype("<f8")
+    _new_array(root, "Omegas", omegas.shape, {"Units": "Degrees"})[...] = omegas
+    inst = _instrument(ds)
+    grp = root.create_group("InstrumentParameters")
+    for name, key in DATASET_NAMES.items():
+        _new_array(grp, name, (1,), {})[...] = np.array([inst[key]], dtype="<f8")
+    bin_area = np.asarray(ds["bin_area"].values, dtype="<f8")
+    _new_array(root, BIN_AREA, bin_area.shape, {"Units": "Pixels"})[...] = bin_area
+    template = entries[f"{BIN_AREA}/.zarray"].to_bytes()  # every (nR, nEta) member's metadata
+    indent = zarr.config.get("json_indent")
+    member_meta: dict[str, bytes] = {}
 
-        r2 = np.broadcast_to(ds["r_px"].values[:, None], (n_r, n_eta))
-        retamap = np.stack([
-            r2,
-            np.broadcast_to(ds["tth_deg"].values[:, None], (n_r, n_eta)),
-            np.broadcast_to(ds["eta_deg"].values[None, :], (n_r, n_eta)),
-            ds["bin_area"].values,
-            np.broadcast_to(ds["q_inv_a"].values[:, None], (n_r, n_eta)),
-        ]).astype("<f8")
-        _new_array(root, "REtaMap", retamap.shape, {
-            "nEtaBins": int(n_eta), "nRBins": int(n_r), "Header": RETAMAP_HEADER,
-            "Units": RETAMAP_UNITS,
-        })[...] = retamap
+    def members(tag: str, names: list[str], attrs: list[dict[str, Any]]) -> _Members:
+        for name, a in zip(names, attrs):
+            member_meta[f"{name}/.zarray"] = template
+            member_meta[f"{name}/.zattrs"] = json.dumps(a, indent=indent, allow_nan=True).encode()
+        return _Members(str(parts), tag, names, template)
 
-        omegas = ds["omega_frame_deg"].values.astype("<f8")
-        _new_array(root, "Omegas", omegas.shape, {"Units": "Degrees"})[...] = omegas
+    stores: list[tuple[Any, _Members]] = []
+    root.create_group("OmegaSumFrame")
+    last = [int(v) for v in ds["last_frame"].values]
+    stores.append((ds["intensity"].data, members(
+        "group", [f"OmegaSumFrame/{GROUP_PREFIX}{i}" for i in last],
+        [{"LastFrameNumber": last[g],
+          "Number Of Frames Summed": int(ds["frames_summed"].values[g]),
+          "FirstOme": float(ds["omega_first_deg"].values[g]),
+          "LastOme": float(ds["omega_last_deg"].values[g]),
+          **{attr: float(ds[name].values[g]) if name in ds else 0.0
+             for name, attr in PROCESS_ATTRS.items()}} for g in range(len(last))])))
+    if "frame_intensity" in ds:
+        root.create_group("IntegrationResult")
+        stores.append((ds["frame_intensity"].data, members(
+            "frame", [f"IntegrationResult/{FRAME_PREFIX}{int(i)}" for i in ds["frame"].values],
+            [{"omega": float(w), "Header": CAKE_HEADER, "Units": CAKE_UNITS} for w in omegas])))
+    if "sum_frames" in ds:
+        stores.append((ds["sum_frames"].data[None], members(
+            "sum", ["SumFrames"],
+            [{"Header": CAKE_HEADER, "Units": CAKE_UNITS, "nFrames": int(ds.sizes["frame"])}])))
 
-        inst = _instrument(ds)
-        grp = root.create_group("InstrumentParameters")
-        for name, key in DATASET_NAMES.items():
-            _new_array(grp, name, (1,), {})[...] = np.array([inst[key]], dtype="<f8")
+    sources = [s if isinstance(s, da.Array) else da.from_array(np.asarray(s)) for s, _ in stores]
+    stored = da.store(sources, [target for _, target in stores], lock=False, compute=False)
+    _, nan_bins = _compute([stored, da.isnan(sources[0]).any(axis=0)], client, progress)
 
-        sources, targets = [], []
-        grp = root.create_group("OmegaSumFrame")
-        for g in range(ds.sizes["group"]):
-            last = int(ds["last_frame"].values[g])
-            targets.append(_new_array(grp, f"{GROUP_PREFIX}{last}", (n_r, n_eta), {
-                "LastFrameNumber": last,
-                "Number Of Frames Summed": int(ds["frames_summed"].values[g]),
-                "FirstOme": float(ds["omega_first_deg"].values[g]),
-                "LastOme": float(ds["omega_last_deg"].values[g]),
-                **{attr: float(ds[name].values[g]) if name in ds else 0.0
-                   for name, attr in PROCESS_ATTRS.items()},
-            }))
-            sources.append(ds["intensity"].data[g])
-        if "frame_intensity" in ds:
-            grp = root.create_group("IntegrationResult")
-            for k, frame in enumerate(ds["frame"].values):
-                targets.append(_new_array(grp, f"{FRAME_PREFIX}{int(frame)}", (n_r, n_eta), {
-                    "omega": float(omegas[k]), "Header": CAKE_HEADER, "Units": CAKE_UNITS,
-                }))
-                sources.append(ds["frame_intensity"].data[k])
-        if "sum_frames" in ds:
-            targets.append(_new_array(root, "SumFrames", (n_r, n_eta), {
-                "Header": CAKE_HEADER, "Units": CAKE_UNITS, "nFrames": int(ds.sizes["frame"]),
-            }))
-            sources.append(ds["sum_frames"].data)
-        sources = [s if isinstance(s, da.Array) else da.from_array(np.asarray(s)) for s in sources]
-        _store_all(sources, targets, progress=progress)
-    finally:
-        store.close()
-
-
-class _Sink:
-    """A ``da.store`` target that hands each computed block to the writing thread."""
-
-    def __init__(self, queue: Any, index: int) -> None:
-        self.queue, self.index = queue, index
-
-    def __setitem__(self, key: Any, value: np.ndarray) -> None:
-        self.queue.put((self.index, key, np.array(value, dtype="<f8")))
-
-
-def _blocks(source: Any) -> list[tuple[tuple[slice, ...], Any]]:
-    """(index of the block in the array, delayed block) for every chunk of a dask array."""
-    import itertools
-
-    starts = [np.cumsum((0,) + c) for c in source.chunks]
-    delayed = source.to_delayed()
-    out = []
-    for idx in itertools.product(*(range(len(c)) for c in source.chunks)):
-        key = tuple(slice(int(s[k]), int(s[k + 1])) for s, k in zip(starts, idx))
-        out.append((key, delayed[idx]))
-    return out
+    retamap = np.stack([
+        np.broadcast_to(ds["r_px"].values[:, None], (n_r, n_eta)),
+        np.broadcast_to(ds["tth_deg"].values[:, None], (n_r, n_eta)),
+        np.broadcast_to(ds["eta_deg"].values[None, :], (n_r, n_eta)),
+        np.where(nan_bins, 0.0, bin_area),  # importers drop area-0 bins (no NaN points)
+        np.broadcast_to(ds["q_inv_a"].values[:, None], (n_r, n_eta)),
+    ]).astype("<f8")
+    _new_array(root, "REtaMap", retamap.shape, {
+        "nEtaBins": int(n_eta), "nRBins": int(n_r), "Header": RETAMAP_HEADER,
+        "Units": RETAMAP_UNITS,
+    })[...] = retamap
+    expected = {f"{name}/0.0" for _, target in stores for name in target.names}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in entries.items():
+            zf.writestr(name, value.to_bytes())
+        for name, value in member_meta.items():
+            zf.writestr(name, value)
+        for part in sorted(parts.glob("*.zip")):
+            with zipfile.ZipFile(part) as src:
+                for info in src.infolist():
+                    if info.filename in expected:
+                        zf.writestr(info.filename, src.read(info))
+                        expected.discard(info.filename)
+    if expected:
+        raise CakeFileError(
+            f"{parts}: {len(expected)} caked arrays (first {min(expected)}) were not written; "
+            "the output folder must be on a filesystem every Dask worker can write to")
 
 
-def _store_all(sources: list[Any], targets: list[Any], *, progress: bool = False) -> None:
-    """Compute all sources in ONE graph (each frame chunk is caked once) and write each block in
-    this thread as soon as it is computed: memory stays bounded and only one thread touches the
-    zip (zarr's ZipStore is not safe to write from scheduler threads or other processes)."""
-    import queue
-
-    import dask.array as da
-
-    try:
-        from distributed import as_completed, default_client
-
-        client = default_client()
-    except (ImportError, ValueError):
-        client = None
-    if client is not None:
-        # one future per block (shared upstream chunks computed once), written as they arrive
-        # and released, so neither the workers nor this process hold a whole array
-        blocks = [(i, key, block) for i, source in enumerate(sources)
-                  for key, block in _blocks(source)]
-        futures = client.compute([block for _, _, block in blocks])
-        where = {f.key: (i, key) for f, (i, key, _) in zip(futures, blocks)}
-        bar = TextProgress(len(futures), "write-midas-zarr", enabled=progress)
-        for fut, value in as_completed(futures, with_results=True):
-            i, key = where[fut.key]
-            targets[i][key] = value
-            fut.release()
-            bar.update()
-        bar.close()
-        return
-    blocks: queue.Queue = queue.Queue()
-    done = object()
-    failure: list[BaseException] = []
-
-    def compute() -> None:
-        try:
-            da.store(sources, [_Sink(blocks, i) for i in range(len(sources))], lock=False)
-        except BaseException as exc:  # re-raised in the writing thread
-            failure.append(exc)
-        finally:
-            blocks.put(done)
-
-    worker = threading.Thread(target=compute, name="midasflow-zarr-store", daemon=True)
-    worker.start()
-    while (item := blocks.get()) is not done:
-        i, key, value = item
-        targets[i][key] = value
-    worker.join()
-    if failure:
-        raise failure[0]
-
-
-def write_midas_zarr(ds: Any, path: str | os.PathLike, *, progress: bool = False) -> Path:
+def write_midas_zarr(ds: Any, path: str | os.PathLike, *, client: Any = None,
+                     progress: bool = False) -> Path:
     """Write a caked Dataset as a MIDAS ``.zarr.zip`` (§7.1 layout, zarr format 2), atomically.
 
     Parameters
@@ -232,18 +239,37 @@ def write_midas_zarr(ds: Any, path: str | os.PathLike, *, progress: bool = False
         Output of :func:`midasflow.caking.cake` (lazy or computed).
     path : path-like
         Destination, conventionally ``<stem>.zarr.zip`` (GSAS-II's importer needs that suffix).
+    client : distributed.Client, optional
+        Compute on this client; default the current Dask scheduler (the threaded one, or an
+        active distributed client).
     progress : bool
-        With a distributed client: a progress line on stderr as blocks arrive (the threaded
-        scheduler's progress is shown by ``dask.diagnostics.ProgressBar``).
+        With ``client``: a progress bar on stderr (the threaded scheduler's progress is shown by
+        ``dask.diagnostics.ProgressBar``).
 
     Returns
     -------
     Path
-        ``path``. The file is written under a temporary sibling name and renamed into place; on
-        any error the temporary file is removed and ``path`` is left untouched.
+        ``path``.
+
+    Notes
+    -----
+    Every task that computes a block of cakes encodes and writes that block's members itself,
+    on its own worker, as one part file in a hidden temporary folder next to ``path``; nothing
+    but the tiny per-bin NaN flags travels back to the caller, and memory does not depend on the
+    number of frames. The parts (one per block, not one folder per member, which matters on
+    cluster filesystems) are then packed with the metadata into a temporary zip that is renamed
+    to ``path``; on any error both temporaries are removed and ``path`` is left untouched.
+    Workers must be able to write to the output folder (a shared filesystem on a cluster).
     """
+    import shutil
+
     with atomic_output(path) as tmp:
-        _write(ds, tmp, progress)
+        parts = tmp.with_name(tmp.name + ".parts").resolve()
+        parts.mkdir()
+        try:
+            _write(ds, tmp, parts, client, progress)
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
     return Path(path)
 
 
@@ -358,6 +384,7 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
             if name not in members:
                 raise CakeFileError(f"{path}: not a MIDAS caked layout, member {name!r} missing")
         retamap = root["REtaMap"][...]
+        bin_area = root[BIN_AREA][...] if BIN_AREA in members else None
         if retamap.ndim != 3 or retamap.shape[0] < 4:
             raise CakeFileError(f"{path}: REtaMap has shape {retamap.shape}, expected "
                                 "(5, nR, nEta)")
@@ -402,7 +429,7 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         tth_deg=retamap[1, :, 0],
         q_inv_a=retamap[4, :, 0],
         eta_deg=retamap[2, 0, :],
-        bin_area=retamap[3],
+        bin_area=retamap[3] if bin_area is None else bin_area,
         frame_intensity=(_lazy_stack(src, [f"IntegrationResult/{n}" for _, n in frames],
                                      (n_r, n_eta)) if frames else None),
         sum_frames=_lazy_stack(src, ["SumFrames"], (n_r, n_eta))[0] if has_sum else None,
