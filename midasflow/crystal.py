@@ -1,18 +1,20 @@
 """Crystal phases: CIF reading, GSAS-II cell A-terms, powder reflection lists and |F|².
 
-Conventions follow GSAS-II (``shared/reference/gsas2_cw_profile.md`` §2, §3, §6):
+Conventions follow GSAS-II (``docs/reference/gsas2_profile.md`` sections 3 and 4):
 
 * ``A = (A0..A5) = (a*², b*², c*², 2a*b*cosγ*, 2a*c*cosβ*, 2b*c*cosα*)`` in Å⁻², so that
   ``1/d² = A0 h² + A1 k² + A2 l² + A3 hk + A4 hl + A5 kl``.
 * Powder multiplicity counts every member of the Laue-group orbit of ``hkl`` (Friedel mates
   included), as GSAS-II's ``refl[3]`` does.
 * ``|F|²`` sums over the full unit-cell orbit of every atom (site multiplicity), with IT92
-  four-Gaussian form factors (no anomalous f′/f″) and isotropic Debye–Waller
-  ``exp(-8π² U sin²θ/λ²)``.
+  four-Gaussian form factors plus the anomalous f′ + i·f″ at the wavelength
+  (:func:`anomalous_factors`) and isotropic Debye–Waller ``exp(-8π² U sin²θ/λ²)``; see
+  ``docs/reference/gsas2_profile.md`` (structure factor).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -30,6 +32,7 @@ __all__ = [
     "Phase",
     "ReflectionList",
     "StructureFactorTable",
+    "anomalous_factors",
     "read_phase",
     "read_phases",
     "phase_from_cell",
@@ -136,7 +139,8 @@ class ReflectionList:
     mult : ndarray, int, shape (n,)
         Powder multiplicity (Laue orbit incl. Friedel mates).
     fsq : ndarray, float64, shape (n,)
-        |F|² (electrons²); 1 for a phase without atoms.
+        Friedel-averaged |F|² (electrons², f′/f″ at the wavelength included); 1 for a phase
+        without atoms.
     equivalents : list of ndarray
         Per reflection, the (mult, 3) int array of its symmetry-equivalent hkl (March–Dollase).
     """
@@ -330,7 +334,7 @@ def A_derivative_H(hkl: np.ndarray) -> np.ndarray:
 
 
 def laue_tie_matrix(laue: str, unique_axis: str = "b") -> tuple[np.ndarray, list[int]]:
-    """Laue-class constraints on the A-terms (§6.1): ``A = T @ p``.
+    """Laue-class constraints on the A-terms (GSAS-II ``GSASIIlattice``): ``A = T @ p``.
 
     Parameters
     ----------
@@ -449,18 +453,58 @@ def _hkl_key(hkl: np.ndarray, off: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- structure factor
 
+#: keV·Å: E = HC_KEV_A / λ (the constant GSAS-II's ``wavekE`` uses).
+HC_KEV_A = 12.397639
+
+
+@functools.lru_cache(maxsize=256)
+def anomalous_factors(element: str, wavelength_a: float) -> tuple[float, float]:
+    """Anomalous scattering factors f′ and f″ (electrons) of an element at a wavelength.
+
+    From xraylib's ``Fi`` / ``Fii`` (Kissel's RTAB tabulation; xraylib's f″ sign is negative, it is
+    returned positive here). GSAS-II computes them with the Cromer–Liberman algorithm
+    (``GSASIIElem.FPcalc``); the two agree to ≲ 0.1 e in f′ and ≲ 2 % in f″ away from absorption
+    edges (see ``docs/reference/gsas2_profile.md``).
+
+    Parameters
+    ----------
+    element : str
+        Element symbol (``'Pb'``; a charge suffix such as ``'O2-'`` is ignored).
+    wavelength_a : float
+        λ, Å (> 0).
+
+    Returns
+    -------
+    (f_prime, f_double_prime) : tuple of float
+    """
+    import xraylib
+
+    if not wavelength_a > 0:
+        raise ValueError(f"wavelength must be > 0 Å, got {wavelength_a}")
+    z = gemmi.Element(element).atomic_number
+    if z == 0:
+        raise CIFError(f"unknown element {element!r} (no anomalous scattering factors)")
+    energy_kev = HC_KEV_A / float(wavelength_a)
+    return float(xraylib.Fi(z, energy_kev)), float(-xraylib.Fii(z, energy_kev))
+
+
 class StructureFactorTable:
     """|F|² of a fixed hkl list, re-evaluable at other d-spacings and U_iso (derivatives included).
 
-    ``F_h = Σ_atoms occ·(f0(s²) )·exp(-8π² U s²)·Σ_orbit exp(2πi h·x)``, s² = 1/(4d²).
+    ``F(h) = Σ_atoms occ·(f0(s²) + f′ + i f″)·exp(-8π² U s²)·Σ_orbit exp(2πi h·x)``,
+    s² = 1/(4d²). A powder line holds h and −h (Friedel mates), so the table returns their mean
+    ½(|F(h)|² + |F(−h)|²) = R_a² + R_b² + I_a² + I_b² (R/I: the f0 + f′ / f″ parts, a/b: the cos /
+    sin sums); for a centrosymmetric phase this equals GSAS-II's |F(h)|².
 
     Parameters
     ----------
     phase : Phase
     hkl : ndarray int (n, 3)
+    wavelength_a : float, optional
+        λ (Å) for f′ and f″ (:func:`anomalous_factors`); None leaves them out.
     """
 
-    def __init__(self, phase: Phase, hkl: np.ndarray):
+    def __init__(self, phase: Phase, hkl: np.ndarray, wavelength_a: float | None = None):
         self.n_atoms = len(phase.atoms)
         n = hkl.shape[0]
         ops = phase.space_group.operations()
@@ -468,6 +512,8 @@ class StructureFactorTable:
         self.coef_a = np.zeros((self.n_atoms, 4))
         self.coef_b = np.zeros((self.n_atoms, 4))
         self.coef_c = np.zeros(self.n_atoms)
+        self.f_prime = np.zeros(self.n_atoms)
+        self.f_double_prime = np.zeros(self.n_atoms)
         self.occ = np.array([a.occ for a in phase.atoms], dtype=float)
         self.uiso = np.array([a.uiso for a in phase.atoms], dtype=float)
         for j, atom in enumerate(phase.atoms):
@@ -479,10 +525,13 @@ class StructureFactorTable:
                                f"{atom.element!r} (atom {atom.label})")
             coefs = np.array(it92.get_coefs(), dtype=float)
             self.coef_a[j], self.coef_b[j], self.coef_c[j] = coefs[:4], coefs[4:8], coefs[8]
+            if wavelength_a is not None:
+                self.f_prime[j], self.f_double_prime[j] = anomalous_factors(atom.element,
+                                                                            float(wavelength_a))
 
     def fsq(self, inv_d2: np.ndarray, uiso: np.ndarray | None = None,
             derivatives: bool = False):
-        """|F|² at the given 1/d² (Å⁻²), optionally with derivatives.
+        """Friedel-averaged |F|² at the given 1/d² (Å⁻²), optionally with derivatives.
 
         Parameters
         ----------
@@ -504,18 +553,22 @@ class StructureFactorTable:
         s2 = inv_d2 / 4.0
         ex = np.exp(-self.coef_b[:, :, None] * s2[None, None, :])        # (na, 4, n)
         f0 = np.einsum("ak,akn->an", self.coef_a, ex) + self.coef_c[:, None]
-        dw = np.exp(-8 * np.pi ** 2 * u[:, None] * s2[None, :])
-        c = self.occ[:, None] * f0 * dw                                   # (na, n)
-        F = (c * self.geom).sum(axis=0)
-        fsq = F.real ** 2 + F.imag ** 2
+        dw = self.occ[:, None] * np.exp(-8 * np.pi ** 2 * u[:, None] * s2[None, :])
+        re = (f0 + self.f_prime[:, None]) * dw                            # (na, n)
+        im = self.f_double_prime[:, None] * dw
+        ga, gb = self.geom.real, self.geom.imag
+        sums = [(re * ga).sum(0), (re * gb).sum(0), (im * ga).sum(0), (im * gb).sum(0)]
+        fsq = sum(t * t for t in sums)
         if not derivatives:
             return fsq
         df0 = -np.einsum("ak,akn->an", self.coef_a * self.coef_b, ex)
-        dc_ds2 = self.occ[:, None] * dw * (df0 - 8 * np.pi ** 2 * u[:, None] * f0)
-        dF_ds2 = (dc_ds2 * self.geom).sum(axis=0)
-        dfsq_dinvd2 = 0.5 * (F.real * dF_ds2.real + F.imag * dF_ds2.imag)   # 2·Re(F̄ dF)·(1/4)
-        dF_du = (-8 * np.pi ** 2 * s2)[None, :] * c * self.geom            # (na, n)
-        dfsq_du = 2 * (F.real[None, :] * dF_du.real + F.imag[None, :] * dF_du.imag)
+        dre = dw * df0 - 8 * np.pi ** 2 * u[:, None] * re                 # ∂/∂s²
+        dim = -8 * np.pi ** 2 * u[:, None] * im
+        dsums = [(dre * ga).sum(0), (dre * gb).sum(0), (dim * ga).sum(0), (dim * gb).sum(0)]
+        dfsq_dinvd2 = 0.5 * sum(t * d for t, d in zip(sums, dsums))       # 2·Σ t dt · (1/4)
+        k = -8 * np.pi ** 2 * s2[None, :]
+        dfsq_du = 2 * k * (re * (sums[0] * ga + sums[1] * gb)
+                           + im * (sums[2] * ga + sums[3] * gb))          # (na, n)
         return fsq, dfsq_dinvd2, dfsq_du
 
 
@@ -577,7 +630,7 @@ def reflections(phase: Phase, wavelength_a: float, tth_max_deg: float,
     inv_d2 = A_derivative_H(hkl_rep) @ A
     d = 1.0 / np.sqrt(inv_d2)
     tth = 2 * np.degrees(np.arcsin(np.clip(wavelength_a / (2 * d), -1, 1)))
-    fsq = StructureFactorTable(phase, hkl_rep).fsq(inv_d2)
+    fsq = StructureFactorTable(phase, hkl_rep, wavelength_a).fsq(inv_d2)
     order = np.lexsort((-hkl_rep[:, 2], -hkl_rep[:, 1], -hkl_rep[:, 0], tth))
     return ReflectionList(hkl_rep[order], d[order], tth[order], mult[order], fsq[order],
                           [equivalents[i] for i in order])

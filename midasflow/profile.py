@@ -1,21 +1,21 @@
 """GSAS-II constant-wavelength X-ray ("PXC") peak model: profile, widths, positions, corrections.
 
 Native re-implementation of the pieces of GSAS-II's powder model that ``midasflow.crystal``
-and the least-squares engine ``midasflow.refinement`` build on (spec:
-``shared/reference/gsas2_cw_profile.md`` §1-§4). Conventions:
+and the least-squares engine ``midasflow.refinement`` build on (described, with sources, in
+``docs/reference/gsas2_profile.md`` sections 1–5). Conventions:
 
 * ``x_deg`` / ``tth_deg``: 2θ in degrees. θ is half of it.
 * Peak widths are GSAS-II's: ``sig2`` = Gaussian variance in centidegree², ``gam`` = Lorentzian
   FWHM in centidegrees. Profile values are **per centidegree** (unit area in centidegrees), so a
-  peak of integrated intensity ``I`` contributes ``I * Ω(x)`` counts at point ``x`` (§1.5).
-* ``shl`` is GSAS-II's ``SH/L``; the effective value is ``max(shl, 0.002)`` (§1.3) and S/L = H/L =
+  peak of integrated intensity ``I`` contributes ``I * Ω(x)`` counts at point ``x`` (doc section 2, window).
+* ``shl`` is GSAS-II's ``SH/L``; the effective value is ``max(shl, 0.002)`` (doc section 2) and S/L = H/L =
   SH/L/2.
 
 Precision. GSAS-II evaluates the Finger–Cox–Jephcoat sum with the REAL*4 Fortran routine
 ``PSVFCJO``. With ``precision="float32"`` (the default everywhere in this module) the kernels
 follow that routine's operation order in float32 and reproduce GSAS-II to ~1e-6 relative; with
 ``precision="float64"`` the same algorithm runs in double precision, which differs from GSAS-II by
-up to 1 % of the peak maximum at 2θ ≈ 2° with SH/L = 0.002 (spec §1.3) and by ≤ 3e-4 elsewhere.
+up to 1 % of the peak maximum at 2θ ≈ 2° with SH/L = 0.002 and by ≤ 3e-4 elsewhere.
 Returned arrays are always float64.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from numpy.typing import ArrayLike, NDArray
 Precision = Literal["float32", "float64"]
 
 SHL_MIN = 0.002
-"""Floor GSAS-II applies to SH/L in Rietveld / Le Bail profiles (§1.3)."""
+"""Floor GSAS-II applies to SH/L in Rietveld / Le Bail profiles (doc section 2)."""
 SIG2_FLOOR_CDEG2 = 0.001
 GAM_FLOOR_CDEG = 0.001
 _WINDOW_LOW_FWHM = 50.0
@@ -327,7 +327,7 @@ def _tables(precision: Precision) -> tuple[type, NDArray, NDArray]:
 # --------------------------------------------------------------------------------------------
 def tch_fwhm_eta(sig2_cdeg2: float, gam_cdeg: float, *,
                  precision: Precision = "float32") -> tuple[float, float]:
-    """Total TCH FWHM Γ (centideg) and Lorentzian fraction η of the pseudo-Voigt (§1.2).
+    """Total TCH FWHM Γ (centideg) and Lorentzian fraction η of the pseudo-Voigt (doc section 2).
 
     Parameters
     ----------
@@ -346,7 +346,7 @@ def tch_pseudo_voigt(delta_cdeg: ArrayLike, sig2_cdeg2: float, gam_cdeg: float, 
     """Thompson–Cox–Hastings pseudo-Voigt, unit area per centidegree (GSAS-II ``PSVOIGT``).
 
     Reproduces GSAS-II's quirks: π′ = 3.1415292654 in the Lorentzian, Gaussian exponent floored
-    at −20, σ floored at 0.001 centideg (spec §1.2).
+    at −20, σ floored at 0.001 centideg (doc section 2).
 
     Parameters
     ----------
@@ -381,7 +381,7 @@ def _fcj_eval(x_deg: ArrayLike, tth_peak_deg: float, sig2: float, gam: float, sh
 
 def fcj_profile(x_deg: ArrayLike, tth_peak_deg: float, sig2: float, gam: float, shl: float, *,
                 precision: Precision = "float32") -> NDArray[np.float64]:
-    """FCJ-asymmetric TCH pseudo-Voigt Ω(x) per centidegree — GSAS-II ``pypsvfcjo`` (§1.3).
+    """FCJ-asymmetric TCH pseudo-Voigt Ω(x) per centidegree — GSAS-II ``pypsvfcjo`` (doc section 2).
 
     Ω = Σ_k w_k W_k PV(100(x − δ_k)) / Σ_k w_k W_k over the positive half of an N-point
     Gauss–Legendre rule between 2φ_min and 2θ_h, with S/L = H/L = max(SH/L, 0.002)/2.
@@ -440,15 +440,19 @@ def fcj_profile_derivatives(x_deg: ArrayLike, tth_peak_deg: float, sig2: float, 
 class SigGam:
     """Peak widths at 2θ_h and their derivatives (arrays broadcast from the inputs).
 
-    ``sig2`` centideg², ``gam`` centideg. ``d_sig2`` / ``d_gam`` map parameter names 'U', 'V',
-    'W', 'X', 'Y', 'Z', 'Size', 'Mustrain', 'tth' (per degree of 2θ_h) to derivative arrays;
-    derivatives are zero where the 0.001 floor is active.
+    ``sig2`` centideg², ``gam`` centideg (floored at 0.001 as GSAS-II does); ``sig2_raw`` /
+    ``gam_raw`` the same formulas without the floors (≤ 0 marks an unphysical profile).
+    ``d_sig2`` / ``d_gam`` map parameter names 'U', 'V', 'W', 'X', 'Y', 'Z', 'Size', 'Mustrain',
+    'tth' (per degree of 2θ_h) to derivative arrays; derivatives are zero where the 0.001 floor is
+    active.
     """
 
     sig2: NDArray[np.float64]
     gam: NDArray[np.float64]
     d_sig2: dict[str, NDArray[np.float64]]
     d_gam: dict[str, NDArray[np.float64]]
+    sig2_raw: NDArray[np.float64]
+    gam_raw: NDArray[np.float64]
 
 
 _FOUR_LN2_X2 = 8.0 * math.log(2.0)
@@ -457,7 +461,7 @@ _FOUR_LN2_X2 = 8.0 * math.log(2.0)
 def peak_sig2_gam(tth_peak_deg: ArrayLike, U: float, V: float, W: float, X: float, Y: float,
                   Z: float, size_um: float = 1.0, mustrain: float = 1000.0, lam_a: float = 1.0,
                   size_mx: float = 1.0, mustrain_mx: float = 1.0) -> SigGam:
-    """Gaussian variance σ² and Lorentzian FWHM γ of each peak (spec §1.1, isotropic sample terms).
+    """Gaussian variance σ² and Lorentzian FWHM γ of each peak (doc section 1, isotropic sample terms).
 
     σ² = max(0.001, U tan²θ + V tanθ + W + σ²_sample), γ = max(0.001, X/cosθ + Y tanθ + Z +
     γ_sample) with Scherrer size S = 1.8λ/(π D cosθ) and microstrain M = 0.018 µ tanθ/π split by
@@ -509,12 +513,14 @@ def peak_sig2_gam(tth_peak_deg: ArrayLike, U: float, V: float, W: float, X: floa
         gam=np.maximum(GAM_FLOOR_CDEG, gam_raw),
         d_sig2={k: v * s_on for k, v in d_sig2.items()},
         d_gam={k: v * g_on for k, v in d_gam.items()},
+        sig2_raw=sig2_raw,
+        gam_raw=gam_raw,
     )
 
 
 def peak_window(tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: ArrayLike,
                 shl: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Evaluation window (lo_deg, hi_deg) of each peak, GSAS-II ``getWidthsCW`` (§1.4).
+    """Evaluation window (lo_deg, hi_deg) of each peak, GSAS-II ``getWidthsCW`` (doc section 2).
 
     fwhm = max((2.355√σ² + γ)/100, 1e-4) deg; low = 2θ − 50(fwhm + SH/L_eff|cos2θ|), high =
     2θ + 75·fwhm; the two extents swap for 2θ > 90°. Points used: ``lo <= x < hi``, i.e.
@@ -555,7 +561,7 @@ class PeakPosition:
 def peak_position_deg(d_A: ArrayLike, lam_a: float, zero_deg: float = 0.0,
                       displace_x_um: float = 0.0, displace_y_um: float = 0.0,
                       gonio_radius_mm: float = 200.0) -> PeakPosition:
-    """Debye–Scherrer peak position (spec §2, ``GetReflPos``).
+    """Debye–Scherrer peak position (doc section 3, GSAS-II ``GetReflPos``).
 
     2θ_h = 2θ₀ − (0.18/(πR))(Dx cos2θ₀ + Dy sin2θ₀) + Zero with 2θ₀ = 2 asin(λ/2d) (deg),
     Dx, Dy in µm, R in mm, cos/sin of the uncorrected 2θ₀.
@@ -589,14 +595,14 @@ def peak_position_deg(d_A: ArrayLike, lam_a: float, zero_deg: float = 0.0,
 # intensity corrections
 # --------------------------------------------------------------------------------------------
 def lorentz_factor(tth_deg: ArrayLike) -> NDArray[np.float64]:
-    """CW Lorentz factor L = 1/(2 sin²θ cosθ) at the corrected 2θ_h (deg) (§3.1)."""
+    """CW Lorentz factor L = 1/(2 sin²θ cosθ) at the corrected 2θ_h (deg) (doc section 4)."""
     th = np.radians(np.asarray(tth_deg, dtype=np.float64)) / 2.0
     return 1.0 / (2.0 * np.sin(th) ** 2 * np.cos(th))
 
 
 def polarization_factor(tth_deg: ArrayLike, polariz: float,
                         azimuth_deg: float = 0.0) -> NDArray[np.float64]:
-    """GSAS-II X-ray polarization P_pol (§3.2), ``azimuth_deg`` = **Sample** Azimuth φ.
+    """GSAS-II X-ray polarization P_pol (doc section 4), ``azimuth_deg`` = **Sample** Azimuth φ.
 
     P_pol = [(1−P)cos²φ + P sin²φ]cos²2θ + (1−P)sin²φ + P cos²φ.
     """
@@ -622,7 +628,7 @@ def lorentz_polarization(tth_deg: ArrayLike, polariz: float,
 
 def march_dollase(equivalents: ArrayLike, axis_hkl: ArrayLike, ratio: float,
                   G: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """March–Dollase preferred-orientation factor and ∂/∂r (§3.5).
+    """March–Dollase preferred-orientation factor and ∂/∂r (doc section 4).
 
     PO_h = (1/N) Σ_H (r² cos²φ_H + sin²φ_H / r)^(−3/2), φ_H the angle between each equivalent
     H and the axis, both reciprocal-lattice vectors (metric G). r = 1 gives exactly 1.
@@ -661,7 +667,7 @@ def march_dollase(equivalents: ArrayLike, axis_hkl: ArrayLike, ratio: float,
 # --------------------------------------------------------------------------------------------
 def chebyshev_design_matrix(x_deg: ArrayLike, n_terms: int, x0: float,
                             xn: float) -> NDArray[np.float64]:
-    """Design matrix (npts, n_terms) of GSAS-II 'chebyschev-1': column n = T_n(t) (§4).
+    """Design matrix (npts, n_terms) of GSAS-II 'chebyschev-1': column n = T_n(t) (doc section 5).
 
     t = −1 + 2(x − x₀)/(x_N − x₀), x₀/x_N = first/last point of the refined-limits slice.
     """
@@ -671,7 +677,7 @@ def chebyshev_design_matrix(x_deg: ArrayLike, n_terms: int, x0: float,
 
 def chebyshev_background(x_deg: ArrayLike, coeffs: ArrayLike, x0: float,
                          xn: float) -> NDArray[np.float64]:
-    """GSAS-II 'chebyschev-1' background Σ B_n T_n(t) (§4); see :func:`chebyshev_design_matrix`."""
+    """GSAS-II 'chebyschev-1' background Σ B_n T_n(t) (doc section 5); see :func:`chebyshev_design_matrix`."""
     c = np.asarray(coeffs, dtype=np.float64)
     return chebyshev_design_matrix(x_deg, c.size, x0, xn) @ c
 
@@ -727,7 +733,7 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
             intensity: ArrayLike, shl: float, *, lam1_a: float | None = None,
             lam2_a: float | None = None, i_ratio: float = 0.0, derivatives: bool = False,
             precision: Precision = "float32") -> PeakSum:
-    """Sum of FCJ pseudo-Voigt peaks over a 2θ grid within GSAS-II's windows (§1.4, §1.5).
+    """Sum of FCJ pseudo-Voigt peaks over a 2θ grid within GSAS-II's windows (doc section 2).
 
     y(x) = Σ_p I_p Ω_p(x) (+ I_p·k·Ω_p at the Kα2 position when ``lam2_a`` and ``i_ratio`` are
     given, with the same σ²/γ, as GSAS-II does). A peak contributes only on lo <= x < hi of

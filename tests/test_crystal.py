@@ -5,9 +5,10 @@ import pickle
 import numpy as np
 import pytest
 
-from midasflow.crystal import (A_to_cell, Atom, StructureFactorTable, cell_esds, cell_to_A,
-                               cubic_phase, laue_tie_matrix, phase_from_cell, read_phase,
-                               read_phases, reflections, write_phase_cif)
+from midasflow.crystal import (A_to_cell, Atom, StructureFactorTable, anomalous_factors,
+                               cell_esds, cell_to_A, cubic_phase, laue_tie_matrix,
+                               phase_from_cell, read_phase, read_phases, reflections,
+                               write_phase_cif)
 from midasflow.errors import CIFError
 
 PBSO4 = """data_PbSO4
@@ -143,15 +144,89 @@ def test_ceo2_structure_factor_and_multiplicity(tmp_path):
     assert hkl[:4] == [(1, 1, 1), (2, 0, 0), (2, 2, 0), (3, 1, 1)]
     assert list(r.mult[:4]) == [8, 6, 12, 24]
     assert (1, 0, 0) not in hkl and (2, 1, 0) not in hkl   # F centring
-    # (111): O cancels, F = 4 f_Ce T_Ce;  (200): F = 4 f_Ce T_Ce - 8 f_O T_O
+    # (111): O cancels, F = 4 f_Ce T_Ce;  (200): F = 4 f_Ce T_Ce - 8 f_O T_O, f = f0 + f′ + i f″
     import gemmi
+    fp_ce, fpp_ce = anomalous_factors("Ce", 0.172979)
+    fp_o, fpp_o = anomalous_factors("O", 0.172979)
+    s2 = 1 / (4 * r.d_a[0] ** 2)
+    t_ce = np.exp(-8 * np.pi ** 2 * 0.005 * s2)
+    f_ce = gemmi.Element("Ce").it92.calculate_sf(s2)
+    assert r.fsq[0] == pytest.approx(abs(4 * (f_ce + fp_ce + 1j * fpp_ce) * t_ce) ** 2, rel=1e-6)
+    s2 = 1 / (4 * r.d_a[1] ** 2)
+    t_ce, t_o = (np.exp(-8 * np.pi ** 2 * u * s2) for u in (0.005, 0.008))
+    f_ce = gemmi.Element("Ce").it92.calculate_sf(s2)
+    f_o = gemmi.Element("O").it92.calculate_sf(s2)
+    F = 4 * (f_ce + fp_ce + 1j * fpp_ce) * t_ce - 8 * (f_o + fp_o + 1j * fpp_o) * t_o
+    assert r.fsq[1] == pytest.approx(abs(F) ** 2, rel=1e-6)
+    # without a wavelength the table leaves f′ and f″ out
+    plain = StructureFactorTable(ph, r.hkl[:1]).fsq(np.array([1 / r.d_a[0] ** 2]))
     s2 = 1 / (4 * r.d_a[0] ** 2)
     f_ce = gemmi.Element("Ce").it92.calculate_sf(s2) * np.exp(-8 * np.pi ** 2 * 0.005 * s2)
-    assert r.fsq[0] == pytest.approx((4 * f_ce) ** 2, rel=1e-6)
-    s2 = 1 / (4 * r.d_a[1] ** 2)
-    f_ce = gemmi.Element("Ce").it92.calculate_sf(s2) * np.exp(-8 * np.pi ** 2 * 0.005 * s2)
-    f_o = gemmi.Element("O").it92.calculate_sf(s2) * np.exp(-8 * np.pi ** 2 * 0.008 * s2)
-    assert r.fsq[1] == pytest.approx((4 * f_ce - 8 * f_o) ** 2, rel=1e-6)
+    assert plain[0] == pytest.approx((4 * f_ce) ** 2, rel=1e-6)
+
+
+# f′, f″ (electrons) from GSAS-II's own Cromer–Liberman code: GSASIIElem.FPcalc on the orbital
+# tables of GSASII/inputs/Xsect.dat with E = 12.397639/λ keV (GSAS-II 5.x source, evaluated
+# outside this repository). xraylib's Kissel tabulation agrees within the tolerances below.
+GSAS2_FPRIME = {  # (element, λ Å): (f′, f″)
+    ("Ce", 0.41): (-1.1888, 0.9948), ("Ce", 1.5405): (-1.8543, 9.6534),
+    ("Ce", 0.17): (-0.0993, 1.2854), ("O", 0.41): (0.0014, 0.0018),
+    ("O", 1.5405): (0.0492, 0.0322), ("O", 0.17): (-0.0031, 0.0002),
+    ("Pb", 0.41): (-0.6692, 4.1592), ("Pb", 1.5405): (-4.0780, 8.5013),
+    ("Pb", 0.17): (-1.9550, 0.9137), ("S", 0.41): (0.0436, 0.0401),
+    ("S", 1.5405): (0.3331, 0.5567), ("S", 0.17): (-0.0061, 0.0061),
+}
+
+
+@pytest.mark.parametrize("element,lam", sorted(GSAS2_FPRIME))
+def test_anomalous_factors_match_gsas2(element, lam):
+    fp, fpp = anomalous_factors(element, lam)
+    g_fp, g_fpp = GSAS2_FPRIME[(element, lam)]
+    assert abs(fp - g_fp) < 0.12, (fp, g_fp)
+    assert abs(fpp - g_fpp) < 0.03 * g_fpp + 0.002, (fpp, g_fpp)
+
+
+def test_non_centrosymmetric_fsq_is_the_friedel_mean(tmp_path):
+    ph = read_phase(_write(tmp_path, "ZnO.cif", ZNO))
+    r = reflections(ph, 1.5405, 60.0)
+    import gemmi
+    ops = ph.space_group.operations()
+
+    def F(h, s2):
+        total = 0j
+        for atom in ph.atoms:
+            fp, fpp = anomalous_factors(atom.element, 1.5405)
+            f = (gemmi.Element(atom.element).it92.calculate_sf(s2) + fp + 1j * fpp) \
+                * np.exp(-8 * np.pi ** 2 * atom.uiso * s2) * atom.occ
+            orbit = {tuple(np.round(np.mod(op.apply_to_xyz(atom.xyz), 1.0), 3) % 1.0): xyz
+                     for op in ops for xyz in [np.mod(op.apply_to_xyz(atom.xyz), 1.0)]}
+            total += f * sum(np.exp(2j * np.pi * np.dot(h, xyz)) for xyz in orbit.values())
+        return total
+
+    differs = 0
+    for h, d, fsq in zip(r.hkl, r.d_a, r.fsq):
+        s2 = 1 / (4 * d * d)
+        plus, minus = abs(F(h, s2)) ** 2, abs(F(-h, s2)) ** 2
+        assert fsq == pytest.approx((plus + minus) / 2, rel=1e-6)
+        differs += abs(plus - minus) > 1e-3 * plus
+    assert differs > 0        # the anomalous terms make Friedel mates differ in ZnO (P6_3mc)
+
+
+def test_structure_factor_derivatives_with_anomalous_terms(tmp_path):
+    ph = read_phase(_write(tmp_path, "ZnO.cif", ZNO))
+    r = reflections(ph, 1.5405, 90.0)
+    table = StructureFactorTable(ph, r.hkl, 1.5405)
+    inv_d2 = 1 / r.d_a ** 2
+    uiso = np.array([0.006, 0.009])
+    fsq, d_inv, d_u = table.fsq(inv_d2, uiso, derivatives=True)
+    h = 1e-7
+    num = (table.fsq(inv_d2 + h, uiso) - table.fsq(inv_d2 - h, uiso)) / (2 * h)
+    assert np.allclose(d_inv, num, rtol=1e-5, atol=1e-6 * fsq.max())
+    for j in range(2):
+        du = np.zeros(2)
+        du[j] = 1e-7
+        num = (table.fsq(inv_d2, uiso + du) - table.fsq(inv_d2, uiso - du)) / 2e-7
+        assert np.allclose(d_u[j], num, rtol=1e-5, atol=1e-6 * fsq.max())
 
 
 def test_hexagonal_from_symops(tmp_path):
@@ -224,7 +299,7 @@ def test_fsq_derivatives_match_finite_differences():
                          [Atom("Pb1", "Pb", (0.1879, 0.25, 0.167), 1.0, 0.0163),
                           Atom("O3", "O", (0.081, 0.0272, 0.8086), 1.0, 0.0156)])
     r = reflections(ph, 0.413263, 12.0)
-    sf = StructureFactorTable(ph, r.hkl)
+    sf = StructureFactorTable(ph, r.hkl, 0.413263)
     inv_d2 = 1 / r.d_a ** 2
     f, dq, du = sf.fsq(inv_d2, derivatives=True)
     assert np.allclose(f, r.fsq)

@@ -1,10 +1,10 @@
 """Native GSAS-II-style Rietveld / Le Bail refinement of one constant-wavelength pattern.
 
-Model (``shared/reference/gsas2_cw_profile.md`` §1–§6)::
+Model (``docs/reference/gsas2_profile.md``, with GSAS-II sources)::
 
     y_calc(x) = Σ_n Back;n·T_n(t) + Σ_phases Σ_h I_h·[Ω_h(x) + k·Ω_h^Kα2(x)]
     I_h = Scale · p:0:Scale · M_h · P_pol(2θ_h) · PO_h · (1/V) · L(θ_h) · |F_h|²
-    2θ_h = 2θ₀ − (0.18/πR)(DisplaceX cos2θ₀ + DisplaceY sin2θ₀) + Zero   (Debye–Scherrer, §2)
+    2θ_h = 2θ₀ − (0.18/πR)(DisplaceX cos2θ₀ + DisplaceY sin2θ₀) + Zero   (Debye–Scherrer)
 
 with Ω_h the FCJ ⊗ TCH pseudo-Voigt of :mod:`midasflow.profile` (per centidegree); the Kα2 term
 only for a doublet instrument (Lam1, Lam2, k = I(L2)/I(L1)), positions computed with Lam1.
@@ -18,7 +18,7 @@ Back;n`` (histogram), ``p::A<i>`` (independent A-terms of phase p), ``p:0:Scale`
 fraction), ``p:0:Size;i`` (µm), ``p:0:Mustrain;i`` (10⁻⁶), ``p:0:MD`` (March–Dollase ratio, axis
 [001]), ``p::Ax:j``, ``p::Ay:j``, ``p::Az:j``, ``p::AUiso:j``.
 
-Le Bail (``mode='lebail'``, §3.7): the |F|² of every reflection is replaced by the extracted
+Le Bail (``mode='lebail'``, doc section 9): the |F|² of every reflection is replaced by the extracted
 Fo², re-extracted after every least-squares cycle, each extraction's partition repeated while it
 lowers χ² (up to its fixed point).
 The histogram and phase scales are held fixed (they are fully correlated with the extracted
@@ -82,6 +82,8 @@ _LEBAIL_FLOOR = 1e-9
 _SCAN_FACTORS = np.exp(np.linspace(math.log(0.8), math.log(1.25), 12))
 #: ... and the relative χ² gain a candidate must bring to restart the LM from it.
 _SCAN_GAIN = 1e-3
+#: 2θ grid (points over the fitted range) on which the unfloored widths are checked/bounded.
+_WIDTH_GRID = 129
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def _phase_tables(ph: Phase, lam: float, tth_min: float, tth_max: float) -> _Pha
     H6 = A_derivative_H(refl.hkl)
     orbits = np.einsum("ni,rij->nrj", refl.hkl, laue_rotations(ph.space_group))
     tables = _PhaseTables(refl.hkl, H6, T, tuple(free), H6 @ T, refl.mult.astype(float),
-                          StructureFactorTable(ph, refl.hkl), orbits)
+                          StructureFactorTable(ph, refl.hkl, lam), orbits)
     for arr in (tables.hkl, tables.H6, tables.T, tables.HT, tables.mult, tables.orbits):
         arr.flags.writeable = False
     _TABLE_CACHE[key] = tables
@@ -169,7 +171,7 @@ class PatternModel:
         I(L2)/I(L1)), Polariz. and Gonio. radius are fixed; Zero, U..Z, SH/L are starting values.
     bkg_terms : int
     sample_azimuth_deg : float
-        Sample azimuth φ of the polarization correction (§3.2).
+        Sample azimuth φ of the polarization correction (doc section 4).
     mode : {'rietveld', 'lebail'}
     precision : {'float32', 'float64'}
         Profile arithmetic (float32 = GSAS-II's REAL*4, see :mod:`midasflow.profile`).
@@ -178,7 +180,7 @@ class PatternModel:
     -----
     The March–Dollase angles use the metric of the starting cell (axis [001]); their tiny
     dependence on the refined cell is neglected in model and Jacobian alike. DisplaceX/Y use the
-    Debye–Scherrer formula of §2 with R = Gonio. radius.
+    Debye–Scherrer formula (doc section 3) with R = Gonio. radius.
     """
 
     def __init__(self, x_deg: np.ndarray, x_range: tuple[float, float], phases: Sequence[Phase],
@@ -263,7 +265,7 @@ class PatternModel:
         pd = self.phases[p]
         key = tuple(values[f"{p}::A{c}:{j}"] for j in range(pd.sf.n_atoms) for c in "xyz")
         if key != pd.sf_key:
-            pd.sf = StructureFactorTable(self.refined_phase(p, values), pd.hkl)
+            pd.sf = StructureFactorTable(self.refined_phase(p, values), pd.hkl, self.lam)
             pd.sf_key = key
         uiso = np.array([values[f"{p}::AUiso:{j}"] for j in range(pd.sf.n_atoms)])
         memo_key = (A.tobytes(), uiso.tobytes(), key)
@@ -386,7 +388,7 @@ class PatternModel:
         for sgn in (1.0, -1.0):
             vals = dict(values)
             vals[f"{p}::A{'xyz'[axis]}:{j}"] += sgn * step
-            table = StructureFactorTable(self.refined_phase(p, vals), pd.hkl)
+            table = StructureFactorTable(self.refined_phase(p, vals), pd.hkl, self.lam)
             res.append(table.fsq(inv_d2, uiso))
         return (res[0] - res[1]) / (2 * step)
 
@@ -449,24 +451,32 @@ class PatternModel:
                     J[:, used] += mat @ coef[:, used]
         return y, bkg, J, rt
 
-    def chi2(self, values: Mapping[str, float], yobs: np.ndarray,
-             sqrt_w: np.ndarray) -> tuple[float, int]:
-        """Σ w (y − y_calc)² (inf if not finite) and the number of floored widths (see
-        :meth:`n_floored`) from one evaluation."""
-        yc, _, _, rt = self._evaluate(values)
+    def chi2(self, values: Mapping[str, float], yobs: np.ndarray, sqrt_w: np.ndarray) -> float:
+        """Σ w (y − y_calc)² (inf if not finite)."""
+        yc, _, _, _ = self._evaluate(values)
         r = sqrt_w * (yobs - yc)
         c = float(r @ r)
-        return (c if math.isfinite(c) else math.inf), self._floored(rt)
+        return c if math.isfinite(c) else math.inf
 
-    @staticmethod
-    def _floored(rt: Mapping[str, np.ndarray]) -> int:
-        return int((~np.isfinite(rt["tth"])).sum() + (rt["sig2"] <= _SIG2_FLOOR).sum()
-                   + (rt["gam"] <= _GAM_FLOOR).sum())
+    def raw_widths(self, values: Mapping[str, float],
+                   tth_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unfloored σ² (centideg²) and γ (centideg) of every phase at ``tth_deg`` (deg).
+
+        Returns
+        -------
+        sig2_raw, gam_raw : ndarray (n_phases, len(tth_deg))
+        """
+        v = values
+        sg = [_profile.peak_sig2_gam(tth_deg, v["U"], v["V"], v["W"], v["X"], v["Y"], v["Z"],
+                                     size_um=v[f"{pd.index}:0:Size;i"],
+                                     mustrain=v[f"{pd.index}:0:Mustrain;i"], lam_a=self.lam)
+              for pd in self.phases]
+        return np.array([g.sig2_raw for g in sg]), np.array([g.gam_raw for g in sg])
 
     # ------------------------------------------------------------------ Le Bail
     def lebail_extract(self, values: Mapping[str, float], yobs: np.ndarray,
                        sqrt_w: np.ndarray) -> None:
-        """Fo² partition (§3.7), repeated while it lowers χ²: replace the Le Bail intensities.
+        """Fo² partition (doc section 9), repeated while it lowers χ²: replace the Le Bail intensities.
 
         Each pass sets Fo²_h ← Fo²_h · Σ_i r_i Ω_h(x_i)Δx_i / Σ_i Ω_h(x_i)Δx_i over the
         reflection's window with r_i = (y_i − yb_i)/(yc_i − yb_i) (1e-10 where yc = yb), negative
@@ -516,10 +526,6 @@ class PatternModel:
             pd.fsq_lebail = best[start:start + n].copy()
             start += n
 
-    def n_floored(self, values: Mapping[str, float]) -> int:
-        """Number of σ² and γ values on GSAS-II's 0.001 floors (+ peaks with a NaN 2θ)."""
-        rt, _ = self._all_terms(values)
-        return self._floored(rt)
 
 # ------------------------------------------------------------------------------ least squares
 
@@ -528,34 +534,141 @@ class _LMState:
     values: dict[str, float]
     chi2: float
     cycles: int
+    converged: bool = True
+
+
+#: Profile parameters whose values set σ² and γ (the phase-indexed ones are matched by suffix).
+_WIDTH_NAMES = ("U", "V", "W", "X", "Y", "Z")
+_WIDTH_SUFFIXES = (":0:Size;i", ":0:Mustrain;i")
+
+
+class ProfileConstraint:
+    """σ² > 0 and γ > 0 (the unfloored formulas) over the fitted 2θ range.
+
+    The bounds sit 1 % above GSAS-II's 0.001 floors (σ² ≥ 0.00101 centideg², γ ≥ 0.00101
+    centideg) so that a width held at its bound keeps a non-zero derivative (on the floor the
+    model's derivatives vanish and the fit could not leave it). The widths are checked on a
+    grid of 2θ over the range (every phase, its size and microstrain terms included). σ² and γ
+    are linear in U..Z; the size and microstrain terms are linearised by central differences.
+    Used by :func:`levenberg_marquardt`.
+
+    Parameters
+    ----------
+    model : PatternModel
+    x_range : (float, float)
+        Fitted 2θ range, degrees.
+    n_grid : int
+        Grid points over the range.
+    """
+
+    SIG2_MIN = 1.01 * _SIG2_FLOOR
+    GAM_MIN = 1.01 * _GAM_FLOOR
+
+    def __init__(self, model: PatternModel, x_range: tuple[float, float],
+                 n_grid: int = _WIDTH_GRID):
+        self.model = model
+        self.tth = np.linspace(float(x_range[0]), float(x_range[1]), n_grid)
+
+    def bounds(self) -> np.ndarray:
+        """Lower bounds of the stacked (σ², γ) grid values."""
+        n = len(self.model.phases) * self.tth.size
+        return np.concatenate([np.full(n, self.SIG2_MIN), np.full(n, self.GAM_MIN)])
+
+    def values_of(self, values: Mapping[str, float]) -> np.ndarray:
+        """Stacked unfloored σ² and γ on the grid."""
+        sig2, gam = self.model.raw_widths(values, self.tth)
+        return np.concatenate([sig2.ravel(), gam.ravel()])
+
+    def feasible(self, values: Mapping[str, float]) -> bool:
+        g = self.values_of(values)
+        # relative slack: the bound itself is reached by the constrained step
+        return bool(np.all(g >= self.bounds() - 1e-9 * (1.0 + np.abs(g))))
+
+    def linearised(self, values: Mapping[str, float],
+                   vary: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(C, g0): the grid values are g0 + C @ δ for parameter shifts δ of ``vary``."""
+        g0 = self.values_of(values)
+        C = np.zeros((g0.size, len(vary)))
+        for c, name in enumerate(vary):
+            if name in _WIDTH_NAMES or name.endswith(_WIDTH_SUFFIXES):
+                h = 1e-4 * max(abs(values[name]), 1.0)
+                up = self.values_of(dict(values, **{name: values[name] + h}))
+                dn = self.values_of(dict(values, **{name: values[name] - h}))
+                C[:, c] = (up - dn) / (2 * h)
+        return C, g0
+
+    def make_feasible(self, values: dict[str, float]) -> list[str]:
+        """Raise W (σ²) and X (γ) just enough to satisfy the bounds; returns what changed."""
+        notes = []
+        sig2, gam = self.model.raw_widths(values, self.tth)
+        lack = self.SIG2_MIN - float(sig2.min())
+        if lack > 0:
+            values["W"] += lack * (1 + 1e-6) + 1e-9
+            notes.append(f"start W raised by {lack:.4g} centideg² to keep σ² > 0")
+        lack = self.GAM_MIN - float(gam.min())
+        if lack > 0:
+            values["X"] += lack * (1 + 1e-6) + 1e-9      # γ grows by ΔX/cosθ ≥ ΔX
+            notes.append(f"start X raised by {lack:.4g} centideg to keep γ > 0")
+        return notes
+
+
+def _constrained_step(H: np.ndarray, g: np.ndarray, C: np.ndarray, lower: np.ndarray,
+                      step: np.ndarray) -> np.ndarray:
+    """Minimise ½δᵀHδ − gᵀδ subject to C δ ≥ lower, given the unconstrained minimiser ``step``.
+
+    δ = 0 is feasible (``lower`` ≤ 0: the current point satisfies the constraints), so the
+    active-set SQP of scipy (SLSQP) starts there; for this convex QP it converges in a few
+    iterations. Returns ``step`` unchanged when it already satisfies the constraints.
+    """
+    from scipy.optimize import minimize
+
+    if np.all(C @ step >= lower - 1e-12 * (1 + np.abs(lower))):
+        return step
+    Hr = H + 1e-12 * np.eye(H.shape[0]) * max(float(np.max(np.abs(np.diag(H)))), 1.0)
+    res = minimize(lambda d: 0.5 * d @ Hr @ d - g @ d, np.zeros_like(step),
+                   jac=lambda d: Hr @ d - g, method="SLSQP",
+                   constraints=[{"type": "ineq", "fun": lambda d: C @ d - lower,
+                                 "jac": lambda d: C}],
+                   options={"maxiter": 200, "ftol": 1e-12})
+    return np.asarray(res.x, dtype=float)
 
 
 def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Sequence[str],
                         yobs: np.ndarray, sqrt_w: np.ndarray, *, max_cycles: int = 8,
-                        tol: float = 1e-6, svd_tol: float = 1e-10,
-                        lebail: bool = False) -> _LMState:
+                        tol: float = 1e-6, svd_tol: float = 1e-10, lebail: bool = False,
+                        constraint: ProfileConstraint | None = None) -> _LMState:
     """Minimise Σ w (y − y_calc)² over ``vary`` (Levenberg–Marquardt, SVD-stable).
 
-    λ starts at 0 (Gauss–Newton), becomes 1e-3 on a rejected step and is ×10 per retry up to
-    1e3; the next cycle starts from λ/10 (0 below 1e-2); a cycle with no accepted step, or whose
-    step promises (linear model) a χ² decrease below ``tol``·χ², ends the stage. A step is rejected when χ² does not
-    decrease, SH/L becomes negative, a scale, size or March–Dollase ratio non-positive (see
-    :func:`_physical`) or more peak widths hit GSAS-II's 0.001 floors (a floored width has zero
-    derivative and would trap the fit). Converged when the relative decrease of χ²
-    is below ``tol``. In Le Bail mode the intensities are re-extracted after every cycle
-    (:meth:`PatternModel.lebail_extract`).
+    As GSAS-II's ``HessianLSQ``: the normal matrix is normalised by its diagonal, solved by an
+    SVD pseudo-inverse (singular values below ``svd_tol`` of the largest dropped), λ starts at 0
+    (Gauss–Newton), becomes 1e-3 on a rejected step and grows ×10 per retry; the next cycle
+    starts from λ/10. Unlike GSAS-II a step is accepted only if χ² decreases (GSAS-II accepts up
+    to 1 + 1.5e-8 more, doubling that slack per retry) and retries go on to λ = 1e3 (GSAS-II
+    stops at 10). A cycle with no accepted step, or whose step promises (linear model) a χ²
+    decrease below ``tol``·χ², or a relative decrease below ``tol`` ends the minimisation
+    (GSAS-II's default tolerance is 1e-3).
+
+    A step is also rejected when SH/L becomes negative or a varied scale, size or March–Dollase
+    ratio non-positive (:func:`_physical`). Peak widths may reach GSAS-II's 0.001 floors (that
+    is reported by the result's ``unphysical_profile`` flag), unless ``constraint`` is given:
+    then each step is the solution of the damped normal equations under the linearised
+    constraint (σ² ≥ 0.001, γ ≥ 0 over the fitted range, :class:`ProfileConstraint`) and a step
+    that still violates it is rejected. In Le Bail mode the intensities are re-extracted after
+    every cycle (:meth:`PatternModel.lebail_extract`).
 
     Returns
     -------
     _LMState
-        Best parameters, their χ² and the number of cycles run.
+        Best parameters, their χ², the number of cycles run and whether a convergence test (not
+        ``max_cycles``) ended the minimisation.
     """
     vals = dict(values)
     vary = list(vary)
-    chi2, floored = model.chi2(vals, yobs, sqrt_w)
+    chi2 = model.chi2(vals, yobs, sqrt_w)
     cycles = 0
     eye = np.eye(len(vary))
     lam_start = 0.0
+    converged = False
     for cycles in range(1, max_cycles + 1):
         yc, _, J, _ = model._evaluate(vals, vary, jac=True)
         r = sqrt_w * (yobs - yc)
@@ -568,20 +681,26 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
         scale[scale == 0] = 1.0
         Nn = N / np.outer(scale, scale)
         gn = g / scale
+        if constraint is not None:
+            C, g0 = constraint.linearised(vals, vary)
+            Cn, lower = C / scale, constraint.bounds() - g0
         lam = lam_start
         accepted = False
         while lam <= 1e3:
             step_n = _svd_solve(Nn + lam * eye, gn, svd_tol)
+            if constraint is not None:
+                step_n = _constrained_step(Nn + lam * eye, gn, Cn, lower, step_n)
             # linear-model decrease of χ² for this step: negligible -> converged, stop
             predicted = float(step_n @ (2 * gn - Nn @ step_n))
             if predicted < tol * chi2:
+                converged = True
                 break
             trial = dict(vals)
-            for name, s in zip(vary, step_n / scale):
-                trial[name] += s
-            if _physical(trial, vary):
-                chi2_new, fl_new = model.chi2(trial, yobs, sqrt_w)
-                if chi2_new < chi2 and fl_new <= floored:
+            for name, st in zip(vary, step_n / scale):
+                trial[name] += st
+            if _physical(trial, vary) and (constraint is None or constraint.feasible(trial)):
+                chi2_new = model.chi2(trial, yobs, sqrt_w)
+                if chi2_new < chi2:
                     accepted = True
                     break
             lam = 1e-3 if lam == 0 else lam * 10
@@ -592,12 +711,13 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
         vals = trial
         if lebail:
             model.lebail_extract(vals, yobs, sqrt_w)
-            chi2_new, _ = model.chi2(vals, yobs, sqrt_w)
+            chi2_new = model.chi2(vals, yobs, sqrt_w)
         rel = (chi2 - chi2_new) / chi2 if chi2 > 0 else 0.0
         chi2 = chi2_new
         if rel < tol:
+            converged = True
             break
-    return _LMState(vals, chi2, cycles)
+    return _LMState(vals, chi2, cycles, converged)
 
 
 def _physical(values: Mapping[str, float], vary: Sequence[str]) -> bool:
@@ -629,7 +749,8 @@ def _svd_pinv(N: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
 
 def _escape_scan(model: PatternModel, state: _LMState, vary: Sequence[str],
                  names: Sequence[str], yobs: np.ndarray, sqrt_w: np.ndarray, max_cycles: int,
-                 lebail: bool, svd_tol: float = 1e-10) -> _LMState:
+                 lebail: bool, constraint: ProfileConstraint | None = None,
+                 svd_tol: float = 1e-10) -> _LMState:
     """Step across the model's discontinuities in ``names`` (stage option ``scan``).
 
     GSAS-II's FCJ quadrature order jumps with SH/L (and γ), so χ²(SH/L) is piecewise smooth
@@ -637,11 +758,10 @@ def _escape_scan(model: PatternModel, state: _LMState, vary: Sequence[str],
     neighbours hold a far lower minimum (GSAS-II stops there too). For each name, candidates at
     the current value × 0.8 … 1.25 (12 log-spaced factors) each get one Gauss–Newton step of
     the other parameters (normal matrix of the current point, residual of the candidate); if
-    one ends ≥ 0.1 % below the current χ² (without more floored widths) the LM restarts from it
-    with the whole vary list. At most three rounds.
+    one ends ≥ 0.1 % below the current χ² (and satisfies ``constraint``) the LM restarts from
+    it with the whole vary list. At most three rounds.
     """
     for _ in range(3):
-        _, floored = model.chi2(state.values, yobs, sqrt_w)
         best, best_chi2 = None, state.chi2
         for name in names:
             if name not in vary:
@@ -663,20 +783,34 @@ def _escape_scan(model: PatternModel, state: _LMState, vary: Sequence[str],
                     trial[other] += st
                 if not _physical(trial, vary):
                     continue
-                c, fl = model.chi2(trial, yobs, sqrt_w)
-                if c < best_chi2 * (1 - _SCAN_GAIN) and fl <= floored:
+                if constraint is not None and not constraint.feasible(trial):
+                    continue
+                c = model.chi2(trial, yobs, sqrt_w)
+                if c < best_chi2 * (1 - _SCAN_GAIN):
                     best, best_chi2 = trial, c
         if best is None:
             break
         st = levenberg_marquardt(model, best, vary, yobs, sqrt_w, max_cycles=max_cycles,
-                                 lebail=lebail)
-        state = _LMState(st.values, st.chi2, state.cycles + st.cycles)
+                                 lebail=lebail, constraint=constraint)
+        state = _LMState(st.values, st.chi2, state.cycles + st.cycles, st.converged)
     return state
 
 
 # ------------------------------------------------------------------------------ driver
 
+#: |intensity| or σ beyond this are not counts (overflowed or uninitialised data).
+_MAX_ABS_COUNTS = 1e15
+#: The phases' peaks must lower χ² below a background-only fit by this many χ²/dof units
+#: (≈ a 7σ detection; pure noise fitted with ~15 parameters stays below it with P > 0.9999).
+_MIN_PEAK_SIGNIFICANCE = 49.0
+#: A pattern needs one local maximum this many σ above its low envelope to be refined.
+_PEAK_PROMINENCE_SIGMA = 5.0
+#: |correlation| above which two refined parameters are reported (GSAS-II's setHcorr: 0.95).
+_HIGH_CORRELATION = 0.95
+
+
 def _prepare(tth_deg, intensity, sigma, limits):
+    """Sorted, limited, finite points; PatternError only for a malformed call."""
     x = np.asarray(tth_deg, dtype=float).ravel()
     y = np.asarray(intensity, dtype=float).ravel()
     s = np.asarray(sigma, dtype=float).ravel()
@@ -694,21 +828,54 @@ def _prepare(tth_deg, intensity, sigma, limits):
         x, y, s = x[inside], y[inside], s[inside]
         if x.size == 0:
             raise PatternError(f"no points inside the limits {lo}..{hi} deg")
-    x_range = (float(x[0]), float(x[-1]))
+    finite_x = x[np.isfinite(x)]
+    x_range = ((float(finite_x[0]), float(finite_x[-1])) if finite_x.size
+               else (math.nan, math.nan))
     good = np.isfinite(x) & np.isfinite(y) & np.isfinite(s) & (s > 0)
     n_dropped = int((~good).sum())
     if n_dropped:
         x, y, s = x[good], y[good], s[good]
-    if x.size < 10:
-        raise PatternError(f"pattern has {x.size} usable points (NaN or sigma <= 0 dropped: "
-                           f"{n_dropped}); need at least 10")
-    if not np.any(y != 0):
-        raise PatternError("pattern intensity is zero everywhere")
     return x, y, s, x_range, n_dropped
+
+
+def _not_a_pattern(x: np.ndarray, y: np.ndarray, s: np.ndarray, n_dropped: int) -> str:
+    """Why the points cannot be a diffraction pattern ('' if they may be one)."""
+    if x.size < 10:
+        return (f"not a diffraction pattern: {x.size} usable points (NaN or sigma <= 0 "
+                f"dropped: {n_dropped}); need at least 10")
+    big = max(float(np.max(np.abs(y))), float(np.max(s)))
+    if big > _MAX_ABS_COUNTS:
+        return (f"not a diffraction pattern: intensity or sigma up to {big:.3g} "
+                f"(counts stay below {_MAX_ABS_COUNTS:.0e})")
+    if float(y.max()) <= 0:
+        return f"not a diffraction pattern: no positive intensity (largest {float(y.max()):.6g})"
+    return ""
 
 
 def _rwp(yobs, ycalc, w):
     return 100.0 * math.sqrt(float(np.sum(w * (yobs - ycalc) ** 2)) / float(np.sum(w * yobs ** 2)))
+
+
+def _has_peaks(model: PatternModel, yobs: np.ndarray, sigma: np.ndarray) -> bool:
+    """Whether a local maximum of the 5-point running mean of (y − low envelope)/σ stands
+    2·``_PEAK_PROMINENCE_SIGMA`` of its own noise (σ/√5) high: a peak of ≳ 5σ spread over five
+    points; single-point noise excursions of a pattern without peaks stay below ~7."""
+    from scipy.signal import find_peaks
+
+    from midasflow.refinement.start import low_envelope
+
+    _, bkg = low_envelope(model.bkg_basis, yobs, sigma)
+    smooth = np.convolve((yobs - bkg) / sigma, np.full(5, 1 / 5), mode="same") * math.sqrt(5)
+    idx, _ = find_peaks(smooth, prominence=2 * _PEAK_PROMINENCE_SIGMA)
+    return idx.size > 0
+
+
+def _background_only_chi2(model: PatternModel, yobs, sqrt_w) -> float:
+    """χ² of the best background-only fit (weighted linear least squares)."""
+    design = model.bkg_basis * sqrt_w[:, None]
+    coef, *_ = np.linalg.lstsq(design, yobs * sqrt_w, rcond=None)
+    r = yobs * sqrt_w - design @ coef
+    return float(r @ r)
 
 
 def _linear_scale_background(model: PatternModel, values: dict[str, float], yobs,
@@ -733,12 +900,20 @@ def _linear_scale_background(model: PatternModel, values: dict[str, float], yobs
         values["Scale"] = float(sol[nb])
 
 
+def _failed(message: str, x, y, n_dropped: int, warn: list[str]) -> PatternResult:
+    nan = math.nan
+    return PatternResult(status="failed", message=message, rwp=nan, rp=nan, chi2=nan, gof=nan,
+                         n_points=int(x.size), n_dropped=int(n_dropped), tth_deg=x, obs=y,
+                         warnings=warn)
+
+
 def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray,
                    phases: Sequence[Phase], instprm: Instrument | Mapping[str, Any] | str, *,
                    bkg_terms: int = 6, limits: tuple[float, float] | None = None,
                    refine_atoms: bool = False, mode: str = "rietveld",
                    start: Mapping[str, float] | None = None, sample_azimuth_deg: float = 0.0,
-                   stages: Sequence[Stage] | None = None) -> PatternResult:
+                   stages: Sequence[Stage] | None = None, estimate: bool = True,
+                   physical_profile: bool = False) -> PatternResult:
     """Staged Rietveld or Le Bail refinement of one pattern.
 
     Parameters
@@ -750,7 +925,7 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
     instprm : Instrument, mapping of GSAS-II keys or .instprm path
         Instrument terms (:func:`midasflow.instrument.as_instrument`): ``Lam`` or the Kα
         doublet ``Lam1, Lam2, I(L2)/I(L1)``, ``Polariz.``, ``Gonio. radius`` and the starting
-        ``Zero, U..Z, SH/L``.
+        ``Zero, U..Z, SH/L`` (U..Y only a fallback when ``estimate``).
     bkg_terms : int
         Chebyshev-1 background terms over the refined limits.
     limits : (lo, hi), optional
@@ -759,20 +934,33 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
         Add a final stage refining atom coordinates and U_iso (Rietveld only).
     mode : {'rietveld', 'lebail'}
     start : dict, optional
-        GSAS-II-named starting values (e.g. a neighbour lineout's result ``values``).
+        GSAS-II-named starting values; they override the instrument and the estimate. A
+        :class:`PatternResult`'s ``values`` (e.g. of the ω-group's η-averaged pattern) seed
+        profile, scales, background and cell completely (the estimate is then skipped).
     sample_azimuth_deg : float
         Sample azimuth used by the polarization factor.
     stages : sequence of Stage, optional
         Replaces :func:`~midasflow.refinement.recipe.default_stages`.
+    estimate : bool
+        Start profile, scale and background from the data
+        (:func:`midasflow.refinement.start.estimate_start`) unless ``start`` gives U, V, W, X, Y.
+    physical_profile : bool
+        Keep σ² ≥ 0.001 centideg² and γ ≥ 0 over the fitted range (:class:`ProfileConstraint`);
+        by default the widths may go negative and are floored as in GSAS-II (then flagged
+        ``unphysical_profile``).
 
     Returns
     -------
     PatternResult
+        ``status`` 'failed' (with a one-line ``message``) for data that is not a diffraction
+        pattern: too few finite points, magnitudes beyond 1e15, no positive intensity, or no
+        peaks of the phases above the noise. ``flags`` lists quality flags
+        (:data:`midasflow.refinement.result.FLAGS`).
 
     Raises
     ------
     PatternError
-        Empty, all-zero or mismatched input.
+        Empty or mismatched input, no points inside ``limits``.
     InstprmError
         Unusable instrument terms (unknown key, no wavelength, bad file).
     """
@@ -781,29 +969,61 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
     if not phases:
         raise PatternError("no phases given")
     x, y, s, x_range, n_dropped = _prepare(tth_deg, intensity, sigma, limits)
-    w = 1.0 / s ** 2
-    sqrt_w = 1.0 / s
     warn: list[str] = []
+    info: list[str] = []
     if n_dropped:
         warn.append(f"{n_dropped} points dropped (NaN intensity or sigma <= 0)")
+    problem = _not_a_pattern(x, y, s, n_dropped)
+    if problem:
+        return _failed(problem, x, y, n_dropped, warn)
+    w = 1.0 / s ** 2
+    sqrt_w = 1.0 / s
     model = PatternModel(x, x_range, phases, instprm, bkg_terms, sample_azimuth_deg, mode)
+    chi2_background = _background_only_chi2(model, y, sqrt_w)
+    if chi2_background <= 1e-20 * float(np.sum(w * y * y)):
+        return _failed("not a diffraction pattern: a smooth background fits it exactly",
+                       x, y, n_dropped, warn)
+    if not _has_peaks(model, y, s):
+        return _failed(f"no peaks above the noise: nothing stands {_PEAK_PROMINENCE_SIGMA:g} "
+                       "sigma above a smooth background", x, y, n_dropped, warn)
     values = dict(model.values)
-    for key, val in (start or {}).items():
-        if key in values and val is not None and math.isfinite(float(val)):
-            values[key] = float(val)
+    seeded = {k: float(v) for k, v in (start or {}).items()
+              if k in values and v is not None and math.isfinite(float(v))}
+    if estimate and not all(k in seeded for k in ("U", "V", "W", "X", "Y")):
+        from midasflow.refinement.start import estimate_from_model
+
+        est, est_notes, est_warn = estimate_from_model(model, y, s)
+        values.update(est)
+        info.extend(est_notes)
+        warn.extend(est_warn)
+    values.update(seeded)
+    if seeded:
+        info.append(f"start values given for {len(seeded)} parameters")
     lebail = mode == "lebail"
-    with np.errstate(all="ignore"):
-        if lebail:
-            _lebail_start(model, values, y, sqrt_w)
-        else:
-            _linear_scale_background(model, values, y, sqrt_w)
     if stages is None:
         atom_names = ([n for pd in model.phases for n in model.atom_names(pd.index)]
                       if refine_atoms and not lebail else [])
         stages = default_stages(len(phases), bkg_terms, model.cell_names(), atom_names,
                                 mode=mode, refine_atoms=refine_atoms)
+    # the stages keep the widths physical: a width far below GSAS-II's floor has a zero
+    # derivative and traps the fit; without physical_profile a final unconstrained pass lets
+    # them go where GSAS-II's model has a lower minimum
+    constraint: ProfileConstraint | None = ProfileConstraint(model, x_range)
+    if not constraint.feasible(values):
+        refined = {n for st in stages for n in st.add}
+        if physical_profile or {"W", "X"} <= refined:
+            info.extend(constraint.make_feasible(values))
+        else:               # unphysical start widths that no stage refines: leave them
+            constraint = None
+    with np.errstate(all="ignore"):
+        if lebail:
+            _lebail_start(model, values, y, sqrt_w)
+        else:
+            _linear_scale_background(model, values, y, sqrt_w)
+    start_values = dict(values)
     vary: list[str] = []
     stage_rwp: dict[str, float] = {}
+    flags: list[str] = []
     with np.errstate(all="ignore"):
         yc, _, _ = model.evaluate(values)
         rwp_prev = _rwp(y, yc, w) if np.all(np.isfinite(yc)) else math.inf
@@ -813,17 +1033,16 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
         with np.errstate(all="ignore"), _warnings.catch_warnings():
             _warnings.simplefilter("ignore", RuntimeWarning)
             try:
-                floored_before = model.n_floored(values)
                 # Le Bail alternates LSQ cycles with intensity extraction: allow more cycles
                 cycles = stage.max_cycles * (3 if lebail else 1)
                 st = levenberg_marquardt(model, values, trial_vary, y, sqrt_w,
-                                         max_cycles=cycles, lebail=lebail)
+                                         max_cycles=cycles, lebail=lebail,
+                                         constraint=constraint)
                 if stage.scan:
                     st = _escape_scan(model, st, trial_vary, stage.scan, y, sqrt_w, cycles,
-                                      lebail)
+                                      lebail, constraint)
                 yc, _, _ = model.evaluate(st.values)
                 rwp_new = _rwp(y, yc, w)
-                floored_after = model.n_floored(st.values)
                 error = ""
             except (FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:
                 rwp_new, error = math.nan, str(exc)
@@ -832,24 +1051,59 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
             reason = f"diverged ({error or 'non-finite R'})"
         elif rwp_new > rwp_prev * (1 + 1e-9):
             reason = f"made Rwp worse ({rwp_new:.4g} % > {rwp_prev:.4g} %)"
-        elif st.values["SH/L"] < 0 or floored_after > floored_before:
-            reason = "gave non-physical peak widths (more widths on the 0.001 floor, SH/L < 0)"
         if reason:
-            warn.append(f"stage {stage.name!r} {reason}; rolled back to the previous stage")
+            warn.append(f"rolled_back: stage {stage.name!r} {reason}; kept the previous stage")
+            if "rolled_back" not in flags:
+                flags.append("rolled_back")
             for pd, fsq in zip(model.phases, saved_lebail):
                 pd.fsq_lebail = fsq
             stage_rwp[stage.name] = rwp_prev
             continue
         values, vary, rwp_prev = st.values, trial_vary, rwp_new
         stage_rwp[stage.name] = rwp_new
-    return _finish(model, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp, warn)
+    if not physical_profile and vary and stage_rwp:
+        values, rwp_prev = _release(model, values, vary, y, w, sqrt_w, stages[-1], lebail,
+                                    rwp_prev)
+        stage_rwp[stages[-1].name] = rwp_prev
+    if "SH/L" in vary and values["SH/L"] <= _profile.SHL_MIN:
+        # below GSAS-II's 0.002 the model uses 0.002: SH/L has no derivative there
+        values["SH/L"] = _profile.SHL_MIN
+        vary = [n for n in vary if n != "SH/L"]
+        info.append(f"SH/L reached its minimum {_profile.SHL_MIN} (no measurable asymmetry); "
+                    "held there, not refined")
+    result = _finish(model, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp, warn, flags,
+                     start_values, constraint if physical_profile else None, chi2_background)
+    result.notes = info + result.notes
+    return result
+
+
+def _release(model: PatternModel, values, vary, y, w, sqrt_w, stage: Stage, lebail: bool,
+             rwp_prev: float) -> tuple[dict[str, float], float]:
+    """Final LM pass over the whole vary list without the width constraint (GSAS-II's model:
+    widths floored at 0.001, not bounded); kept only if it lowers Rwp."""
+    saved_lebail = [pd.fsq_lebail.copy() for pd in model.phases]
+    with np.errstate(all="ignore"), _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            st = levenberg_marquardt(model, values, vary, y, sqrt_w,
+                                     max_cycles=stage.max_cycles * (3 if lebail else 1),
+                                     lebail=lebail)
+            yc, _, _ = model.evaluate(st.values)
+            rwp_new = _rwp(y, yc, w)
+        except (FloatingPointError, np.linalg.LinAlgError, ValueError):
+            rwp_new = math.nan
+    if math.isfinite(rwp_new) and rwp_new <= rwp_prev:
+        return st.values, rwp_new
+    for pd, fsq in zip(model.phases, saved_lebail):
+        pd.fsq_lebail = fsq
+    return values, rwp_prev
 
 
 def _lebail_start(model: PatternModel, values: dict[str, float], yobs, sqrt_w) -> None:
     """Start Le Bail intensities: uniform |F|², linear scale + background, then partitions.
 
     The histogram scale is folded into the intensities and held at 1 (it is fully correlated
-    with them, §3.7); each round extracts to the partition's fixed point and re-solves the
+    with them); each round extracts to the partition's fixed point and re-solves the
     background linearly.
     """
     for pd in model.phases:
@@ -878,8 +1132,8 @@ def _sub_covariance(cov: np.ndarray, idx: Mapping[str, int],
     return out
 
 
-def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp,
-            warn) -> PatternResult:
+def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp, warn,
+            flags, start_values, constraint, chi2_background) -> PatternResult:
     yc, bkg, J = model.evaluate(values, vary, jac=True)
     chi2 = float(np.sum(w * (y - yc) ** 2))
     n_obs, n_var = y.size, len(vary)
@@ -920,12 +1174,116 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
     frac_esd = np.sqrt(np.maximum(np.diag(jf @ cov_s @ jf.T), 0.0))
     for i, pd in enumerate(model.phases):
         fractions[pd.phase.name] = (float(frac[i]), float(frac_esd[i]))
-    ok = math.isfinite(chi2)
+    flags = list(flags)
+    cov_flags, cov_notes = _covariance_flags(cov, vary, esd_vec)
+    for flag, message in (_profile_flags(model, values, x, constraint)
+                          + _bound_flags(values, vary, start_values, esds) + cov_flags):
+        if flag not in flags:
+            flags.append(flag)
+        warn.append(f"{flag}: {message}")
+    status, message = "ok", ""
+    if not math.isfinite(chi2):
+        status, message = "failed", "refinement produced a non-finite chi2"
+    elif chi2_background - chi2 < _MIN_PEAK_SIGNIFICANCE * chi2 / dof:
+        status = "failed"
+        message = (f"no peaks above the noise: the phases lower chi2 below a background-only "
+                   f"fit by {(chi2_background - chi2) / (chi2 / dof):.3g} chi2/dof "
+                   f"(need {_MIN_PEAK_SIGNIFICANCE:g})")
     return PatternResult(
-        status="ok" if ok else "failed",
-        message="" if ok else "refinement produced a non-finite chi2",
+        status=status, message=message,
         rwp=_rwp(y, yc, w), rp=100.0 * float(np.sum(np.abs(y - yc)) / np.sum(np.abs(y))),
         chi2=chi2, gof=gof, n_points=int(n_obs), n_dropped=int(n_dropped),
         stage_rwp=stage_rwp, values={k: float(v) for k, v in values.items()}, esds=esds,
         cells=cells, cell_esds=cell_err, phase_fractions=fractions, tth_deg=x, obs=y, calc=yc,
-        bkg=bkg, reflections=refl_tables, warnings=warn, phases=phases_out)
+        bkg=bkg, reflections=refl_tables, warnings=warn, phases=phases_out, flags=tuple(flags),
+        notes=cov_notes)
+
+
+def _ranges(tth: np.ndarray, bad: np.ndarray) -> str:
+    """'16.0–17.3°' spans of the grid points flagged in ``bad``."""
+    spans, start = [], None
+    for i, b in enumerate(np.append(bad, False)):
+        if b and start is None:
+            start = i
+        elif not b and start is not None:
+            spans.append(f"{tth[start]:.4g}–{tth[i - 1]:.4g}°")
+            start = None
+    return ", ".join(spans)
+
+
+def _profile_flags(model: PatternModel, values, x, constraint) -> list[tuple[str, str]]:
+    """``unphysical_profile`` from the unfloored σ², γ over the fitted range; ``at_bound`` when
+    the physical-profile constraint holds them at their bounds."""
+    tth = np.linspace(float(x[0]), float(x[-1]), _WIDTH_GRID)
+    sig2, gam = model.raw_widths(values, tth)
+    out = []
+    for pd in model.phases:
+        name = pd.phase.name
+        s2, g = sig2[pd.index], gam[pd.index]
+        parts = []
+        if np.any(s2 <= 0):
+            parts.append(f"Gaussian σ² ≤ 0 at 2θ {_ranges(tth, s2 <= 0)} (min {s2.min():.3g} "
+                         "centideg²)")
+        if np.any(g < 0):
+            parts.append(f"Lorentzian γ < 0 at 2θ {_ranges(tth, g < 0)} (min {g.min():.3g} "
+                         "centideg)")
+        if parts:
+            out.append(("unphysical_profile", f"{name}: " + "; ".join(parts)
+                        + " (GSAS-II floors them at 0.001)"))
+        if constraint is not None:
+            held = []
+            if s2.min() <= constraint.SIG2_MIN * (1 + 1e-3):
+                held.append(f"σ² at {constraint.SIG2_MIN:g} centideg²")
+            if g.min() <= constraint.GAM_MIN * (1 + 1e-3):
+                held.append(f"γ at {constraint.GAM_MIN:g} centideg")
+            if held:
+                out.append(("at_bound", f"{name}: physical-profile constraint active ("
+                            + ", ".join(held) + ")"))
+    return out
+
+
+def _bound_flags(values, vary, start_values, esds) -> list[tuple[str, str]]:
+    """``at_bound``: a positive-only parameter (scale, phase fraction, size, MD) driven to ~0:
+    closer to 0 than a tenth of its esd, or below 1e-6 of its start value."""
+    out = []
+    for name in vary:
+        if name == "Scale" or name.endswith((":0:Scale", ":0:Size;i", ":0:MD")):
+            v, e = values[name], esds.get(name, 0.0)
+            if v < 0.1 * e or v <= 1e-6 * abs(start_values.get(name, 1.0)):
+                out.append(("at_bound", f"{name} = {v:.3g} (esd {e:.2g}) ran into its bound 0"))
+    return out
+
+
+def _family(name: str) -> str:
+    """Parameters of one width or background polynomial share a family (their mutual
+    correlation is a property of the parametrisation over the fitted range, not of the fit)."""
+    if name in ("U", "V", "W"):
+        return "gauss"
+    if name in ("X", "Y", "Z"):
+        return "lorentz"
+    if name.startswith("Back;"):
+        return "background"
+    return name
+
+
+def _covariance_flags(cov: np.ndarray, vary, esd: np.ndarray
+                      ) -> tuple[list[tuple[str, str]], list[str]]:
+    """``bad_esd`` (non-finite or zero esd) and ``high_correlation`` (|r| > 0.95) pairs; pairs
+    inside one family (U/V/W, X/Y/Z, background terms) are returned as notes instead."""
+    out, notes = [], []
+    bad = [n for n, e in zip(vary, esd) if not (math.isfinite(e) and e > 0)]
+    if bad:
+        out.append(("bad_esd", "non-finite or zero esd of " + ", ".join(bad)))
+    if len(vary) > 1 and not bad:
+        corr = cov / np.outer(esd, esd)
+        i, j = np.nonzero(np.triu(np.abs(corr) > _HIGH_CORRELATION, 1))
+        order = np.argsort(-np.abs(corr[i, j]))
+        pairs = [(vary[i[k]], vary[j[k]], corr[i[k], j[k]]) for k in order]
+        across = [f"{a}–{b} {c:+.3f}" for a, b, c in pairs if _family(a) != _family(b)]
+        within = [f"{a}–{b} {c:+.3f}" for a, b, c in pairs if _family(a) == _family(b)]
+        if across:
+            out.append(("high_correlation", "|correlation| > 0.95: " + ", ".join(across)))
+        if within:
+            notes.append("|correlation| > 0.95 within one width/background polynomial "
+                         "(not flagged): " + ", ".join(within))
+    return out, notes

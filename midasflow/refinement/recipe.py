@@ -1,4 +1,5 @@
-"""The staged refinement recipe (GSAS-II §7.2 style).
+"""The staged refinement recipe (GSAS-II's scripted recipe; ``docs/reference/gsas2_profile.md``
+section 6).
 
 Each stage adds parameters to the cumulative vary list of the previous stages:
 
@@ -12,6 +13,10 @@ Each stage adds parameters to the cumulative vary list of the previous stages:
    terms started ~50 % off, SH/L 0.008 for 0.005, the LM alone stopped at GOF 1.21 where the
    true start gives 1.01);
 5. ``atoms`` (only when asked, Rietveld only): atom coordinates and U_iso.
+
+:func:`~midasflow.refinement.engine.refine_pattern` runs every stage with the peak widths held
+physical and ends with one unconstrained pass over all refined parameters (unless
+``physical_profile``).
 
 In Le Bail mode the scale factors are not refined (the extracted intensities absorb them).
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +13,25 @@ import numpy as np
 from midasflow.crystal import Phase, write_phase_cif
 from midasflow.io.atomic import atomic_output
 
-__all__ = ["PatternResult"]
+__all__ = ["FLAGS", "PatternResult"]
+
+#: Quality flags a :class:`PatternResult` may carry (the fixed vocabulary) and their meaning.
+#: Each raised flag also adds a warning ``"<flag>: <details>"`` naming what was found. See
+#: ``docs/reference/gsas2_profile.md`` (quality flags).
+FLAGS: dict[str, str] = {
+    "unphysical_profile": "Gaussian σ² ≤ 0 or Lorentzian γ < 0 somewhere in the fitted 2θ range "
+                          "(unfloored U..Z/size/microstrain formulas; GSAS-II floors them at "
+                          "0.001 and so does the model)",
+    "at_bound": "a refined parameter ended on a bound: a scale, phase fraction, size or "
+                "March–Dollase ratio driven to 0, or (physical_profile) σ²/γ held at their "
+                "bounds",
+    "rolled_back": "a refinement stage diverged or raised Rwp and was undone",
+    "high_correlation": "two refined parameters of different kinds correlate with |r| > 0.95 "
+                        "(the warning names the pairs; pairs within U/V/W, X/Y/Z or the "
+                        "background terms are only noted)",
+    "bad_esd": "a refined parameter has a non-finite or zero esd (singular normal matrix)",
+    "rwp_above_max": "Rwp is above the maximum the caller set (PatternResult.with_max_rwp)",
+}
 
 
 @dataclass
@@ -25,7 +45,7 @@ class PatternResult:
     message : str
         One line; empty when everything went well.
     rwp, rp : float
-        Weighted and plain profile R, percent (§5).
+        Weighted and plain profile R, percent.
     chi2 : float
         Σ w (y − y_calc)².
     gof : float
@@ -46,10 +66,17 @@ class PatternResult:
         The fitted points: 2θ (deg), observed, calculated (incl. background), background.
     reflections : dict
         Phase name → dict of equal-length arrays: h, k, l, mult, d_a, tth_deg, sig2, gam, fsq,
-        intensity (I_h of §3.1).
+        intensity (integrated intensity I_h, counts·centideg).
     warnings : list of str
+        Human-readable notes; a raised flag's note starts with ``"<flag>: "``.
     phases : list of Phase
         The refined phases (cell updated; atoms updated when refined), used by :meth:`write_cifs`.
+    flags : tuple of str
+        Quality flags raised (names from :data:`FLAGS`, in the order raised); empty for a clean
+        fit. ``status`` stays 'ok' for a flagged fit.
+    notes : list of str
+        Information that is no warning: where the start values came from (measured peak
+        widths beside the instrument's, or given ``start`` values), parameters held.
     """
 
     status: str
@@ -73,6 +100,28 @@ class PatternResult:
     reflections: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
+    flags: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+    def with_max_rwp(self, max_rwp: float | None) -> "PatternResult":
+        """This result, flagged ``rwp_above_max`` if its Rwp (%) exceeds ``max_rwp``.
+
+        Parameters
+        ----------
+        max_rwp : float or None
+            Largest acceptable Rwp, percent; None (or a failed result) returns ``self``.
+
+        Returns
+        -------
+        PatternResult
+            A copy with the flag and a warning added, or ``self`` unchanged.
+        """
+        if (max_rwp is None or self.status != "ok" or "rwp_above_max" in self.flags
+                or not (math.isfinite(self.rwp) and self.rwp > max_rwp)):
+            return self
+        return dataclasses.replace(
+            self, flags=self.flags + ("rwp_above_max",),
+            warnings=self.warnings + [f"rwp_above_max: Rwp {self.rwp:.4g} % > {max_rwp:g} %"])
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write columns ``tth_deg, obs, calc, bkg, diff`` (diff = obs − calc); atomic write.
