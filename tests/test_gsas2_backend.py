@@ -156,7 +156,9 @@ def test_result_fields_follow_the_contract(three_lineouts):
     refl = g2.reflections["CeO2"]
     first = [int(refl[k][0]) for k in ("h", "k", "l")]
     assert first == [1, 1, 1] and refl["mult"][0] == 8
-    assert math.isclose(refl["d_a"][0], a / math.sqrt(3), rel_tol=1e-9)
+    # GSAS-II's reflection d is from the start of its last cycle: equal to the final cell's
+    # within that cycle's shift (1.5e-7 on the simulated data with f′/f″)
+    assert math.isclose(refl["d_a"][0], a / math.sqrt(3), rel_tol=1e-6)
     assert g2.phases[0].cell[0] == a
     assert g2.chi2 == pytest.approx(g2.gof ** 2 * (g2.n_points - len(g2.esds)), rel=1e-6)
 
