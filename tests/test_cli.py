@@ -160,3 +160,13 @@ def test_demo_small(tmp_path, capsys):
     assert summary["succeeded"] == 2 * N_LINEOUTS
     assert (out / "refinement" / "report.html").is_file()
     assert (out / "scan_000001.zarr.zip").is_file()
+
+
+def test_warnings_print_as_one_line_naming_the_command(scan, tmp_path, capsys):
+    params = tmp_path / "ps.txt"
+    params.write_text(open(scan["params"]).read() + "SomeOtherMidasKey 3\n")
+    assert main(["integrate", "-paramFN", str(params), "-dataFN", str(tmp_path / "nope.h5"),
+                 "-resultFolder", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith(f"midasflow integrate: warning: {params}: ") and "SomeOtherMidasKey" in lines[0]
+    assert lines[1].startswith("midasflow integrate: error: ") and len(lines) == 2

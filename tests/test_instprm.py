@@ -172,3 +172,26 @@ def test_midas_file_errors(tmp_path):
     store.close()
     with pytest.raises(CakeFileError, match="'InstrumentParameters' not found"):
         instrument_from_midas(tmp_path / "empty.zarr.zip")
+
+
+@pytest.mark.parametrize("key", ["U", "W"])
+def test_negative_gaussian_width_term_warns_naming_file_line_and_key(tmp_path, key):
+    text = SPEC_EXAMPLE.replace(f"\n{key}:", f"\n{key}:-").replace(f"{key}:--", f"{key}:-")
+    path = _write(tmp_path, text)
+    line = next(n for n, s in enumerate(text.splitlines(), 1) if s.startswith(f"{key}:"))
+    with pytest.warns(UserWarning) as record:
+        inst = read_instprm(path)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and messages[0].startswith(f"{path}: line {line}: key {key} = -")
+    assert getattr(inst, key) < 0  # still read as written
+    # the same file beside a store (GSAS-II's sibling rule) warns too
+    store = tmp_path / "x.zarr.zip"
+    _midas_zip(store, {})
+    (tmp_path / "x.zarr.instprm").write_text(text)
+    with pytest.warns(UserWarning, match=rf"x\.zarr\.instprm: line {line}: key {key} = -"):
+        instrument_from_midas(store)
+
+
+def test_non_negative_widths_and_negative_v_do_not_warn(tmp_path, recwarn):
+    read_instprm(_write(tmp_path, SPEC_EXAMPLE))  # V = -0.126 is normal
+    assert not [w for w in recwarn if "negative" in str(w.message)]

@@ -2,13 +2,15 @@
 
 Each sub-command lives in its own module with a ``main(argv) -> int``. User mistakes
 (:class:`midasflow.errors.MidasflowError`) print one line and exit with status 2; bugs keep
-their traceback.
+their traceback. Python warnings print as one line each, ``midasflow <command>: warning: ...``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from midasflow.errors import MidasflowError
 
@@ -22,6 +24,24 @@ COMMANDS = {
 USAGE = "usage: midasflow {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
     f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()
 ) + "\n\n'midasflow <command> -h' shows a command's options.\n"
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Show warnings as ``midasflow <command>: warning: <message>`` (no source line, no category
+    for our own UserWarnings), restoring the previous display on exit."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        first = (str(message).splitlines() or [""])[0]
+        print(f"midasflow {command}: warning: {kind}{first}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     try:
-        return int(module.main(args[1:]) or 0)
+        with one_line_warnings(command):
+            return int(module.main(args[1:]) or 0)
     except MidasflowError as exc:
         print(f"midasflow {command}: error: {exc}", file=sys.stderr)
         return 2

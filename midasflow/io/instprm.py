@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ HEADER = "#GSAS-II instrument parameter file; do not add/delete items!"
 
 #: Keys a complete single-wavelength / doublet file must provide (Z, Azimuth, Bank optional).
 _REQUIRED = ("Type", "Zero", "Polariz.", "U", "V", "W", "X", "Y", "SH/L")
+#: Profile terms that are squares of widths: a negative value is almost always a mistake (the
+#: Gaussian variance U·tan²θ + V·tanθ + W then goes negative at low or high angle).
+_NON_NEGATIVE = ("U", "W")
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,6 +63,7 @@ def _parse(path: Path, bank: int | None) -> dict[str, float | str]:
         raise InstprmError(f"{path}: bank {bank} not found (banks: "
                            f"{', '.join(map(str, sorted(banks)))})")
     values: dict[str, float | str] = {}
+    line_of: dict[str, int] = {}
     in_bank = not banks
     for lineno, raw in enumerate(lines, 1):
         if raw.startswith("#"):
@@ -80,6 +85,7 @@ def _parse(path: Path, bank: int | None) -> dict[str, float | str]:
             if key in STRING_KEYS:
                 values[key] = value
                 continue
+            line_of[key] = lineno
             try:
                 values[key] = float(value)
             except ValueError:
@@ -87,7 +93,18 @@ def _parse(path: Path, bank: int | None) -> dict[str, float | str]:
                     raise InstprmError(f"{path}: line {lineno}: key {key!r}: expected a number, "
                                        f"got {value!r}") from None
                 values[key] = value
+    _warn_negative_widths(values, line_of, path)
     return values
+
+
+def _warn_negative_widths(values: dict[str, float | str], line_of: dict[str, int], path: Path) -> None:
+    """Warn about a negative U or W (Gaussian width terms, centideg²), naming file, line and key."""
+    for key in _NON_NEGATIVE:
+        value = values.get(key)
+        if isinstance(value, float) and value < 0:
+            warnings.warn(f"{path}: line {line_of[key]}: key {key} = {value:g} is negative; expected "
+                          f"U, W >= 0 (the Gaussian variance U·tan²θ + V·tanθ + W must stay "
+                          "positive); refining from it anyway", UserWarning, stacklevel=3)
 
 
 def read_instprm(path: str | os.PathLike, bank: int | None = None) -> Instrument:
