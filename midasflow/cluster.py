@@ -6,11 +6,46 @@ when a batch queue is asked for.
 """
 from __future__ import annotations
 
+import ipaddress
+import warnings
 from typing import Any
 
 from midasflow.errors import BackendError, ParameterError
 
 _JOBQUEUE_CLASSES = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
+#: Where the Dask dashboard listens unless asked otherwise: this machine only (no authentication).
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
+
+
+def check_dashboard_address(address: str | None = None) -> str:
+    """The dashboard's ``host:port`` to bind: ``address`` or :data:`DEFAULT_DASHBOARD_ADDRESS`.
+
+    The dashboard has no authentication, so an address that is not a loopback one (``:8787``,
+    ``0.0.0.0:8787``, a host name or a public IP) draws a warning: anyone who can reach that
+    interface can watch and stop the run.
+
+    Raises
+    ------
+    ParameterError
+        Not of the form ``[host]:port`` with a port number.
+    """
+    if address is None:
+        return DEFAULT_DASHBOARD_ADDRESS
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ParameterError(f"--dashboard-address {address!r}: expected [host]:port, e.g. "
+                             f"{DEFAULT_DASHBOARD_ADDRESS} or 0.0.0.0:8787")
+    host = host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # empty (every interface) or a host name
+        loopback = False
+    if not loopback:
+        where = "every interface" if host in ("", "0.0.0.0", "::") else host
+        warnings.warn(f"--dashboard-address {address}: the Dask dashboard listens on {where} "
+                      "without authentication; anyone who can reach it can see and stop this run",
+                      UserWarning, stacklevel=2)
+    return str(address)
 
 
 def make_jobqueue_cluster(
@@ -22,6 +57,7 @@ def make_jobqueue_cluster(
     walltime: str | None = None,
     processes: int | None = None,
     dashboard: bool = True,
+    dashboard_address: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Build (but do not scale) a dask-jobqueue cluster.
@@ -41,6 +77,9 @@ def make_jobqueue_cluster(
         Worker processes per job; default one per core (the engine is single-threaded numpy).
     dashboard : bool
         Serve the scheduler's dashboard (on port 8787, or a free one).
+    dashboard_address : str, optional
+        Where the dashboard listens (:func:`check_dashboard_address`; default 127.0.0.1:8787, this
+        machine only: reach it from elsewhere through an SSH tunnel).
     **kwargs
         Passed to the dask-jobqueue class (e.g. ``account``, ``job_extra_directives``).
 
@@ -63,7 +102,8 @@ def make_jobqueue_cluster(
         ) from exc
     cls = getattr(dask_jobqueue, cls_name)
     scheduler_options = dict(kwargs.pop("scheduler_options", {}))
-    scheduler_options.setdefault("dashboard_address", ":8787" if dashboard else None)
+    scheduler_options.setdefault("dashboard_address",
+                                 check_dashboard_address(dashboard_address) if dashboard else None)
     return cls(
         queue=queue,
         cores=int(cores),
@@ -93,6 +133,7 @@ def get_client(
     jobs: int | None = None,
     threads_per_worker: int = 1,
     dashboard: bool = True,
+    dashboard_address: str | None = None,
     timeout_s: float = 20.0,
 ) -> tuple[Any, str]:
     """A ``distributed.Client`` and a one-line description of what it is connected to.
@@ -109,6 +150,9 @@ def get_client(
     ----------
     dashboard : bool
         Serve the Bokeh dashboard (port 8787, or a free port when 8787 is taken).
+    dashboard_address : str, optional
+        ``host:port`` the dashboard of a cluster made here listens on; default 127.0.0.1:8787
+        (this machine only). Any other interface draws a warning (:func:`check_dashboard_address`).
     timeout_s : float
         How long to wait for a ``scheduler`` to answer.
 
@@ -139,7 +183,7 @@ def get_client(
         return client, f"scheduler {scheduler}: {n} workers, {_dashboard(client)}"
     if cluster:
         jq = make_jobqueue_cluster(cluster, queue=queue, cores=cores, memory=memory, walltime=walltime,
-                                   dashboard=dashboard)
+                                   dashboard=dashboard, dashboard_address=dashboard_address)
         n_jobs = int(jobs) if jobs else 1
         jq.scale(jobs=n_jobs)
         client = Client(jq)
@@ -156,7 +200,7 @@ def get_client(
         threads_per_worker=int(threads_per_worker),
         processes=True,
         host="127.0.0.1",
-        dashboard_address=":8787" if dashboard else None,
+        dashboard_address=check_dashboard_address(dashboard_address) if dashboard else None,
     )
     client = Client(local)
     n = len(local.workers)

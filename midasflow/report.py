@@ -6,6 +6,7 @@ Sections: the cake of the first ω-group (intensity per frame vs 2θ and η), on
 """
 from __future__ import annotations
 
+import html
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,6 +185,7 @@ def write_report(
     lineouts : sequence of LineoutResult
         For the fitted-lineout plots (one per ω-group, the median-Rwp lineout).
     title : str
+        Plain text (escaped, like the data file name, before it enters the HTML).
     max_groups : int
         At most this many ω-groups get a lineout plot.
 
@@ -199,7 +201,8 @@ def write_report(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     status = results.status.values
-    header = Div(text=(f"<h2>{title}</h2><p>{results.attrs.get('data_file', '')}: "
+    # a Div's text is HTML: user-provided strings (file names, titles) go in escaped
+    header = Div(text=(f"<h2>{html.escape(title)}</h2><p>{html.escape(str(results.attrs.get('data_file', '')))}: "
                        f"{int((status == 'ok').sum())} refined, {int((status == 'failed').sum())} failed, "
                        f"{int((status == 'skipped').sum())} skipped lineouts "
                        f"({results.sizes['group']} ω-groups × {results.sizes['eta']} η).</p>"), width=_WIDTH)

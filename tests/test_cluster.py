@@ -38,6 +38,61 @@ def test_local_cluster_description_has_dashboard_link():
         cluster.close_client(client)
 
 
+def _listening(pid):
+    """(ip, port) of every listening TCP socket of ``pid`` and its child processes."""
+    psutil = pytest.importorskip("psutil")
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_local_cluster_listens_on_loopback_only(dashboard):
+    client, desc = cluster.get_client(n_workers=1, dashboard=dashboard)
+    try:
+        sockets = _listening(os.getpid())
+        assert sockets, "a cluster with no listening socket?"
+        assert {ip for ip, _ in sockets} <= {"127.0.0.1"}, sockets
+        if dashboard:
+            port = int(re.search(r"dashboard http://127\.0\.0\.1:(\d+)/status", desc).group(1))
+            assert ("127.0.0.1", port) in sockets  # the printed link is where it listens
+    finally:
+        cluster.close_client(client)
+
+
+def test_dashboard_address_opens_the_dashboard_with_a_warning():
+    with pytest.warns(UserWarning, match="every interface without authentication"):
+        client, desc = cluster.get_client(n_workers=1, dashboard_address="0.0.0.0:0")
+    try:
+        port = int(re.search(r"dashboard http://[^:]+:(\d+)/status", desc).group(1))
+        assert ("0.0.0.0", port) in _listening(os.getpid())
+    finally:
+        cluster.close_client(client)
+
+
+@pytest.mark.parametrize("address, warns", [("127.0.0.1:8787", False), ("localhost:0", False), ("[::1]:8787", False),
+                                            (":8787", True), ("10.1.2.3:8787", True), ("beamline-pc:8787", True)])
+def test_check_dashboard_address(address, warns, recwarn):
+    assert cluster.check_dashboard_address(address) == address
+    assert bool([w for w in recwarn if "without authentication" in str(w.message)]) == warns
+    assert cluster.check_dashboard_address(None) == "127.0.0.1:8787"
+
+
+@pytest.mark.parametrize("address", ["8787", "host:", "host:port", "1.2.3.4:99999"])
+def test_bad_dashboard_address_is_a_parameter_error(address):
+    with pytest.raises(ParameterError, match="--dashboard-address"):
+        cluster.check_dashboard_address(address)
+
+
+def test_jobqueue_dashboard_binds_loopback_by_default():
+    jq = cluster.make_jobqueue_cluster("slurm", cores=1, memory="1GB", interface="lo")
+    try:
+        options = jq.scheduler_spec["options"]
+        assert options["dashboard_address"] == "127.0.0.1:8787"
+    finally:
+        jq.close()
+
+
 def test_unreachable_scheduler_is_a_backend_error():
     with pytest.raises(BackendError, match="--scheduler tcp://127.0.0.1:9"):
         cluster.get_client(scheduler="tcp://127.0.0.1:9", timeout_s=2)

@@ -1,4 +1,5 @@
 """The Bokeh HTML report is written, self-contained, with the expected figures."""
+import html as html_module
 import json
 import re
 
@@ -31,3 +32,20 @@ def test_report_written_with_expected_figures(tmp_path):
               "23 refined, 0 failed, 1 skipped"):
         assert t in text, t
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_user_strings_are_escaped_in_the_html(tmp_path):
+    caked = make_caked(n_groups=1, n_eta=4, omega_step=90.0, height=2000.0)
+    lineouts = run_serial(plan_lineouts(caked), TOY_OPTIONS, backend=ToyBackend())
+    evil = '<img src=x onerror="alert(1)">scan.zarr.zip'
+    results = assemble_results(lineouts, ref_cells={"CeO2": (A0_A,) * 3 + (90.0,) * 3},
+                               attrs={"data_file": evil})
+    path = write_report(results, tmp_path / "report.html", title="<script>alert(2)</script> run")
+    html = path.read_text(encoding="utf-8")
+    docs = re.search(r'<script type="application/json" id="[^"]+">\s*(.*?)\s*</script>', html, re.S)
+    # the document JSON is itself HTML-escaped inside its <script> tag; unescaped, it holds the
+    # Div's HTML as Bokeh will render it
+    text = html_module.unescape(json.dumps(json.loads(docs.group(1)), ensure_ascii=False))
+    assert "<h2>" in text and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;scan.zarr.zip" in text
+    assert "&lt;script&gt;alert(2)&lt;/script&gt; run" in text
+    assert "<img" not in text and "<script>alert(2)" not in text

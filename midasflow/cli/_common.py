@@ -26,6 +26,10 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory", default=None, help="jobqueue: memory per job, e.g. 16GB")
     group.add_argument("--walltime", default=None, help="jobqueue: walltime, e.g. 01:00:00")
     group.add_argument("--jobs", type=int, default=1, help="jobqueue: number of jobs")
+    group.add_argument("--dashboard-address", default=None, metavar="HOST:PORT",
+                       help="where the Dask dashboard of a cluster started here listens (default "
+                       "127.0.0.1:8787, this machine only; e.g. 0.0.0.0:8787 opens it to the "
+                       "network without authentication, with a warning)")
 
 
 @contextlib.contextmanager
@@ -46,6 +50,7 @@ def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
         memory=args.memory,
         walltime=args.walltime,
         jobs=args.jobs,
+        dashboard_address=args.dashboard_address,
     )
     print(description, file=sys.stderr)
     try:
