@@ -62,6 +62,7 @@ from midasflow.errors import PatternError
 from midasflow.instrument import Instrument, as_instrument
 from midasflow.refinement.recipe import Stage, default_stages
 from midasflow.refinement.result import PatternResult
+from midasflow.refinement.start import estimate_from_model, low_envelope
 
 __all__ = ["PatternModel", "levenberg_marquardt", "refine_pattern"]
 
@@ -82,8 +83,10 @@ _LEBAIL_FLOOR = 1e-9
 _SCAN_FACTORS = np.exp(np.linspace(math.log(0.8), math.log(1.25), 12))
 #: ... and the relative χ² gain a candidate must bring to restart the LM from it.
 _SCAN_GAIN = 1e-3
-#: 2θ grid (points over the fitted range) on which the unfloored widths are checked/bounded.
+#: 2θ grid (points over the fitted range) on which the unfloored widths are checked (flags) ...
 _WIDTH_GRID = 129
+#: ... and bounded (ProfileConstraint; between its points σ² may dip by ≤ U·(Δtanθ)²/4).
+_BOUND_GRID = 33
 
 
 @dataclass(frozen=True)
@@ -537,8 +540,7 @@ class _LMState:
     converged: bool = True
 
 
-#: Profile parameters whose values set σ² and γ (the phase-indexed ones are matched by suffix).
-_WIDTH_NAMES = ("U", "V", "W", "X", "Y", "Z")
+#: Phase parameters that also set σ² and γ (besides U..Z), matched by suffix.
 _WIDTH_SUFFIXES = (":0:Size;i", ":0:Mustrain;i")
 
 
@@ -565,9 +567,17 @@ class ProfileConstraint:
     GAM_MIN = 1.01 * _GAM_FLOOR
 
     def __init__(self, model: PatternModel, x_range: tuple[float, float],
-                 n_grid: int = _WIDTH_GRID):
+                 n_grid: int = _BOUND_GRID):
         self.model = model
         self.tth = np.linspace(float(x_range[0]), float(x_range[1]), n_grid)
+        th = np.radians(self.tth) / 2
+        tan_t, one, zero = np.tan(th), np.ones_like(th), np.zeros_like(th)
+        n_ph = len(model.phases)
+        # ∂(σ², γ)/∂(U..Z), the same for every phase: σ² = U t² + V t + W, γ = X/c + Y t + Z
+        rows = {"U": (tan_t ** 2, zero), "V": (tan_t, zero), "W": (one, zero),
+                "X": (zero, 1 / np.cos(th)), "Y": (zero, tan_t), "Z": (zero, one)}
+        self._linear = {k: np.concatenate([np.tile(a, n_ph), np.tile(b, n_ph)])
+                        for k, (a, b) in rows.items()}
 
     def bounds(self) -> np.ndarray:
         """Lower bounds of the stacked (σ², γ) grid values."""
@@ -590,12 +600,18 @@ class ProfileConstraint:
         g0 = self.values_of(values)
         C = np.zeros((g0.size, len(vary)))
         for c, name in enumerate(vary):
-            if name in _WIDTH_NAMES or name.endswith(_WIDTH_SUFFIXES):
+            if name in self._linear:
+                C[:, c] = self._linear[name]
+            elif name.endswith(_WIDTH_SUFFIXES):
                 h = 1e-4 * max(abs(values[name]), 1.0)
                 up = self.values_of(dict(values, **{name: values[name] + h}))
                 dn = self.values_of(dict(values, **{name: values[name] - h}))
                 C[:, c] = (up - dn) / (2 * h)
         return C, g0
+
+    def active(self, values: Mapping[str, float], margin: float = 0.1) -> bool:
+        """Whether a width is within ``margin`` (relative) of its bound anywhere."""
+        return bool(np.any(self.values_of(values) <= self.bounds() * (1 + margin)))
 
     def make_feasible(self, values: dict[str, float]) -> list[str]:
         """Raise W (σ²) and X (γ) just enough to satisfy the bounds; returns what changed."""
@@ -613,24 +629,52 @@ class ProfileConstraint:
 
 
 def _constrained_step(H: np.ndarray, g: np.ndarray, C: np.ndarray, lower: np.ndarray,
-                      step: np.ndarray) -> np.ndarray:
+                      step: np.ndarray, max_iter: int = 60) -> np.ndarray:
     """Minimise ½δᵀHδ − gᵀδ subject to C δ ≥ lower, given the unconstrained minimiser ``step``.
 
-    δ = 0 is feasible (``lower`` ≤ 0: the current point satisfies the constraints), so the
-    active-set SQP of scipy (SLSQP) starts there; for this convex QP it converges in a few
-    iterations. Returns ``step`` unchanged when it already satisfies the constraints.
+    Returns ``step`` when it already satisfies the constraints. Otherwise a primal active-set
+    method (Nocedal & Wright, *Numerical Optimization*, algorithm 16.3) from δ = 0, which is
+    feasible (``lower`` ≤ 0: the current point satisfies the constraints); each iteration
+    solves the equality-constrained problem of the active rows by least squares on its KKT
+    system (H may be singular), steps to the first blocking constraint or drops the active row
+    with the most negative multiplier. The QP is convex, so this ends at its minimum.
     """
-    from scipy.optimize import minimize
-
-    if np.all(C @ step >= lower - 1e-12 * (1 + np.abs(lower))):
+    tol = 1e-12 * (1 + np.abs(lower))
+    if np.all(C @ step >= lower - tol):
         return step
-    Hr = H + 1e-12 * np.eye(H.shape[0]) * max(float(np.max(np.abs(np.diag(H)))), 1.0)
-    res = minimize(lambda d: 0.5 * d @ Hr @ d - g @ d, np.zeros_like(step),
-                   jac=lambda d: Hr @ d - g, method="SLSQP",
-                   constraints=[{"type": "ineq", "fun": lambda d: C @ d - lower,
-                                 "jac": lambda d: C}],
-                   options={"maxiter": 200, "ftol": 1e-12})
-    return np.asarray(res.x, dtype=float)
+    n = H.shape[0]
+    x = np.zeros(n)
+    active: list[int] = []
+    p_zero = 1e-7 * (1.0 + float(np.linalg.norm(step)))
+    for _ in range(max_iter):
+        A = C[active]
+        k = len(active)
+        kkt = np.zeros((n + k, n + k))
+        kkt[:n, :n] = H
+        kkt[:n, n:] = -A.T
+        kkt[n:, :n] = A
+        rhs = np.concatenate([g - H @ x, np.zeros(k)])
+        sol = np.linalg.lstsq(kkt, rhs, rcond=1e-12)[0]
+        p, mu = sol[:n], sol[n:]
+        if np.linalg.norm(p) <= p_zero:         # (the KKT solve leaves ~1e-9 of noise)
+            if k == 0 or mu.min() >= 0:
+                return x
+            active.pop(int(np.argmin(mu)))
+            continue
+        cp = C @ p
+        slack = C @ x - lower
+        block = np.flatnonzero(cp < -1e-15)
+        block = block[~np.isin(block, active)]
+        alpha, hit = 1.0, -1
+        if block.size:
+            ratios = np.maximum(slack[block], 0.0) / -cp[block]
+            j = int(np.argmin(ratios))
+            if ratios[j] < 1.0:
+                alpha, hit = float(ratios[j]), int(block[j])
+        x = x + alpha * p
+        if hit >= 0:
+            active.append(hit)
+    return x
 
 
 def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Sequence[str],
@@ -652,7 +696,7 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
     ratio non-positive (:func:`_physical`). Peak widths may reach GSAS-II's 0.001 floors (that
     is reported by the result's ``unphysical_profile`` flag), unless ``constraint`` is given:
     then each step is the solution of the damped normal equations under the linearised
-    constraint (σ² ≥ 0.001, γ ≥ 0 over the fitted range, :class:`ProfileConstraint`) and a step
+    constraint (σ², γ > 0 over the fitted range, :class:`ProfileConstraint`) and a step
     that still violates it is rejected. In Le Bail mode the intensities are re-extracted after
     every cycle (:meth:`PatternModel.lebail_extract`).
 
@@ -856,15 +900,12 @@ def _rwp(yobs, ycalc, w):
     return 100.0 * math.sqrt(float(np.sum(w * (yobs - ycalc) ** 2)) / float(np.sum(w * yobs ** 2)))
 
 
-def _has_peaks(model: PatternModel, yobs: np.ndarray, sigma: np.ndarray) -> bool:
+def _has_peaks(yobs: np.ndarray, sigma: np.ndarray, bkg: np.ndarray) -> bool:
     """Whether a local maximum of the 5-point running mean of (y − low envelope)/σ stands
     2·``_PEAK_PROMINENCE_SIGMA`` of its own noise (σ/√5) high: a peak of ≳ 5σ spread over five
     points; single-point noise excursions of a pattern without peaks stay below ~7."""
     from scipy.signal import find_peaks
 
-    from midasflow.refinement.start import low_envelope
-
-    _, bkg = low_envelope(model.bkg_basis, yobs, sigma)
     smooth = np.convolve((yobs - bkg) / sigma, np.full(5, 1 / 5), mode="same") * math.sqrt(5)
     idx, _ = find_peaks(smooth, prominence=2 * _PEAK_PROMINENCE_SIGMA)
     return idx.size > 0
@@ -983,16 +1024,15 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
     if chi2_background <= 1e-20 * float(np.sum(w * y * y)):
         return _failed("not a diffraction pattern: a smooth background fits it exactly",
                        x, y, n_dropped, warn)
-    if not _has_peaks(model, y, s):
+    envelope = low_envelope(model.bkg_basis, y, s)
+    if not _has_peaks(y, s, envelope[1]):
         return _failed(f"no peaks above the noise: nothing stands {_PEAK_PROMINENCE_SIGMA:g} "
                        "sigma above a smooth background", x, y, n_dropped, warn)
     values = dict(model.values)
     seeded = {k: float(v) for k, v in (start or {}).items()
               if k in values and v is not None and math.isfinite(float(v))}
     if estimate and not all(k in seeded for k in ("U", "V", "W", "X", "Y")):
-        from midasflow.refinement.start import estimate_from_model
-
-        est, est_notes, est_warn = estimate_from_model(model, y, s)
+        est, est_notes, est_warn = estimate_from_model(model, y, s, envelope)
         values.update(est)
         info.extend(est_notes)
         warn.extend(est_warn)
@@ -1061,7 +1101,10 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
             continue
         values, vary, rwp_prev = st.values, trial_vary, rwp_new
         stage_rwp[stage.name] = rwp_new
-    if not physical_profile and vary and stage_rwp:
+    if not physical_profile and vary and stage_rwp and constraint is not None \
+            and constraint.active(values):
+        # the bound holds a width: without it GSAS-II's model may go lower (an inactive
+        # bound changes nothing, the minimum is the same)
         values, rwp_prev = _release(model, values, vary, y, w, sqrt_w, stages[-1], lebail,
                                     rwp_prev)
         stage_rwp[stages[-1].name] = rwp_prev

@@ -44,7 +44,7 @@ __all__ = ["estimate_start", "estimate_from_model"]
 #: Peaks are found at this prominence, in units of the median σ.
 _PROMINENCE_SIGMA = 10.0
 #: At most this many of the strongest isolated peaks are fitted.
-_MAX_PEAKS = 8
+_MAX_PEAKS = 6
 #: Another reflection within this many FWHM makes a peak non-isolated ...
 _ISOLATION_FWHM = 2.5
 #: ... if its predicted intensity exceeds this fraction of the peak's own.
@@ -94,9 +94,12 @@ def estimate_start(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
     return values
 
 
-def estimate_from_model(model: Any, yobs: np.ndarray, sigma: np.ndarray
+def estimate_from_model(model: Any, yobs: np.ndarray, sigma: np.ndarray,
+                        envelope: tuple[np.ndarray, np.ndarray] | None = None
                         ) -> tuple[dict[str, float], list[str], list[str]]:
     """:func:`estimate_start` on a built :class:`~midasflow.refinement.engine.PatternModel`.
+
+    ``envelope``: the :func:`low_envelope` of the pattern when already computed.
 
     Returns
     -------
@@ -108,7 +111,7 @@ def estimate_from_model(model: Any, yobs: np.ndarray, sigma: np.ndarray
         No isolated peak found (instrument widths used); a significant zero shift.
     """
     x = model.x
-    back, bkg = low_envelope(model.bkg_basis, yobs, sigma)
+    back, bkg = envelope if envelope is not None else low_envelope(model.bkg_basis, yobs, sigma)
     net = yobs - bkg
     values = {f"Back;{i}": float(c) for i, c in enumerate(back)}
     notes: list[str] = []
@@ -165,14 +168,15 @@ def low_envelope(basis: np.ndarray, yobs: np.ndarray, sigma: np.ndarray,
     coefficients : ndarray (k,)
     background : ndarray (n,)
     """
-    sqrt_w = 1.0 / sigma
+    w = 1.0 / sigma ** 2
     keep = np.ones(yobs.size, dtype=bool)
     coef = np.zeros(basis.shape[1])
     for _ in range(max_iter):
         if keep.sum() < basis.shape[1]:
             break
-        coef, *_ = np.linalg.lstsq(basis[keep] * sqrt_w[keep, None], yobs[keep] * sqrt_w[keep],
-                                   rcond=None)
+        wk = w * keep                       # normal equations: the basis has a few columns
+        coef = np.linalg.lstsq(basis.T @ (basis * wk[:, None]), basis.T @ (wk * yobs),
+                               rcond=None)[0]
         new = yobs - basis @ coef <= clip_sigma * sigma
         if np.array_equal(new, keep):
             break
@@ -266,7 +270,7 @@ def _isolated_peaks(x, net, sigma, refl, model) -> list[dict[str, float]]:
         hi = [c0 + fw0, np.inf, 5 * fw0, 1.0, np.inf, np.inf]
         try:
             fit = least_squares(lambda p: (_pv(p, xs) - ys) / ss, p0, bounds=(lo, hi),
-                                x_scale="jac", max_nfev=200)
+                                x_scale="jac", max_nfev=60)
         except (ValueError, np.linalg.LinAlgError):
             continue
         c, area, fw, eta = (float(v) for v in fit.x[:4])
