@@ -83,10 +83,9 @@ _LEBAIL_FLOOR = 1e-9
 _SCAN_FACTORS = np.exp(np.linspace(math.log(0.8), math.log(1.25), 12))
 #: ... and the relative χ² gain a candidate must bring to restart the LM from it.
 _SCAN_GAIN = 1e-3
-#: 2θ grid (points over the fitted range) on which the unfloored widths are checked (flags) ...
+#: 2θ grid (points over the fitted range) on which the unfloored widths are checked (flags)
+#: and bounded (ProfileConstraint).
 _WIDTH_GRID = 129
-#: ... and bounded (ProfileConstraint; between its points σ² may dip by ≤ U·(Δtanθ)²/4).
-_BOUND_GRID = 33
 
 
 @dataclass(frozen=True)
@@ -567,7 +566,7 @@ class ProfileConstraint:
     GAM_MIN = 1.01 * _GAM_FLOOR
 
     def __init__(self, model: PatternModel, x_range: tuple[float, float],
-                 n_grid: int = _BOUND_GRID):
+                 n_grid: int = _WIDTH_GRID):
         self.model = model
         self.tth = np.linspace(float(x_range[0]), float(x_range[1]), n_grid)
         th = np.radians(self.tth) / 2
@@ -589,10 +588,14 @@ class ProfileConstraint:
         sig2, gam = self.model.raw_widths(values, self.tth)
         return np.concatenate([sig2.ravel(), gam.ravel()])
 
+    def _grid_widths(self, values: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        return self.model.raw_widths(values, self.tth)
+
     def feasible(self, values: Mapping[str, float]) -> bool:
-        g = self.values_of(values)
+        sig2, gam = self._grid_widths(values)
         # relative slack: the bound itself is reached by the constrained step
-        return bool(np.all(g >= self.bounds() - 1e-9 * (1.0 + np.abs(g))))
+        return bool(np.all(sig2 >= self.SIG2_MIN - 1e-9 * (1.0 + np.abs(sig2)))
+                    and np.all(gam >= self.GAM_MIN - 1e-9 * (1.0 + np.abs(gam))))
 
     def linearised(self, values: Mapping[str, float],
                    vary: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -611,12 +614,14 @@ class ProfileConstraint:
 
     def active(self, values: Mapping[str, float], margin: float = 0.1) -> bool:
         """Whether a width is within ``margin`` (relative) of its bound anywhere."""
-        return bool(np.any(self.values_of(values) <= self.bounds() * (1 + margin)))
+        sig2, gam = self._grid_widths(values)
+        return bool(sig2.min() <= self.SIG2_MIN * (1 + margin)
+                    or gam.min() <= self.GAM_MIN * (1 + margin))
 
     def make_feasible(self, values: dict[str, float]) -> list[str]:
         """Raise W (σ²) and X (γ) just enough to satisfy the bounds; returns what changed."""
         notes = []
-        sig2, gam = self.model.raw_widths(values, self.tth)
+        sig2, gam = self._grid_widths(values)
         lack = self.SIG2_MIN - float(sig2.min())
         if lack > 0:
             values["W"] += lack * (1 + 1e-6) + 1e-9
