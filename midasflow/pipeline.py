@@ -189,6 +189,7 @@ def refine(
     if export:
         refiner = ExportingBackend(refiner, out)
     plan = plan_lineouts(source, min_points=min_points)
+    options.check_against([spec.tth_deg for spec in plan if not spec.skipped], min_points)
     out.mkdir(parents=True, exist_ok=True)
     record_settings(out, {
         "data": str(data) if not isinstance(data, xr.Dataset) else "<dataset>",
@@ -233,7 +234,8 @@ def check_run_inputs(
     **refine_options: Any,
 ) -> None:
     """Every check :func:`run` makes before any work (or output) starts: the scan's parameter
-    and data files or the store to refine, the CIFs, the ``.instprm`` and the backend.
+    and data files or the store to refine, the CIFs, the ``.instprm``, the recipe options
+    (background terms, 2θ limits, mode) and the backend.
 
     Raises
     ------
@@ -243,6 +245,7 @@ def check_run_inputs(
     from midasflow.crystal import read_phases
     from midasflow.errors import CakeFileError, ParameterError
     from midasflow.refinement.backends import get_backend
+    from midasflow.refinement.options import check_recipe
 
     if skip_integration:
         if zarr_file is None:
@@ -255,6 +258,8 @@ def check_run_inputs(
         return
     if not cifs:
         raise ParameterError("--cif: at least one CIF is needed to refine")
+    check_recipe(refine_options.get("bkg_terms", 6), refine_options.get("limits"),
+                 refine_options.get("mode", "rietveld"))
     read_phases(cifs)
     if refine_options.get("instprm"):
         from midasflow.io.instprm import read_instprm

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,26 @@ def _num(v: Any) -> float | None:
     return v if np.isfinite(v) else None
 
 
+def run_failure(ds: xr.Dataset) -> str | None:
+    """Why a run refined nothing, in one line; None when at least one lineout was refined.
+
+    Every lineout failed: the count and the most common error. Every lineout skipped: too few
+    usable points.
+    """
+    status = ds["status"].values
+    if (status == "ok").any():
+        return None
+    failed = status == "failed"
+    n_failed, n_skipped = int(failed.sum()), int((status == "skipped").sum())
+    if not n_failed:
+        return (f"no lineout refined: all {n_skipped} lineouts were skipped (too few usable points "
+                "in every lineout)")
+    message, count = Counter(ds["message"].values[failed].tolist()).most_common(1)[0]
+    skipped = f", {n_skipped} skipped" if n_skipped else ""
+    return (f"no lineout refined: all {n_failed} refined lineouts failed{skipped}; most common "
+            f"error ({count} of {n_failed}): {message or '(no message)'}")
+
+
 def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
     """``refinement_summary.json`` content from a results Dataset.
 
@@ -248,7 +269,8 @@ def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
     ``histogram_index``: ``histogram_index``, ``status``, ``Rwp``, ``phases`` [{``name``,
     ``cell`` [a, b, c, α, β, γ, V]}]); added: per histogram ``group``, ``eta_index``,
     ``omega_deg``, ``eta_deg``, ``n_points``, ``message`` and ``strain`` {phase: {``eps``,
-    ``esd``}}, and top-level ``strain`` (the fits, as :meth:`midasflow.strain.StrainFit.to_dict`).
+    ``esd``}}, top-level ``strain`` (the fits, as :meth:`midasflow.strain.StrainFit.to_dict`)
+    and, when no lineout was refined, top-level ``error`` (:func:`run_failure`).
     """
     status = ds["status"].values
     rwp = ds["rwp"].values
@@ -280,7 +302,7 @@ def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
                 "strain": strains,
             })
     hists.sort(key=lambda h: h["histogram_index"])
-    return {
+    summary = {
         "data_file": str(ds.attrs.get("data_file", "")),
         "total_histograms": len(hists),
         "succeeded": int(ok.sum()),
@@ -290,6 +312,10 @@ def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
         "histograms": hists,
         "strain": json.loads(ds.attrs.get("strain_fits", "{}")),
     }
+    failure = run_failure(ds)
+    if failure:
+        summary["error"] = failure
+    return summary
 
 
 def write_results_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:

@@ -170,3 +170,44 @@ def test_warnings_print_as_one_line_naming_the_command(scan, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith(f"midasflow integrate: warning: {params}: ") and "SomeOtherMidasKey" in lines[0]
     assert lines[1].startswith("midasflow integrate: error: ") and len(lines) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limits", "50", "60"], "--limits 50 60: the data cover 2θ"),
+    (["--limits", "8", "2"], "--limits 8 2: expected 0 <= LOW < HIGH <= 180"),
+    (["--bkg-terms", "0"], "--bkg-terms 0: expected 1 to 36"),
+    (["--bkg-terms", "-3"], "--bkg-terms -3: expected 1 to 36"),
+])
+@pytest.mark.parametrize("command", ["refine", "run"])
+def test_options_that_would_fail_every_lineout_exit_2_before_any_work(command, flags, message, scan, store,
+                                                                      tmp_path, capsys):
+    out = tmp_path / "out"
+    if command == "refine":
+        argv = ["refine", "--data", str(store)]
+    else:  # run checks what it can before integrating; the data check follows the integration
+        argv = ["run", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(tmp_path / "int"),
+                "--cache-dir", str(scan["root"] / "cache")]
+    assert main(argv + ["--cif", scan["cif"], "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"midasflow {command}: error: {message}" in err, err
+    assert not out.exists()
+    if command == "run" and "the data cover" not in message:
+        assert not (tmp_path / "int").exists()  # refused before the integration
+
+
+def test_a_run_in_which_every_lineout_fails_exits_1_and_its_summary_says_why(store, scan, tmp_path, capsys):
+    from midasflow.io.caked_store import open_caked
+    from midasflow.io.midas_zarr import write_midas_zarr
+
+    flat = open_caked(store).load()
+    flat["intensity"][:] = 0.0  # every lineout: not a diffraction pattern
+    flat_store = write_midas_zarr(flat, tmp_path / "flat.zarr.zip")
+    out = tmp_path / "out"
+    assert main(["refine", "--data", str(flat_store), "--cif", scan["cif"], "--out", str(out), "--no-atoms",
+                 "--no-export", "--no-report"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"midasflow refine: error: no lineout refined: all {N_LINEOUTS} refined lineouts "
+                          f"failed; most common error ({N_LINEOUTS} of {N_LINEOUTS}): "), err
+    summary = json.loads((out / "refinement_summary.json").read_text())
+    assert summary["succeeded"] == 0 and summary["failed"] == N_LINEOUTS
+    assert summary["error"] == err.split("error: ", 1)[1]

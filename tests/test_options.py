@@ -72,3 +72,33 @@ def test_settings_are_json_with_the_phase_in_full():
     assert [a[:2] for a in phase["atoms"]] == [[a.label, a.element] for a in _options().phases[0].atoms]
     assert settings["instrument"]["U"] == 2.0 and settings["instrument"]["Lam"] == 0.172979
     assert settings["limits"] == [2.0, 9.5] and settings["mode"] == "rietveld"
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(bkg_terms=0), r"--bkg-terms 0: expected 1 to 36"),
+    (dict(bkg_terms=-3), r"--bkg-terms -3: expected 1 to 36"),
+    (dict(bkg_terms=37), r"--bkg-terms 37: expected 1 to 36"),
+    (dict(limits=(8.0, 2.0)), r"--limits 8 2: expected 0 <= LOW < HIGH <= 180"),
+    (dict(limits=(5.0, 5.0)), r"--limits 5 5: expected 0 <= LOW < HIGH"),
+    (dict(limits=(-1.0, 5.0)), r"--limits -1 5: expected 0 <= LOW"),
+    (dict(limits=(1.0, float("nan"))), r"--limits 1.0 nan: expected two finite 2θ values"),
+])
+def test_options_no_lineout_could_use_are_refused(changes, message):
+    with pytest.raises(ParameterError, match=message):
+        _options(**changes)
+
+
+def test_options_are_checked_against_the_data():
+    import numpy as np
+
+    tth = [np.linspace(1.0, 11.0, 400), np.linspace(1.0, 11.0, 300)]
+    _options(limits=(2.0, 9.5)).check_against(tth, min_points=20)  # fine
+    _options(limits=None).check_against(tth, min_points=20)
+    with pytest.raises(ParameterError, match=r"--limits 50 60: the data cover 2θ 1 to 11 deg and no lineout "
+                                             r"has more than 20 points inside the limits \(it has at most 0\)"):
+        _options(limits=(50.0, 60.0)).check_against(tth, min_points=20)
+    with pytest.raises(ParameterError, match=r"at most 16\)"):  # 10.6..11: 16 of the 400 points
+        _options(limits=(10.6, 11.5)).check_against(tth, min_points=20)
+    with pytest.raises(ParameterError, match=r"--bkg-terms 30: no lineout has more points than that \(at most 28\)"):
+        _options(limits=(10.3, 11.0), bkg_terms=30).check_against(tth, min_points=20)
+    _options(limits=(50.0, 60.0)).check_against([np.empty(0)], min_points=20)  # all skipped: the run says so

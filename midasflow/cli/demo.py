@@ -53,7 +53,7 @@ def make_demo_scan(out: Path, *, n_frames: int, sum_frames: int, size: int, seed
 
 
 def main(argv: Sequence[str]) -> int:
-    from midasflow.cli.refine import print_summary
+    from midasflow.cli.refine import report_outcome
     from midasflow.pipeline import run
 
     # Default: this process. On the 2-core development machine the in-process run refined the
@@ -69,8 +69,8 @@ def main(argv: Sequence[str]) -> int:
     with dask_client(args) as client:
         results = run(files.params_file, files.data, [cif], out=out / "refinement",
                       result_folder=out, client=client, refine_atoms=False, progress=True)
-    print_summary(results, str(out / "refinement"))
+    status = report_outcome(results, str(out / "refinement"), "demo")
     truth_text = ", ".join(f"{c} {v:+.2e}" for c, v in zip(COMPONENTS, components_from_tensor(DEMO_STRAIN)))
     print(f"simulated truth: a0 = {truth['a0_a']:.6f} Å, sample-frame strain {truth_text}")
     print(f"done in {time.perf_counter() - t0:.1f} s; open {out / 'refinement' / 'report.html'}")
-    return 0
+    return status

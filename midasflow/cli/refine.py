@@ -112,6 +112,19 @@ def print_summary(results: Any, out: str, file: Any = None) -> None:
     print(f"results: {out}/results.zarr, {out}/refinement_summary.json, report {out}/report.html", file=file)
 
 
+def report_outcome(results: Any, out: str, command: str) -> int:
+    """Print the summary table; exit status 0, or 1 with a one-line error on stderr when no
+    lineout was refined (every one failed or was skipped; the summary's ``error`` says why too)."""
+    from midasflow.results import run_failure
+
+    print_summary(results, out)
+    failure = run_failure(results)
+    if failure is None:
+        return 0
+    print(f"midasflow {command}: error: {failure}", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="midasflow refine",
                                      description="Refine every (ω, η) lineout of a caked scan.")
@@ -127,5 +140,4 @@ def main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     with dask_client(args) as client:
         results = refine(args.data, args.cif, client=client, **refine_options(args))
-    print_summary(results, args.out)
-    return 0
+    return report_outcome(results, args.out, "refine")

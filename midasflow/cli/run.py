@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from midasflow.cli._common import add_cluster_flags, dask_client
 from midasflow.cli.integrate import add_integration_flags, scan_source
-from midasflow.cli.refine import add_refinement_flags, print_summary, refine_options
+from midasflow.cli.refine import add_refinement_flags, refine_options, report_outcome
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +41,5 @@ def main(argv: Sequence[str]) -> int:
                      overrides=overrides, cache_dir=args.cache_dir, client=client, **steps)
     if args.skip_refinement:
         print(result)
-    else:
-        print_summary(result, args.out)
-    return 0
+        return 0
+    return report_outcome(result, args.out, "run")

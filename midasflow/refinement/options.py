@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -38,6 +39,35 @@ SEED_MODES: tuple[str | None, ...] = (None, *get_args(SeedFrom))
 
 #: Field metadata of the options passed to the per-lineout refinement call as keywords.
 RECIPE = {"recipe": True}
+#: Chebyshev background terms GSAS-II offers (its Background window: 1 to 36 coefficients).
+BKG_TERMS_RANGE = (1, 36)
+
+
+def check_recipe(bkg_terms: int, limits: Sequence[float] | None, mode: str) -> None:
+    """Refuse recipe options no lineout could be refined with, before any work.
+
+    Raises
+    ------
+    ParameterError
+        ``bkg_terms`` outside 1..36, ``limits`` that are not two finite 2θ values in
+        [0, 180] degrees with LOW < HIGH, or an unknown ``mode``.
+    """
+    lo_terms, hi_terms = BKG_TERMS_RANGE
+    if isinstance(bkg_terms, bool) or int(bkg_terms) != bkg_terms or not lo_terms <= bkg_terms <= hi_terms:
+        raise ParameterError(f"--bkg-terms {bkg_terms}: expected {lo_terms} to {hi_terms} Chebyshev "
+                             "background terms (GSAS-II's range)")
+    if limits is not None:
+        try:
+            lo, hi = (float(v) for v in limits)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ParameterError(f"--limits {' '.join(map(str, limits))}: expected two finite 2θ values "
+                                 "LOW HIGH in degrees") from None
+        if not 0.0 <= lo < hi <= 180.0:
+            raise ParameterError(f"--limits {lo:g} {hi:g}: expected 0 <= LOW < HIGH <= 180 (2θ in degrees)")
+    if mode not in MODES:
+        raise ParameterError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
 
 
 @dataclass(frozen=True)
@@ -68,10 +98,41 @@ class RefineOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phases", tuple(self.phases))
+        check_recipe(self.bkg_terms, self.limits, self.mode)
         if self.limits is not None:
             object.__setattr__(self, "limits", tuple(float(v) for v in self.limits))
-        if self.mode not in MODES:
-            raise ParameterError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
+
+    def check_against(self, tth_deg: Sequence[Any], min_points: int) -> None:
+        """Refuse options that would fail every lineout of this data, before any is refined.
+
+        Parameters
+        ----------
+        tth_deg : sequence of ndarray, degrees
+            The usable 2θ points of each lineout to refine (skipped ones left out).
+        min_points : int
+            A lineout needs more than this many points inside the limits.
+
+        Raises
+        ------
+        ParameterError
+            No lineout has more than ``min_points`` points inside ``limits`` (naming the data's
+            2θ range), or fewer points than ``bkg_terms`` + 1 in every lineout.
+        """
+        import numpy as np
+
+        arrays = [np.asarray(x, dtype=float) for x in tth_deg]
+        if not arrays or not any(a.size for a in arrays):
+            return  # nothing to refine: every lineout is skipped, and the run says so
+        lo, hi = self.limits if self.limits is not None else (-np.inf, np.inf)
+        inside = [int(((a >= lo) & (a <= hi)).sum()) for a in arrays]
+        if self.limits is not None and max(inside) <= min_points:
+            span = (min(float(a.min()) for a in arrays if a.size), max(float(a.max()) for a in arrays if a.size))
+            raise ParameterError(
+                f"--limits {lo:g} {hi:g}: the data cover 2θ {span[0]:.4g} to {span[1]:.4g} deg and no "
+                f"lineout has more than {min_points} points inside the limits (it has at most {max(inside)})")
+        if self.bkg_terms >= max(inside):
+            raise ParameterError(f"--bkg-terms {self.bkg_terms}: no lineout has more points than that "
+                                 f"(at most {max(inside)}); expected fewer background terms")
 
     def recipe_kwargs(self) -> dict[str, Any]:
         """The options marked :data:`RECIPE`, as keywords of the per-lineout refinement call."""
