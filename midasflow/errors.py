@@ -37,3 +37,11 @@ class PatternError(MidasflowError):
 
 class BackendError(MidasflowError):
     """A refinement backend cannot be used here (e.g. GSAS-II is not importable)."""
+
+
+class OutputPathError(MidasflowError):
+    """An output folder is a file, or cannot be created or written."""
+
+
+class OutputInUseError(MidasflowError):
+    """Another live midasflow process is writing the same output (it holds the lock)."""

@@ -93,19 +93,27 @@ def integrate(
     on a filesystem the workers share) and only per-bin NaN flags come back. With ``plain_zarr``
     the same Dataset is also written as ``<scan>.zarr`` through xarray. ``progress`` shows a
     progress bar on stderr when ``client`` computes it.
+
+    Only one process writes a given store at a time: a second one is refused
+    (:class:`~midasflow.errors.OutputInUseError`, naming the holder's pid) while the first holds
+    the lock ``<result_folder>/.<scan>.zarr.zip.lock`` (:mod:`midasflow.io.lock`).
     """
     from midasflow.io.caked_store import write_caked_zarr
+    from midasflow.io.lock import lock_name, output_lock
     from midasflow.io.midas_zarr import write_midas_zarr
 
     scan = ScanSource.of(source)
     params = read_params(param_fn, overrides)
-    ds = integrate_dataset(scan, params, cache_dir=cache_dir)
     folder = Path(result_folder)
-    folder.mkdir(parents=True, exist_ok=True)
     stem = scan_stem(scan.data_fn)
-    out = write_midas_zarr(ds, folder / f"{stem}.zarr.zip", client=client, progress=progress)
-    if plain_zarr:
-        write_caked_zarr(ds, folder / f"{stem}.zarr", client=client)
+    target = folder / f"{stem}.zarr.zip"
+    # one writer per store (other scans may share the folder); the folder is created here and
+    # removed again if the run fails before writing anything
+    with output_lock(folder, lock_name(target), flag="-resultFolder", holder="midasflow integrate"):
+        ds = integrate_dataset(scan, params, cache_dir=cache_dir)
+        out = write_midas_zarr(ds, target, client=client, progress=progress)
+        if plain_zarr:
+            write_caked_zarr(ds, folder / f"{stem}.zarr", client=client)
     log.info("wrote %s", out)
     return out
 
@@ -163,10 +171,17 @@ def refine(
         Write ``report.html``.
     progress : bool
         Progress line on stderr.
+
+    Notes
+    -----
+    The options are checked against the data before anything is written. ``out`` is then locked
+    (``<out>/.midasflow.lock``) until the results are written: a second run into the same folder
+    is refused with :class:`~midasflow.errors.OutputInUseError` naming the holder's pid.
     """
     from midasflow.crystal import read_phases
     from midasflow.io.caked_store import open_caked
     from midasflow.io.instprm import instrument_from_midas, read_instprm
+    from midasflow.io.lock import check_writable_folder, output_lock
     from midasflow.refinement.backends import ExportingBackend, get_backend
     from midasflow.refinement.lineouts import (
         plan_lineouts,
@@ -178,6 +193,7 @@ def refine(
     from midasflow.results import assemble_results, write_results
 
     out = Path(out)
+    check_writable_folder(out, "--out")
     source = data if isinstance(data, xr.Dataset) else open_caked(data)
     phases = read_phases(cifs)
     # the store's InstrumentParameters were read with it (open_caked): not read again
@@ -190,36 +206,36 @@ def refine(
         refiner = ExportingBackend(refiner, out)
     plan = plan_lineouts(source, min_points=min_points)
     options.check_against([spec.tth_deg for spec in plan if not spec.skipped], min_points)
-    out.mkdir(parents=True, exist_ok=True)
-    record_settings(out, {
-        "data": str(data) if not isinstance(data, xr.Dataset) else "<dataset>",
-        **options.settings(), "backend": backend, "min_points": min_points, "seed_from": seed_from,
-    }, resume=resume)
-    execution = dict(backend=refiner, seed_from=seed_from, checkpoint_dir=out, resume=resume,
-                     progress=progress)
-    if client is None:
-        lineouts = run_serial(plan, options, **execution)
-    else:
-        lineouts = run_distributed(plan, options, client, **execution)
-    cells = dict(ref_cells or {})
-    for phase in phases:
-        cells.setdefault(phase.name, tuple(phase.cell))
-    data_file = str(data) if not isinstance(data, xr.Dataset) else data.attrs.get("source", "<dataset>")
-    results = assemble_results(
-        lineouts,
-        ref_cells=cells,
-        phase_names=[p.name for p in phases],
-        attrs={"data_file": data_file, "backend": backend, "mode": mode},
-    )
-    # the ω-groups' process variables (temperature, pressure, I, I0) ride along as coordinates
-    measured = [name for name in PROCESS_VARIABLES if name in source and "group" in source[name].dims]
-    if results.sizes["group"] == source.sizes.get("group"):
-        results = results.assign_coords({name: ("group", source[name].values) for name in measured})
-    write_results(results, out, lineouts=lineouts, no_export=True)  # exported by the tasks
-    if report:
-        from midasflow.report import write_report
+    with output_lock(out, flag="--out", holder="midasflow refine"):  # one writer per folder
+        record_settings(out, {
+            "data": str(data) if not isinstance(data, xr.Dataset) else "<dataset>",
+            **options.settings(), "backend": backend, "min_points": min_points, "seed_from": seed_from,
+        }, resume=resume)
+        execution = dict(backend=refiner, seed_from=seed_from, checkpoint_dir=out, resume=resume,
+                         progress=progress)
+        if client is None:
+            lineouts = run_serial(plan, options, **execution)
+        else:
+            lineouts = run_distributed(plan, options, client, **execution)
+        cells = dict(ref_cells or {})
+        for phase in phases:
+            cells.setdefault(phase.name, tuple(phase.cell))
+        data_file = str(data) if not isinstance(data, xr.Dataset) else data.attrs.get("source", "<dataset>")
+        results = assemble_results(
+            lineouts,
+            ref_cells=cells,
+            phase_names=[p.name for p in phases],
+            attrs={"data_file": data_file, "backend": backend, "mode": mode},
+        )
+        # the ω-groups' process variables (temperature, pressure, I, I0) ride along as coordinates
+        measured = [name for name in PROCESS_VARIABLES if name in source and "group" in source[name].dims]
+        if results.sizes["group"] == source.sizes.get("group"):
+            results = results.assign_coords({name: ("group", source[name].values) for name in measured})
+        write_results(results, out, lineouts=lineouts, no_export=True)  # exported by the tasks
+        if report:
+            from midasflow.report import write_report
 
-        write_report(results, out / "report.html", caked=source, lineouts=lineouts)
+            write_report(results, out / "report.html", caked=source, lineouts=lineouts)
     return results
 
 
@@ -231,11 +247,13 @@ def check_run_inputs(
     skip_integration: bool = False,
     zarr_file: str | Path | None = None,
     skip_refinement: bool = False,
+    result_folder: str | Path = ".",
     **refine_options: Any,
 ) -> None:
     """Every check :func:`run` makes before any work (or output) starts: the scan's parameter
     and data files or the store to refine, the CIFs, the ``.instprm``, the recipe options
-    (background terms, 2θ limits, mode) and the backend.
+    (background terms, 2θ limits, mode), the backend, and that the output folders
+    (``result_folder``, ``out``) are folders that can be written.
 
     Raises
     ------
@@ -244,6 +262,7 @@ def check_run_inputs(
     """
     from midasflow.crystal import read_phases
     from midasflow.errors import CakeFileError, ParameterError
+    from midasflow.io.lock import check_writable_folder
     from midasflow.refinement.backends import get_backend
     from midasflow.refinement.options import check_recipe
 
@@ -254,8 +273,11 @@ def check_run_inputs(
             raise CakeFileError(f"{zarr_file}: no such caked store (--zarr-file)")
     elif param_fn is None or source is None:
         raise ParameterError("-paramFN and -dataFN are required unless --skip-integration --zarr-file F")
+    else:
+        check_writable_folder(result_folder, "-resultFolder")
     if skip_refinement:
         return
+    check_writable_folder(refine_options.get("out", "refinement"), "--out")
     if not cifs:
         raise ParameterError("--cif: at least one CIF is needed to refine")
     check_recipe(refine_options.get("bkg_terms", 6), refine_options.get("limits"),
@@ -291,7 +313,8 @@ def run(
     ``skip_refinement``.
     """
     check_run_inputs(param_fn, source, cifs, skip_integration=skip_integration, zarr_file=zarr_file,
-                     skip_refinement=skip_refinement, **refine_options)
+                     skip_refinement=skip_refinement, result_folder=result_folder,
+                     out=out, **refine_options)
     if skip_integration:
         store = Path(zarr_file)
     else:

@@ -211,3 +211,83 @@ def test_a_run_in_which_every_lineout_fails_exits_1_and_its_summary_says_why(sto
     summary = json.loads((out / "refinement_summary.json").read_text())
     assert summary["succeeded"] == 0 and summary["failed"] == N_LINEOUTS
     assert summary["error"] == err.split("error: ", 1)[1]
+
+
+@pytest.mark.slow
+def test_a_second_refine_into_the_same_out_is_refused_naming_the_first(scan, store, tmp_path, capsys):
+    import os
+    import time
+
+    out = tmp_path / "out"
+    argv = ["refine", "--data", str(store), "--cif", scan["cif"], "--out", str(out), "--no-atoms", "--mode", "lebail",
+            "--no-export", "--no-report"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, "-m", "midasflow", *argv], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".midasflow.lock").is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == err.splitlines()[0] and f"in use by midasflow refine (pid {first.pid} on " in err, err
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr
+    _check_results(out)  # the first run's results, whole
+    assert not (out / ".midasflow.lock").exists()
+
+
+_HOLD_LOCK = """
+import sys, time
+from midasflow.io.lock import output_lock
+with output_lock(sys.argv[1], sys.argv[2], holder=sys.argv[3]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("command", ["integrate", "refine"])
+def test_an_output_another_process_writes_is_refused_with_its_pid(command, scan, store, tmp_path, capsys):
+    import os
+
+    folder = tmp_path / "out"
+    lock = ".scan_000001.zarr.zip.lock" if command == "integrate" else ".midasflow.lock"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder), lock, f"midasflow {command}"],
+                              env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = (["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(folder),
+                 "--cache-dir", str(scan["root"] / "cache")] if command == "integrate" else
+                ["refine", "--data", str(store), "--cif", scan["cif"], "--out", str(folder)])
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"midasflow {command}: error: {folder}: in use by midasflow {command} "
+                              f"(pid {holder.pid} on "), err
+        assert len(err.splitlines()) == 1
+        assert sorted(p.name for p in folder.iterdir()) == [lock]  # nothing written beside the holder's lock
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("flag_value", ["file", "file/sub"])
+@pytest.mark.parametrize("command", ["integrate", "refine", "run"])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(command, flag_value, scan, store, tmp_path,
+                                                                    capsys):
+    (tmp_path / "file").write_text("not a folder")
+    target = str(tmp_path / flag_value)
+    argv = {
+        "integrate": ["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", target],
+        "refine": ["refine", "--data", str(store), "--cif", scan["cif"], "--out", target],
+        "run": ["run", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(tmp_path / "int"),
+                "--cif", scan["cif"], "--out", target],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    flag = "-resultFolder" if command == "integrate" else "--out"
+    assert err.startswith(f"midasflow {command}: error: {flag} {target}: ") and "existing file" in err, err
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written, not even `int`

@@ -35,7 +35,8 @@ def main(argv: Sequence[str]) -> int:
     source = scan_source(args)
     steps = dict(skip_integration=args.skip_integration, zarr_file=args.zarr_file,
                  skip_refinement=args.skip_refinement, **refine_options(args))
-    check_run_inputs(args.param_fn, source, args.cif, **steps)  # before any worker starts
+    check_run_inputs(args.param_fn, source, args.cif, result_folder=args.result_folder,
+                     **steps)  # before any worker starts
     with dask_client(args) as client:
         result = run(args.param_fn, source, args.cif, result_folder=args.result_folder,
                      overrides=overrides, cache_dir=args.cache_dir, client=client, **steps)

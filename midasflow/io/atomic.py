@@ -6,6 +6,7 @@ complete: the temporary name is removed and the destination keeps its previous c
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -30,19 +31,52 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = _sibling(path, "tmp")
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _move_into_place(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    """A hidden sibling name of our own making: ``.<name>.<kind>-<pid>-<random>``."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+#: What ``rename`` says when the destination is in the way: a non-empty folder, or a file where a
+#: folder goes (or the reverse).
+_IN_THE_WAY = (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR)
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``, replacing a file or a whole directory store there.
+
+    A file replaces a file in one atomic rename. A directory cannot be renamed over a non-empty
+    one, so whatever is at ``path`` is first renamed aside and deleted once ``tmp`` is in place.
+    Safe against concurrent writers of the same ``path``: when another writer's store lands (or
+    takes the old one away) between the two renames, this one simply tries again; every writer
+    ends with a complete store at ``path`` (the last one wins), and no rename fails.
+    """
+    displaced: list[Path] = []
+    try:
+        while True:
+            try:
+                os.replace(tmp, path)
+                return
+            except OSError as exc:
+                if exc.errno not in _IN_THE_WAY:
+                    raise
+            old = _sibling(path, "old")
+            try:
+                os.replace(path, old)
+            except FileNotFoundError:  # another writer moved it aside first
+                continue
+            displaced.append(old)
+    finally:
+        for old in displaced:
+            _remove(old)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
