@@ -126,7 +126,7 @@ def refine(
     instprm: str | Path | None = None,
     bkg_terms: int = 6,
     limits: tuple[float, float] | None = None,
-    refine_atoms: bool = False,
+    refine_atoms: bool = True,
     mode: Mode = "rietveld",
     export: bool = True,
     backend: BackendName = "native",
@@ -153,7 +153,9 @@ def refine(
         GSAS-II ``.instprm``; default the store's ``InstrumentParameters`` (§7.4).
     bkg_terms, limits, refine_atoms, mode
         The staged recipe's options (Chebyshev terms; 2θ range in degrees; atoms stage;
-        "rietveld" or "lebail").
+        "rietveld" or "lebail"). Atoms are refined unless ``refine_atoms=False``, as by the
+        command line and MIDAS's script; the manual recommends ``refine_atoms=False``
+        (``--no-atoms``) for lattice and strain work.
     export : bool
         Write the per-lineout CSV and CIF files.
     backend : {"native", "gsas2"}

@@ -291,3 +291,23 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(command, fla
     assert err.startswith(f"midasflow {command}: error: {flag} {target}: ") and "existing file" in err, err
     assert len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written, not even `int`
+
+
+def test_command_and_python_api_share_one_atoms_default(scan, store, tmp_path, capsys):
+    """Atoms are refined by default in both (MIDAS's script); --no-atoms = refine_atoms=False."""
+    import midasflow as mf
+    from midasflow.cli.refine import build_parser
+    from midasflow.results import open_results
+
+    assert main(["refine", "--data", str(store), "--cif", scan["cif"], "--out", str(tmp_path / "cli"),
+                 "--no-export", "--no-report"]) == 0
+    capsys.readouterr()
+    cli = open_results(tmp_path / "cli" / "results.zarr")
+    api = mf.refine(store, [scan["cif"]], out=tmp_path / "api", export=False, report=False)
+    no_atoms = mf.refine(store, [scan["cif"]], out=tmp_path / "no_atoms", export=False, report=False,
+                         refine_atoms=False)
+    ok = np.isfinite(cli.a_a.values)
+    assert ok.sum() >= N_LINEOUTS - 1
+    np.testing.assert_array_equal(api.a_a.values, cli.a_a.values)
+    assert not np.array_equal(no_atoms.a_a.values[ok], cli.a_a.values[ok])  # the atom stage ran
+    assert "recommends --no-atoms" in " ".join(build_parser().format_help().split())

@@ -42,7 +42,7 @@ def test_frozen_and_the_vocabularies():
 
 
 def test_recipe_kwargs_are_the_recipe_fields_only():
-    assert _options().recipe_kwargs() == {"bkg_terms": 6, "limits": (2.0, 9.5), "refine_atoms": False,
+    assert _options().recipe_kwargs() == {"bkg_terms": 6, "limits": (2.0, 9.5), "refine_atoms": True,
                                           "mode": "rietveld"}
 
 
@@ -56,7 +56,7 @@ def test_digest_is_stable_across_processes_and_pickling():
 
 
 @pytest.mark.parametrize("change", [
-    dict(bkg_terms=5), dict(limits=(2.0, 9.6)), dict(limits=None), dict(refine_atoms=True), dict(mode="lebail"),
+    dict(bkg_terms=5), dict(limits=(2.0, 9.6)), dict(limits=None), dict(refine_atoms=False), dict(mode="lebail"),
     dict(instrument=Instrument(lam=0.172979, U=2.0000001)), dict(instrument=Instrument(lam=0.17298, U=2.0)),
     dict(phases=(cubic_phase("CeO2", 5.4111),)), dict(phases=(cubic_phase("CeO2", 5.411, "F d -3 m"),)),
 ])

@@ -66,6 +66,10 @@ def main(argv: Sequence[str]) -> int:
                                        size=args.size, seed=args.seed, eta_bin_deg=args.eta_bin)
     print(f"simulated {args.frames} frames of strained CeO2 ({args.size}×{args.size} px) in {files.data}",
           file=sys.stderr)
+    # lattice and strain work: atoms held (--no-atoms), as the manual recommends
+    print("refining with --no-atoms (refine_atoms=False): atoms are refined by default, as in "
+          "MIDAS's script, but the manual recommends --no-atoms for lattice and strain work",
+          file=sys.stderr)
     with dask_client(args) as client:
         results = run(files.params_file, files.data, [cif], out=out / "refinement",
                       result_folder=out, client=client, refine_atoms=False, progress=True)

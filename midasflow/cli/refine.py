@@ -22,7 +22,10 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
     parser.add_argument("--bkg-terms", type=int, default=6, help="Chebyshev background terms (default 6)")
     parser.add_argument("--limits", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
                         help="2θ range to refine, degrees")
-    parser.add_argument("--no-atoms", action="store_true", help="skip the atom stage of the recipe")
+    parser.add_argument("--no-atoms", action="store_true",
+                        help="skip the atom stage of the recipe (atoms are refined by default, as in "
+                        "MIDAS's gsas_ii_refine.py; the manual recommends --no-atoms for lattice and "
+                        "strain work)")
     parser.add_argument("--no-export", action="store_true", help="no per-lineout CSV/CIF files")
     parser.add_argument("--mode", choices=MODES, default="rietveld")
     parser.add_argument("--backend", choices=BACKENDS, default="native",

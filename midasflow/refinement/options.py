@@ -85,7 +85,9 @@ class RefineOptions:
     limits : (float, float) or None
         2θ range refined, degrees; None = the whole lineout.
     refine_atoms : bool
-        Add the recipe's last stage (atom coordinates and Uiso; Rietveld only).
+        Add the recipe's last stage (atom coordinates and Uiso; Rietveld only). On by default,
+        as in MIDAS's ``gsas_ii_refine.py``; the manual recommends off for lattice and strain
+        work (atoms trade off against the scale and background, not the cell).
     mode : {"rietveld", "lebail"}
     """
 
@@ -93,7 +95,7 @@ class RefineOptions:
     instrument: Instrument
     bkg_terms: int = field(default=6, metadata=RECIPE)
     limits: tuple[float, float] | None = field(default=None, metadata=RECIPE)
-    refine_atoms: bool = field(default=False, metadata=RECIPE)
+    refine_atoms: bool = field(default=True, metadata=RECIPE)
     mode: Mode = field(default="rietveld", metadata=RECIPE)
 
     def __post_init__(self) -> None:
