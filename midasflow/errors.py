@@ -45,3 +45,7 @@ class OutputPathError(MidasflowError):
 
 class OutputInUseError(MidasflowError):
     """Another live midasflow process is writing the same output (it holds the lock)."""
+
+
+class UsageError(MidasflowError):
+    """The command line is not understood: an unknown flag, a missing or malformed argument."""

@@ -7,7 +7,10 @@ Units follow MIDAS (reference/midas_caking.md §3): R in detector pixels, length
 degrees, wavelength in Å.
 
 Keys midasflow does not use are kept verbatim in :attr:`Params.extra` and reported once as a
-warning, never silently dropped.
+warning naming the file, never silently dropped (MIDAS files carry keys of other MIDAS tools); an
+unknown key given as a command-line override is an error naming the nearest known key. ``Lsd``,
+``BC`` and ``Wavelength`` must be given: MIDAS's silent defaults (1 m, 1024 1024, 0.172978 Å)
+would cake with a geometry nobody calibrated.
 """
 from __future__ import annotations
 
@@ -351,15 +354,58 @@ def _strip_comment(line: str) -> str:
     return line.split("#", 1)[0].strip()
 
 
-def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list[str]]:
-    """Parse (location, text) pairs into Params keyword arguments and the MIDAS keys whose
-    values midasflow does not apply (with what that means)."""
+#: Keys whose absence is an error: without them the geometry is a guess (MIDAS would silently
+#: use Lsd 1e6 µm, BC 1024 1024 px and Wavelength 0.172978 Å).
+REQUIRED_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    "Lsd": (("Lsd", "DetDist"), "the sample-detector distance in µm"),
+    "BC": (("BC",), "the beam centre Ycen Zcen in pixels"),
+    "Wavelength": (("Wavelength",), "the wavelength in Å"),
+}
+#: Source name of command-line overrides in messages.
+COMMAND_LINE = "command line"
+
+
+def known_keys() -> set[str]:
+    """Every parameter-file key midasflow recognises (used, ignored, refused or not applied)."""
+    return (set(_KEYS) | set(_IGNORED) | set(_NOT_APPLIED) | set(_UNSUPPORTED) | set(PARAMETER_FILE_KEYS)
+            | {"BC", "NrPixels", "ImTransOpt", "QBinSize"} | {f"p{i}" for i in range(N_DISTORTION_TERMS)})
+
+
+def is_known_key(key: str) -> bool:
+    """Whether ``key`` (leading dashes ignored) is a parameter-file key midasflow recognises."""
+    return key.lstrip("-") in known_keys()
+
+
+def nearest(name: str, candidates: Sequence[str] | set[str]) -> str | None:
+    """The candidate closest to ``name`` (case-insensitive, dashes ignored), or None if none is
+    close (:func:`difflib.get_close_matches`, cutoff 0.6)."""
+    import difflib
+
+    folded = {c.lstrip("-").lower(): c for c in sorted(candidates)}
+    match = difflib.get_close_matches(name.lstrip("-").lower(), list(folded), n=1, cutoff=0.6)
+    return folded[match[0]] if match else None
+
+
+def _source_of(where: str) -> str:
+    """The file (or "command line") part of a ``<file>:<line>`` / override location."""
+    return COMMAND_LINE if where.startswith(COMMAND_LINE) else where.rsplit(":", 1)[0]
+
+
+def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], dict[str, list[str]],
+                                                            dict[str, list[str]]]:
+    """Parse (location, text) pairs into Params keyword arguments, the MIDAS keys whose values
+    midasflow does not apply (with what that means) and the unknown keys, both by source.
+
+    An unknown key from the command line (location "command line …") is an error naming the
+    nearest known key; unknown keys of a file are kept (MIDAS files carry keys of other tools).
+    """
     values: dict[str, Any] = {}
     im_trans: list[int] = []
     distortion: dict[int, float] = {}
     instrument: dict[str, float] = {}
     extra: dict[str, tuple[str, ...]] = {}
-    not_applied: list[str] = []
+    unknown: dict[str, list[str]] = {}
+    not_applied: dict[str, list[str]] = {}
     for where, raw in lines:
         text = _strip_comment(raw)
         if not text:
@@ -378,7 +424,7 @@ def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list
         elif key in _NOT_APPLIED:
             neutral, consequence = _NOT_APPLIED[key]
             if _convert(tokens[0], float, where, key) != neutral:
-                not_applied.append(f"{key} ({consequence})")
+                not_applied.setdefault(_source_of(where), []).append(f"{key} ({consequence})")
         elif key == "ImTransOpt":
             im_trans.extend(_convert(t, int, where, key) for t in tokens)
         elif key == "BC":
@@ -404,8 +450,13 @@ def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list
                 values[spec.field] = _convert(tokens[0], spec.kind, where, key)
         elif key in _IGNORED:
             continue
+        elif where.startswith(COMMAND_LINE):
+            close = nearest(key, known_keys())
+            raise ParameterError(f"{where}: unknown parameter key {key!r}"
+                                 + (f"; did you mean {close}?" if close else ""))
         else:
             extra[key] = tuple(tokens)
+            unknown.setdefault(_source_of(where), []).append(key)
     if im_trans:
         values["im_trans_opt"] = tuple(im_trans)
     if distortion:
@@ -416,7 +467,8 @@ def _parse_lines(lines: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list
         values["extra"] = tuple(sorted(extra.items()))
     if values.get("omega_sum_frames") == 0:
         values["omega_sum_frames"] = 1  # MIDAS: 0 means 1
-    return values, sorted(set(not_applied))
+    return (values, {src: sorted(set(v)) for src, v in not_applied.items()},
+            {src: sorted(set(v)) for src, v in unknown.items()})
 
 
 def _override_lines(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -430,17 +482,24 @@ def _override_lines(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[
     while i < len(tokens):
         key = tokens[i].lstrip("-")
         # the first token after a key is its value; later non-numeric tokens start the next key
-        if i + 1 >= len(tokens) or (tokens[i + 1].startswith("-") and not _is_number(tokens[i + 1])):
+        if i + 1 >= len(tokens) or (tokens[i + 1].startswith("-") and not is_number(tokens[i + 1])):
             raise ParameterError(f"command line: key {key}: expected a value after the key")
         j = i + 2
-        while j < len(tokens) and _is_number(tokens[j]):
+        while j < len(tokens) and is_number(tokens[j]):
             j += 1
         lines.append((f"command line override {key}", " ".join([key, *tokens[i + 1 : j]])))
         i = j
     return lines
 
 
-def _is_number(token: str) -> bool:
+def check_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> None:
+    """Check command-line overrides on their own, before any file is read: every key known and
+    every value of the right kind (ParameterError naming the key otherwise)."""
+    _parse_lines(_override_lines(overrides))
+
+
+def is_number(token: str) -> bool:
+    """Whether ``token`` reads as a number (a value, not a key, on a command line)."""
     try:
         float(token)
     except ValueError:
@@ -480,19 +539,15 @@ def read_params(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
     if any(line.split()[:1] == ["ImTransOpt"] for _, line in override_lines):
         # an override replaces the file's transform list instead of extending it
         lines = [(w, line) for w, line in lines if _strip_comment(line).split()[:1] != ["ImTransOpt"]]
-    values, not_applied = _parse_lines(lines + override_lines)
-    if not_applied:
-        warnings.warn(f"{path}: not applied by midasflow: {'; '.join(not_applied)}", UserWarning,
+    values, not_applied, unknown = _parse_lines(lines + override_lines)
+    for source, keys in not_applied.items():
+        warnings.warn(f"{source}: not applied by midasflow: {'; '.join(keys)}", UserWarning,
                       stacklevel=2)
-    extra = dict(values.get("extra", ()))
-    if extra:
-        warnings.warn(
-            f"{path}: keys not used by midasflow (kept in Params.extra): {', '.join(sorted(extra))}",
-            UserWarning,
-            stacklevel=2,
-        )
+    for source, keys in unknown.items():
+        warnings.warn(f"{source}: keys not used by midasflow (kept in Params.extra): {', '.join(keys)}",
+                      UserWarning, stacklevel=2)
     try:
-        return Params(source=str(path), **values)
+        params = Params(source=str(path), **values)
     except ParameterError as exc:
         # add the line of the offending key when we know it
         message = str(exc)
@@ -506,9 +561,18 @@ def read_params(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
             if _strip_comment(line).split()[:1] and _strip_comment(line).split()[0].lstrip("-") in names:
                 raise ParameterError(message.replace(f"{path}: ", f"{where}: ", 1)) from None
         raise
+    given = {_strip_comment(line).split()[0].lstrip("-") for _, line in lines + override_lines
+             if _strip_comment(line)}
+    missing = [(name, what) for name, (aliases, what) in REQUIRED_KEYS.items() if not given & set(aliases)]
+    if missing:
+        raise ParameterError(
+            f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(n for n, _ in missing)}: "
+            f"expected {'; '.join(f'{n}, {w}' for n, w in missing)} (from the calibration; in the file "
+            "or as a command-line override)")
+    return params
 
 
 def params_from_text(text: str, source: str = "<text>") -> Params:
     """Parse parameter-file text (as written by :meth:`Params.to_text`)."""
-    values, _ = _parse_lines([(f"{source}:{n}", line) for n, line in enumerate(text.splitlines(), start=1)])
+    values, _, _ = _parse_lines([(f"{source}:{n}", line) for n, line in enumerate(text.splitlines(), start=1)])
     return Params(source=source, **values)

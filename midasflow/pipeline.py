@@ -70,8 +70,28 @@ def integrate_dataset(
     scan = ScanSource.of(source)
     scan.files()  # every file of the series exists, before the map is built
     binmap = load_or_build_binmap(params, mask_from_params(params), cache_dir)
+    check_binmap_covers_detector(binmap, params)
     frames = open_frames(scan, params, frames_per_chunk=frames_per_pass(binmap, np.float32))
     return cake(frames, params, binmap=binmap)
+
+
+def check_binmap_covers_detector(binmap: Any, params: Params) -> None:
+    """Refuse a geometry under which no (R, η) bin overlaps a detector pixel.
+
+    Raises
+    ------
+    ParameterError
+        Naming the parameter file, the R and η ranges, the beam centre and the detector size.
+    """
+    from midasflow.errors import ParameterError
+
+    if np.any(np.asarray(binmap.geometric_area) > 0):
+        return
+    raise ParameterError(
+        f"{params.source}: no (R, η) bin overlaps the detector: R {params.r_min_px:g}..{params.r_max_px:g} px "
+        f"and η {params.eta_min_deg:g}..{params.eta_max_deg:g}° around BC {params.bc_y_px:g} {params.bc_z_px:g} "
+        f"miss all {params.nr_pixels_y}×{params.nr_pixels_z} pixels; expected RMin/RMax, BC, Lsd and px "
+        "of this detector")
 
 
 def integrate(
@@ -91,8 +111,8 @@ def integrate(
     Dask scheduler (an active distributed client, or the threaded scheduler). Either way the
     tasks that cake the frames write the store's members themselves (the output folder must be
     on a filesystem the workers share) and only per-bin NaN flags come back. With ``plain_zarr``
-    the same Dataset is also written as ``<scan>.zarr`` through xarray. ``progress`` shows a
-    progress bar on stderr when ``client`` computes it.
+    the same Dataset is also written as ``<scan>.zarr`` through xarray. ``progress`` shows the
+    progress on stderr (:mod:`midasflow.progress`).
 
     Only one process writes a given store at a time: a second one is refused
     (:class:`~midasflow.errors.OutputInUseError`, naming the holder's pid) while the first holds
@@ -106,12 +126,16 @@ def integrate(
     params = read_params(param_fn, overrides)
     folder = Path(result_folder)
     stem = scan_stem(scan.data_fn)
+    from midasflow.progress import dask_progress
+
     target = folder / f"{stem}.zarr.zip"
     # one writer per store (other scans may share the folder); the folder is created here and
     # removed again if the run fails before writing anything
     with output_lock(folder, lock_name(target), flag="-resultFolder", holder="midasflow integrate"):
         ds = integrate_dataset(scan, params, cache_dir=cache_dir)
-        out = write_midas_zarr(ds, target, client=client, progress=progress)
+        # a client reports the progress of its own tasks; the local schedulers through a callback
+        with dask_progress("integrate", enabled=progress and client is None):
+            out = write_midas_zarr(ds, target, client=client, progress=progress)
         if plain_zarr:
             write_caked_zarr(ds, folder / f"{stem}.zarr", client=client)
     log.info("wrote %s", out)

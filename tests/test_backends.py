@@ -31,7 +31,7 @@ def test_every_backend_is_a_refine_backend():
         assert isinstance(backend, RefineBackend)
     assert not isinstance(lambda *a: None, RefineBackend)
     assert isinstance(get_backend("native", ["x.cif"], "out"), NativeBackend)
-    with pytest.raises(ParameterError, match="--backend 'gsas3': expected one of native, gsas2"):
+    with pytest.raises(ParameterError, match="--engine 'gsas3': expected one of native, gsas2"):
         get_backend("gsas3", ["x.cif"], "out")
 
 

@@ -40,6 +40,10 @@ SpaceGroup 225
 """
 
 
+#: The calibrated keys every file must carry.
+GEOMETRY = "Lsd 1000000\nBC 1024 1024\nWavelength 0.2\n"
+
+
 def write(tmp_path, text, name="ps.txt"):
     path = tmp_path / name
     path.write_text(text)
@@ -148,12 +152,52 @@ def test_bad_override_is_named(tmp_path):
 def test_q_mode_is_refused_not_ignored(tmp_path):
     with pytest.raises(ParameterError, match=r"ps.txt:2: key QBinSize: Q-mode binning is not supported"):
         read_params(write(tmp_path, "RMin 10\nQBinSize 0.01\nQMin 1\nQMax 5\n"))
-    assert read_params(write(tmp_path, "QBinSize 0\n")).r_bin_px == 0.25  # 0 = R-mode, fine
+    assert read_params(write(tmp_path, GEOMETRY + "QBinSize 0\n")).r_bin_px == 0.25  # 0 = R-mode, fine
 
 
 def test_midas_keys_not_applied_are_reported(tmp_path):
     with pytest.warns(UserWarning, match=r"not applied by midasflow: GradientCorrection .*SubPixelLevel"):
-        read_params(write(tmp_path, "SubPixelLevel 3\nGradientCorrection 1\n"))
+        read_params(write(tmp_path, GEOMETRY + "SubPixelLevel 3\nGradientCorrection 1\n"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neutral values say nothing
-        read_params(write(tmp_path, "SubPixelLevel 1\nGradientCorrection 0\n"))
+        read_params(write(tmp_path, GEOMETRY + "SubPixelLevel 1\nGradientCorrection 0\n"))
+
+
+@pytest.mark.parametrize("text, missing", [
+    ("BC 128 128\nWavelength 0.2\n", "key Lsd: expected Lsd, the sample-detector distance"),
+    ("Lsd 1e6\nWavelength 0.2\nNrPixels 256\n", "key BC: expected BC, the beam centre"),
+    ("DetDist 1e6\nBC 1 2\n", "key Wavelength: expected Wavelength"),
+    ("RMin 10\n", "keys Lsd, BC, Wavelength: expected Lsd"),
+])
+def test_missing_geometry_keys_are_errors(tmp_path, text, missing):
+    # MIDAS would cake with Lsd 1 m, BC 1024 1024 and 0.172978 Å: a geometry nobody calibrated
+    with pytest.raises(ParameterError, match=rf"ps.txt: missing {missing}") as info:
+        read_params(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+def test_geometry_keys_may_come_from_the_command_line(tmp_path):
+    p = read_params(write(tmp_path, "NrPixels 256\n"), ["Lsd", "5e5", "BC", "128", "127", "-Wavelength", "0.3"])
+    assert (p.lsd_um, p.bc_y_px, p.bc_z_px, p.wavelength_a) == (5e5, 128.0, 127.0, 0.3)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["EtaBinSiz", "30"], r"command line override EtaBinSiz: unknown parameter key 'EtaBinSiz'; did you mean EtaBinSize\?"),
+    (["--RBinSise", "0.5"], r"unknown parameter key 'RBinSise'; did you mean RBinSize\?"),
+    ({"Wavelenght": 0.3}, r"unknown parameter key 'Wavelenght'; did you mean Wavelength\?"),
+])
+def test_unknown_override_key_is_an_error_naming_the_nearest(tmp_path, overrides, expected):
+    with pytest.raises(ParameterError, match=expected):
+        read_params(write(tmp_path, GEOMETRY), overrides)
+
+
+def test_unknown_file_keys_warn_once_naming_the_file_not_the_overrides(tmp_path):
+    path = write(tmp_path, GEOMETRY + "SpaceGroup 225\nRingThresh 1 100\n")
+    with pytest.warns(UserWarning) as record:
+        p = read_params(path, ["SubPixelLevel", "2", "RBinSize", "0.5"])
+    messages = [str(w.message) for w in record]
+    assert f"{path}: keys not used by midasflow (kept in Params.extra): RingThresh, SpaceGroup" in messages
+    # SubPixelLevel came from the command line: blamed on it, not on the file
+    assert any(m.startswith("command line: not applied by midasflow: SubPixelLevel") for m in messages)
+    assert not any(m.startswith(str(path)) and "SubPixelLevel" in m for m in messages)
+    assert p.r_bin_px == 0.5 and dict(p.extra) == {"RingThresh": ("1", "100"), "SpaceGroup": ("225",)}

@@ -47,7 +47,11 @@ def one_line_warnings(command: str) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``midasflow`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        sys.stderr.write(USAGE)
+        print("midasflow: error: a command is required", file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0
     if args[0] in ("-V", "--version"):
@@ -57,8 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = args[0]
     if command not in COMMANDS:
+        from midasflow.params import nearest
+
+        close = nearest(command, list(COMMANDS))
         sys.stderr.write(USAGE)
-        print(f"midasflow: error: unknown command {command!r}", file=sys.stderr)
+        print(f"midasflow: error: unknown command {command!r}" + (f"; did you mean {close}?" if close else ""),
+              file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     try:

@@ -1,15 +1,119 @@
-"""Pieces shared by the sub-commands: MIDAS-style flag aliases, the Dask client, progress."""
+"""Pieces shared by the sub-commands: a strict parser, MIDAS-style flag aliases, logging and the
+Dask client."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+
+from midasflow.errors import UsageError
 
 
-def add_flag(parser: argparse.ArgumentParser, midas: str, long: str, **kwargs) -> None:
+class CommandParser(argparse.ArgumentParser):
+    """``argparse`` whose errors raise :class:`UsageError` (one line, exit status 2 from
+    :func:`midasflow.cli.main`) instead of printing the usage and exiting; flags are never
+    abbreviated."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # a misspelt flag is refused, not guessed at
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, midas: str, long: str,
+             **kwargs) -> None:
     """Register a MIDAS single-dash flag (``-paramFN``) with its ``--param-fn`` alias."""
     parser.add_argument(midas, long, **kwargs)
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every command has: ``-v`` and ``--no-progress``."""
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what is done, including the Dask scheduler's messages")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress lines on stderr")
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag ``parser`` knows (``-paramFN``, ``--param-fn``, …)."""
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: Sequence[str], *,
+                  overrides: bool = False) -> tuple[argparse.Namespace, list[str]]:
+    """Parse ``argv``; refuse whatever the command does not understand.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    argv : sequence of str
+    overrides : bool
+        Whether the command takes MIDAS ``Key value`` parameter overrides after its flags (as
+        MIDAS's ``integrator.py`` does): bare words and dashed parameter-file keys (``-Lsd``,
+        ``--EtaBinSize``) are then overrides, checked against the known keys.
+
+    Returns
+    -------
+    (namespace, overrides)
+        The parsed flags, and the override tokens (empty without ``overrides``).
+
+    Raises
+    ------
+    UsageError
+        An unknown ``-flag``/``--flag`` (naming the nearest known flag or key), a MIDAS flag
+        midasflow does not support (saying why), an argument the command takes none of, or an
+        override naming an unknown key or carrying a bad value.
+    """
+    from midasflow.params import check_overrides, is_known_key, is_number, known_keys, nearest
+
+    args, extras = parser.parse_known_args(list(argv))
+    flags = option_strings(parser)
+    for token in extras:
+        if not token.startswith("-") or is_number(token):
+            continue
+        name = token.split("=", 1)[0]
+        if name in UNSUPPORTED_MIDAS_FLAGS:
+            raise UsageError(f"{name}: {UNSUPPORTED_MIDAS_FLAGS[name]}")
+        if overrides and is_known_key(name):
+            continue
+        close = nearest(name, flags) or (nearest(name, known_keys()) if overrides else None)
+        raise UsageError(f"unknown option {name}" + (f"; did you mean {close}?" if close else ""))
+    if extras and not overrides:
+        raise UsageError(f"unexpected argument {extras[0]!r} (this command takes no parameter overrides)")
+    if extras:
+        check_overrides(extras)
+    return args, extras
+
+
+#: Flags of MIDAS's integrator.py that midasflow refuses, with why and what to do instead.
+UNSUPPORTED_MIDAS_FLAGS = {
+    "-writeMat": "MIDAS's MATLAB export is not supported; open the .zarr.zip with xarray or h5py-like zarr readers",
+    "-liveViewer": "MIDAS's live viewer is not supported; watch the Dask dashboard (-nCPUs N prints its address)",
+    "-viewerTheme": "MIDAS's live viewer is not supported",
+    "-peakFit": "peak fitting inside the integrator is not supported; refine the lineouts with 'midasflow refine'",
+    "-peakParamsFN": "peak fitting inside the integrator is not supported; refine the lineouts with 'midasflow refine'",
+    "-brightFN": "bright/flat-field images are not supported",
+    "-csvOutput": "MIDAS's CSV sidecar is not supported; hist_NNNN_data.csv files come from 'midasflow refine'",
+    "-outName": "not supported: the store is always named <data file stem>.zarr.zip (as MIDAS's -shortNames 1)",
+    "-shortNames": "not supported: the store is always named <data file stem>.zarr.zip (as MIDAS's -shortNames 1)",
+}
+
+
+def configure_logging(verbose: bool = False, level: str | None = None) -> None:
+    """Log to stderr: WARNING and above by default, INFO with ``verbose``, or ``level``.
+
+    The ``distributed`` scheduler's INFO messages ("Scheduler cancels key refine-lineout-…",
+    "Remove client …") are routine bookkeeping; they show only with ``verbose``.
+    """
+    chosen = getattr(logging, level) if level else (logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=chosen, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("midasflow").setLevel(chosen)
+    for name in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(name).setLevel(chosen if chosen <= logging.INFO else logging.ERROR)
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +138,26 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
-    """A distributed Client when the flags ask for one (printing the dashboard address), else None."""
+    """A distributed Client when the flags ask for one (printing the dashboard address), else None.
+
+    ``-nCPUsLocal T`` (where the command has it) sets the threads of each local worker, or of the
+    in-process scheduler without a cluster: MIDAS's threads per integrator instance.
+    """
+    threads = getattr(args, "n_cpus_local", None)
+    if threads is not None and threads < 1:
+        raise UsageError(f"-nCPUsLocal {threads}: expected a positive number of threads")
     wants_cluster = args.scheduler or args.cluster or (args.n_cpus is not None and args.n_cpus > 1)
     if not wants_cluster:
-        yield None
+        import dask
+
+        with dask.config.set(num_workers=threads) if threads else contextlib.nullcontext():
+            yield None
         return
+    import distributed  # noqa: F401  (sets its loggers up on import; configure_logging comes after)
+
     from midasflow.cluster import close_client, get_client
 
+    configure_logging(getattr(args, "verbose", False), getattr(args, "log_level", None))
     client, description = get_client(
         n_workers=args.n_cpus,
         scheduler=args.scheduler,
@@ -50,6 +167,7 @@ def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
         memory=args.memory,
         walltime=args.walltime,
         jobs=args.jobs,
+        threads_per_worker=threads or 1,
         dashboard_address=args.dashboard_address,
     )
     print(description, file=sys.stderr)
@@ -61,18 +179,3 @@ def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
         yield client
     finally:
         close_client(client)  # and the cluster get_client made (a --scheduler client has none)
-
-
-@contextlib.contextmanager
-def progress_bar(client: object | None, enabled: bool = True) -> Iterator[None]:
-    """Show Dask's progress bar on stderr while the block computes."""
-    if not enabled:
-        yield
-        return
-    if client is None:
-        from dask.diagnostics import ProgressBar
-
-        with ProgressBar(out=sys.stderr):
-            yield
-        return
-    yield  # the distributed dashboard shows progress; the address was printed

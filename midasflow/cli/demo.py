@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from midasflow.cli._common import add_cluster_flags, dask_client
+from midasflow.cli._common import (
+    CommandParser,
+    add_cluster_flags,
+    add_common_flags,
+    configure_logging,
+    dask_client,
+    parse_command,
+)
 from midasflow.strain import COMPONENTS, components_from_tensor
 
 #: Sample-frame strain of the demo (xx, yy, zz, yz, xz, xy as a symmetric tensor).
@@ -17,7 +24,7 @@ DEMO_STRAIN = np.array([[2.0e-4, 0.0, 0.0], [0.0, -4.0e-4, 1.5e-4], [0.0, 1.5e-4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="midasflow demo",
+    parser = CommandParser(prog="midasflow demo",
                                      description="Simulate a strained CeO2 scan and run it end to end.")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     parser.add_argument("--frames", type=int, default=8, help="frames to simulate (default 8)")
@@ -26,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eta-bin", type=float, default=5.0, help="EtaBinSize, degrees (default 5: 72 η bins)")
     parser.add_argument("--seed", type=int, default=0)
     add_cluster_flags(parser)
+    add_common_flags(parser)
     return parser
 
 
@@ -59,7 +67,8 @@ def main(argv: Sequence[str]) -> int:
     # Default: this process. On the 2-core development machine the in-process run refined the
     # 288 lineouts at 8.2/s (45.7 s in all) where two LocalCluster workers, starting and compiling
     # numba each, managed 7.5/s (61.1 s); -nCPUs N or --scheduler/--cluster distribute it.
-    args = build_parser().parse_args(argv)
+    args, _ = parse_command(build_parser(), argv)
+    configure_logging(args.verbose)
     out = Path(args.out)
     t0 = time.perf_counter()
     files, truth, cif = make_demo_scan(out, n_frames=args.frames, sum_frames=args.sum_frames,
@@ -72,7 +81,8 @@ def main(argv: Sequence[str]) -> int:
           file=sys.stderr)
     with dask_client(args) as client:
         results = run(files.params_file, files.data, [cif], out=out / "refinement",
-                      result_folder=out, client=client, refine_atoms=False, progress=True)
+                      result_folder=out, client=client, refine_atoms=False,
+                      progress=not args.no_progress)
     status = report_outcome(results, str(out / "refinement"), "demo")
     truth_text = ", ".join(f"{c} {v:+.2e}" for c, v in zip(COMPONENTS, components_from_tensor(DEMO_STRAIN)))
     print(f"simulated truth: a0 = {truth['a0_a']:.6f} Å, sample-frame strain {truth_text}")

@@ -4,7 +4,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from midasflow.cli._common import add_cluster_flags, add_flag, dask_client, progress_bar
+from midasflow.cli._common import (
+    CommandParser,
+    add_cluster_flags,
+    add_common_flags,
+    add_flag,
+    configure_logging,
+    dask_client,
+    parse_command,
+)
 from midasflow.io.frames import ScanSource
 
 
@@ -31,14 +39,14 @@ def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = T
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="midasflow integrate",
         description="Cake raw frames with MIDAS geometry into <resultFolder>/<scan>.zarr.zip. "
         "Extra 'Key value' pairs override the parameter file.",
     )
     add_integration_flags(parser)
     add_cluster_flags(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_flags(parser)
     return parser
 
 
@@ -55,9 +63,9 @@ def scan_source(args: argparse.Namespace) -> ScanSource | None:
 def main(argv: Sequence[str]) -> int:
     from midasflow.pipeline import integrate
 
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
-    with dask_client(args) as client, progress_bar(client, not args.no_progress):
+    args, overrides = parse_command(build_parser(), argv, overrides=True)
+    configure_logging(args.verbose)
+    with dask_client(args) as client:
         out = integrate(args.param_fn, scan_source(args), overrides=overrides,
                         result_folder=args.result_folder, cache_dir=args.cache_dir,
                         plain_zarr=args.plain_zarr, client=client,

@@ -2,22 +2,38 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from midasflow.cli._common import add_cluster_flags, dask_client
+from midasflow.cli._common import (
+    CommandParser,
+    add_cluster_flags,
+    add_common_flags,
+    configure_logging,
+    dask_client,
+    parse_command,
+)
+from midasflow.errors import UsageError
 from midasflow.refinement.options import BACKENDS, MODES, SEED_MODES
 
+#: ``run --backend``: where the frames come from, as in MIDAS's ``integrate_and_refine.py``.
+PIPELINE_BACKENDS = ("batch",)
 
-def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool = True) -> None:
-    """Flags shared by ``refine`` and ``run`` (MIDAS ``gsas_ii_refine.py`` spellings)."""
+
+def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool = True,
+                         pipeline: bool = False) -> None:
+    """Flags shared by ``refine`` and ``run`` (MIDAS ``gsas_ii_refine.py`` spellings).
+
+    ``--engine`` chooses the refinement engine; ``--backend`` means in ``run`` what it means in
+    MIDAS's ``integrate_and_refine.py`` (``batch``: frames from files) and, given the engine
+    names it used to take, is refused naming ``--engine``.
+    """
     if data_required:
         parser.add_argument("--data", "-d", required=True, help="caked .zarr.zip (or plain zarr) to refine")
     parser.add_argument("--cif", "-c", nargs="+", required=True, help="one CIF per phase")
     parser.add_argument("--out", "-o", default="refinement", help="output folder (default refinement/)")
-    parser.add_argument("--instprm", default=None,
+    parser.add_argument("--instprm", "-i", default=None,
                         help="GSAS-II .instprm (default: the store's InstrumentParameters)")
     parser.add_argument("--bkg-terms", type=int, default=6, help="Chebyshev background terms (default 6)")
     parser.add_argument("--limits", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
@@ -28,8 +44,11 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                         "strain work)")
     parser.add_argument("--no-export", action="store_true", help="no per-lineout CSV/CIF files")
     parser.add_argument("--mode", choices=MODES, default="rietveld")
-    parser.add_argument("--backend", choices=BACKENDS, default="native",
-                        help="built-in engine (default) or GSAS-II (GSASIIscriptable)")
+    parser.add_argument("--engine", choices=BACKENDS, default="native",
+                        help="refinement engine: built-in (default) or GSAS-II (GSASIIscriptable)")
+    parser.add_argument("--backend", default=None,
+                        help="run: where the frames come from, 'batch' (files; the default)" if pipeline
+                        else argparse.SUPPRESS)
     parser.add_argument("--seed-from", choices=SEED_MODES[1:], default=None,
                         help="start each lineout from the first refined lineout of its ω-group")
     parser.add_argument("--resume", action="store_true",
@@ -38,7 +57,23 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                         help="reference cell of the first phase for strain: a (cubic) | a b c (angles "
                         "from the CIF) | a b c α β γ (default: the CIF's cell)")
     parser.add_argument("--no-report", action="store_true", help="do not write report.html")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
+
+def check_backend(args: argparse.Namespace, *, pipeline: bool) -> None:
+    """Refuse ``--backend`` values this command does not take; the engine names point to
+    ``--engine``."""
+    value = args.backend
+    if value is None:
+        return
+    if value in BACKENDS:
+        raise UsageError(f"--backend {value}: the refinement engine is now chosen with --engine {value}"
+                         + (" (--backend chooses where the frames come from: batch)" if pipeline else ""))
+    if not pipeline:
+        raise UsageError(f"--backend {value}: unknown option for refine; the engine is --engine "
+                         f"{{{','.join(BACKENDS)}}}")
+    if value not in PIPELINE_BACKENDS:
+        raise UsageError(f"--backend {value}: expected one of {', '.join(PIPELINE_BACKENDS)} "
+                         "(frames from files)")
 
 
 def ref_cells_from(args: argparse.Namespace) -> dict[str, tuple[float, ...]] | None:
@@ -76,12 +111,12 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
         refine_atoms=not args.no_atoms,
         mode=args.mode,
         export=not args.no_export,
-        backend=args.backend,
+        backend=args.engine,
         seed_from=args.seed_from,
         resume=args.resume,
         ref_cells=ref_cells_from(args),
         report=not args.no_report,
-        progress=True,
+        progress=not args.no_progress,
     )
 
 
@@ -129,18 +164,20 @@ def report_outcome(results: Any, out: str, command: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="midasflow refine",
-                                     description="Refine every (ω, η) lineout of a caked scan.")
+    parser = CommandParser(prog="midasflow refine",
+                           description="Refine every (ω, η) lineout of a caked scan.")
     add_refinement_flags(parser)
     add_cluster_flags(parser)
+    add_common_flags(parser)
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
     from midasflow.pipeline import refine
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    args, _ = parse_command(build_parser(), argv)
+    check_backend(args, pipeline=False)
+    configure_logging(args.verbose)
     with dask_client(args) as client:
         results = refine(args.data, args.cif, client=client, **refine_options(args))
     return report_outcome(results, args.out, "refine")

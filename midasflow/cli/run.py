@@ -2,23 +2,30 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 
-from midasflow.cli._common import add_cluster_flags, dask_client
+from midasflow.cli._common import (
+    CommandParser,
+    add_cluster_flags,
+    add_common_flags,
+    configure_logging,
+    dask_client,
+    parse_command,
+)
 from midasflow.cli.integrate import add_integration_flags, scan_source
-from midasflow.cli.refine import add_refinement_flags, refine_options, report_outcome
+from midasflow.cli.refine import add_refinement_flags, check_backend, refine_options, report_outcome
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="midasflow run",
         description="Cake raw frames, then refine every lineout. Extra 'Key value' pairs override "
         "the parameter file.",
     )
     add_integration_flags(parser, required=False)
-    add_refinement_flags(parser, data_required=False)
+    add_refinement_flags(parser, data_required=False, pipeline=True)
     add_cluster_flags(parser)
+    add_common_flags(parser)
     parser.add_argument("--skip-integration", action="store_true",
                         help="refine an existing store given by --zarr-file")
     parser.add_argument("--zarr-file", default=None, help="caked .zarr.zip for --skip-integration")
@@ -29,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     from midasflow.pipeline import check_run_inputs, run
 
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    args, overrides = parse_command(build_parser(), argv, overrides=True)
+    check_backend(args, pipeline=True)
+    configure_logging(args.verbose)
     source = scan_source(args)
     steps = dict(skip_integration=args.skip_integration, zarr_file=args.zarr_file,
                  skip_refinement=args.skip_refinement, **refine_options(args))

@@ -123,15 +123,10 @@ def _compute(collections: list[Any], client: Any, progress: bool) -> tuple[Any, 
 
     if client is None:
         return dask.compute(*collections)
+    from midasflow.progress import futures_progress
+
     futures = client.compute(collections)
-    if progress:
-        import contextlib
-        import sys
-
-        from distributed import progress as show_progress
-
-        with contextlib.redirect_stdout(sys.stderr):  # stdout stays the commands' output
-            show_progress(futures, notebook=False)
+    futures_progress(futures, "integrate", enabled=progress)
     return tuple(client.gather(futures))
 
 

@@ -85,4 +85,4 @@ def get_backend(name: str, cif_paths: Sequence[str | os.PathLike], out: str | os
         check_gsas2_available()
         return Gsas2Backend(cif_paths=tuple(str(p) for p in cif_paths),
                             workdir=str(Path(out) / "gsas2"))
-    raise ParameterError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    raise ParameterError(f"--engine {name!r}: expected one of {', '.join(BACKENDS)}")
