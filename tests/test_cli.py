@@ -186,7 +186,7 @@ def test_options_that_would_fail_every_lineout_exit_2_before_any_work(command, f
         argv = ["refine", "--data", str(store)]
     else:  # run checks what it can before integrating; the data check follows the integration
         argv = ["run", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(tmp_path / "int"),
-                "--cache-dir", str(scan["root"] / "cache")]
+                "--cache-dir", str(scan["root"] / "cache"), "--no-progress"]  # stderr: the error alone
     assert main(argv + ["--cif", scan["cif"], "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"midasflow {command}: error: {message}" in err, err
