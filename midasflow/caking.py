@@ -122,16 +122,60 @@ def _worker_threads() -> int | None:
         return None
 
 
-def _cake_chunk(block: np.ndarray, binmap: BinMap, normalize: bool, min_area_fraction: float,
-                mask_rule: MaskRule) -> np.ndarray:
-    """One frame chunk's cakes. On a distributed worker the kernel runs on at most the worker's
-    own thread count of numba threads (numba's setting is per calling thread), so n one-thread
-    workers on n cores run n threads, not n x cpu_count."""
+def _cake_chunk(block: np.ndarray | list[np.ndarray], binmap: BinMap, normalize: bool,
+                min_area_fraction: float, mask_rule: MaskRule) -> np.ndarray:
+    """The cakes of one frame chunk (or of consecutive chunks, caked as one).
+
+    On a distributed worker the kernel runs on at most the worker's own thread count of numba
+    threads (numba's setting is per calling thread), so n one-thread workers on n cores run n
+    threads, not n x cpu_count; concurrent calls in one process share those threads."""
     threads = _worker_threads()
     if threads is not None:
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     return cake_block(block, binmap, normalize=normalize, min_area_fraction=min_area_fraction,
-                      mask_rule=mask_rule)
+                      mask_rule=mask_rule, max_threads=threads)
+
+
+def _pass_groups(sizes: tuple[int, ...], per_pass: int) -> list[list[int]]:
+    """Consecutive frame chunks grouped so each group holds at most ``per_pass`` frames (a chunk
+    larger than that is a group of its own)."""
+    groups: list[list[int]] = []
+    total = per_pass
+    for i, size in enumerate(sizes):
+        if total + size > per_pass:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def _cake_chunks(data: Any, handle: Any, kernel_args: tuple, per_pass: int, n_r: int,
+                 n_eta: int) -> Any:
+    """Lazy per-frame cakes (frame, r, eta) of the frames ``data`` (a dask array).
+
+    Chunks that hold a whole map pass are caked one task each (``map_blocks``). Smaller chunks
+    (``open_frames``' 64 MiB default, say) are caked in groups of consecutive chunks that fill a
+    pass, each group in one task that hands the chunks to the kernel as they are (no
+    concatenation): every frame costs what it costs in a full pass."""
+    import dask
+    import dask.array as da
+
+    sizes = data.chunks[0]
+    meta = np.empty((0, 0, 0), dtype=np.float64)
+    if len(sizes) == 1 or max(sizes) >= per_pass:
+        return data.map_blocks(_cake_chunk, handle, *kernel_args, chunks=(sizes, (n_r,), (n_eta,)),
+                               dtype=np.float64, meta=meta, name="cake-frames")
+    blocks = data.to_delayed(optimize_graph=False).ravel()
+    token = dask.base.tokenize(data.name, handle, kernel_args, per_pass)
+    task = dask.delayed(_cake_chunk, pure=True)
+    pieces = []
+    for g, group in enumerate(_pass_groups(sizes, per_pass)):
+        cakes = task([blocks[i] for i in group], handle, *kernel_args,
+                     dask_key_name=f"cake-frames-{token}-{g}")
+        pieces.append(da.from_delayed(cakes, shape=(sum(sizes[i] for i in group), n_r, n_eta),
+                                      dtype=np.float64, meta=meta))
+    return da.concatenate(pieces, axis=0)
 
 
 def _binmap_handle(binmap: BinMap) -> Any:
@@ -198,13 +242,15 @@ def cake(
 
     Notes
     -----
-    Nothing is computed here: the per-frame cakes are one ``map_blocks`` over frame chunks whose
-    tasks share the bin map as a single graph key; group sums are a streaming scan over those
-    chunks. The frame chunking is kept as given; chunks of ``frames_per_pass(binmap)`` frames
-    (32 for 2048 x 2048 float32 frames) are fastest, since every chunk streams the whole map
-    once (4-frame chunks run at about half the rate on 2048 x 2048 frames). Each task runs the
-    kernel on numba's threads; a second Dask thread per machine still helps, by overlapping the
-    serial parts of one chunk with the kernel of the next (each thread keeps its own buffer).
+    Nothing is computed here: the per-frame cakes are one task per map pass of
+    ``frames_per_pass(binmap)`` frames (32 for 2048 x 2048 float32 frames), whose tasks share
+    the bin map as a single graph key; group sums are a streaming scan over those chunks.
+    Frame chunks smaller than a pass (``open_frames``' default, say) are not rechunked: each task
+    takes as many consecutive chunks as fill a pass and hands them to the kernel as they are, so
+    ``open_frames -> cake`` runs at the kernel's full-pass speed without copying frames; larger
+    chunks are kept (the kernel goes through them pass by pass). Tasks running at the same time
+    share numba's threads (one each for two Dask threads on two cores) instead of
+    oversubscribing the cores; each thread keeps its own pass buffer.
 
     Process variables: MIDAS IntegratorZarrOMP writes group sums divided by the ω-arithmetic
     frame count for Temperature/Pressure/I, and for I0 the last frame's value divided by that
@@ -240,17 +286,9 @@ def cake(
         data = da.from_array(data, chunks=(min(n, frames_per_pass(binmap, data.dtype)), -1, -1))
     data = data.rechunk({1: -1, 2: -1})
     n_r, n_eta = int(binmap.n_r), int(binmap.n_eta)
-    cakes = data.map_blocks(
-        _cake_chunk,
-        _binmap_handle(binmap),
-        bool(params.normalize),
-        float(params.min_area_fraction),
-        str(params.mask_rule),
-        chunks=(data.chunks[0], (n_r,), (n_eta,)),
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0), dtype=np.float64),
-        name="cake-frames",
-    )
+    kernel_args = (bool(params.normalize), float(params.min_area_fraction), str(params.mask_rule))
+    cakes = _cake_chunks(data, _binmap_handle(binmap), kernel_args,
+                         frames_per_pass(binmap, data.dtype), n_r, n_eta)
 
     frame_idx = (np.asarray(frames["frame"].values, dtype=np.int64) if "frame" in frames.coords
                  else np.arange(n, dtype=np.int64))

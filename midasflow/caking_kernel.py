@@ -21,8 +21,10 @@ This module imports neither dask, distributed nor xarray; :mod:`midasflow.caking
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numba
@@ -44,14 +46,19 @@ __all__ = ["cake_block", "cake_block_reference", "frames_per_pass"]
 # --------------------------------------------------------------------------------------------
 # numba kernels
 # --------------------------------------------------------------------------------------------
-#: No "nnan"/"ninf": a NaN pixel value must propagate (and is tested for) inside the kernels.
-_FASTMATH = {"contract", "reassoc", "arcp"}
+#: Fused multiply-add only: no "nnan"/"ninf" (a NaN pixel value must propagate and is tested
+#: for inside the kernels) and no "reassoc", so every kernel adds a bin's entries in the same
+#: order with the same roundings and the result never depends on which kernel ran.
+_FASTMATH = {"contract"}
 #: Largest pixel-major frame buffer of one pass over the map (one per calling thread).
 _PASS_BYTES = 2**29
 _MAX_PASS_FRAMES = 32  # the NaN flags of one pixel in a pass are the bits of a uint32
 #: Bin ranges of (nearly) equal entry counts handed to the threads of one map pass.
 _N_CHUNKS = 64
 _TILE = 4096
+#: Passes of fewer frames go through the map in pixel order (:func:`_csc_sums`) instead of the
+#: pixel-major buffer, which only pays for itself over several frames.
+_MIN_BUFFER_FRAMES = 4
 
 
 @numba.njit(cache=True)
@@ -76,12 +83,13 @@ def _ring_order(indices, n_pix):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, cache=True)
-def _gather_pixel_major(frames2d, slot, out, nan_bits):  # pragma: no cover - compiled
-    """``out[slot[p], f] = frames2d[f, p]`` for every pixel with map entries, NaN written as 0.
+def _gather_pixel_major(frames2d, slot, out, nan_bits, col0):  # pragma: no cover - compiled
+    """``out[slot[p], col0 + f] = frames2d[f, p]`` for every pixel with map entries, NaN as 0.
 
-    frames2d: (n <= 32, n_pix) frame-major; out: (n_used, n) pixel-major in ring order;
-    nan_bits: (n_used,) uint32, bit f set where frame f is NaN. Returns the number of NaN
-    values met (NaN pixels without map entries do not matter and are not counted).
+    frames2d: (n, n_pix) frame-major; out: (n_used, >= col0 + n) pixel-major in ring order, the
+    pass buffer this segment of frames fills from column ``col0``; nan_bits: (n_used,) uint32,
+    bit col0 + f set where frame f is NaN (written when ``col0`` is 0, or-ed in otherwise).
+    Returns the number of NaN values met (NaN pixels without map entries do not matter).
     """
     n, n_pix = frames2d.shape
     n_tiles = (n_pix + _TILE - 1) // _TILE
@@ -95,12 +103,72 @@ def _gather_pixel_major(frames2d, slot, out, nan_bits):  # pragma: no cover - co
                 for f in range(n):
                     v = frames2d[f, p]
                     nan = np.isnan(v)
-                    out[q, f] = 0.0 if nan else v
-                    bits |= np.uint32(nan) << np.uint32(f)
+                    out[q, col0 + f] = 0.0 if nan else v
+                    bits |= np.uint32(nan) << np.uint32(col0 + f)
                     count += nan
-                nan_bits[q] = bits
+                nan_bits[q] = bits if col0 == 0 else nan_bits[q] | bits
         nan_per_tile[t] = count
     return nan_per_tile.sum()
+
+
+def _csc_sums_py(indptr, bins, weights, frames2d, S, touched):  # pragma: no cover - compiled
+    """``S[f, b] = sum_p weights * frames2d[f, p]`` by pixel: the map in CSC (pixel-major) order.
+
+    Each frame is read once, in order, and its sums (one row of S, n_bins float64, held in
+    cache) are added to pixel by pixel; frames go to different threads. Every bin sees its
+    entries in increasing pixel order, the CSR order of :func:`_bin_sums`, and a NaN value adds
+    ``w * 0.0`` there too: the sums are bit-identical. ``touched[f, b]`` is set where a NaN value
+    of frame f has an entry in bin b; returns the number of NaN values with entries.
+    """
+    n, n_pix = frames2d.shape
+    nan_per_frame = np.zeros(n, dtype=np.int64)
+    for f in numba.prange(n):
+        row = S[f]
+        row[:] = 0.0
+        hit = touched[f]
+        hit[:] = False
+        count = 0
+        for p in range(n_pix):
+            v = frames2d[f, p]
+            nan = np.isnan(v)
+            value = 0.0 if nan else np.float64(v)
+            for j in range(indptr[p], indptr[p + 1]):
+                row[bins[j]] += weights[j] * value
+            if nan and indptr[p + 1] > indptr[p]:
+                count += 1
+                for j in range(indptr[p], indptr[p + 1]):
+                    hit[bins[j]] = True
+        nan_per_frame[f] = count
+    return nan_per_frame.sum()
+
+
+#: :func:`_csc_sums_py` with frames on parallel threads, and on the calling thread alone (one
+#: frame: no idle threads spinning).
+_csc_sums = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)(_csc_sums_py)
+_csc_sums_serial = numba.njit(cache=True, fastmath=_FASTMATH)(_csc_sums_py)
+
+
+@numba.njit(parallel=True, cache=True)
+def _touched_areas(indptr, indices, areas, frames2d, touched, bin_area, A, T):  # pragma: no cover
+    """Per-frame area of the non-NaN entries ``A`` and count of NaN entries ``T`` (n, n_bins)
+    where ``touched``, else ``bin_area`` and 0: :func:`_valid_areas` reading the frames directly
+    (same sums in the same order)."""
+    n = frames2d.shape[0]
+    n_bins = indptr.size - 1
+    for f in numba.prange(n):
+        for b in range(n_bins):
+            if not touched[f, b]:
+                A[f, b] = bin_area[b]
+                T[f, b] = 0.0
+                continue
+            a = 0.0
+            t = 0.0
+            for j in range(indptr[b], indptr[b + 1]):
+                flagged = np.isnan(frames2d[f, indices[j]])
+                a += 0.0 if flagged else np.float64(areas[j])
+                t += flagged
+            A[f, b] = a
+            T[f, b] = t
 
 
 @numba.njit(parallel=True, cache=True)
@@ -172,9 +240,20 @@ class _KernelMap(NamedTuple):
     chunks: np.ndarray  # (<= _N_CHUNKS + 1,) int64 bin boundaries
 
 
+class _PixelMap(NamedTuple):
+    """The weights in CSC (pixel-major) order, for passes of few frames (built on first use)."""
+
+    indptr: np.ndarray  # (n_pix + 1,)
+    bins: np.ndarray  # (nnz,) bin of each entry
+    weights: np.ndarray  # (nnz,) float64
+
+
 _KERNEL_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PIXEL_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KERNEL_MAPS_LOCK = threading.Lock()
 _BUFFERS = threading.local()
+#: Kernel calls running in this process, so concurrent callers share the threads (below).
+_ACTIVE = [0]
 
 
 def _kernel_map(binmap: BinMap) -> _KernelMap:
@@ -202,6 +281,40 @@ def _kernel_map(binmap: BinMap) -> _KernelMap:
                             chunks.astype(np.int64))
             _KERNEL_MAPS[binmap] = km
     return km
+
+
+def _pixel_map(binmap: BinMap) -> _PixelMap:
+    """The CSC layout of ``binmap``'s weights (after :func:`_kernel_map` checked the map)."""
+    _kernel_map(binmap)
+    with _KERNEL_MAPS_LOCK:
+        pm = _PIXEL_MAPS.get(binmap)
+        if pm is None:
+            csc = binmap.weights.tocsc()  # within a pixel: bins in increasing order
+            pm = _PixelMap(csc.indptr, csc.indices, csc.data)
+            _PIXEL_MAPS[binmap] = pm
+    return pm
+
+
+@contextlib.contextmanager
+def _shared_threads(max_threads: int | None) -> Iterator[Callable[[], None]]:
+    """Share ``max_threads`` numba threads (default all) among the kernel calls running at once.
+
+    Yields a function to call before each pass: it sets this thread's numba thread count to an
+    equal share, so two concurrent calls (two Dask threads) run one thread each instead of
+    oversubscribing the cores, and a call running alone uses them all. The caller's setting is
+    restored on exit (numba's thread count is per calling thread).
+    """
+    budget = numba.config.NUMBA_NUM_THREADS if max_threads is None else int(max_threads)
+    budget = max(1, min(budget, numba.config.NUMBA_NUM_THREADS))
+    previous = numba.get_num_threads()
+    with _KERNEL_MAPS_LOCK:
+        _ACTIVE[0] += 1
+    try:
+        yield lambda: numba.set_num_threads(max(1, budget // max(_ACTIVE[0], 1)))
+    finally:
+        with _KERNEL_MAPS_LOCK:
+            _ACTIVE[0] -= 1
+        numba.set_num_threads(previous)
 
 
 def _pass_buffer(n_rows: int, n_frames: int, dtype: np.dtype) -> np.ndarray:
@@ -280,42 +393,75 @@ def frames_per_pass(binmap: BinMap, dtype: DTypeLike = np.float32) -> int:
     return k
 
 
-def _one_pass(flat, lo, hi, km, binmap, S, AT):
-    """Sums of frames ``lo:hi`` of ``flat`` (n, n_pix) into rows ``lo:hi`` of ``S`` and, once a
-    pass meets a NaN, of ``AT = [A, T]`` (allocated then, earlier rows filled as NaN-free)."""
-    values = _pass_buffer(km.n_used, hi - lo, flat.dtype)
-    nan_bits = np.empty(km.n_used, dtype=np.uint32)
-    n_nan = _gather_pixel_major(flat[lo:hi], km.slot, values, nan_bits)
-    _bin_sums(km.indptr, km.rows, km.weights, values, km.chunks, S[lo:hi])
+def _segments(blocks: list[np.ndarray], lo: int, hi: int) -> Iterator[tuple[np.ndarray, int]]:
+    """The pieces of frames ``lo:hi`` of the concatenated ``blocks`` (each (n_i, n_pix)), with
+    the position of each piece's first frame relative to ``lo``."""
+    start = 0
+    for block in blocks:
+        stop = start + block.shape[0]
+        a, b = max(lo, start), min(hi, stop)
+        if a < b:
+            yield block[a - start:b - start], a - lo
+        start = stop
+
+
+def _one_pass(blocks, lo, hi, km, binmap, S, AT):
+    """Sums of frames ``lo:hi`` of the concatenated ``blocks`` into rows ``lo:hi`` of ``S`` and,
+    once a pass meets a NaN, of ``AT = [A, T]`` (allocated then, earlier rows NaN-free)."""
+    bin_area = np.ascontiguousarray(binmap.bin_area, dtype=np.float64).reshape(-1)
+    pieces = list(_segments(blocks, lo, hi))
+    if hi - lo < _MIN_BUFFER_FRAMES:
+        pm = _pixel_map(binmap)
+        touched = np.empty((hi - lo, S.shape[1]), dtype=np.bool_)
+        n_nan = 0
+        for piece, col in pieces:
+            sums = _csc_sums_serial if piece.shape[0] == 1 else _csc_sums
+            n_nan += sums(pm.indptr, pm.bins, pm.weights, piece,
+                               S[lo + col:lo + col + piece.shape[0]],
+                               touched[col:col + piece.shape[0]])
+    else:
+        dtype = np.result_type(*(piece.dtype for piece, _ in pieces))
+        values = _pass_buffer(km.n_used, hi - lo, dtype)
+        nan_bits = np.empty(km.n_used, dtype=np.uint32)
+        n_nan = sum(_gather_pixel_major(piece, km.slot, values, nan_bits, col)
+                    for piece, col in pieces)
+        _bin_sums(km.indptr, km.rows, km.weights, values, km.chunks, S[lo:hi])
     A, T = AT
     if A is None and n_nan:
         A, T = AT[0], AT[1] = np.empty_like(S), np.empty_like(S)
-        A[:lo] = binmap.bin_area.reshape(-1)
+        A[:lo] = bin_area
         T[:lo] = 0.0
-    if n_nan:
-        _valid_areas(km.indptr, km.rows, km.areas, nan_bits,
-                     np.ascontiguousarray(binmap.bin_area, dtype=np.float64).reshape(-1),
-                     km.chunks, A[lo:hi], T[lo:hi])
-    elif A is not None:
-        A[lo:hi] = binmap.bin_area.reshape(-1)
-        T[lo:hi] = 0.0
+    if not n_nan:
+        if A is not None:
+            A[lo:hi] = bin_area
+            T[lo:hi] = 0.0
+    elif hi - lo < _MIN_BUFFER_FRAMES:
+        for piece, col in pieces:
+            rows = slice(lo + col, lo + col + piece.shape[0])
+            _touched_areas(km.indptr, binmap.weights.indices, km.areas, piece,
+                           touched[col:col + piece.shape[0]], bin_area, A[rows], T[rows])
+    else:
+        _valid_areas(km.indptr, km.rows, km.areas, nan_bits, bin_area, km.chunks, A[lo:hi],
+                     T[lo:hi])
 
 
 def cake_block(
-    frames: np.ndarray,
+    frames: np.ndarray | Sequence[np.ndarray],
     binmap: BinMap,
     *,
     normalize: bool = True,
     min_area_fraction: float = 0.5,
     mask_rule: MaskRule = "area",
+    max_threads: int | None = None,
 ) -> np.ndarray:
-    """Cake a block of frames with the numba CSR kernel.
+    """Cake a block of frames with the numba kernels.
 
     Parameters
     ----------
-    frames : ndarray, shape (n, nz, ny), float32 or float64
+    frames : ndarray, shape (n, nz, ny), float32 or float64, or a sequence of such blocks
         Dark-subtracted raw frames (raw orientation, ``binmap.detector_shape``). NaN marks a pixel
-        masked in that frame. A 2-D frame is treated as ``n = 1``.
+        masked in that frame. A 2-D frame is treated as ``n = 1``. A sequence of blocks is caked
+        as their concatenation along frames, without concatenating them.
     binmap : BinMap
         Pixel -> (R, eta) map (``weights``, ``areas``, ``bin_area``, ``geometric_area``,
         ``touches_mask``, ``n_r``, ``n_eta``).
@@ -325,6 +471,9 @@ def cake_block(
         ``"area"`` rule: a bin with unmasked area below this fraction of its geometric area is NaN.
     mask_rule : {"area", "midas"}
         Which bins are NaN (module docstring).
+    max_threads : int, optional
+        Numba threads this call and the kernel calls running at the same time in this process
+        share (default all of numba's); a Dask worker passes its own thread count.
 
     Returns
     -------
@@ -338,22 +487,32 @@ def cake_block(
     (one row of all frames per pixel) in the order in which the bins use them, so the bin sums
     then read that buffer almost sequentially and every entry updates all frames of the pass
     with one vector operation; threads share the bins in ranges of equal entry counts. The
-    buffer (up to 512 MiB) is kept per calling thread and reused. NaN values are copied as 0 and
-    flagged per pixel; only when a pass holds NaN are the unmasked areas of the bins they touch
-    summed again (other bins keep the precomputed ``binmap.bin_area``). Sums are accumulated in
-    float64 in map order, so every frame's result is the same whichever frames share its pass.
+    buffer (up to 512 MiB) is kept per calling thread and reused. A pass of fewer than
+    ``_MIN_BUFFER_FRAMES`` frames (a single frame, say) skips the buffer: it reads each frame once
+    in pixel order and adds every pixel to its bins' sums, which stay in cache (the map in CSC
+    order, built on first use). NaN values count as 0 and are flagged; only when a pass holds
+    NaN are the unmasked areas of the bins they touch summed again (other bins keep the
+    precomputed ``binmap.bin_area``). Both ways add a bin's entries in increasing pixel order in
+    float64 (fused multiply-adds), so every frame's result is bit-identical whichever frames
+    share its pass and however the frames are split into blocks.
+
+    Calls running at the same time (Dask threads) share the threads: each pass uses
+    ``max_threads // (calls running)`` of them.
     """
-    frames = _check(frames, binmap, mask_rule)
-    n = frames.shape[0]
+    blocks = [_check(block, binmap, mask_rule) for block in
+              ([frames] if isinstance(frames, np.ndarray) else list(frames))]
+    n = sum(block.shape[0] for block in blocks)
     n_r, n_eta = int(binmap.n_r), int(binmap.n_eta)
     km = _kernel_map(binmap)
-    flat = frames.reshape(n, -1)
+    flats = [block.reshape(block.shape[0], -1) for block in blocks if block.shape[0]]
     S = np.empty((n, n_r * n_eta), dtype=np.float64)
     AT = [None, None]  # per-frame area and NaN-touch sums, allocated at the first NaN pass
-    step = frames_per_pass(binmap, frames.dtype)
-    with numba.parallel_chunksize(1):  # threads take chunks as they free up (shared machines)
-        for lo in range(0, n, step):
-            _one_pass(flat, lo, min(lo + step, n), km, binmap, S, AT)
+    dtype = np.result_type(np.float32, *(block.dtype for block in blocks))
+    step = frames_per_pass(binmap, dtype)
+    with _shared_threads(max_threads) as share, numba.parallel_chunksize(1):
+        for lo in range(0, n, step):  # chunksize 1: threads take chunks as they free up
+            share()
+            _one_pass(flats, lo, min(lo + step, n), km, binmap, S, AT)
     A, T = AT
     shape = (n, n_r, n_eta)
     if A is None:

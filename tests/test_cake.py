@@ -299,11 +299,14 @@ def _max_live_cake_bytes(params, binmap, n, monkeypatch):
 def test_group_sum_memory_does_not_grow_with_frames(monkeypatch):
     p = small_params(nr_pixels_y=64, nr_pixels_z=64, bc_y_px=31.7, bc_z_px=32.2,
                      r_max_px=40.0, r_bin_px=0.5, eta_bin_deg=10.0)
+    from midasflow.caking_kernel import frames_per_pass
+
     bm = build_binmap(p)
-    chunk_bytes = 5 * bm.n_r * bm.n_eta * 8
+    per_task = frames_per_pass(bm) // 5 * 5  # 5-frame chunks, as many as fill a map pass
+    chunk_bytes = per_task * bm.n_r * bm.n_eta * 8
     peak_20 = _max_live_cake_bytes(p, bm, 20, monkeypatch)
-    peak_200 = _max_live_cake_bytes(p, bm, 200, monkeypatch)
-    # a few chunks in flight (2 threads), not the 40 chunks of 200 frames
+    peak_200 = _max_live_cake_bytes(p, bm, 400, monkeypatch)
+    # a few tasks' cakes in flight (2 threads), not all 400 frames
     assert peak_200 <= 4 * chunk_bytes, (peak_20, peak_200, chunk_bytes)
     assert peak_200 <= peak_20 + 2 * chunk_bytes, (peak_20, peak_200)
 
@@ -355,6 +358,76 @@ def test_cached_map_reaches_workers_as_one_small_key_and_caps_numba_threads(para
     if (os.cpu_count() or 1) > 1:
         assert min(before) > 1  # numba's default: every core, in every worker
     assert after and set(after) == {1}
+
+
+def test_small_chunks_are_caked_a_whole_pass_per_task_without_copying(params, masked_map,
+                                                                    monkeypatch):
+    """open_frames' small chunks: each task hands as many consecutive chunks as fill a map pass
+    to the kernel as a list (no rechunk, no concatenation); results are bit-identical."""
+    import midasflow.caking as cake_module
+    from midasflow.caking_kernel import _kernel_map, frames_per_pass
+
+    row_bytes = _kernel_map(masked_map).n_used * 4
+    monkeypatch.setattr("midasflow.caking_kernel._PASS_BYTES", 12 * row_bytes)  # 8-frame passes
+    per_pass = frames_per_pass(masked_map)
+    assert per_pass == 8
+    p = params.with_overrides(omega_sum_frames=4)
+    calls = []
+    kernel = cake_module._cake_chunk
+
+    def spy(block, *args):
+        calls.append([b.shape[0] for b in block] if isinstance(block, list) else [block.shape[0]])
+        return kernel(block, *args)
+
+    ref = cake(lazy_frames(p, 3 * per_pass + 2, chunks=per_pass), p, binmap=masked_map).compute()
+    monkeypatch.setattr(cake_module, "_cake_chunk", spy)
+    ds = cake(lazy_frames(p, 3 * per_pass + 2, chunks=2), p, binmap=masked_map)
+    assert ds["frame_intensity"].data.chunks[0] == (per_pass,) * 3 + (2,)
+    xr.testing.assert_identical(ds.compute(), ref)
+    assert sorted(map(sum, calls)) == sorted([per_pass] * 3 + [2])
+    assert max(len(c) for c in calls) == per_pass // 2  # whole chunks, handed over as a list
+
+
+def test_concurrent_kernel_calls_share_numba_threads(params, masked_map, monkeypatch):
+    """Two kernel calls at once (two Dask threads) run one numba thread each on two cores
+    instead of oversubscribing them; a call alone uses them all; the caller's setting is kept."""
+    import threading
+
+    import numba
+
+    import midasflow.caking_kernel as kernel
+
+    n_threads = numba.config.NUMBA_NUM_THREADS
+    if n_threads < 2:
+        pytest.skip("numba has a single thread here")
+    monkeypatch.setattr(kernel, "_PASS_BYTES", 4 * 4 * kernel._kernel_map(masked_map).n_used)
+    frames = _frames(params, n=16).astype(np.float32)
+    one_pass = kernel._one_pass
+    seen: dict[str, list[int]] = {}
+    barrier = threading.Barrier(2)
+
+    def recording(*args, together=False):
+        name = threading.current_thread().name
+        if together:
+            barrier.wait(timeout=60)  # both calls are inside cake_block from here on
+        seen.setdefault(name, []).append(numba.get_num_threads())
+        return one_pass(*args)
+
+    monkeypatch.setattr(kernel, "_one_pass", recording)
+    ref = cake_block(frames, masked_map)
+    assert seen.pop(threading.current_thread().name) == [n_threads] * 4  # alone: every thread
+    monkeypatch.setattr(kernel, "_one_pass", lambda *a: recording(*a, together=True))
+    out = {}
+    threads = [threading.Thread(target=lambda k=k: out.__setitem__(k, cake_block(frames, masked_map)),
+                                name=f"dask-{k}") for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        np.testing.assert_array_equal(out[k], ref)
+        assert seen[f"dask-{k}"][1:] == [n_threads // 2] * 3  # after the first pass: shared
+    assert numba.get_num_threads() == n_threads
 
 
 # ------------------------------------------------------------------ simulated CeO2 rings
