@@ -34,6 +34,7 @@ import os
 import warnings
 import weakref
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -464,12 +465,18 @@ def binmap_key(params: Params, mask: NDArray | None = None) -> str:
 def _corner_grid(params: Params) -> tuple[NDArray, NDArray, NDArray]:
     """Ideal-plane (X, Y) and η of every pixel corner, raw frame, shape (nz+1, ny+1)."""
     nz, ny = int(params.nr_pixels_z), int(params.nr_pixels_y)
-    zt, yt = np.meshgrid(
-        np.arange(nz + 1, dtype=np.float64) - 0.5,
-        np.arange(ny + 1, dtype=np.float64) - 0.5,
-        indexing="ij",
-    )
-    r_t, eta_t = pixel_to_r_eta(yt, zt, params)
+    y = np.arange(ny + 1, dtype=np.float64) - 0.5
+    z = np.arange(nz + 1, dtype=np.float64) - 0.5
+    r_t, eta_t = np.empty((nz + 1, ny + 1)), np.empty((nz + 1, ny + 1))
+
+    def band(rows: slice) -> None:  # element-wise numpy, which releases the GIL
+        zt, yt = np.meshgrid(z[rows], y, indexing="ij")
+        r_t[rows], eta_t[rows] = pixel_to_r_eta(yt, zt, params)
+
+    n_bands = max(1, min(numba.get_num_threads(), (nz + 1) // 64))
+    edges = np.linspace(0, nz + 1, n_bands + 1).astype(int)
+    with ThreadPoolExecutor(n_bands) as pool:
+        list(pool.map(band, [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]))
     # flipping/transposing the corner grid is the same permutation as for the image
     r = untransform_image(r_t, params.im_trans_opt)
     eta = np.ascontiguousarray(untransform_image(eta_t, params.im_trans_opt))

@@ -111,41 +111,40 @@ def _gather_pixel_major(frames2d, slot, out, nan_bits, col0):  # pragma: no cove
     return nan_per_tile.sum()
 
 
-def _csc_sums_py(indptr, bins, weights, frames2d, S, touched):  # pragma: no cover - compiled
-    """``S[f, b] = sum_p weights * frames2d[f, p]`` by pixel: the map in CSC (pixel-major) order.
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _csc_frame(indptr, bins, weights, frame, sums, touched):  # pragma: no cover - compiled
+    """``sums[b] = sum_p weights * frame[p]`` by pixel: the map in CSC (pixel-major) order.
 
-    Each frame is read once, in order, and its sums (one row of S, n_bins float64, held in
-    cache) are added to pixel by pixel; frames go to different threads. Every bin sees its
-    entries in increasing pixel order, the CSR order of :func:`_bin_sums`, and a NaN value adds
-    ``w * 0.0`` there too: the sums are bit-identical. ``touched[f, b]`` is set where a NaN value
-    of frame f has an entry in bin b; returns the number of NaN values with entries.
+    The frame (n_pix,) is read once, in order, and every pixel is added to its bins' sums
+    (n_bins float64, held in cache). Every bin sees its entries in increasing pixel order, the
+    CSR order of :func:`_bin_sums`, and a NaN value adds ``w * 0.0`` there too: the sums are
+    bit-identical. ``touched[b]`` is set where a NaN value has an entry in bin b; returns the
+    number of NaN values with entries.
     """
-    n, n_pix = frames2d.shape
+    sums[:] = 0.0
+    touched[:] = False
+    count = 0
+    for p in range(frame.size):
+        v = frame[p]
+        nan = np.isnan(v)
+        value = 0.0 if nan else np.float64(v)
+        for j in range(indptr[p], indptr[p + 1]):
+            sums[bins[j]] += weights[j] * value
+        if nan and indptr[p + 1] > indptr[p]:
+            count += 1
+            for j in range(indptr[p], indptr[p + 1]):
+                touched[bins[j]] = True
+    return count
+
+
+@numba.njit(parallel=True, cache=True)
+def _csc_sums(indptr, bins, weights, frames2d, S, touched):  # pragma: no cover - compiled
+    """:func:`_csc_frame` for every frame of frames2d (n, n_pix), frames on parallel threads."""
+    n = frames2d.shape[0]
     nan_per_frame = np.zeros(n, dtype=np.int64)
     for f in numba.prange(n):
-        row = S[f]
-        row[:] = 0.0
-        hit = touched[f]
-        hit[:] = False
-        count = 0
-        for p in range(n_pix):
-            v = frames2d[f, p]
-            nan = np.isnan(v)
-            value = 0.0 if nan else np.float64(v)
-            for j in range(indptr[p], indptr[p + 1]):
-                row[bins[j]] += weights[j] * value
-            if nan and indptr[p + 1] > indptr[p]:
-                count += 1
-                for j in range(indptr[p], indptr[p + 1]):
-                    hit[bins[j]] = True
-        nan_per_frame[f] = count
+        nan_per_frame[f] = _csc_frame(indptr, bins, weights, frames2d[f], S[f], touched[f])
     return nan_per_frame.sum()
-
-
-#: :func:`_csc_sums_py` with frames on parallel threads, and on the calling thread alone (one
-#: frame: no idle threads spinning).
-_csc_sums = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)(_csc_sums_py)
-_csc_sums_serial = numba.njit(cache=True, fastmath=_FASTMATH)(_csc_sums_py)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -415,10 +414,12 @@ def _one_pass(blocks, lo, hi, km, binmap, S, AT):
         touched = np.empty((hi - lo, S.shape[1]), dtype=np.bool_)
         n_nan = 0
         for piece, col in pieces:
-            sums = _csc_sums_serial if piece.shape[0] == 1 else _csc_sums
-            n_nan += sums(pm.indptr, pm.bins, pm.weights, piece,
-                               S[lo + col:lo + col + piece.shape[0]],
-                               touched[col:col + piece.shape[0]])
+            rows = slice(lo + col, lo + col + piece.shape[0])
+            hit = touched[col:col + piece.shape[0]]
+            if piece.shape[0] == 1:  # on this thread alone: no idle threads spinning
+                n_nan += _csc_frame(pm.indptr, pm.bins, pm.weights, piece[0], S[rows][0], hit[0])
+            else:
+                n_nan += _csc_sums(pm.indptr, pm.bins, pm.weights, piece, S[rows], hit)
     else:
         dtype = np.result_type(*(piece.dtype for piece, _ in pieces))
         values = _pass_buffer(km.n_used, hi - lo, dtype)
