@@ -119,11 +119,13 @@ def integrate(
     the lock ``<result_folder>/.<scan>.zarr.zip.lock`` (:mod:`midasflow.io.lock`).
     """
     from midasflow.io.caked_store import write_caked_zarr
-    from midasflow.io.lock import lock_name, output_lock
+    from midasflow.io.lock import check_writable_folder, lock_name, output_lock
     from midasflow.io.midas_zarr import write_midas_zarr
 
     scan = ScanSource.of(source)
     params = read_params(param_fn, overrides)
+    if cache_dir is not None:  # the workers read the bin map from there
+        check_writable_folder(cache_dir, "--cache-dir")
     folder = Path(result_folder)
     stem = scan_stem(scan.data_fn)
     from midasflow.progress import dask_progress

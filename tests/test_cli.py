@@ -311,3 +311,94 @@ def test_command_and_python_api_share_one_atoms_default(scan, store, tmp_path, c
     np.testing.assert_array_equal(api.a_a.values, cli.a_a.values)
     assert not np.array_equal(no_atoms.a_a.values[ok], cli.a_a.values[ok])  # the atom stage ran
     assert "recommends --no-atoms" in " ".join(build_parser().format_help().split())
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder nobody can write into: chmod for a normal user, the immutable flag for root."""
+    import os
+    import shutil
+
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+            pytest.skip("running as root where chattr +i is not available: no unwritable folder")
+    else:
+        folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("cannot make an unwritable folder here")
+        yield folder
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)])
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["folder", "below"])
+@pytest.mark.parametrize("command", ["integrate", "refine", "run"])
+def test_an_unwritable_output_folder_is_one_line(command, where, unwritable, scan, store, tmp_path, capsys):
+    target = str(unwritable if where == "folder" else unwritable / "sub")
+    argv = {
+        "integrate": ["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", target],
+        "refine": ["refine", "--data", str(store), "--cif", scan["cif"], "--out", target],
+        "run": ["run", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", target,
+                "--cif", scan["cif"], "--out", str(tmp_path / "refined")],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    flag = "--out" if command == "refine" else "-resultFolder"
+    assert err.startswith(f"midasflow {command}: error: {flag} {target}: ") and "not writable" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "refined").exists()
+
+
+def test_a_truncated_tiff_is_one_line_and_leaves_no_result_folder(scan, tmp_path, capsys):
+    import h5py
+    import tifffile
+
+    with h5py.File(scan["data"]) as f:
+        frames = f["exchange/data"][...]
+    tif = tmp_path / "scan_000001.tif"
+    tifffile.imwrite(tif, frames[0].astype(np.int32))  # a Pilatus-like 32-bit frame
+    tif.write_bytes(tif.read_bytes()[:100_000])  # the head of the image only
+    out = tmp_path / "out"
+    assert main(["integrate", "-paramFN", scan["params"], "-dataFN", str(tif), "-resultFolder", str(out),
+                 "--cache-dir", str(scan["root"] / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"midasflow integrate: error: {tif}: truncated TIFF") and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["bad CRC", "dotdot member"])
+def test_a_damaged_or_crafted_store_is_one_line(damage, scan, store, tmp_path, capsys):
+    import zipfile
+
+    bad = tmp_path / "bad.zarr.zip"
+    data = bytearray(store.read_bytes())
+    if damage == "bad CRC":
+        with zipfile.ZipFile(store) as zf:
+            info = zf.getinfo("OmegaSumFrame/LastFrameNumber_1/0.0")
+        data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0xFF
+        bad.write_bytes(bytes(data))
+    else:
+        bad.write_bytes(bytes(data))
+        with zipfile.ZipFile(bad, "a") as zf:
+            zf.writestr("../../outside.txt", b"x")
+    out = tmp_path / "out"
+    assert main(["refine", "--data", str(bad), "--cif", scan["cif"], "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"midasflow refine: error: {bad}: ") and len(err.splitlines()) == 1, err
+    assert ("Bad CRC-32" if damage == "bad CRC" else "'../../outside.txt' is not a plain relative path") in err
+    assert not out.exists() and not (tmp_path.parent / "outside.txt").exists()
+
+
+def test_an_unwritable_or_file_cache_dir_is_one_line(unwritable, scan, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for cache, expected in ((unwritable / "cache", "is not writable"), (tmp_path / "afile", "existing file")):
+        out = tmp_path / "out"
+        assert main(["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(out),
+                     "--cache-dir", str(cache)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"midasflow integrate: error: --cache-dir {cache}: ") and expected in err, err
+        assert not out.exists()

@@ -401,3 +401,55 @@ def test_process_variable_of_wrong_length_is_one_line(tmp_path):
     msg = str(info.value)
     assert "\n" not in msg and path in msg and "GSAS2_PVS/Temperature" in msg
     assert "3 values" in msg and "(4)" in msg
+
+
+def _truncate(path, keep_fraction=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+    return path
+
+
+@pytest.mark.parametrize("writer", [_write_tiff_pages, _write_tiff_stack])
+def test_truncated_tiff_is_one_line_at_open(tmp_path, writer):
+    path = _truncate(writer(tmp_path / "scan.tif", _frames(3)), 0.6)
+    msg = _one_line_error(r"scan.tif: truncated TIFF, (page \d+ needs \d+ bytes but the file holds \d+|"
+                          r"it declares 3 frames but holds [12] readable pages)", tmp_path, path, _params())
+    assert str(path) in msg
+
+
+@pytest.mark.parametrize("name, writer, damage", [
+    ("scan.tif", _write_tiff_pages, "truncate"),
+    ("scan.h5", lambda p, d: _write_h5(p, d, "blosc"), "truncate"),
+    ("scan.zip", _write_zarr_zip, "crc"),
+])
+def test_a_file_damaged_after_opening_gives_one_line_when_read(tmp_path, name, writer, damage):
+    """Damage found only when the pixels are read (inside the dask tasks) is a FrameError naming
+    the file and the frames, not a library traceback."""
+    import zipfile
+
+    path = writer(tmp_path / name, _frames(4))
+    frames = open_frames(path, _params())
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        del data[len(data) // 2:]
+    else:  # flip a byte of the last frame's chunk: a bad CRC
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("exchange/data/3.0.0")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+        data[start + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(FrameError) as err:
+        frames.values  # noqa: B018 - reading is the test
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    assert "cannot be read" in message or "not a readable HDF5 file (Unable to synchronously open file (truncated" in message
+
+
+def test_zarr_zip_with_dotdot_members_is_refused(tmp_path):
+    import zipfile
+
+    path = _write_zarr_zip(tmp_path / "scan.zip", _frames(2))
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("../../etc/evil/.zarray", b"{}")
+    _one_line_error(r"scan.zip: zip member '../../etc/evil/.zarray' is not a plain relative path", tmp_path,
+                    path, _params())

@@ -413,3 +413,31 @@ def test_integrate_peak_memory_does_not_grow_with_frames(tmp_path):
         peak[n] = int(out.split()[-1]) / 1024  # MiB (VmHWM is in kB)
         assert open_caked(tmp_path / f"o{n}" / "scan_000001.zarr.zip").sizes["group"] == n
     assert abs(peak[800] - peak[200]) < 0.1 * peak[200], peak
+
+
+def _member_data_offset(path, member):
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    return info.header_offset + 30 + len(info.filename) + len(info.extra), info.compress_size
+
+
+def test_damaged_or_crafted_zips_are_one_line_errors(zip_path, tmp_path):
+    # a bad CRC in a cake (read lazily, inside a dask task) and in REtaMap (read on open)
+    for member in ("OmegaSumFrame/LastFrameNumber_1/0.0", "REtaMap/0.0.0"):
+        bad = tmp_path / "bad.zarr.zip"
+        data = bytearray(zip_path.read_bytes())
+        start, size = _member_data_offset(zip_path, member)
+        data[start + size // 2] ^= 0xFF
+        bad.write_bytes(bytes(data))
+        with pytest.raises(CakeFileError) as info:
+            open_caked(bad)["intensity"].values  # noqa: B018
+        assert str(info.value).startswith(f"{bad}: ") and "Bad CRC-32" in str(info.value)
+        assert "cannot be read" in str(info.value) and "\n" not in str(info.value)
+    # members named with '..' (or absolute): refused before anything is opened
+    for evil in ("../outside/.zarray", "/etc/passwd", "OmegaSumFrame/../../x"):
+        crafted = tmp_path / "crafted.zarr.zip"
+        crafted.write_bytes(zip_path.read_bytes())
+        with zipfile.ZipFile(crafted, "a") as zf:
+            zf.writestr(evil, b"{}")
+        with pytest.raises(CakeFileError, match=r"zip member .* is not a plain relative path"):
+            open_caked(crafted)

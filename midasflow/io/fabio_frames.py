@@ -54,18 +54,38 @@ def open_tiff(path: str) -> TiffSource:
     Raises
     ------
     FrameError
-        Missing or unreadable file, or pages that are not 2-D images.
+        Missing or unreadable file, a page whose pixel data reach past the end of the file
+        (truncated), or pages that are not 2-D images.
     """
+    import logging
+    import math
+    import os
+
     import tifffile
 
+    quiet = logging.getLogger("tifffile")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # damage is reported below, in one line
     try:
+        size = os.path.getsize(path)
         with tifffile.TiffFile(path) as tif:
             n_pages = len(tif.pages)
             shape = tif.pages[0].shape
+            for k, page in enumerate(tif.pages):  # every page's pixel data inside the file
+                end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+                if end > size:
+                    raise FrameError(f"{path}: truncated TIFF, page {k} needs {end} bytes but the "
+                                     f"file holds {size}")
+            declared = math.prod(tif.series[0].shape[:-2]) if len(shape) == 2 and tif.series else 1
+            if declared > n_pages:  # the page chain breaks off before the frames it declares
+                raise FrameError(f"{path}: truncated TIFF, it declares {declared} frames but holds "
+                                 f"{n_pages} readable pages")
     except FileNotFoundError:
         raise FrameError(f"{path}: file not found") from None
     except (tifffile.TiffFileError, OSError, ValueError) as exc:
         raise FrameError(f"{path}: not a readable TIFF file ({exc})") from None
+    finally:
+        quiet.setLevel(level)
     if len(shape) == 2:
         return TiffSource(path, n_pages, (int(shape[0]), int(shape[1])), True)
     if len(shape) == 3 and n_pages == 1:

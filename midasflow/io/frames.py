@@ -51,6 +51,7 @@ import numpy as np
 
 from midasflow.errors import FrameError
 from midasflow.io.mask import read_mask
+from midasflow.io.untrusted import reading
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -241,8 +242,9 @@ class ScanReader:
     """Array-like view (frame, z, y) float32 of several files' frames after ``skip`` frames.
 
     Indexing with slices reads only the frames asked for (opening the files inside the call),
-    converts them to float32 and turns detector flags into NaN. Picklable; used by
-    ``dask.array.from_array``.
+    converts them to float32 and turns detector flags into NaN. A file that cannot be decoded
+    (truncated, corrupt chunk, bad CRC) raises :class:`FrameError` naming it and the frames.
+    Picklable; used by ``dask.array.from_array``.
     """
 
     sources: tuple[FrameSource, ...]
@@ -276,7 +278,8 @@ class ScanReader:
         for source in self.sources:
             a, b = max(lo, offset), min(hi, offset + source.n_frames)
             if a < b:
-                pieces.append(source.read(a - offset, b - offset))
+                with reading(source.path, f"frames {a - offset}..{b - offset - 1}", FrameError):
+                    pieces.append(source.read(a - offset, b - offset))
             offset += source.n_frames
         nz, ny = self.shape[1:]
         raw = np.concatenate(pieces) if pieces else np.empty((0, nz, ny), np.float32)

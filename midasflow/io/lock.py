@@ -85,7 +85,8 @@ def check_writable_folder(folder: str | os.PathLike, flag: str) -> None:
         what = "is" if existing == folder else f"is inside {existing}, which is"
         raise OutputPathError(f"{flag} {folder}: {what} an existing file, expected a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{flag} {folder}: {existing} is not writable (permission denied)")
+        where = "" if existing == folder else f"{existing} "
+        raise OutputPathError(f"{flag} {folder}: {where}is not writable (permission denied)")
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ import numpy as np
 from midasflow.errors import CakeFileError
 from midasflow.instrument import DATASET_NAMES, MIDAS_WRITE_DEFAULTS, gsas_names
 from midasflow.io.atomic import atomic_output
+from midasflow.io.untrusted import check_zip_members, reading
 
 #: REtaMap plane names and units (§7.1).
 RETAMAP_HEADER = "Radius,2Theta,Eta,BinArea,Q"
@@ -270,11 +271,13 @@ def write_midas_zarr(ds: Any, path: str | os.PathLike, *, client: Any = None,
 
 # ------------------------------------------------------------------------------------ reading
 def _read_member(path: str, key: str) -> np.ndarray:
+    """One member array (a cake) read whole; CakeFileError when it cannot be decoded."""
     import zarr
 
     store = zarr.storage.ZipStore(path, mode="r")
     try:
-        return zarr.open_array(store, path=key, mode="r", zarr_format=2)[...]
+        with reading(path, f"member {key}", CakeFileError):
+            return zarr.open_array(store, path=key, mode="r", zarr_format=2)[...]
     finally:
         store.close()
 
@@ -308,7 +311,9 @@ def _open_root(path: str | os.PathLike) -> Iterator[Any]:
     Raises
     ------
     CakeFileError
-        The file is missing, not a zip, or not a zarr format 2 group.
+        The file is missing, not a zip, has member names that are not plain relative paths, is
+        not a zarr format 2 group, or a member read inside the block cannot be decoded (bad CRC,
+        corrupt chunk).
     """
     import zarr
 
@@ -317,13 +322,15 @@ def _open_root(path: str | os.PathLike) -> Iterator[Any]:
         raise CakeFileError(f"{path}: no such file, expected a MIDAS .zarr.zip")
     if not zipfile.is_zipfile(path):
         raise CakeFileError(f"{path}: not a zip file, expected a MIDAS .zarr.zip")
+    check_zip_members(path, CakeFileError)
     store = zarr.storage.ZipStore(path, mode="r")
     try:
         try:
             root = zarr.open_group(store, mode="r", zarr_format=2)
         except Exception as exc:  # zarr raises several types for a zip without a group
             raise CakeFileError(f"{path}: not a zarr format 2 group ({exc})") from None
-        yield root
+        with reading(path, "a member", CakeFileError):
+            yield root
     finally:
         store.close()
 

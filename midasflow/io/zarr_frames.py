@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from midasflow.errors import FrameError
+from midasflow.io.untrusted import check_zip_members
 
 ZIP_EXTENSION = ".zip"
 _METADATA_FILES = ("zarr.json", ".zarray", ".zgroup")
@@ -34,6 +35,8 @@ def _open_node(path: str) -> Iterator[object]:
     if not os.path.exists(path):
         raise FrameError(f"{path}: file not found")
     store = None
+    if path.endswith(ZIP_EXTENSION):
+        check_zip_members(path, FrameError)
     try:
         if path.endswith(ZIP_EXTENSION):
             from zarr.storage import ZipStore
