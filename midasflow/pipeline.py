@@ -118,6 +118,7 @@ def integrate(
     (:class:`~midasflow.errors.OutputInUseError`, naming the holder's pid) while the first holds
     the lock ``<result_folder>/.<scan>.zarr.zip.lock`` (:mod:`midasflow.io.lock`).
     """
+    from midasflow.io.atomic import remove_stale_temporaries
     from midasflow.io.caked_store import write_caked_zarr
     from midasflow.io.lock import check_writable_folder, lock_name, output_lock
     from midasflow.io.midas_zarr import write_midas_zarr
@@ -134,6 +135,7 @@ def integrate(
     # one writer per store (other scans may share the folder); the folder is created here and
     # removed again if the run fails before writing anything
     with output_lock(folder, lock_name(target), flag="-resultFolder", holder="midasflow integrate"):
+        remove_stale_temporaries(folder)  # e.g. a store half-written by a killed run
         ds = integrate_dataset(scan, params, cache_dir=cache_dir)
         # a client reports the progress of its own tasks; the local schedulers through a callback
         with dask_progress("integrate", enabled=progress and client is None):
@@ -207,11 +209,13 @@ def refine(
     is refused with :class:`~midasflow.errors.OutputInUseError` naming the holder's pid.
     """
     from midasflow.crystal import read_phases
+    from midasflow.io.atomic import remove_stale_temporaries
     from midasflow.io.caked_store import open_caked
     from midasflow.io.instprm import instrument_from_midas, read_instprm
     from midasflow.io.lock import check_writable_folder, output_lock
     from midasflow.refinement.backends import ExportingBackend, get_backend
     from midasflow.refinement.lineouts import (
+        CHECKPOINT_SUBDIR,
         plan_lineouts,
         record_settings,
         run_distributed,
@@ -235,6 +239,8 @@ def refine(
     plan = plan_lineouts(source, min_points=min_points)
     options.check_against([spec.tth_deg for spec in plan if not spec.skipped], min_points)
     with output_lock(out, flag="--out", holder="midasflow refine"):  # one writer per folder
+        for folder in (out, out / CHECKPOINT_SUBDIR):  # left by a killed run
+            remove_stale_temporaries(folder)
         record_settings(out, {
             "data": str(data) if not isinstance(data, xr.Dataset) else "<dataset>",
             **options.settings(), "backend": backend, "min_points": min_points, "seed_from": seed_from,

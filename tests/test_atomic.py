@@ -57,3 +57,33 @@ def test_a_failed_write_leaves_the_previous_output_and_no_temporary(tmp_path):
         Path(tmp).write_text("half")
         raise RuntimeError("disk full")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_nothing_else(tmp_path):
+    import subprocess
+    import sys
+
+    from midasflow.io.atomic import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid no longer exists
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        stale = [f".scan.zarr.zip.tmp-{dead.pid}-0123abcd", f".scan.zarr.zip.tmp-{dead.pid}-0123abcd.parts",
+                 f".results.zarr.old-{dead.pid}-89abcdef", f".hist_0003.pkl.tmp-{dead.pid}-deadbeef"]
+        kept = [f".scan.zarr.zip.tmp-{live.pid}-0123abcd", f".scan.zarr.zip.tmp-{os.getpid()}-0123abcd.parts",
+                "scan.zarr.zip", ".midasflow.lock", f"scan.zarr.zip.tmp-{dead.pid}-0123abcd",  # not hidden
+                f".notes.tmp-{dead.pid}-xyz", ".hidden"]
+        for name in stale + kept:
+            if name.endswith((".parts", ".zarr")) or ".zarr.old-" in name:
+                (tmp_path / name).mkdir()
+                (tmp_path / name / "part-000.zip").write_bytes(b"x" * 1000)
+            else:
+                (tmp_path / name).write_bytes(b"x")
+        removed = remove_stale_temporaries(tmp_path)
+        assert sorted(p.name for p in removed) == sorted(stale)
+        assert sorted(os.listdir(tmp_path)) == sorted(kept)
+        assert remove_stale_temporaries(tmp_path / "missing") == []
+    finally:
+        live.kill()
+        live.wait()

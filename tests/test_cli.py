@@ -402,3 +402,115 @@ def test_an_unwritable_or_file_cache_dir_is_one_line(unwritable, scan, tmp_path,
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"midasflow integrate: error: --cache-dir {cache}: ") and expected in err, err
         assert not out.exists()
+
+
+def _sigterm_self():
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_refine_stops_like_ctrl_c_and_resume_finishes(scan, store, tmp_path, capsys, monkeypatch):
+    """What a batch scheduler does at walltime: SIGTERM. The command stops cleanly: exit 143, one
+    line, finished lineouts kept as checkpoints, no temporaries, no results yet; --resume finishes."""
+    from midasflow.refinement import engine
+
+    real, calls, signalled = engine.refine_pattern, [], []
+
+    def third_call_gets_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 and not signalled:
+            signalled.append(1)
+            _sigterm_self()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "refine_pattern", third_call_gets_sigterm)
+    out = tmp_path / "out"
+    argv = ["refine", "--data", str(store), "--cif", scan["cif"], "--out", str(out), "--no-atoms", "--mode", "lebail",
+            "--no-export", "--no-report"]
+    assert main(argv) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "midasflow refine: stopped by SIGTERM; what finished is kept (refine, run: --resume " \
+                      "continues) and nothing half-written is left"
+    assert all(line.startswith("refine-lineout [") for line in err[:-1])  # the progress line, ended
+    assert sorted(p.name for p in (out / "lineouts").glob("hist_*")) == ["hist_0000.pkl", "hist_0001.pkl"]
+    assert not (out / "results.zarr").exists() and not (out / ".midasflow.lock").exists()
+    assert not [p for p in out.rglob(".*") if ".tmp-" in p.name]
+    calls.clear()
+    assert main(argv + ["--resume"]) == 0
+    assert len(calls) == N_LINEOUTS - 2
+    _check_results(out)
+
+
+def test_sigterm_during_integrate_leaves_nothing(scan, tmp_path, capsys, monkeypatch):
+    from midasflow.io import midas_zarr
+
+    real = midas_zarr._Members.__setitem__
+
+    def write_then_sigterm(self, key, value):
+        real(self, key, value)  # a part is on disk when the signal comes
+        _sigterm_self()
+
+    monkeypatch.setattr(midas_zarr._Members, "__setitem__", write_then_sigterm)
+    out = tmp_path / "out"
+    assert main(["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(out),
+                 "--cache-dir", str(scan["root"] / "cache"), "--no-progress"]) == 143
+    assert capsys.readouterr().err.strip().startswith("midasflow integrate: stopped by SIGTERM; ")
+    assert not out.exists()  # the folder it made, its temporaries and its lock: all gone
+
+
+def _integrate_in_a_process(scan, folder, signal_number):
+    """Start `midasflow integrate` on a 768² 24-frame scan and send it ``signal_number`` while it
+    writes; return (returncode, stderr)."""
+    import os
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "midasflow", "integrate", "-paramFN", scan["params"], "-dataFN",
+                             scan["data"], "-resultFolder", str(folder), "--cache-dir", scan["cache"], "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if folder.is_dir() and any(".tmp-" in p for p in os.listdir(folder)):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal_number)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def bigger_scan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bigger")
+    files, _, cif = make_demo_scan(root, n_frames=24, sum_frames=2, size=768, seed=5, eta_bin_deg=5.0, supersample=1)
+    scan = dict(params=str(files.params_file), data=str(files.data), cache=str(root / "cache"))
+    assert main(["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder",
+                 str(root / "warm"), "--cache-dir", scan["cache"], "--no-progress"]) == 0  # bin map cached
+    return scan
+
+
+@pytest.mark.slow
+def test_a_killed_integrate_leaves_a_temporary_the_next_run_removes(bigger_scan, tmp_path):
+    import signal
+
+    folder = tmp_path / "int"
+    rc, _ = _integrate_in_a_process(bigger_scan, folder, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    leftovers = [p for p in folder.iterdir() if ".tmp-" in p.name]
+    assert leftovers  # SIGKILL cannot be cleaned up after...
+    assert main(["integrate", "-paramFN", bigger_scan["params"], "-dataFN", bigger_scan["data"], "-resultFolder",
+                 str(folder), "--cache-dir", bigger_scan["cache"], "--no-progress"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["scan_000001.zarr.zip"]  # ... but the next run is
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_integrate_process_stops_it_cleanly(bigger_scan, tmp_path):
+    import signal
+
+    folder = tmp_path / "int"
+    rc, err = _integrate_in_a_process(bigger_scan, folder, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1].startswith("midasflow integrate: stopped by SIGTERM; ")
+    assert "Traceback" not in err
+    assert not folder.exists()

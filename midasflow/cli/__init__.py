@@ -3,12 +3,17 @@
 Each sub-command lives in its own module with a ``main(argv) -> int``. User mistakes
 (:class:`midasflow.errors.MidasflowError`) print one line and exit with status 2; bugs keep
 their traceback. Python warnings print as one line each, ``midasflow <command>: warning: ...``.
+SIGTERM (what batch schedulers send at walltime, and ``kill``'s default) stops a command the way
+Ctrl-C does: what finished is kept, temporaries are removed, one line says so (exit 143; 130 for
+Ctrl-C).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -44,6 +49,35 @@ def one_line_warnings(command: str) -> Iterator[None]:
         warnings.showwarning = previous
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every ``finally`` and temporary cleanup runs."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread for the duration.
+
+    A second SIGTERM (schedulers repeat it before SIGKILL) is ignored so the cleanup can finish.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals only go there
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ANN001, ARG001
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_STOPPED = ("what finished is kept (refine, run: --resume continues) and nothing half-written is "
+            "left")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``midasflow`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -70,11 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     try:
-        with one_line_warnings(command):
+        with sigterm_as_interrupt(), one_line_warnings(command):
             return int(module.main(args[1:]) or 0)
     except MidasflowError as exc:
         print(f"midasflow {command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"midasflow {command}: stopped by SIGTERM; {_STOPPED}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print(f"midasflow {command}: interrupted", file=sys.stderr)
+        print(f"midasflow {command}: interrupted; {_STOPPED}", file=sys.stderr)
         return 130

@@ -1,17 +1,27 @@
 """Atomic outputs: write under a temporary sibling name, then rename into place.
 
 A crash or an error part-way through never leaves a half-written file or store that looks
-complete: the temporary name is removed and the destination keeps its previous content.
+complete: the temporary name is removed and the destination keeps its previous content. A process
+killed outright (SIGKILL, a node failure) cannot remove its temporary; the names carry the
+writer's pid so that :func:`remove_stale_temporaries` can remove them on the next run once that
+process is gone.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+#: Temporaries of our own naming (:func:`_sibling`; ``.parts`` is the caked-store writer's scratch
+#: folder beside its temporary), with the writer's pid.
+_TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}(?:\.parts)?$")
 
 
 def _remove(path: Path) -> None:
@@ -91,3 +101,45 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's process counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of our own naming in ``folder`` whose writer is no longer alive.
+
+    Only names this module makes (``.<name>.tmp-<pid>-<hex>``, ``.<name>.old-<pid>-<hex>`` and a
+    temporary's ``.parts`` folder) are considered, and only when process ``<pid>`` no longer
+    exists on this host: a temporary being written right now is never touched. Call it on a
+    folder the caller holds the lock of (:func:`midasflow.io.lock.output_lock`), so no writer on
+    another host can own one.
+
+    Returns
+    -------
+    list of Path
+        What was removed (also logged).
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match and not _alive(int(match.group("pid"))):
+            path = Path(entry.path)
+            _remove(path)
+            removed.append(path)
+            log.info("removed %s, left by process %s, which no longer runs", path, match.group("pid"))
+    return removed

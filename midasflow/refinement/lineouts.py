@@ -461,16 +461,18 @@ def run_serial(
     backend = backend or NativeBackend()
     plan, seeds, results = _prepare(plan, seed_from, checkpoint_dir, resume)
     bar = _LineoutProgress(len(plan) - len(results), progress)
-    for spec in plan:
-        if spec.index in results:
-            continue
-        seed = results.get(seeds[spec.index]) if spec.index in seeds else None
-        res = refine_lineout(spec, backend, options, seed)
-        if checkpoint_dir is not None:
-            save_checkpoint(res, checkpoint_dir)
-        results[spec.index] = res
-        bar.update(res)
-    bar.close()
+    try:
+        for spec in plan:
+            if spec.index in results:
+                continue
+            seed = results.get(seeds[spec.index]) if spec.index in seeds else None
+            res = refine_lineout(spec, backend, options, seed)
+            if checkpoint_dir is not None:
+                save_checkpoint(res, checkpoint_dir)
+            results[spec.index] = res
+            bar.update(res)
+    finally:  # the line ends also when Ctrl-C or SIGTERM stops the loop
+        bar.close()
     return [results[s.index] for s in plan]
 
 
