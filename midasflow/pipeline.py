@@ -22,17 +22,33 @@ from midasflow.refinement.options import BackendName, Mode, SeedFrom
 log = logging.getLogger(__name__)
 
 _COMPRESSION_SUFFIXES = (".bz2", ".gz")
+#: Suffixes MIDAS's pipeline stacks onto a data file's name (``integrator.py``'s
+#: ``short_pipeline_stem``), stripped from the right so ``x.h5.analysis.MIDAS.zip`` -> ``x``.
+_PIPELINE_SUFFIXES = (".zarr", ".zip", ".midas", ".analysis", ".caked", ".hdf5", ".hdf", ".h5",
+                      ".tiff", ".tif")
 
 
 def scan_stem(data_fn: str | Path) -> str:
     """Output stem of a scan: the first data file's name without its format extension.
 
-    ``scan_000001.h5`` → ``scan_000001``; ``ff_000123.ge3`` → ``ff_000123``.
+    ``scan_000001.h5`` → ``scan_000001``; ``ff_000123.ge3`` → ``ff_000123``; MIDAS's converted
+    ``scan_000001.h5.analysis.MIDAS.zip`` → ``scan_000001`` (the suffixes MIDAS stacks are
+    stripped as its ``-shortNames 1`` does).
     """
     name = Path(data_fn).name
     for suffix in _COMPRESSION_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
+    stripped = name
+    while True:
+        for suffix in _PIPELINE_SUFFIXES:
+            if stripped.lower().endswith(suffix) and len(stripped) > len(suffix):
+                stripped = stripped[: -len(suffix)]
+                break
+        else:
+            break
+    if stripped != name:
+        return stripped
     return re.sub(r"\.[^.]+$", "", name) or name
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from midasflow.cli._common import (
@@ -28,11 +29,25 @@ def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = T
     add_flag(parser, "-darkLoc", "--dark-loc", dest="dark_loc", default="exchange/dark",
              help="HDF5 dataset of the darks (default exchange/dark)")
     add_flag(parser, "-startFileNr", "--start-file-nr", dest="start_file_nr", type=int, default=None,
-             help="first file number of a numbered series (default: the number in -dataFN)")
+             help="first file number of a numbered series (default or -1: the number in -dataFN)")
     add_flag(parser, "-endFileNr", "--end-file-nr", dest="end_file_nr", type=int, default=None,
-             help="last file number of a numbered series (default: one file)")
+             help="last file number of a numbered series (default or -1: one file)")
     add_flag(parser, "-resultFolder", "--result-folder", dest="result_folder", default=".",
              help="output folder (default .)")
+    add_flag(parser, "-preProcThresh", "--pre-proc-thresh", dest="pre_proc_thresh", type=float, default=-1,
+             help="after dark subtraction, pixels below T become 0 and negative ones 0, as MIDAS "
+             "(default -1: off)")
+    add_flag(parser, "-numFrameChunks", "--num-frame-chunks", dest="num_frame_chunks", type=int, default=-1,
+             help="read at most N frames at a time, to bound memory (default -1: one caking pass)")
+    add_flag(parser, "-nCPUsLocal", "--n-cpus-local", dest="n_cpus_local", type=int, default=None,
+             help="threads of each worker, or of this process without -nCPUs (MIDAS: threads per "
+             "integrator instance; default: 1 per worker, all cores in this process)")
+    add_flag(parser, "-convertFiles", "--convert-files", dest="convert_files", type=int, choices=(0, 1),
+             default=1, help="1 (default): read the data files; 0: read MIDAS's converted "
+             "<resultFolder>/<data file>.analysis.MIDAS.zip instead, as MIDAS does")
+    add_flag(parser, "-mapDetector", "--map-detector", dest="map_detector", type=int, choices=(0, 1),
+             default=1, help="accepted for MIDAS (0 or 1): the bin map is built when no valid cached "
+             "map exists, either way (MIDAS builds Map.bin only when absent, too)")
     parser.add_argument("--plain-zarr", action="store_true",
                         help="also write <scan>.zarr, a plain xarray zarr store")
     parser.add_argument("--cache-dir", default=None, help="bin-map cache folder")
@@ -50,14 +65,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Suffix of MIDAS's converted data files (ZIPGEN's output, read back with ``-convertFiles 0``).
+CONVERTED_SUFFIX = ".analysis.MIDAS.zip"
+
+
+def converted_file(data_fn: str, result_folder: str | os.PathLike) -> str:
+    """MIDAS's converted file for ``data_fn``: ``<resultFolder>/<name>.analysis.MIDAS.zip``, or
+    ``<resultFolder>/<name>`` when ``data_fn`` already is a ``.zip`` (``integrator.py``,
+    ``-convertFiles 0``)."""
+    name = os.path.basename(data_fn)
+    return os.path.join(os.fspath(result_folder), name if name.endswith(".zip") else name + CONVERTED_SUFFIX)
+
+
+def _unset(value: int | None) -> int | None:
+    """MIDAS's -1 ("automatic") as None."""
+    return None if value is None or value == -1 else value
+
+
 def scan_source(args: argparse.Namespace) -> ScanSource | None:
     """The scan the flags name (``-dataFN``, ``-darkFN``, ``-dataLoc``, ``-darkLoc``,
-    ``-startFileNr``, ``-endFileNr``); None without ``-dataFN``."""
+    ``-startFileNr``, ``-endFileNr``, ``-preProcThresh``, ``-numFrameChunks``, ``-convertFiles``);
+    None without ``-dataFN``. MIDAS's −1 means "not set" for the numbers, as in ``integrator.py``.
+
+    ``-convertFiles 0`` reads the file MIDAS's converter wrote (:func:`converted_file`), dark
+    included (its ``exchange/dark``), instead of ``-dataFN``/``-darkFN``.
+    """
     if not args.data_fn:
         return None
-    return ScanSource(args.data_fn, dark_fn=args.dark_fn, data_loc=args.data_loc,
-                      dark_loc=args.dark_loc, start_file_nr=args.start_file_nr,
-                      end_file_nr=args.end_file_nr)
+    data_fn, dark_fn = args.data_fn, args.dark_fn or None
+    if args.convert_files == 0:
+        data_fn, dark_fn = converted_file(data_fn, args.result_folder), None
+    return ScanSource(data_fn, dark_fn=dark_fn, data_loc=args.data_loc,
+                      dark_loc=args.dark_loc, start_file_nr=_unset(args.start_file_nr),
+                      end_file_nr=_unset(args.end_file_nr),
+                      pre_proc_thresh=None if args.pre_proc_thresh == -1 else args.pre_proc_thresh,
+                      frames_per_read=_unset(args.num_frame_chunks))
 
 
 def main(argv: Sequence[str]) -> int:

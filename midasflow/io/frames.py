@@ -27,6 +27,10 @@ Choices (see midas_caking.md §8):
   no more than ``SkipFrame``, e.g. a single-frame dark TIFF), subtracted in float32. Source, in
   order: :class:`ScanSource`'s ``dark_fn``; the parameter file's ``Dark``; dataset ``dark_loc`` inside the (first) HDF5
   data file or zarr group. None found: no subtraction.
+* **Threshold** (``-preProcThresh T``, :class:`ScanSource`'s ``pre_proc_thresh``): after the dark
+  is subtracted, a pixel below T becomes 0 and a negative one 0, as MIDAS's ZIPGEN does
+  (``raw < dark + T → 0``, else ``max(0, raw − dark)``; MIDAS truncates the dark mean to an
+  integer first, midasflow keeps it exact). Without a dark the threshold applies to the raw values.
 * **Detector flags**: pixels whose raw value is negative in signed-integer data (Pilatus gaps −1,
   bad pixels −2) or the largest value of unsigned-integer data (Eiger gaps and dead pixels,
   2³²−1 or 2¹⁶−1; a pixel saturated at the full range of its type is no measurement either)
@@ -79,6 +83,13 @@ class ScanSource:
     start_file_nr, end_file_nr : int or None
         Inclusive file-number range of a series (:func:`series_files`; ``-startFileNr``,
         ``-endFileNr``).
+    pre_proc_thresh : float or None
+        ``-preProcThresh T``: after dark subtraction, pixels below T become 0 and negative values
+        0 (MIDAS's ZIPGEN: raw < dark + T → 0, else max(0, raw − dark)); None (MIDAS's −1):
+        values kept as they are.
+    frames_per_read : int or None
+        ``-numFrameChunks N``: read (and cake) at most N frames at a time, to bound memory; None
+        (MIDAS's −1): midasflow's own chunk, one pass of the caking kernel.
     """
 
     data_fn: str
@@ -87,11 +98,16 @@ class ScanSource:
     dark_loc: str = "exchange/dark"
     start_file_nr: int | None = None
     end_file_nr: int | None = None
+    pre_proc_thresh: float | None = None
+    frames_per_read: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_fn", os.fspath(self.data_fn))
         if self.dark_fn is not None:
             object.__setattr__(self, "dark_fn", os.fspath(self.dark_fn))
+        if self.frames_per_read is not None and int(self.frames_per_read) < 1:
+            raise FrameError(f"-numFrameChunks {self.frames_per_read}: expected a frame count >= 1 "
+                             "(or -1 for the default)")
 
     @classmethod
     def of(cls, source: ScanSource | str | os.PathLike) -> ScanSource:
@@ -336,6 +352,24 @@ def _process_variables(sources: tuple[FrameSource, ...], params: Params,
     return out
 
 
+def threshold_frames(frames: np.ndarray, thresh: float) -> np.ndarray:
+    """MIDAS's ``-preProcThresh``: values below ``thresh`` become 0, then negative values 0; NaN
+    (a flagged pixel) stays NaN.
+
+    Parameters
+    ----------
+    frames : ndarray, float32
+        Dark-subtracted frames.
+    thresh : float
+        Threshold in counts above the dark.
+
+    Returns
+    -------
+    ndarray, float32, same shape
+    """
+    return np.where(frames < thresh, np.float32(0), np.maximum(frames, np.float32(0))).astype(np.float32)
+
+
 def open_frames(
     source: ScanSource | str | os.PathLike,
     params: Params,
@@ -353,12 +387,14 @@ def open_frames(
         NrPixelsZ/NrPixelsY (checked against the files), SkipFrame, OmegaStart, OmegaStep,
         Dark, HeadSize and PixelValue (GE).
     frames_per_chunk : int, optional
-        Frames per dask chunk; default ≈ 64 MiB of float32 per chunk.
+        Frames per dask chunk; default ``source.frames_per_read``, else ≈ 64 MiB of float32 per
+        chunk.
 
     Returns
     -------
     xarray.DataArray, dims (frame, z, y), float32, dask-backed
-        Raw orientation, dark subtracted, detector-flagged pixels NaN, SkipFrame frames dropped.
+        Raw orientation, dark subtracted (then thresholded with ``source.pre_proc_thresh``),
+        detector-flagged pixels NaN, SkipFrame frames dropped.
         Coords ``frame`` (int, index after SkipFrame) and ``omega`` (deg,
         OmegaStart + frame·OmegaStep), plus ``temperature``, ``pressure``, ``i``, ``i0``
         (float64, per frame) for the process variables the HDF5 files hold. Attrs ``source_files`` (list of str), ``data_loc``,
@@ -385,7 +421,7 @@ def open_frames(
     if skip >= total:
         raise FrameError(f"{files[0]}: SkipFrame {skip} leaves no frames (the scan holds {total})")
     reader = ScanReader(sources, skip)
-    per_chunk = _frames_per_chunk(reader.shape, frames_per_chunk)
+    per_chunk = _frames_per_chunk(reader.shape, scan.frames_per_read or frames_per_chunk)
     frames = _lazy(reader, per_chunk, "frames")
 
     dark = _dark_source(files[0], params, scan.dark_fn, scan.dark_loc)
@@ -395,6 +431,8 @@ def open_frames(
         dark_frames = _lazy(dark_reader, per_chunk, "dark")
         frames = frames - dark_frames.astype(np.float64).mean(axis=0).astype(np.float32)
         dark_label = dark.path + (f"::{dark.loc}" if getattr(dark, "loc", "") else "")
+    if scan.pre_proc_thresh is not None:
+        frames = frames.map_blocks(threshold_frames, np.float32(scan.pre_proc_thresh), dtype=np.float32)
 
     n = reader.shape[0]
     index = np.arange(n)
