@@ -162,6 +162,52 @@ def integrate(
     return out
 
 
+def scans_of(source: ScanSource | str | Path, merge_series: bool = False) -> list[ScanSource]:
+    """The scans a source names: one per file of a file range, as MIDAS's ``integrator.py``
+    makes them (a missing file skipped with a warning), or the whole range as one scan with
+    ``merge_series``.
+
+    Raises
+    ------
+    FrameError
+        No file of the range exists, or the range is malformed.
+    """
+    scan = ScanSource.of(source)
+    return [scan] if merge_series or not scan.is_series else scan.per_file()
+
+
+def integrate_scans(
+    param_fn: str | Path,
+    source: ScanSource | str | Path,
+    *,
+    merge_series: bool = False,
+    skip_existing: bool = False,
+    result_folder: str | Path = ".",
+    **integrate_options: Any,
+) -> list[Path]:
+    """MIDAS's ``integrator.py``: one ``<result_folder>/<file stem>.zarr.zip`` per file of the
+    source's file range (:func:`scans_of`), or one store for the whole range with
+    ``merge_series``; returns the stores in file order.
+
+    Parameters
+    ----------
+    skip_existing : bool
+        MIDAS's ``-skipExisting``: a file whose store exists is not integrated again (its store
+        is still returned).
+    **integrate_options
+        As :func:`integrate` (``overrides``, ``cache_dir``, ``plain_zarr``, ``client``, ``progress``).
+    """
+    stores = []
+    for scan in scans_of(source, merge_series):
+        target = Path(result_folder) / f"{scan_stem(scan.data_fn)}.zarr.zip"
+        if skip_existing and target.exists():
+            log.info("%s exists: not integrated again (-skipExisting)", target)
+            stores.append(target)
+            continue
+        stores.append(integrate(param_fn, scan, result_folder=result_folder, **integrate_options))
+    return stores
+
+
 def refine(
     data: str | Path | xr.Dataset,
     cifs: Sequence[str | Path],
@@ -298,12 +344,13 @@ def check_run_inputs(
     zarr_file: str | Path | None = None,
     skip_refinement: bool = False,
     result_folder: str | Path = ".",
+    merge_series: bool = False,
     **refine_options: Any,
 ) -> None:
     """Every check :func:`run` makes before any work (or output) starts: the scan's parameter
-    and data files or the store to refine, the CIFs, the ``.instprm``, the recipe options
-    (background terms, 2θ limits, mode), the backend, and that the output folders
-    (``result_folder``, ``out``) are folders that can be written.
+    and data files (at least one file of a per-file range) or the store to refine, the CIFs, the
+    ``.instprm``, the recipe options (background terms, 2θ limits, mode), the backend, and that
+    the output folders (``result_folder``, ``out``) are folders that can be written.
 
     Raises
     ------
@@ -324,6 +371,7 @@ def check_run_inputs(
     elif param_fn is None or source is None:
         raise ParameterError("-paramFN and -dataFN are required unless --skip-integration --zarr-file F")
     else:
+        scans_of(source, merge_series)
         check_writable_folder(result_folder, "-resultFolder")
     if skip_refinement:
         return
@@ -352,27 +400,41 @@ def run(
     skip_integration: bool = False,
     zarr_file: str | Path | None = None,
     skip_refinement: bool = False,
+    merge_series: bool = False,
+    skip_existing: bool = False,
     **refine_options: Any,
-) -> xr.Dataset | Path:
+) -> xr.Dataset | Path | list[xr.Dataset | Path]:
     """Integration, then refinement of the written store: MIDAS's ``integrate_and_refine.py``.
 
     Two steps on the same scheduler: the caked store is written first
     (``<result_folder>/<scan>.zarr.zip``, the file GSAS-II and MIDAS tools read; one Dask graph),
     then its lineouts are refined (one task per lineout). Every input is checked first
-    (:func:`check_run_inputs`). Returns the results Dataset, or the store's path with
-    ``skip_refinement``.
+    (:func:`check_run_inputs`).
+
+    A source whose file range names several files is integrated one store per file
+    (:func:`integrate_scans`) and each store refined into its own folder ``<out>/<file stem>``;
+    with ``merge_series`` the range is one scan, as for a single file.
+
+    Returns
+    -------
+    The results Dataset, or the store's path with ``skip_refinement``; for a per-file range, a
+    list of them in file order.
     """
     check_run_inputs(param_fn, source, cifs, skip_integration=skip_integration, zarr_file=zarr_file,
                      skip_refinement=skip_refinement, result_folder=result_folder,
-                     out=out, **refine_options)
+                     merge_series=merge_series, out=out, **refine_options)
     if skip_integration:
-        store = Path(zarr_file)
+        stores = [Path(zarr_file)]
     else:
-        store = integrate(
-            param_fn, source, overrides=overrides, result_folder=result_folder, cache_dir=cache_dir,
+        stores = integrate_scans(
+            param_fn, source, merge_series=merge_series, skip_existing=skip_existing,
+            overrides=overrides, result_folder=result_folder, cache_dir=cache_dir,
             client=refine_options.get("client"),
             progress=bool(refine_options.get("progress", False)),
         )
+    per_file = not skip_integration and not merge_series and ScanSource.of(source).is_series
     if skip_refinement:
-        return store
-    return refine(store, cifs, out=out, **refine_options)
+        return stores if per_file else stores[0]
+    results = [refine(store, cifs, out=Path(out) / scan_stem(store) if per_file else out, **refine_options)
+               for store in stores]
+    return results if per_file else results[0]

@@ -48,6 +48,11 @@ def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = T
     add_flag(parser, "-mapDetector", "--map-detector", dest="map_detector", type=int, choices=(0, 1),
              default=1, help="accepted for MIDAS (0 or 1): the bin map is built when no valid cached "
              "map exists, either way (MIDAS builds Map.bin only when absent, too)")
+    parser.add_argument("--merge-series", action="store_true",
+                        help="one store for the whole -startFileNr..-endFileNr range (default: one "
+                        "store per file, as MIDAS's integrator)")
+    add_flag(parser, "-skipExisting", "--skip-existing", dest="skip_existing", action="store_true",
+             help="do not integrate a file whose store already exists (MIDAS)")
     parser.add_argument("--plain-zarr", action="store_true",
                         help="also write <scan>.zarr, a plain xarray zarr store")
     parser.add_argument("--cache-dir", default=None, help="bin-map cache folder")
@@ -56,8 +61,9 @@ def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = T
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="midasflow integrate",
-        description="Cake raw frames with MIDAS geometry into <resultFolder>/<scan>.zarr.zip. "
-        "Extra 'Key value' pairs override the parameter file.",
+        description="Cake raw frames with MIDAS geometry into <resultFolder>/<scan>.zarr.zip (one "
+        "per file of a -startFileNr..-endFileNr range). Extra 'Key value' pairs override the "
+        "parameter file.",
     )
     add_integration_flags(parser)
     add_cluster_flags(parser)
@@ -103,14 +109,18 @@ def scan_source(args: argparse.Namespace) -> ScanSource | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    from midasflow.pipeline import integrate
+    from midasflow.pipeline import integrate_scans, scans_of
 
     args, overrides = parse_command(build_parser(), argv, overrides=True)
     configure_logging(args.verbose)
+    source = scan_source(args)
+    scans_of(source, args.merge_series)  # at least one file, before any worker starts
     with dask_client(args) as client:
-        out = integrate(args.param_fn, scan_source(args), overrides=overrides,
-                        result_folder=args.result_folder, cache_dir=args.cache_dir,
-                        plain_zarr=args.plain_zarr, client=client,
-                        progress=not args.no_progress)
-    print(out)
+        stores = integrate_scans(args.param_fn, source, merge_series=args.merge_series,
+                                 skip_existing=args.skip_existing, overrides=overrides,
+                                 result_folder=args.result_folder, cache_dir=args.cache_dir,
+                                 plain_zarr=args.plain_zarr, client=client,
+                                 progress=not args.no_progress)
+    for store in stores:
+        print(store)
     return 0

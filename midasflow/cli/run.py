@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from midasflow.cli._common import (
     CommandParser,
@@ -34,20 +35,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    from midasflow.pipeline import check_run_inputs, run
+    from midasflow.pipeline import check_run_inputs, run, scan_stem
 
     args, overrides = parse_command(build_parser(), argv, overrides=True)
     check_backend(args, pipeline=True)
     configure_logging(args.verbose)
     source = scan_source(args)
     steps = dict(skip_integration=args.skip_integration, zarr_file=args.zarr_file,
-                 skip_refinement=args.skip_refinement, **refine_options(args))
+                 skip_refinement=args.skip_refinement, merge_series=args.merge_series,
+                 **refine_options(args))
     check_run_inputs(args.param_fn, source, args.cif, result_folder=args.result_folder,
                      **steps)  # before any worker starts
     with dask_client(args) as client:
         result = run(args.param_fn, source, args.cif, result_folder=args.result_folder,
-                     overrides=overrides, cache_dir=args.cache_dir, client=client, **steps)
+                     overrides=overrides, cache_dir=args.cache_dir, client=client,
+                     skip_existing=args.skip_existing, **steps)
     if args.skip_refinement:
-        print(result)
+        for store in result if isinstance(result, list) else [result]:
+            print(store)
         return 0
-    return report_outcome(result, args.out, "run")
+    if not isinstance(result, list):
+        return report_outcome(result, args.out, "run")
+    status = 0
+    for results in result:  # one refinement folder per file
+        folder = Path(args.out) / scan_stem(results.attrs["data_file"])
+        print(f"== {folder}")
+        status = max(status, report_outcome(results, str(folder), "run"))
+    return status

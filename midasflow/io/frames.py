@@ -17,8 +17,10 @@ Formats, dispatched on the extension (one small module each):
 Choices (see midas_caking.md §8):
 
 * **Series** (§8.5): :class:`ScanSource`'s ``start_file_nr``/``end_file_nr`` select files whose names differ only in the
-  file number; they are one scan, concatenated along ``frame``. A missing file is an error
-  (MIDAS skips it, which would silently break the ω sequence).
+  file number. :func:`open_frames` reads them as one scan, concatenated along ``frame`` (a
+  missing file is then an error: it would silently break the ω sequence);
+  :meth:`ScanSource.per_file` splits them into one scan per file, as MIDAS's integrator does,
+  skipping a missing file with a warning.
 * **SkipFrame** drops the first ``SkipFrame`` frames *of the scan* (of its first file, running
   into the next files only if the first holds fewer frames). MIDAS drops them from every file of
   a multi-frame series; we treat a series as one continuous acquisition whose ω follows
@@ -45,6 +47,7 @@ Choices (see midas_caking.md §8):
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -62,7 +65,8 @@ if TYPE_CHECKING:
 
     from midasflow.params import Params
 
-__all__ = ["ScanSource", "open_frames", "read_mask", "series_files", "open_source", "ScanReader"]
+__all__ = ["ScanSource", "open_frames", "read_mask", "series_files", "series_names", "open_source",
+           "ScanReader"]
 
 #: Target size of one dask chunk of float32 frames.
 CHUNK_BYTES = 64 * 2**20
@@ -117,6 +121,33 @@ class ScanSource:
     def files(self) -> list[str]:
         """The scan's data files (:func:`series_files`); FrameError if one is missing."""
         return series_files(self.data_fn, self.start_file_nr, self.end_file_nr)
+
+    @property
+    def is_series(self) -> bool:
+        """Whether the file range names more than one file."""
+        return len(series_names(self.data_fn, self.start_file_nr, self.end_file_nr)) > 1
+
+    def per_file(self) -> list[ScanSource]:
+        """One scan per file of the range, as MIDAS's ``integrator.py`` makes them: every other
+        setting kept, a missing file skipped with a warning naming it.
+
+        Raises
+        ------
+        FrameError
+            No file of the range exists (or the range is malformed).
+        """
+        import warnings
+
+        names = series_names(self.data_fn, self.start_file_nr, self.end_file_nr)
+        kept = [name for name in names if os.path.exists(name)]
+        for name in names:
+            if name not in kept:
+                warnings.warn(f"{name}: file not found; skipped (a missing file of the range is skipped, "
+                              "as MIDAS's integrator does)", UserWarning, stacklevel=2)
+        if not kept:
+            raise FrameError(f"{names[0]}: no file of the range {names[0]} .. {names[-1]} exists")
+        return [dataclasses.replace(self, data_fn=name, start_file_nr=None, end_file_nr=None)
+                for name in kept]
 
 
 class FrameSource(Protocol):
@@ -200,6 +231,28 @@ def _find_file_number(name: str, number: int | None) -> tuple[int, int]:
     raise FrameError(f"{name}: no file number in the name to build a file series from")
 
 
+def series_names(data_fn: str | os.PathLike, start_file_nr: int | None = None,
+                 end_file_nr: int | None = None) -> list[str]:
+    """The file names :func:`series_files` returns, whether the files exist or not.
+
+    Raises
+    ------
+    FrameError
+        No number in the name, or ``end < start``.
+    """
+    data_fn = os.fspath(data_fn)
+    if start_file_nr is None and end_file_nr is None:
+        return [data_fn]
+    folder, name = os.path.split(data_fn)
+    pos, width = _find_file_number(name, start_file_nr)
+    start = int(name[pos:pos + width]) if start_file_nr is None else int(start_file_nr)
+    end = start if end_file_nr is None else int(end_file_nr)
+    if end < start:
+        raise FrameError(f"{data_fn}: end file number {end} is before start file number {start}")
+    return [os.path.join(folder, f"{name[:pos]}{k:0{width}d}{name[pos + width:]}")
+            for k in range(start, end + 1)]
+
+
 def series_files(data_fn: str | os.PathLike, start_file_nr: int | None = None,
                  end_file_nr: int | None = None) -> list[str]:
     """File names of a numbered scan (midas_caking.md §8.5).
@@ -223,18 +276,7 @@ def series_files(data_fn: str | os.PathLike, start_file_nr: int | None = None,
     FrameError
         No number in the name, ``end < start``, or a file of the series is missing.
     """
-    data_fn = os.fspath(data_fn)
-    if start_file_nr is None and end_file_nr is None:
-        files = [data_fn]
-    else:
-        folder, name = os.path.split(data_fn)
-        pos, width = _find_file_number(name, start_file_nr)
-        start = int(name[pos:pos + width]) if start_file_nr is None else int(start_file_nr)
-        end = start if end_file_nr is None else int(end_file_nr)
-        if end < start:
-            raise FrameError(f"{data_fn}: end file number {end} is before start file number {start}")
-        files = [os.path.join(folder, f"{name[:pos]}{k:0{width}d}{name[pos + width:]}")
-                 for k in range(start, end + 1)]
+    files = series_names(data_fn, start_file_nr, end_file_nr)
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
         more = f" (and {len(missing) - 1} more of the series)" if len(missing) > 1 else ""
