@@ -227,6 +227,10 @@ def refine(
     min_points: int = 20,
     report: bool = True,
     progress: bool = False,
+    estimate: bool = True,
+    physical_profile: bool = False,
+    max_rwp: float | None = None,
+    include_flagged: bool = False,
 ) -> xr.Dataset:
     """Refine every (ω-group, η) lineout of a caked scan; write and return the results Dataset.
 
@@ -263,6 +267,17 @@ def refine(
         Write ``report.html``.
     progress : bool
         Progress line on stderr.
+    estimate : bool
+        Start each lineout's profile, scale and background from its own data (default); the
+        store's U, V, W, X, Y are then only the fallback.
+    physical_profile : bool
+        Keep the peak widths physical over the fitted range (native backend only).
+    max_rwp : float, optional
+        Flag lineouts whose Rwp (%) is above this (``rwp_above_max``; a flag, not a failure).
+    include_flagged : bool
+        Let flagged lineouts into the strain fits too; by default a lineout carrying a flag of
+        :data:`midasflow.results.STRAIN_EXCLUDING_FLAGS` is left out of them
+        (``in_strain_fit`` in the results says which lineouts were used).
 
     Notes
     -----
@@ -294,8 +309,9 @@ def refine(
     instrument = (read_instprm(instprm) if instprm else instrument_from_midas(
         source, store=None if isinstance(data, xr.Dataset) else data))
     options = RefineOptions(phases=tuple(phases), instrument=instrument, bkg_terms=bkg_terms,
-                            limits=limits, refine_atoms=refine_atoms, mode=mode)
-    refiner = get_backend(backend, cifs, out)
+                            limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
+                            physical_profile=physical_profile, max_rwp=max_rwp)
+    refiner = get_backend(backend, cifs, out, physical_profile=physical_profile)
     if export:
         refiner = ExportingBackend(refiner, out)
     plan = plan_lineouts(source, min_points=min_points)
@@ -322,6 +338,8 @@ def refine(
             ref_cells=cells,
             phase_names=[p.name for p in phases],
             attrs={"data_file": data_file, "backend": backend, "mode": mode},
+            include_flagged=include_flagged,
+            omega_frames_deg=_omega_frames_deg(source),
         )
         # the ω-groups' process variables (temperature, pressure, I, I0) ride along as coordinates
         measured = [name for name in PROCESS_VARIABLES if name in source and "group" in source[name].dims]
@@ -333,6 +351,16 @@ def refine(
 
             write_report(results, out / "report.html", caked=source, lineouts=lineouts)
     return results
+
+
+def _omega_frames_deg(source: xr.Dataset) -> list[np.ndarray] | None:
+    """ω (deg) of the frames summed into each ω-group of a caked Dataset: its frames are evenly
+    spaced from ``omega_first_deg`` to ``omega_last_deg`` (None without those variables)."""
+    names = ("omega_first_deg", "omega_last_deg", "frames_summed")
+    if not all(name in source.variables for name in names):
+        return None
+    first, last, count = (np.asarray(source[name].values) for name in names)
+    return [np.linspace(float(f), float(la), max(int(n), 1)) for f, la, n in zip(first, last, count)]
 
 
 def check_run_inputs(
@@ -361,7 +389,7 @@ def check_run_inputs(
     from midasflow.errors import CakeFileError, ParameterError
     from midasflow.io.lock import check_writable_folder
     from midasflow.refinement.backends import get_backend
-    from midasflow.refinement.options import check_recipe
+    from midasflow.refinement.options import check_max_rwp, check_recipe
 
     if skip_integration:
         if zarr_file is None:
@@ -385,7 +413,10 @@ def check_run_inputs(
         from midasflow.io.instprm import read_instprm
 
         read_instprm(refine_options["instprm"])
-    get_backend(refine_options.get("backend", "native"), cifs, ".")  # a known name; GSAS-II importable
+    # a known name; GSAS-II importable and asked for nothing it cannot do
+    get_backend(refine_options.get("backend", "native"), cifs, ".",
+                physical_profile=bool(refine_options.get("physical_profile", False)))
+    check_max_rwp(refine_options.get("max_rwp"))
 
 
 def run(

@@ -1,12 +1,15 @@
 """A self-contained HTML report of a refinement run (Bokeh, inline resources: works offline).
 
-Sections: the cake of the first ω-group (intensity per frame vs 2θ and η), one fitted lineout per
-ω-group (observed, calculated, difference), lattice parameter a and Rwp versus η (one line per
-ω-group), and per phase the lattice strain versus η with the per-ω-group strain fit.
+Sections: a numeric summary at the top (quality-flag counts, the cell per phase, the strain
+tensor with esds), the cake of the first ω-group (intensity per frame vs 2θ and η), one fitted
+lineout per ω-group (observed, calculated, difference), lattice parameter a and Rwp versus η (one
+line per ω-group), and per phase the lattice strain versus η with error bars and the
+per-ω-group strain fit.
 """
 from __future__ import annotations
 
 import html
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,8 +116,10 @@ def versus_eta_figure(results: xr.Dataset, var: str, title: str, y_label: str, *
 
 
 def strain_figure(results: xr.Dataset, phase: int) -> Any:
-    """Lattice strain versus η per ω-group, with the curve of that group's lab-frame strain fit."""
-    from bokeh.plotting import figure
+    """Lattice strain versus η per ω-group with ±1 esd error bars (lineouts left out of the fits
+    hollow), and the curve of that group's lab-frame strain fit."""
+    from bokeh.models import Whisker
+    from bokeh.plotting import ColumnDataSource, figure
 
     name = str(results.phase.values[phase])
     fig = figure(title=f"Strain vs η ({name}): ε and the per-ω-group tensor fit", width=_WIDTH,
@@ -126,7 +131,14 @@ def strain_figure(results: xr.Dataset, phase: int) -> Any:
         eps = np.asarray(results.strain.values[phase, g], dtype=float)
         if not np.isfinite(eps).any():
             continue
-        fig.scatter(eta, eps, color=colors[g], size=5, legend_label=_omega_label(results, g))
+        esd = np.nan_to_num(np.asarray(results.strain_esd.values[phase, g], dtype=float))
+        used = (np.asarray(results.in_strain_fit.values[phase, g], dtype=bool)
+                if "in_strain_fit" in results else np.isfinite(eps))
+        src = ColumnDataSource({"eta": eta, "eps": eps, "lo": eps - esd, "hi": eps + esd,
+                                "fill": np.where(used, colors[g], "white").tolist()})
+        fig.scatter("eta", "eps", source=src, color=colors[g], fill_color="fill", size=5,
+                    legend_label=_omega_label(results, g))
+        fig.add_layout(Whisker(source=src, base="eta", lower="lo", upper="hi", line_color=colors[g]))
         comps = np.asarray(results.strain_lab.values[phase, g], dtype=float)
         if str(results.strain_lab_status.values[phase, g]) != "degenerate" and np.isfinite(comps).any():
             theta = float(np.nanmean(results.strain_theta_deg.values[phase, g]))
@@ -134,6 +146,73 @@ def strain_figure(results: xr.Dataset, phase: int) -> Any:
             fig.line(fine, curve, color=colors[g], legend_label=_omega_label(results, g))
     _legend_outside(fig)
     return fig
+
+
+def _fmt(value: float, esd: float | None = None, digits: int = 6) -> str:
+    if not np.isfinite(value):
+        return "–"
+    if esd is None or not np.isfinite(esd):
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits}g} ± {esd:.2g}"
+
+
+def summary_html(results: xr.Dataset) -> str:
+    """The report's numeric summary (HTML): quality-flag counts, the cell of every phase over the
+    refined lineouts, and the strain tensor (sample frame, else per ω-group) with esds."""
+    from midasflow.refinement.result import FLAGS
+    from midasflow.results import CELL_VARS, flag_counts
+
+    ok = results.status.values == "ok"
+    counts = flag_counts(results)
+    excluding = set(json.loads(results.attrs.get("strain_excluding_flags", "[]")))
+    rows = "".join(
+        f"<tr title='{html.escape(FLAGS[name])}'><td>{name}</td><td>{n}</td>"
+        f"<td>{'left out of the strain fits' if name in excluding else 'kept in the strain fits'}</td></tr>"
+        for name, n in counts.items())
+    flagged = int((results.flags.values.any(axis=-1) & ok).sum()) if "flags" in results else 0
+    parts = [f"<h3>Quality flags</h3><p>{flagged} of {int(ok.sum())} refined lineouts carry a flag"
+             + (" (strain fits include flagged lineouts)" if not excluding else "") + ".</p>"
+             f"<table border='1' cellpadding='3'><tr><th>flag</th><th>lineouts</th><th>strain</th></tr>"
+             f"{rows}</table>"]
+    labels = ("a (Å)", "b (Å)", "c (Å)", "α (°)", "β (°)", "γ (°)", "V (Å³)")
+    cell_rows = []
+    for k, name in enumerate(results.phase.values.tolist()):
+        vals = [np.asarray(results[v].values[k], dtype=float)[ok] for v in CELL_VARS]
+        esds = [np.asarray(results[f"{v}_esd"].values[k], dtype=float)[ok] for v in CELL_VARS]
+        if not vals[0].size or not np.isfinite(vals[0]).any():
+            continue
+        cells = "".join(f"<td>{_fmt(float(np.nanmean(v)))}<br><small>sd {np.nanstd(v):.2g}, median esd "
+                        f"{np.nanmedian(e):.2g}</small></td>" for v, e in zip(vals, esds))
+        cell_rows.append(f"<tr><td>{html.escape(name)}</td><td>{int(np.isfinite(vals[0]).sum())}</td>{cells}</tr>")
+    if cell_rows:
+        parts.append("<h3>Cell over the refined lineouts (mean; sd of the lineouts, median esd)</h3>"
+                     "<table border='1' cellpadding='3'><tr><th>phase</th><th>lineouts</th>"
+                     + "".join(f"<th>{label}</th>" for label in labels) + "</tr>" + "".join(cell_rows)
+                     + "</table>")
+    comps = results.component.values.tolist() if "component" in results.coords else []
+    strain_rows = []
+    for k, name in enumerate(results.phase.values.tolist()):
+        if "strain_sample" in results and str(results.strain_sample_status.values[k]) != "not run":
+            fits = [("sample frame", results.strain_sample.values[k], results.strain_sample_esd.values[k],
+                     str(results.strain_sample_status.values[k]))]
+        elif "strain_lab" in results:
+            fits = [(f"lab, ω = {float(results.omega_deg[g]):g}°", results.strain_lab.values[k, g],
+                     results.strain_lab_esd.values[k, g], str(results.strain_lab_status.values[k, g]))
+                    for g in range(results.sizes["group"])
+                    if str(results.strain_lab_status.values[k, g]) != "not run"]
+        else:
+            fits = []
+        used = int(results.in_strain_fit.values[k].sum()) if "in_strain_fit" in results else 0
+        for label, values, esds, status in fits:
+            cells = "".join(f"<td>{_fmt(float(v), float(e), 4)}</td>" for v, e in zip(values, esds))
+            strain_rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(label)}</td>"
+                               f"<td>{html.escape(status)}</td><td>{used}</td>{cells}</tr>")
+    if strain_rows:
+        parts.append("<h3>Strain tensor (esd from the lineouts' esds)</h3><table border='1' cellpadding='3'>"
+                     "<tr><th>phase</th><th>frame</th><th>fit</th><th>lineouts</th>"
+                     + "".join(f"<th>ε<sub>{c}</sub></th>" for c in comps) + "</tr>" + "".join(strain_rows)
+                     + "</table>")
+    return "".join(parts)
 
 
 def _representative(lineouts: Sequence[Any], group: int) -> Any | None:
@@ -206,7 +285,8 @@ def write_report(
                        f"{int((status == 'ok').sum())} refined, {int((status == 'failed').sum())} failed, "
                        f"{int((status == 'skipped').sum())} skipped lineouts "
                        f"({results.sizes['group']} ω-groups × {results.sizes['eta']} η).</p>"), width=_WIDTH)
-    layout = column(header, *report_figures(results, caked=caked, lineouts=lineouts, max_groups=max_groups))
+    summary = Div(text=summary_html(results), width=_WIDTH + 240)
+    layout = column(header, summary, *report_figures(results, caked=caked, lineouts=lineouts, max_groups=max_groups))
     with atomic_output(path) as tmp:
         save(layout, filename=str(tmp), resources=INLINE, title=title)
     return path

@@ -20,9 +20,19 @@ import numpy as np
 import xarray as xr
 
 from midasflow import strain as strain_mod
+from midasflow.refinement.result import FLAGS
 from midasflow.io.atomic import atomic_output, write_text_atomic
 
 CELL_VARS = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg", "volume_a3")
+#: Quality flags that keep a lineout out of the strain and tensor fits unless ``include_flagged``
+#: (``docs/quality_flags.md``): each says the cell or its esd cannot be taken at face value — a
+#: scale or bound parameter ran into its limit, a stage was undone, two parameters of different
+#: kinds are confounded, an esd is zero or non-finite, or the fit is worse than the user's
+#: ``max_rwp``. ``unphysical_profile`` is not among them: GSAS-II's own minima often carry it
+#: (its PbSO4 minimum has X < 0 at low angles), the widths are floored as in GSAS-II and the peak
+#: positions, which carry the cell, stay where the data put them.
+STRAIN_EXCLUDING_FLAGS: tuple[str, ...] = ("at_bound", "rolled_back", "high_correlation", "bad_esd",
+                                           "rwp_above_max")
 #: per-lineout variable → GSAS-II parameter name
 PROFILE_VARS = {"zero": "Zero", "u": "U", "v": "V", "w": "W", "x": "X", "y": "Y", "shl": "SH/L", "scale": "Scale"}
 
@@ -40,7 +50,7 @@ def _phase_names(results: Sequence[Any]) -> list[str]:
     return names
 
 
-def _reflection_weights(pattern: Any, phase: str) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+def reflection_weights(pattern: Any, phase: str) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
     """The phase's reflections inside the fitted range and the weight each puts on its cell.
 
     Weight = intensity × tan²θ / FWHM² (the information a reflection position carries about the
@@ -78,7 +88,7 @@ def effective_theta_deg(pattern: Any, phase: str) -> float:
     (calc − bkg).
     """
     x = np.asarray(getattr(pattern, "tth_deg", ()), dtype=float)
-    weighted = _reflection_weights(pattern, phase)
+    weighted = reflection_weights(pattern, phase)
     if weighted is not None:
         table, weight = weighted
         theta = np.deg2rad(np.asarray(table["tth_deg"], dtype=float)) / 2.0
@@ -93,12 +103,31 @@ def _lineout_strain(pattern: Any, phase: str, ref_cell: Sequence[float]) -> tupl
     esd = (getattr(pattern, "cell_esds", {}) or {}).get(phase)
     if strain_mod.is_cubic(ref_cell, rtol=1e-6) and strain_mod.is_cubic(cell, rtol=1e-6):
         return strain_mod.lattice_strain(cell, ref_cell, cell_esd=esd)
-    weighted = _reflection_weights(pattern, phase)
+    weighted = reflection_weights(pattern, phase)
     if weighted is None or not {"h", "k", "l"} <= set(weighted[0]):
         return float("nan"), float("nan")
     table, weight = weighted
     hkl = np.column_stack([table["h"], table["k"], table["l"]])
     return strain_mod.lattice_strain(cell, ref_cell, cell_esd=esd, hkl=hkl, weights=weight)
+
+
+def _reflection_thetas(pattern: Any, phase: str) -> tuple[np.ndarray, np.ndarray]:
+    """Bragg angles θ (deg) of the reflections a lineout's cell stands for and their weights
+    (:func:`reflection_weights`); the effective θ alone when there is no reflection table."""
+    weighted = reflection_weights(pattern, phase)
+    if weighted is not None:
+        table, weight = weighted
+        return np.asarray(table["tth_deg"], dtype=float) / 2.0, weight
+    theta = effective_theta_deg(pattern, phase)
+    return (np.array([theta]), np.ones(1)) if np.isfinite(theta) else (np.zeros(0), np.zeros(0))
+
+
+def _eta_width(eta_width_deg: float | None, results: Sequence[Any]) -> float:
+    """The η bin width: given, else the spacing of the lineouts' η centres (0 for one bin)."""
+    if eta_width_deg is not None:
+        return float(eta_width_deg)
+    centres = np.unique([float(r.eta_deg) for r in results if np.isfinite(r.eta_deg)])
+    return float(np.min(np.diff(centres))) if centres.size > 1 else 0.0
 
 
 def assemble_results(
@@ -107,6 +136,9 @@ def assemble_results(
     ref_cells: Mapping[str, Sequence[float]] | None = None,
     phase_names: Sequence[str] | None = None,
     attrs: Mapping[str, Any] | None = None,
+    include_flagged: bool = False,
+    omega_frames_deg: Sequence[Sequence[float]] | None = None,
+    eta_width_deg: float | None = None,
 ) -> xr.Dataset:
     """Build the results Dataset from the executors' results.
 
@@ -120,6 +152,15 @@ def assemble_results(
         Phase order; default the order in which the patterns name them.
     attrs : mapping, optional
         Extra attributes (e.g. ``data_file``); JSON-serialisable.
+    include_flagged : bool
+        Let lineouts carrying a flag of :data:`STRAIN_EXCLUDING_FLAGS` into the strain fits
+        (default: left out; ``in_strain_fit`` says which lineouts were used).
+    omega_frames_deg : sequence (per ω-group) of sequences of float, degrees, optional
+        ω of the frames summed into each group; the sample-frame design of a lineout averages
+        over them (default: the mid-group ω alone).
+    eta_width_deg : float, optional
+        η bin width, degrees; the design averages over it (default: the spacing of the η
+        centres; 0 for a single η bin).
 
     Returns
     -------
@@ -131,7 +172,12 @@ def assemble_results(
         ``strain_esd``, ``strain_theta_deg``. Per lineout (group, eta): ``rwp``, ``rp``, ``gof``,
         ``chi2``, ``zero u v w x y shl scale`` (GSAS-II Zero, U, V, W, X, Y, SH/L, Scale),
         ``n_points``, ``status``, ``message``, ``warnings`` (str; "; "-joined), ``elapsed_s``,
-        ``worker`` (address of the Dask worker that refined it; "" in the calling process).
+        ``worker`` (address of the Dask worker that refined it; "" in the calling process),
+        ``flags`` (group, eta, flag) bool with coord ``flag`` = the names of
+        :data:`midasflow.refinement.result.FLAGS` (``results.flags.sel(flag="at_bound")``,
+        ``results.flags.any("flag")``), ``notes`` (str; "; "-joined).
+        ``in_strain_fit`` (phase, group, eta) bool: the lineout entered the strain fits (refined,
+        strain finite, and no flag of :data:`STRAIN_EXCLUDING_FLAGS` unless ``include_flagged``).
         Strain fits: ``strain_lab`` / ``strain_lab_esd`` (phase, group, component) and
         ``strain_lab_status`` (phase, group) from :func:`midasflow.strain.fit_strain_orientation`
         per ω-group; ``strain_sample`` / ``strain_sample_esd`` (phase, component) and
@@ -157,7 +203,14 @@ def assemble_results(
     status = np.full((n_groups, n_eta), "skipped", dtype=object)
     message = np.full((n_groups, n_eta), "", dtype=object)
     warnings = np.full((n_groups, n_eta), "", dtype=object)
+    notes = np.full((n_groups, n_eta), "", dtype=object)
     worker = np.full((n_groups, n_eta), "", dtype=object)
+    flag_names = list(FLAGS)
+    flags = np.zeros((n_groups, n_eta, len(flag_names)), dtype=bool)
+    n_c = len(strain_mod.COMPONENTS)
+    design_lab, design_sample = _nan_grid(n_ph, n_groups, n_eta, n_c), _nan_grid(n_ph, n_groups, n_eta, n_c)
+    omega_frames = [None] * n_groups if omega_frames_deg is None else list(omega_frames_deg)
+    width = _eta_width(eta_width_deg, results)
     ref_cells = dict(ref_cells or {})
     for r in results:
         g, e = r.group, r.eta_index
@@ -168,6 +221,10 @@ def assemble_results(
         if p is None:
             continue
         warnings[g, e] = "; ".join(getattr(p, "warnings", []) or [])
+        notes[g, e] = "; ".join(getattr(p, "notes", []) or [])
+        for name in getattr(p, "flags", ()) or ():
+            if name in FLAGS:
+                flags[g, e, flag_names.index(name)] = True
         for name in ("rwp", "rp", "gof", "chi2"):
             per_lineout[name][g, e] = getattr(p, name, np.nan)
         for name, key in PROFILE_VARS.items():
@@ -188,8 +245,19 @@ def assemble_results(
                 eps, eps_esd = _lineout_strain(p, ph, ref_cells[ph])
                 per_phase["strain"][k, g, e], per_phase["strain_esd"][k, g, e] = eps, eps_esd
                 per_phase["strain_theta_deg"][k, g, e] = effective_theta_deg(p, ph)
+                theta, weight = _reflection_thetas(p, ph)
+                if theta.size:
+                    design_lab[k, g, e] = strain_mod.lineout_design(
+                        theta, r.eta_deg, weights=weight, eta_width_deg=width)
+                    om = omega_frames[g] if omega_frames[g] is not None else [r.omega_deg]
+                    design_sample[k, g, e] = strain_mod.lineout_design(
+                        theta, r.eta_deg, weights=weight, eta_width_deg=width,
+                        omega_deg=om)
 
-    n_c = len(strain_mod.COMPONENTS)
+    excluding = [flag_names.index(f) for f in STRAIN_EXCLUDING_FLAGS]
+    clean = np.ones((n_groups, n_eta), dtype=bool) if include_flagged else ~flags[:, :, excluding].any(axis=-1)
+    in_fit = (np.isfinite(per_phase["strain"]) & np.isfinite(per_phase["strain_esd"])
+              & np.isfinite(design_sample).all(axis=-1) & clean[None])
     lab, lab_esd = _nan_grid(n_ph, n_groups, n_c), _nan_grid(n_ph, n_groups, n_c)
     lab_status = np.full((n_ph, n_groups), "not run", dtype=object)
     sample, sample_esd = _nan_grid(n_ph, n_c), _nan_grid(n_ph, n_c)
@@ -198,16 +266,19 @@ def assemble_results(
     for k, ph in enumerate(phases):
         if ph not in ref_cells:
             continue
-        eps, esd, th = (per_phase[n][k] for n in ("strain", "strain_esd", "strain_theta_deg"))
+        eps = np.where(in_fit[k], per_phase["strain"][k], np.nan)  # left out: NaN, ignored
+        esd, th = per_phase["strain_esd"][k], per_phase["strain_theta_deg"][k]
         fits[ph] = {"orientations": [], "sample": None}
         for g in range(n_groups):
-            fit = strain_mod.fit_strain_orientation(eta, th[g], eps[g], esd[g])
+            fit = strain_mod.fit_strain_orientation(eta, th[g], eps[g], esd[g],
+                                                    design=design_lab[k, g])
             lab[k, g], lab_esd[k, g], lab_status[k, g] = fit.values, fit.esds, fit.status
             fits[ph]["orientations"].append({"group": g, "omega_deg": float(omega[g]), **fit.to_dict()})
         groups_with_data = np.isfinite(eps).any(axis=1).sum()
         if groups_with_data > 1:
             om = np.broadcast_to(omega[:, None], eps.shape)
-            fit = strain_mod.fit_strain_tensor(np.broadcast_to(eta, eps.shape), th, om, eps, esd)
+            fit = strain_mod.fit_strain_tensor(np.broadcast_to(eta, eps.shape), th, om, eps, esd,
+                                               design=design_sample[k])
             sample[k], sample_esd[k], sample_status[k] = fit.values, fit.esds, fit.status
             fits[ph]["sample"] = fit.to_dict()
 
@@ -216,7 +287,9 @@ def assemble_results(
     data_vars.update({name: (ge, arr) for name, arr in per_lineout.items()})
     data_vars.update(
         n_points=(ge, n_points), status=(ge, status.astype(str)), message=(ge, message.astype(str)),
-        warnings=(ge, warnings.astype(str)), worker=(ge, worker.astype(str)),
+        warnings=(ge, warnings.astype(str)), notes=(ge, notes.astype(str)), worker=(ge, worker.astype(str)),
+        flags=(("group", "eta", "flag"), flags, {"flag_meanings": json.dumps(FLAGS)}),
+        in_strain_fit=(pge, in_fit),
         strain_lab=(("phase", "group", "component"), lab),
         strain_lab_esd=(("phase", "group", "component"), lab_esd),
         strain_lab_status=(("phase", "group"), lab_status.astype(str)),
@@ -226,11 +299,14 @@ def assemble_results(
     )
     out_attrs = {"ref_cells": json.dumps({k: [float(v) for v in c[:6]] for k, c in ref_cells.items()}),
                  "strain_fits": json.dumps(fits), "strain_frame": "MIDAS lab (x beam, y horizontal, z up); "
-                 "sample frame = lab rotated by omega about +z", **dict(attrs or {})}
+                 "sample frame = lab rotated by omega about +z",
+                 "strain_excluding_flags": json.dumps([] if include_flagged else list(STRAIN_EXCLUDING_FLAGS)),
+                 **dict(attrs or {})}
     return xr.Dataset(
         data_vars,
         coords={"group": np.arange(n_groups), "eta": np.arange(n_eta), "phase": np.array(phases, dtype=str),
-                "component": np.array(strain_mod.COMPONENTS), "omega_deg": ("group", omega),
+                "component": np.array(strain_mod.COMPONENTS), "flag": np.array(flag_names, dtype=str),
+                "omega_deg": ("group", omega),
                 "eta_deg": ("eta", eta), "histogram_index": (ge, hist)},
         attrs=out_attrs,
     )
@@ -239,6 +315,17 @@ def assemble_results(
 def _num(v: Any) -> float | None:
     v = float(v)
     return v if np.isfinite(v) else None
+
+
+def flag_counts(ds: xr.Dataset) -> dict[str, int]:
+    """{flag: number of refined ("ok") lineouts carrying it} for every flag of
+    :data:`midasflow.refinement.result.FLAGS` (zeros included; all zero without ``flags``)."""
+    counts = dict.fromkeys(FLAGS, 0)
+    if "flags" in ds:
+        ok = ds["status"].values == "ok"
+        for name, n in zip(ds["flag"].values.tolist(), ds["flags"].values[ok].sum(axis=0)):
+            counts[str(name)] = int(n)
+    return counts
 
 
 def run_failure(ds: xr.Dataset) -> str | None:
@@ -269,8 +356,12 @@ def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
     ``histogram_index``: ``histogram_index``, ``status``, ``Rwp``, ``phases`` [{``name``,
     ``cell`` [a, b, c, α, β, γ, V]}]); added: per histogram ``group``, ``eta_index``,
     ``omega_deg``, ``eta_deg``, ``n_points``, ``message`` and ``strain`` {phase: {``eps``,
-    ``esd``}}, top-level ``strain`` (the fits, as :meth:`midasflow.strain.StrainFit.to_dict`)
-    and, when no lineout was refined, top-level ``error`` (:func:`run_failure`).
+    ``esd``, ``in_fit``}} and ``flags`` (names), top-level ``strain`` (the fits, as
+    :meth:`midasflow.strain.StrainFit.to_dict`), ``flag_counts`` ({flag: refined lineouts
+    carrying it}, every flag of :data:`midasflow.refinement.result.FLAGS`), ``flagged``
+    (refined lineouts with any flag), ``strain_excluding_flags`` (the flags that kept lineouts
+    out of the strain fits; empty with ``include_flagged``) and, when no lineout was refined,
+    top-level ``error`` (:func:`run_failure`).
     """
     status = ds["status"].values
     rwp = ds["rwp"].values
@@ -280,7 +371,10 @@ def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
     n_points, message = ds["n_points"].values, ds["message"].values
     cells = np.stack([ds[v].values for v in CELL_VARS], axis=-1)  # (phase, group, eta, 7)
     strain, strain_esd = ds["strain"].values, ds["strain_esd"].values
+    in_fit = ds["in_strain_fit"].values if "in_strain_fit" in ds else np.isfinite(strain)
     phase_names = ds["phase"].values.tolist()
+    flag_names = ds["flag"].values.tolist() if "flags" in ds else []
+    flags = ds["flags"].values if "flags" in ds else np.zeros(status.shape + (0,), dtype=bool)
     hists = []
     for g in range(ds.sizes["group"]):
         for e in range(ds.sizes["eta"]):
@@ -293,12 +387,14 @@ def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
                     phases.append({"name": ph, "cell": cell})
                 eps = strain[k, g, e]
                 if np.isfinite(eps):
-                    strains[ph] = {"eps": float(eps), "esd": _num(strain_esd[k, g, e])}
+                    strains[ph] = {"eps": float(eps), "esd": _num(strain_esd[k, g, e]),
+                                   "in_fit": bool(in_fit[k, g, e])}
             hists.append({
                 "histogram_index": int(hist_index[g, e]), "status": str(status[g, e]),
                 "Rwp": _num(rwp[g, e]), "phases": phases, "group": g, "eta_index": e,
                 "omega_deg": float(omega[g]), "eta_deg": float(eta[e]),
                 "n_points": int(n_points[g, e]), "message": str(message[g, e]),
+                "flags": [name for name, on in zip(flag_names, flags[g, e]) if on],
                 "strain": strains,
             })
     hists.sort(key=lambda h: h["histogram_index"])
@@ -309,6 +405,9 @@ def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
         "failed": int((status == "failed").sum()),
         "skipped": int((status == "skipped").sum()),
         "mean_Rwp": _num(np.mean(rwp[ok])) if ok.any() else None,
+        "flag_counts": flag_counts(ds),
+        "flagged": int((flags.any(axis=-1) & ok).sum()),
+        "strain_excluding_flags": json.loads(ds.attrs.get("strain_excluding_flags", "[]")),
         "histograms": hists,
         "strain": json.loads(ds.attrs.get("strain_fits", "{}")),
     }

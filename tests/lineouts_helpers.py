@@ -54,7 +54,9 @@ def make_caked(*, n_groups=2, n_eta=8, n_r=80, frames=3, omega0=0.0, omega_step=
     true_a = np.empty((n_groups, n_eta))
     for g in range(n_groups):
         for e in range(n_eta):
-            eps = strain.normal_strain(tth0 / 2, eta[e], TENSOR, omega[g])
+            # a cake's η column averages the strain over its η bin
+            in_bin = eta[e] + (np.arange(64) + 0.5) / 64 * (360 / n_eta) - 180 / n_eta
+            eps = float(np.mean(strain.normal_strain(tth0 / 2, in_bin, TENSOR, omega[g])))
             a = A0_A * (1 + eps)
             true_a[g, e] = a
             mean = bkg + height * np.exp(-0.5 * ((tth - tth_of_a(a)) / PEAK_SIGMA_DEG) ** 2)
@@ -75,8 +77,10 @@ def make_caked(*, n_groups=2, n_eta=8, n_r=80, frames=3, omega0=0.0, omega_step=
 
 
 def toy_refine(tth_deg, intensity, sigma, phases=("CeO2",), instprm=None, *, bkg_terms=1, limits=None,
-               refine_atoms=False, mode="rietveld", start=None, sample_azimuth_deg=0.0, fail_below=None):
-    """Fit background + one Gaussian; ``phases`` are names. Raises on an empty pattern."""
+               refine_atoms=False, mode="rietveld", start=None, sample_azimuth_deg=0.0, fail_below=None,
+               estimate=True, physical_profile=False):
+    """Fit background + one Gaussian; ``phases`` are names. Raises on an empty pattern. ``estimate``
+    and ``physical_profile`` are accepted as the engine's keywords and have no effect here."""
     x, y, s = (np.asarray(v, float) for v in (tth_deg, intensity, sigma))
     if x.size < 5:
         raise ValueError(f"pattern has {x.size} points")

@@ -202,7 +202,9 @@ def test_failed_lineout_records_gsas_message(gsasii, ceo2_cif, tmp_path, monkeyp
         return out
 
     monkeypatch.setattr(gsas2, "write_instprm", write_nan_u)
-    result = refine_pattern_gsas2(tth, y, sigma, [ceo2_cif], INSTRUMENT, workdir=tmp_path, index=8)
+    # estimate=False: GSAS-II starts from the corrupted file (a measured start U would replace it)
+    result = refine_pattern_gsas2(tth, y, sigma, [ceo2_cif], INSTRUMENT, workdir=tmp_path, index=8,
+                                  estimate=False)
     assert result.status == "failed"
     assert result.message.startswith("GSAS-II: ") and "nan" in result.message.lower()
     assert math.isnan(result.rwp) and result.cells == {}

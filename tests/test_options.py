@@ -43,7 +43,8 @@ def test_frozen_and_the_vocabularies():
 
 def test_recipe_kwargs_are_the_recipe_fields_only():
     assert _options().recipe_kwargs() == {"bkg_terms": 6, "limits": (2.0, 9.5), "refine_atoms": True,
-                                          "mode": "rietveld"}
+                                          "mode": "rietveld", "estimate": True, "physical_profile": False}
+    assert "max_rwp" not in _options(max_rwp=20.0).recipe_kwargs()  # applied by the executors
 
 
 def test_digest_is_stable_across_processes_and_pickling():
@@ -57,6 +58,7 @@ def test_digest_is_stable_across_processes_and_pickling():
 
 @pytest.mark.parametrize("change", [
     dict(bkg_terms=5), dict(limits=(2.0, 9.6)), dict(limits=None), dict(refine_atoms=False), dict(mode="lebail"),
+    dict(estimate=False), dict(physical_profile=True), dict(max_rwp=25.0),
     dict(instrument=Instrument(lam=0.172979, U=2.0000001)), dict(instrument=Instrument(lam=0.17298, U=2.0)),
     dict(phases=(cubic_phase("CeO2", 5.4111),)), dict(phases=(cubic_phase("CeO2", 5.411, "F d -3 m"),)),
 ])
@@ -102,3 +104,9 @@ def test_options_are_checked_against_the_data():
     with pytest.raises(ParameterError, match=r"--bkg-terms 30: no lineout has more points than that \(at most 28\)"):
         _options(limits=(10.3, 11.0), bkg_terms=30).check_against(tth, min_points=20)
     _options(limits=(50.0, 60.0)).check_against([np.empty(0)], min_points=20)  # all skipped: the run says so
+
+
+@pytest.mark.parametrize("bad", [0, -3.0, float("nan"), float("inf"), "abc"])
+def test_max_rwp_must_be_a_positive_percentage(bad):
+    with pytest.raises(ParameterError, match=r"--max-rwp .*: expected a positive Rwp in percent"):
+        _options(max_rwp=bad)

@@ -28,7 +28,8 @@ def test_report_written_with_expected_figures(tmp_path):
     assert "cdn.bokeh.org" not in html  # inline resources: opens offline
     docs = re.search(r'<script type="application/json" id="[^"]+">\s*(.*?)\s*</script>', html, re.S)
     text = json.dumps(json.loads(docs.group(1)), ensure_ascii=False)
-    for t in ("Cake: intensity per frame", "Lattice parameter a vs", "Rwp vs", "Strain vs", "demo.zarr.zip",
+    for t in ("Quality flags", "Cell over the refined lineouts", "Strain tensor", "Cake: intensity per frame",
+              "Lattice parameter a vs", "Rwp vs", "Strain vs", "demo.zarr.zip",
               "23 refined, 0 failed, 1 skipped"):
         assert t in text, t
     assert not list(tmp_path.glob(".*.tmp"))
@@ -49,3 +50,35 @@ def test_user_strings_are_escaped_in_the_html(tmp_path):
     assert "<h2>" in text and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;scan.zarr.zip" in text
     assert "&lt;script&gt;alert(2)&lt;/script&gt; run" in text
     assert "<img" not in text and "<script>alert(2)" not in text
+
+
+def test_summary_table_and_strain_error_bars(tmp_path):
+    import dataclasses
+
+    import numpy as np
+    from bokeh.models import Whisker
+
+    from midasflow.report import strain_figure, summary_html
+
+    caked = make_caked(n_groups=2, n_eta=12, omega_step=90.0, height=2000.0)
+    lineouts = run_serial(plan_lineouts(caked), TOY_OPTIONS, backend=ToyBackend())
+    # two lineouts carry flags: one that keeps them out of the strain fits, one that does not
+    marked = {3: ("at_bound",), 5: ("unphysical_profile",)}
+    lineouts = [dataclasses.replace(r, pattern=dataclasses.replace(r.pattern, flags=marked[r.index]))
+                if r.index in marked else r for r in lineouts]
+    results = assemble_results(lineouts, ref_cells={"CeO2": (A0_A,) * 3 + (90.0,) * 3})
+    text = summary_html(results)
+    assert "<tr title=" in text and "<td>at_bound</td><td>1</td><td>left out of the strain fits</td>" in text
+    assert "<td>unphysical_profile</td><td>1</td><td>kept in the strain fits</td>" in text
+    assert "2 of 24 refined lineouts carry a flag" in text
+    a = results.a_a.values[0][results.status.values == "ok"]
+    assert f"{np.mean(a):.6g}" in text  # the mean cell
+    for c, value, esd in zip(results.component.values, results.strain_sample.values[0],
+                             results.strain_sample_esd.values[0]):
+        assert f"<th>ε<sub>{c}</sub></th>" in text and f"{value:.4g} ± {esd:.2g}" in text
+    fig = strain_figure(results, 0)
+    whiskers = [r for r in fig.center if isinstance(r, Whisker)]
+    assert len(whiskers) == 2  # one per ω-group
+    src = whiskers[0].source.data
+    np.testing.assert_allclose(np.asarray(src["hi"]) - np.asarray(src["eps"]), results.strain_esd.values[0, 0])
+    assert src["fill"][3] == "white" and src["fill"][5] != "white"  # left out: hollow

@@ -6,6 +6,7 @@ import pytest
 
 from midasflow import strain
 from midasflow.refinement.lineouts import plan_lineouts, run_serial
+from midasflow.refinement.result import FLAGS
 from midasflow.results import assemble_results, open_results, summary_dict, write_results
 
 from lineouts_helpers import A0_A, TENSOR, TOY_OPTIONS, ToyBackend, make_caked
@@ -24,11 +25,11 @@ def run():
 
 def test_results_dataset_fields(run):
     caked, lineouts, res = run
-    assert dict(res.sizes) == {"group": 3, "eta": 12, "phase": 1, "component": 6}
+    assert dict(res.sizes) == {"group": 3, "eta": 12, "phase": 1, "component": 6, "flag": len(FLAGS)}
     for name in ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg", "volume_a3", "a_a_esd",
                  "volume_a3_esd", "phase_scale", "phase_fraction", "phase_fraction_esd", "rwp", "gof",
                  "zero", "u", "v", "w", "x", "y", "shl", "scale", "n_points", "status", "warnings",
-                 "strain", "strain_esd", "strain_lab", "strain_sample"):
+                 "notes", "flags", "in_strain_fit", "strain", "strain_esd", "strain_lab", "strain_sample"):
         assert name in res, name
     np.testing.assert_allclose(res.omega_deg, [0.0, 45.0, 90.0])
     np.testing.assert_allclose(res.eta_deg, caked.eta_deg)

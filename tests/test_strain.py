@@ -142,3 +142,45 @@ def test_lattice_strain_cubic_and_general():
     assert np.all(d > 0)
     with pytest.raises(ValueError, match="hkl"):
         strain.lattice_strain(tet, ref)
+
+
+def test_lineout_design_is_the_average_a_lineout_measures():
+    """Reflections at several θ, a 30° η bin and two frames' ω: the row is the weighted mean of
+    the normal strain over all of them (brute force), which one effective θ, η, ω is not."""
+    from midasflow.strain import lineout_design
+
+    tensor = strain.tensor_from_components([2e-4, -4e-4, 8e-4, 1.5e-4, -1e-4, 2e-4])
+    comps = strain.components_from_tensor(tensor)
+    theta, weight, eta_c, width, omegas = np.array([1.6, 3.1, 5.2]), np.array([1.0, 3.0, 2.0]), 37.0, 30.0, [80.0, 90.0]
+    etas = eta_c - width / 2 + (np.arange(20000) + 0.5) / 20000 * width
+    brute = sum(w * np.mean(strain.normal_strain(th, etas, tensor, om))
+                for th, w in zip(theta, weight) for om in omegas) / (weight.sum() * len(omegas))
+    row = lineout_design(theta, eta_c, weights=weight, eta_width_deg=width, omega_deg=omegas)
+    assert row @ comps == pytest.approx(brute, rel=1e-8, abs=1e-12)
+    centre = strain.design_matrix([np.average(theta, weights=weight)], [eta_c], [85.0])[0]
+    assert abs(centre @ comps - brute) > 5e-6  # the single-point row is off by 1.5 % of the strain
+    lab = lineout_design(theta, eta_c, weights=weight, eta_width_deg=width)
+    lab_brute = sum(w * np.mean(strain.normal_strain(th, etas, tensor)) for th, w in zip(theta, weight)) / weight.sum()
+    assert lab @ comps == pytest.approx(lab_brute, rel=1e-8, abs=1e-12)
+
+
+def test_fits_with_lineout_designs_recover_the_tensor_from_bin_averaged_strains():
+    from midasflow.strain import lineout_design
+
+    tensor = strain.tensor_from_components([2e-4, -4e-4, 8e-4, 1.5e-4, -1e-4, 2e-4])
+    width = 30.0
+    eta = -180 + width / 2 + width * np.arange(12)
+    rows, eps = [], []
+    for om in (0.0, 90.0):
+        for e in eta:
+            row = lineout_design([2.0, 4.0], e, weights=[1.0, 1.0], eta_width_deg=width, omega_deg=[om - 5, om + 5])
+            rows.append(row)
+            eps.append(row @ strain.components_from_tensor(tensor))
+    esd = np.full(len(eps), 1e-6)
+    om = np.repeat([0.0, 90.0], eta.size)
+    fit = strain.fit_strain_tensor(np.tile(eta, 2), 1.5, om, eps, esd, design=np.array(rows))
+    np.testing.assert_allclose(fit.values, strain.components_from_tensor(tensor), atol=1e-12)
+    naive = strain.fit_strain_tensor(np.tile(eta, 2), 1.5, om, eps, esd)
+    assert np.max(np.abs(naive.values - strain.components_from_tensor(tensor))) > 5e-6
+    with pytest.raises(ValueError, match="23 design rows for 24 measurements"):
+        strain.fit_strain_tensor(np.tile(eta, 2), 1.5, om, eps, esd, design=np.array(rows)[:-1])

@@ -57,6 +57,21 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                         help="reference cell of the first phase for strain: a (cubic) | a b c (angles "
                         "from the CIF) | a b c α β γ (default: the CIF's cell)")
     parser.add_argument("--no-report", action="store_true", help="do not write report.html")
+    quality = parser.add_argument_group("start values and quality")
+    quality.add_argument("--no-estimate", action="store_true",
+                         help="start the profile, scale and background from the store's (or "
+                         "--instprm's) values instead of measuring them from each lineout")
+    quality.add_argument("--physical-profile", action="store_true",
+                         help="keep the Gaussian and Lorentzian widths physical (σ² > 0, γ ≥ 0) over "
+                         "the fitted range; by default GSAS-II's minimum is followed and a negative "
+                         "width is flagged unphysical_profile (native engine only)")
+    quality.add_argument("--max-rwp", type=float, default=None, metavar="PERCENT",
+                         help="flag lineouts whose Rwp is above PERCENT (rwp_above_max; a flag, not a "
+                         "failure)")
+    quality.add_argument("--include-flagged", action="store_true",
+                         help="let flagged lineouts into the strain and tensor fits (left out by "
+                         "default: at_bound, rolled_back, high_correlation, bad_esd, rwp_above_max; "
+                         "unphysical_profile alone does not exclude)")
 
 
 def check_backend(args: argparse.Namespace, *, pipeline: bool) -> None:
@@ -117,6 +132,10 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
         ref_cells=ref_cells_from(args),
         report=not args.no_report,
         progress=not args.no_progress,
+        estimate=not args.no_estimate,
+        physical_profile=args.physical_profile,
+        max_rwp=args.max_rwp,
+        include_flagged=args.include_flagged,
     )
 
 
@@ -147,7 +166,23 @@ def print_summary(results: Any, out: str, file: Any = None) -> None:
             esd = results.strain_sample_esd.values[k]
             text = ", ".join(f"{c} {v:+.2e}±{e:.1e}" for c, v, e in zip(comps, strain, esd))
             print(f"{name}: sample-frame strain {text}", file=file)
+    print(flags_line(summary), file=file)
     print(f"results: {out}/results.zarr, {out}/refinement_summary.json, report {out}/report.html", file=file)
+
+
+def flags_line(summary: dict[str, Any]) -> str:
+    """One line: how many refined lineouts carry each quality flag, and which flags kept lineouts
+    out of the strain fits (from :func:`midasflow.results.summary_dict`)."""
+    counts = summary.get("flag_counts", {})
+    if not any(counts.values()):
+        return f"quality flags: none on the {summary['succeeded']} refined lineouts"
+    text = ", ".join(f"{name} {n}" for name, n in counts.items() if n)
+    excluding = summary.get("strain_excluding_flags", [])
+    left_out = sum(1 for h in summary.get("histograms", ())
+                   if any(not st.get("in_fit", True) for st in h.get("strain", {}).values()))
+    tail = (f"; {left_out} lineout(s) with {', '.join(excluding)} left out of the strain fits "
+            "(--include-flagged puts them back)" if excluding and left_out else "")
+    return f"quality flags on {summary['flagged']} of {summary['succeeded']} refined lineouts: {text}{tail}"
 
 
 def report_outcome(results: Any, out: str, command: str) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 
 from midasflow.crystal import (A_to_cell, Phase, cell_to_A, cell_volume, laue_tie_matrix,
                                read_phases)
-from midasflow.errors import BackendError, PatternError
+from midasflow.errors import BackendError, ParameterError, PatternError
 from midasflow.instrument import Instrument, as_instrument
 from midasflow.io.instprm import write_instprm
 from midasflow.refinement.result import PatternResult
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 GSASII_PATH_ENV = "GSASII_PATH"
 """Environment variable naming a GSAS-II installation (its root or its ``GSASII`` subfolder)."""
+PHYSICAL_PROFILE_UNAVAILABLE = ("--physical-profile: GSAS-II has no bound on the peak widths; "
+                                "use it with the native backend")
+"""Why ``physical_profile`` is refused with this backend (checked before any work)."""
 
 _GSASII_LOCK = threading.RLock()
 _INSTRUMENT_KEYS = ("Zero", "U", "V", "W", "X", "Y", "Z", "SH/L")
@@ -403,6 +406,8 @@ def refine_pattern_gsas2(
     sample_azimuth_deg: float = 0.0,
     max_cycles: int = 20,
     min_dchi2: float = 1e-5,
+    estimate: bool = True,
+    physical_profile: bool = False,
 ) -> PatternResult:
     """Refine one lineout with GSAS-II; leave ``hist_NNNN.gpx`` for the GSAS-II GUI.
 
@@ -444,6 +449,13 @@ def refine_pattern_gsas2(
         than this fraction in a cycle. GSAS-II's cell Jacobian is incomplete for cubic,
         tetragonal and hexagonal cells (§5), so the cell converges linearly; its defaults
         (3 cycles, 0.001) stop it short of the minimum.
+    estimate : bool
+        Start GSAS-II from the profile, scale and background measured from the lineout
+        (:func:`midasflow.refinement.start.estimate_start`, as the built-in engine does) unless
+        ``start`` gives U, V, W, X and Y; ``start`` values win over the estimate.
+    physical_profile : bool
+        Not available in GSAS-II (it has no bound on the peak widths): ``True`` raises
+        :class:`~midasflow.errors.ParameterError`.
 
     Returns
     -------
@@ -464,10 +476,21 @@ def refine_pattern_gsas2(
     """
     if mode not in ("rietveld", "lebail"):
         raise PatternError(f"lineout {index}: mode={mode!r}; expected 'rietveld' or 'lebail'")
+    if physical_profile:
+        raise ParameterError(PHYSICAL_PROFILE_UNAVAILABLE)
     x, y, s, (lo, hi), n_dropped = _clean_pattern(tth_deg, intensity, sigma, limits, index)
     cifs = [Path(p).resolve() for p in phase_cif_paths]
     phases = read_phases(cifs)
     instrument = as_instrument(instprm)
+    if estimate and not all(k in (start or {}) for k in ("U", "V", "W", "X", "Y")):
+        from midasflow.refinement.start import estimate_start
+
+        try:
+            measured = estimate_start(x, y, s, phases, instrument, bkg_terms=bkg_terms,
+                                      limits=(lo, hi), sample_azimuth_deg=sample_azimuth_deg)
+        except PatternError:
+            measured = {}  # GSAS-II starts from the instrument terms, as without estimate
+        start = {**measured, **dict(start or {})}
     G2sc = import_gsasii()
 
     stem = f"hist_{int(index):04d}"

@@ -291,7 +291,8 @@ def refine_lineout(spec: LineoutSpec, backend: RefineBackend, options: RefineOpt
     """Refine one lineout; never raises.
 
     ``backend.refine(spec, options, start)`` is called with ``start`` = the seed's refined
-    ``values`` when ``seed`` is an "ok" result (else None). An exception, or a pattern whose
+    ``values`` when ``seed`` is an "ok" result (else None). A result above ``options.max_rwp``
+    is flagged ``rwp_above_max`` (:meth:`PatternResult.with_max_rwp`). An exception, or a pattern whose
     ``status`` is not "ok", gives a "failed" result carrying the one-line message.
     """
     if spec.skipped:
@@ -306,6 +307,8 @@ def refine_lineout(spec: LineoutSpec, backend: RefineBackend, options: RefineOpt
         return _result(spec, "failed", f"{type(exc).__name__}: {first_line}", None,
                        time.perf_counter() - t0, seeded)
     elapsed = time.perf_counter() - t0
+    if options.max_rwp is not None and hasattr(pattern, "with_max_rwp"):
+        pattern = pattern.with_max_rwp(options.max_rwp)  # every backend's result alike
     status = getattr(pattern, "status", "ok")
     message = getattr(pattern, "message", "") or ""
     return _result(spec, "ok" if status == "ok" else "failed", message, pattern, elapsed, seeded)

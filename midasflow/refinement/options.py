@@ -70,6 +70,25 @@ def check_recipe(bkg_terms: int, limits: Sequence[float] | None, mode: str) -> N
         raise ParameterError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
 
 
+def check_max_rwp(max_rwp: Any) -> float | None:
+    """``max_rwp`` as a float (None stays None).
+
+    Raises
+    ------
+    ParameterError
+        Not a finite positive number (Rwp in percent).
+    """
+    if max_rwp is None:
+        return None
+    try:
+        value = float(max_rwp)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ParameterError(f"--max-rwp {max_rwp}: expected a positive Rwp in percent")
+    return value
+
+
 @dataclass(frozen=True)
 class RefineOptions:
     """The phases, the instrument and the recipe options shared by every lineout of a run.
@@ -89,6 +108,17 @@ class RefineOptions:
         as in MIDAS's ``gsas_ii_refine.py``; the manual recommends off for lattice and strain
         work (atoms trade off against the scale and background, not the cell).
     mode : {"rietveld", "lebail"}
+    estimate : bool
+        Start each lineout's profile, scale and background from its own data
+        (:func:`midasflow.refinement.start.estimate_start`); the instrument's U, V, W, X, Y are
+        then only the fallback. ``False``: start from the instrument terms as given.
+    physical_profile : bool
+        Keep the Gaussian σ² and Lorentzian γ physical (σ² > 0, γ ≥ 0) over the fitted range
+        (``--physical-profile``); by default GSAS-II's model is followed where it lets them go
+        negative, and such a fit is flagged ``unphysical_profile``.
+    max_rwp : float or None
+        Rwp (%) above which a lineout is flagged ``rwp_above_max`` (``--max-rwp``); a flag, not
+        a failure. Applied by the executors to every backend's result.
     """
 
     phases: tuple[Phase, ...]
@@ -97,10 +127,14 @@ class RefineOptions:
     limits: tuple[float, float] | None = field(default=None, metadata=RECIPE)
     refine_atoms: bool = field(default=True, metadata=RECIPE)
     mode: Mode = field(default="rietveld", metadata=RECIPE)
+    estimate: bool = field(default=True, metadata=RECIPE)
+    physical_profile: bool = field(default=False, metadata=RECIPE)
+    max_rwp: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phases", tuple(self.phases))
         check_recipe(self.bkg_terms, self.limits, self.mode)
+        object.__setattr__(self, "max_rwp", check_max_rwp(self.max_rwp))
         if self.limits is not None:
             object.__setattr__(self, "limits", tuple(float(v) for v in self.limits))
 

@@ -1,0 +1,116 @@
+"""Quality flags through the pipeline: results.zarr, the summary JSON, the strain fits, the CLI.
+
+A small simulated CeO2 scan (256² px, one ω-group, 45° η bins: 8 lineouts) refined by the native
+engine; garbage columns are written into its cake, and a tiny ``max_rwp`` flags every lineout.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from midasflow import pipeline
+from midasflow.cli.demo import make_demo_scan
+from midasflow.refinement.result import FLAGS
+from midasflow.results import STRAIN_EXCLUDING_FLAGS, open_results
+
+N_ETA = 8
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    from midasflow.io.caked_store import open_caked
+
+    root = tmp_path_factory.mktemp("flags")
+    files, _, cif = make_demo_scan(root, n_frames=2, sum_frames=2, size=256, seed=11, eta_bin_deg=360 / N_ETA)
+    store = pipeline.integrate(files.params_file, files.data, result_folder=root, cache_dir=root / "cache")
+    return dict(store=store, caked=open_caked(store).load(), cif=cif, root=root)
+
+
+def _refine(scan, out, data=None, **options):
+    return pipeline.refine(scan["store"] if data is None else data, [scan["cif"]], out=out, export=False,
+                           report=False, refine_atoms=False, **options)
+
+
+def test_garbage_lineouts_fail_and_stay_out_of_every_statistic(scan, tmp_path):
+    caked = scan["caked"].copy(deep=True)
+    caked["intensity"][0, :, 1] = 1e300     # absurd magnitude
+    caked["intensity"][0, :, 2] = -5000.0   # nothing positive
+    res = _refine(scan, tmp_path, data=caked)
+    status = res.status.values[0]
+    assert status[1] == "failed" and status[2] == "failed"
+    assert res.message.values[0, 1].startswith("not a diffraction pattern: intensity or sigma up to 5e+299")
+    assert res.message.values[0, 2].startswith("not a diffraction pattern: no positive intensity")
+    ok = status == "ok"
+    assert ok.sum() == N_ETA - 2
+    assert np.isnan(res.a_a.values[0, 0, [1, 2]]).all() and not res.in_strain_fit.values[0, 0, [1, 2]].any()
+    assert res.in_strain_fit.values[0, 0][ok].all()
+    summary = json.loads((tmp_path / "refinement_summary.json").read_text())
+    assert summary["failed"] == 2 and summary["succeeded"] == N_ETA - 2
+    assert summary["mean_Rwp"] == pytest.approx(float(np.mean(res.rwp.values[0][ok])))
+    cells = {h["histogram_index"]: h["phases"] for h in summary["histograms"]}
+    assert cells[1] == [] and cells[2] == []
+    # the strain fit is the one of the good lineouts alone
+    alone = _refine(scan, tmp_path / "alone")
+    np.testing.assert_allclose(alone.a_a.values[0, 0][ok], res.a_a.values[0, 0][ok], rtol=0, atol=0)
+
+
+def test_max_rwp_flags_every_lineout_and_keeps_them_out_of_the_strain_fits(scan, tmp_path):
+    clean = _refine(scan, tmp_path / "clean")
+    assert not clean.flags.sel(flag="rwp_above_max").any()
+    assert clean.in_strain_fit.values.sum() == N_ETA and str(clean.strain_lab_status.values[0, 0]) == "ok"
+    lowest = float(np.nanmin(clean.rwp.values))
+    flagged = _refine(scan, tmp_path / "flagged", max_rwp=0.5 * lowest)
+    assert flagged.flags.sel(flag="rwp_above_max").all()
+    assert flagged.flags.dims == ("group", "eta", "flag") and list(flagged.flag.values) == list(FLAGS)
+    assert not flagged.in_strain_fit.values.any()
+    assert str(flagged.strain_lab_status.values[0, 0]) == "degenerate"
+    assert all("rwp_above_max: Rwp" in w for w in flagged.warnings.values[0])
+    # a flag, not a failure: the cells are the unflagged run's
+    np.testing.assert_array_equal(flagged.a_a.values, clean.a_a.values)
+    back = open_results(tmp_path / "flagged" / "results.zarr")
+    assert back.flags.sel(flag="rwp_above_max").values.all() and back.flags.dtype == bool
+    summary = json.loads((tmp_path / "flagged" / "refinement_summary.json").read_text())
+    assert summary["flag_counts"]["rwp_above_max"] == N_ETA and summary["flagged"] == N_ETA
+    assert set(summary["flag_counts"]) == set(FLAGS)
+    assert summary["strain_excluding_flags"] == list(STRAIN_EXCLUDING_FLAGS)
+    assert all("rwp_above_max" in h["flags"] for h in summary["histograms"])
+    assert all(not st["in_fit"] for h in summary["histograms"] for st in h["strain"].values())
+    # --include-flagged puts them back: the same fit as without the flag
+    back_in = _refine(scan, tmp_path / "included", max_rwp=0.5 * lowest, include_flagged=True)
+    assert back_in.in_strain_fit.values.all()
+    np.testing.assert_allclose(back_in.strain_lab.values, clean.strain_lab.values, rtol=1e-12, atol=0)
+    assert json.loads(back_in.attrs["strain_excluding_flags"]) == []
+
+
+def test_unphysical_profile_alone_does_not_exclude_from_strain():
+    assert "unphysical_profile" in FLAGS and "unphysical_profile" not in STRAIN_EXCLUDING_FLAGS
+    assert set(STRAIN_EXCLUDING_FLAGS) == set(FLAGS) - {"unphysical_profile"}
+
+
+def test_command_line_flags_reach_the_results(scan, tmp_path, capsys):
+    from midasflow.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["refine", "--data", str(scan["store"]), "--cif", str(scan["cif"]), "--out", str(out),
+                 "--no-atoms", "--no-export", "--no-report", "--max-rwp", "1e-6", "--physical-profile"]) == 0
+    text = capsys.readouterr().out
+    assert f"quality flags on {N_ETA} of {N_ETA} refined lineouts: " in text and f"rwp_above_max {N_ETA}" in text
+    assert "left out of the strain fits (--include-flagged puts them back)" in text
+    back = open_results(out / "results.zarr")
+    assert not back.flags.sel(flag="unphysical_profile").any()  # --physical-profile keeps them physical
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-rwp", "-1"], "--max-rwp -1.0: expected a positive Rwp in percent"),
+    (["--physical-profile", "--engine", "gsas2"], "--physical-profile: GSAS-II has no bound on the peak widths"),
+])
+def test_options_no_backend_can_honour_exit_2_before_any_work(scan, tmp_path, capsys, argv, message):
+    from midasflow.cli import main
+
+    out = tmp_path / "out"
+    assert main(["refine", "--data", str(scan["store"]), "--cif", str(scan["cif"]), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
