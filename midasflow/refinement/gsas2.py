@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 GSASII_PATH_ENV = "GSASII_PATH"
 """Environment variable naming a GSAS-II installation (its root or its ``GSASII`` subfolder)."""
 PHYSICAL_PROFILE_UNAVAILABLE = ("--physical-profile: GSAS-II has no bound on the peak widths; "
-                                "use it with the native backend")
+                                "use it with --engine native")
 """Why ``physical_profile`` is refused with this backend (checked before any work)."""
 
 _GSASII_LOCK = threading.RLock()
