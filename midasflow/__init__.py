@@ -14,6 +14,8 @@ _LAZY = {
     "read_params": "midasflow.params",
     "Params": "midasflow.params",
     "open_frames": "midasflow.io.frames",
+    "ScanSource": "midasflow.io.frames",
+    "Instrument": "midasflow.instrument",
     "cake": "midasflow.caking",
     "open_caked": "midasflow.io.caked_store",
     "write_midas_zarr": "midasflow.io.midas_zarr",

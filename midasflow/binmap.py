@@ -62,7 +62,7 @@ __all__ = ["BinMap", "build_binmap", "load_or_build_binmap", "binmap_key", "chec
 #: Overlap areas (px²) at or below this are rounding noise and produce no entry.
 MIN_AREA_PX2 = 1e-10
 #: Bumped whenever the map algorithm or file layout changes, so stale cache files are not reused.
-_FORMAT = "midasflow-binmap-v2"
+_FORMAT = "midasflow-binmap-v3"  # v3: a pixel with the beam centre on its edge keeps all its area
 _MAX_VERTS = 16
 
 
@@ -236,8 +236,10 @@ def _pixel_polygon(cx, cy, z, y, xs, ys):
     for k in range(4):
         k1 = k + 1 if k < 3 else 0
         r_max = max(r_max, np.sqrt(xs[k] * xs[k] + ys[k] * ys[k]))
-        # origin inside <=> it is on the inner side of every edge
-        if (xs[k] * ys[k1] - ys[k] * xs[k1]) * area < 0.0:
+        # origin inside <=> it is on the inner side of every edge; ON an edge counts as inside
+        # (the corners' η then span 180° and unwrapping could pick the other half-turn), hence
+        # the tolerance of 1e-9 of the pixel's area for rounding of the corner positions
+        if (xs[k] * ys[k1] - ys[k] * xs[k1]) * area < -1e-9 * area * area:
             inside = False
         dx = xs[k1] - xs[k]
         dy = ys[k1] - ys[k]

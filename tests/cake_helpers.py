@@ -1,4 +1,4 @@
-"""Small detectors and frames shared by tests/test_cake.py and tests/test_midas_zarr.py."""
+"""Small detectors, maps and frames shared by the caking and store tests (fixtures in conftest.py)."""
 from __future__ import annotations
 
 import dask.array as da
@@ -42,3 +42,21 @@ def lazy_frames(params: Params, n: int, chunks=4, *, seed: int = 7, nan_every: i
     omega = params.omega_start_deg + params.omega_step_deg * np.arange(n)
     return xr.DataArray(data, dims=("frame", "z", "y"),
                         coords={"frame": np.arange(n), "omega": ("frame", omega)})
+
+
+def dead_rows_and_column(params: Params) -> np.ndarray:
+    """A static mask (True = masked) for ``params``' detector: a dead row pair, so some bins lose
+    part of their area, and a dead column."""
+    mask = np.zeros((params.nr_pixels_z, params.nr_pixels_y), dtype=bool)
+    mask[30:32, :] = True
+    mask[:, 8] = True
+    return mask
+
+
+def noisy_frames(params: Params, n: int = 5, seed: int = 1) -> np.ndarray:
+    """(n, nz, ny) float64 gamma-distributed frames with per-frame NaN stripes in frames 1 and 3."""
+    rng = np.random.default_rng(seed)
+    f = rng.gamma(2.0, 40.0, size=(n, params.nr_pixels_z, params.nr_pixels_y))
+    f[1, 10:12, 4:30] = np.nan  # per-frame NaN stripe
+    f[3, 20:40, 17] = np.nan
+    return f

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from cake_helpers import dead_rows_and_column, small_params
+
 
 @pytest.fixture(scope="session")
 def gsasii():
@@ -15,3 +17,27 @@ def gsasii():
     except BackendError as exc:
         pytest.skip(f"GSAS-II is not importable here: {exc}")
     return import_gsasii()
+
+
+@pytest.fixture(scope="session")
+def caking_params():
+    """cake_helpers.small_params(): the 48 x 40 detector of the caking and store tests."""
+    return small_params()
+
+
+@pytest.fixture(scope="session")
+def masked_map(caking_params):
+    """Bin map of ``caking_params`` with a dead row pair and a dead column masked."""
+    from midasflow.binmap import build_binmap
+
+    return build_binmap(caking_params, dead_rows_and_column(caking_params))
+
+
+@pytest.fixture(scope="session")
+def plain_map():
+    """No corrections (weights == areas, so a flat frame cakes to its value exactly); RMax 32 px
+    puts the outer bins of some η sectors off the detector (empty bins)."""
+    from midasflow.binmap import build_binmap
+
+    return build_binmap(small_params(solid_angle_correction=False, polarization_correction=False,
+                                     r_max_px=32.0))

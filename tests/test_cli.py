@@ -5,6 +5,7 @@ keeps every refinement here to a few seconds.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -14,6 +15,9 @@ import pytest
 
 from midasflow.cli import main
 from midasflow.cli.demo import make_demo_scan
+from midasflow.cli.refine import ref_cells_from
+from midasflow.crystal import cubic_phase, phase_from_cell, write_phase_cif
+from midasflow.errors import ParameterError
 
 ETA_BIN_DEG = 45.0
 N_LINEOUTS = int(360 / ETA_BIN_DEG)
@@ -70,6 +74,7 @@ def test_integrate_writes_the_store_with_overrides_and_progress(scan, tmp_path, 
     np.testing.assert_allclose(np.diff(ds.r_px.values), 0.5)
 
 
+@pytest.mark.slow
 def test_integrate_through_python_m_with_long_flags(scan, tmp_path):
     proc = _python_m("integrate", "--param-fn", scan["params"], "--data-fn", scan["data"],
                      "--result-folder", str(tmp_path), "--cache-dir", str(scan["root"] / "cache"), "--no-progress")
@@ -89,6 +94,7 @@ def test_refine_writes_results(scan, store, tmp_path, capsys):
     assert (out / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_run_end_to_end_then_refine_only_from_the_store(scan, tmp_path, capsys):
     result_folder, out = tmp_path / "caked", tmp_path / "refined"
     assert main(["run", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(result_folder),
@@ -514,3 +520,24 @@ def test_sigterm_to_an_integrate_process_stops_it_cleanly(bigger_scan, tmp_path)
     assert err.strip().splitlines()[-1].startswith("midasflow integrate: stopped by SIGTERM; ")
     assert "Traceback" not in err
     assert not folder.exists()
+
+
+# ------------------------------------------------------------------ refine flags that change results
+def _args(cif, ref_cell):
+    return argparse.Namespace(cif=[str(cif)], ref_cell=ref_cell)
+
+
+def test_ref_cell_three_values_keep_the_cif_angles(tmp_path):
+    cif = write_phase_cif(phase_from_cell("Zn", (2.665, 2.665, 4.947, 90, 90, 120), "P 63/m m c"),
+                          tmp_path / "Zn.cif")
+    cells = ref_cells_from(_args(cif, [2.66, 2.66, 4.95]))
+    assert cells == {"Zn": (2.66, 2.66, 4.95, 90.0, 90.0, 120.0)}
+
+
+def test_ref_cell_one_value_is_cubic_only(tmp_path):
+    cubic = write_phase_cif(cubic_phase("CeO2", 5.41), tmp_path / "CeO2.cif")
+    assert ref_cells_from(_args(cubic, [5.4]))["CeO2"] == (5.4, 5.4, 5.4, 90.0, 90.0, 90.0)
+    hexa = write_phase_cif(phase_from_cell("Zn", (2.665, 2.665, 4.947, 90, 90, 120), "P 63/m m c"),
+                           tmp_path / "Zn.cif")
+    with pytest.raises(ParameterError, match="cubic a"):
+        ref_cells_from(_args(hexa, [2.66]))

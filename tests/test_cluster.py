@@ -150,6 +150,7 @@ def _slurm_unavailable() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_demo_on_slurm_refines_every_lineout_in_a_slurm_job(tmp_path):
     """``midasflow demo --cluster slurm --jobs 2``: every lineout's worker was started by one of
     the two SLURM jobs that dask-jobqueue submitted for this run."""

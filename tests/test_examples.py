@@ -6,9 +6,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.mark.slow
 def test_api_walkthrough_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["api_walkthrough.py", str(tmp_path), "--small"])
     with warnings.catch_warnings():

@@ -12,6 +12,8 @@ from midasflow.io import fabio_frames, ge, hdf5, zarr_frames
 from midasflow.io.frames import ScanSource, open_frames, read_mask, series_files
 from midasflow.params import Params
 
+from dask_helpers import raise_if_dask_computes
+
 NZ, NY = 6, 7
 
 
@@ -19,21 +21,27 @@ def _params(**kw) -> Params:
     return Params(nr_pixels_z=NZ, nr_pixels_y=NY, **kw)
 
 
+#: Detector flags _frames writes into signed data: a Pilatus-like gap (-1) and a bad pixel (-2).
+FLAGGED = {(1, 2): -1, (4, 0): -2}
+
+
 def _frames(n: int, dtype=np.int32, seed: int = 0) -> np.ndarray:
+    """Counts 0..999 (exact in float32); signed data also carry the FLAGGED values."""
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 1000, size=(n, NZ, NY)).astype(dtype)
     if np.dtype(dtype).kind == "i":
-        data[:, 1, 2] = -1  # Pilatus-like gap flag
-        data[:, 4, 0] = -2  # bad pixel flag
+        for (z, y), flag in FLAGGED.items():
+            data[:, z, y] = flag
     return data
 
 
 def _expected(raw: np.ndarray) -> np.ndarray:
-    out = raw.astype(np.float32)
-    if raw.dtype.kind == "i":
-        out[raw < 0] = np.nan
-    elif raw.dtype.kind == "u":
-        out[raw == np.iinfo(raw.dtype).max] = np.nan
+    """What open_frames must give for _frames data, written down from how _frames made it (not
+    from the reader's rule): the counts themselves, NaN exactly where _frames put the flags."""
+    out = np.array(raw, dtype=np.float64)  # the counts are small integers: exact in any float
+    if np.dtype(raw.dtype).kind == "i":
+        for z, y in FLAGGED:
+            out[:, z, y] = np.nan
     return out
 
 
@@ -216,6 +224,17 @@ def test_series_concatenates_and_skips_first_frames_of_scan(tmp_path):
     # an explicit start number picks the file even when data_fn names another one of the series
     frames = open_frames(ScanSource(tmp_path / "ff_000005.ge3", start_file_nr=6, end_file_nr=7), params)
     np.testing.assert_array_equal(frames.values, _expected(raw)[5:])
+
+
+def test_opening_a_series_with_a_dark_computes_nothing(tmp_path):
+    raw = _frames(5, np.uint16)
+    _write_ge(tmp_path / "ff_000001.ge3", raw[:3])
+    _write_ge(tmp_path / "ff_000002.ge3", raw[3:])
+    dark = _write_tiff_stack(tmp_path / "dark.tif", np.full((3, NZ, NY), 4, np.int32))
+    with raise_if_dask_computes():
+        frames = open_frames(ScanSource(tmp_path / "ff_000001.ge3", dark_fn=dark, end_file_nr=2),
+                             _params(skip_frame=1), frames_per_chunk=2)
+    np.testing.assert_array_equal(frames.values, _expected(raw)[1:] - 4)
 
 
 def test_single_frame_tiff_series_other_width_and_skip_across_files(tmp_path):

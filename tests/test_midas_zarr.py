@@ -11,12 +11,13 @@ import pytest
 import xarray as xr
 import zarr
 from cake_helpers import lazy_frames, small_params
+from dask_helpers import raise_if_dask_computes
 
 from midasflow.binmap import build_binmap
 from midasflow.caking import cake
 from midasflow.errors import CakeFileError
 from midasflow.io.caked_store import open_caked, write_caked_zarr
-from midasflow.io.midas_zarr import write_midas_zarr
+from midasflow.io.midas_zarr import read_midas_zarr, write_midas_zarr
 
 N_FRAMES = 23
 
@@ -103,6 +104,16 @@ def test_zip_members_match_spec(zip_path, caked, params):
     assert z["InstrumentParameters/Distance"][0] == params.lsd_um
     np.testing.assert_array_equal(z["OmegaSumFrame/LastFrameNumber_5"][...],
                                   caked.intensity[2].values)
+
+
+def test_opening_either_store_computes_nothing(caked, zip_path, tmp_path):
+    plain = write_caked_zarr(caked, tmp_path / "caked.zarr")
+    with raise_if_dask_computes():
+        from_zip = read_midas_zarr(zip_path)
+        opened = [open_caked(zip_path), open_caked(plain)]
+    for ds in (from_zip, *opened):
+        assert isinstance(ds["intensity"].data, da.Array) and isinstance(ds["frame_intensity"].data, da.Array)
+        assert isinstance(ds["bin_area"].data, np.ndarray)  # small variables read now
 
 
 def test_roundtrip_both_stores(caked, zip_path, tmp_path):

@@ -6,7 +6,8 @@ The scan (module fixture, simulated and integrated once): a 320×320 detector, t
 The simulator draws the rings with the refinement engine's own model (GSAS-II CW profile with FCJ
 asymmetry, Lorentz–polarisation, |F|²) and writes the instrument terms into the parameter file,
 so the refinement (Rietveld, the default) runs on a real two-worker ``LocalCluster`` from a
-calibrated instrument and is compared with the TRUE a0.
+calibrated instrument and is compared with the TRUE a0. These tests are marked ``slow``; the
+failure and resume tests below use a small scan of their own and stay in the quick lane.
 
 What "the truth" of one lineout is: its rings sit at different θ_k, and a lab-frame shear with
 an x component (ε_xy, ε_xz ≠ 0 at ω = 60°, 120°) strains them differently,
@@ -92,6 +93,7 @@ def _expected_strain(e2e):
     return expected
 
 
+@pytest.mark.slow
 def test_every_lineout_succeeds(e2e):
     r = e2e["results"]
     assert r.sizes["group"] == 3 and r.sizes["eta"] == int(360 / ETA_BIN_DEG)
@@ -109,6 +111,7 @@ def test_every_lineout_succeeds(e2e):
         assert inst[key] == pytest.approx(e2e["truth"]["instrument"][key], rel=1e-9, abs=1e-12), key
 
 
+@pytest.mark.slow
 def test_refined_a_per_lineout_matches_the_true_a0(e2e):
     r = e2e["results"]
     expected = _expected_strain(e2e)
@@ -122,6 +125,7 @@ def test_refined_a_per_lineout_matches_the_true_a0(e2e):
     assert np.all((th > 2.0) & (th < 5.5))
 
 
+@pytest.mark.slow
 def test_strain_fits_recover_the_simulated_tensor(e2e):
     r = e2e["results"]
     comps = list(r.component.values)
@@ -139,6 +143,7 @@ def test_strain_fits_recover_the_simulated_tensor(e2e):
     np.testing.assert_allclose(r.strain.values[0], r.a_a.values[0] / CEO2_A_A - 1.0, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_two_worker_cluster_matches_single_process(e2e):
     from midasflow.crystal import read_phases
     from midasflow.io.instprm import instrument_from_midas
@@ -160,6 +165,7 @@ def test_two_worker_cluster_matches_single_process(e2e):
         np.testing.assert_allclose(r.a_a_esd.values[0, g, e], res.pattern.cell_esds["CeO2"][0], rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_summary_and_results_store_read_back(e2e):
     from midasflow.results import open_results
 
@@ -205,14 +211,20 @@ def test_summary_and_results_store_read_back(e2e):
 
 
 # ---------------------------------------------------------------------------------------------
-# failures and resume, on a six-lineout slice of the scan (serial, in-process)
+# failures and resume, on six lineouts of a small scan of their own (serial, in-process)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def small(e2e):
+def small(tmp_path_factory):
+    """Six lineouts (one ω-group, 60° η bins) of a small simulated scan, loaded in memory."""
     from midasflow.io.caked_store import open_caked
 
-    ds = open_caked(e2e["store"]).isel(group=[0], eta=slice(0, 6)).load()
-    return ds, e2e["cif"]
+    root = tmp_path_factory.mktemp("small")
+    files, _, cif = make_demo_scan(root, n_frames=1, sum_frames=1, size=192, seed=1, eta_bin_deg=60.0,
+                                   strain_tensor=DEMO_STRAIN, supersample=2, counts=COUNTS)
+    store = pipeline.integrate(files.params_file, files.data, result_folder=root, cache_dir=root / "binmaps")
+    ds = open_caked(store).load()
+    assert ds.sizes["group"] == 1 and ds.sizes["eta"] == 6
+    return ds, cif
 
 
 #: The engine itself, kept before any test replaces it with a counting wrapper.
@@ -305,3 +317,27 @@ def test_group_process_variables_reach_the_results(small, tmp_path):
     assert r.temperature.dims == ("group",) and r.temperature.values.tolist() == [412.5]
     back = open_results(tmp_path / "results.zarr")
     assert back.i0.values.tolist() == [1.25e6] and "pressure" not in back.coords
+
+
+def test_integrate_dataset_opens_the_frames_once_in_map_pass_chunks(tmp_path, monkeypatch):
+    """The bin map first, then one open_frames with chunks of one map pass (no reopening, no
+    concatenated smaller chunks)."""
+    from midasflow.binmap import load_or_build_binmap
+    from midasflow.caking_kernel import frames_per_pass
+    from midasflow.io import frames as frames_module
+    from midasflow.io.frames import ScanSource
+    from midasflow.simulate import write_scan
+
+    from cake_helpers import small_params
+
+    params = small_params()
+    raw = np.random.default_rng(3).poisson(50.0, size=(40, params.nr_pixels_z, params.nr_pixels_y))
+    files = write_scan(tmp_path, params, raw.astype(np.uint16))
+    opened = []
+    open_source = frames_module.open_source
+    monkeypatch.setattr(frames_module, "open_source",
+                        lambda path, *a, **k: opened.append(path) or open_source(path, *a, **k))
+    ds = pipeline.integrate_dataset(ScanSource(files.data), files.params, cache_dir=tmp_path / "maps")
+    assert opened == [str(files.data)]  # data once; no dark in this scan
+    per_pass = frames_per_pass(load_or_build_binmap(files.params, None, tmp_path / "maps"))
+    assert per_pass < 40 and ds["frame_intensity"].chunks[0][0] == per_pass

@@ -86,14 +86,15 @@ def open_caked(path: str | os.PathLike) -> Any:
         raise CakeFileError(f"{path}: not a zip file, expected a MIDAS .zarr.zip or a zarr store")
     if not path.is_dir():
         raise CakeFileError(f"{path}: no such caked store (.zarr.zip file or zarr directory)")
-    try:
-        ds = xr.open_zarr(path, consolidated=False)
+    try:  # no dask yet: the small variables are read directly, the cakes wrapped lazily below
+        ds = xr.open_zarr(path, consolidated=False, chunks=None)
     except Exception as exc:  # xarray/zarr raise several types for a non-store directory
         raise CakeFileError(f"{path}: not a zarr store ({type(exc).__name__})") from None
     missing = [v for v in CAKED_VARS if v not in ds.variables]
     if missing:
         raise CakeFileError(f"{path}: not a caked store, variable {missing[0]!r} missing")
-    small = [name for name, var in ds.variables.items() if "frame" not in var.dims
-             and "group" not in var.dims or var.ndim == 1]
+    small = {name for name, var in ds.variables.items() if "frame" not in var.dims
+             and "group" not in var.dims or var.ndim == 1}
     return ds.assign_coords({k: ds[k].load() for k in ds.coords if k in small}).assign(
-        {k: ds[k].load() for k in ds.data_vars if k in small})
+        {k: ds[k].load() if k in small else ds[k].chunk(ds[k].encoding["preferred_chunks"])
+         for k in ds.data_vars})

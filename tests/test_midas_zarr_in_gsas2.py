@@ -11,6 +11,8 @@ from midasflow.pipeline import integrate
 from midasflow.refinement.lineouts import plan_lineouts
 from midasflow.simulate import simulate_ceo2_scan
 
+pytestmark = pytest.mark.slow  # GSAS-II refines simulated scans here
+
 
 def _integrated_scan(out, **overrides):
     with warnings.catch_warnings():

@@ -123,6 +123,7 @@ def three_lineouts(gsasii, ceo2_cif, tmp_path_factory):
     return out, runs
 
 
+@pytest.mark.slow
 def test_backends_agree_on_three_lineouts(three_lineouts):
     _, runs = three_lineouts
     for index, a_true, native, g2 in runs:
@@ -138,6 +139,7 @@ def test_backends_agree_on_three_lineouts(three_lineouts):
         assert g2.n_points == native.n_points == 1500 and g2.n_dropped == 0
 
 
+@pytest.mark.slow
 def test_result_fields_follow_the_contract(three_lineouts):
     _, runs = three_lineouts
     g2 = runs[1][3]
@@ -163,6 +165,7 @@ def test_result_fields_follow_the_contract(three_lineouts):
     assert g2.chi2 == pytest.approx(g2.gof ** 2 * (g2.n_points - len(g2.esds)), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_gpx_files_reopen_with_the_refined_cell(gsasii, three_lineouts):
     out, runs = three_lineouts
     for index, _, _, g2 in runs:
@@ -177,6 +180,7 @@ def test_gpx_files_reopen_with_the_refined_cell(gsasii, three_lineouts):
         assert "Refinement successful" in log
 
 
+@pytest.mark.slow
 def test_console_output_goes_to_the_log(gsasii, ceo2_cif, tmp_path, capfd):
     tth, y, sigma, _ = _simulated_lineout(ceo2_cif, 0.0, seed=7)
     capfd.readouterr()
@@ -190,6 +194,7 @@ def test_console_output_goes_to_the_log(gsasii, ceo2_cif, tmp_path, capfd):
     assert "Cycle" in (tmp_path / "hist_0007" / "hist_0007.log").read_text()
 
 
+@pytest.mark.slow
 def test_failed_lineout_records_gsas_message(gsasii, ceo2_cif, tmp_path, monkeypatch):
     tth, y, sigma, _ = _simulated_lineout(ceo2_cif, 0.0, seed=8)
     write = gsas2.write_instprm
@@ -237,6 +242,7 @@ def test_stage_dicts_avoid_the_background_pitfall():
     assert [name for name, _ in lebail][-1] == "profile_lorentz"
 
 
+@pytest.mark.slow
 def test_start_values_seed_the_refinement(gsasii, ceo2_cif, three_lineouts, tmp_path):
     _, runs = three_lineouts
     previous = runs[0][3]  # neighbour lineout (strain -1e-3) seeds lineout 2 (strain +1.5e-3)

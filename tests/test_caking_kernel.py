@@ -1,0 +1,185 @@
+"""Caking kernel (midasflow.caking_kernel): numba vs the scipy oracle, mask rules, pass sizes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cake_helpers import noisy_frames
+
+from midasflow.caking_kernel import cake_block, cake_block_reference
+from midasflow.errors import ParameterError
+
+
+@pytest.fixture(scope="module")
+def params(caking_params):
+    return caking_params
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mask_rule", ["area", "midas"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_kernel_matches_reference(params, masked_map, dtype, mask_rule, normalize):
+    frames = noisy_frames(params).astype(dtype)
+    kw = {"normalize": normalize, "mask_rule": mask_rule, "min_area_fraction": 0.6}
+    fast = cake_block(frames, masked_map, **kw)
+    ref = cake_block_reference(frames, masked_map, **kw)
+    assert fast.shape == (5, masked_map.n_r, masked_map.n_eta) and fast.dtype == np.float64
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
+    np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=0, equal_nan=True)
+    assert np.isfinite(fast[0]).sum() > 0.5 * fast[0].size  # the comparison is not vacuous
+
+
+def test_fast_path_without_nan_matches_reference(params, masked_map):
+    frames = noisy_frames(params)[[0, 2, 4]]  # no NaN: uses the precomputed bin_area
+    np.testing.assert_allclose(cake_block(frames, masked_map),
+                               cake_block_reference(frames, masked_map), rtol=1e-10,
+                               equal_nan=True)
+
+
+def test_flat_frame_gives_its_value(plain_map):
+    frame = np.full((1,) + plain_map.detector_shape, 3.5, dtype=np.float32)
+    out = cake_block(frame, plain_map)[0]
+    covered = plain_map.geometric_area > 0
+    np.testing.assert_allclose(out[covered], 3.5, rtol=1e-12)
+    assert (out[~covered] == 0).all() and (~covered).any()  # empty bins are 0, not NaN
+    counts = cake_block(frame, plain_map, normalize=False)[0]
+    np.testing.assert_allclose(counts, 3.5 * plain_map.bin_area, rtol=1e-12)
+
+
+def test_nan_pixels_leave_the_area_out(plain_map):
+    """A NaN pixel neither adds intensity nor area: a flat frame stays flat around it."""
+    frame = np.full((1,) + plain_map.detector_shape, 2.0)
+    frame[0, 30, 10:14] = np.nan
+    out = cake_block(frame, plain_map, min_area_fraction=0.0)[0]
+    covered = plain_map.geometric_area > 0
+    np.testing.assert_allclose(out[covered], 2.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mask_rule", ["area", "midas"])
+def test_all_nan_frame_matches_reference(plain_map, mask_rule):
+    """Bins that lose every pixel: area exactly 0 (value 0 when min_area_fraction is 0), as the
+    oracle, not a rounding residue of the subtracted NaN areas."""
+    frames = np.full((2,) + plain_map.detector_shape, 4.0)
+    frames[0] = np.nan
+    frames[1, :20] = np.nan
+    for fraction in (0.0, 0.5):
+        got = cake_block(frames, plain_map, min_area_fraction=fraction, mask_rule=mask_rule)
+        ref = cake_block_reference(frames, plain_map, min_area_fraction=fraction,
+                                   mask_rule=mask_rule)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=0, equal_nan=True)
+        covered = plain_map.geometric_area > 0
+        if mask_rule == "area" and fraction == 0.0:
+            assert (got[0][covered] == 0).all()
+        else:
+            assert np.isnan(got[0][covered]).all()
+
+
+def test_mask_rules(params, masked_map):
+    frames = noisy_frames(params)
+    area_rule = cake_block(frames, masked_map, min_area_fraction=0.5)
+    midas_rule = cake_block(frames, masked_map, mask_rule="midas")
+    geom = masked_map.geometric_area
+    # static mask: "midas" drops every touched bin; "area" only those below half their area
+    static_bad = masked_map.bin_area < 0.5 * geom
+    assert np.isnan(area_rule[0][static_bad]).all()
+    assert np.isfinite(area_rule[0][~static_bad]).all()
+    assert np.isnan(midas_rule[0][masked_map.touches_mask]).all()
+    assert np.isnan(midas_rule).sum() > np.isnan(area_rule).sum()
+    # a per-frame NaN stripe flags bins only in that frame under "midas"
+    assert np.isnan(midas_rule[1]).sum() > np.isnan(midas_rule[0]).sum()
+    # min_area_fraction 0 keeps every bin that has any unmasked area
+    keep_all = cake_block(frames[[0]], masked_map, min_area_fraction=0.0)[0]
+    assert np.isfinite(keep_all).all()
+
+
+def test_ring_order_covers_every_entry_pixel(masked_map):
+    from midasflow.caking_kernel import _kernel_map
+
+    km = _kernel_map(masked_map)
+    W = masked_map.weights
+    used = np.unique(W.indices)
+    assert km.n_used == used.size and (km.slot[used] >= 0).all()
+    assert (np.delete(km.slot, used) == -1).all()  # masked / out-of-range pixels get no row
+    np.testing.assert_array_equal(np.sort(km.slot[used]), np.arange(used.size))
+    np.testing.assert_array_equal(km.rows, km.slot[W.indices])
+    # rows first appear in map order: the bins read the buffer front to back
+    first = np.maximum.accumulate(km.rows)
+    assert (np.diff(np.unique(first)) == 1).all()
+    assert km.chunks[0] == 0 and km.chunks[-1] == W.shape[0] and (np.diff(km.chunks) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_result_does_not_depend_on_pass_size(params, masked_map, monkeypatch, dtype):
+    """Frames split over several map passes (NaN and NaN-free passes mixed) give bit-identical
+    per-frame cakes to one pass and to one call per frame."""
+    import midasflow.caking_kernel as cake_module
+
+    frames = noisy_frames(params, n=7).astype(dtype)  # NaN only in frames 1 and 3
+    one_pass = cake_block(frames, masked_map, mask_rule="midas")
+    assert cake_module.frames_per_pass(masked_map, frames.dtype) >= 7
+    row_bytes = cake_module._kernel_map(masked_map).n_used * frames.itemsize
+    monkeypatch.setattr(cake_module, "_PASS_BYTES", 2 * row_bytes)
+    assert cake_module.frames_per_pass(masked_map, frames.dtype) == 2
+    np.testing.assert_array_equal(cake_block(frames, masked_map, mask_rule="midas"), one_pass)
+    singles = np.concatenate([cake_block(f, masked_map, mask_rule="midas") for f in frames])
+    np.testing.assert_array_equal(singles, one_pass)
+
+
+def test_concurrent_calls_use_their_own_buffers(params, masked_map):
+    from concurrent.futures import ThreadPoolExecutor
+
+    blocks = [noisy_frames(params, n=5, seed=s).astype(np.float32) for s in range(6)]
+    expected = [cake_block(b, masked_map) for b in blocks]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda b: cake_block(b, masked_map), blocks))
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_kernel_rejects_bad_input(params, masked_map):
+    with pytest.raises(ParameterError, match="MaskRule"):
+        cake_block(noisy_frames(params), masked_map, mask_rule="strict")
+    with pytest.raises(ParameterError, match="expected shape"):
+        cake_block(np.zeros((2, 10, 10)), masked_map)
+
+
+def test_concurrent_kernel_calls_share_numba_threads(params, masked_map, monkeypatch):
+    """Two kernel calls at once (two Dask threads) run one numba thread each on two cores
+    instead of oversubscribing them; a call alone uses them all; the caller's setting is kept."""
+    import threading
+
+    import numba
+
+    import midasflow.caking_kernel as kernel
+
+    n_threads = numba.config.NUMBA_NUM_THREADS
+    if n_threads < 2:
+        pytest.skip("numba has a single thread here")
+    monkeypatch.setattr(kernel, "_PASS_BYTES", 4 * 4 * kernel._kernel_map(masked_map).n_used)
+    frames = noisy_frames(params, n=16).astype(np.float32)
+    one_pass = kernel._one_pass
+    seen: dict[str, list[int]] = {}
+    barrier = threading.Barrier(2)
+
+    def recording(*args, together=False):
+        name = threading.current_thread().name
+        if together:
+            barrier.wait(timeout=60)  # both calls are inside cake_block from here on
+        seen.setdefault(name, []).append(numba.get_num_threads())
+        return one_pass(*args)
+
+    monkeypatch.setattr(kernel, "_one_pass", recording)
+    ref = cake_block(frames, masked_map)
+    assert seen.pop(threading.current_thread().name) == [n_threads] * 4  # alone: every thread
+    monkeypatch.setattr(kernel, "_one_pass", lambda *a: recording(*a, together=True))
+    out = {}
+    threads = [threading.Thread(target=lambda k=k: out.__setitem__(k, cake_block(frames, masked_map)),
+                                name=f"dask-{k}") for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        np.testing.assert_array_equal(out[k], ref)
+        assert seen[f"dask-{k}"][1:] == [n_threads // 2] * 3  # after the first pass: shared
+    assert numba.get_num_threads() == n_threads
