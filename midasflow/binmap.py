@@ -1,4 +1,4 @@
-"""Pixel -> (R, η) bin map with exact pixel splitting (midas_caking.md §5), as sparse matrices.
+"""Pixel -> (R, η) bin map with exact pixel splitting (docs/reference/midas_parameters.md §6), as sparse matrices.
 
 Each raw pixel's four corners are mapped through :func:`midasflow.geometry.pixel_to_r_eta` and
 placed in the ideal plane (X, Y) = (−R sin η, R cos η) (pixels, origin at the beam centre). The
@@ -22,7 +22,7 @@ corner, and bins are matched against that interval shifted by multiples of 360°
 
 Weights are ``area / C`` with C = cos³(2θ) (``SolidAngleCorrection``) times
 1 − f·sin²(2θ)·cos²(η) (``PolarizationCorrection``, applied only where it exceeds 1e−6),
-both at the pixel centre (§5.3). Masked pixels have no entries in ``weights``/``areas`` but
+both at the pixel centre (midas_parameters.md §6.2). Masked pixels have no entries in ``weights``/``areas`` but
 their overlap counts in ``geometric_area`` and flags ``touches_mask`` on every bin they overlap.
 """
 
@@ -487,7 +487,7 @@ def _corner_grid(params: Params) -> tuple[NDArray, NDArray, NDArray]:
 
 
 def _correction(params: Params) -> NDArray[np.float64]:
-    """Per raw pixel correction C of §5.3, flat (nz*ny,); all ones when both are off."""
+    """Per raw pixel correction C of midas_parameters.md §6.2, flat (nz*ny,); all ones when both are off."""
     if not (params.solid_angle_correction or params.polarization_correction):
         return np.ones(int(params.nr_pixels_z) * int(params.nr_pixels_y))
     r_c, eta_c = pixel_map(params)
@@ -507,7 +507,7 @@ def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
     Parameters
     ----------
     params : Params
-        Geometry (§4), binning (RMin/RMax/RBinSize, EtaMin/EtaMax/EtaBinSize) and corrections.
+        Geometry (midas_parameters.md §4), binning (RMin/RMax/RBinSize, EtaMin/EtaMax/EtaBinSize) and corrections.
     mask : ndarray of bool, shape (nz, ny), optional
         Static mask in the RAW frame, True = masked.
 

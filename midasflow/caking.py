@@ -1,7 +1,7 @@
 """Caking: a thin lazy Dask wrapper around :mod:`midasflow.caking_kernel`, and the ω-group scan.
 
 :func:`cake` runs the kernel (:func:`midasflow.caking_kernel.cake_block`) with ``map_blocks``
-over frame chunks and reduces per-frame cakes to OmegaSumFrames groups (§6.4) with a streaming
+over frame chunks and reduces per-frame cakes to OmegaSumFrames groups (docs/reference/midas_parameters.md §7) with a streaming
 scan, so memory does not grow with the number of frames. The masking rules are described in
 :mod:`midasflow.caking_kernel`.
 """
@@ -28,7 +28,7 @@ __all__ = ["cake", "group_bounds", "bin_centres"]
 
 
 # --------------------------------------------------------------------------------------------
-# OmegaSumFrames grouping (§6.4): a streaming scan over frame chunks
+# OmegaSumFrames grouping (midas_parameters.md §7): a streaming scan over frame chunks
 # --------------------------------------------------------------------------------------------
 def group_bounds(n_frames: int, omega_sum_frames: int) -> tuple[np.ndarray, np.ndarray]:
     """First and last frame position of every OmegaSumFrames group.
@@ -254,7 +254,7 @@ def cake(
 
     Process variables: MIDAS IntegratorZarrOMP writes group sums divided by the ω-arithmetic
     frame count for Temperature/Pressure/I, and for I0 the last frame's value divided by that
-    count (an assignment where it means to accumulate; midas_caking.md §7.1). midasflow writes
+    count (an assignment where it means to accumulate; docs/reference/midas_parameters.md §7). midasflow writes
     the mean over the group's frames for every one of them (NaN if a frame's value is NaN).
     """
     import dask.array as da

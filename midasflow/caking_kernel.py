@@ -1,7 +1,7 @@
 """Caking kernels: detector frames -> per-frame (R, eta) cakes, numpy and numba only.
 
-The kernel follows pyFAI's CSR engine and MIDAS ``IntegratorZarrOMP`` (reference/midas_caking.md
-§6.1): for every bin ``b`` it accumulates ``S_b = sum(w * v)`` over the map entries (``w`` =
+The kernel follows pyFAI's CSR engine and MIDAS ``IntegratorZarrOMP`` (docs/reference/midas_parameters.md
+§7): for every bin ``b`` it accumulates ``S_b = sum(w * v)`` over the map entries (``w`` =
 corrected weight ``frac``) and ``A_b = sum(area)`` over the *valid* pixels, and divides only at the
 end, ``I_b = S_b / A_b`` (area-weighted mean) when normalising. A NaN pixel value means "masked in
 this frame": it adds nothing to ``S`` and its area is left out of ``A``.

@@ -1,6 +1,6 @@
 """MIDAS detector geometry: pixel (y, z) -> (R, 2θ, η), and the ImTransOpt image transforms.
 
-Everything here is pure, vectorised numpy and follows ``midas_caking.md`` §4:
+Everything here is pure, vectorised numpy and follows docs/reference/midas_parameters.md §4:
 
 * Pixel (y, z) has its centre at integer (y, z); y is the column (fast axis), z the row.
 * ``ImTransOpt`` codes are applied to the *raw image* in list order: 0 (or −1) = nothing,
@@ -9,7 +9,7 @@ Everything here is pure, vectorised numpy and follows ``midas_caking.md`` §4:
 * Centred detector coordinates (µm) y_c = (BC_y − Y)·px, z_c = (Z − BC_z)·px are tilted by
   TRs = Rx(tx)·Ry(ty)·Rz(tz); P = (Lsd, 0, 0) + TRs·(0, y_c, z_c); Rad = Lsd/P_x·√(P_y²+P_z²);
   η = atan2(−P_y, P_z) in (−180°, 180°]; R = Rad·D(ρ, η)/px (+ parallax), with the 15-term
-  distortion D of §4.4 and ρ = Rad/RhoD. ``pxY`` (``Params.px_um``) is used for both axes.
+  distortion D of midas_parameters.md §4.3 and ρ = Rad/RhoD. ``pxY`` (``Params.px_um``) is used for both axes.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def tilt_matrix(tx_deg: float, ty_deg: float, tz_deg: float) -> NDArray[np.float
 
 
 def _distortion_factor(rho: NDArray, eta_deg: NDArray, p: Sequence[float]) -> NDArray:
-    """Multiplicative radial distortion D(ρ, η) of §4.4 (p3, p6, p8, p10, p12, p14 in degrees).
+    """Multiplicative radial distortion D(ρ, η) of midas_parameters.md §4.3 (p3, p6, p8, p10, p12, p14 in degrees).
 
     D = 1 + p0·ρ²·cos(2η_T + p6) + p1·ρ⁴·cos(4η_T + p3) + p2·ρ² + p4·ρ⁶ + p5·ρ⁴
           + p7·ρ⁴·cos(η_T + p8) + p9·ρ³·cos(3η_T + p10) + p11·ρ⁵·cos(5η_T + p12)

@@ -97,7 +97,7 @@ class Instrument:
         for a Kα doublet (then ``lam`` is None).
     zero : 2θ zero shift, deg [Zero].  polariz : polarization fraction [Polariz.].
     azimuth : instrument Azimuth, deg [Azimuth] — stored, ignored by the refinement (the
-        polarisation uses the *sample* azimuth; docs/reference/gsas2_profile.md).
+        polarisation uses the *sample* azimuth; docs/reference/gsas2_profile.md §4).
     U, V, W : centideg².  X, Y, Z : centideg.  shl : FCJ (S+H)/L [SH/L].
     diff_type : 'Debye-Scherrer' | 'Bragg-Brentano' [Diff-type].
     gonio_radius_mm : goniometer radius R, mm [Gonio. radius].  instr_name : [InstrName].

@@ -3,7 +3,7 @@
 A MIDAS parameter file has one ``Key value [value ...]`` per line; lines starting with ``#`` are
 comments and an inline ``# ...`` after the values is dropped. Keys are case-sensitive, the last
 occurrence of a scalar key wins, and ``ImTransOpt`` accumulates (one or several codes per line).
-Units follow MIDAS (reference/midas_caking.md §3): R in detector pixels, lengths in µm, angles in
+Units follow MIDAS (docs/reference/midas_parameters.md §3): R in detector pixels, lengths in µm, angles in
 degrees, wavelength in Å.
 
 Keys midasflow does not use are kept verbatim in :attr:`Params.extra` and reported once as a
@@ -34,7 +34,7 @@ from midasflow.instrument import (
 )
 
 #: Per-frame process variables: caked-variable name -> (parameter key, MIDAS default HDF5 path)
-#: (midas_caking.md §3.4).
+#: (docs/reference/midas_parameters.md §3.4).
 PROCESS_VARIABLES = {
     "temperature": ("TemperatureDatasetPath", "/measurement/instrument/GSAS2_PVS/Temperature"),
     "pressure": ("PressureDatasetPath", "/measurement/instrument/GSAS2_PVS/Pressure"),
@@ -58,7 +58,7 @@ class _KeySpec:
     count: int = 1  # number of values expected on the line
 
 
-# Key -> spec. Aliases point at the same field (midas_caking.md §3.1-§3.6).
+# Key -> spec. Aliases point at the same field (docs/reference/midas_parameters.md §3).
 _KEYS: dict[str, _KeySpec] = {
     "NrPixelsY": _KeySpec("nr_pixels_y", int),
     "NrPixelsZ": _KeySpec("nr_pixels_z", int),

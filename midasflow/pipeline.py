@@ -1,8 +1,10 @@
 """The dataflows behind the commands: ``integrate`` (frames → caked store), ``refine`` and ``run``.
 
-Everything here is orchestration: each step is a function of another module, wired into one lazy
-Dask graph that the caller's scheduler (threaded by default, or a ``distributed.Client``)
-executes when a store is written.
+Everything here is orchestration of functions of other modules. ``integrate`` wires frames →
+cakes → ω-groups into one lazy Dask graph that the caller's scheduler (threaded by default, or a
+``distributed.Client``) computes while the store is written. ``refine`` reads a store back and
+refines one task per lineout (a plan run by a serial or a distributed executor). ``run`` does the
+two one after the other on the same scheduler.
 """
 from __future__ import annotations
 
@@ -244,7 +246,7 @@ def refine(
         Output folder: ``results.zarr``, ``refinement_summary.json``, ``hist_NNNN_data.csv``,
         ``hist_NNNN_<phase>.cif``, ``report.html``, and ``lineouts/`` checkpoints for ``resume``.
     instprm : path, optional
-        GSAS-II ``.instprm``; default the store's ``InstrumentParameters`` (§7.4).
+        GSAS-II ``.instprm``; default the store's ``InstrumentParameters`` (docs/reference/midas_zarr_layout.md §5).
     bkg_terms, limits, refine_atoms, mode
         The staged recipe's options (Chebyshev terms; 2θ range in degrees; atoms stage;
         "rietveld" or "lebail"). Atoms are refined unless ``refine_atoms=False``, as by the

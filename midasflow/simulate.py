@@ -6,10 +6,10 @@ centre goes through the full MIDAS geometry (ImTransOpt, tilts, distortion, para
 the sub-pixel intensities. Frames come out in the RAW detector orientation (sub-pixels are laid
 out in raw coordinates and mapped to the transformed frame for the geometry).
 
-Strain (reference/strain.md): ring k seen at azimuth η on a frame at rotation ω has
+Strain (docs/reference/strain_geometry.md): ring k seen at azimuth η on a frame at rotation ω has
 d = d0_k·(1 + nᵀεn), with n = (−sin θ, −cos θ sin η, cos θ cos η) the lab-frame scattering vector
 and ε the sample-frame tensor rotated into the lab frame, ε_lab = Rz(ω)·ε·Rz(ω)ᵀ (equivalently
-n_sample = Rz(ω)ᵀ·n; Rz as in midas_caking.md §4.3). A sub-pixel at Bragg angle θ_s therefore sees
+n_sample = Rz(ω)ᵀ·n; strain_geometry.md §4). A sub-pixel at Bragg angle θ_s therefore sees
 the unstrained pattern at sin θ' = sin θ_s·(1 + nᵀεn), with n evaluated at its own (θ_s, η_s); the
 unstrained pattern is tabulated once in 2θ and interpolated.
 

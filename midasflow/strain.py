@@ -1,6 +1,6 @@
 """Lattice strain per lineout and least-squares fits of the strain tensor (pure numpy).
 
-Frame and conventions (``shared/reference/strain.md``): MIDAS lab frame, x along the beam, y
+Frame and conventions (docs/reference/strain_geometry.md): MIDAS lab frame, x along the beam, y
 horizontal, z vertical; MIDAS azimuth η = atan2(−P_y, P_z). A reflection at Bragg angle θ seen at
 η measures the normal strain along the unit scattering vector
 

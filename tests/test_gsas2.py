@@ -131,7 +131,7 @@ def test_backends_agree_on_three_lineouts(three_lineouts):
         a_n, esd_n = native.cells["CeO2"][0], native.cell_esds["CeO2"][0]
         a_g, esd_g = g2.cells["CeO2"][0], g2.cell_esds["CeO2"][0]
         assert 0 < esd_n and 0 < esd_g < 1e-3
-        # GSAS-II's cubic cell esd is ~1.7x too large (reference §5): hold it to the native one
+        # GSAS-II's cubic cell esd is ~1.7x too large (docs/gsas2.md §R4): hold it to the native one
         assert abs(a_g - a_n) < 3 * esd_n, (index, a_g, a_n, esd_n)
         assert abs(a_g - a_true) < 5 * esd_g
         assert abs(g2.rwp - native.rwp) < 0.02 * native.rwp, (index, g2.rwp, native.rwp)

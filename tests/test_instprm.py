@@ -1,4 +1,4 @@
-"""midasflow.io.instprm: .instprm reading/writing (spec §7.5) and MIDAS defaults (§8)."""
+"""midasflow.io.instprm: .instprm reading/writing (docs/gsas2.md §R1) and the importer's defaults (docs/reference/midas_zarr_layout.md §5)."""
 from __future__ import annotations
 
 import json
@@ -142,7 +142,7 @@ def test_instrument_from_midas_zip(tmp_path):
 def test_instrument_from_midas_defaults_and_sibling(tmp_path):
     path = _midas_zip(tmp_path / "scan.zarr.zip", {"Lam": 0.2})
     inst = instrument_from_midas(path)
-    assert inst == Instrument(lam=0.2, source=str(path))  # §8 defaults, R = 1000 mm
+    assert inst == Instrument(lam=0.2, source=str(path))  # the importer's defaults, R = 1000 mm
     (tmp_path / "scan.zarr.instprm").write_text(
         "#GSAS-II instrument parameter file\nU:9.0;SH/L:0.02\nGonio. radius:123\n")
     inst = instrument_from_midas(path)

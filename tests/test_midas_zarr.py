@@ -1,4 +1,4 @@
-"""MIDAS .zarr.zip (§7.1) and plain zarr caked stores: layout, round trip, GSAS-II import."""
+"""MIDAS .zarr.zip (docs/reference/midas_zarr_layout.md) and plain zarr caked stores: layout, round trip, GSAS-II import."""
 from __future__ import annotations
 
 import json
@@ -139,7 +139,7 @@ def test_roundtrip_without_optional_members(params, tmp_path):
 
 
 def test_reads_midas_stream_writer_files(caked, tmp_path):
-    """MIDAS's GPU/stream writer (§7.2) stores no Omegas or IntegrationResult; older files have a
+    """MIDAS's GPU/stream writer (midas_zarr_layout.md §4) stores no Omegas or IntegrationResult; older files have a
     4-plane REtaMap without Q. Both must open (GSAS-II reads them), Q from Lam."""
     ref = caked.compute()
     path = tmp_path / "stream.zarr.zip"
@@ -196,7 +196,7 @@ def test_store_instrument_is_read_once_and_equals_the_group(zip_path, params, mo
 
 
 def test_gsas2_importer_emulation(zip_path, caked):
-    """Read the file as G2pwd_MIDAS does (gsas2_cw_profile.md §8) and check its histograms."""
+    """Read the file as G2pwd_MIDAS does (docs/reference/midas_zarr_layout.md §5) and check its histograms."""
     z = zarr.open_group(zarr.storage.ZipStore(zip_path, mode="r"), mode="r")
     assert {"InstrumentParameters", "REtaMap", "OmegaSumFrame"} <= set(z.group_keys()) | set(
         z.array_keys())

@@ -59,7 +59,7 @@ def test_unstrained_ring_maximum_at_true_tth():
 
 
 def _strain_n_reference(tth_deg, eta_deg, omega_deg, eps):
-    """ε_n written out as in reference/strain.md, with n_sample = Rz(ω)ᵀ n_lab."""
+    """ε_n written out as in docs/reference/strain_geometry.md §3, with n_sample = Rz(ω)ᵀ n_lab."""
     th, et, om = np.deg2rad(tth_deg) / 2, np.deg2rad(eta_deg), np.deg2rad(omega_deg)
     n_lab = np.array([-np.sin(th), -np.cos(th) * np.sin(et), np.cos(th) * np.cos(et)])
     rz = np.array([[np.cos(om), -np.sin(om), 0], [np.sin(om), np.cos(om), 0], [0, 0, 1]])

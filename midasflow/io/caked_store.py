@@ -62,7 +62,7 @@ def open_caked(path: str | os.PathLike) -> Any:
     Parameters
     ----------
     path : path-like
-        A MIDAS ``.zarr.zip`` file (§7.1 layout) or a zarr directory written by
+        A MIDAS ``.zarr.zip`` file (docs/reference/midas_zarr_layout.md) or a zarr directory written by
         :func:`write_caked_zarr`.
 
     Returns

@@ -14,9 +14,9 @@ Formats, dispatched on the extension (one small module each):
 ``.zarr``, ``.zip``, zarr dir  zarr array, or array ``data_loc`` of a zarr group (format 2 or 3)
 ============================  ===============================================================
 
-Choices (see midas_caking.md §8):
+Choices (see docs/reference/midas_parameters.md §8):
 
-* **Series** (§8.5): :class:`ScanSource`'s ``start_file_nr``/``end_file_nr`` select files whose names differ only in the
+* **Series** (docs/reference/midas_parameters.md §8): :class:`ScanSource`'s ``start_file_nr``/``end_file_nr`` select files whose names differ only in the
   file number. :func:`open_frames` reads them as one scan, concatenated along ``frame`` (a
   missing file is then an error: it would silently break the ω sequence);
   :meth:`ScanSource.per_file` splits them into one scan per file, as MIDAS's integrator does,
@@ -38,7 +38,7 @@ Choices (see midas_caking.md §8):
   2³²−1 or 2¹⁶−1; a pixel saturated at the full range of its type is no measurement either)
   become NaN, in frames and dark alike; floating-point raw data are kept as they are (negative
   values can be real after pre-processing; NaN stays NaN).
-* **Process variables** (§3.4): ``Temperature``/``Pressure``/``I``/``I0`` per frame, read from the
+* **Process variables** (midas_parameters.md §3.4): ``Temperature``/``Pressure``/``I``/``I0`` per frame, read from the
   HDF5 data files at ``TemperatureDatasetPath`` etc. (default
   ``/measurement/instrument/GSAS2_PVS/<name>``), concatenated over the series, SkipFrame frames
   dropped, and attached as frame coordinates ``temperature``, ``pressure``, ``i``, ``i0``. A
@@ -255,7 +255,7 @@ def series_names(data_fn: str | os.PathLike, start_file_nr: int | None = None,
 
 def series_files(data_fn: str | os.PathLike, start_file_nr: int | None = None,
                  end_file_nr: int | None = None) -> list[str]:
-    """File names of a numbered scan (midas_caking.md §8.5).
+    """File names of a numbered scan (docs/reference/midas_parameters.md §8).
 
     Parameters
     ----------

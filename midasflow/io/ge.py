@@ -2,7 +2,7 @@
 
 A header of ``HeadSize`` bytes (default 8192) followed by frames of NrPixelsZ×NrPixelsY
 little-endian pixels, uint16 (``PixelValue 2``, default) or uint32 (``PixelValue 4``)
-(midas_caking.md §3.4, §8.1). The frame count is (file size − header) / frame bytes; a file whose
+(docs/reference/midas_parameters.md §3.4, §8). The frame count is (file size − header) / frame bytes; a file whose
 size is not header + whole frames is refused. A ``HeadSize`` above 8192 simply starts the frames
 later, which is what MIDAS's conversion into extra skipped frames amounts to.
 """

@@ -94,7 +94,7 @@ def open_hdf5(path: str, loc: str) -> Hdf5Source:
 
 
 def read_per_frame(path: str, loc: str, n_frames: int) -> np.ndarray | None:
-    """One value per frame from dataset ``loc`` of ``path`` (a process variable, §3.4).
+    """One value per frame from dataset ``loc`` of ``path`` (a process variable, docs/reference/midas_parameters.md §3.4).
 
     Parameters
     ----------

@@ -2,8 +2,8 @@
 
 The :class:`~midasflow.instrument.Instrument` record, the MIDAS <-> GSAS-II name table and the
 defaults live in :mod:`midasflow.instrument`; this module reads and writes files
-(docs/reference/gsas2_profile.md, ".instprm files", after ``GSASIIfiles.ReadInstprm`` /
-``WriteInstprm``; docs/reference/midas_zarr_layout.md for the importer's rules).
+(docs/gsas2.md §R1, after GSAS-II's ``GSASIIfiles.ReadInstprm`` / ``WriteInstprm``;
+docs/reference/midas_zarr_layout.md §5 for the importer's rules).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _bank_of(header: str, path: Path, lineno: int) -> int:
 
 
 def _parse(path: Path, bank: int | None) -> dict[str, float | str]:
-    """Key/value pairs of one bank of an .instprm, GSAS-II ``ReadInstprm`` rules (§7.5)."""
+    """Key/value pairs of one bank of an .instprm, GSAS-II ``ReadInstprm`` rules (docs/gsas2.md §R1)."""
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as exc:
@@ -108,7 +108,7 @@ def _warn_negative_widths(values: dict[str, float | str], line_of: dict[str, int
 
 
 def read_instprm(path: str | os.PathLike, bank: int | None = None) -> Instrument:
-    """Read a GSAS-II ``.instprm`` file (§7.5).
+    """Read a GSAS-II ``.instprm`` file (docs/gsas2.md §R1).
 
     The first line must contain "GSAS-II"; then ``key:value`` items, one per line or several
     separated by ``;`` (spaces are removed, except inside InstrName). With ``#Bank n:`` headers the

@@ -1,6 +1,6 @@
 """Detector masks (``MaskFile``): a TIFF in the raw detector orientation, 1 = masked.
 
-MIDAS masks a pixel iff its value is exactly 1 (midas_caking.md §3.4); 0, 255 or any other value
+MIDAS masks a pixel iff its value is exactly 1 (docs/reference/midas_parameters.md §3.4); 0, 255 or any other value
 is a valid pixel.
 """
 from __future__ import annotations

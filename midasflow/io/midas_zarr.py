@@ -1,4 +1,4 @@
-"""MIDAS ``.zarr.zip`` caked files (reference/midas_caking.md §7.1), written and read back.
+"""MIDAS ``.zarr.zip`` caked files (docs/reference/midas_zarr_layout.md), written and read back.
 
 Layout (zarr format 2 inside an uncompressed zip; every array ``<f8``, one chunk = full shape,
 Blosc zstd clevel 3 bit-shuffle, fill value 0.0, order C, no filters, ``.`` chunk keys):
@@ -51,12 +51,12 @@ from midasflow.instrument import DATASET_NAMES, MIDAS_WRITE_DEFAULTS, gsas_names
 from midasflow.io.atomic import atomic_output
 from midasflow.io.untrusted import check_zip_members, reading
 
-#: REtaMap plane names and units (§7.1).
+#: REtaMap plane names and units (midas_zarr_layout.md §3).
 RETAMAP_HEADER = "Radius,2Theta,Eta,BinArea,Q"
 RETAMAP_UNITS = "Pixels,Degrees,Degrees,Pixels,InvAngstrom"
 CAKE_HEADER = "Radius,Eta"
 CAKE_UNITS = "Pixels,Degrees"
-#: Caked process-variable name -> OmegaSumFrame attribute (§7.1).
+#: Caked process-variable name -> OmegaSumFrame attribute (midas_zarr_layout.md §3).
 PROCESS_ATTRS = {"temperature": "Temperature", "pressure": "Pressure", "i": "I", "i0": "I0"}
 GROUP_PREFIX = "LastFrameNumber_"
 FRAME_PREFIX = "FrameNr_"
@@ -73,7 +73,7 @@ def _compressor() -> Any:
 
 
 def _new_array(group: Any, name: str, shape: tuple[int, ...], attrs: dict[str, Any]) -> Any:
-    """One §7.1 array: <f8, single chunk, zstd-3 bit-shuffle; attributes written once."""
+    """One array of the layout (midas_zarr_layout.md §2): <f8, single chunk, zstd-3 bit-shuffle; attributes written once."""
     return group.create_array(
         name, shape=shape, chunks=shape, dtype="<f8", compressors=_compressor(), filters=None,
         fill_value=0.0, order="C", attributes=attrs, config={"write_empty_chunks": True},
@@ -132,7 +132,7 @@ def _compute(collections: list[Any], client: Any, progress: bool) -> tuple[Any, 
 
 
 def _write(ds: Any, path: Path, parts: Path, client: Any, progress: bool) -> None:
-    """Write the §7.1 layout of ``ds`` as the zip ``path``; ``parts`` is an empty scratch folder.
+    """Write the layout of ``ds`` (docs/reference/midas_zarr_layout.md) as the zip ``path``; ``parts`` is an empty scratch folder.
 
     Metadata and small arrays are made by zarr in memory; the cakes are encoded and written by
     the tasks that compute them (``da.store`` into :class:`_Members`), in parallel, and only
@@ -227,7 +227,7 @@ def _write(ds: Any, path: Path, parts: Path, client: Any, progress: bool) -> Non
 
 def write_midas_zarr(ds: Any, path: str | os.PathLike, *, client: Any = None,
                      progress: bool = False) -> Path:
-    """Write a caked Dataset as a MIDAS ``.zarr.zip`` (§7.1 layout, zarr format 2), atomically.
+    """Write a caked Dataset as a MIDAS ``.zarr.zip`` (midas_zarr_layout.md, zarr format 2), atomically.
 
     Parameters
     ----------
@@ -375,7 +375,7 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
     Raises
     ------
     CakeFileError
-        The file is missing, not a zip, or lacks the §7.1 members.
+        The file is missing, not a zip, or lacks the members of midas_zarr_layout.md §3.
     """
     from midasflow.caked_schema import caked_dataset
 
@@ -395,7 +395,7 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         g_attrs = [dict(root["OmegaSumFrame"][name].attrs) for _, name in groups]
         frames = (_numbered(root["IntegrationResult"], FRAME_PREFIX, path)
                   if "IntegrationResult" in members else [])
-        # MIDAS's GPU/stream writer stores no Omegas (§7.2): per-frame ω from IntegrationResult
+        # MIDAS's GPU/stream writer stores no Omegas (midas_zarr_layout.md §4): per-frame ω from IntegrationResult
         omegas = (root["Omegas"][...] if "Omegas" in members else np.array(
             [float(root["IntegrationResult"][name].attrs.get("omega", 0.0)) for _, name in frames]))
         has_sum = "SumFrames" in members

@@ -222,9 +222,9 @@ def _stages(bkg_terms: int, limits: tuple[float, float], refine_atoms: bool, mod
     Each stage is a list of dicts applied with ``G2Project.set_refinement`` (a dict's
     ``'phases'`` entry restricts it to those phases) before one refinement. Stage 1 sets
     'Background' in its dict form: a boolean there makes GSAS-II's ``set_refinements`` return
-    early and silently skip the keys after it (§7.2). New GSAS-II histograms have ``Scale``
+    early and silently skip the keys after it (docs/gsas2.md §R2). New GSAS-II histograms have ``Scale``
     flagged already; Le Bail clears it, as the built-in recipe does, and switches ``LeBail`` on
-    only from the second stage, once the reflection list exists (§3.7).
+    only from the second stage, once the reflection list exists (docs/gsas2.md §R2).
     """
     bkg: dict[str, Any] = {"type": "chebyschev-1", "no. coeffs": int(bkg_terms), "refine": True}
     start = start or {}
@@ -314,13 +314,13 @@ def _refined_phase(phase: Phase, g2phase: Any) -> Phase:
 
 
 def _reflection_table(refl: np.ndarray) -> dict[str, np.ndarray]:
-    """PatternResult reflection columns from a GSAS-II CW powder ``RefList`` (§3.8)."""
+    """PatternResult reflection columns from a GSAS-II CW powder ``RefList`` (docs/gsas2.md §R3)."""
     refl = np.asarray(refl, dtype=np.float64).reshape(-1, refl.shape[-1] if refl.size else 12)
     table = {key: refl[:, col].copy() for key, col in
              (("h", 0), ("k", 1), ("l", 2), ("d_a", 4), ("tth_deg", 5), ("sig2", 6),
               ("gam", 7), ("fsq", 9))}
     table["mult"] = np.abs(refl[:, 3])  # GSAS-II negates it for reflections masked out
-    table["intensity"] = refl[:, 11] * refl[:, 9]  # I_h = refl[11]·|F|² (§3.1)
+    table["intensity"] = refl[:, 11] * refl[:, 9]  # I_h = refl[11]·|F|² (docs/gsas2.md §R3)
     return table
 
 
@@ -370,7 +370,7 @@ def _collect(hist: Any, g2phases: list[Any], phases: list[Phase], covariance: Ma
 
     x = np.ma.getdata(hist.getdata("X"))
     lo, hi = hist.data["Limits"][1]
-    inside = np.zeros(x.size, dtype=bool)  # GSAS-II's refined slice x[xB:xF] (§4)
+    inside = np.zeros(x.size, dtype=bool)  # GSAS-II's refined slice x[xB:xF] (docs/gsas2.md §R3)
     inside[np.searchsorted(x, lo):np.searchsorted(x, hi) + 1] = True
     sel = inside & ~np.ma.getmaskarray(hist.getdata("Yobs"))
     arrays = {t: np.ma.getdata(hist.getdata(t))[sel].astype(np.float64)
@@ -422,7 +422,7 @@ def refine_pattern_gsas2(
         :func:`midasflow.crystal.read_phases`.
     instprm : Instrument, mapping or path-like
         Instrument terms: an :class:`~midasflow.instrument.Instrument`, a mapping of GSAS-II
-        keys (§7.5) or an ``.instprm`` file; written to ``hist_NNNN.instprm`` for GSAS-II.
+        keys or an ``.instprm`` file (docs/gsas2.md §R1); written to ``hist_NNNN.instprm`` for GSAS-II.
     workdir : path-like
         Output folder; this lineout's files go to its own subfolder ``hist_NNNN/``:
         ``hist_NNNN.gpx``, the ``.xye`` and ``.instprm`` it was built from, GSAS-II's
@@ -441,13 +441,13 @@ def refine_pattern_gsas2(
         lineout's ``values``): instrument terms, ``Scale``, ``Back;n``, ``p::A<i>``,
         ``p:0:Scale``; other names are ignored.
     sample_azimuth_deg : float
-        GSAS-II Sample ``Azimuth`` (degrees) used by the polarization correction (§3.2).
+        GSAS-II Sample ``Azimuth`` (degrees) used by the polarization correction (docs/reference/gsas2_profile.md §4).
     max_cycles : int
         GSAS-II least-squares cycle limit of every stage (Controls 'max cyc').
     min_dchi2 : float
         GSAS-II convergence test (Controls 'min dM/M'): a stage ends when χ² falls by less
         than this fraction in a cycle. GSAS-II's cell Jacobian is incomplete for cubic,
-        tetragonal and hexagonal cells (§5), so the cell converges linearly; its defaults
+        tetragonal and hexagonal cells (docs/gsas2.md §R4), so the cell converges linearly; its defaults
         (3 cycles, 0.001) stop it short of the minimum.
     estimate : bool
         Start GSAS-II from the profile, scale and background measured from the lineout

@@ -1,7 +1,7 @@
 """Lineouts as tasks: a plain plan (one frozen spec per (ω-group, η) lineout) and two executors.
 
-The plan follows GSAS-II's MIDAS importer (reference/midas_caking.md §7.4,
-reference/gsas2_cw_profile.md §8): one lineout per ω-group and η column, numbered
+The plan follows GSAS-II's MIDAS importer (docs/reference/midas_zarr_layout.md §5; the σ
+model is docs/reference/lineout_sigma.md): one lineout per ω-group and η column, numbered
 ``index = group · n_eta + eta_index``; its points are the R bins with bin area ≠ 0 and a finite
 intensity, and a lineout with ``min_points`` (20) or fewer such points is skipped.
 
