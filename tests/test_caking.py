@@ -199,6 +199,7 @@ def _numba_threads() -> int:
     return numba.get_num_threads()
 
 
+@pytest.mark.slow
 def test_cached_map_reaches_workers_as_one_small_key_and_caps_numba_threads(params, tmp_path):
     """A cached map enters the graph as ONE task loading it from the cache (no client-side
     scatter, no map inside the graph); worker processes give the threaded scheduler's result;

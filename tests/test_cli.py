@@ -299,6 +299,7 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(command, fla
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written, not even `int`
 
 
+@pytest.mark.slow
 def test_command_and_python_api_share_one_atoms_default(scan, store, tmp_path, capsys):
     """Atoms are refined by default in both (MIDAS's script); --no-atoms = refine_atoms=False."""
     import midasflow as mf
@@ -417,6 +418,7 @@ def _sigterm_self():
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_sigterm_during_refine_stops_like_ctrl_c_and_resume_finishes(scan, store, tmp_path, capsys, monkeypatch):
     """What a batch scheduler does at walltime: SIGTERM. The command stops cleanly: exit 143, one
     line, finished lineouts kept as checkpoints, no temporaries, no results yet; --resume finishes."""

@@ -192,6 +192,7 @@ def test_dask_progress_without_a_terminal(monkeypatch):
     assert "\r" not in text and text.splitlines()[-1].startswith("integrate [") and "100% Completed" in text
 
 
+@pytest.mark.slow
 def test_local_cluster_runs_without_scheduler_chatter(scan, tmp_path):
     folder = tmp_path / "caked"
     proc = subprocess.run(

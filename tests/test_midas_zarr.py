@@ -346,6 +346,7 @@ def test_nan_bins_have_zero_area_for_importers(params, tmp_path):
     xr.testing.assert_identical(back.compute(), ref)  # bin_area from BinArea, not REtaMap
 
 
+@pytest.mark.slow
 def test_write_on_a_distributed_client_sends_no_cakes_back(caked, zip_path, tmp_path):
     """integrate(client=...) path: the workers write their own members; the file equals the one
     written on the threaded scheduler, and no caked block travels to the client."""

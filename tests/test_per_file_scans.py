@@ -91,6 +91,7 @@ def test_skip_existing_keeps_an_existing_store(series, tmp_path, capsys):
     assert store.stat().st_mtime_ns == before and capsys.readouterr().out.split()[-1] == str(store)
 
 
+@pytest.mark.slow
 def test_run_refines_each_file_into_its_own_folder(series, tmp_path, capsys):
     out = tmp_path / "refined"
     assert main(["run", "-paramFN", series["params"], "-dataFN", series["first"], "-resultFolder",

@@ -56,6 +56,7 @@ def test_garbage_lineouts_fail_and_stay_out_of_every_statistic(scan, tmp_path):
     np.testing.assert_allclose(alone.a_a.values[0, 0][ok], res.a_a.values[0, 0][ok], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_max_rwp_flags_every_lineout_and_keeps_them_out_of_the_strain_fits(scan, tmp_path):
     clean = _refine(scan, tmp_path / "clean")
     assert not clean.flags.sel(flag="rwp_above_max").any()
