@@ -79,7 +79,9 @@ FIELDS = {
 }
 #: Sample-parameter keys an .instprm may carry (GSAS-II moves them to Sample Parameters).
 SAMPLE_FIELDS = {"Diff-type": "diff_type", "Gonio. radius": "gonio_radius_mm",
-                 "InstrName": "instr_name"}
+                 "InstrName": "instr_name", "DisplaceX": "displace_x_um", "DisplaceY": "displace_y_um"}
+#: Sample-parameter keys that a GSAS-II ``.instprm`` never holds (they come from a ``.samprm``).
+SAMPLE_ONLY = ("DisplaceX", "DisplaceY")
 #: Keys whose values are text.
 STRING_KEYS = {"Type", "Diff-type", "InstrName"}
 #: Other keys GSAS-II writes into CW instrument dicts/.instprm files (kept in ``extra``).
@@ -101,6 +103,9 @@ class Instrument:
     U, V, W : centideg².  X, Y, Z : centideg.  shl : FCJ (S+H)/L [SH/L].
     diff_type : 'Debye-Scherrer' | 'Bragg-Brentano' [Diff-type].
     gonio_radius_mm : goniometer radius R, mm [Gonio. radius].  instr_name : [InstrName].
+    displace_x_um, displace_y_um : sample displacements ⊥ and ∥ to the beam, µm [DisplaceX,
+        DisplaceY; GSAS-II sample parameters, e.g. from a ``.samprm`` beside the store]: the
+        peak positions' start values.
     extra : other keys of an .instprm, kept verbatim for round trips.
     source : file the values came from ('' when built in code).
     """
@@ -124,6 +129,8 @@ class Instrument:
     diff_type: str = "Debye-Scherrer"
     gonio_radius_mm: float = MIDAS_DEFAULT_RADIUS_MM
     instr_name: str = ""
+    displace_x_um: float = 0.0
+    displace_y_um: float = 0.0
     extra: dict[str, float | str] = field(default_factory=dict)
     source: str = ""
 
@@ -153,7 +160,8 @@ class Instrument:
         return self.lam is None
 
     def to_dict(self) -> dict[str, float | str]:
-        """GSAS-II key -> value (instrument keys, then extras, then the Sample-parameter keys)."""
+        """GSAS-II key -> value (instrument keys, then extras, then the Sample-parameter keys;
+        DisplaceX/DisplaceY only when not 0)."""
         out: dict[str, float | str] = {}
         for key, name in FIELDS.items():
             value = getattr(self, name)
@@ -162,7 +170,7 @@ class Instrument:
         out.update(self.extra)
         for key, name in SAMPLE_FIELDS.items():
             value = getattr(self, name)
-            if value != "":
+            if value != "" and not (key in SAMPLE_ONLY and value == 0.0):
                 out[key] = value
         return out
 

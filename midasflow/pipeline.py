@@ -290,7 +290,7 @@ def refine(
     from midasflow.crystal import read_phases
     from midasflow.io.atomic import remove_stale_temporaries
     from midasflow.io.caked_store import open_caked
-    from midasflow.io.instprm import instrument_from_midas, read_instprm
+    from midasflow.io.instprm import instrument_from_midas, read_instprm, with_sample_parameters
     from midasflow.io.lock import check_writable_folder, output_lock
     from midasflow.refinement.backends import ExportingBackend, get_backend
     from midasflow.refinement.lineouts import (
@@ -308,8 +308,12 @@ def refine(
     source = data if isinstance(data, xr.Dataset) else open_caked(data)
     phases = read_phases(cifs)
     # the store's InstrumentParameters were read with it (open_caked): not read again
-    instrument = (read_instprm(instprm) if instprm else instrument_from_midas(
-        source, store=None if isinstance(data, xr.Dataset) else data))
+    store = None if isinstance(data, xr.Dataset) else data
+    if not instprm:  # the store's terms, its sibling .instprm and .samprm files over them
+        instrument = instrument_from_midas(source, store=store)
+    else:  # the given file replaces the store's terms; a .samprm beside the store still applies
+        instrument = read_instprm(instprm)
+        instrument = instrument if store is None else with_sample_parameters(instrument, store)
     options = RefineOptions(phases=tuple(phases), instrument=instrument, bkg_terms=bkg_terms,
                             limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
                             physical_profile=physical_profile, max_rwp=max_rwp)

@@ -18,6 +18,7 @@ from midasflow.instrument import (
     FIELDS,
     GSAS_DEFAULT_RADIUS_MM,
     SAMPLE_FIELDS,
+    SAMPLE_ONLY,
     STRING_KEYS,
     Instrument,
     importer_values,
@@ -142,9 +143,11 @@ def write_instprm(inst: Instrument, path: str | os.PathLike) -> Path:
     """Write ``inst`` as a GSAS-II ``.instprm`` (atomic); :func:`read_instprm` reads it back equal.
 
     Writes ``key:value`` for every instrument key, the extra keys, then Diff-type,
-    Gonio. radius and InstrName (as GSAS-II's ``WriteInstprm``).
+    Gonio. radius and InstrName (as GSAS-II's ``WriteInstprm``); the sample displacements are
+    sample parameters GSAS-II never reads from an ``.instprm`` and are left out.
     """
-    text = "\n".join([HEADER] + [f"{k}:{_format(v)}" for k, v in inst.to_dict().items()]) + "\n"
+    items = [f"{k}:{_format(v)}" for k, v in inst.to_dict().items() if k not in SAMPLE_ONLY]
+    text = "\n".join([HEADER] + items) + "\n"
     return write_text_atomic(path, text)
 
 
@@ -174,9 +177,12 @@ def instrument_from_midas(source: Any, *, store: str | os.PathLike | None = None
         Missing values take the importer's defaults (Lam 0.413263, Polariz. 0.99, SH/L 0.002,
         U/V/W 1.163/−0.126/0.063, X = Y = Z = Zero = 0, R = 1000 mm). A sibling
         ``<root>.instprm`` of the store (``os.path.splitext``: ``x.zarr.zip`` →
-        ``x.zarr.instprm``) overrides or extends the values, except Gonio. radius, which GSAS-II
-        always takes from Distance. The per-lineout Azimuth (90 − η̄) and Bank (azimuth index)
-        are not set here.
+        ``x.zarr.instprm``) overrides or extends the values, and so does ``x.instprm`` (the MIDAS
+        manual's "same base name"; :func:`sibling_files`: GSAS-II's own file wins), except
+        Gonio. radius, which GSAS-II always takes from Distance. A ``.samprm`` beside the store
+        (:func:`read_sample_parameters`) sets Type (Diff-type), InstrName and the sample
+        displacements DisplaceX/DisplaceY. The per-lineout Azimuth (90 − η̄) and Bank (azimuth
+        index) are not set here.
 
     Raises
     ------
@@ -202,12 +208,139 @@ def instrument_from_midas(source: Any, *, store: str | os.PathLike | None = None
             raise CakeFileError("dataset attrs['instrument']: expected a JSON object of GSAS-II "
                                 f"instrument keys, got {str(raw)[:60]!r}") from None
     inst = importer_values(values)
+    sources = [str(store) if store is not None else "dataset"]
     if store is not None:
-        sibling = Path(os.path.splitext(store)[0] + ".instprm")
-        if sibling.is_file():
+        for sibling in sibling_files(store, ".instprm"):
             override = _parse(sibling, None)
-            override.pop("Gonio. radius", None)
+            override.pop("Gonio. radius", None)  # GSAS-II's importer takes R from Distance
             if "Lam1" in override:
                 inst.pop("Lam", None)
+            if "Lam" in override:
+                for key in ("Lam1", "Lam2", "I(L2)/I(L1)"):
+                    inst.pop(key, None)
             inst.update(override)
-    return Instrument.from_dict(inst, source=str(store) if store is not None else "dataset")
+            sources.append(str(sibling))
+    result = Instrument.from_dict(inst, source=" + ".join(sources))
+    return result if store is None else with_sample_parameters(result, store)
+
+
+def with_sample_parameters(inst: Instrument, store: str | os.PathLike) -> Instrument:
+    """``inst`` with the sample parameters of the ``.samprm`` beside ``store`` applied
+    (:func:`read_sample_parameters`; :data:`SAMPLE_TERMS`), whatever the instrument came from."""
+    sample = read_sample_parameters(store)
+    values = {inst_key: sample[key] for key, inst_key in SAMPLE_TERMS.items() if key in sample}
+    if not values:
+        return inst
+    merged = Instrument.from_dict({**inst.to_dict(), **values}, source=inst.source)
+    return merged
+
+
+def sibling_files(store: str | os.PathLike, suffix: str) -> list[Path]:
+    """The files beside a caked store that share its base name, in the order they apply.
+
+    For ``x.zarr.zip``: ``x<suffix>`` (the MIDAS manual's "same base name"), then
+    ``x.zarr<suffix>`` (what GSAS-II's MIDAS importer reads, ``os.path.splitext``), which wins.
+    Only existing files are returned; when both exist a warning says which one wins.
+    """
+    store = Path(store)
+    gsas = Path(os.path.splitext(store)[0] + suffix)
+    name = store.name
+    base = name[: -len(".zarr.zip")] if name.endswith(".zarr.zip") else os.path.splitext(name)[0]
+    manual = store.with_name(base + suffix)
+    found = [path for path in dict.fromkeys([manual, gsas]) if path.is_file()]
+    if len(found) == 2:
+        warnings.warn(f"{manual} and {gsas} both lie beside {store}: both apply, {gsas.name} (GSAS-II's "
+                      f"own) over {manual.name} where they set the same key", UserWarning, stacklevel=3)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# .samprm (GSAS-II sample parameters beside a store)
+# --------------------------------------------------------------------------------------------
+#: Sample parameters midasflow applies: ``.samprm`` key -> the :class:`Instrument` key it sets.
+#: ``Type`` (Debye-Scherrer / Bragg-Brentano) and ``InstrName`` are recorded; DisplaceX/DisplaceY
+#: (µm) are the sample displacements the peak positions start from (held unless a stage refines
+#: them).
+SAMPLE_TERMS = {"Type": "Diff-type", "InstrName": "InstrName", "DisplaceX": "DisplaceX",
+                "DisplaceY": "DisplaceY"}
+#: Sample parameters that are bookkeeping (no effect on the calculated pattern), kept as read.
+SAMPLE_RECORDED = ("Temperature", "Pressure", "Time", "FreePrm1", "FreePrm2", "FreePrm3", "Omega",
+                   "Chi", "Phi", "Azimuth", "Scale", "Materials", "Thick", "Contrast", "Trans")
+#: Sample parameters that change the pattern but that the refinement does not model, with the
+#: value that changes nothing.
+SAMPLE_NOT_MODELLED = {"Absorption": 0.0, "Shift": 0.0, "Transparency": 0.0, "SurfRoughA": 0.0,
+                       "SurfRoughB": 0.0, "SlitLen": 0.0}
+
+
+def read_samprm(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a GSAS-II ``.samprm`` file as GSAS-II's MIDAS importer does, without ``eval``.
+
+    Lines starting with ``#`` are comments; every other line is ``'key':value`` (quotes around
+    the key optional) with one colon, and the value a Python literal (number, string, list such
+    as ``[0.5, False]``) read with :func:`ast.literal_eval`. A ``[value, refine]`` list gives its
+    value.
+
+    Raises
+    ------
+    InstprmError
+        Naming the file and line: no colon, several colons, or a value that is not a literal.
+    """
+    import ast
+
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise InstprmError(f"{p}: cannot read sample parameter file ({exc.strerror})") from None
+    values: dict[str, Any] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split(":")
+        if len(parts) != 2:
+            raise InstprmError(f"{p}: line {lineno}: expected one 'key':value pair, got {line.strip()!r}")
+        key = parts[0].strip().strip("'").strip('"')
+        try:
+            value = ast.literal_eval(parts[1].strip())
+        except (ValueError, SyntaxError):
+            raise InstprmError(f"{p}: line {lineno}: key {key!r}: expected a number, a quoted string or "
+                               f"a [value, refine] list, got {parts[1].strip()!r}") from None
+        if isinstance(value, (list, tuple)) and value and key not in ("Materials", "Contrast"):
+            value = value[0]
+        values[key] = value
+    return values
+
+
+def read_sample_parameters(store: str | os.PathLike) -> dict[str, Any]:
+    """The sample parameters of the ``.samprm`` files beside a caked store (:func:`sibling_files`:
+    ``x.samprm`` then ``x.zarr.samprm``), as GSAS-II's importer reads them.
+
+    ``Gonio. radius`` is dropped with a warning (the importer takes it from the store's
+    Distance); a term the refinement does not model (:data:`SAMPLE_NOT_MODELLED`) at a value that
+    changes the pattern, and keys GSAS-II does not know, warn naming the file.
+    """
+    values: dict[str, Any] = {}
+    for path in sibling_files(store, ".samprm"):
+        read = read_samprm(path)
+        if "Gonio. radius" in read:
+            warnings.warn(f"{path}: 'Gonio. radius' ignored: the goniometer radius is the store's "
+                          "Distance, as GSAS-II's MIDAS importer sets it", UserWarning, stacklevel=3)
+            read.pop("Gonio. radius")
+        ignored = sorted(k for k, neutral in SAMPLE_NOT_MODELLED.items() if k in read and read[k] != neutral)
+        unknown = sorted(k for k in read if k not in SAMPLE_TERMS and k not in SAMPLE_RECORDED
+                         and k not in SAMPLE_NOT_MODELLED)
+        if ignored:
+            warnings.warn(f"{path}: not modelled by midasflow's refinement: {', '.join(ignored)}",
+                          UserWarning, stacklevel=3)
+        if unknown:
+            warnings.warn(f"{path}: not GSAS-II sample parameters, ignored: {', '.join(unknown)}",
+                          UserWarning, stacklevel=3)
+        for key in SAMPLE_TERMS:
+            if key in ("DisplaceX", "DisplaceY") and key in read:
+                try:
+                    read[key] = float(read[key])
+                except (TypeError, ValueError):
+                    raise InstprmError(f"{path}: key {key!r}: expected a number (µm), got "
+                                       f"{read[key]!r}") from None
+        values.update({k: v for k, v in read.items() if k not in unknown})
+    return values

@@ -206,7 +206,8 @@ class PatternModel:
         self.bkg_terms = bkg_terms
         self.values: dict[str, float] = {
             "Zero": inst.zero, "U": inst.U, "V": inst.V, "W": inst.W, "X": inst.X, "Y": inst.Y,
-            "Z": inst.Z, "SH/L": inst.shl, "Scale": 1.0, "DisplaceX": 0.0, "DisplaceY": 0.0}
+            "Z": inst.Z, "SH/L": inst.shl, "Scale": 1.0, "DisplaceX": inst.displace_x_um,
+            "DisplaceY": inst.displace_y_um}
         for i in range(bkg_terms):
             self.values[f"Back;{i}"] = 0.0
         self.phases: list[_PhaseData] = []

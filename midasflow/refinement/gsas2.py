@@ -510,6 +510,9 @@ def refine_pattern_gsas2(
             for cif, ph in zip(cifs, phases):
                 gpx.add_phase(str(cif), phasename=ph.name, histograms=[hist], fmthint="CIF")
             hist.SampleParameters["Azimuth"] = float(sample_azimuth_deg)
+            for key, um in (("DisplaceX", instrument.displace_x_um), ("DisplaceY", instrument.displace_y_um)):
+                if um and key in hist.SampleParameters:  # a .samprm's start values, held as GSAS-II holds them
+                    hist.SampleParameters[key][0] = float(um)
             gpx.set_Controls("cycles", int(max_cycles))
             gpx.data["Controls"]["data"]["min dM/M"] = float(min_dchi2)
             covariance: Mapping[str, Any] = {}
