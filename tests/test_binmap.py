@@ -327,3 +327,28 @@ def test_kernel_refuses_an_inconsistent_map():
     doubled = dataclasses.replace(good, bin_area=good.bin_area * 2)
     with pytest.raises(ParameterError, match="bin_area"):
         cake_block(frames, doubled)
+
+
+def test_cached_binmap_loads_by_digest_and_refuses_a_different_file(tmp_path):
+    """The caking graph's map task: the live map of that digest, else the checked cache file;
+    a missing file or other content is a one-line error, never a different map."""
+    import gc
+
+    from midasflow.binmap import cached_binmap
+    from midasflow.errors import MidasflowError
+
+    params = _params(r_max_px=20.0)
+    bm = load_or_build_binmap(params, cache_dir=tmp_path)
+    assert cached_binmap(bm.cache_file, bm.key, bm.digest) is bm  # alive here: no reload
+    key, digest, path = bm.key, bm.digest, bm.cache_file
+    del bm
+    gc.collect()
+    again = cached_binmap(path, key, digest)  # read from the file, checked
+    assert again.digest == digest and again.cache_file == path
+    del again
+    gc.collect()
+    with pytest.raises(MidasflowError, match="differs from the map the task graph") as info:
+        cached_binmap(path, key, "0" * 64)
+    assert "\n" not in str(info.value)
+    with pytest.raises(MidasflowError, match="must be the same for every Dask worker"):
+        cached_binmap(str(tmp_path / "gone.npz"), key, digest)
