@@ -156,8 +156,8 @@ def _cake_chunks(data: Any, handle: Any, kernel_args: tuple, per_pass: int, n_r:
 
     Chunks that hold a whole map pass are caked one task each (``map_blocks``). Smaller chunks
     (``open_frames``' 64 MiB default, say) are caked in groups of consecutive chunks that fill a
-    pass, each group in one task that hands the chunks to the kernel as they are (no
-    concatenation): every frame costs what it costs in a full pass."""
+    pass, each group in one task that hands the chunks to the kernel as a list (no rechunk
+    layer, no extra tasks): every frame costs what it costs in a full pass."""
     import dask
     import dask.array as da
 
@@ -166,6 +166,7 @@ def _cake_chunks(data: Any, handle: Any, kernel_args: tuple, per_pass: int, n_r:
     if len(sizes) == 1 or max(sizes) >= per_pass:
         return data.map_blocks(_cake_chunk, handle, *kernel_args, chunks=(sizes, (n_r,), (n_eta,)),
                                dtype=np.float64, meta=meta, name="cake-frames")
+    (data,) = dask.optimize(data)  # fuse the reading chain once (to_delayed would not)
     blocks = data.to_delayed(optimize_graph=False).ravel()
     token = dask.base.tokenize(data.name, handle, kernel_args, per_pass)
     task = dask.delayed(_cake_chunk, pure=True)
@@ -246,8 +247,9 @@ def cake(
     ``frames_per_pass(binmap)`` frames (32 for 2048 x 2048 float32 frames), whose tasks share
     the bin map as a single graph key; group sums are a streaming scan over those chunks.
     Frame chunks smaller than a pass (``open_frames``' default, say) are not rechunked: each task
-    takes as many consecutive chunks as fill a pass and hands them to the kernel as they are, so
-    ``open_frames -> cake`` runs at the kernel's full-pass speed without copying frames; larger
+    takes as many consecutive chunks as fill a pass and hands them to the kernel as a list, so
+    ``open_frames -> cake`` runs at the kernel's full-pass speed (the kernel copies the chunks
+    of a pass into one array, cheaper than a sweep through its buffer per chunk); larger
     chunks are kept (the kernel goes through them pass by pass). Tasks running at the same time
     share numba's threads (one each for two Dask threads on two cores) instead of
     oversubscribing the cores; each thread keeps its own pass buffer.

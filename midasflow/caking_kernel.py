@@ -83,13 +83,12 @@ def _ring_order(indices, n_pix):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, cache=True)
-def _gather_pixel_major(frames2d, slot, out, nan_bits, col0):  # pragma: no cover - compiled
-    """``out[slot[p], col0 + f] = frames2d[f, p]`` for every pixel with map entries, NaN as 0.
+def _gather_pixel_major(frames2d, slot, out, nan_bits):  # pragma: no cover - compiled
+    """``out[slot[p], f] = frames2d[f, p]`` for every pixel with map entries, NaN written as 0.
 
-    frames2d: (n, n_pix) frame-major; out: (n_used, >= col0 + n) pixel-major in ring order, the
-    pass buffer this segment of frames fills from column ``col0``; nan_bits: (n_used,) uint32,
-    bit col0 + f set where frame f is NaN (written when ``col0`` is 0, or-ed in otherwise).
-    Returns the number of NaN values met (NaN pixels without map entries do not matter).
+    frames2d: (n <= 32, n_pix) frame-major; out: (n_used, n) pixel-major in ring order;
+    nan_bits: (n_used,) uint32, bit f set where frame f is NaN. Returns the number of NaN
+    values met (NaN pixels without map entries do not matter and are not counted).
     """
     n, n_pix = frames2d.shape
     n_tiles = (n_pix + _TILE - 1) // _TILE
@@ -103,10 +102,10 @@ def _gather_pixel_major(frames2d, slot, out, nan_bits, col0):  # pragma: no cove
                 for f in range(n):
                     v = frames2d[f, p]
                     nan = np.isnan(v)
-                    out[q, col0 + f] = 0.0 if nan else v
-                    bits |= np.uint32(nan) << np.uint32(col0 + f)
+                    out[q, f] = 0.0 if nan else v
+                    bits |= np.uint32(nan) << np.uint32(f)
                     count += nan
-                nan_bits[q] = bits if col0 == 0 else nan_bits[q] | bits
+                nan_bits[q] = bits
         nan_per_tile[t] = count
     return nan_per_tile.sum()
 
@@ -424,8 +423,11 @@ def _one_pass(blocks, lo, hi, km, binmap, S, AT):
         dtype = np.result_type(*(piece.dtype for piece, _ in pieces))
         values = _pass_buffer(km.n_used, hi - lo, dtype)
         nan_bits = np.empty(km.n_used, dtype=np.uint32)
-        n_nan = sum(_gather_pixel_major(piece, km.slot, values, nan_bits, col)
-                    for piece, col in pieces)
+        # several blocks: one copy into a pass-sized array, as one pass through the frames
+        # writes whole buffer rows (a sweep per block costs more than that copy)
+        frames2d = (pieces[0][0] if len(pieces) == 1
+                    else np.concatenate([piece for piece, _ in pieces], dtype=dtype))
+        n_nan = _gather_pixel_major(frames2d, km.slot, values, nan_bits)
         _bin_sums(km.indptr, km.rows, km.weights, values, km.chunks, S[lo:hi])
     A, T = AT
     if A is None and n_nan:
@@ -462,7 +464,7 @@ def cake_block(
     frames : ndarray, shape (n, nz, ny), float32 or float64, or a sequence of such blocks
         Dark-subtracted raw frames (raw orientation, ``binmap.detector_shape``). NaN marks a pixel
         masked in that frame. A 2-D frame is treated as ``n = 1``. A sequence of blocks is caked
-        as their concatenation along frames, without concatenating them.
+        as their concatenation along frames (the blocks of a pass are copied into one array).
     binmap : BinMap
         Pixel -> (R, eta) map (``weights``, ``areas``, ``bin_area``, ``geometric_area``,
         ``touches_mask``, ``n_r``, ``n_eta``).

@@ -233,10 +233,9 @@ def test_cached_map_reaches_workers_as_one_small_key_and_caps_numba_threads(para
     assert after and set(after) == {1}
 
 
-def test_small_chunks_are_caked_a_whole_pass_per_task_without_copying(params, masked_map,
-                                                                    monkeypatch):
+def test_small_chunks_are_caked_a_whole_pass_per_task(params, masked_map, monkeypatch):
     """open_frames' small chunks: each task hands as many consecutive chunks as fill a map pass
-    to the kernel as a list (no rechunk, no concatenation); results are bit-identical."""
+    to the kernel as a list (no rechunk layer); results are bit-identical."""
     import midasflow.caking as cake_module
     from midasflow.caking_kernel import _kernel_map, frames_per_pass
 
