@@ -340,7 +340,8 @@ class ScanReader:
                     pieces.append(source.read(a - offset, b - offset))
             offset += source.n_frames
         nz, ny = self.shape[1:]
-        raw = np.concatenate(pieces) if pieces else np.empty((0, nz, ny), np.float32)
+        raw = (pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces
+               else np.empty((0, nz, ny), np.float32))  # one file: no copy
         return _to_float32(raw)[(slice(None, None, step), *key[1:])]
 
 
