@@ -52,6 +52,7 @@ from midasflow.geometry import (
     untransform_image,
 )
 from midasflow.io.atomic import atomic_output
+from midasflow.limits import MAX_BINS, MAX_MAP_ENTRIES, check_binning
 
 if TYPE_CHECKING:
     from midasflow.params import Params
@@ -777,7 +778,8 @@ def cached_binmap(cache_file: str, key: str, digest: str) -> BinMap:
 
 
 def load_or_build_binmap(
-    params: Params, mask: NDArray | None = None, cache_dir: str | os.PathLike | None = None
+    params: Params, mask: NDArray | None = None, cache_dir: str | os.PathLike | None = None, *,
+    max_bins: int = MAX_BINS, max_map_entries: int = MAX_MAP_ENTRIES,
 ) -> BinMap:
     """The map of ``params`` and ``mask``, from the cache when present, else built and cached.
 
@@ -794,10 +796,19 @@ def load_or_build_binmap(
         and so are the parameters they were made for and :func:`check_binmap`; a file that fails
         is rebuilt and replaced, with a warning.
 
+    max_bins, max_map_entries : int
+        Limits checked before a map is built (:func:`midasflow.limits.check_binning`).
+
     Returns
     -------
     BinMap
+
+    Raises
+    ------
+    ParameterError
+        The binning asks for more bins or map entries than the limits, before any allocation.
     """
+    check_binning(params, max_bins=max_bins, max_map_entries=max_map_entries)
     key = binmap_key(params, mask)
     path = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     path = path / f"{key}.npz"

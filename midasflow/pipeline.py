@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from midasflow.io.frames import ScanSource
+from midasflow.limits import MAX_BINS, MAX_MAP_ENTRIES, MAX_REFLECTIONS
 from midasflow.params import PROCESS_VARIABLES, Params, read_params
 from midasflow.refinement.options import BackendName, Mode, SeedFrom
 
@@ -59,6 +60,8 @@ def integrate_dataset(
     params: Params,
     *,
     cache_dir: str | Path | None = None,
+    max_bins: int = MAX_BINS,
+    max_map_entries: int = MAX_MAP_ENTRIES,
 ) -> xr.Dataset:
     """Open the frames and cake them: the lazy caked Dataset (nothing is computed).
 
@@ -71,6 +74,9 @@ def integrate_dataset(
         Geometry, binning and frame parameters.
     cache_dir : path, optional
         Where bin maps are cached (default ``~/.cache/midasflow/binmaps``).
+    max_bins, max_map_entries : int
+        Size limits of the cake and the bin map (:func:`midasflow.limits.check_binning`),
+        checked before anything is built.
 
     Notes
     -----
@@ -84,10 +90,13 @@ def integrate_dataset(
     from midasflow.caking_kernel import frames_per_pass
     from midasflow.io.frames import open_frames
     from midasflow.io.mask import mask_from_params
+    from midasflow.limits import check_binning
 
     scan = ScanSource.of(source)
+    check_binning(params, max_bins=max_bins, max_map_entries=max_map_entries)  # before any array
     scan.files()  # every file of the series exists, before the map is built
-    binmap = load_or_build_binmap(params, mask_from_params(params), cache_dir)
+    binmap = load_or_build_binmap(params, mask_from_params(params), cache_dir, max_bins=max_bins,
+                                  max_map_entries=max_map_entries)
     check_binmap_covers_detector(binmap, params)
     frames = open_frames(scan, params, frames_per_chunk=frames_per_pass(binmap, np.float32))
     return cake(frames, params, binmap=binmap)
@@ -122,6 +131,8 @@ def integrate(
     plain_zarr: bool = False,
     client: Any = None,
     progress: bool = False,
+    max_bins: int = MAX_BINS,
+    max_map_entries: int = MAX_MAP_ENTRIES,
 ) -> Path:
     """Integrate one scan to ``<result_folder>/<scan>.zarr.zip`` (MIDAS layout) and return its path.
 
@@ -130,7 +141,8 @@ def integrate(
     tasks that cake the frames write the store's members themselves (the output folder must be
     on a filesystem the workers share) and only per-bin NaN flags come back. With ``plain_zarr``
     the same Dataset is also written as ``<scan>.zarr`` through xarray. ``progress`` shows the
-    progress on stderr (:mod:`midasflow.progress`).
+    progress on stderr (:mod:`midasflow.progress`). ``max_bins`` and ``max_map_entries`` bound
+    the binning (:func:`midasflow.limits.check_binning`; ``--max-bins``, ``--max-map-entries``).
 
     Only one process writes a given store at a time: a second one is refused
     (:class:`~midasflow.errors.OutputInUseError`, naming the holder's pid) while the first holds
@@ -154,7 +166,8 @@ def integrate(
     # removed again if the run fails before writing anything
     with output_lock(folder, lock_name(target), flag="-resultFolder", holder="midasflow integrate"):
         remove_stale_temporaries(folder)  # e.g. a store half-written by a killed run
-        ds = integrate_dataset(scan, params, cache_dir=cache_dir)
+        ds = integrate_dataset(scan, params, cache_dir=cache_dir, max_bins=max_bins,
+                                max_map_entries=max_map_entries)
         # a client reports the progress of its own tasks; the local schedulers through a callback
         with dask_progress("integrate", enabled=progress and client is None):
             out = write_midas_zarr(ds, target, client=client, progress=progress)
@@ -227,6 +240,7 @@ def refine(
     resume: bool = False,
     ref_cells: Mapping[str, Sequence[float]] | None = None,
     min_points: int = 20,
+    max_reflections: int = MAX_REFLECTIONS,
     report: bool = True,
     progress: bool = False,
     estimate: bool = True,
@@ -263,6 +277,10 @@ def refine(
         Skip lineouts whose results already exist in ``out``.
     ref_cells : mapping phase name → (a, b, c, α, β, γ), optional
         Reference cells for strain; default each CIF's cell.
+    max_reflections : int
+        At most this many unique reflections per phase in the refined 2θ range
+        (:func:`midasflow.limits.check_reflections`; ``--max-reflections``), checked before any
+        lineout is refined.
     min_points : int
         Lineouts with this many usable bins or fewer are skipped (GSAS-II's importer: 20).
     report : bool
@@ -321,7 +339,8 @@ def refine(
     if export:
         refiner = ExportingBackend(refiner, out)
     plan = plan_lineouts(source, min_points=min_points)
-    options.check_against([spec.tth_deg for spec in plan if not spec.skipped], min_points)
+    options.check_against([spec.tth_deg for spec in plan if not spec.skipped], min_points,
+                          max_reflections=max_reflections)
     with output_lock(out, flag="--out", holder="midasflow refine"):  # one writer per folder
         for folder in (out, out / CHECKPOINT_SUBDIR):  # left by a killed run
             remove_stale_temporaries(folder)
@@ -439,6 +458,8 @@ def run(
     skip_refinement: bool = False,
     merge_series: bool = False,
     skip_existing: bool = False,
+    max_bins: int = MAX_BINS,
+    max_map_entries: int = MAX_MAP_ENTRIES,
     **refine_options: Any,
 ) -> xr.Dataset | Path | list[xr.Dataset | Path]:
     """Integration, then refinement of the written store: MIDAS's ``integrate_and_refine.py``.
@@ -468,6 +489,7 @@ def run(
             overrides=overrides, result_folder=result_folder, cache_dir=cache_dir,
             client=refine_options.get("client"),
             progress=bool(refine_options.get("progress", False)),
+            max_bins=max_bins, max_map_entries=max_map_entries,
         )
     per_file = not skip_integration and not merge_series and ScanSource.of(source).is_series
     if skip_refinement:

@@ -543,3 +543,110 @@ def test_ref_cell_one_value_is_cubic_only(tmp_path):
                            tmp_path / "Zn.cif")
     with pytest.raises(ParameterError, match="cubic a"):
         ref_cells_from(_args(hexa, [2.66]))
+
+
+# VmHWM, the peak RSS of this process image (ru_maxrss would include the parent's RSS at fork)
+_MEASURED = """
+import sys
+from midasflow.cli import main
+rc = main(sys.argv[1:])
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(f"maxrss_kb {hwm}", file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def _measured(*argv, cwd=None):
+    """Run the command in a fresh process: (exit status, stderr lines without the RSS line, peak RSS MB)."""
+    import os
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak RSS is read from /proc (Linux)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, *argv], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=cwd)
+    lines = proc.stderr.strip().splitlines()
+    rss_mb = int(lines[-1].split()[1]) / 1024
+    return proc.returncode, lines[:-1], rss_mb
+
+
+def _blosc_bomb_store(store, path, member="OmegaSumFrame/LastFrameNumber_1/0.0", mbytes=400):
+    """``store`` with one cake chunk replaced by Blosc-compressed zeros expanding to ``mbytes`` MB."""
+    import zipfile
+
+    from numcodecs import Blosc
+
+    bomb = Blosc(cname="zstd", clevel=9, shuffle=Blosc.BITSHUFFLE).encode(np.zeros(mbytes * 2**17))
+    with zipfile.ZipFile(store) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, bomb if info.filename == member else zin.read(info))
+    return path, len(bomb)
+
+
+def _rewrite_zarray(store, path, member, **changes):
+    import zipfile
+
+    with zipfile.ZipFile(store) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == f"{member}/.zarray":
+                meta = json.loads(data)
+                meta.update(changes)
+                data = json.dumps(meta).encode()
+            zout.writestr(info.filename, data)
+    return path
+
+
+@pytest.mark.parametrize("case", ["blosc bomb", "huge REtaMap", "absurd REtaMap", "cake of another shape"])
+def test_resource_bombs_in_a_store_are_refused_before_memory_is_spent(case, scan, store, tmp_path):
+    bad = tmp_path / "bad.zarr.zip"
+    if case == "blosc bomb":
+        _, size = _blosc_bomb_store(store, bad)
+        assert size < 500_000  # < 0.5 MB on disk, 400 MB decoded
+        expected = "chunk OmegaSumFrame/LastFrameNumber_1/0.0 expands to 419430400 bytes"
+    elif case == "huge REtaMap":
+        _rewrite_zarray(store, bad, "REtaMap", shape=[5, 100_000, 7_000], chunks=[5, 100_000, 7_000])
+        expected = "member REtaMap: the array declares shape (5, 100000, 7000) (2.8e+10 bytes)"
+    elif case == "absurd REtaMap":
+        _rewrite_zarray(store, bad, "REtaMap", shape=[5, 10**12, 10**12], chunks=[5, 10**12, 10**12])
+        expected = "member REtaMap: the array declares shape"
+    else:
+        _rewrite_zarray(store, bad, "OmegaSumFrame/LastFrameNumber_1", shape=[4000, 8000], chunks=[4000, 8000])
+        expected = "member OmegaSumFrame/LastFrameNumber_1 has shape (4000, 8000), expected REtaMap's"
+    rc, err, rss_mb = _measured("refine", "--data", str(bad), "--cif", scan["cif"], "--out", str(tmp_path / "out"))
+    assert rc == 2 and len(err) == 1 and expected in err[0], err
+    assert rss_mb < 400, rss_mb  # the interpreter and its imports (~250 MB); none of the declared sizes
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_cell_is_refused_before_any_lineout_with_an_override(scan, store, tmp_path, capsys):
+    from midasflow.crystal import phase_from_cell, write_phase_cif
+
+    cif = write_phase_cif(phase_from_cell("big", (100.0, 100.0, 100.0, 90.0, 90.0, 90.0), "P 1"), tmp_path / "big.cif")
+    rc, err, rss_mb = _measured("refine", "--data", str(store), "--cif", str(cif), "--out", str(tmp_path / "out"))
+    assert rc == 2 and len(err) == 1, err
+    assert "phase big (cell 100 100 100 90 90 90, Laue -1): ~" in err[0] and "--max-reflections" in err[0]
+    assert rss_mb < 400 and not (tmp_path / "out").exists()
+    # the limit is the user's to set: CeO2's ~21 reflections pass the default, not a limit of 5
+    assert main(["refine", "--data", str(store), "--cif", scan["cif"], "--out", str(tmp_path / "out"),
+                 "--max-reflections", "5"]) == 2
+    assert "phase CeO2 (cell 5.41" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("binning", [["RBinSize", "1e-8"], ["RBinSize", "1e-7"], ["RBinSize", "1e-4", "EtaBinSize", "360"]])
+def test_absurd_binning_is_refused_before_memory_is_spent(binning, scan, tmp_path):
+    out = tmp_path / "out"
+    rc, err, rss_mb = _measured("integrate", "-paramFN", scan["params"], "-dataFN", scan["data"],
+                                "-resultFolder", str(out), "--cache-dir", str(tmp_path / "cache"), *binning)
+    assert rc == 2 and len(err) == 1, err
+    assert "(--max-bins raises the limit)" in err[0] or "(--max-map-entries raises the limit)" in err[0], err
+    assert err[0].startswith(f"midasflow integrate: error: {scan['params']}: keys RBinSize")
+    assert rss_mb < 400 and not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_max_bins_override(scan, tmp_path, capsys):
+    argv = ["integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(tmp_path),
+            "--cache-dir", str(scan["root"] / "cache"), "--no-progress"]
+    assert main(argv + ["--max-bins", "1000"]) == 2  # 456 × 8 bins
+    assert "expected at most 1000 (--max-bins raises the limit)" in capsys.readouterr().err
+    assert main(argv + ["--max-bins", "3648"]) == 0

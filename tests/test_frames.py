@@ -472,3 +472,41 @@ def test_zarr_zip_with_dotdot_members_is_refused(tmp_path):
         zf.writestr("../../etc/evil/.zarray", b"{}")
     _one_line_error(r"scan.zip: zip member '../../etc/evil/.zarray' is not a plain relative path", tmp_path,
                     path, _params())
+
+
+def test_zarr_frames_that_would_expand_beyond_their_declared_chunks_are_refused(tmp_path):
+    """A Blosc chunk whose header promises far more than its array's chunk (a "blosc bomb"), or a
+    chunk declared larger than any frame store needs, is refused when the store is opened."""
+    import json
+    import zipfile
+
+    from numcodecs import Blosc
+
+    good = _write_zarr_zip(tmp_path / "good.zip", _frames(2))
+    bomb = Blosc(cname="zstd", clevel=9).encode(np.zeros(2**24))  # 128 MB of zeros in a few kB
+    for name, member, data in (("bomb.zip", "exchange/data/1.0.0", bomb),
+                               ("big.zip", "exchange/data/.zarray", None)):
+        path = tmp_path / name
+        with zipfile.ZipFile(good) as zin, zipfile.ZipFile(path, "w") as zout:
+            for info in zin.infolist():
+                value = zin.read(info)
+                if info.filename == member:
+                    if data is None:  # declare 2²⁰-frame chunks: 160 GB
+                        meta = json.loads(value)
+                        meta["shape"], meta["chunks"] = [2**20, NZ, NY], [2**20, NZ, NY * 1000]
+                        value = json.dumps(meta).encode()
+                    else:
+                        value = data
+                zout.writestr(info.filename, value)
+        expected = (r"chunk exchange/data/1.0.0 expands to 134217728 bytes, but the array declares chunks of 168 bytes"
+                    if data is not None else r"a chunk declares shape \(1048576, 6, 7000\)")
+        _one_line_error(rf"{name}: array 'exchange/data': {expected}", tmp_path, path, _params())
+
+
+def test_a_scan_declaring_absurdly_many_frames_is_refused(tmp_path):
+    import zarr
+
+    path = tmp_path / "many.zarr"
+    zarr.create_array(str(path), shape=(10**9, NZ, NY), dtype="i4", chunks=(1, NZ, NY))  # nothing stored
+    _one_line_error(r"many.zarr: the scan declares 1000000000 frames, expected at most 10000000", tmp_path,
+                    path, _params())

@@ -15,6 +15,7 @@ from midasflow.cli._common import (
     parse_command,
 )
 from midasflow.io.frames import ScanSource
+from midasflow.limits import MAX_BINS, MAX_MAP_ENTRIES
 
 
 def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -56,6 +57,11 @@ def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = T
     parser.add_argument("--plain-zarr", action="store_true",
                         help="also write <scan>.zarr, a plain xarray zarr store")
     parser.add_argument("--cache-dir", default=None, help="bin-map cache folder")
+    parser.add_argument("--max-bins", type=int, default=MAX_BINS, metavar="N",
+                        help=f"refuse a binning with more R × η bins (default {MAX_BINS})")
+    parser.add_argument("--max-map-entries", type=int, default=MAX_MAP_ENTRIES, metavar="N",
+                        help="refuse a binning that splits the pixels into more bin pieces "
+                        f"(default {MAX_MAP_ENTRIES}, ~8 GB while the map is built)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +126,8 @@ def main(argv: Sequence[str]) -> int:
                                  skip_existing=args.skip_existing, overrides=overrides,
                                  result_folder=args.result_folder, cache_dir=args.cache_dir,
                                  plain_zarr=args.plain_zarr, client=client,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, max_bins=args.max_bins,
+                                 max_map_entries=args.max_map_entries)
     for store in stores:
         print(store)
     return 0

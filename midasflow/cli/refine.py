@@ -15,6 +15,7 @@ from midasflow.cli._common import (
     parse_command,
 )
 from midasflow.errors import UsageError
+from midasflow.limits import MAX_REFLECTIONS
 from midasflow.refinement.options import BACKENDS, MODES, SEED_MODES
 
 #: ``run --backend``: where the frames come from, as in MIDAS's ``integrate_and_refine.py``.
@@ -72,6 +73,9 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                          help="let flagged lineouts into the strain and tensor fits (left out by "
                          "default: at_bound, rolled_back, high_correlation, bad_esd, rwp_above_max; "
                          "unphysical_profile alone does not exclude)")
+    parser.add_argument("--max-reflections", type=int, default=MAX_REFLECTIONS, metavar="N",
+                        help="refuse a phase with more unique reflections in the refined 2θ range "
+                        f"(default {MAX_REFLECTIONS}; each costs ~85 kB per lineout being refined)")
 
 
 def check_backend(args: argparse.Namespace, *, pipeline: bool) -> None:
@@ -136,6 +140,7 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
         physical_profile=args.physical_profile,
         max_rwp=args.max_rwp,
         include_flagged=args.include_flagged,
+        max_reflections=args.max_reflections,
     )
 
 

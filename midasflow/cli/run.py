@@ -49,7 +49,8 @@ def main(argv: Sequence[str]) -> int:
     with dask_client(args) as client:
         result = run(args.param_fn, source, args.cif, result_folder=args.result_folder,
                      overrides=overrides, cache_dir=args.cache_dir, client=client,
-                     skip_existing=args.skip_existing, **steps)
+                     skip_existing=args.skip_existing, max_bins=args.max_bins,
+                     max_map_entries=args.max_map_entries, **steps)
     if args.skip_refinement:
         for store in result if isinstance(result, list) else [result]:
             print(store)

@@ -59,6 +59,7 @@ import numpy as np
 from midasflow.errors import FrameError
 from midasflow.io.mask import read_mask
 from midasflow.io.untrusted import reading
+from midasflow.limits import MAX_FRAMES
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -460,6 +461,8 @@ def open_frames(
     files = scan.files()
     sources = tuple(open_source(f, params, scan.data_loc) for f in files)
     total = sum(s.n_frames for s in sources)
+    if total > MAX_FRAMES:
+        raise FrameError(f"{files[0]}: the scan declares {total} frames, expected at most {MAX_FRAMES}")
     skip = int(params.skip_frame)
     if skip >= total:
         raise FrameError(f"{files[0]}: SkipFrame {skip} leaves no frames (the scan holds {total})")

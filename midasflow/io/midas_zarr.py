@@ -49,7 +49,7 @@ import numpy as np
 from midasflow.errors import CakeFileError
 from midasflow.instrument import DATASET_NAMES, MIDAS_WRITE_DEFAULTS, gsas_names
 from midasflow.io.atomic import atomic_output
-from midasflow.io.untrusted import check_zip_members, reading
+from midasflow.io.untrusted import check_v2_array, check_zip_members, reading, zip_v2_arrays
 
 #: REtaMap plane names and units (midas_zarr_layout.md §3).
 RETAMAP_HEADER = "Radius,2Theta,Eta,BinArea,Q"
@@ -311,9 +311,11 @@ def _open_root(path: str | os.PathLike) -> Iterator[Any]:
     Raises
     ------
     CakeFileError
-        The file is missing, not a zip, has member names that are not plain relative paths, is
-        not a zarr format 2 group, or a member read inside the block cannot be decoded (bad CRC,
-        corrupt chunk).
+        The file is missing, not a zip, has member names that are not plain relative paths, an
+        array declares more than :data:`midasflow.limits.MAX_ARRAY_BYTES` or a compressor other
+        than Blosc (what every MIDAS writer uses), a Blosc chunk would expand beyond its declared
+        size, it is not a zarr format 2 group, or a member read inside the block cannot be
+        decoded (bad CRC, corrupt chunk).
     """
     import zarr
 
@@ -323,6 +325,11 @@ def _open_root(path: str | os.PathLike) -> Iterator[Any]:
     if not zipfile.is_zipfile(path):
         raise CakeFileError(f"{path}: not a zip file, expected a MIDAS .zarr.zip")
     check_zip_members(path, CakeFileError)
+    with zipfile.ZipFile(path) as zf, reading(path, "a member", CakeFileError):
+        # declared sizes and Blosc headers, before anything is decoded
+        for array, meta, heads in zip_v2_arrays(zf, str(path), CakeFileError):
+            check_v2_array(meta, heads, f"{path}: member {array or 'root'}", CakeFileError,
+                           compressors=("blosc", None))
     store = zarr.storage.ZipStore(path, mode="r")
     try:
         try:
@@ -361,6 +368,20 @@ def read_instrument_parameters(path: str | os.PathLike) -> dict[str, Any]:
         return _instrument_parameters(root["InstrumentParameters"])
 
 
+def _check_cake_shapes(root: Any, members: set[str], shape: tuple[int, int], path: Path) -> None:
+    """Every (nR, nEta) member of the layout declares REtaMap's (nR, nEta): the lazy cakes are
+    built on that shape, so a member declaring another is refused before it is read."""
+    arrays = [(BIN_AREA, root[BIN_AREA])] if BIN_AREA in members else []
+    arrays += [("SumFrames", root["SumFrames"])] if "SumFrames" in members else []
+    for group in ("OmegaSumFrame", "IntegrationResult"):
+        if group in members:
+            arrays += [(f"{group}/{name}", arr) for name, arr in root[group].arrays()]
+    for name, arr in arrays:
+        if tuple(arr.shape) != tuple(shape):
+            raise CakeFileError(f"{path}: member {name} has shape {tuple(arr.shape)}, expected "
+                                f"REtaMap's (nR, nEta) = {tuple(shape)}")
+
+
 def read_midas_zarr(path: str | os.PathLike) -> Any:
     """Open a MIDAS ``.zarr.zip`` as the caked Dataset :func:`midasflow.caking.cake` produces.
 
@@ -385,12 +406,13 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         for name in REQUIRED:
             if name not in members:
                 raise CakeFileError(f"{path}: not a MIDAS caked layout, member {name!r} missing")
+        shape = root["REtaMap"].shape  # declared: checked before anything is read
+        if len(shape) != 3 or shape[0] not in (4, 5):
+            raise CakeFileError(f"{path}: REtaMap has shape {shape}, expected (5, nR, nEta)")
+        n_r, n_eta = shape[1:]
+        _check_cake_shapes(root, members, (n_r, n_eta), path)
         retamap = root["REtaMap"][...]
         bin_area = root[BIN_AREA][...] if BIN_AREA in members else None
-        if retamap.ndim != 3 or retamap.shape[0] < 4:
-            raise CakeFileError(f"{path}: REtaMap has shape {retamap.shape}, expected "
-                                "(5, nR, nEta)")
-        n_r, n_eta = retamap.shape[1:]
         groups = _numbered(root["OmegaSumFrame"], GROUP_PREFIX, path)
         g_attrs = [dict(root["OmegaSumFrame"][name].attrs) for _, name in groups]
         frames = (_numbered(root["IntegrationResult"], FRAME_PREFIX, path)

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from midasflow.errors import FrameError
-from midasflow.io.untrusted import check_zip_members
+from midasflow.io.untrusted import (
+    BLOSC_HEADER,
+    MAX_METADATA_BYTES,
+    check_v2_array,
+    check_zip_members,
+    read_metadata,
+    zip_v2_arrays,
+)
+from midasflow.limits import check_array_size
 
 ZIP_EXTENSION = ".zip"
 _METADATA_FILES = ("zarr.json", ".zarray", ".zgroup")
@@ -93,6 +102,44 @@ def has_array(path: str, loc: str) -> bool:
         return isinstance(node, zarr.Group) and isinstance(node.get(loc), zarr.Array)
 
 
+def _v2_chunk_heads(path: str, loc: str) -> tuple[dict, list[tuple[str, bytes]]] | None:
+    """The ``.zarray`` and every chunk's first bytes of the format 2 array ``loc`` of a zip or
+    directory store; None when the array has no ``.zarray`` (format 3)."""
+    if path.endswith(ZIP_EXTENSION):
+        with zipfile.ZipFile(path) as zf:
+            for array, meta, heads in zip_v2_arrays(zf, path, FrameError):
+                if array == loc:
+                    return meta, heads
+        return None
+    folder = os.path.join(path, loc)
+    meta_file = os.path.join(folder, ".zarray")
+    if not os.path.isfile(meta_file):
+        return None
+    with open(meta_file, "rb") as fh:
+        meta = read_metadata(fh.read(MAX_METADATA_BYTES + 1), f"{path}: array '{loc}'", FrameError)
+    heads = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith("."):
+                with open(os.path.join(root, name), "rb") as fh:
+                    heads.append((os.path.relpath(os.path.join(root, name), folder), fh.read(BLOSC_HEADER.size)))
+    return meta, heads
+
+
+def _check_declared(path: str, loc: str, array: object) -> None:
+    """Chunks no larger than :data:`midasflow.limits.MAX_ARRAY_BYTES`, and (format 2, Blosc)
+    no chunk that would expand beyond its declared size: checked before a frame is read."""
+    where = f"{path}: array '{loc}'" if loc else f"{path}: array"
+    try:
+        check_array_size(array.chunks, array.dtype.itemsize, "a chunk")
+    except ValueError as exc:
+        raise FrameError(f"{where}: {exc}") from None
+    found = _v2_chunk_heads(path, loc)
+    if found is not None:
+        check_v2_array(found[0], found[1], where, FrameError)
+
+
 def open_zarr(path: str, loc: str) -> ZarrSource:
     """Describe the frames of a zarr array, or of the array ``loc`` in a zarr group.
 
@@ -100,7 +147,9 @@ def open_zarr(path: str, loc: str) -> ZarrSource:
     ------
     FrameError
         Missing/unreadable store, ``loc`` missing in a group (the message lists the top-level
-        members), or an array that is not 2-D or 3-D.
+        members), an array that is not 2-D or 3-D, chunks above
+        :data:`midasflow.limits.MAX_ARRAY_BYTES`, or a Blosc chunk that would expand beyond its
+        declared size.
     """
     import zarr
 
@@ -114,6 +163,7 @@ def open_zarr(path: str, loc: str) -> ZarrSource:
         else:
             array, used_loc = node, ""
         shape = array.shape
+        _check_declared(path, used_loc, array)
     if len(shape) == 2:
         return ZarrSource(path, used_loc, 1, (int(shape[0]), int(shape[1])))
     if len(shape) == 3:

@@ -25,6 +25,7 @@ from typing import Any, Literal, get_args
 from midasflow.crystal import Phase
 from midasflow.errors import ParameterError
 from midasflow.instrument import Instrument
+from midasflow.limits import MAX_REFLECTIONS, check_reflections
 
 #: Rietveld (structure-factor intensities) or Le Bail (intensities extracted every cycle).
 Mode = Literal["rietveld", "lebail"]
@@ -138,7 +139,8 @@ class RefineOptions:
         if self.limits is not None:
             object.__setattr__(self, "limits", tuple(float(v) for v in self.limits))
 
-    def check_against(self, tth_deg: Sequence[Any], min_points: int) -> None:
+    def check_against(self, tth_deg: Sequence[Any], min_points: int, *,
+                      max_reflections: int = MAX_REFLECTIONS) -> None:
         """Refuse options that would fail every lineout of this data, before any is refined.
 
         Parameters
@@ -147,12 +149,16 @@ class RefineOptions:
             The usable 2θ points of each lineout to refine (skipped ones left out).
         min_points : int
             A lineout needs more than this many points inside the limits.
+        max_reflections : int
+            Most unique reflections a phase may have in the refined range
+            (:func:`midasflow.limits.check_reflections`).
 
         Raises
         ------
         ParameterError
             No lineout has more than ``min_points`` points inside ``limits`` (naming the data's
-            2θ range), or fewer points than ``bkg_terms`` + 1 in every lineout.
+            2θ range), fewer points than ``bkg_terms`` + 1 in every lineout, or a phase with
+            more reflections in the range than ``max_reflections``.
         """
         import numpy as np
 
@@ -169,6 +175,10 @@ class RefineOptions:
         if self.bkg_terms >= max(inside):
             raise ParameterError(f"--bkg-terms {self.bkg_terms}: no lineout has more points than that "
                                  f"(at most {max(inside)}); expected fewer background terms")
+        used = [a[(a >= lo) & (a <= hi)] for a in arrays]
+        check_reflections(self.phases, self.instrument.wavelength_a,
+                          min(float(a.min()) for a in used if a.size),
+                          max(float(a.max()) for a in used if a.size), max_reflections=max_reflections)
 
     def recipe_kwargs(self) -> dict[str, Any]:
         """The options marked :data:`RECIPE`, as keywords of the per-lineout refinement call."""
