@@ -36,6 +36,8 @@ MAX_REFLECTIONS = 20_000
 MAX_ARRAY_BYTES = 2**31
 #: Frames of one scan (the lazy graph holds one entry per chunk of them).
 MAX_FRAMES = 10**7
+#: Detector pixels (NrPixelsY × NrPixelsZ): 2³² is a 65536 × 65536 detector.
+MAX_DETECTOR_PIXELS = 2**32
 
 
 def estimate_map_entries(params: Params) -> float:
@@ -67,9 +69,14 @@ def check_binning(params: Params, *, max_bins: int = MAX_BINS,
     Raises
     ------
     ParameterError
-        n_r × n_eta > ``max_bins`` (naming RBinSize, EtaBinSize and ``--max-bins``), or the
-        estimated map entries (:func:`estimate_map_entries`) > ``max_map_entries``.
+        More than :data:`MAX_DETECTOR_PIXELS` pixels, n_r × n_eta > ``max_bins`` (naming
+        RBinSize, EtaBinSize and ``--max-bins``), or the estimated map entries
+        (:func:`estimate_map_entries`) > ``max_map_entries``.
     """
+    pixels = float(params.nr_pixels_y) * float(params.nr_pixels_z)
+    if pixels > MAX_DETECTOR_PIXELS:
+        raise ParameterError(f"{params.source}: keys NrPixelsY/NrPixelsZ: {params.nr_pixels_y} × "
+                             f"{params.nr_pixels_z} pixels, expected at most {MAX_DETECTOR_PIXELS}")
     n_r = (params.r_max_px - params.r_min_px) / params.r_bin_px  # floats: 1e-300 bins never overflow
     n_eta = (params.eta_max_deg - params.eta_min_deg) / params.eta_bin_deg
     if n_r * n_eta > max_bins:

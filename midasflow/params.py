@@ -336,7 +336,7 @@ def _convert(token: str, kind: type, where: str, key: str) -> Any:
             return value
         if kind is bool:
             return bool(int(float(token)))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: int(inf)
         raise ParameterError(
             f"{where}: key {key}: expected {'an integer' if kind in (int, bool) else 'a number'}, got {token!r}"
         ) from None

@@ -78,3 +78,8 @@ def test_declared_array_sizes(shape, itemsize, ok):
     else:
         with pytest.raises(ValueError, match="REtaMap declares"):
             check_array_size(shape, itemsize, "REtaMap")
+
+
+def test_an_absurd_detector_is_refused_before_any_pixel_array():  # found by the fuzz test
+    with pytest.raises(ParameterError, match=r"keys NrPixelsY/NrPixelsZ: .* pixels, expected at most 4294967296"):
+        check_binning(_params(nr_pixels_y=10**300, nr_pixels_z=256))

@@ -466,3 +466,33 @@ def test_damaged_or_crafted_zips_are_one_line_errors(zip_path, tmp_path):
             zf.writestr(evil, b"{}")
         with pytest.raises(CakeFileError, match=r"zip member .* is not a plain relative path"):
             open_caked(crafted)
+
+
+
+@pytest.mark.parametrize("member, attrs, expected", [
+    ("OmegaSumFrame/LastFrameNumber_1", {"Number Of Frames Summed": "two", "FirstOme": 0.0, "LastOme": 1.0},
+     r"member OmegaSumFrame/LastFrameNumber_1: attribute 'Number Of Frames Summed' = 'two', expected a frame count"),
+    ("OmegaSumFrame/LastFrameNumber_1", {"Number Of Frames Summed": 2, "LastOme": 1.0},
+     r"attribute 'FirstOme' = None, expected a number"),
+])
+def test_group_attributes_are_checked(zip_path, tmp_path, member, attrs, expected):  # found by the fuzz test
+    bad = tmp_path / "bad.zarr.zip"
+    with zipfile.ZipFile(zip_path) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            data = json.dumps(attrs).encode() if info.filename == f"{member}/.zattrs" else zin.read(info)
+            zout.writestr(info.filename, data)
+    with pytest.raises(CakeFileError, match=expected):
+        open_caked(bad)
+
+
+def test_omegas_must_match_the_frames(zip_path, tmp_path):  # found by the fuzz test: a frame member dropped
+    bad = tmp_path / "bad.zarr.zip"
+    with zipfile.ZipFile(zip_path) as zin, zipfile.ZipFile(bad, "w") as zout:
+        names = zin.namelist()
+        last = sorted(n for n in names if n.startswith("IntegrationResult/FrameNr_"))[-1].split("/")[1]
+        for info in zin.infolist():
+            if not info.filename.startswith(f"IntegrationResult/{last}/"):
+                zout.writestr(info.filename, zin.read(info))
+    with pytest.raises(CakeFileError, match=r"Omegas holds \(\d+,\) float64 values, expected one number per "
+                                            r"IntegrationResult frame"):
+        open_caked(bad)

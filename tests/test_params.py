@@ -131,6 +131,8 @@ def test_geometry_key_tracks_every_geometry_field():
         ("p2 0.1 0.2\n", r"ps.txt:1: key p2: expected 1 value"),
         ("NrPixels 100\nNrPixelsY 0\n", r"ps.txt:2: key NrPixelsY/NrPixelsZ: expected positive"),
         ("DetDist -5\n", r"ps.txt:1: key Lsd: expected a positive"),
+        ("NrPixelsY inf\n", r"ps.txt:1: key NrPixelsY: expected an integer, got 'inf'"),  # found by the fuzz test
+        ("SkipFrame -inf\n", r"ps.txt:1: key SkipFrame: expected an integer, got '-inf'"),
     ],
 )
 def test_bad_files_name_file_line_key(tmp_path, text, expected):

@@ -382,6 +382,21 @@ def _check_cake_shapes(root: Any, members: set[str], shape: tuple[int, int], pat
                                 f"REtaMap's (nR, nEta) = {tuple(shape)}")
 
 
+def _check_group_attrs(g_attrs: list[dict[str, Any]], names: list[str], process: dict[str, list],
+                       path: Path) -> None:
+    """Every ω-group's attributes hold what the Dataset is built from: a frame count >= 1 and
+    finite or NaN numbers for FirstOme, LastOme and the process variables read."""
+    for name, attrs in zip(names, g_attrs):
+        where = f"{path}: member OmegaSumFrame/{name}: attribute"
+        frames = attrs.get("Number Of Frames Summed")
+        if isinstance(frames, bool) or not isinstance(frames, (int, float)) or not frames >= 1:
+            raise CakeFileError(f"{where} 'Number Of Frames Summed' = {frames!r}, expected a frame count >= 1")
+        for key in ("FirstOme", "LastOme", *(PROCESS_ATTRS[k] for k in process)):
+            value = attrs.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CakeFileError(f"{where} {key!r} = {value!r}, expected a number")
+
+
 def read_midas_zarr(path: str | os.PathLike) -> Any:
     """Open a MIDAS ``.zarr.zip`` as the caked Dataset :func:`midasflow.caking.cake` produces.
 
@@ -441,6 +456,11 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
                               () if "midasflow_version" in root_attrs else PROCESS_ATTRS)
     process = {name: [a[attr] for a in g_attrs] for name, attr in PROCESS_ATTRS.items()
                if name in measured and all(attr in a for a in g_attrs)}
+    _check_group_attrs(g_attrs, [name for _, name in groups], process, path)
+    omegas = np.asarray(omegas)
+    if omegas.ndim != 1 or omegas.dtype.kind not in "iuf" or (frames and omegas.size != len(frames)):
+        raise CakeFileError(f"{path}: Omegas holds {omegas.shape} {omegas.dtype} values, expected one "
+                            f"number per IntegrationResult frame ({len(frames)})")
     return caked_dataset(
         intensity=_lazy_stack(src, [f"OmegaSumFrame/{n}" for _, n in groups], (n_r, n_eta)),
         frames_summed=[a["Number Of Frames Summed"] for a in g_attrs],
