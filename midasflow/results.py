@@ -26,13 +26,13 @@ from midasflow.io.atomic import atomic_output, write_text_atomic
 CELL_VARS = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg", "volume_a3")
 #: Quality flags that keep a lineout out of the strain and tensor fits unless ``include_flagged``
 #: (``docs/quality_flags.md``): each says the cell or its esd cannot be taken at face value — a
-#: scale or bound parameter ran into its limit, a stage was undone, two parameters of different
-#: kinds are confounded, an esd is zero or non-finite, or the fit is worse than the user's
-#: ``max_rwp``. ``unphysical_profile`` is not among them: GSAS-II's own minima often carry it
-#: (its PbSO4 minimum has X < 0 at low angles), the widths are floored as in GSAS-II and the peak
-#: positions, which carry the cell, stay where the data put them.
-STRAIN_EXCLUDING_FLAGS: tuple[str, ...] = ("at_bound", "rolled_back", "high_correlation", "bad_esd",
-                                           "rwp_above_max")
+#: parameter ran into its bound (the covariance no longer describes it), a stage was undone (part
+#: of the model never refined), an esd is zero or non-finite, or the fit is worse than the user's
+#: ``max_rwp``. ``unphysical_profile`` and ``high_correlation`` are not among them: both describe
+#: the parametrisation, not the cell — GSAS-II's own minima often carry negative widths (its PbSO4
+#: minimum has X < 0), and a correlation, even of the cell with SH/L (0.99 on 0.05° peaks at
+#: λ 0.41 Å), is already in the cell's esd, the marginal of the full covariance.
+STRAIN_EXCLUDING_FLAGS: tuple[str, ...] = ("at_bound", "rolled_back", "bad_esd", "rwp_above_max")
 #: per-lineout variable → GSAS-II parameter name
 PROFILE_VARS = {"zero": "Zero", "u": "U", "v": "V", "w": "W", "x": "X", "y": "Y", "shl": "SH/L", "scale": "Scale"}
 

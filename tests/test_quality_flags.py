@@ -85,9 +85,9 @@ def test_max_rwp_flags_every_lineout_and_keeps_them_out_of_the_strain_fits(scan,
     assert json.loads(back_in.attrs["strain_excluding_flags"]) == []
 
 
-def test_unphysical_profile_alone_does_not_exclude_from_strain():
-    assert "unphysical_profile" in FLAGS and "unphysical_profile" not in STRAIN_EXCLUDING_FLAGS
-    assert set(STRAIN_EXCLUDING_FLAGS) == set(FLAGS) - {"unphysical_profile"}
+def test_flags_of_the_parametrisation_do_not_exclude_from_strain():
+    assert {"unphysical_profile", "high_correlation"} <= set(FLAGS)
+    assert set(STRAIN_EXCLUDING_FLAGS) == set(FLAGS) - {"unphysical_profile", "high_correlation"}
 
 
 def test_command_line_flags_reach_the_results(scan, tmp_path, capsys):

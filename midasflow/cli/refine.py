@@ -71,8 +71,8 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                          "failure)")
     quality.add_argument("--include-flagged", action="store_true",
                          help="let flagged lineouts into the strain and tensor fits (left out by "
-                         "default: at_bound, rolled_back, high_correlation, bad_esd, rwp_above_max; "
-                         "unphysical_profile alone does not exclude)")
+                         "default: at_bound, rolled_back, bad_esd, rwp_above_max; unphysical_profile "
+                         "and high_correlation do not exclude)")
     parser.add_argument("--max-reflections", type=int, default=MAX_REFLECTIONS, metavar="N",
                         help="refuse a phase with more unique reflections in the refined 2θ range "
                         f"(default {MAX_REFLECTIONS}; each costs ~85 kB per lineout being refined)")

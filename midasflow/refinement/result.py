@@ -123,6 +123,39 @@ class PatternResult:
             self, flags=self.flags + ("rwp_above_max",),
             warnings=self.warnings + [f"rwp_above_max: Rwp {self.rwp:.4g} % > {max_rwp:g} %"])
 
+    def with_independent_fraction(self, fraction: float) -> "PatternResult":
+        """This result with its esds rescaled for bins that share detector pixels.
+
+        The esds of a GOF-scaled least-squares fit assume χ² ≈ N − n for a right model; when
+        only a fraction f of each point's variance is independent noise (neighbouring bins of a
+        pixel-split cake, :func:`midasflow.refinement.lineouts.independent_fraction`) a right
+        model gives χ² ≈ f·N − n instead. Every esd (parameters, cells, phase fractions) is
+        multiplied by sqrt((N − n)/(f·N − n)), n = the refined parameters; ``gof`` stays
+        GSAS-II's, over all points, and a note gives the factor.
+
+        Parameters
+        ----------
+        fraction : float
+            f in (0, 1]; 1 (or a failed result) returns ``self``.
+
+        Returns
+        -------
+        PatternResult
+        """
+        f = float(fraction)
+        if self.status != "ok" or not (0.0 < f < 1.0) or not self.n_points:
+            return self
+        n, n_var = float(self.n_points), float(len(self.esds))
+        factor = math.sqrt(max(n - n_var, 1.0) / max(f * n - n_var, 1.0))
+        gof = self.gof / factor
+        return dataclasses.replace(
+            self, esds={k: v * factor for k, v in self.esds.items()},
+            cell_esds={k: tuple(float(v) * factor for v in esd) for k, esd in self.cell_esds.items()},
+            phase_fractions={k: (v[0], v[1] * factor) for k, v in self.phase_fractions.items()},
+            notes=self.notes + [f"esds × {factor:.3g}: neighbouring bins share detector pixels (f = {f:.3g} "
+                                f"of each point's variance independent; GOF over independent points "
+                                f"{gof:.3g})"])
+
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write columns ``tth_deg, obs, calc, bkg, diff`` (diff = obs − calc); atomic write.
 
