@@ -1,8 +1,7 @@
 """GSAS-II parity on the real PbSO4 lab pattern (GSAS-II's own test data, Cu Kα1/Kα2).
 
 Inputs and GSAS-II 5.7.9's stage-by-stage results of the same 4-stage recipe (limits 16–110°,
-6 Chebyshev terms, atoms fixed, 8 cycles per stage) are in the project's shared reference data;
-the tests skip when that folder is absent.
+6 Chebyshev terms, atoms fixed, 8 cycles per stage) are in ``tests/data/pbso4`` (see its README).
 """
 
 import json
@@ -15,11 +14,7 @@ from midasflow.crystal import read_phase
 from midasflow.io.instprm import read_instprm
 from midasflow.refinement.engine import refine_pattern
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "data" / "pbso4"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/reference/data/pbso4")
-pytestmark = pytest.mark.skipif(not (DATA / "gsas2_reference.json").is_file(),
-                                reason="PbSO4 reference data not available")
+DATA = Path(__file__).resolve().parent / "data" / "pbso4"
 
 #: GSAS-II's final Rwp × 1.01 (issue 8) and the cell tolerance (Å).
 RWP_MAX = 12.69
