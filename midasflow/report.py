@@ -71,14 +71,31 @@ def cake_figure(caked: xr.Dataset, group: int = 0) -> Any:
     return fig
 
 
+def add_reflection_ticks(fig: Any, positions: dict[str, Any], y_top: float, height: float) -> None:
+    """Tick marks at reflection positions (2θ, deg) below a pattern, one row per phase, as
+    GSAS-II draws them: a vertical segment from ``y_top`` down by ``height`` per row, and a
+    legend entry naming the phase."""
+    colors = _palette(len(positions))
+    for row, (name, tth) in enumerate(positions.items()):
+        tth = np.asarray(tth, dtype=float)
+        tth = tth[np.isfinite(tth)]
+        if not tth.size:
+            continue
+        top = y_top - row * 1.5 * height
+        fig.segment(x0=tth, x1=tth, y0=np.full(tth.size, top), y1=np.full(tth.size, top - height),
+                    color=colors[row], line_width=1.5, legend_label=f"{name} reflections")
+
+
 def lineout_figure(result: Any) -> Any:
-    """Observed (points), calculated (line), background and difference (offset below) of one lineout."""
+    """Observed (points), calculated (line), background and difference (offset below) of one
+    lineout, with tick marks at every phase's reflection positions."""
     from bokeh.plotting import figure
 
     p = result.pattern
     x, obs, calc, bkg = (np.asarray(v, dtype=float) for v in (p.tth_deg, p.obs, p.calc, p.bkg))
     diff = obs - calc
-    offset = float(np.nanmin(obs) - np.nanmax(diff) - 0.05 * (np.nanmax(obs) - np.nanmin(obs)))
+    span = float(np.nanmax(obs) - np.nanmin(obs))
+    offset = float(np.nanmin(obs) - np.nanmax(diff) - 0.05 * span)
     fig = figure(title=f"Lineout {result.index}: ω = {result.omega_deg:g}°, η = {result.eta_deg:g}°, "
                        f"Rwp = {p.rwp:.2f}%", width=_WIDTH, height=_HEIGHT,
                  x_axis_label="2θ (deg)", y_axis_label="counts per frame")
@@ -86,6 +103,9 @@ def lineout_figure(result: Any) -> Any:
     fig.line(x, calc, color="crimson", legend_label="calculated")
     fig.line(x, bkg, color="gray", line_dash="dashed", legend_label="background")
     fig.line(x, diff + offset, color="royalblue", legend_label="obs − calc (offset)")
+    inside = {name: [t for t in np.asarray(table.get("tth_deg", ()), dtype=float) if x.min() <= t <= x.max()]
+              for name, table in (getattr(p, "reflections", None) or {}).items()} if x.size else {}
+    add_reflection_ticks(fig, inside, offset + float(np.nanmin(diff)) - 0.03 * span, 0.04 * span)
     fig.legend.location = "top_right"
     fig.legend.click_policy = "hide"
     return fig

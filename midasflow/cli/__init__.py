@@ -1,4 +1,4 @@
-"""The ``midasflow`` command: ``integrate``, ``refine``, ``run`` and ``demo``.
+"""The ``midasflow`` command: ``integrate``, ``refine``, ``run``, ``check`` and ``demo``.
 
 Each sub-command lives in its own module with a ``main(argv) -> int``. User mistakes
 (:class:`midasflow.errors.MidasflowError`) print one line and exit with status 2; bugs keep
@@ -23,6 +23,7 @@ COMMANDS = {
     "integrate": ("midasflow.cli.integrate", "raw frames -> caked MIDAS .zarr.zip"),
     "refine": ("midasflow.cli.refine", "refine every lineout of a .zarr.zip"),
     "run": ("midasflow.cli.run", "integrate, then refine the written store, on one scheduler"),
+    "check": ("midasflow.cli.check", "calibration check: the CIF's ring positions vs a .zarr.zip"),
     "demo": ("midasflow.cli.demo", "simulate a strained CeO2 scan and run it end to end"),
 }
 
