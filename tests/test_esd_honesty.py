@@ -99,3 +99,22 @@ def test_pulls_of_lineout_cells_and_of_the_strain_tensor_have_unit_spread(tmp_pa
     print("pulls (mean, sd):", {k: (round(m, 2), round(s, 2)) for k, (m, s) in report.items()})
     for name, (mean, sd) in report.items():
         assert abs(mean) <= 0.3 and 0.8 <= sd <= 1.3, (name, mean, sd)
+
+
+def test_the_plan_carries_the_fraction_and_every_backend_result_is_rescaled():
+    """A cake with quarter-pixel R bins: each lineout knows f, and the executor rescales the esds
+    its backend returned (here the toy backend; the GSAS-II backend goes the same way)."""
+    from lineouts_helpers import TOY_OPTIONS, ToyBackend, make_caked, toy_refine
+    from midasflow.refinement.lineouts import plan_lineouts, run_serial
+
+    caked = make_caked(n_groups=1, n_eta=4, height=3000.0)
+    caked = caked.assign_coords(r_px=("r", 200.0 + 0.25 * np.arange(caked.sizes["r"])))
+    plan = plan_lineouts(caked)
+    f = plan[0].independent_fraction
+    assert f == pytest.approx((0.25 - 0.25**2 / 3) * (1 - 1 / (3 * 200.0 * np.pi / 2)), rel=1e-3)
+    result = run_serial(plan[:1], TOY_OPTIONS, backend=ToyBackend())[0]
+    raw = toy_refine(plan[0].tth_deg, plan[0].intensity, plan[0].sigma)
+    n, n_var = raw.n_points, len(raw.esds)
+    factor = np.sqrt((n - n_var) / (f * n - n_var))
+    assert result.pattern.cell_esds["CeO2"][0] == pytest.approx(raw.cell_esds["CeO2"][0] * factor, rel=1e-9)
+    assert plan_lineouts(caked.drop_vars("r_px"))[0].independent_fraction == 1.0  # no pixel size: as given
