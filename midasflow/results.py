@@ -85,17 +85,27 @@ def effective_theta_deg(pattern: Any, phase: str) -> float:
     with ``tth_deg``, ``intensity``, ``sig2``, ``gam``); the non-cubic lattice strain of the
     lineout averages d/d₀ − 1 over the same reflections with the same weights. Without
     reflections: the mean over the fitted points weighted by the net calculated intensity
-    (calc − bkg).
+    (calc − bkg). The strain fits use the reflections themselves (:func:`_reflection_thetas`,
+    :func:`midasflow.strain.lineout_design`); this θ labels plots.
     """
-    x = np.asarray(getattr(pattern, "tth_deg", ()), dtype=float)
+    theta, weight = _reflection_thetas(pattern, phase)
+    return float(np.average(theta, weights=weight)) if theta.size else float("nan")
+
+
+def _reflection_thetas(pattern: Any, phase: str) -> tuple[np.ndarray, np.ndarray]:
+    """Bragg angles θ (deg) of the reflections a lineout's cell stands for and their weights
+    (:func:`reflection_weights`); without a reflection table, one θ: half the mean 2θ of the
+    fitted points weighted by the net calculated intensity (none when nothing is above it)."""
     weighted = reflection_weights(pattern, phase)
     if weighted is not None:
         table, weight = weighted
-        theta = np.deg2rad(np.asarray(table["tth_deg"], dtype=float)) / 2.0
-        return float(np.rad2deg(np.average(theta, weights=weight)))
+        return np.asarray(table["tth_deg"], dtype=float) / 2.0, weight
+    x = np.asarray(getattr(pattern, "tth_deg", ()), dtype=float)
     net = np.asarray(getattr(pattern, "calc", ()), dtype=float) - np.asarray(getattr(pattern, "bkg", ()), dtype=float)
     good = np.isfinite(net) & (net > 0)
-    return float(0.5 * np.average(x[good], weights=net[good])) if good.any() else float("nan")
+    if not good.any():
+        return np.zeros(0), np.zeros(0)
+    return np.array([0.5 * np.average(x[good], weights=net[good])]), np.ones(1)
 
 
 def _lineout_strain(pattern: Any, phase: str, ref_cell: Sequence[float]) -> tuple[float, float]:
@@ -109,17 +119,6 @@ def _lineout_strain(pattern: Any, phase: str, ref_cell: Sequence[float]) -> tupl
     table, weight = weighted
     hkl = np.column_stack([table["h"], table["k"], table["l"]])
     return strain_mod.lattice_strain(cell, ref_cell, cell_esd=esd, hkl=hkl, weights=weight)
-
-
-def _reflection_thetas(pattern: Any, phase: str) -> tuple[np.ndarray, np.ndarray]:
-    """Bragg angles θ (deg) of the reflections a lineout's cell stands for and their weights
-    (:func:`reflection_weights`); the effective θ alone when there is no reflection table."""
-    weighted = reflection_weights(pattern, phase)
-    if weighted is not None:
-        table, weight = weighted
-        return np.asarray(table["tth_deg"], dtype=float) / 2.0, weight
-    theta = effective_theta_deg(pattern, phase)
-    return (np.array([theta]), np.ones(1)) if np.isfinite(theta) else (np.zeros(0), np.zeros(0))
 
 
 def _eta_width(eta_width_deg: float | None, results: Sequence[Any]) -> float:
@@ -244,9 +243,9 @@ def assemble_results(
             if ph in ref_cells:
                 eps, eps_esd = _lineout_strain(p, ph, ref_cells[ph])
                 per_phase["strain"][k, g, e], per_phase["strain_esd"][k, g, e] = eps, eps_esd
-                per_phase["strain_theta_deg"][k, g, e] = effective_theta_deg(p, ph)
                 theta, weight = _reflection_thetas(p, ph)
                 if theta.size:
+                    per_phase["strain_theta_deg"][k, g, e] = np.average(theta, weights=weight)
                     design_lab[k, g, e] = strain_mod.lineout_design(
                         theta, r.eta_deg, weights=weight, eta_width_deg=width)
                     om = omega_frames[g] if omega_frames[g] is not None else [r.omega_deg]
