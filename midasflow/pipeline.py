@@ -270,11 +270,18 @@ def refine(
         Write the per-lineout CSV and CIF files.
     backend : {"native", "gsas2"}
     client : distributed.Client, optional
-        Run one task per lineout on this client; in-process serial execution when None.
-    seed_from : {None, "neighbour"}
-        Start each lineout from the refined values of the first lineout of its ω-group.
+        Run the lineouts as tasks on this client (one per ω-group, each reading its group from
+        the store on its worker; :class:`~midasflow.refinement.executors.DistributedExecutor`);
+        in-process serial execution when None.
+    seed_from : {None, "neighbour", "group"}
+        Start each lineout from the refined values of the first lineout of its ω-group, or of
+        the group's η-averaged pattern.
     resume : bool
-        Skip lineouts whose results already exist in ``out``.
+        Take back lineouts already refined in ``out`` with the same settings from the same data
+        (checked inside every checkpoint, :mod:`midasflow.refinement.checkpoints`); refuse when
+        ``lineouts/settings.json`` names other settings. Without it earlier checkpoints and
+        exports are removed first. Earlier results (``results.zarr``, the summary, the report)
+        are removed first either way and written again at the end.
     ref_cells : mapping phase name → (a, b, c, α, β, γ), optional
         Reference cells for strain; default each CIF's cell.
     max_reflections : int
@@ -311,22 +318,20 @@ def refine(
     from midasflow.io.instprm import instrument_from_midas, read_instprm, with_sample_parameters
     from midasflow.io.lock import check_writable_folder, output_lock
     from midasflow.refinement.backends import ExportingBackend, get_backend
-    from midasflow.refinement.lineouts import (
-        CHECKPOINT_SUBDIR,
-        plan_lineouts,
-        record_settings,
-        run_distributed,
-        run_serial,
-    )
+    from midasflow.refinement.checkpoints import SUBDIR as CHECKPOINT_SUBDIR
+    from midasflow.refinement.checkpoints import record_settings
+    from midasflow.refinement.executors import DistributedExecutor, SerialExecutor
     from midasflow.refinement.options import RefineOptions
+    from midasflow.refinement.plan import LineoutPlan
     from midasflow.results import assemble_results, write_results
 
     out = Path(out)
     check_writable_folder(out, "--out")
-    source = data if isinstance(data, xr.Dataset) else open_caked(data)
+    in_memory = isinstance(data, xr.Dataset)
+    source = data if in_memory else open_caked(data)  # the layout is read now, cakes by the tasks
     phases = read_phases(cifs)
     # the store's InstrumentParameters were read with it (open_caked): not read again
-    store = None if isinstance(data, xr.Dataset) else data
+    store = None if in_memory else data
     if not instprm:  # the store's terms, its sibling .instprm and .samprm files over them
         instrument = instrument_from_midas(source, store=store)
     else:  # the given file replaces the store's terms; a .samprm beside the store still applies
@@ -338,31 +343,29 @@ def refine(
     refiner = get_backend(backend, cifs, out, physical_profile=physical_profile)
     if export:
         refiner = ExportingBackend(refiner, out)
-    plan = plan_lineouts(source, min_points=min_points)
-    options.check_against([spec.tth_deg for spec in plan if not spec.skipped], min_points,
+    plan = LineoutPlan.of(source if in_memory else data, options, backend=refiner,
+                          seed_from=seed_from, min_points=min_points,
+                          dataset=None if in_memory else source)
+    options.check_against(plan.usable_tth(), min_points,  # from the layout: no cake read
                           max_reflections=max_reflections)
+    data_file = plan.store or source.attrs.get("source", "<dataset>")
     with output_lock(out, flag="--out", holder="midasflow refine"):  # one writer per folder
         for folder in (out, out / CHECKPOINT_SUBDIR):  # left by a killed run
             remove_stale_temporaries(folder)
-        record_settings(out, {
-            "data": str(data) if not isinstance(data, xr.Dataset) else "<dataset>",
-            **options.settings(), "backend": backend, "min_points": min_points, "seed_from": seed_from,
-        }, resume=resume)
-        execution = dict(backend=refiner, seed_from=seed_from, checkpoint_dir=out, resume=resume,
-                         progress=progress)
-        if client is None:
-            lineouts = run_serial(plan, options, **execution)
-        else:
-            lineouts = run_distributed(plan, options, client, **execution)
+        clear_previous_outputs(out, resume=resume)
+        record_settings(out, {**options.settings(), "backend": backend, "min_points": min_points,
+                              "seed_from": seed_from, "data_file": data_file}, resume=resume)
+        executor = SerialExecutor() if client is None else DistributedExecutor(client)
+        lineouts = plan.execute(executor, checkpoint_dir=out, resume=resume, progress=progress)
         cells = dict(ref_cells or {})
         for phase in phases:
             cells.setdefault(phase.name, tuple(phase.cell))
-        data_file = str(data) if not isinstance(data, xr.Dataset) else data.attrs.get("source", "<dataset>")
         results = assemble_results(
             lineouts,
             ref_cells=cells,
             phase_names=[p.name for p in phases],
-            attrs={"data_file": data_file, "backend": backend, "mode": mode},
+            attrs={"data_file": str(data) if not in_memory else data_file, "backend": backend,
+                   "mode": mode, "refine_digest": plan.refine_digest()},
             include_flagged=include_flagged,
             omega_frames_deg=_omega_frames_deg(source),
         )
@@ -386,6 +389,40 @@ def _omega_frames_deg(source: xr.Dataset) -> list[np.ndarray] | None:
         return None
     first, last, count = (np.asarray(source[name].values) for name in names)
     return [np.linspace(float(f), float(la), max(int(n), 1)) for f, la, n in zip(first, last, count)]
+
+
+#: What a refinement run writes into its output folder besides checkpoints and exports.
+RESULT_FILES = ("results.zarr", "refinement_summary.json", "report.html")
+
+
+def clear_previous_outputs(out: Path, *, resume: bool) -> None:
+    """Remove what an earlier run left in ``out`` before a new run starts, so an interrupted run
+    never leaves results beside settings they were not made with.
+
+    Always the results (:data:`RESULT_FILES`): they are written again, atomically, at the end.
+    Without ``resume`` also the checkpoints (``lineouts/``) and the per-lineout exports
+    (``hist_NNNN_data.csv``, ``hist_NNNN_<phase>.cif``, GSAS-II projects ``gsas2/hist_NNNN``).
+    Only files of these names are touched.
+    """
+    import shutil
+
+    from midasflow.refinement.checkpoints import clear_checkpoints
+
+    for name in RESULT_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if resume:
+        return
+    clear_checkpoints(out)
+    for pattern in ("hist_*_data.csv", "hist_*_*.cif"):
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+    for path in (out / "gsas2").glob("hist_*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
 
 
 def check_run_inputs(

@@ -52,6 +52,7 @@ __all__ = [
     "ring_tth_deg",
     "simulate_frames",
     "simulate_dark",
+    "simulate_caked",
     "ScanFiles",
     "write_scan",
     "simulate_ceo2_scan",
@@ -448,6 +449,85 @@ def simulate_dark(params: Params, *, n_frames: int = 2, level: float = 0.0, pois
     shape = (int(params.nr_pixels_z), int(params.nr_pixels_y))
     return _finish(np.full((n_frames, *shape), float(level)), poisson=poisson, rng=np.random.default_rng(seed),
                    dtype=np.dtype(dtype), flagged=_flag_mask(shape, masked_regions), flag_value=flag_value)
+
+
+def simulate_caked(
+    params: Params,
+    phase: Any,
+    *,
+    n_groups: int,
+    frames_per_group: int = 1,
+    strain_tensor: np.ndarray | None = None,
+    counts: float = 2000.0,
+    background: float = 50.0,
+    seed: int = 0,
+) -> tuple[Any, dict[str, Any]]:
+    """A caked scan made directly in (ω-group, R, η), without frames: for plan, executor and
+    scale tests where caking is not the subject.
+
+    Every bin sees the unstrained pattern of ``phase`` (:func:`simulate_frames`' model, peak
+    height ``counts`` over a flat ``background``) at its R-bin centre, strained as at its η-bin
+    centre and ω (module docstring); a group of N frames sums N per-frame, area-normalised cakes
+    whose counts (value × bin area × N) are Poisson. Bin areas are the annular sectors
+    R·ΔR·Δη(rad); group g covers frames g·N … g·N + N − 1 at ω = OmegaStart + i·OmegaStep.
+
+    Parameters
+    ----------
+    params : Params
+        R and η binning, wavelength, Lsd and pixel size, ω of the frames.
+    phase : midasflow.crystal.Phase
+    n_groups, frames_per_group : int
+    strain_tensor : (3, 3), optional
+        Sample-frame strain.
+    counts, background : float
+        Pattern maximum and flat background, counts per pixel per frame.
+    seed : int
+        Poisson noise seed.
+
+    Returns
+    -------
+    (xarray.Dataset, truth)
+        The caked Dataset (:func:`midasflow.caked_schema.caked_dataset`, attrs ``params`` and
+        ``instrument`` as :func:`midasflow.caking.cake` sets them) and ``truth`` with
+        ``omega_deg`` (group,), ``strain_tensor``, ``wavelength_a`` and the pattern's
+        ``tth0_deg``, ``d0_a``, ``instrument``.
+    """
+    import json
+
+    from midasflow.caked_schema import caked_dataset
+    from midasflow.geometry import tth_to_q_inv_a
+
+    r_edges, eta_edges = params.r_edges_px(), params.eta_edges_deg()
+    r_px, eta_deg = 0.5 * (r_edges[1:] + r_edges[:-1]), 0.5 * (eta_edges[1:] + eta_edges[:-1])
+    tth = r_to_tth_deg(r_px, params)
+    pattern, truth = _phase_pattern(phase, params, float(tth.max()))
+    area = np.outer(r_px * np.diff(r_edges), np.deg2rad(np.diff(eta_edges)))
+    n = int(frames_per_group)
+    first = float(params.omega_start_deg) + float(params.omega_step_deg) * n * np.arange(n_groups)
+    last = first + float(params.omega_step_deg) * (n - 1)
+    theta = np.broadcast_to(np.deg2rad(tth)[:, None] / 2.0, area.shape)
+    normal = scattering_vector(np.rad2deg(theta), np.broadcast_to(eta_deg, area.shape))
+    strain = None if strain_tensor is None else np.asarray(strain_tensor, float).reshape(3, 3)
+    rng = np.random.default_rng(seed)
+    intensity = np.empty((n_groups, *area.shape))
+    for g, omega in enumerate(0.5 * (first + last)):
+        sin_theta = np.sin(theta)
+        if strain is not None:
+            sin_theta = sin_theta * (1.0 + _strain_n(normal, _lab_tensor(strain, omega)))
+        per_frame = background + counts * pattern(2.0 * np.rad2deg(np.arcsin(np.clip(sin_theta, -1, 1))))
+        intensity[g] = rng.poisson(per_frame * area * n) / area
+    ds = caked_dataset(
+        intensity=intensity, frames_summed=np.full(n_groups, n), omega_first_deg=first,
+        omega_last_deg=last, last_frame=np.arange(1, n_groups + 1) * n - 1,
+        frame=np.arange(n_groups * n),
+        omega_frame_deg=float(params.omega_start_deg) + float(params.omega_step_deg) * np.arange(n_groups * n),
+        r_px=r_px, tth_deg=tth, q_inv_a=tth_to_q_inv_a(tth, params.wavelength_a), eta_deg=eta_deg,
+        bin_area=area,
+        attrs={"params": params.to_text(), "instrument": json.dumps(params.instrument.to_midas())},
+    )
+    truth.update(omega_deg=0.5 * (first + last), wavelength_a=float(params.wavelength_a),
+                 strain_tensor=np.zeros((3, 3)) if strain is None else strain)
+    return ds, truth
 
 
 @dataclass(frozen=True)

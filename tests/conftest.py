@@ -41,3 +41,13 @@ def plain_map():
 
     return build_binmap(small_params(solid_angle_correction=False, polarization_correction=False,
                                      r_max_px=32.0))
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A LocalCluster of two one-thread worker processes (127.0.0.1) and its client, per module."""
+    from midasflow.cluster import close_client, get_client
+
+    c, _ = get_client(n_workers=2, dashboard=False)
+    yield c
+    close_client(c)

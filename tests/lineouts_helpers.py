@@ -21,6 +21,7 @@ from midasflow import strain
 from midasflow.crystal import cubic_phase
 from midasflow.instrument import Instrument
 from midasflow.refinement.options import RefineOptions
+from midasflow.refinement.recipe import Stage
 from midasflow.refinement.result import PatternResult
 
 WAVELENGTH_A = 0.172979
@@ -130,3 +131,38 @@ class ToyBackend:
     def refine(self, spec, options, start=None):
         return toy_refine(spec.tth_deg, spec.intensity, spec.sigma, options.phases, options.instrument,
                           start=start, fail_below=self.fail_below, **options.recipe_kwargs())
+
+
+def simulated_store(path, *, n_groups=3, eta_bin_deg=30.0, r_bin_px=1.0, size=256, seed=0, strain=True):
+    """A MIDAS ``.zarr.zip`` of a strained CeO2 scan made with the simulator's caked scan
+    (:func:`midasflow.simulate.simulate_caked`), and (path, options) to refine it with."""
+    import dask
+
+    from midasflow.crystal import cubic_phase
+    from midasflow.io.midas_zarr import write_midas_zarr
+    from midasflow.simulate import CEO2_A_A, ceo2_params, simulate_caked
+
+    params = ceo2_params((size, size), r_bin_px=r_bin_px, eta_bin_deg=eta_bin_deg, omega_step_deg=30.0)
+    phase = cubic_phase("CeO2", CEO2_A_A)
+    ds, _ = simulate_caked(params, phase, n_groups=n_groups, strain_tensor=TENSOR if strain else None,
+                           seed=seed)
+    with dask.config.set(scheduler="threads"):  # not a distributed client another test left behind
+        write_midas_zarr(ds, path)
+    options = RefineOptions(phases=(phase,), instrument=params.instrument, bkg_terms=3)
+    return path, options
+
+
+#: A quick recipe for executor tests on simulated stores: background, scale and cell at once.
+ONE_STAGE = (Stage("one", ("Back;0", "Back;1", "Back;2", "Scale", "0::A0"), max_cycles=6),)
+
+
+class Recording:
+    """Another backend (default the toy one), keeping the (index, start) of every call in this
+    process (serial executor)."""
+
+    def __init__(self, backend=None):
+        self.backend, self.calls = backend or ToyBackend(), []
+
+    def refine(self, spec, options, start=None):
+        self.calls.append((spec.index, start))
+        return self.backend.refine(spec, options, start)

@@ -10,19 +10,7 @@ from midasflow.refinement.backends import ExportingBackend, NativeBackend, Refin
 from midasflow.refinement.gsas2 import Gsas2Backend
 from midasflow.refinement.lineouts import plan_lineouts, run_serial
 
-from lineouts_helpers import TOY_OPTIONS, ToyBackend, make_caked
-
-
-class _Recording(ToyBackend):
-    """Keeps the (index, start) of every call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def refine(self, spec, options, start=None):
-        self.calls.append((spec.index, start))
-        return super().refine(spec, options, start)
+from lineouts_helpers import TOY_OPTIONS, Recording, ToyBackend, make_caked
 
 
 def test_every_backend_is_a_refine_backend():
@@ -38,7 +26,7 @@ def test_every_backend_is_a_refine_backend():
 def test_the_executor_gives_each_backend_the_lineout_index_and_seed():
     ds = make_caked(n_groups=2, n_eta=3)
     plan = plan_lineouts(ds)
-    rec = _Recording()
+    rec = Recording()
     res = run_serial(plan, TOY_OPTIONS, backend=rec, seed_from="neighbour")
     assert [i for i, _ in rec.calls] == [s.index for s in plan] == list(range(6))
     starts = dict(rec.calls)
@@ -59,6 +47,9 @@ def test_native_backend_is_the_engine():
 def test_exporting_backend_writes_ok_lineouts_only(tmp_path):
     ds = make_caked(n_groups=1, n_eta=3)
     ds["intensity"][0, :, 1] = 1.0  # flat: the injected failure triggers on it
+    for stale in ("hist_0001_data.csv", "hist_0001_CeO2.cif"):  # an earlier refinement's exports
+        (tmp_path / stale).write_text("old")
     res = run_serial(plan_lineouts(ds), TOY_OPTIONS, backend=ExportingBackend(ToyBackend(fail_below=3.0), tmp_path))
     assert [r.status for r in res] == ["ok", "failed", "ok"]
     assert sorted(p.name for p in tmp_path.glob("hist_*_data.csv")) == ["hist_0000_data.csv", "hist_0002_data.csv"]
+    assert not (tmp_path / "hist_0001_CeO2.cif").exists()  # not left beside the failed lineout

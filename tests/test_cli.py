@@ -442,7 +442,7 @@ def test_sigterm_during_refine_stops_like_ctrl_c_and_resume_finishes(scan, store
     assert err[-1] == "midasflow refine: stopped by SIGTERM; what finished is kept (refine, run: --resume " \
                       "continues) and nothing half-written is left"
     assert all(line.startswith("refine-lineout [") for line in err[:-1])  # the progress line, ended
-    assert sorted(p.name for p in (out / "lineouts").glob("hist_*")) == ["hist_0000.pkl", "hist_0001.pkl"]
+    assert sorted(p.name for p in (out / "lineouts").glob("hist_*")) == ["hist_0000.npz", "hist_0001.npz"]
     assert not (out / "results.zarr").exists() and not (out / ".midasflow.lock").exists()
     assert not [p for p in out.rglob(".*") if ".tmp-" in p.name]
     calls.clear()

@@ -36,7 +36,7 @@ def test_frozen_and_the_vocabularies():
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.bkg_terms = 3
     assert MODES == ("rietveld", "lebail") and BACKENDS == ("native", "gsas2")
-    assert SEED_MODES == (None, "neighbour")
+    assert SEED_MODES == (None, "neighbour", "group")
     with pytest.raises(ParameterError, match="--mode 'rietvelt': expected one of rietveld, lebail"):
         _options(mode="rietvelt")
 

@@ -43,15 +43,6 @@ A_TOL = 3e-5
 
 
 @pytest.fixture(scope="module")
-def client():
-    from midasflow.cluster import close_client, get_client
-
-    client, _ = get_client(n_workers=2, dashboard=False)
-    yield client
-    close_client(client)
-
-
-@pytest.fixture(scope="module")
 def e2e(tmp_path_factory, client):
     root = tmp_path_factory.mktemp("e2e")
     files, truth, cif = make_demo_scan(root, n_frames=3, sum_frames=1, size=SIZE, seed=1, omega_step_deg=60.0,
@@ -269,7 +260,7 @@ def test_resume_after_interruption_refines_only_what_is_missing(small, tmp_path,
     _use_engine(monkeypatch, interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.refine(ds, [cif], **options)
-    assert len(list((tmp_path / "lineouts").glob("hist_*.pkl"))) == 4
+    assert len(list((tmp_path / "lineouts").glob("hist_*.npz"))) == 4
 
     resumed = _Counting()
     _use_engine(monkeypatch, resumed)
@@ -279,7 +270,7 @@ def test_resume_after_interruption_refines_only_what_is_missing(small, tmp_path,
 
     # delete two checkpoints: exactly those two are refined again, to the same numbers
     for index in (1, 3):
-        (tmp_path / "lineouts" / f"hist_{index:04d}.pkl").unlink()
+        (tmp_path / "lineouts" / f"hist_{index:04d}.npz").unlink()
     again = _Counting()
     _use_engine(monkeypatch, again)
     r2 = pipeline.refine(ds, [cif], resume=True, **options)

@@ -51,7 +51,8 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                         help="run: where the frames come from, 'batch' (files; the default)" if pipeline
                         else argparse.SUPPRESS)
     parser.add_argument("--seed-from", choices=SEED_MODES[1:], default=None,
-                        help="start each lineout from the first refined lineout of its ω-group")
+                        help="start each lineout from the refined values of its ω-group's first lineout "
+                        "(neighbour) or of its ω-group's η-averaged pattern (group)")
     parser.add_argument("--resume", action="store_true",
                         help="skip lineouts whose results already exist in --out")
     parser.add_argument("--ref-cell", nargs="+", type=float, default=None, metavar="A",

@@ -12,22 +12,30 @@ values of a seeding lineout. Every backend gets the same call, the lineout's ind
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from midasflow.errors import ParameterError
 from midasflow.refinement.options import BACKENDS, RefineOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from midasflow.refinement.lineouts import LineoutSpec
+    from midasflow.refinement.recipe import Stage
     from midasflow.refinement.result import PatternResult
 
 
 @runtime_checkable
 class RefineBackend(Protocol):
-    """Refines one lineout. Implementations must be picklable (they travel to Dask workers)."""
+    """Refines one lineout. Implementations must be picklable (they travel to Dask workers).
+
+    A backend whose results depend on its own configuration (not only on the run's
+    :class:`RefineOptions`) also has ``settings() -> dict`` (JSON): it enters the digest every
+    checkpoint carries (:func:`midasflow.refinement.checkpoints.refine_digest`), so results of
+    another configuration are never taken back.
+    """
 
     def refine(self, spec: LineoutSpec, options: RefineOptions,
                start: Mapping[str, float] | None = None) -> PatternResult:
@@ -37,19 +45,36 @@ class RefineBackend(Protocol):
 
 
 class NativeBackend:
-    """The built-in engine (:func:`midasflow.refinement.engine.refine_pattern`)."""
+    """The built-in engine (:func:`midasflow.refinement.engine.refine_pattern`).
+
+    Parameters
+    ----------
+    stages : sequence of Stage, optional
+        A recipe replacing :func:`~midasflow.refinement.recipe.default_stages` (e.g. one stage
+        for a quick survey of a large scan).
+    """
+
+    def __init__(self, stages: Sequence[Stage] | None = None) -> None:
+        self.stages = None if stages is None else tuple(stages)
+
+    def settings(self) -> dict[str, Any]:
+        """What besides the options decides this backend's results (JSON): the recipe."""
+        return {"stages": None if self.stages is None else [dataclasses.asdict(s) for s in self.stages]}
 
     def refine(self, spec: LineoutSpec, options: RefineOptions,
                start: Mapping[str, float] | None = None) -> PatternResult:
         from midasflow.refinement import engine
 
+        extra = {} if self.stages is None else {"stages": self.stages}
         return engine.refine_pattern(spec.tth_deg, spec.intensity, spec.sigma, list(options.phases),
-                                     options.instrument, start=start, **options.recipe_kwargs())
+                                     options.instrument, start=start, **options.recipe_kwargs(),
+                                     **extra)
 
 
 class ExportingBackend:
     """Another backend whose every "ok" lineout also writes ``hist_NNNN_data.csv`` and
-    ``hist_NNNN_<phase>.cif`` into ``folder`` (:func:`midasflow.results.export_lineout`)."""
+    ``hist_NNNN_<phase>.cif`` into ``folder`` (:func:`midasflow.results.export_lineout`); a
+    lineout refined again that is not "ok" removes those an earlier refinement left."""
 
     def __init__(self, backend: RefineBackend, folder: str | os.PathLike) -> None:
         self.backend, self.folder = backend, Path(folder)
@@ -58,9 +83,16 @@ class ExportingBackend:
                start: Mapping[str, float] | None = None) -> PatternResult:
         from midasflow.results import export_lineout
 
-        pattern = self.backend.refine(spec, options, start)
-        if getattr(pattern, "status", "ok") == "ok":
-            export_lineout(pattern, self.folder, spec.index)
+        pattern = None
+        try:
+            pattern = self.backend.refine(spec, options, start)
+        finally:
+            if pattern is not None and getattr(pattern, "status", "ok") == "ok":
+                export_lineout(pattern, self.folder, spec.index)
+            else:
+                stem = f"hist_{spec.index:04d}"
+                for stale in [self.folder / f"{stem}_data.csv", *self.folder.glob(f"{stem}_*.cif")]:
+                    stale.unlink(missing_ok=True)
         return pattern
 
 

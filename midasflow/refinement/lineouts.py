@@ -27,35 +27,30 @@ mean f of its bins (``LineoutSpec.independent_fraction``), and :func:`refine_lin
 every backend's esds to GOF = sqrt(χ²/(f·N − n))
 (:meth:`~midasflow.refinement.result.PatternResult.with_independent_fraction`).
 
-Executors: :func:`run_serial` (the reference) and :func:`run_distributed` (one
-``dask.distributed`` task per lineout, keys ``refine-lineout-<index>-<token>``) return the same
-list of :class:`LineoutResult` for the same plan. A failing lineout becomes a "failed" result with
-its error; finished lineouts are checkpointed one small file each so ``resume=True`` computes
-only what is missing.
+
+The lazy plan that reads these lineouts where they are refined, its checkpoints and executors
+live in :mod:`midasflow.refinement.plan`, :mod:`~midasflow.refinement.checkpoints` and
+:mod:`~midasflow.refinement.executors`; :func:`run_serial` (the reference) and
+:func:`run_distributed` (Dask tasks, keys ``refine-lineout-…``) run a plan and return the same
+list of :class:`LineoutResult`. A failing lineout becomes a "failed" result with its error.
 """
 from __future__ import annotations
 
-import json
 import os
-import pickle
 import re
 import sys
 import time
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from midasflow.errors import CakeFileError, ParameterError
-from midasflow.io.atomic import write_bytes_atomic, write_text_atomic
+from midasflow.errors import ParameterError
 from midasflow.progress import TextProgress
-from midasflow.refinement.backends import NativeBackend, RefineBackend
+from midasflow.refinement.backends import RefineBackend
 from midasflow.refinement.options import SEED_MODES, RefineOptions, SeedFrom
 
-CHECKPOINT_SUBDIR = "lineouts"
 TASK_PREFIX = "refine-lineout"
 
 
@@ -191,35 +186,44 @@ def lineouts_of_group(
     min_points: int = 20,
     normalized: bool = True,
     fraction: np.ndarray | None = None,
+    eta_start: int = 0,
+    n_eta: int | None = None,
 ) -> list[LineoutSpec]:
-    """Specs of every η column of one ω-group's cake (pure numpy).
+    """Specs of every η column of one ω-group's cake, or of a run of its columns (pure numpy).
 
     Parameters
     ----------
-    intensity : ndarray (n_r, n_eta), float64
-        The group's summed cake (NaN = masked bin).
+    intensity : ndarray (n_r, n_columns), float64
+        The group's summed cake (NaN = masked bin), or its columns ``eta_start:eta_start +
+        n_columns``.
     group, frames_summed : int
     omega_deg : float
         Mid-group ω.
-    tth_deg : ndarray (n_r,) or (n_r, n_eta), degrees
-    eta_deg : ndarray (n_eta,), degrees
-    bin_area : ndarray (n_r, n_eta), pixel²
+    tth_deg : ndarray (n_r,) or (n_r, n_columns), degrees
+    eta_deg : ndarray (n_columns,), degrees
+    bin_area : ndarray (n_r, n_columns), pixel²
     min_points, normalized
         As :func:`plan_lineouts`.
-    fraction : ndarray (n_r, n_eta), optional
+    fraction : ndarray (n_r, n_columns), optional
         :func:`independent_fraction` of every bin; default 1 (independent bins).
+    eta_start : int
+        η index of the first column.
+    n_eta : int, optional
+        η bins of the whole cake (numbering: index = group·n_eta + η index); default the
+        number of columns.
 
     Returns
     -------
-    list of LineoutSpec, one per η column, in η order.
+    list of LineoutSpec, one per column, in η order.
     """
     intensity = np.asarray(intensity, dtype=np.float64)
     area = np.asarray(bin_area, dtype=np.float64)
-    n_r, n_eta = intensity.shape
-    tth2d = np.broadcast_to(np.asarray(tth_deg, dtype=np.float64).reshape(n_r, -1), (n_r, n_eta))
+    n_r, n_cols = intensity.shape
+    n_eta = n_cols if n_eta is None else int(n_eta)
+    tth2d = np.broadcast_to(np.asarray(tth_deg, dtype=np.float64).reshape(n_r, -1), (n_r, n_cols))
     n_frames = max(int(frames_summed), 1)
     specs = []
-    for e in range(n_eta):
+    for e in range(n_cols):
         use = (area[:, e] != 0) & np.isfinite(intensity[:, e])
         col_sum, col_area = intensity[use, e], area[use, e]
         arrays = [tth2d[use, e], col_sum / n_frames,
@@ -227,21 +231,27 @@ def lineouts_of_group(
         for arr in arrays:
             arr.setflags(write=False)
         specs.append(LineoutSpec(
-            index=int(group) * n_eta + e, group=int(group), eta_index=e, omega_deg=float(omega_deg),
+            index=int(group) * n_eta + eta_start + e, group=int(group), eta_index=eta_start + e,
+            omega_deg=float(omega_deg),
             eta_deg=float(eta_deg[e]), tth_deg=arrays[0], intensity=arrays[1], sigma=arrays[2],
             frames_summed=n_frames, skipped=bool(use.sum() <= min_points),
-            independent_fraction=float(np.mean(fraction[use, e])) if fraction is not None and use.any() else 1.0,
+            independent_fraction=(float(np.mean(fraction[use, e])) if fraction is not None and use.any()
+                                  else 1.0),
         ))
     return specs
 
 
-def _is_normalized(params_text: str) -> bool:
+def is_normalized(params_text: str) -> bool:
+    """Whether the ``Normalize`` key of MIDAS parameter text is on (true when absent)."""
     m = re.search(r"^\s*Normalize\s+(\S+)", params_text or "", flags=re.MULTILINE)
     return True if m is None else m.group(1).strip() not in ("0", "0.0")
 
 
 def plan_lineouts(ds: Any, *, min_points: int = 20, normalized: bool | None = None) -> list[LineoutSpec]:
-    """The refinement plan of a caked scan: one :class:`LineoutSpec` per (ω-group, η).
+    """Every lineout of a caked scan, read now: one :class:`LineoutSpec` per (ω-group, η).
+
+    For inspection and small scans; :class:`midasflow.refinement.plan.LineoutPlan` is the plan
+    that reads each group where it is refined.
 
     Parameters
     ----------
@@ -261,34 +271,21 @@ def plan_lineouts(ds: Any, *, min_points: int = 20, normalized: bool | None = No
     -------
     list of LineoutSpec, ordered by index (skipped ones included, flagged).
     """
+    from midasflow.refinement.plan import CakeLayout
+
     if isinstance(ds, (str, os.PathLike)):
         from midasflow.io.caked_store import open_caked
 
         ds = open_caked(ds)
-    for name in ("intensity", "frames_summed", "tth_deg", "eta_deg", "bin_area"):
-        if name not in ds.variables:
-            raise CakeFileError(f"caked dataset: missing {name!r} (expected the layout of midasflow.caking.cake)")
-    if normalized is None:
-        normalized = _is_normalized(str(ds.attrs.get("params", "")))
-    if "omega_deg" in ds.variables:
-        omega = np.asarray(ds["omega_deg"].values, dtype=np.float64)
-    else:
-        omega = 0.5 * (np.asarray(ds["omega_first_deg"].values) + np.asarray(ds["omega_last_deg"].values))
-    tth = np.asarray(ds["tth_deg"].transpose("r", ...).values, dtype=np.float64)
-    eta = np.asarray(ds["eta_deg"].values, dtype=np.float64)
-    area = np.asarray(ds["bin_area"].transpose("r", "eta").values, dtype=np.float64)
-    frames = np.asarray(ds["frames_summed"].values)
-    fraction = None
-    if "r_px" in ds.variables:  # every cake of the caking contract; absent: independent bins
-        sq = ds["bin_area_sq"].transpose("r", "eta").values if "bin_area_sq" in ds.variables else None
-        fraction = independent_fraction(ds["r_px"].values, eta, bin_area=area, bin_area_sq=sq)
+    lay = CakeLayout.of(ds, normalized)
     intensity = ds["intensity"].transpose("group", "r", "eta")
     plan: list[LineoutSpec] = []
-    for g in range(intensity.sizes["group"]):
+    for g in range(lay.n_groups):
         plan += lineouts_of_group(
-            np.asarray(intensity.isel(group=g).values), group=g, frames_summed=int(frames[g]),
-            omega_deg=float(omega[g]), tth_deg=tth, eta_deg=eta, bin_area=area,
-            min_points=min_points, normalized=normalized, fraction=fraction)
+            np.asarray(intensity.isel(group=g).values), group=g, frames_summed=int(lay.frames_summed[g]),
+            omega_deg=float(lay.omega_deg[g]), tth_deg=lay.tth_deg, eta_deg=lay.eta_deg,
+            bin_area=lay.bin_area, min_points=min_points, normalized=lay.normalized,
+            fraction=lay.fraction)
     return plan
 
 
@@ -341,6 +338,12 @@ def _result(spec: LineoutSpec, status: str, message: str = "", pattern: Any = No
                          _worker_address())
 
 
+def failed_result(index: int, group: int, eta_index: int, omega_deg: float, eta_deg: float,
+                  message: str) -> LineoutResult:
+    """A "failed" result for a lineout whose task was lost (nothing known of its data)."""
+    return LineoutResult(index, group, eta_index, omega_deg, eta_deg, 0, "failed", message)
+
+
 def _worker_address() -> str:
     """Address of the Dask worker running this call; "" outside a worker."""
     if "distributed" not in sys.modules:  # nothing can be running on a worker
@@ -385,13 +388,16 @@ def refine_lineout(spec: LineoutSpec, backend: RefineBackend, options: RefineOpt
 
 
 def seed_sources(plan: Sequence[LineoutSpec], seed_from: SeedFrom | None) -> dict[int, int]:
-    """Map lineout index → index of the lineout whose refined values seed it.
+    """Map lineout index → index of what seeds it (the rule the executors follow).
 
     ``seed_from="neighbour"``: every lineout of an ω-group starts from the first (lowest η index)
-    non-skipped lineout of that group; ``None``: independent starts (empty map).
+    non-skipped lineout of that group; ``"group"``: every non-skipped lineout of group g starts
+    from the group's η-averaged pattern, index −1 − g
+    (:func:`midasflow.refinement.plan.group_mean_spec`); ``None``: independent starts (empty map).
     """
     if seed_from not in SEED_MODES:
-        raise ParameterError(f"--seed-from {seed_from!r}: expected 'neighbour' or nothing")
+        raise ParameterError(f"--seed-from {seed_from!r}: expected one of "
+                             f"{', '.join(m for m in SEED_MODES if m)} or nothing")
     if seed_from is None:
         return {}
     first: dict[int, int] = {}
@@ -399,7 +405,9 @@ def seed_sources(plan: Sequence[LineoutSpec], seed_from: SeedFrom | None) -> dic
     for spec in sorted(plan, key=lambda s: s.index):
         if spec.skipped:
             continue
-        if spec.group not in first:
+        if seed_from == "group":
+            out[spec.index] = -1 - spec.group
+        elif spec.group not in first:
             first[spec.group] = spec.index
         else:
             out[spec.index] = first[spec.group]
@@ -407,65 +415,9 @@ def seed_sources(plan: Sequence[LineoutSpec], seed_from: SeedFrom | None) -> dic
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
-def checkpoint_path(checkpoint_dir: str | os.PathLike, index: int) -> Path:
-    """``<checkpoint_dir>/lineouts/hist_NNNN.pkl``."""
-    return Path(checkpoint_dir) / CHECKPOINT_SUBDIR / f"hist_{index:04d}.pkl"
-
-
-def save_checkpoint(result: LineoutResult, checkpoint_dir: str | os.PathLike) -> Path:
-    """Write one finished lineout atomically (temporary file, then rename). Pickle: a private cache
-    of this output folder, read back only by :func:`load_checkpoints`."""
-    path = checkpoint_path(checkpoint_dir, result.index)
-    return write_bytes_atomic(path, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def load_checkpoints(plan: Sequence[LineoutSpec], checkpoint_dir: str | os.PathLike) -> dict[int, LineoutResult]:
-    """Finished lineouts of ``plan`` found in ``checkpoint_dir`` (unreadable or foreign files ignored)."""
-    done = {}
-    for spec in plan:
-        path = checkpoint_path(checkpoint_dir, spec.index)
-        if not path.is_file():
-            continue
-        try:
-            with open(path, "rb") as fh:
-                res = pickle.load(fh)
-        except Exception:
-            continue
-        if isinstance(res, LineoutResult) and (res.group, res.eta_index) == (spec.group, spec.eta_index):
-            done[spec.index] = res
-    return done
-
-
-def record_settings(checkpoint_dir: str | os.PathLike, settings: Mapping[str, Any], *, resume: bool) -> Path:
-    """Keep the settings the checkpoints are made with; refuse to resume under other settings.
-
-    ``settings`` (JSON-serialisable: data file, phases, instrument, recipe options, backend) is
-    written to ``<checkpoint_dir>/lineouts/settings.json``. With ``resume``, an existing file that
-    differs raises :class:`ParameterError` naming the settings that changed, so finished lineouts
-    of one setup are never mixed silently with lineouts of another.
-    """
-    path = Path(checkpoint_dir) / CHECKPOINT_SUBDIR / "settings.json"
-    current = json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
-    if resume and path.is_file():
-        try:
-            before = json.loads(path.read_text())
-        except (OSError, ValueError):
-            before = None
-        if isinstance(before, dict) and before != current:
-            changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
-            raise ParameterError(
-                f"{path}: --resume: the finished lineouts were refined with other {', '.join(changed)}; "
-                "run without --resume or choose another output folder"
-            )
-    return write_text_atomic(path, json.dumps(current, indent=1, sort_keys=True))
-
-
-# ---------------------------------------------------------------------------------------------
 # progress
 # ---------------------------------------------------------------------------------------------
-class _LineoutProgress(TextProgress):
+class LineoutProgress(TextProgress):
     """``refine-lineout [####....] 37/72  ok 35  failed 2  4.1/s`` on stderr."""
 
     def __init__(self, total: int, enabled: bool) -> None:
@@ -478,28 +430,11 @@ class _LineoutProgress(TextProgress):
         super().update(f"ok {self.ok}  failed {self.failed}  ")
 
 
-def _in_notebook() -> bool:
-    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
-    return type(shell).__name__ == "ZMQInteractiveShell"
-
-
 # ---------------------------------------------------------------------------------------------
 # executors
 # ---------------------------------------------------------------------------------------------
-def _prepare(plan: Sequence[LineoutSpec], seed_from: SeedFrom | None, checkpoint_dir: Any, resume: bool
-             ) -> tuple[list[LineoutSpec], dict[int, int], dict[int, LineoutResult]]:
-    plan = sorted(plan, key=lambda s: s.index)
-    if len({s.index for s in plan}) != len(plan):
-        raise ParameterError("lineout plan: duplicate lineout indices")
-    seeds = seed_sources(plan, seed_from)
-    if resume and checkpoint_dir is None:
-        raise ParameterError("--resume needs an output folder (checkpoint_dir)")
-    done = load_checkpoints(plan, checkpoint_dir) if resume else {}
-    return plan, seeds, done
-
-
 def run_serial(
-    plan: Sequence[LineoutSpec],
+    plan: Any,
     options: RefineOptions,
     *,
     backend: RefineBackend | None = None,
@@ -507,50 +442,46 @@ def run_serial(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = False,
+    min_points: int = 20,
 ) -> list[LineoutResult]:
-    """Refine every lineout of ``plan`` in this process, in index order (the reference executor).
+    """Refine every lineout of ``plan`` in this process (the reference executor).
 
     Parameters
     ----------
-    plan : sequence of LineoutSpec
+    plan : sequence of LineoutSpec, caked store path or caked Dataset
+        What :class:`midasflow.refinement.plan.LineoutPlan` plans (a store's groups are read
+        one at a time).
     options : RefineOptions
         Phases, instrument and recipe options shared by every lineout.
     backend : RefineBackend, optional
         What refines each lineout; default the built-in engine
         (:class:`~midasflow.refinement.backends.NativeBackend`).
-    seed_from : {None, "neighbour"}
-        See :func:`seed_sources`.
+    seed_from : {None, "neighbour", "group"}
+        See :mod:`midasflow.refinement.plan`.
     checkpoint_dir : path, optional
-        Each finished lineout is written to ``<checkpoint_dir>/lineouts/hist_NNNN.pkl``.
+        Each finished lineout is checkpointed to ``<checkpoint_dir>/lineouts/hist_NNNN.npz``
+        (:mod:`midasflow.refinement.checkpoints`).
     resume : bool
-        Load finished lineouts from ``checkpoint_dir`` instead of recomputing them.
+        Take matching checkpoints of earlier runs instead of refining again.
     progress : bool
         Progress line on stderr.
+    min_points : int
+        For a store or Dataset: a lineout needs more usable bins than this.
 
     Returns
     -------
-    list of LineoutResult, in plan index order.
+    list of LineoutResult, in index order.
     """
-    backend = backend or NativeBackend()
-    plan, seeds, results = _prepare(plan, seed_from, checkpoint_dir, resume)
-    bar = _LineoutProgress(len(plan) - len(results), progress)
-    try:
-        for spec in plan:
-            if spec.index in results:
-                continue
-            seed = results.get(seeds[spec.index]) if spec.index in seeds else None
-            res = refine_lineout(spec, backend, options, seed)
-            if checkpoint_dir is not None:
-                save_checkpoint(res, checkpoint_dir)
-            results[spec.index] = res
-            bar.update(res)
-    finally:  # the line ends also when Ctrl-C or SIGTERM stops the loop
-        bar.close()
-    return [results[s.index] for s in plan]
+    from midasflow.refinement.executors import SerialExecutor
+    from midasflow.refinement.plan import LineoutPlan
+
+    lineout_plan = LineoutPlan.of(plan, options, backend=backend, seed_from=seed_from, min_points=min_points)
+    return lineout_plan.execute(SerialExecutor(), checkpoint_dir=checkpoint_dir, resume=resume,
+                                progress=progress)
 
 
 def run_distributed(
-    plan: Sequence[LineoutSpec],
+    plan: Any,
     options: RefineOptions,
     client: Any,
     *,
@@ -560,63 +491,20 @@ def run_distributed(
     resume: bool = False,
     progress: bool = True,
     retries: int = 2,
+    min_points: int = 20,
+    lineouts_per_task: int | None = None,
 ) -> list[LineoutResult]:
-    """Refine every lineout as one ``dask.distributed`` task; same results as :func:`run_serial`.
+    """Refine every lineout on a ``distributed.Client``; the same results as :func:`run_serial`.
 
-    ``options`` (phases, instrument, recipe) is scattered once to every worker
-    (``broadcast=True``) and each task receives it by reference. Task keys are
-    ``refine-lineout-<index>-<token>`` (the dashboard groups them as "refine-lineout"; the
-    per-call token keeps repeated runs on one client apart). ``retries`` covers workers that die;
-    a lineout still lost after that is recorded "failed" with the error. With
-    ``seed_from="neighbour"`` the seeding lineout of each ω-group is a dependency of the others.
-    Results are checkpointed by the client as they arrive.
-
-    Parameters
-    ----------
-    client : distributed.Client
-    Other parameters as :func:`run_serial`; ``progress`` shows a widget in a notebook and a
-    text line on stderr elsewhere.
-
-    Returns
-    -------
-    list of LineoutResult, in plan index order.
+    The plan's context (layout, options, backend) is scattered once to every worker; each task
+    refines a unit of lineouts (``lineouts_per_task`` η columns of one ω-group, default the
+    whole group), reading its cake on the worker from a store. Keys
+    ``refine-lineout-<first>[-<last>]-<token>``. Other parameters as :func:`run_serial`, and
+    ``retries`` as :class:`~midasflow.refinement.executors.DistributedExecutor`.
     """
-    from distributed import as_completed
+    from midasflow.refinement.executors import DistributedExecutor
+    from midasflow.refinement.plan import LineoutPlan
 
-    backend = backend or NativeBackend()
-    plan, seeds, results = _prepare(plan, seed_from, checkpoint_dir, resume)
-    todo = [s for s in plan if s.index not in results]
-    if not todo:
-        return [results[s.index] for s in plan]
-    [options_future] = client.scatter([options], broadcast=True, hash=False)
-    token = uuid.uuid4().hex[:8]
-    futures: dict[Any, LineoutSpec] = {}
-    by_index: dict[int, Any] = {}
-    for spec in todo:  # index order: every group's seeding lineout comes before its dependants
-        seed_index = seeds.get(spec.index)
-        seed = None if seed_index is None else results.get(seed_index, by_index.get(seed_index))
-        fut = client.submit(refine_lineout, spec, backend, options_future, seed,
-                            key=f"{TASK_PREFIX}-{spec.index}-{token}", retries=retries, pure=False)
-        futures[fut] = spec
-        by_index[spec.index] = fut
-    notebook = progress and _in_notebook()
-    if notebook:
-        from distributed import progress as dask_progress
-
-        dask_progress(list(futures))
-    bar = _LineoutProgress(len(todo), progress and not notebook)
-    try:
-        for fut in as_completed(list(futures)):
-            spec = futures[fut]
-            try:
-                res = fut.result()
-            except Exception as exc:  # worker lost beyond retries, or the seed's task lost
-                res = _result(spec, "failed", f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
-            if checkpoint_dir is not None:
-                save_checkpoint(res, checkpoint_dir)
-            results[spec.index] = res
-            bar.update(res)
-    finally:
-        bar.close()
-        client.cancel(list(futures) + [options_future])
-    return [results[s.index] for s in plan]
+    lineout_plan = LineoutPlan.of(plan, options, backend=backend, seed_from=seed_from, min_points=min_points)
+    executor = DistributedExecutor(client, lineouts_per_task=lineouts_per_task, retries=retries)
+    return lineout_plan.execute(executor, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)

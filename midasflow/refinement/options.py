@@ -34,8 +34,8 @@ MODES: tuple[str, ...] = get_args(Mode)
 BackendName = Literal["native", "gsas2"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
 #: Where a lineout's start values come from besides the store: the first refined lineout of its
-#: ω-group ("neighbour"), or nowhere (None).
-SeedFrom = Literal["neighbour"]
+#: ω-group ("neighbour"), the refined η-averaged pattern of its ω-group ("group"), or nowhere (None).
+SeedFrom = Literal["neighbour", "group"]
 SEED_MODES: tuple[str | None, ...] = (None, *get_args(SeedFrom))
 
 #: Field metadata of the options passed to the per-lineout refinement call as keywords.
