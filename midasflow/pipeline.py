@@ -308,7 +308,8 @@ def refine(
 
     Notes
     -----
-    The options are checked against the data before anything is written. ``out`` is then locked
+    The options are checked against the data's layout and a ``.zarr.zip``'s members against
+    their CRCs (:func:`midasflow.io.midas_zarr.verify_members`) before anything is written. ``out`` is then locked
     (``<out>/.midasflow.lock``) until the results are written: a second run into the same folder
     is refused with :class:`~midasflow.errors.OutputInUseError` naming the holder's pid.
     """
@@ -329,6 +330,10 @@ def refine(
     check_writable_folder(out, "--out")
     in_memory = isinstance(data, xr.Dataset)
     source = data if in_memory else open_caked(data)  # the layout is read now, cakes by the tasks
+    if not in_memory and Path(data).is_file():  # a zip: its CRCs say now whether every cake reads
+        from midasflow.io.midas_zarr import verify_members
+
+        verify_members(data)
     phases = read_phases(cifs)
     # the store's InstrumentParameters were read with it (open_caked): not read again
     store = None if in_memory else data
