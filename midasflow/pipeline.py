@@ -309,9 +309,10 @@ def refine(
     Notes
     -----
     The options are checked against the data's layout and a ``.zarr.zip``'s members against
-    their CRCs (:func:`midasflow.io.midas_zarr.verify_members`) before anything is written. ``out`` is then locked
-    (``<out>/.midasflow.lock``) until the results are written: a second run into the same folder
-    is refused with :class:`~midasflow.errors.OutputInUseError` naming the holder's pid.
+    their CRCs (:func:`midasflow.io.midas_zarr.verify_members`) before anything is written.
+    ``out`` is then locked (``<out>/.midasflow.lock``) until the results are written: a second
+    run into the same folder is refused with :class:`~midasflow.errors.OutputInUseError` naming
+    the holder's pid.
     """
     from midasflow.crystal import read_phases
     from midasflow.io.atomic import remove_stale_temporaries
