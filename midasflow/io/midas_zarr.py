@@ -326,21 +326,28 @@ def _member_attrs(path: Path, names: list[str]) -> list[dict[str, Any]]:
                 for n in names]
 
 
-def _numbered(group: Any, prefix: str, path: Path) -> list[tuple[int, str]]:
+def _numbered(shapes: dict[str, tuple[int, ...]], group: str, prefix: str, path: Path
+              ) -> list[tuple[int, str]]:
     """(index, name) of the arrays ``<prefix><i>`` in a group, in numeric (not lexicographic)
-    order."""
+    order; ``shapes`` = every array of the zip (path → declared shape, from :func:`_open_root`)."""
     out = []
-    for name in group.array_keys():
+    for array in shapes:
+        where, _, name = array.rpartition("/")
+        if where != group:
+            continue
         if not name.startswith(prefix) or not name[len(prefix):].isdigit():
-            raise CakeFileError(f"{path}: unexpected member {group.path}/{name}, expected "
+            raise CakeFileError(f"{path}: unexpected member {group}/{name}, expected "
                                 f"{prefix}<frame number>")
         out.append((int(name[len(prefix):]), name))
     return sorted(out)
 
 
 @contextlib.contextmanager
-def _open_root(path: str | os.PathLike) -> Iterator[Any]:
-    """The root group of a ``.zarr.zip`` opened read-only, closed on exit.
+def _open_root(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]] | None = None
+               ) -> Iterator[Any]:
+    """The root group of a ``.zarr.zip`` opened read-only, closed on exit; ``shapes``, when
+    given, receives every array's path and declared shape (read from the zip's metadata, so
+    thousands of members cost no zarr array opens).
 
     Raises
     ------
@@ -362,8 +369,10 @@ def _open_root(path: str | os.PathLike) -> Iterator[Any]:
     with zipfile.ZipFile(path) as zf, reading(path, "a member", CakeFileError):
         # declared sizes and Blosc headers, before anything is decoded
         for array, meta, heads in zip_v2_arrays(zf, str(path), CakeFileError):
-            check_v2_array(meta, heads, f"{path}: member {array or 'root'}", CakeFileError,
-                           compressors=("blosc", None))
+            shape = check_v2_array(meta, heads, f"{path}: member {array or 'root'}", CakeFileError,
+                                   compressors=("blosc", None))
+            if shapes is not None:
+                shapes[array] = tuple(shape)
     store = zarr.storage.ZipStore(path, mode="r")
     try:
         try:
@@ -402,17 +411,15 @@ def read_instrument_parameters(path: str | os.PathLike) -> dict[str, Any]:
         return _instrument_parameters(root["InstrumentParameters"])
 
 
-def _check_cake_shapes(root: Any, members: set[str], shape: tuple[int, int], path: Path) -> None:
+def _check_cake_shapes(shapes: dict[str, tuple[int, ...]], shape: tuple[int, int],
+                       path: Path) -> None:
     """Every (nR, nEta) member of the layout declares REtaMap's (nR, nEta): the lazy cakes are
     built on that shape, so a member declaring another is refused before it is read."""
-    arrays = [(BIN_AREA, root[BIN_AREA])] if BIN_AREA in members else []
-    arrays += [("SumFrames", root["SumFrames"])] if "SumFrames" in members else []
-    for group in ("OmegaSumFrame", "IntegrationResult"):
-        if group in members:
-            arrays += [(f"{group}/{name}", arr) for name, arr in root[group].arrays()]
-    for name, arr in arrays:
-        if tuple(arr.shape) != tuple(shape):
-            raise CakeFileError(f"{path}: member {name} has shape {tuple(arr.shape)}, expected "
+    for name, declared in shapes.items():
+        cake = name in (BIN_AREA, "SumFrames") or name.rpartition("/")[0] in (
+            "OmegaSumFrame", "IntegrationResult")
+        if cake and tuple(declared) != tuple(shape):
+            raise CakeFileError(f"{path}: member {name} has shape {tuple(declared)}, expected "
                                 f"REtaMap's (nR, nEta) = {tuple(shape)}")
 
 
@@ -450,7 +457,8 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
     from midasflow.caked_schema import caked_dataset
 
     path = Path(path)
-    with _open_root(path) as root:
+    shapes: dict[str, tuple[int, ...]] = {}
+    with _open_root(path, shapes) as root:
         members = set(root.group_keys()) | set(root.array_keys())
         for name in REQUIRED:
             if name not in members:
@@ -459,12 +467,12 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         if len(shape) != 3 or shape[0] not in (4, 5):
             raise CakeFileError(f"{path}: REtaMap has shape {shape}, expected (5, nR, nEta)")
         n_r, n_eta = shape[1:]
-        _check_cake_shapes(root, members, (n_r, n_eta), path)
+        _check_cake_shapes(shapes, (n_r, n_eta), path)
         retamap = root["REtaMap"][...]
         bin_area = root[BIN_AREA][...] if BIN_AREA in members else None
-        groups = _numbered(root["OmegaSumFrame"], GROUP_PREFIX, path)
+        groups = _numbered(shapes, "OmegaSumFrame", GROUP_PREFIX, path)
         g_attrs = _member_attrs(path, [f"OmegaSumFrame/{name}" for _, name in groups])
-        frames = (_numbered(root["IntegrationResult"], FRAME_PREFIX, path)
+        frames = (_numbered(shapes, "IntegrationResult", FRAME_PREFIX, path)
                   if "IntegrationResult" in members else [])
         # MIDAS's GPU/stream writer stores no Omegas (midas_zarr_layout.md §4): per-frame ω from IntegrationResult
         omegas = (root["Omegas"][...] if "Omegas" in members else np.array(

@@ -162,13 +162,19 @@ def zip_v2_arrays(zf: zipfile.ZipFile, where: str, error: type[MidasflowError]
     names = zf.namelist()
     arrays = sorted(n[: -len(".zarray")].rstrip("/") for n in names
                     if n == ".zarray" or n.endswith("/.zarray"))
+    chunks: dict[str, list[str]] = {array: [] for array in arrays}
+    for n in names:  # one pass: each chunk to the arrays it lies under (not one scan per array)
+        if n.endswith("/") or n.rsplit("/", 1)[-1].startswith("."):
+            continue
+        parts = n.split("/")
+        for owner in ["/".join(parts[:k]) for k in range(1, len(parts))] or [""]:
+            if owner in chunks:
+                chunks[owner].append(n)
     for array in arrays:
         prefix = f"{array}/" if array else ""
         meta = read_metadata(_head(zf, f"{prefix}.zarray", MAX_METADATA_BYTES + 1),
                              f"{where}: {array or 'root'}", error)
-        chunks = [n for n in names if n.startswith(prefix) and not n.endswith("/")
-                  and not n.rsplit("/", 1)[-1].startswith(".") and (array or "/" not in n)]
-        yield array, meta, [(key, _head(zf, key, BLOSC_HEADER.size)) for key in chunks]
+        yield array, meta, [(key, _head(zf, key, BLOSC_HEADER.size)) for key in chunks[array]]
 
 
 def _head(zf: zipfile.ZipFile, name: str, size: int) -> bytes:
