@@ -256,3 +256,21 @@ def test_start_values_seed_the_refinement(gsasii, ceo2_cif, three_lineouts, tmp_
     assert seeded.rwp == pytest.approx(unseeded.rwp, rel=1e-3)
     # the seed reached GSAS-II: its first stage started from the neighbour's cell and background
     assert seeded.stage_rwp["background"] != pytest.approx(unseeded.stage_rwp["background"])
+
+
+def test_measured_start_only_replaces_widths_that_are_far_off(ceo2_cif):
+    """GSAS-II keeps the instrument's widths within 2× of the measured ones (its LM does better
+    from them) and takes the data's estimate when they are 10× off (a store's MIDAS defaults)."""
+    from midasflow.crystal import read_phases
+    from midasflow.instrument import as_instrument
+
+    tth, y, sigma, _ = _simulated_lineout(ceo2_cif, 0.0, seed=4)
+    phases = read_phases([ceo2_cif])
+    right = as_instrument(INSTRUMENT)
+    assert gsas2._measured_start(tth, y, sigma, phases, right, 6, (tth[0], tth[-1]), 0.0) == {}
+    narrow = right.replace(U=right.U / 100, V=right.V / 100, W=right.W / 100, X=right.X / 10, Y=right.Y / 10)
+    start = gsas2._measured_start(tth, y, sigma, phases, narrow, 6, (tth[0], tth[-1]), 0.0)
+    assert {"U", "V", "W", "X", "Y", "Scale"} <= set(start)
+    ends = np.array([tth[0], tth[-1]])
+    ratio = gsas2._fwhm_deg(start, ends, 0.172979) / gsas2._fwhm_deg(right.to_dict(), ends, 0.172979)
+    assert np.all((ratio > 0.7) & (ratio < 1.4)), ratio  # the measured widths are the right ones
