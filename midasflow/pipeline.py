@@ -407,7 +407,8 @@ def clear_previous_outputs(out: Path, *, resume: bool) -> None:
 
     Always the results (:data:`RESULT_FILES`): they are written again, atomically, at the end.
     Without ``resume`` also the checkpoints (``lineouts/``) and the per-lineout exports
-    (``hist_NNNN_data.csv``, ``hist_NNNN_<phase>.cif``, GSAS-II projects ``gsas2/hist_NNNN``).
+    (``hist_NNNN_data.csv``, ``hist_NNNN_<phase>.cif``, GSAS-II projects ``gsas2/hist_NNNN``, and
+    the same for ``lineout_gGGGG_eEEEE`` lineouts that are no histograms).
     Only files of these names are touched.
     """
     import shutil
@@ -423,12 +424,13 @@ def clear_previous_outputs(out: Path, *, resume: bool) -> None:
     if resume:
         return
     clear_checkpoints(out)
-    for pattern in ("hist_*_data.csv", "hist_*_*.cif"):
-        for path in out.glob(pattern):
-            path.unlink(missing_ok=True)
-    for path in (out / "gsas2").glob("hist_*"):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+    for stem in ("hist_*", "lineout_g*_e*"):
+        for pattern in (f"{stem}_data.csv", f"{stem}_*.cif"):
+            for path in out.glob(pattern):
+                path.unlink(missing_ok=True)
+        for path in (out / "gsas2").glob(stem):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
 
 
 def check_run_inputs(

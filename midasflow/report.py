@@ -96,7 +96,7 @@ def lineout_figure(result: Any) -> Any:
     diff = obs - calc
     span = float(np.nanmax(obs) - np.nanmin(obs))
     offset = float(np.nanmin(obs) - np.nanmax(diff) - 0.05 * span)
-    fig = figure(title=f"Lineout {result.index}: ω = {result.omega_deg:g}°, η = {result.eta_deg:g}°, "
+    fig = figure(title=f"Lineout {getattr(result, 'name', result.index)}: ω = {result.omega_deg:g}°, η = {result.eta_deg:g}°, "
                        f"Rwp = {p.rwp:.2f}%", width=_WIDTH, height=_HEIGHT,
                  x_axis_label="2θ (deg)", y_axis_label="counts per frame")
     fig.scatter(x, obs, size=3, color="black", legend_label="observed")

@@ -24,6 +24,12 @@ from midasflow.refinement.result import FLAGS
 from midasflow.io.atomic import atomic_output, write_text_atomic
 
 CELL_VARS = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg", "volume_a3")
+#: MIDAS's names of the same cell terms in ``refinement_summary.json`` (``phases[].cell``).
+MIDAS_CELL_KEYS = ("a", "b", "c", "alpha", "beta", "gamma", "volume")
+#: results.zarr status -> MIDAS's word in refinement_summary.json.
+MIDAS_STATUS = {"ok": "success", "failed": "failed", "skipped": "skipped"}
+#: Between a lineout's warnings in results.zarr's ``warnings`` (each warning is one line).
+WARNING_SEPARATOR = "\n"
 #: Quality flags that keep a lineout out of the strain and tensor fits unless ``include_flagged``
 #: (``docs/quality_flags.md``): each says the cell or its esd cannot be taken at face value — a
 #: parameter ran into its bound (the covariance no longer describes it), a stage was undone (part
@@ -213,13 +219,13 @@ def assemble_results(
     ref_cells = dict(ref_cells or {})
     for r in results:
         g, e = r.group, r.eta_index
-        omega[g], eta[e], hist[g, e] = r.omega_deg, r.eta_deg, r.index
+        omega[g], eta[e], hist[g, e] = r.omega_deg, r.eta_deg, getattr(r, "histogram", -1)
         n_points[g, e], status[g, e], message[g, e] = r.n_points, r.status, r.message
         per_lineout["elapsed_s"][g, e], worker[g, e] = r.elapsed_s, r.worker
         p = r.pattern
         if p is None:
             continue
-        warnings[g, e] = "; ".join(getattr(p, "warnings", []) or [])
+        warnings[g, e] = WARNING_SEPARATOR.join(getattr(p, "warnings", []) or [])
         notes[g, e] = "; ".join(getattr(p, "notes", []) or [])
         for name in getattr(p, "flags", ()) or ():
             if name in FLAGS:
@@ -347,73 +353,118 @@ def run_failure(ds: xr.Dataset) -> str | None:
             f"error ({count} of {n_failed}): {message or '(no message)'}")
 
 
-def summary_dict(ds: xr.Dataset) -> dict[str, Any]:
-    """``refinement_summary.json`` content from a results Dataset.
+def summary_dict(ds: xr.Dataset, folder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``refinement_summary.json`` content from a results Dataset: MIDAS's schema and more.
 
-    MIDAS fields: ``data_file``, ``total_histograms``, ``succeeded``, ``failed``, ``skipped``,
-    ``mean_Rwp`` (mean over succeeded lineouts), ``histograms`` (one per lineout, by
-    ``histogram_index``: ``histogram_index``, ``status``, ``Rwp``, ``phases`` [{``name``,
-    ``cell`` [a, b, c, α, β, γ, V]}]); added: per histogram ``group``, ``eta_index``,
-    ``omega_deg``, ``eta_deg``, ``n_points``, ``message`` and ``strain`` {phase: {``eps``,
-    ``esd``, ``in_fit``}} and ``flags`` (names), top-level ``strain`` (the fits, as
+    MIDAS's fields (``gsas_ii_refine.py``), with its values: ``data_file``, ``total_histograms``
+    (the lineouts that are histograms, :mod:`midasflow.refinement.numbering`), ``succeeded``,
+    ``failed``, ``skipped`` (over those), ``histograms`` (sorted by number) and ``mean_Rwp``
+    (mean over the succeeded ones; absent when none succeeded). Per histogram:
+    ``histogram_index`` (MIDAS's number, the ``NNNN`` of ``hist_NNNN``), ``gpx`` (the path of
+    its GSAS-II project when one was written, else null), ``status`` ("success", "failed",
+    "skipped"), and as MIDAS writes them ``Rwp`` and ``phases`` [{``name``, ``cell`` {``a``,
+    ``b``, ``c``, ``alpha``, ``beta``, ``gamma``, ``volume``}}] for a success, ``warnings``
+    (list) when there are any, ``error`` for a failure, ``message`` for a skipped one.
+
+    midasflow's additions: per histogram ``group``, ``eta_index``, ``omega_deg``, ``eta_deg``,
+    ``n_points``, ``flags`` (names) and ``strain`` {phase: {``eps``, ``esd``, ``in_fit``}};
+    top level ``lineouts_not_histograms`` (lineouts of η columns that are no histogram for
+    GSAS-II's importer) and ``other_lineouts`` (those of them midasflow refined, entries as a
+    histogram's without ``histogram_index`` and ``gpx``), ``strain`` (the fits, as
     :meth:`midasflow.strain.StrainFit.to_dict`), ``flag_counts`` ({flag: refined lineouts
-    carrying it}, every flag of :data:`midasflow.refinement.result.FLAGS`), ``flagged``
-    (refined lineouts with any flag), ``strain_excluding_flags`` (the flags that kept lineouts
-    out of the strain fits; empty with ``include_flagged``) and, when no lineout was refined,
-    top-level ``error`` (:func:`run_failure`).
+    carrying it}, every flag of :data:`midasflow.refinement.result.FLAGS`), ``flagged`` (refined
+    lineouts with any flag), ``strain_excluding_flags`` (the flags that kept lineouts out of the
+    strain fits; empty with ``include_flagged``) and, when no lineout was refined, ``error``
+    (:func:`run_failure`). The (group, η) grid of every lineout stays in results.zarr.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        From :func:`assemble_results`.
+    folder : path, optional
+        The output folder, where ``gpx`` paths are looked for (``hist_NNNN.gpx``, or
+        ``gsas2/hist_NNNN/hist_NNNN.gpx`` of the GSAS-II engine).
     """
     status = ds["status"].values
     rwp = ds["rwp"].values
-    ok = status == "ok"
     # plain numpy arrays up front: xarray indexing inside the loop took ~1.7 ms a lineout
     hist_index, omega, eta = (ds[v].values for v in ("histogram_index", "omega_deg", "eta_deg"))
-    n_points, message = ds["n_points"].values, ds["message"].values
+    n_points, message, warn = ds["n_points"].values, ds["message"].values, ds["warnings"].values
     cells = np.stack([ds[v].values for v in CELL_VARS], axis=-1)  # (phase, group, eta, 7)
     strain, strain_esd = ds["strain"].values, ds["strain_esd"].values
     in_fit = ds["in_strain_fit"].values if "in_strain_fit" in ds else np.isfinite(strain)
     phase_names = ds["phase"].values.tolist()
     flag_names = ds["flag"].values.tolist() if "flags" in ds else []
     flags = ds["flags"].values if "flags" in ds else np.zeros(status.shape + (0,), dtype=bool)
-    hists = []
-    for g in range(ds.sizes["group"]):
-        for e in range(ds.sizes["eta"]):
-            if int(hist_index[g, e]) < 0:
-                continue
-            phases, strains = [], {}
-            for k, ph in enumerate(phase_names):
-                cell = [float(v) for v in cells[k, g, e]]
-                if np.isfinite(cell).all():
-                    phases.append({"name": ph, "cell": cell})
-                eps = strain[k, g, e]
-                if np.isfinite(eps):
-                    strains[ph] = {"eps": float(eps), "esd": _num(strain_esd[k, g, e]),
-                                   "in_fit": bool(in_fit[k, g, e])}
-            hists.append({
-                "histogram_index": int(hist_index[g, e]), "status": str(status[g, e]),
-                "Rwp": _num(rwp[g, e]), "phases": phases, "group": g, "eta_index": e,
-                "omega_deg": float(omega[g]), "eta_deg": float(eta[e]),
-                "n_points": int(n_points[g, e]), "message": str(message[g, e]),
-                "flags": [name for name, on in zip(flag_names, flags[g, e]) if on],
-                "strain": strains,
-            })
+    histogram = hist_index >= 0
+    hists, others = [], []
+    refined_other = ~histogram & (status != "skipped")
+    for g, e in zip(*np.nonzero(histogram | refined_other)):
+        g, e = int(g), int(e)
+        number, state = int(hist_index[g, e]), str(status[g, e])
+        entry: dict[str, Any] = ({"histogram_index": number, "gpx": _gpx_path(folder, number)} if number >= 0
+                                 else {})
+        entry["status"] = MIDAS_STATUS.get(state, state)
+        if state == "ok":
+            entry["Rwp"] = _num(rwp[g, e])
+            entry["phases"] = [
+                {"name": ph, "cell": dict(zip(MIDAS_CELL_KEYS, (float(v) for v in cells[k, g, e])))}
+                for k, ph in enumerate(phase_names) if np.isfinite(cells[k, g, e]).all()]
+        elif state == "failed":
+            entry["error"] = str(message[g, e])
+        else:
+            entry["message"] = str(message[g, e])
+        lines = [w for w in str(warn[g, e]).split(WARNING_SEPARATOR) if w]
+        if lines:
+            entry["warnings"] = lines
+        strains = {}
+        for k, ph in enumerate(phase_names):
+            if np.isfinite(strain[k, g, e]):
+                strains[ph] = {"eps": float(strain[k, g, e]), "esd": _num(strain_esd[k, g, e]),
+                               "in_fit": bool(in_fit[k, g, e])}
+        entry.update({"group": g, "eta_index": e, "omega_deg": float(omega[g]), "eta_deg": float(eta[e]),
+                      "n_points": int(n_points[g, e]),
+                      "flags": [name for name, on in zip(flag_names, flags[g, e]) if on],
+                      "strain": strains})
+        (hists if number >= 0 else others).append(entry)
     hists.sort(key=lambda h: h["histogram_index"])
-    summary = {
+    counts = {word: sum(h["status"] == word for h in hists) for word in ("success", "failed", "skipped")}
+    ok = (status == "ok") & histogram
+    summary: dict[str, Any] = {
         "data_file": str(ds.attrs.get("data_file", "")),
         "total_histograms": len(hists),
-        "succeeded": int(ok.sum()),
-        "failed": int((status == "failed").sum()),
-        "skipped": int((status == "skipped").sum()),
-        "mean_Rwp": _num(np.mean(rwp[ok])) if ok.any() else None,
-        "flag_counts": flag_counts(ds),
-        "flagged": int((flags.any(axis=-1) & ok).sum()),
-        "strain_excluding_flags": json.loads(ds.attrs.get("strain_excluding_flags", "[]")),
+        "succeeded": counts["success"],
+        "failed": counts["failed"],
+        "skipped": counts["skipped"],
         "histograms": hists,
-        "strain": json.loads(ds.attrs.get("strain_fits", "{}")),
     }
+    if ok.any():
+        summary["mean_Rwp"] = float(np.mean(rwp[ok]))
+    summary.update({
+        "lineouts_not_histograms": int((~histogram).sum()),
+        "other_lineouts": others,
+        "flag_counts": flag_counts(ds),
+        "flagged": int((flags.any(axis=-1) & (status == "ok")).sum()),
+        "strain_excluding_flags": json.loads(ds.attrs.get("strain_excluding_flags", "[]")),
+        "strain": json.loads(ds.attrs.get("strain_fits", "{}")),
+    })
     failure = run_failure(ds)
     if failure:
         summary["error"] = failure
     return summary
+
+
+def _gpx_path(folder: str | os.PathLike | None, number: int) -> str | None:
+    """The GSAS-II project of histogram ``number`` in ``folder`` if one was written, else None."""
+    if folder is None:
+        return None
+    from midasflow.refinement.numbering import histogram_name
+
+    stem = histogram_name(number)
+    for path in (Path(folder) / f"{stem}.gpx", Path(folder) / "gsas2" / stem / f"{stem}.gpx"):
+        if path.is_file():
+            return str(path.resolve())
+    return None
 
 
 def write_results_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
@@ -459,19 +510,19 @@ def write_results(
     folder.mkdir(parents=True, exist_ok=True)
     zarr_path = write_results_zarr(ds, folder / "results.zarr")
     summary_path = folder / "refinement_summary.json"
-    write_text_atomic(summary_path, json.dumps(summary_dict(ds), indent=1))
+    write_text_atomic(summary_path, json.dumps(summary_dict(ds, folder), indent=1))
     exports: list[Path] = []
     if not no_export:
         for res in lineouts:
             if res.pattern is not None and res.status == "ok":
-                exports += export_lineout(res.pattern, folder, res.index)
+                exports += export_lineout(res.pattern, folder, res.name)
     return {"results": zarr_path, "summary": summary_path, "exports": exports}
 
 
-def export_lineout(pattern: Any, folder: str | os.PathLike, index: int) -> list[Path]:
-    """Write one refined lineout's ``hist_NNNN_data.csv`` and ``hist_NNNN_<phase>.cif`` files.
+def export_lineout(pattern: Any, folder: str | os.PathLike, name: str) -> list[Path]:
+    """Write one refined lineout's ``<name>_data.csv`` and ``<name>_<phase>.cif`` files.
 
-    ``NNNN`` is the lineout index as GSAS-II's MIDAS importer numbers histograms.
+    ``name`` is the lineout's file stem, ``hist_NNNN`` with MIDAS's histogram number
+    (``LineoutSpec.name``).
     """
-    stem = f"hist_{index:04d}"
-    return [pattern.to_csv(Path(folder) / f"{stem}_data.csv"), *pattern.write_cifs(folder, stem)]
+    return [pattern.to_csv(Path(folder) / f"{name}_data.csv"), *pattern.write_cifs(folder, name)]

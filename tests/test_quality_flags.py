@@ -49,8 +49,8 @@ def test_garbage_lineouts_fail_and_stay_out_of_every_statistic(scan, tmp_path):
     summary = json.loads((tmp_path / "refinement_summary.json").read_text())
     assert summary["failed"] == 2 and summary["succeeded"] == N_ETA - 2
     assert summary["mean_Rwp"] == pytest.approx(float(np.mean(res.rwp.values[0][ok])))
-    cells = {h["histogram_index"]: h["phases"] for h in summary["histograms"]}
-    assert cells[1] == [] and cells[2] == []
+    cells = {h["histogram_index"]: h.get("phases") for h in summary["histograms"]}
+    assert cells[1] is None and cells[2] is None  # MIDAS writes phases for successes only
     # the strain fit is the one of the good lineouts alone
     alone = _refine(scan, tmp_path / "alone")
     np.testing.assert_allclose(alone.a_a.values[0, 0][ok], res.a_a.values[0, 0][ok], rtol=0, atol=0)

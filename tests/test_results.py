@@ -35,7 +35,11 @@ def test_results_dataset_fields(run):
     np.testing.assert_allclose(res.eta_deg, caked.eta_deg)
     assert res.status.values[1, 4] == "skipped" and res.status.values[2, 7] == "failed"
     assert (res.status.values == "ok").sum() == 34
-    assert int(res.histogram_index[2, 7]) == 2 * 12 + 7
+    # MIDAS's numbers: η column 4, NaN in group 1, is no histogram for GSAS-II's importer (the
+    # store's BinArea plane is 0 there), so each group numbers 11 columns; its other lineouts are
+    # refined all the same, without a number
+    assert int(res.histogram_index[2, 7]) == 2 * 11 + 6
+    assert int(res.histogram_index[0, 4]) == -1 and res.status.values[0, 4] == "ok"
     ok = res.status.values == "ok"
     z = (res.a_a.values[0] - caked.true_a.values) / res.a_a_esd.values[0]
     assert np.all(np.abs(z[ok]) < 5)
@@ -71,22 +75,30 @@ def test_write_and_read_back(run, tmp_path):
     summary = json.loads(out["summary"].read_text())
     for key in ("data_file", "total_histograms", "succeeded", "failed", "skipped", "mean_Rwp", "histograms"):
         assert key in summary
-    assert (summary["total_histograms"], summary["succeeded"], summary["failed"], summary["skipped"]) == (36, 34, 1, 1)
-    assert summary["mean_Rwp"] == pytest.approx(float(np.nanmean(res.rwp.values[res.status.values == "ok"])))
-    h = summary["histograms"][13]
-    assert h["histogram_index"] == 13 and h["status"] == "ok" and h["group"] == 1 and h["eta_index"] == 1
-    assert h["omega_deg"] == 45.0 and h["eta_deg"] == pytest.approx(float(res.eta_deg[1]))
-    assert h["phases"][0]["name"] == "CeO2" and len(h["phases"][0]["cell"]) == 7
-    assert h["Rwp"] == pytest.approx(float(res.rwp[1, 1]))
-    failed = summary["histograms"][31]
-    assert failed["status"] == "failed" and "injected failure" in failed["message"] and failed["phases"] == []
+    # η column 4 (NaN in group 1) is no histogram: 3 groups x 11 numbered columns
+    assert (summary["total_histograms"], summary["succeeded"], summary["failed"], summary["skipped"]) == (33, 32, 1, 0)
+    numbered = res.histogram_index.values >= 0
+    assert summary["mean_Rwp"] == pytest.approx(float(np.mean(res.rwp.values[(res.status.values == "ok") & numbered])))
+    h = summary["histograms"][13]  # group 1, its third histogram column: η index 2
+    assert h["histogram_index"] == 13 and h["status"] == "success" and h["group"] == 1 and h["eta_index"] == 2
+    assert h["omega_deg"] == 45.0 and h["eta_deg"] == pytest.approx(float(res.eta_deg[2]))
+    assert h["phases"][0]["name"] == "CeO2" and set(h["phases"][0]["cell"]) == {
+        "a", "b", "c", "alpha", "beta", "gamma", "volume"}
+    assert h["phases"][0]["cell"]["a"] == pytest.approx(float(res.a_a[0, 1, 2]))
+    assert h["Rwp"] == pytest.approx(float(res.rwp[1, 2])) and h["gpx"] is None
+    failed = summary["histograms"][28]
+    assert failed["status"] == "failed" and "injected failure" in failed["error"] and "phases" not in failed
+    assert "Rwp" not in failed  # as MIDAS: no Rwp for a failure
+    assert summary["lineouts_not_histograms"] == 3
+    assert [(o["group"], o["eta_index"], o["status"]) for o in summary["other_lineouts"]] == [
+        (0, 4, "success"), (2, 4, "success")]
     assert summary["strain"]["CeO2"]["sample"]["components"]["zz"]["determined"]
     assert len(summary["strain"]["CeO2"]["orientations"]) == 3
 
     csvs = sorted(p.name for p in (tmp_path / "out").glob("hist_*_data.csv"))
-    assert len(csvs) == 34 and csvs[0] == "hist_0000_data.csv"
-    table = np.loadtxt(tmp_path / "out" / "hist_0000_data.csv", delimiter=",", skiprows=1)
-    np.testing.assert_allclose(table[:, 1], lineouts[0].pattern.obs)
+    assert len(csvs) == 32 and csvs[0] == "hist_0000_data.csv"
+    assert sorted(p.name for p in (tmp_path / "out").glob("lineout_*_data.csv")) == [
+        "lineout_g0000_e0004_data.csv", "lineout_g0002_e0004_data.csv"]
 
     # rewriting replaces the store atomically; no_export writes no new exports
     out2 = write_results(res, tmp_path / "out", lineouts=lineouts, no_export=True)
@@ -97,7 +109,7 @@ def test_write_and_read_back(run, tmp_path):
 def test_summary_from_dataset_only(run):
     _, _, res = run
     s = summary_dict(res)
-    assert [h["histogram_index"] for h in s["histograms"]] == list(range(36))
+    assert [h["histogram_index"] for h in s["histograms"]] == list(range(33))
 
 
 def test_effective_theta_weights_reflections_by_their_pull_on_the_cell():

@@ -157,9 +157,11 @@ def print_summary(results: Any, out: str, file: Any = None) -> None:
     from midasflow.results import summary_dict
 
     summary = summary_dict(results)
+    other = summary.get("lineouts_not_histograms", 0)
     print(f"lineouts: {summary['total_histograms']} total, {summary['succeeded']} refined, "
           f"{summary['failed']} failed, {summary['skipped']} skipped; mean Rwp "
-          f"{summary['mean_Rwp'] if summary['mean_Rwp'] is not None else float('nan'):.3f} %", file=file)
+          f"{summary.get('mean_Rwp', float('nan')):.3f} %"
+          + (f" ({other} more in η columns with too few bins: no histograms)" if other else ""), file=file)
     ok = results.status.values == "ok"
     for k, name in enumerate(results.phase.values.tolist()):
         a = results.a_a.values[k][ok]

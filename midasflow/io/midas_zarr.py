@@ -211,8 +211,11 @@ def _write(ds: Any, path: Path, parts: Path, client: Any, progress: bool) -> Non
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, value in entries.items():
             zf.writestr(name, value.to_bytes())
-        for name, value in member_meta.items():
-            zf.writestr(name, value)
+        # members in text order (LastFrameNumber_10 before _2): zarr lists a zip group's members
+        # in the order they first appear, so GSAS-II's importer, iterating OmegaSumFrame, then
+        # numbers the histograms as MIDAS's script, which sorts the names
+        for name in sorted(member_meta):
+            zf.writestr(name, member_meta[name])
         for part in sorted(parts.glob("*.zip")):
             with zipfile.ZipFile(part) as src:
                 for info in src.infolist():
@@ -409,6 +412,25 @@ def read_instrument_parameters(path: str | os.PathLike) -> dict[str, Any]:
             raise CakeFileError(f"{path}: group 'InstrumentParameters' not found (expected a "
                                 "MIDAS caked .zarr.zip)")
         return _instrument_parameters(root["InstrumentParameters"])
+
+
+def read_importer_area(path: str | os.PathLike) -> np.ndarray:
+    """The ``REtaMap`` BinArea plane of a ``.zarr.zip`` as stored, (nR, nEta): the bin areas
+    GSAS-II's MIDAS importer and MIDAS's ``gsas_ii_refine.py`` select and number histograms by
+    (midasflow's own ``bin_area`` is the ``BinArea`` member when present).
+
+    Raises
+    ------
+    CakeFileError
+        The file is missing, not a zip, or has no REtaMap of at least four planes.
+    """
+    with _open_root(path) as root:
+        if "REtaMap" not in set(root.array_keys()):
+            raise CakeFileError(f"{path}: not a MIDAS caked layout, member 'REtaMap' missing")
+        retamap = root["REtaMap"]
+        if len(retamap.shape) != 3 or retamap.shape[0] < 4:
+            raise CakeFileError(f"{path}: REtaMap has shape {retamap.shape}, expected (5, nR, nEta)")
+        return np.asarray(retamap[3], dtype=np.float64)
 
 
 def _check_cake_shapes(shapes: dict[str, tuple[int, ...]], shape: tuple[int, int],

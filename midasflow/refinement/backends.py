@@ -88,9 +88,9 @@ class ExportingBackend:
             pattern = self.backend.refine(spec, options, start)
         finally:
             if pattern is not None and getattr(pattern, "status", "ok") == "ok":
-                export_lineout(pattern, self.folder, spec.index)
+                export_lineout(pattern, self.folder, spec.name)
             else:
-                stem = f"hist_{spec.index:04d}"
+                stem = spec.name
                 for stale in [self.folder / f"{stem}_data.csv", *self.folder.glob(f"{stem}_*.cif")]:
                     stale.unlink(missing_ok=True)
         return pattern

@@ -319,7 +319,8 @@ class Checkpoints:
         return cls(str(Path(out, SUBDIR).resolve()), refine, new_run_id(), bool(resume))
 
     def path(self, name: str) -> Path:
-        """``<folder>/<name>.npz`` (``name`` = ``hist_NNNN`` or ``seed_group_GGGG``)."""
+        """``<folder>/<name>.npz`` (``name`` = ``hist_NNNN``, ``lineout_gGGGG_eEEEE`` or
+        ``seed_group_GGGG``)."""
         return Path(self.folder) / f"{name}.npz"
 
     def load(self, name: str, input_digest: str) -> tuple[Any, tuple[str, str] | None]:
@@ -358,7 +359,7 @@ def clear_checkpoints(out: str | os.PathLike) -> int:
     ``.pkl`` files of older versions, which are never read); return how many."""
     folder = Path(out) / SUBDIR
     n = 0
-    for pattern in ("hist_*.npz", "seed_*.npz", "hist_*.pkl"):
+    for pattern in ("hist_*.npz", "lineout_*.npz", "seed_*.npz", "hist_*.pkl"):
         for path in folder.glob(pattern):
             path.unlink(missing_ok=True)
             n += 1

@@ -398,6 +398,7 @@ def refine_pattern_gsas2(
     *,
     workdir: str | os.PathLike,
     index: int,
+    stem: str | None = None,
     bkg_terms: int = 6,
     limits: tuple[float, float] | None = None,
     refine_atoms: bool = False,
@@ -428,7 +429,11 @@ def refine_pattern_gsas2(
         ``hist_NNNN.gpx``, the ``.xye`` and ``.instprm`` it was built from, GSAS-II's
         ``.lst`` and ``hist_NNNN.log`` with GSAS-II's console output.
     index : int
-        Lineout index (``NNNN`` in the file names).
+        Lineout index (``NNNN`` in the file names unless ``stem`` is given; also labels the
+        ``.xye``).
+    stem : str, optional
+        File stem and subfolder name, e.g. ``hist_0012`` (``LineoutSpec.name``); default
+        ``hist_<index>``.
     bkg_terms : int
         Number of Chebyshev ('chebyschev-1') background coefficients.
     limits : (float, float), optional
@@ -488,7 +493,7 @@ def refine_pattern_gsas2(
                                    sample_azimuth_deg), **dict(start or {})}
     G2sc = import_gsasii()
 
-    stem = f"hist_{int(index):04d}"
+    stem = stem or f"hist_{int(index):04d}"
     folder = Path(workdir) / stem
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob(f"{stem}*"):  # a rerun starts from a clean project
@@ -582,7 +587,8 @@ class Gsas2Backend:
     :class:`~midasflow.refinement.backends.RefineBackend`.
 
     GSAS-II reads the phases from the CIFs itself (``options.phases`` is not used); every
-    lineout's project goes to ``<workdir>/hist_NNNN/``, named by the lineout's index. Picklable,
+    lineout's project goes to ``<workdir>/hist_NNNN/``, named by its histogram number (MIDAS's,
+    ``LineoutSpec.histogram``). Picklable,
     so it travels to distributed workers.
     """
 
@@ -594,4 +600,5 @@ class Gsas2Backend:
                start: Mapping[str, float] | None = None) -> PatternResult:
         return refine_pattern_gsas2(spec.tth_deg, spec.intensity, spec.sigma, self.cif_paths,
                                     options.instrument, workdir=self.workdir, index=spec.index,
+                                    stem=spec.name,
                                     start=start, **options.recipe_kwargs())

@@ -1,9 +1,15 @@
 """Lineouts as tasks: a plain plan (one frozen spec per (ω-group, η) lineout) and two executors.
 
 The plan follows GSAS-II's MIDAS importer (docs/reference/midas_zarr_layout.md §5; the σ
-model is docs/reference/lineout_sigma.md): one lineout per ω-group and η column, numbered
+model is docs/reference/lineout_sigma.md): one lineout per ω-group and η column, at position
 ``index = group · n_eta + eta_index``; its points are the R bins with bin area ≠ 0 and a finite
-intensity, and a lineout with ``min_points`` (20) or fewer such points is skipped.
+intensity, and a lineout with ``min_points`` (20) or fewer such points is skipped. Its histogram
+number, the ``NNNN`` of its ``hist_NNNN`` files, is MIDAS's and GSAS-II's
+(:mod:`midasflow.refinement.numbering`): consecutive over the lineouts of the η columns the
+importer keeps, ω-groups in the order of their member names. A lineout of another column (a
+column NaN in some ω-group, which the store's BinArea plane zeroes) is no histogram for GSAS-II
+or MIDAS; midasflow still refines it when it has the points, and names its files
+``lineout_gGGGG_eEEEE``.
 
 Intensity and σ (counts per frame). A group's cake is the SUM over its N frames of per-frame
 cakes, each the area-weighted mean pixel value of the bin (``Normalize 1``). The lineout
@@ -64,7 +70,7 @@ class LineoutSpec:
     Attributes
     ----------
     index : int
-        ``group · n_eta + eta_index`` (GSAS-II importer numbering; ``hist_NNNN`` files).
+        Position ``group · n_eta + eta_index`` (the key of the plan and the results grid).
     group, eta_index : int
     omega_deg : float
         Mid-group ω (mean of the group's first and last frame ω), degrees.
@@ -78,6 +84,10 @@ class LineoutSpec:
     independent_fraction : float
         Mean over the usable bins of the fraction f of their σ² that is independent noise
         (:func:`independent_fraction`; 1 = independent bins).
+    histogram : int
+        MIDAS's histogram number (:mod:`midasflow.refinement.numbering`), the ``NNNN`` of the
+        lineout's ``hist_NNNN`` files; −1 when its η column is no histogram for GSAS-II's
+        importer (refined all the same when it has the points; files ``lineout_gGGGG_eEEEE``).
     """
 
     index: int
@@ -91,6 +101,7 @@ class LineoutSpec:
     frames_summed: int
     skipped: bool
     independent_fraction: float = 1.0
+    histogram: int = -1
 
     @property
     def n_points(self) -> int:
@@ -99,8 +110,16 @@ class LineoutSpec:
 
     @property
     def name(self) -> str:
-        """File stem, ``hist_NNNN``."""
-        return f"hist_{self.index:04d}"
+        """File stem: ``hist_NNNN`` (MIDAS's histogram number), or ``lineout_gGGGG_eEEEE`` for a
+        lineout that is no histogram."""
+        return lineout_name(self.histogram, self.group, self.eta_index)
+
+
+def lineout_name(histogram: int, group: int, eta_index: int) -> str:
+    """``hist_NNNN`` for histogram ``histogram`` ≥ 0, else ``lineout_gGGGG_eEEEE``."""
+    from midasflow.refinement.numbering import histogram_name
+
+    return histogram_name(histogram) if histogram >= 0 else f"lineout_g{group:04d}_e{eta_index:04d}"
 
 
 def lineout_sigma(group_sum: np.ndarray, area: np.ndarray, frames_summed: int, *,
@@ -188,6 +207,7 @@ def lineouts_of_group(
     fraction: np.ndarray | None = None,
     eta_start: int = 0,
     n_eta: int | None = None,
+    histogram: Sequence[int] | np.ndarray | None = None,
 ) -> list[LineoutSpec]:
     """Specs of every η column of one ω-group's cake, or of a run of its columns (pure numpy).
 
@@ -209,8 +229,12 @@ def lineouts_of_group(
     eta_start : int
         η index of the first column.
     n_eta : int, optional
-        η bins of the whole cake (numbering: index = group·n_eta + η index); default the
+        η bins of the whole cake (position: index = group·n_eta + η index); default the
         number of columns.
+    histogram : sequence of int (n_columns,), optional
+        Each column's histogram number in this group
+        (:func:`midasflow.refinement.numbering.histogram_numbers`; −1: no histogram); default
+        the position index of every lineout that is not skipped.
 
     Returns
     -------
@@ -230,13 +254,17 @@ def lineouts_of_group(
                   lineout_sigma(col_sum, col_area, n_frames, normalized=normalized)]
         for arr in arrays:
             arr.setflags(write=False)
+        index = int(group) * n_eta + eta_start + e
+        skipped = bool(use.sum() <= min_points)
+        number = (-1 if skipped else index) if histogram is None else int(histogram[e])
         specs.append(LineoutSpec(
-            index=int(group) * n_eta + eta_start + e, group=int(group), eta_index=eta_start + e,
+            index=index, group=int(group), eta_index=eta_start + e,
             omega_deg=float(omega_deg),
             eta_deg=float(eta_deg[e]), tth_deg=arrays[0], intensity=arrays[1], sigma=arrays[2],
-            frames_summed=n_frames, skipped=bool(use.sum() <= min_points),
+            frames_summed=n_frames, skipped=skipped,
             independent_fraction=(float(np.mean(fraction[use, e])) if fraction is not None and use.any()
                                   else 1.0),
+            histogram=number,
         ))
     return specs
 
@@ -273,11 +301,12 @@ def plan_lineouts(ds: Any, *, min_points: int = 20, normalized: bool | None = No
     """
     from midasflow.refinement.plan import CakeLayout
 
+    store = None
     if isinstance(ds, (str, os.PathLike)):
         from midasflow.io.caked_store import open_caked
 
-        ds = open_caked(ds)
-    lay = CakeLayout.of(ds, normalized)
+        store, ds = ds, open_caked(ds)
+    lay = CakeLayout.of(ds, normalized, store=store, min_points=min_points)
     intensity = ds["intensity"].transpose("group", "r", "eta")
     plan: list[LineoutSpec] = []
     for g in range(lay.n_groups):
@@ -285,7 +314,7 @@ def plan_lineouts(ds: Any, *, min_points: int = 20, normalized: bool | None = No
             np.asarray(intensity.isel(group=g).values), group=g, frames_summed=int(lay.frames_summed[g]),
             omega_deg=float(lay.omega_deg[g]), tth_deg=lay.tth_deg, eta_deg=lay.eta_deg,
             bin_area=lay.bin_area, min_points=min_points, normalized=lay.normalized,
-            fraction=lay.fraction)
+            fraction=lay.fraction, histogram=lay.histogram[g])
     return plan
 
 
@@ -315,6 +344,8 @@ class LineoutResult:
     worker : str
         Address of the Dask worker that refined the lineout (e.g. ``"tcp://10.0.0.7:40215"``);
         empty when it was refined in the calling process.
+    histogram : int
+        MIDAS's histogram number (``LineoutSpec.histogram``); −1: no histogram.
     """
 
     index: int
@@ -329,19 +360,26 @@ class LineoutResult:
     elapsed_s: float = 0.0
     seeded: bool = False
     worker: str = ""
+    histogram: int = -1
+
+    @property
+    def name(self) -> str:
+        """File stem, as ``LineoutSpec.name``."""
+        return lineout_name(self.histogram, self.group, self.eta_index)
 
 
 def _result(spec: LineoutSpec, status: str, message: str = "", pattern: Any = None,
             elapsed_s: float = 0.0, seeded: bool = False) -> LineoutResult:
     return LineoutResult(spec.index, spec.group, spec.eta_index, spec.omega_deg, spec.eta_deg,
                          spec.n_points, status, message, pattern, elapsed_s, seeded,
-                         _worker_address())
+                         _worker_address(), spec.histogram)
 
 
 def failed_result(index: int, group: int, eta_index: int, omega_deg: float, eta_deg: float,
-                  message: str) -> LineoutResult:
+                  message: str, histogram: int = -1) -> LineoutResult:
     """A "failed" result for a lineout whose task was lost (nothing known of its data)."""
-    return LineoutResult(index, group, eta_index, omega_deg, eta_deg, 0, "failed", message)
+    return LineoutResult(index, group, eta_index, omega_deg, eta_deg, 0, "failed", message,
+                         histogram=histogram)
 
 
 def _worker_address() -> str:

@@ -74,6 +74,9 @@ class CakeLayout:
     fraction : ndarray (n_r, n_eta) or None
         :func:`~midasflow.refinement.lineouts.independent_fraction` of every bin (None: a cake
         without ``r_px``, independent bins).
+    histogram : ndarray (n_groups, n_eta) int
+        MIDAS's histogram number of every lineout (:mod:`midasflow.refinement.numbering`; −1:
+        no histogram).
     """
 
     n_groups: int
@@ -86,11 +89,17 @@ class CakeLayout:
     frames_summed: np.ndarray
     normalized: bool
     fraction: np.ndarray | None = None
+    histogram: np.ndarray | None = None
 
     @classmethod
-    def of(cls, ds: Any, normalized: bool | None = None) -> CakeLayout:
+    def of(cls, ds: Any, normalized: bool | None = None, *, store: str | os.PathLike | None = None,
+           min_points: int = 20) -> CakeLayout:
         """The layout of a caked Dataset (:func:`midasflow.caking.cake`'s, or one opened with
         :func:`midasflow.io.caked_store.open_caked`); no cake is read.
+
+        The histogram numbers come from the BinArea plane of ``store`` when it is the
+        ``.zarr.zip`` ``ds`` was opened from (:func:`~midasflow.refinement.numbering.importer_area`;
+        otherwise the cakes' NaN bins are read once) and the groups' ``last_frame``.
 
         Raises
         ------
@@ -116,12 +125,17 @@ class CakeLayout:
             sq = (np.asarray(ds["bin_area_sq"].transpose("r", "eta").values)
                   if "bin_area_sq" in ds.variables else None)
             fraction = independent_fraction(ds["r_px"].values, eta, bin_area=area, bin_area_sq=sq)
+        from midasflow.refinement.numbering import histogram_numbers, importer_area
+
+        last_frame = (np.asarray(ds["last_frame"].values) if "last_frame" in ds.variables
+                      else np.arange(int(sizes["group"])))
+        histogram = histogram_numbers(importer_area(ds, store), last_frame, min_points=min_points)
         return cls(
             n_groups=int(sizes["group"]), n_r=int(sizes["r"]), n_eta=int(sizes["eta"]),
             tth_deg=np.asarray(ds["tth_deg"].transpose("r", ...).values, dtype=np.float64),
             eta_deg=eta, bin_area=area, omega_deg=omega,
             frames_summed=np.asarray(ds["frames_summed"].values, dtype=np.int64),
-            normalized=bool(normalized), fraction=fraction)
+            normalized=bool(normalized), fraction=fraction, histogram=histogram)
 
     def columns(self, e0: int, e1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """2θ, η, bin areas and independent fractions of η columns ``e0:e1``."""
@@ -226,7 +240,8 @@ class WorkerContext:
             block, group=group, frames_summed=int(lay.frames_summed[group]),
             omega_deg=float(lay.omega_deg[group]), tth_deg=tth, eta_deg=eta, bin_area=area,
             min_points=self.min_points, normalized=lay.normalized, fraction=fraction,
-            eta_start=eta_start, n_eta=lay.n_eta)
+            eta_start=eta_start, n_eta=lay.n_eta,
+            histogram=lay.histogram[group, eta_start:eta_start + block.shape[1]])
 
     def read(self, group: int) -> np.ndarray:
         """The group's whole cake, from the store."""
@@ -466,9 +481,10 @@ class LineoutPlan:
             from midasflow.io.caked_store import open_caked
 
             ds = dataset if dataset is not None else open_caked(data)
-            return cls(CakeLayout.of(ds), str(Path(data).resolve()), **common)
+            return cls(CakeLayout.of(ds, store=data, min_points=min_points), str(Path(data).resolve()),
+                       **common)
         if hasattr(data, "data_vars"):
-            return cls(CakeLayout.of(data), None, _dataset=data, **common)
+            return cls(CakeLayout.of(data, min_points=min_points), None, _dataset=data, **common)
         specs = tuple(sorted(data, key=lambda s: s.index))
         if len({s.index for s in specs}) != len(specs):
             raise ParameterError("lineout plan: duplicate lineout indices")
@@ -593,11 +609,11 @@ class LineoutPlan:
         """The outcome of a unit whose task was lost: every lineout failed with ``message``."""
         if unit.specs:
             return UnitOutcome([failed_result(s.index, s.group, s.eta_index, s.omega_deg,
-                                              s.eta_deg, message) for s in unit.specs])
+                                              s.eta_deg, message, s.histogram) for s in unit.specs])
         lay = self.layout
         return UnitOutcome([
             failed_result(unit.group * lay.n_eta + e, unit.group, e, float(lay.omega_deg[unit.group]),
-                          float(lay.eta_deg[e]), message)
+                          float(lay.eta_deg[e]), message, int(lay.histogram[unit.group, e]))
             for e in range(unit.eta_start, unit.eta_stop)])
 
     def results(self, executor: Any = None, *, checkpoint_dir: str | os.PathLike | None = None,
