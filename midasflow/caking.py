@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from midasflow.binmap import BinMap
     from midasflow.params import MaskRule, Params
 
-__all__ = ["cake", "group_bounds", "bin_centres"]
+__all__ = ["cake", "group_bounds", "bin_centres", "cake_coords", "cake_attrs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,8 +261,6 @@ def cake(
     """
     import dask.array as da
 
-    from midasflow.geometry import r_to_tth_deg, tth_to_q_inv_a
-
     if frames.ndim != 3:
         raise FrameError(f"frames: expected dims (frame, z, y), got {frames.dims}")
     n = int(frames.shape[0])
@@ -303,8 +301,6 @@ def cake(
     process = {name: np.add.reduceat(np.asarray(frames[name].values, dtype=np.float64), first)
                / counts for name in PROCESS_VARIABLES if name in frames.coords}
 
-    r_px = bin_centres(binmap.r_edges_px)
-    tth = r_to_tth_deg(r_px, params)
     sum_frames = None
     if params.sum_images:
         all_first, all_last = group_bounds(n, -1)
@@ -317,13 +313,26 @@ def cake(
         last_frame=frame_idx[last],
         frame=frame_idx,
         omega_frame_deg=omega,
-        r_px=r_px,
-        tth_deg=tth,
-        q_inv_a=tth_to_q_inv_a(tth, params.wavelength_a),
-        eta_deg=bin_centres(binmap.eta_edges_deg),
-        bin_area=binmap.bin_area,
+        **cake_coords(params, binmap),
         frame_intensity=cakes if params.save_individual_frames else None,
         sum_frames=sum_frames,
         process_variables=process,
-        attrs={"params": params.to_text(), "instrument": json.dumps(params.instrument.to_midas())},
+        attrs=cake_attrs(params),
     )
+
+
+def cake_coords(params: Params, binmap: BinMap) -> dict[str, np.ndarray]:
+    """The bin coordinates of a caked Dataset: ``r_px``, ``tth_deg``, ``q_inv_a`` (r), ``eta_deg``
+    (eta) and ``bin_area`` (r, eta), as keywords of :func:`midasflow.caked_schema.caked_dataset`."""
+    from midasflow.geometry import r_to_tth_deg, tth_to_q_inv_a
+
+    r_px = bin_centres(binmap.r_edges_px)
+    tth = r_to_tth_deg(r_px, params)
+    return {"r_px": r_px, "tth_deg": tth, "q_inv_a": tth_to_q_inv_a(tth, params.wavelength_a),
+            "eta_deg": bin_centres(binmap.eta_edges_deg), "bin_area": binmap.bin_area}
+
+
+def cake_attrs(params: Params) -> dict[str, str]:
+    """The attributes of a caked Dataset: ``params`` (MIDAS text) and ``instrument`` (JSON of the
+    GSAS-II instrument terms)."""
+    return {"params": params.to_text(), "instrument": json.dumps(params.instrument.to_midas())}

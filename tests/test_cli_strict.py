@@ -53,7 +53,7 @@ def _params_without(scan, tmp_path, *keys, extra=""):
     (["integrate", "-peakFit"], "-peakFit: peak fitting inside the integrator is not supported"),
     (["refine", "--backend", "gsas2"], "--backend gsas2: the refinement engine is now chosen with --engine gsas2"),
     (["run", "--backend", "native"], "--backend native: the refinement engine is now chosen with --engine native"),
-    (["run", "--backend", "stream"], "--backend stream: expected one of batch"),
+    (["run", "--backend", "streaming"], "--backend streaming: expected one of batch, stream"),
     (["refine", "--bkg-terms", "x"], "argument --bkg-terms: invalid int value: 'x'"),
 ])
 def test_unknown_flags_and_keys_exit_2_naming_the_nearest(argv, expected, scan, tmp_path, capsys):

@@ -19,7 +19,7 @@ from midasflow.limits import MAX_REFLECTIONS
 from midasflow.refinement.options import BACKENDS, MODES, SEED_MODES
 
 #: ``run --backend``: where the frames come from, as in MIDAS's ``integrate_and_refine.py``.
-PIPELINE_BACKENDS = ("batch",)
+PIPELINE_BACKENDS = ("batch", "stream")
 
 
 def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool = True,
@@ -48,7 +48,8 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
     parser.add_argument("--engine", choices=BACKENDS, default="native",
                         help="refinement engine: built-in (default) or GSAS-II (GSASIIscriptable)")
     parser.add_argument("--backend", default=None,
-                        help="run: where the frames come from, 'batch' (files; the default)" if pipeline
+                        help="run: where the frames come from: 'batch' (files; the default) or "
+                        "'stream' (a watched --folder or a live --pva stream)" if pipeline
                         else argparse.SUPPRESS)
     parser.add_argument("--seed-from", choices=SEED_MODES[1:], default=None,
                         help="start each lineout from the refined values of its ω-group's first lineout "
@@ -87,13 +88,14 @@ def check_backend(args: argparse.Namespace, *, pipeline: bool) -> None:
         return
     if value in BACKENDS:
         raise UsageError(f"--backend {value}: the refinement engine is now chosen with --engine {value}"
-                         + (" (--backend chooses where the frames come from: batch)" if pipeline else ""))
+                         + (" (--backend chooses where the frames come from: batch or stream)" if pipeline
+                            else ""))
     if not pipeline:
         raise UsageError(f"--backend {value}: unknown option for refine; the engine is --engine "
                          f"{{{','.join(BACKENDS)}}}")
     if value not in PIPELINE_BACKENDS:
         raise UsageError(f"--backend {value}: expected one of {', '.join(PIPELINE_BACKENDS)} "
-                         "(frames from files)")
+                         "(frames from files, or as they arrive)")
 
 
 def ref_cells_from(args: argparse.Namespace) -> dict[str, tuple[float, ...]] | None:
@@ -145,9 +147,8 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def print_summary(results: Any, out: str, file: Any = None, store: str | None = None) -> None:
-    """The summary table: counts, mean Rwp, cell per phase, strain fits, where the files are
-    (the caked ``store`` too when given, on the line before the results).
+def print_summary(results: Any, out: str, file: Any = None) -> None:
+    """The summary table: counts, mean Rwp, cell per phase, strain fits, where the files are.
 
     ``file`` defaults to the ``sys.stdout`` of the moment of the call (not of the import).
     """
@@ -176,8 +177,6 @@ def print_summary(results: Any, out: str, file: Any = None, store: str | None = 
             text = ", ".join(f"{c} {v:+.2e}±{e:.1e}" for c, v, e in zip(comps, strain, esd))
             print(f"{name}: sample-frame strain {text}", file=file)
     print(flags_line(summary), file=file)
-    if store is not None:
-        print(f"caked store: {store}", file=file)
     print(f"results: {out}/results.zarr, {out}/refinement_summary.json, report {out}/report.html", file=file)
 
 
@@ -196,12 +195,12 @@ def flags_line(summary: dict[str, Any]) -> str:
     return f"quality flags on {summary['flagged']} of {summary['succeeded']} refined lineouts: {text}{tail}"
 
 
-def report_outcome(results: Any, out: str, command: str, store: str | None = None) -> int:
+def report_outcome(results: Any, out: str, command: str) -> int:
     """Print the summary table; exit status 0, or 1 with a one-line error on stderr when no
     lineout was refined (every one failed or was skipped; the summary's ``error`` says why too)."""
     from midasflow.results import run_failure
 
-    print_summary(results, out, store=store)
+    print_summary(results, out)
     failure = run_failure(results)
     if failure is None:
         return 0

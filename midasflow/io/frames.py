@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from midasflow.params import Params
 
 __all__ = ["ScanSource", "open_frames", "read_mask", "series_files", "series_names", "open_source",
-           "ScanReader"]
+           "ScanReader", "is_frame_file", "dark_mean"]
 
 #: Target size of one dask chunk of float32 frames.
 CHUNK_BYTES = 64 * 2**20
@@ -160,6 +160,16 @@ class FrameSource(Protocol):
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Raw frames ``start:stop`` as an array (stop − start, nz, ny)."""
+
+
+def is_frame_file(path: str | os.PathLike) -> bool:
+    """Whether :func:`open_source` reads files of this name's format (by its extension; a
+    zarr store is recognised by its extension or folder layout)."""
+    from midasflow.io import fabio_frames, ge, hdf5, zarr_frames
+
+    lower = os.fspath(path).lower()
+    return (lower.endswith(hdf5.EXTENSIONS + fabio_frames.TIFF_EXTENSIONS + fabio_frames.FABIO_EXTENSIONS)
+            or ge.is_ge(lower) or zarr_frames.is_zarr(os.fspath(path)))
 
 
 def open_source(path: str, params: Params, loc: str) -> FrameSource:
@@ -381,6 +391,26 @@ def _dark_source(first_file: str, params: Params, dark_fn: str | None, dark_loc:
     return None
 
 
+def dark_mean(first_file: str, params: Params, dark_fn: str | None, dark_loc: str,
+              frames_per_chunk: int | None = None) -> tuple[Any, str]:
+    """The dark frame subtracted from every frame, lazily: the mean of the dark frames after the
+    first ``SkipFrame`` (all of them when there are no more), float32 (nz, ny) dask array.
+
+    The dark is ``dark_fn``, else the parameter file's ``Dark``, else dataset ``dark_loc`` in
+    ``first_file`` (HDF5, zarr); returns ``(None, "")`` when there is none, else the array and
+    a label naming the file (and dataset).
+    """
+    dark = _dark_source(first_file, params, dark_fn, dark_loc)
+    if dark is None:
+        return None, ""
+    skip = int(params.skip_frame)
+    dark_reader = ScanReader((dark,), skip if dark.n_frames > skip else 0)
+    per_chunk = _frames_per_chunk(dark_reader.shape, frames_per_chunk)
+    dark_frames = _lazy(dark_reader, per_chunk, "dark")
+    label = dark.path + (f"::{dark.loc}" if getattr(dark, "loc", "") else "")
+    return dark_frames.astype(np.float64).mean(axis=0).astype(np.float32), label
+
+
 def _process_variables(sources: tuple[FrameSource, ...], params: Params,
                        skip: int) -> dict[str, np.ndarray]:
     """Per-frame process variables found in every (HDF5) file, concatenated, SkipFrame dropped."""
@@ -470,13 +500,9 @@ def open_frames(
     per_chunk = _frames_per_chunk(reader.shape, scan.frames_per_read or frames_per_chunk)
     frames = _lazy(reader, per_chunk, "frames")
 
-    dark = _dark_source(files[0], params, scan.dark_fn, scan.dark_loc)
-    dark_label = ""
+    dark, dark_label = dark_mean(files[0], params, scan.dark_fn, scan.dark_loc, per_chunk)
     if dark is not None:
-        dark_reader = ScanReader((dark,), skip if dark.n_frames > skip else 0)
-        dark_frames = _lazy(dark_reader, per_chunk, "dark")
-        frames = frames - dark_frames.astype(np.float64).mean(axis=0).astype(np.float32)
-        dark_label = dark.path + (f"::{dark.loc}" if getattr(dark, "loc", "") else "")
+        frames = frames - dark
     if scan.pre_proc_thresh is not None:
         frames = frames.map_blocks(threshold_frames, np.float32(scan.pre_proc_thresh), dtype=np.float32)
 

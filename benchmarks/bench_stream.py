@@ -1,0 +1,144 @@
+"""Stream backend: sustained frames per second for 2048² frames fed at increasing rates over
+PVAccess (a p4p server in another process, on 127.0.0.1), and the delay from the last frame to
+the last refined lineout.
+
+For each rate the server publishes ``--frames`` frames (bitshuffle-LZ4 compressed uint16, as an
+Eiger's PVA plugin would send them) once the stream has subscribed; the stream cakes and refines
+them on a local cluster (``--workers`` single-threaded workers). Printed per rate: frames received
+and dropped (uniqueId gaps), the rate the stream took them at, and the delay from the last frame
+to the last result. Beside it, from the same run: batch mode's caking rate of the same frames on
+the same cluster (``cake()`` of the frames in memory), the stream's ratio to it, and the load
+average (the machine is shared: timings under load are noisy).
+
+    python benchmarks/bench_stream.py --rates 5 10 20 30 --frames 120
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _serve(frame_file: str, pv: str, rate_hz: float, n_frames: int, ready, address) -> None:
+    """Server process: publish ``n_frames`` copies of the frame at ``rate_hz`` from the first
+    client connection on (uniqueId 1, 2, …), bitshuffle-LZ4 compressed."""
+    import bitshuffle
+    from p4p.nt import NTNDArray
+    from p4p.server import Server
+    from p4p.server.thread import SharedPV
+
+    frame = np.load(frame_file)
+    data = np.frombuffer(bitshuffle.compress_lz4(frame, 0).tobytes(), np.uint8)
+    nt = NTNDArray()
+    connected = mp.Event()
+
+    class Handler:
+        def onFirstConnect(self, pv):  # noqa: N802, ANN001, ARG002
+            connected.set()
+
+    shared = SharedPV(initial=nt.wrap(np.zeros((2, 2), np.uint16)), handler=Handler())
+    server = Server(providers=[{pv: shared}], isolate=True)
+    address.value = f"127.0.0.1:{server.conf()['EPICS_PVA_BROADCAST_PORT']}".encode()
+    ready.set()
+    connected.wait(600)
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    for uid in range(1, n_frames + 1):
+        value = nt.wrap(frame, timestamp=time.time())
+        value["uniqueId"] = uid
+        value["value"] = ("ubyteValue", data)
+        value["codec.name"] = "bslz4"
+        value["codec.parameters"] = 6
+        value["compressedSize"] = data.size
+        value["uncompressedSize"] = frame.nbytes
+        shared.post(value)
+        delay = t0 + uid / rate_hz - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    time.sleep(600)  # the stream stops itself; the parent terminates this process
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", type=float, nargs="+", default=[5, 10, 20, 30])
+    ap.add_argument("--frames", type=int, default=120)
+    ap.add_argument("--omega-sum-frames", type=int, default=40)
+    ap.add_argument("--eta-bin", type=float, default=10.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-refine", action="store_true", help="cake only")
+    args = ap.parse_args()
+
+    from distributed import Client, LocalCluster
+
+    from midasflow.crystal import cubic_phase, write_phase_cif
+    from midasflow.simulate import CEO2_A_A, ceo2_params, simulate_frames
+    from midasflow.stream.run import run_stream
+
+    work = Path(tempfile.mkdtemp(prefix="bench_stream_"))
+    params = ceo2_params((2048, 2048), eta_bin_deg=args.eta_bin, omega_sum_frames=args.omega_sum_frames,
+                         save_individual_frames=False)
+    param_file = work / "ps.txt"
+    param_file.write_text(params.to_text())
+    t = time.perf_counter()
+    frame, _ = simulate_frames(params, cubic_phase("CeO2", CEO2_A_A), n_frames=1, background=50, counts=2000,
+                               poisson=True, supersample=1, dtype=np.uint16)
+    np.save(work / "frame.npy", frame[0])
+    cif = write_phase_cif(cubic_phase("CeO2", CEO2_A_A), work / "CeO2.cif")
+    print(f"# 2048² CeO2 frame simulated in {time.perf_counter() - t:.0f} s; {params.n_r} R × {params.n_eta} η bins, "
+          f"OmegaSumFrames {args.omega_sum_frames}, {args.workers} workers; work folder {work}")
+
+    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(cluster)
+    # the peer from the same run: batch mode's caking of the same frames on the same cluster
+    import dask.array as da
+    import xarray as xr
+
+    from midasflow.binmap import load_or_build_binmap
+    from midasflow.caking import cake
+
+    binmap = load_or_build_binmap(params)
+    n_batch = min(args.frames, 64)
+    frames = xr.DataArray(da.from_array(np.broadcast_to(frame[0].astype(np.float32), (n_batch, 2048, 2048)),
+                                        chunks=(8, -1, -1)), dims=("frame", "z", "y"))
+    caked = cake(frames, params, binmap=binmap)
+    caked.intensity.data.compute()  # warm: the map on the workers, numba compiled
+    t = time.perf_counter()
+    client.compute(caked.intensity.data).result()
+    batch_fps = n_batch / (time.perf_counter() - t)
+    print(f"# batch mode cake() of {n_batch} in-memory frames on the same cluster: {batch_fps:.1f} frames/s")
+    print("rate_hz  received  dropped  stream_fps  ratio_to_batch  last_result_after_last_frame_s  load_avg")
+    ctx = mp.get_context("spawn")
+    for rate in args.rates:
+        ready, address = ctx.Event(), ctx.Array("c", 64)
+        server = ctx.Process(target=_serve, args=(str(work / "frame.npy"), "bench:Pva1:Image", rate, args.frames,
+                                                  ready, address), daemon=True)
+        server.start()
+        ready.wait(60)
+        out = work / f"rate_{rate:g}"
+        try:
+            run_stream(param_file, [] if args.no_refine else [cif], pva=True, pva_ip=address.value.decode(),
+                       pva_channel="bench:Pva1:Image", out=out, result_folder=out, client=client,
+                       stop_after=args.frames, idle_timeout_s=20, live=False, export=False, report=False,
+                       refine_atoms=False, skip_refinement=args.no_refine, no_zarr=True, refresh_every=10**6)
+        finally:
+            server.terminate()
+            server.join(10)
+        summary = json.loads((out / "stream_summary.json").read_text())
+        src = summary["source"]
+        fps = summary["frames_per_s"] or float("nan")
+        delay = summary["last_result_after_last_frame_s"]
+        print(f"{rate:7g}  {src['received_frames']:8d}  {src['dropped_frames']:7d}  {fps:10.1f}  "
+              f"{fps / batch_fps:14.2f}  {delay if delay is not None else float('nan'):30.2f}  "
+              f"{os.getloadavg()[0]:8.1f}", flush=True)
+    client.close()
+    cluster.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""The stream as a Dask dataflow: frames → caking tasks → ω-group scan → refinement tasks.
+
+The client (this process) takes each :class:`~midasflow.stream.sources.Arrival` and submits
+
+* one ``stream-cake`` task per arrival (a file's frames, a PV frame; at most a map pass of
+  frames per task): :func:`midasflow.stream.tasks.cake_item`, with the bin map and the dark as
+  futures made once (the map is read from its cache by one worker and copied to the others by
+  Dask, once each);
+* one ``stream-fold`` task after it: the frames added to the open ω-group in frame order
+  (:func:`~midasflow.stream.tasks.fold`), each fold depending on the one before;
+* for every group a fold closes, a ``stream-group`` task (the group's cake, written to the spool)
+  and at once its ``refine-lineout`` tasks (:func:`~midasflow.stream.tasks.refine_part`), so group
+  k is refined while group k+1 is caked.
+
+Futures are collected with ``distributed.as_completed`` as they finish and released at once.
+Backpressure: at most ``max_frames_in_flight`` frames are being caked and at most
+``max_groups_pending`` closed groups wait for their refinement; beyond that the client stops
+taking frames (a folder waits; a PV's monitor queue fills and then drops, which is counted), so
+memory stays bounded however long the stream runs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from midasflow.errors import MidasflowError
+from midasflow.stream.sources import Arrival
+from midasflow.stream.spool import Spool
+from midasflow.stream.tasks import (
+    Caking,
+    FrameItem,
+    GroupInfo,
+    cake_item,
+    close_open,
+    fold,
+    load_spooled,
+    refine_group_seed,
+    refine_part,
+    save_carry,
+    take_group,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """When the stream stops, and how much it holds in flight.
+
+    Attributes
+    ----------
+    stop_after : int or None
+        Stop after this many frames (after SkipFrame; counted over resumed runs too).
+    idle_timeout_s : float or None
+        Stop after this many seconds without a new frame.
+    max_frames_in_flight : int
+        Frames submitted for caking and not yet caked.
+    max_groups_pending : int
+        Closed ω-groups whose refinement has not finished.
+    frames_per_task : int
+        Frames of one file caked in one task (a map pass).
+    """
+
+    stop_after: int | None = None
+    idle_timeout_s: float | None = None
+    max_frames_in_flight: int = 8
+    max_groups_pending: int = 3
+    frames_per_task: int = 8
+
+
+@dataclass
+class GroupRecord:
+    """A closed ω-group: frames, ω, and when its last frame arrived and its lineouts finished."""
+
+    group: int
+    first: int
+    last: int
+    omega_first_deg: float
+    omega_last_deg: float
+    arrived_s: float
+    units_left: int = 0
+    refined_s: float | None = None
+
+    @property
+    def frames_summed(self) -> int:
+        return self.last - self.first + 1
+
+    def info(self) -> GroupInfo:
+        return GroupInfo(self.group, self.frames_summed,
+                         0.5 * (self.omega_first_deg + self.omega_last_deg))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"group": self.group, "first": self.first, "last": self.last,
+                "omega_first_deg": self.omega_first_deg, "omega_last_deg": self.omega_last_deg}
+
+
+@dataclass
+class Refinement:
+    """How closed groups are refined: the plan's worker context (scattered once by the caller)
+    and the unit size."""
+
+    context: Any           # future of the stream's WorkerContext
+    seed_from: str | None
+    lineouts_per_task: int
+    n_eta: int
+
+
+@dataclass
+class _Tracked:
+    kind: str
+    payload: Any = None
+
+
+@dataclass
+class StreamState:
+    """What has arrived and been caked (the spool manifest's content)."""
+
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    groups: list[GroupRecord] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)          # file name -> its frames
+    partial_files: dict[str, int] = field(default_factory=dict)  # resumed: frames already taken
+    open_first: int = 0
+    skipped: int = 0
+    first_frame_s: float | None = None
+    last_frame_s: float | None = None
+
+
+class StreamDataflow:
+    """Feed arrivals in, get caked and refined ω-groups out (module docstring).
+
+    Parameters
+    ----------
+    client : distributed.Client
+    params : Params
+    binmap : BinMap
+    caking : Caking
+    dark : ndarray (nz, ny) float32 or None
+    spool : Spool
+    limits : StreamLimits
+    keep_frames : bool
+        Write every frame's cake to the spool (for saved individual frames, SumImages, HDF5).
+    refinement : Refinement, optional
+        Refine every closed group; None: cake only.
+    on_group_refined : callable, optional
+        Called with (GroupRecord, list of LineoutResult) when a group's lineouts are all back.
+    state : StreamState, optional
+        A resumed stream's state; ``carry`` its open group's partial sum (a future or None).
+    """
+
+    def __init__(self, client: Any, params: Any, binmap: Any, caking: Caking, dark: np.ndarray | None,
+                 spool: Spool, limits: StreamLimits, *, keep_frames: bool, caking_digest: str,
+                 refinement: Refinement | None = None,
+                 on_group_refined: Callable[[GroupRecord, list[Any]], None] | None = None,
+                 on_group_closed: Callable[[GroupRecord, Any], None] | None = None,
+                 source_summary: Callable[[], dict[str, Any]] = dict,
+                 state: StreamState | None = None, carry: Any = None) -> None:
+        from distributed import as_completed
+
+        self.client, self.params, self.caking, self.spool, self.limits = client, params, caking, spool, limits
+        self.keep_frames, self.caking_digest = keep_frames, caking_digest
+        self.refinement, self.on_group_refined = refinement, on_group_refined
+        self.on_group_closed = on_group_closed
+        self.source_summary = source_summary
+        self.shape = (int(binmap.n_r), int(binmap.n_eta))
+        self.group_size = int(params.omega_sum_frames)
+        if self.group_size == 0:
+            raise MidasflowError("OmegaSumFrames: expected a non-zero frame count (-1 = all frames)")
+        self.token = uuid.uuid4().hex[:8]
+        self.state = state or StreamState()
+        if binmap.cache_file is not None and binmap.digest is not None:
+            from midasflow.binmap import cached_binmap
+
+            self.binmap = client.submit(cached_binmap, binmap.cache_file, binmap.key, binmap.digest,
+                                        key=f"binmap-{binmap.digest}", pure=True)
+        else:
+            [self.binmap] = client.scatter([binmap], broadcast=True, hash=False)
+        self.dark = None if dark is None else client.scatter([dark], broadcast=True, hash=False)[0]
+        [self.caking_future] = client.scatter([caking], broadcast=True, hash=False)
+        self.last_fold = carry
+        self.done = as_completed()
+        self.tracked: dict[str, tuple[Any, _Tracked]] = {}
+        self.frames_in_flight = 0
+        self.groups_pending = 0
+        self.results: list[Any] = []
+        self.unwritten: set[int] = set()  # groups whose cake is not yet in the spool
+
+    # -- feeding --------------------------------------------------------------------------
+    @property
+    def n_frames(self) -> int:
+        """Frames taken (after SkipFrame)."""
+        return len(self.state.frames)
+
+    def wants_more(self) -> bool:
+        """False once ``stop_after`` frames were taken."""
+        n = self.limits.stop_after
+        return n is None or self.n_frames < n
+
+    def _track(self, future: Any, kind: str, payload: Any = None) -> None:
+        self.tracked[future.key] = (future, _Tracked(kind, payload))
+        self.done.add(future)
+
+    def _omega(self, position: int) -> float:
+        return float(self.params.omega_start_deg) + float(self.params.omega_step_deg) * position
+
+    def feed(self, arrival: Arrival, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """Submit the caking of an arrival's frames (waiting while too much is in flight)."""
+        now = time.time()
+        start = 0
+        if arrival.path is not None:
+            self.state.files[arrival.name] = arrival.n_frames
+            start = self.state.partial_files.pop(arrival.name, 0)  # a resumed file's frames left
+        skip = max(int(self.params.skip_frame) - self.state.skipped, 0)
+        if skip:  # SkipFrame: the stream's first frames are not taken
+            skipped = min(skip, arrival.n_frames - start)
+            self.state.skipped += skipped
+            start += skipped
+        while start < arrival.n_frames and self.wants_more():
+            room = self.limits.stop_after - self.n_frames if self.limits.stop_after else arrival.n_frames
+            stop = min(arrival.n_frames, start + self.limits.frames_per_task, start + room)
+            self._wait_for_room(stop - start, interrupted)
+            self._submit(arrival, start, stop, now)
+            start = stop
+        self.state.last_frame_s = now
+        if self.state.first_frame_s is None:
+            self.state.first_frame_s = now
+
+    def _wait_for_room(self, n: int, interrupted: Callable[[], bool]) -> None:
+        lim = self.limits
+        while (self.frames_in_flight and self.frames_in_flight + n > lim.max_frames_in_flight) or \
+                self.groups_pending >= lim.max_groups_pending:
+            if not self.collect(block=True) or interrupted():
+                return
+
+    def _submit(self, arrival: Arrival, start: int, stop: int, now: float) -> None:
+        positions = tuple(range(self.n_frames, self.n_frames + stop - start))
+        for k, p in enumerate(positions):
+            frame = {"name": arrival.name, "frame_in_file": start + k, "omega_deg": self._omega(p)}
+            if arrival.unique_id is not None:
+                frame["unique_id"] = arrival.unique_id
+            if arrival.path is not None and arrival.n_frames > 1:
+                frame["multi"] = True
+            self.state.frames.append(frame)
+        item = FrameItem(positions=positions, path=arrival.path, start=start, stop=stop,
+                         pva=arrival.payload,
+                         frame_paths=tuple(self.spool.frame_path(p) for p in positions) if self.keep_frames else ())
+        key = f"stream-cake-{positions[0]}-{self.token}"
+        cakes = self.client.submit(cake_item, item, self.binmap, self.caking_future, self.dark, key=key,
+                                   pure=False, priority=10)
+        self._track(cakes, "cake", len(positions))
+        self.frames_in_flight += len(positions)
+        rel = np.asarray(positions) - self.state.open_first  # groups start at open_first + k·size
+        if self.group_size > 0:
+            starts, ends = rel % self.group_size == 0, rel % self.group_size == self.group_size - 1
+        else:  # OmegaSumFrames -1: one group of every frame, closed at the end
+            starts, ends = rel == 0, np.zeros(rel.size, dtype=bool)
+        self.last_fold = self.client.submit(fold, self.last_fold, cakes, starts, ends,
+                                            key=f"stream-fold-{positions[0]}-{self.token}", pure=False,
+                                            priority=10)
+        closed = 0
+        group_first = self.state.open_first
+        for p, end in zip(positions, ends):
+            if end:
+                self._close(self.last_fold, closed, group_first, p, now)
+                closed += 1
+                group_first = p + 1
+        self.state.open_first = group_first
+
+    def _close(self, fold_future: Any, k: int, first: int, last: int, now: float) -> None:
+        g = len(self.state.groups)
+        record = GroupRecord(g, first, last, self._omega(first), self._omega(last), now)
+        self.state.groups.append(record)
+        fut = self.client.submit(take_group, fold_future, k, self.spool.group_path(g),
+                                 key=f"stream-group-{g}-{self.token}", pure=False, priority=10)
+        self._track(fut, "group", record)
+        self.unwritten.add(g)
+        self.groups_pending += 1
+
+    def refine_resumed(self, cakes: list[Any]) -> None:
+        """Refine the closed groups of a resumed stream again (their finished lineouts come back
+        from their checkpoints)."""
+        for record, cake in zip(self.state.groups, cakes):
+            self.groups_pending += 1
+            self._refine(cake, record)
+
+    # -- collecting -----------------------------------------------------------------------
+    def collect(self, block: bool = False) -> bool:
+        """Handle the futures that finished (waiting for one with ``block``); False when none
+        is in flight."""
+        if self.done.is_empty():
+            return False
+        for fut in self.done.next_batch(block=block):
+            _, tracked = self.tracked.pop(fut.key)
+            self._finished(fut, tracked)
+            fut.release()
+        return True
+
+    def _finished(self, fut: Any, tracked: _Tracked) -> None:
+        if tracked.kind == "cake":
+            self.frames_in_flight -= tracked.payload
+            fut.result()  # a frame that could not be read stops the stream (one line)
+        elif tracked.kind == "save":
+            fut.result()
+        elif tracked.kind == "group":
+            fut.result()
+            record: GroupRecord = tracked.payload
+            self.unwritten.discard(record.group)
+            self.write_manifest()
+            if self.on_group_closed is not None:
+                self.on_group_closed(record, fut)
+            self._refine(fut, record)
+        elif tracked.kind == "refine":
+            record, unit = tracked.payload
+            try:
+                outcome = fut.result()
+                results = outcome.results
+            except Exception as exc:  # lost beyond retries: its lineouts fail, the others go on
+                from midasflow.refinement.lineouts import failed_result
+
+                message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                omega = record.info().omega_deg
+                results = [failed_result(record.group * self.refinement.n_eta + e, record.group, e, omega,
+                                         float("nan"), message) for e in range(*unit)]
+            self.results.extend(results)
+            record.units_left -= 1
+            if record.units_left == 0:
+                record.refined_s = time.time()
+                self.groups_pending -= 1
+                done = [r for r in self.results if r.group == record.group]
+                if self.on_group_refined is not None:
+                    self.on_group_refined(record, done)
+
+    def _refine(self, cake: Any, record: GroupRecord) -> None:
+        ref = self.refinement
+        if ref is None:
+            record.refined_s = time.time()
+            self.groups_pending -= 1
+            return
+        info = record.info()
+        seed = None
+        step = ref.lineouts_per_task
+        whole = step >= ref.n_eta
+        if ref.seed_from is not None and not whole:
+            seed = self.client.submit(refine_group_seed, ref.context, info, cake, pure=False,
+                                      key=f"refine-lineout-seed-{record.group}-{self.token}")
+        base = record.group * ref.n_eta
+        for e0 in range(0, ref.n_eta, step):
+            e1 = min(e0 + step, ref.n_eta)
+            span = f"{base + e0}" if e1 - e0 == 1 else f"{base + e0}-{base + e1 - 1}"
+            fut = self.client.submit(refine_part, ref.context, info, cake, e0, e1, seed, pure=False,
+                                     key=f"refine-lineout-{span}-{self.token}", retries=2)
+            self._track(fut, "refine", (record, (e0, e1)))
+            record.units_left += 1
+
+    # -- the end --------------------------------------------------------------------------
+    def finish(self, *, end_of_stream: bool) -> None:
+        """Wait for everything in flight. ``end_of_stream``: the open group is closed (a short
+        last group, as MIDAS); otherwise (the stream was interrupted) its partial sum is kept in
+        the spool for ``--resume``."""
+        open_frames = self.n_frames - self.state.open_first
+        if open_frames and self.last_fold is not None:
+            if end_of_stream:
+                self.last_fold = self.client.submit(close_open, self.last_fold, pure=False,
+                                                    key=f"stream-fold-end-{self.token}")
+                self._close(self.last_fold, 0, self.state.open_first, self.n_frames - 1, time.time())
+                self.state.open_first = self.n_frames
+            else:
+                fut = self.client.submit(save_carry, self.last_fold, self.spool.open_group_path,
+                                         pure=False, key=f"stream-save-open-{self.token}")
+                self._track(fut, "save")
+        while self.collect(block=True):
+            pass
+        self.write_manifest(complete=True)
+
+    def write_manifest(self, complete: bool = False) -> None:
+        """Record the stream's state in the spool.
+
+        While the stream runs (``complete`` False) the record stops at the last ω-group whose
+        cake is written (every earlier one is too), so a stream killed outright resumes from
+        there; ``complete`` (after :meth:`finish`) records every frame and the open group.
+        """
+        st = self.state
+        groups = []
+        for g in st.groups:
+            if g.group in self.unwritten:
+                break
+            groups.append(g)
+        cut = self.n_frames if complete else (groups[-1].last + 1 if groups else 0)
+        frames = st.frames[:cut]
+        consumed: dict[str, int] = {}
+        for frame in frames:
+            consumed[frame["name"]] = max(consumed.get(frame["name"], 0), frame["frame_in_file"] + 1)
+        taken = [name for name, n in st.files.items() if consumed.get(name, n if complete else 0) >= n]
+        partial = {name: consumed[name] for name, n in st.files.items() if 0 < consumed.get(name, 0) < n}
+        partial.update({k: v for k, v in st.partial_files.items() if k not in st.files})  # not seen again yet
+        open_first = st.open_first if complete else cut
+        self.spool.write_manifest({
+            "caking_digest": self.caking_digest,
+            "frames": frames,
+            "groups": [g.to_json() for g in groups],
+            "taken_files": taken,
+            "partial_files": partial,
+            "open_first": open_first,
+            "open_frames": cut - open_first,
+            "skipped": st.skipped,
+            "keep_frames": self.keep_frames,
+            "source": self.source_summary(),
+        })
+
+
+def lineouts_per_task(n_eta: int, threads: int) -> int:
+    """η columns per refinement task: every thread gets about four tasks of each group."""
+    return max(1, math.ceil(n_eta / max(4 * threads, 1)))
+
+
+def resumed_state(manifest: dict[str, Any], spool: Spool, client: Any, shape: tuple[int, int]
+                  ) -> tuple[StreamState, Any, list[Any]]:
+    """A stopped stream's state from its manifest: the state, the open group's partial sum (a
+    future, or None) and a future of every closed group's spooled cake."""
+    groups = [GroupRecord(g["group"], g["first"], g["last"], float(g["omega_first_deg"]),
+                          float(g["omega_last_deg"]), 0.0) for g in manifest["groups"]]
+    state = StreamState(frames=list(manifest["frames"]), groups=groups,
+                        files={name: 0 for name in manifest["taken_files"]},
+                        partial_files=dict(manifest.get("partial_files", {})),
+                        open_first=manifest["open_first"], skipped=int(manifest.get("skipped", 0)))
+    carry = None
+    if manifest["open_frames"]:
+        carry = client.submit(load_spooled, spool.open_group_path, shape, pure=False)
+    cakes = [client.submit(load_spooled, spool.group_path(g.group), shape, pure=False) for g in groups]
+    return state, carry, cakes

@@ -1,0 +1,155 @@
+"""The stream's task functions: what runs on the Dask workers as frames arrive.
+
+Each reuses the batch kernels: frames are read as :class:`midasflow.io.frames.ScanReader` reads
+them (float32, detector flags NaN), the dark is subtracted and the threshold applied as in
+:func:`midasflow.io.frames.open_frames`, they are caked by the same kernel call as
+:func:`midasflow.caking.cake` makes, added to their ω-group one frame at a time in frame order by
+the same step as the batch group scan (so a group's sum is bit-identical to batch mode's), and a
+closed group's lineouts are made and refined by the lineout plan's own task functions
+(:func:`midasflow.refinement.plan.refine_unit`, :func:`~midasflow.refinement.plan.refine_seed`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from midasflow.caking import _cake_chunk, _group_step
+from midasflow.io.frames import _to_float32, threshold_frames
+from midasflow.stream.spool import load_array, save_array
+
+
+@dataclass(frozen=True)
+class FrameItem:
+    """Frames of one arrival to cake in one task: frames ``start:stop`` of a file, or a PV frame.
+
+    ``positions`` are the stream positions (after SkipFrame) of the frames; ``frame_paths`` the
+    spool files their cakes are written to (empty: not kept).
+    """
+
+    positions: tuple[int, ...]
+    path: str | None = None
+    start: int = 0
+    stop: int = 0
+    pva: Any = None
+    frame_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Caking:
+    """What every caking task needs besides the frames and the bin map (sent once)."""
+
+    params: Any
+    data_loc: str
+    normalize: bool
+    min_area_fraction: float
+    mask_rule: str
+    pre_proc_thresh: float | None
+
+
+def read_item(item: FrameItem, caking: Caking, dark: np.ndarray | None) -> np.ndarray:
+    """The item's frames (k, nz, ny) float32: detector flags NaN, dark subtracted, thresholded."""
+    if item.pva is not None:
+        frames = _to_float32(item.pva.decode()[None])
+    else:
+        from midasflow.stream.sources import frames_of_file
+
+        frames = frames_of_file(item.path, caking.params, caking.data_loc, item.start, item.stop)
+    if dark is not None:
+        frames = frames - dark
+    if caking.pre_proc_thresh is not None:
+        frames = threshold_frames(frames, np.float32(caking.pre_proc_thresh))
+    return frames
+
+
+def cake_item(item: FrameItem, binmap: Any, caking: Caking, dark: np.ndarray | None) -> np.ndarray:
+    """Task: the per-frame cakes (k, n_r, n_eta) float64 of one item; each frame's cake is also
+    written to the spool when the item names a file for it."""
+    cakes = _cake_chunk(read_item(item, caking, dark), binmap, caking.normalize,
+                        caking.min_area_fraction, caking.mask_rule)
+    for path, cake in zip(item.frame_paths, cakes):
+        save_array(path, cake)
+    return cakes
+
+
+@dataclass(frozen=True)
+class Fold:
+    """The ω-group scan after some frames: the groups they closed and the open group's sum."""
+
+    closed: np.ndarray            # (m, n_r, n_eta)
+    carry: np.ndarray | None      # the open group's partial sum
+
+
+def fold(previous: Fold | np.ndarray | None, cakes: np.ndarray, starts: np.ndarray,
+         ends: np.ndarray) -> Fold:
+    """Task: add an item's cakes to the open group, frame by frame in frame order (the batch
+    group scan's step, :func:`midasflow.caking._group_step`); ``previous`` is the last fold, a
+    resumed group's partial sum, or None at the start."""
+    carry = previous.carry if isinstance(previous, Fold) else previous
+    closed, carry = _group_step(cakes, carry, np.asarray(starts, bool), np.asarray(ends, bool))
+    return Fold(closed, carry)
+
+
+def close_open(previous: Fold | np.ndarray | None) -> Fold:
+    """Task: close the open group at the end of the stream (MIDAS keeps a short last group)."""
+    carry = previous.carry if isinstance(previous, Fold) else previous
+    return Fold(carry[None], None)
+
+
+def take_group(fold_result: Fold, k: int, path: str) -> np.ndarray:
+    """Task: the ``k``-th group a fold closed, written to the spool; it stays on the worker as
+    the input of the group's refinement tasks."""
+    cake = fold_result.closed[k]
+    save_array(path, cake)
+    return cake
+
+
+def save_carry(previous: Fold | np.ndarray | None, path: str) -> str:
+    """Task: the open group's partial sum, written to the spool (the stream stopped mid-group)."""
+    carry = previous.carry if isinstance(previous, Fold) else previous
+    return save_array(path, carry)
+
+
+def load_spooled(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Task: a spooled cake, checked (:func:`midasflow.stream.spool.load_array`)."""
+    return load_array(path, shape)
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A closed ω-group's numbers: index, frames summed and mid-group ω (deg)."""
+
+    group: int
+    frames_summed: int
+    omega_deg: float
+
+
+def group_context(ctx: Any, info: GroupInfo) -> Any:
+    """The plan's worker context for one group of the stream: the stream's layout (2θ, η, bin
+    areas; scattered once) with the group's ω and frame count at its index."""
+    n = info.group + 1
+    layout = dataclasses.replace(ctx.layout, n_groups=n, omega_deg=np.full(n, info.omega_deg),
+                                 frames_summed=np.full(n, info.frames_summed, dtype=np.int64))
+    return dataclasses.replace(ctx, layout=layout)
+
+
+def refine_part(ctx: Any, info: GroupInfo, cake: np.ndarray, eta_start: int, eta_stop: int,
+                seed: Any = None) -> Any:
+    """Task ``refine-lineout``: the lineouts of η columns ``eta_start:eta_stop`` of a closed group
+    (:func:`midasflow.refinement.plan.refine_unit`; checkpointed as they finish)."""
+    from midasflow.refinement.plan import TaskUnit, refine_unit
+
+    whole = eta_start == 0 and eta_stop == cake.shape[1]
+    unit = TaskUnit(info.group, eta_start, eta_stop, whole)
+    return refine_unit(group_context(ctx, info), unit, cake if whole else cake[:, eta_start:eta_stop], seed)
+
+
+def refine_group_seed(ctx: Any, info: GroupInfo, cake: np.ndarray) -> Any:
+    """Task: a closed group's seed (``--seed-from``), for its parts
+    (:func:`midasflow.refinement.plan.refine_seed`)."""
+    from midasflow.refinement.plan import TaskUnit, refine_seed
+
+    unit = TaskUnit(info.group, 0, cake.shape[1], True)
+    return refine_seed(group_context(ctx, info), unit, cake)

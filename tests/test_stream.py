@@ -1,0 +1,327 @@
+"""The stream backend (midasflow.stream): codecs, sources with real parts on loopback (a p4p
+PVAccess server, a writer thread), the dataflow against batch mode, the command, interruption and
+resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream_helpers import NtndArrayServer, drop_files
+
+pytest.importorskip("p4p")
+pytest.importorskip("watchfiles")
+
+
+# ---------------------------------------------------------------------------------------------
+# codecs
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("codec", ["lz4", "bslz4", "blosc"])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_areadetector_codecs_decode_to_the_frame(codec, dtype):
+    import bitshuffle
+    import lz4.block
+    from numcodecs import Blosc
+
+    from midasflow.stream.codecs import decode_frame
+
+    rng = np.random.default_rng(3)
+    frame = rng.integers(-5 if dtype == np.int32 else 0, 3000, size=(37, 53)).astype(dtype)
+    raw = frame.tobytes()
+    data = {"lz4": lambda: lz4.block.compress(raw, store_size=False),
+            "bslz4": lambda: bitshuffle.compress_lz4(frame, 0).tobytes(),
+            "blosc": lambda: Blosc(cname="zstd", shuffle=Blosc.SHUFFLE, typesize=frame.itemsize).encode(frame)}[codec]()
+    code = {np.uint16: 6, np.int32: 3}[dtype]
+    out = decode_frame(np.frombuffer(data, np.uint8), frame.shape, codec=codec, parameters=code,
+                       uncompressed_size=frame.nbytes)
+    assert out.dtype == frame.dtype and np.array_equal(out, frame)
+
+
+def test_bad_or_lossy_codec_frames_are_one_line_errors():
+    from midasflow.errors import FrameError
+    from midasflow.stream.codecs import decode_frame
+
+    u8 = np.zeros(16, np.uint8)
+    with pytest.raises(FrameError, match="codec 'jpeg' refused.*lossy"):
+        decode_frame(u8, (4, 4), codec="jpeg", parameters=5)
+    with pytest.raises(FrameError, match="codec.parameters 42"):
+        decode_frame(u8, (4, 4), codec="lz4", parameters=42)
+    with pytest.raises(FrameError, match="uncompressedSize 10 bytes"):
+        decode_frame(u8, (4, 4), codec="lz4", parameters=6, uncompressed_size=10)
+    with pytest.raises(FrameError, match="lz4 frame cannot be decoded"):
+        decode_frame(np.full(16, 255, np.uint8), (4, 4), codec="lz4", parameters=6)
+    with pytest.raises(FrameError, match="20 pixels"):
+        decode_frame(np.zeros(20, np.uint16), (4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------
+def _params(shape=(24, 20)):
+    from midasflow.params import Params
+
+    return Params(nr_pixels_z=shape[0], nr_pixels_y=shape[1])
+
+
+def _collect(source, stop, until, timeout_s=30.0):
+    got, t0 = [], time.monotonic()
+    for arrival in source.arrivals(stop, tick_s=0.05):
+        if arrival is not None:
+            got.append(arrival)
+        if until(got) or time.monotonic() - t0 > timeout_s:
+            stop.set()
+    return got
+
+
+def test_folder_source_takes_complete_files_once_in_name_order(tmp_path):
+    import tifffile
+
+    from midasflow.stream.sources import FolderSource
+
+    params = _params()
+    frames = (np.arange(12)[:, None, None] * 10 + np.zeros((12, 24, 20))).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "frame_0.tif", frames[0])  # present before the stream starts
+    (tmp_path / ".hidden.tif").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    (tmp_path / "frame_99.tif.part").write_bytes(b"partial")
+    writer = drop_files(tmp_path, frames[1:], interval_s=0.03, half_written=3, stem="frame_")
+    source = FolderSource(tmp_path, params, settle_s=0.3, give_up_s=20)
+    got = _collect(source, threading.Event(), lambda g: len(g) == 12)
+    writer.join(10)
+    names = [a.name for a in got]
+    assert names == ["frame_0.tif"] + [f"frame_{i}.tif" for i in range(1, 12)]  # 2 before 10: name order
+    # every file was read whole: its frame value is what the writer wrote
+    from midasflow.stream.sources import frames_of_file
+
+    for a in got:
+        assert a.n_frames == 1
+        value = frames_of_file(a.path, params, "exchange/data", 0, 1)[0, 0, 0]
+        assert value == frames[int(a.name.split("_")[1].split(".")[0])][0, 0]
+
+
+def test_folder_source_skips_files_already_taken(tmp_path):
+    import tifffile
+
+    from midasflow.stream.sources import FolderSource
+
+    for i in range(3):
+        tifffile.imwrite(tmp_path / f"f{i}.tif", np.zeros((24, 20), np.uint16))
+    source = FolderSource(tmp_path, _params(), settle_s=0.1, skip=["f0.tif", "f1.tif"])
+    got = _collect(source, threading.Event(), lambda g: len(g) >= 1, timeout_s=3)
+    assert [a.name for a in got] == ["f2.tif"]
+
+
+def test_pva_source_decodes_counts_drops_and_ignores_the_stale_value():
+    from midasflow.stream.pva import PvaSource
+
+    server = NtndArrayServer(shape=(24, 20))
+    try:
+        frames = [(np.full((24, 20), 100 + i)).astype(np.uint16) for i in range(8)]
+        server.publish(frames, rate_hz=40, codecs=("", "lz4", "bslz4", "blosc"), skip_ids=(4, 5),
+                       start_delay_s=0.8)
+        source = PvaSource(server.pv_name, _params(), conf=server.conf)
+        got = _collect(source, threading.Event(), lambda g: len(g) == 8, timeout_s=20)
+    finally:
+        server.stop()
+    assert [a.unique_id for a in got] == [1, 2, 3, 6, 7, 8, 9, 10]  # the initial zeros frame not taken
+    assert [int(a.payload.decode()[0, 0]) for a in got] == [100 + i for i in range(8)]
+    assert {a.payload.codec for a in got} == {"", "lz4", "bslz4", "blosc"}
+    summary = source.summary()
+    assert summary["dropped_frames"] == 2 and summary["gaps"] == [[3, 6]]
+    assert summary["received_frames"] == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# the dataflow against batch mode
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_scan(tmp_path_factory):
+    """6 simulated CeO2 frames (128², uint16) with a dark: as one HDF5 (batch mode) and as one
+    TIFF per frame (a folder for the stream)."""
+    import h5py
+    import tifffile
+
+    from midasflow.simulate import simulate_ceo2_scan
+
+    root = tmp_path_factory.mktemp("stream_scan")
+    files, truth = simulate_ceo2_scan(root / "batch", n_frames=6, shape=(128, 128),
+                                      params_overrides=dict(omega_sum_frames=2, omega_step_deg=0.5))
+    with h5py.File(files.data) as f:
+        frames, dark = f["exchange/data"][...], f["exchange/dark"][...]
+    tifffile.imwrite(root / "dark.tif", dark)
+    return {"root": root, "files": files, "frames": frames, "dark": root / "dark.tif"}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def test_stream_cakes_are_bit_identical_to_batch_mode(small_scan, client, tmp_path):
+    from midasflow.io.caked_store import open_caked
+    from midasflow.pipeline import integrate
+    from midasflow.stream.run import run_stream
+
+    batch = integrate(small_scan["files"].params_file, small_scan["files"].data,
+                      result_folder=tmp_path / "batch", client=client)
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    writer = drop_files(folder, small_scan["frames"], interval_s=0.05, half_written=2)
+    store = run_stream(small_scan["files"].params_file, [], folder=folder, out=tmp_path / "ref",
+                       result_folder=tmp_path / "out", dark=str(small_scan["dark"]), stop_after=6,
+                       client=client, skip_refinement=True, live=False, settle_s=0.2,
+                       output_h5=str(tmp_path / "cakes.h5"), compress=True)
+    writer.join(10)
+    assert store == tmp_path / "cakes.zarr.zip"  # named after --output-h5, as MIDAS does
+    a, b = open_caked(batch), open_caked(store)
+    for name in ("intensity", "frame_intensity", "frames_summed", "omega_first_deg", "omega_last_deg",
+                 "last_frame", "tth_deg", "bin_area", "omega_deg"):
+        assert np.array_equal(a[name].values, b[name].values, equal_nan=True), name
+    import h5py
+
+    with h5py.File(tmp_path / "cakes.h5") as f:
+        sums = f["OmegaSumFrame"]
+        assert list(sums) == ["Summed_from_0_to_1", "Summed_from_2_to_3", "Summed_from_4_to_5"]
+        assert np.array_equal(sums["Summed_from_2_to_3"][...], a.intensity.values[1], equal_nan=True)
+        assert sums["Summed_from_2_to_3"].compression == "gzip"
+        assert sums["Summed_from_4_to_5"].attrs["last_frame_identifier"] == "frame_6"
+        assert len(f["frames"]) == 6 and f.attrs["num_frames"] == 6
+    summary = json.loads((tmp_path / "ref" / "stream_summary.json").read_text())
+    assert summary["frames"] == 6 and summary["groups"] == 3 and not summary["interrupted"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the command, end to end
+# ---------------------------------------------------------------------------------------------
+def _cif(root: Path) -> Path:
+    from midasflow.crystal import cubic_phase, write_phase_cif
+    from midasflow.simulate import CEO2_A_A
+
+    path = root / "CeO2.cif"
+    if not path.exists():
+        write_phase_cif(cubic_phase("CeO2", CEO2_A_A), path)
+    return path
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "midasflow", "run", "--backend", "stream", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def test_stream_flags_need_backend_stream_and_one_source():
+    from midasflow.cli import main
+
+    assert main(["run", "--folder", "x", "--cif", "c.cif", "-paramFN", "p.txt", "-dataFN", "d.h5"]) == 2
+    assert main(["run", "--backend", "stream", "--param-file", "p.txt", "--cif", "c.cif"]) == 2
+    assert main(["run", "--backend", "stream", "--param-file", "p.txt", "--cif", "c.cif", "--folder", "x",
+                 "--pva"]) == 2
+
+
+@pytest.mark.slow
+def test_folder_stream_refines_as_batch_mode_does(small_scan, tmp_path):
+    """The manual's command on a folder filled while it runs: equal refinement results."""
+    from midasflow.pipeline import integrate, refine
+    from midasflow.results import open_results
+
+    cif = _cif(small_scan["root"])
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    writer = drop_files(folder, small_scan["frames"], interval_s=0.2)
+    proc = subprocess.run(_command("--param-file", str(small_scan["files"].params_file), "--folder", str(folder),
+                                   "--cif", str(cif), "--out", str(tmp_path / "refinement"), "-nCPUs", "2",
+                                   "--dark", str(small_scan["dark"]), "--idle-timeout", "4", "--no-live",
+                                   "--no-progress", "-resultFolder", str(tmp_path)),
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    writer.join(10)
+    assert proc.returncode == 0, proc.stderr
+    streamed = open_results(tmp_path / "refinement" / "results.zarr")
+    store = integrate(small_scan["files"].params_file, small_scan["files"].data, result_folder=tmp_path / "b")
+    batch = refine(store, [cif], out=tmp_path / "batch_ref")
+    for name in ("a_a", "a_a_esd", "rwp", "status"):
+        assert np.array_equal(streamed[name].values, batch[name].values), name
+    assert (tmp_path / "watch.zarr.zip").is_file() and (tmp_path / "refinement" / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_pva_stream_with_dropped_frames_reports_them_and_finishes(small_scan, tmp_path):
+    cif = _cif(small_scan["root"])
+    server = NtndArrayServer(pv="13SIM1:Pva1:Image", shape=(128, 128))
+    try:
+        server.publish(small_scan["frames"], rate_hz=5, codecs=("bslz4", "lz4"), skip_ids=(3,),
+                       start_delay_s=1)
+        proc = subprocess.run(_command("--param-file", str(small_scan["files"].params_file), "--pva",
+                                       "--pva-ip", server.address, "--cif", str(cif),
+                                       "--out", str(tmp_path / "refinement"), "-nCPUs", "2",
+                                       "--dark", str(small_scan["dark"]), "--stop-after", "6", "--idle-timeout", "120", "--no-live",
+                                       "--no-progress", "-resultFolder", str(tmp_path)),
+                              capture_output=True, text=True, env=_env(), timeout=900)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "refinement" / "refinement_summary.json").read_text())
+    assert summary["stream"]["source"]["dropped_frames"] == 1
+    assert summary["stream"]["source"]["gaps"] == [[2, 4]]
+    assert summary["stream"]["frames"] == 6 and summary["stream"]["groups"] == 3
+    assert (tmp_path / "13SIM1_Pva1_Image.zarr.zip").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_consistent_outputs_and_resume_finishes(small_scan, tmp_path):
+    """SIGINT mid-stream: the groups in flight are finished, every output is written for the
+    closed groups; --resume takes the remaining files and ends with the uninterrupted result."""
+    from midasflow.io.caked_store import open_caked
+    from midasflow.pipeline import integrate
+    from midasflow.results import open_results
+
+    cif = _cif(small_scan["root"])
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    args = ["--param-file", str(small_scan["files"].params_file), "--folder", str(folder), "--cif", str(cif),
+            "--out", str(tmp_path / "refinement"), "-nCPUs", "2", "--dark", str(small_scan["dark"]),
+            "--no-live", "--no-progress", "-resultFolder", str(tmp_path), "--refresh-every", "1"]
+    writer = drop_files(folder, small_scan["frames"][:3], interval_s=0.1)  # one group and a half
+    proc = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    writer.join(10)
+    summary_path = tmp_path / "refinement" / "stream" / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the three frames are taken
+        if summary_path.is_file() and len(json.loads(summary_path.read_text())["frames"]) >= 2:
+            break
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    first = open_caked(tmp_path / "watch.zarr.zip")
+    assert first.sizes["group"] == 1  # the closed group; the open one waits in the spool
+    assert open_results(tmp_path / "refinement" / "results.zarr").sizes["group"] == 1
+    drop_files(folder, small_scan["frames"][3:], interval_s=0.05, stem="frame_x").join(10)
+    for i in range(3, 6):  # the rest, named after the first three
+        os.rename(folder / f"frame_x{i - 2}.tif", folder / f"frame_{i + 1}.tif")
+    proc = subprocess.run(_command(*args, "--resume", "--idle-timeout", "3"), capture_output=True, text=True,
+                          env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    batch = open_caked(integrate(small_scan["files"].params_file, small_scan["files"].data,
+                                 result_folder=tmp_path / "b"))
+    resumed = open_caked(tmp_path / "watch.zarr.zip")
+    assert np.array_equal(resumed.intensity.values, batch.intensity.values, equal_nan=True)
+    assert open_results(tmp_path / "refinement" / "results.zarr").sizes["group"] == 3
