@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from midasflow.refinement.lineouts import plan_lineouts
-from midasflow.refinement.numbering import group_order, histogram_numbers
+from midasflow.refinement.numbering import arrival_numbers, group_order, histogram_numbers
 
 SCRIPT = Path(__file__).parent / "midas_scripts" / "summarize_refinement.py"
 
@@ -38,6 +38,15 @@ def test_numbers_skip_columns_without_enough_area():
     assert numbers[:, 3].tolist() == [-1, -1, -1]
     assert numbers[1].tolist() == [0, 1, 2, -1] and numbers[2].tolist() == [3, 4, 5, -1]
     assert numbers[0].tolist() == [6, 7, 8, -1]
+
+
+def test_stream_numbers_groups_as_they_arrive():
+    area = np.ones((30, 4))
+    area[8:, 3] = 0.0  # 8 bins: not a histogram column
+    numbers = arrival_numbers(area, 11, min_points=8)
+    assert numbers[:, 3].tolist() == [-1] * 11
+    assert numbers[2].tolist() == [6, 7, 8, -1]  # group 2 third, though "_2" sorts after "_10"
+    assert numbers[10].tolist() == [30, 31, 32, -1]
 
 
 def _midas_histograms(path):

@@ -70,6 +70,33 @@ def histogram_numbers(area: np.ndarray, last_frame: Any, *, min_points: int = 20
     return numbers
 
 
+def arrival_numbers(area: np.ndarray, n_groups: int, *, min_points: int = 20) -> np.ndarray:
+    """Histogram numbers of a scan whose ω-groups are numbered as they arrive (the stream backend).
+
+    A stream cannot know MIDAS's text order of ``LastFrameNumber_<n>`` names before its last group
+    (``_10`` sorts before ``_2``), so it numbers its groups 0, 1, 2, … in arrival order; the
+    histogram columns are chosen as in :func:`histogram_numbers`.
+
+    Parameters
+    ----------
+    area : ndarray (n_r, n_eta)
+        The importer's bin areas.
+    n_groups : int
+        Groups closed so far.
+    min_points : int
+        An η column is a histogram column with more than this many bins of non-zero area.
+
+    Returns
+    -------
+    ndarray int64 (n_groups, n_eta)
+    """
+    area = np.asarray(area)
+    columns = np.flatnonzero((area != 0).sum(axis=0) > int(min_points))
+    numbers = np.full((int(n_groups), area.shape[1]), NOT_A_HISTOGRAM, dtype=np.int64)
+    numbers[:, columns] = np.arange(int(n_groups))[:, None] * columns.size + np.arange(columns.size)
+    return numbers
+
+
 def importer_area(ds: Any, store: str | os.PathLike | None = None) -> np.ndarray:
     """The bin areas GSAS-II's importer and MIDAS's script see for a caked scan, (n_r, n_eta).
 

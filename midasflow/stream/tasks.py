@@ -128,10 +128,14 @@ class GroupInfo:
 
 def group_context(ctx: Any, info: GroupInfo) -> Any:
     """The plan's worker context for one group of the stream: the stream's layout (2θ, η, bin
-    areas; scattered once) with the group's ω and frame count at its index."""
+    areas; scattered once) with the group's ω and frame count at its index, and histogram numbers
+    in arrival order (:func:`midasflow.refinement.numbering.arrival_numbers`)."""
+    from midasflow.refinement.numbering import arrival_numbers
+
     n = info.group + 1
     layout = dataclasses.replace(ctx.layout, n_groups=n, omega_deg=np.full(n, info.omega_deg),
-                                 frames_summed=np.full(n, info.frames_summed, dtype=np.int64))
+                                 frames_summed=np.full(n, info.frames_summed, dtype=np.int64),
+                                 histogram=arrival_numbers(ctx.layout.bin_area, n, min_points=ctx.min_points))
     return dataclasses.replace(ctx, layout=layout)
 
 
