@@ -7,7 +7,7 @@ Eiger's PVA plugin would send them) once the stream has subscribed; the stream c
 them on a local cluster (``--workers`` single-threaded workers). Printed per rate: frames received
 and dropped (uniqueId gaps), the rate the stream took them at, and the delay from the last frame
 to the last result. Beside it, from the same run: batch mode's caking rate of the same frames on
-the same cluster (``cake()`` of the frames in memory), the stream's ratio to it, and the load
+the same cluster (``integrate`` of the same frames from an HDF5 file), the stream's ratio to it, and the load
 average (the machine is shared: timings under load are noisy).
 
     python benchmarks/bench_stream.py --rates 5 10 20 30 --frames 120
@@ -95,23 +95,19 @@ def main() -> None:
 
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
-    # the peer from the same run: batch mode's caking of the same frames on the same cluster
-    import dask.array as da
-    import xarray as xr
+    # the peer from the same run: batch mode (integrate) of the same frames from an HDF5 file
+    # (bitshuffle-LZ4, as an Eiger writes) on the same cluster, the .zarr.zip written as the stream writes it
+    from midasflow.pipeline import integrate
+    from midasflow.simulate import write_scan
 
-    from midasflow.binmap import load_or_build_binmap
-    from midasflow.caking import cake
-
-    binmap = load_or_build_binmap(params)
     n_batch = min(args.frames, 64)
-    frames = xr.DataArray(da.from_array(np.broadcast_to(frame[0].astype(np.float32), (n_batch, 2048, 2048)),
-                                        chunks=(8, -1, -1)), dims=("frame", "z", "y"))
-    caked = cake(frames, params, binmap=binmap)
-    caked.intensity.data.compute()  # warm: the map on the workers, numba compiled
+    scan = write_scan(work / "batch", params, np.broadcast_to(frame[0], (n_batch, 2048, 2048)),
+                      compression="bitshuffle")
+    integrate(scan.params_file, scan.data, result_folder=work / "batch_warm", client=client)  # map, numba
     t = time.perf_counter()
-    client.compute(caked.intensity.data).result()
+    integrate(scan.params_file, scan.data, result_folder=work / "batch", client=client)
     batch_fps = n_batch / (time.perf_counter() - t)
-    print(f"# batch mode cake() of {n_batch} in-memory frames on the same cluster: {batch_fps:.1f} frames/s")
+    print(f"# batch mode (integrate) of {n_batch} frames from HDF5 on the same cluster: {batch_fps:.1f} frames/s")
     print("rate_hz  received  dropped  stream_fps  ratio_to_batch  last_result_after_last_frame_s  load_avg")
     ctx = mp.get_context("spawn")
     for rate in args.rates:

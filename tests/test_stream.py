@@ -325,3 +325,42 @@ def test_ctrl_c_leaves_consistent_outputs_and_resume_finishes(small_scan, tmp_pa
     resumed = open_caked(tmp_path / "watch.zarr.zip")
     assert np.array_equal(resumed.intensity.values, batch.intensity.values, equal_nan=True)
     assert open_results(tmp_path / "refinement" / "results.zarr").sizes["group"] == 3
+
+
+def test_live_page_serves_on_loopback_and_follows_the_groups():
+    import urllib.request
+
+    from midasflow.caked_schema import caked_dataset
+    from midasflow.refinement.lineouts import LineoutResult
+    from midasflow.refinement.result import PatternResult
+    from midasflow.stream.dataflow import GroupRecord
+    from midasflow.stream.live import LiveView
+
+    n_r, n_eta = 30, 8
+    skeleton = caked_dataset(
+        intensity=np.zeros((0, n_r, n_eta)), frames_summed=np.zeros(0), omega_first_deg=np.zeros(0),
+        omega_last_deg=np.zeros(0), last_frame=np.zeros(0), frame=np.zeros(0), omega_frame_deg=np.zeros(0),
+        r_px=np.arange(n_r, dtype=float), tth_deg=np.linspace(2, 8, n_r), q_inv_a=np.linspace(1, 4, n_r),
+        eta_deg=np.linspace(-157.5, 157.5, n_eta), bin_area=np.ones((n_r, n_eta)))
+    view = LiveView(skeleton)
+    try:
+        assert view.url.startswith("http://127.0.0.1:")
+        page = urllib.request.urlopen(view.url, timeout=30).read().decode()
+        assert "bokeh" in page.lower()
+        record = GroupRecord(0, 0, 3, 10.0, 11.5, time.time())
+        view.show_cake(record, np.full((n_r, n_eta), 8.0))
+        assert view.snapshot["cake"][0, 0] == 2.0  # counts per frame: the sum over 4 frames
+        x = np.linspace(2, 8, n_r)
+        pattern = PatternResult(status="ok", message="", rwp=5.0, rp=4.0, chi2=1.0, gof=1.0, n_points=n_r,
+                                n_dropped=0, stage_rwp={}, values={}, esds={},
+                                cells={"CeO2": (5.41, 5.41, 5.41, 90, 90, 90, 158.4)}, cell_esds={},
+                                phase_fractions={}, tth_deg=x, obs=x, calc=x, bkg=0 * x, reflections={},
+                                warnings=[])
+        results = [LineoutResult(e, 0, e, 10.75, float(skeleton.eta_deg[e]), n_r, "ok", pattern=pattern)
+                   for e in range(n_eta)]
+        view.show_results(record, results, None)
+        assert [a for _, a in view.snapshot["a_eta"][0]] == [5.41] * n_eta
+        assert view.snapshot["fits"][0][0].startswith("η")
+    finally:
+        view.close()
+    assert not view.thread.is_alive()

@@ -9,6 +9,7 @@ the tasks themselves (``stream-cake``, ``stream-fold``, ``refine-lineout``).
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -50,8 +51,8 @@ class LiveView:
 
         def serve() -> None:
             try:
-                loop = IOLoop()
-                loop.make_current()
+                asyncio.set_event_loop(asyncio.new_event_loop())  # this thread's own loop
+                loop = IOLoop.current()
                 server = Server({"/": self._app}, io_loop=loop, port=port, address="127.0.0.1",
                                 allow_websocket_origin=[f"127.0.0.1:{port}", f"localhost:{port}"],
                                 num_procs=1)
