@@ -10,9 +10,11 @@ distributed executor at scale, each step in a fresh process so peak memories are
    every lineout read in the client) on the same store, as a ratio;
 3. refinement: lineouts/s, client peak RSS (the LocalCluster scheduler runs in the client
    process) and each worker's peak RSS, for tasks of one ω-group (72 lineouts) and, on the first
-   ``--compare-groups`` groups, tasks of one lineout, beside each other.
+   ``--compare-groups`` groups, tasks of one lineout and the serial executor, beside each other.
 
-The recipe is one stage (background, scale and cell together; ``NativeBackend(stages=...)``).
+The recipe is one stage (background, scale and cell together; ``NativeBackend(stages=...)``),
+started from the store's instrument terms (right for the simulated scan; ``--estimate`` measures
+them from every lineout first, the engine's default).
 Results are kept only as counts (``LineoutPlan.results`` streams them); checkpoints are written
 as in a real run. Run: ``python benchmarks/bench_scale.py [--groups 1440] [--workers 2]
 [--compare-groups 40] [--store PATH]``. Timings on a shared machine are noisy: read the ratios.
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,17 +31,20 @@ from pathlib import Path
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident memory, MB (VmHWM: its own, where ru_maxrss would keep a
+    forking parent's across exec)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024.0
 
 
-def _options():
+def _options(estimate: bool = False):
     from midasflow.crystal import cubic_phase
     from midasflow.refinement.options import RefineOptions
     from midasflow.simulate import CEO2_A_A, ceo2_params
 
     params = ceo2_params((512, 512), r_bin_px=1.0, eta_bin_deg=5.0, omega_step_deg=0.25)
     return params, RefineOptions(phases=(cubic_phase("CeO2", CEO2_A_A),), instrument=params.instrument,
-                                 bkg_terms=3)
+                                 bkg_terms=3, estimate=estimate)
 
 
 def _backend():
@@ -90,26 +94,30 @@ def plan_eager(path: str) -> dict:
             "rss_before_mb": rss0}
 
 
-def refine(path: str, workers: int, per_task: int | None, out: str) -> dict:
-    """Step 3 (own process): refine on a LocalCluster of ``workers`` one-thread workers."""
+def refine(path: str, workers: int, per_task: int | None, out: str, estimate: bool) -> dict:
+    """Step 3 (own process): refine on a LocalCluster of ``workers`` one-thread workers
+    (``workers`` 0: the serial executor in this process, the reference)."""
     from midasflow.cluster import close_client, get_client
-    from midasflow.refinement.executors import DistributedExecutor
+    from midasflow.refinement.executors import DistributedExecutor, SerialExecutor
     from midasflow.refinement.plan import LineoutPlan
 
-    _, options = _options()
-    client, _ = get_client(n_workers=workers, dashboard=False)
-    try:
+    _, options = _options(estimate)
+    client = None
+    if workers:
+        client, _ = get_client(n_workers=workers, dashboard=False)
         client.wait_for_workers(workers)
+    try:
         plan = LineoutPlan.of(path, options, backend=_backend())
+        executor = SerialExecutor() if client is None else DistributedExecutor(client, lineouts_per_task=per_task)
         counts = {"ok": 0, "failed": 0, "skipped": 0}
         t0 = time.perf_counter()
-        for res in plan.results(DistributedExecutor(client, lineouts_per_task=per_task),
-                                checkpoint_dir=out):
+        for res in plan.results(executor, checkpoint_dir=out):
             counts[res.status] += 1
         seconds = time.perf_counter() - t0
-        worker_rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        worker_rss = client.run(_rss_mb) if client is not None else {}
     finally:
-        close_client(client)
+        if client is not None:
+            close_client(client)
     n = sum(counts.values())
     return {"seconds": seconds, "lineouts": n, "rate": n / seconds, **counts, "client_rss_mb": _rss_mb(),
             "worker_rss_mb": sorted(worker_rss.values())}
@@ -133,6 +141,9 @@ def main() -> None:
                         help="groups refined both ways (one ω-group per task vs one lineout per task)")
     parser.add_argument("--store", default=None, help="reuse (or keep) the simulated store here")
     parser.add_argument("--skip-full", action="store_true", help="only the comparison, not the whole scan")
+    parser.add_argument("--estimate", action="store_true",
+                        help="estimate start values from every lineout (the engine's default; ~2.5x the "
+                        "CPU of the one-stage fit) instead of taking the store's, which are right here")
     parser.add_argument("--step", default=None, help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,15 +174,20 @@ def main() -> None:
         n = min(args.compare_groups, args.groups)
         small = str(Path(tmp) / "first_groups.zarr.zip")  # the scan's first n groups (same seed)
         _step("make_store", small, n)
-        print(f"task size, first {n} groups ({n * 72} lineouts), {args.workers} workers:")
-        group = _step("refine", small, args.workers, None, str(Path(tmp) / "cmp_group"))
-        one = _step("refine", small, args.workers, 1, str(Path(tmp) / "cmp_one"))
+        est = args.estimate
+        print(f"task size, first {n} groups ({n * 72} lineouts), {args.workers} workers "
+              f"(start values {'estimated from each lineout' if est else 'from the store'}):")
+        serial = _step("refine", small, 0, None, str(Path(tmp) / "cmp_serial"), est)
+        group = _step("refine", small, args.workers, None, str(Path(tmp) / "cmp_group"), est)
+        one = _step("refine", small, args.workers, 1, str(Path(tmp) / "cmp_one"), est)
+        show("serial, in-process   ", serial)
         show("one ω-group per task ", group)
         show("one lineout per task ", one)
-        print(f"  ratio (group tasks / lineout tasks): {group['rate'] / one['rate']:.2f}x")
+        print(f"  ratios: group tasks / lineout tasks {group['rate'] / one['rate']:.2f}x; "
+              f"group tasks / serial {group['rate'] / serial['rate']:.2f}x")
         if not args.skip_full:
             print(f"whole scan, one ω-group per task, {args.workers} workers:")
-            show("refine", _step("refine", store, args.workers, None, str(Path(tmp) / "full")))
+            show("refine", _step("refine", store, args.workers, None, str(Path(tmp) / "full"), est))
 
 
 if __name__ == "__main__":

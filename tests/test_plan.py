@@ -3,6 +3,7 @@ group on the worker, the same results from every executor and task size, seeding
 whose memory does not grow with the scan."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import subprocess
@@ -92,7 +93,7 @@ def test_the_same_plan_on_the_serial_and_the_distributed_executor(store, client)
     plan = LineoutPlan.of(path, options, backend=QUICK)
     ser = plan.execute(SerialExecutor())
     with get_task_stream(client) as ts:
-        per_group = plan.execute(DistributedExecutor(client))
+        per_group = plan.execute(DistributedExecutor(client, lineouts_per_task=12))
     _same(ser, per_group)
     keys = sorted(str(t["key"]) for t in ts.data if str(t["key"]).startswith("refine-lineout"))
     assert [k.rsplit("-", 1)[0] for k in keys] == ["refine-lineout-0-11", "refine-lineout-12-23",
@@ -101,6 +102,11 @@ def test_the_same_plan_on_the_serial_and_the_distributed_executor(store, client)
     assert all(r.worker for r in per_group) and {r.worker for r in ser} == {""}
     # units of one lineout, and windows smaller than the plan: the same numbers
     _same(ser, plan.execute(DistributedExecutor(client, lineouts_per_task=1, max_in_flight=3)))
+    # by default whole groups, but 3 groups for 2 one-thread workers are cut into 4 units a thread
+    assert DistributedExecutor(client).unit_size(plan) == 5  # ceil(36 / 8)
+    big = LineoutPlan.of(path, options).layout
+    assert DistributedExecutor(client).unit_size(
+        LineoutPlan(dataclasses.replace(big, n_groups=8), None, options, QUICK)) is None
 
 
 @pytest.mark.parametrize("seed_from", ["neighbour", "group"])

