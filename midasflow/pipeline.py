@@ -247,6 +247,9 @@ def refine(
     physical_profile: bool = False,
     max_rwp: float | None = None,
     include_flagged: bool = False,
+    texture: str | None = None,
+    po_axis: Sequence[int] = (0, 0, 1),
+    sh_order: int = 4,
 ) -> xr.Dataset:
     """Refine every (ω-group, η) lineout of a caked scan; write and return the results Dataset.
 
@@ -305,6 +308,10 @@ def refine(
         Let flagged lineouts into the strain fits too; by default a lineout carrying a flag of
         :data:`midasflow.results.STRAIN_EXCLUDING_FLAGS` is left out of them
         (``in_strain_fit`` in the results says which lineouts were used).
+    texture, po_axis, sh_order
+        Stage 5, preferred orientation per lineout (native engine): None, "md" (March–Dollase
+        along ``po_axis`` [h, k, l]) or "sh" (GSAS-II's spherical harmonics to ``sh_order``);
+        docs/texture.md.
 
     Notes
     -----
@@ -345,8 +352,9 @@ def refine(
         instrument = instrument if store is None else with_sample_parameters(instrument, store)
     options = RefineOptions(phases=tuple(phases), instrument=instrument, bkg_terms=bkg_terms,
                             limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
-                            physical_profile=physical_profile, max_rwp=max_rwp)
-    refiner = get_backend(backend, cifs, out, physical_profile=physical_profile)
+                            physical_profile=physical_profile, max_rwp=max_rwp,
+                            texture=texture, po_axis=tuple(po_axis), sh_order=sh_order)
+    refiner = get_backend(backend, cifs, out, physical_profile=physical_profile, texture=texture)
     if export:
         refiner = ExportingBackend(refiner, out)
     plan = LineoutPlan.of(source if in_memory else data, options, backend=refiner,
@@ -459,7 +467,7 @@ def check_run_inputs(
     from midasflow.errors import CakeFileError, ParameterError
     from midasflow.io.lock import check_writable_folder
     from midasflow.refinement.backends import get_backend
-    from midasflow.refinement.options import check_max_rwp, check_recipe
+    from midasflow.refinement.options import check_max_rwp, check_recipe, check_texture
 
     if skip_integration:
         if zarr_file is None:
@@ -485,8 +493,11 @@ def check_run_inputs(
         read_instprm(refine_options["instprm"])
     # a known name; GSAS-II importable and asked for nothing it cannot do
     get_backend(refine_options.get("backend", "native"), cifs, ".",
-                physical_profile=bool(refine_options.get("physical_profile", False)))
+                physical_profile=bool(refine_options.get("physical_profile", False)),
+                texture=refine_options.get("texture"))
     check_max_rwp(refine_options.get("max_rwp"))
+    check_texture(refine_options.get("texture"), refine_options.get("po_axis", (0, 0, 1)),
+                  refine_options.get("sh_order", 4))
 
 
 def run(

@@ -75,6 +75,15 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                          help="let flagged lineouts into the strain and tensor fits (left out by "
                          "default: at_bound, rolled_back, bad_esd, rwp_above_max; unphysical_profile "
                          "and high_correlation do not exclude)")
+    texture = parser.add_argument_group("texture (stage 5, preferred orientation; docs/texture.md)")
+    texture.add_argument("--texture", choices=("md", "sh"), default=None,
+                         help="refine preferred orientation per lineout: md (March–Dollase along "
+                         "--po-axis) or sh (GSAS-II's spherical harmonics, cylindrical sample "
+                         "symmetry, order --sh-order); rolled back where it does not improve the fit")
+    texture.add_argument("--po-axis", nargs=3, type=int, default=(0, 0, 1), metavar=("H", "K", "L"),
+                         help="March–Dollase axis, a reciprocal-lattice direction (default 0 0 1)")
+    texture.add_argument("--sh-order", type=int, default=4, metavar="N",
+                         help="highest spherical-harmonics order, 2..12 (default 4)")
     parser.add_argument("--max-reflections", type=int, default=MAX_REFLECTIONS, metavar="N",
                         help="refuse a phase with more unique reflections in the refined 2θ range "
                         f"(default {MAX_REFLECTIONS}; each costs ~85 kB per lineout being refined)")
@@ -144,6 +153,9 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
         max_rwp=args.max_rwp,
         include_flagged=args.include_flagged,
         max_reflections=args.max_reflections,
+        texture=args.texture,
+        po_axis=tuple(args.po_axis),
+        sh_order=args.sh_order,
     )
 
 

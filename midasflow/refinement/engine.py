@@ -16,7 +16,8 @@ the atom coordinates, whose |F|² derivatives are central finite differences.
 Parameter names are GSAS-II's: ``Zero, U, V, W, X, Y, Z, SH/L, Scale, DisplaceX, DisplaceY,
 Back;n`` (histogram), ``p::A<i>`` (independent A-terms of phase p), ``p:0:Scale`` (phase
 fraction), ``p:0:Size;i`` (µm), ``p:0:Mustrain;i`` (10⁻⁶), ``p:0:MD`` (March–Dollase ratio, axis
-[001]), ``p::Ax:j``, ``p::Ay:j``, ``p::Az:j``, ``p::AUiso:j``.
+``po_axis``), ``p:0:C(l,n)`` (spherical-harmonics preferred orientation,
+:mod:`midasflow.texture.po`), ``p::Ax:j``, ``p::Ay:j``, ``p::Az:j``, ``p::AUiso:j``.
 
 Le Bail (``mode='lebail'``, doc section 9): the |F|² of every reflection is replaced by the extracted
 Fo², re-extracted after every least-squares cycle, each extraction's partition repeated while it
@@ -63,6 +64,7 @@ from midasflow.instrument import Instrument, as_instrument
 from midasflow.refinement.recipe import Stage, default_stages
 from midasflow.refinement.result import PatternResult
 from midasflow.refinement.start import estimate_from_model, low_envelope
+from midasflow.texture.po import PreferredOrientation
 
 __all__ = ["PatternModel", "levenberg_marquardt", "refine_pattern"]
 
@@ -139,7 +141,6 @@ class _PhaseData:
     index: int
     phase: Phase
     tables: _PhaseTables
-    G0: np.ndarray           # (3, 3) reciprocal metric of the starting cell (PO geometry)
     fsq_lebail: np.ndarray   # (n,) extracted intensities (Le Bail)
     sf: StructureFactorTable
     sf_key: tuple = ()       # atom coordinates the |F|² table was built for
@@ -177,10 +178,14 @@ class PatternModel:
     mode : {'rietveld', 'lebail'}
     precision : {'float32', 'float64'}
         Profile arithmetic (float32 = GSAS-II's REAL*4, see :mod:`midasflow.profile`).
+    texture, po_axis, sh_order
+        Preferred-orientation model of every phase (:class:`midasflow.texture.po.PreferredOrientation`):
+        None, 'md' (March–Dollase along ``po_axis`` [h, k, l]) or 'sh' (spherical harmonics to
+        order ``sh_order``); its parameters start at no texture.
 
     Notes
     -----
-    The March–Dollase angles use the metric of the starting cell (axis [001]); their tiny
+    The preferred-orientation angles use the metric of the starting cell; their tiny
     dependence on the refined cell is neglected in model and Jacobian alike. DisplaceX/Y use the
     Debye–Scherrer formula (doc section 3) with R = Gonio. radius.
     """
@@ -188,7 +193,8 @@ class PatternModel:
     def __init__(self, x_deg: np.ndarray, x_range: tuple[float, float], phases: Sequence[Phase],
                  instprm: Instrument | Mapping[str, Any] | str, bkg_terms: int = 6,
                  sample_azimuth_deg: float = 0.0, mode: str = "rietveld",
-                 precision: str = "float32"):
+                 precision: str = "float32", texture: str | None = None,
+                 po_axis: Sequence[int] = (0, 0, 1), sh_order: int = 4):
         self.x = np.asarray(x_deg, dtype=float)
         self.mode = mode
         self.precision = precision
@@ -215,6 +221,11 @@ class PatternModel:
         tth_min = max(float(self.x.min()) - 1.0, 0.0)
         for p, ph in enumerate(phases):
             self.phases.append(self._phase_data(p, ph, tth_min, tth_max))
+        self.po = [PreferredOrientation(texture, f"{pd.index}:0:", pd.hkl, pd.tables.orbits,
+                                        pd.phase.cell, pd.phase.laue, pd.phase.unique_axis,
+                                        po_axis, sh_order) for pd in self.phases]
+        for po in self.po:
+            self.values.update(po.initial_values())
         self.x_step = np.diff(self.x, append=self.x[-1] + (self.x[-1] - self.x[-2]
                                                              if self.x.size > 1 else 1.0))
 
@@ -232,7 +243,7 @@ class PatternModel:
             for c, v in zip("xyz", atom.xyz):
                 self.values[f"{p}::A{c}:{j}"] = float(v)
             self.values[f"{p}::AUiso:{j}"] = float(atom.uiso)
-        return _PhaseData(p, ph, tables, _A_to_G(A), np.ones(len(tables.mult)), tables.sf,
+        return _PhaseData(p, ph, tables, np.ones(len(tables.mult)), tables.sf,
                           tuple(c for a in ph.atoms for c in a.xyz))
 
     def atom_names(self, p: int) -> list[str]:
@@ -311,18 +322,15 @@ class PatternModel:
         ppol = _profile.polarization_factor(tth, self.polariz, self.azimuth)
         det_g = np.linalg.det(_A_to_G(A))
         inv_v = math.sqrt(det_g) if det_g > 0 else math.nan
-        r = v[f"{p}:0:MD"]
-        if r != 1.0 or f"{p}:0:MD" in vary:
-            po, dpo = _profile.march_dollase(tb.orbits, (0, 0, 1), r, pd.G0)
-        else:
-            po = 1.0
+        po, dpo = self.po[p].correction(v, vary, tth)
         rietveld = self.mode != "lebail"
         if rietveld:
             fsq_out = self._fsq(p, v, inv_d2, A, jac)
             fsq = fsq_out[0] if jac else fsq_out
         else:
             fsq = pd.fsq_lebail
-        pre = v["Scale"] * v[f"{p}:0:Scale"] * tb.mult * ppol * po * inv_v * lorentz  # I/|F|²
+        pre_no_po = v["Scale"] * v[f"{p}:0:Scale"] * tb.mult * ppol * inv_v * lorentz
+        pre = pre_no_po * po  # I/|F|²
         intensity = pre * fsq
         out = dict(tth=tth, sig2=sg.sig2, gam=sg.gam, intensity=intensity, fsq=fsq, pre=pre)
         if not jac:
@@ -369,8 +377,9 @@ class PatternModel:
             dI[:, col["Scale"]] = intensity / v["Scale"]
         if f"{p}:0:Scale" in col:
             dI[:, col[f"{p}:0:Scale"]] = intensity / v[f"{p}:0:Scale"]
-        if f"{p}:0:MD" in col:
-            dI[:, col[f"{p}:0:MD"]] = intensity / po * dpo
+        for name, d_po in dpo.items():
+            if name in col:
+                dI[:, col[name]] = pre_no_po * fsq * d_po
         if rietveld:
             uiso = np.array([v[f"{p}::AUiso:{j}"] for j in range(pd.sf.n_atoms)])
             for j in range(pd.sf.n_atoms):
@@ -960,7 +969,8 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
                    refine_atoms: bool = False, mode: str = "rietveld",
                    start: Mapping[str, float] | None = None, sample_azimuth_deg: float = 0.0,
                    stages: Sequence[Stage] | None = None, estimate: bool = True,
-                   physical_profile: bool = False) -> PatternResult:
+                   physical_profile: bool = False, texture: str | None = None,
+                   po_axis: Sequence[int] = (0, 0, 1), sh_order: int = 4) -> PatternResult:
     """Staged Rietveld or Le Bail refinement of one pattern.
 
     Parameters
@@ -995,6 +1005,11 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
         Keep σ² ≥ 0.001 centideg² and γ ≥ 0 over the fitted range (:class:`ProfileConstraint`);
         by default the widths may go negative and are floored as in GSAS-II (then flagged
         ``unphysical_profile``).
+    texture : {None, 'md', 'sh'}
+        Add the preferred-orientation stage after the others
+        (:func:`midasflow.refinement.texture_stage.run_texture_stage`): March–Dollase along
+        ``po_axis`` ([h, k, l]) or GSAS-II's spherical harmonics (cylindrical sample symmetry)
+        up to order ``sh_order``.
 
     Returns
     -------
@@ -1025,7 +1040,8 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
         return _failed(problem, x, y, n_dropped, warn)
     w = 1.0 / s ** 2
     sqrt_w = 1.0 / s
-    model = PatternModel(x, x_range, phases, instprm, bkg_terms, sample_azimuth_deg, mode)
+    model = PatternModel(x, x_range, phases, instprm, bkg_terms, sample_azimuth_deg, mode,
+                         texture=texture, po_axis=po_axis, sh_order=sh_order)
     chi2_background = _background_only_chi2(model, y, sqrt_w)
     if chi2_background <= 1e-20 * float(np.sum(w * y * y)):
         return _failed("not a diffraction pattern: a smooth background fits it exactly",
@@ -1107,6 +1123,11 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
             continue
         values, vary, rwp_prev = st.values, trial_vary, rwp_new
         stage_rwp[stage.name] = rwp_new
+    if texture is not None:
+        from midasflow.refinement.texture_stage import run_texture_stage
+        values, vary, rwp_prev = run_texture_stage(
+            model, values, vary, y, w, sqrt_w, lebail=lebail, constraint=constraint,
+            rwp_prev=rwp_prev, stage_rwp=stage_rwp, warn=warn, flags=flags, info=info)
     if not physical_profile and vary and stage_rwp and constraint is not None \
             and constraint.active(values):
         # the bound holds a width: without it GSAS-II's model may go lower (an inactive

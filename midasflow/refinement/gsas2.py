@@ -50,6 +50,9 @@ GSASII_PATH_ENV = "GSASII_PATH"
 PHYSICAL_PROFILE_UNAVAILABLE = ("--physical-profile: GSAS-II has no bound on the peak widths; "
                                 "use it with --engine native")
 """Why ``physical_profile`` is refused with this backend (checked before any work)."""
+TEXTURE_UNAVAILABLE = ("--texture: the texture stage runs in the native engine only for now; "
+                       "use it with --engine native")
+"""Why ``texture`` is refused with this backend (checked before any work)."""
 
 _GSASII_LOCK = threading.RLock()
 _INSTRUMENT_KEYS = ("Zero", "U", "V", "W", "X", "Y", "Z", "SH/L")

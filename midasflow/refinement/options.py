@@ -71,6 +71,37 @@ def check_recipe(bkg_terms: int, limits: Sequence[float] | None, mode: str) -> N
         raise ParameterError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
 
 
+#: Per-lineout texture models (stage 5): none, March–Dollase, spherical harmonics.
+TEXTURE_MODELS: tuple[str | None, ...] = (None, "md", "sh")
+#: Spherical-harmonics orders offered (GSAS-II's even l = 2 … order; the cubic table ends at 12).
+SH_ORDER_RANGE = (2, 12)
+
+
+def check_texture(texture: Any, po_axis: Any, sh_order: Any) -> tuple[int, int, int]:
+    """Refuse texture options no lineout could be refined with; returns the axis as ints.
+
+    Raises
+    ------
+    ParameterError
+        ``texture`` not None/'md'/'sh', ``po_axis`` not three integers (not all 0), or
+        ``sh_order`` outside 2..12.
+    """
+    if texture not in TEXTURE_MODELS:
+        raise ParameterError(f"--texture {texture!r}: expected md (March–Dollase) or sh "
+                             "(spherical harmonics)")
+    try:
+        axis = tuple(int(v) for v in po_axis)
+        if len(axis) != 3 or any(int(v) != float(v) for v in po_axis) or not any(axis):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ParameterError(f"--po-axis {' '.join(map(str, po_axis)) if isinstance(po_axis, Sequence) else po_axis}: "
+                             "expected three integers h k l, not all 0") from None
+    lo, hi = SH_ORDER_RANGE
+    if isinstance(sh_order, bool) or int(sh_order) != sh_order or not lo <= sh_order <= hi:
+        raise ParameterError(f"--sh-order {sh_order}: expected {lo} to {hi} (harmonic order)")
+    return axis
+
+
 def check_max_rwp(max_rwp: Any) -> float | None:
     """``max_rwp`` as a float (None stays None).
 
@@ -120,6 +151,16 @@ class RefineOptions:
     max_rwp : float or None
         Rwp (%) above which a lineout is flagged ``rwp_above_max`` (``--max-rwp``); a flag, not
         a failure. Applied by the executors to every backend's result.
+    texture : {None, "md", "sh"}
+        Stage 5, preferred orientation (``--texture``): March–Dollase along ``po_axis`` or
+        GSAS-II's spherical harmonics (cylindrical sample symmetry) to order ``sh_order``
+        (:mod:`midasflow.refinement.texture_stage`). None: no texture stage. Not a :data:`RECIPE` keyword:
+        only the native backend takes the texture options
+        (:meth:`texture_kwargs`); the others refuse a texture before any work.
+    po_axis : (int, int, int)
+        March–Dollase axis [h, k, l] (``--po-axis``), a reciprocal-lattice direction.
+    sh_order : int
+        Highest harmonic order, 2..12 (``--sh-order``).
     """
 
     phases: tuple[Phase, ...]
@@ -131,10 +172,14 @@ class RefineOptions:
     estimate: bool = field(default=True, metadata=RECIPE)
     physical_profile: bool = field(default=False, metadata=RECIPE)
     max_rwp: float | None = None
+    texture: str | None = None
+    po_axis: tuple[int, int, int] = (0, 0, 1)
+    sh_order: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phases", tuple(self.phases))
         check_recipe(self.bkg_terms, self.limits, self.mode)
+        object.__setattr__(self, "po_axis", check_texture(self.texture, self.po_axis, self.sh_order))
         object.__setattr__(self, "max_rwp", check_max_rwp(self.max_rwp))
         if self.limits is not None:
             object.__setattr__(self, "limits", tuple(float(v) for v in self.limits))
@@ -184,6 +229,10 @@ class RefineOptions:
         """The options marked :data:`RECIPE`, as keywords of the per-lineout refinement call."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.metadata.get("recipe")}
+
+    def texture_kwargs(self) -> dict[str, Any]:
+        """The texture options as keywords of the native engine's ``refine_pattern``."""
+        return {"texture": self.texture, "po_axis": self.po_axis, "sh_order": self.sh_order}
 
     def replace(self, **changes: Any) -> RefineOptions:
         """A copy with some options changed (validated again)."""

@@ -145,6 +145,9 @@ def run_stream(
     include_flagged: bool = False,
     max_bins: int | None = None,
     max_map_entries: int | None = None,
+    texture: str | None = None,
+    po_axis: Sequence[int] = (0, 0, 1),
+    sh_order: int = 4,
 ) -> Any:
     """Cake and refine a stream of frames as they arrive; return the results Dataset (the
     ``.zarr.zip`` path with ``skip_refinement``; None when no group closed).
@@ -263,8 +266,9 @@ def run_stream(
         instrument = read_instprm(instprm) if instprm else instrument_from_midas(skeleton)
         options = RefineOptions(phases=tuple(phases), instrument=instrument, bkg_terms=bkg_terms,
                                 limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
-                                physical_profile=physical_profile, max_rwp=max_rwp)
-        refiner = get_backend(backend, cifs, out, physical_profile=physical_profile)
+                                physical_profile=physical_profile, max_rwp=max_rwp,
+                                texture=texture, po_axis=tuple(po_axis), sh_order=sh_order)
+        refiner = get_backend(backend, cifs, out, physical_profile=physical_profile, texture=texture)
         if export:
             refiner = ExportingBackend(refiner, out)
         plan = LineoutPlan(CakeLayout.of(skeleton), None, options, refiner, seed_from, int(min_points))
