@@ -107,6 +107,51 @@ def test_folder_source_takes_complete_files_once_in_name_order(tmp_path):
         assert value == frames[int(a.name.split("_")[1].split(".")[0])][0, 0]
 
 
+def test_folder_source_reads_every_frame_format_whole_in_name_order(tmp_path):
+    """Every format open_frames reads (HDF5/NeXus with filters, GE, TIFF pages and stacks, CBF,
+    EDF, zarr v2/v3 directories and zip), numbered so that name order is not text order; a zarr
+    directory written chunk by chunk while the folder is watched (its declared shape readable
+    from the start, so only its settling shows it is complete) is taken once, whole."""
+    import zarr
+    from test_frames import FORMATS, NY, NZ, _expected, _frames, _write_zarr_group
+
+    from midasflow.params import Params
+    from midasflow.stream.sources import FolderSource, frames_of_file
+
+    params = Params(nr_pixels_z=NZ, nr_pixels_y=NY)
+    written = {}
+    for k, (name, writer, dtype, n, extra) in enumerate(f for f in FORMATS if not f[4]):
+        raw = _frames(n, dtype, seed=k)
+        written[f"{(k * 7) % 19}_{name}"] = raw  # 2_… before 10_…
+        writer(tmp_path / f"{(k * 7) % 19}_{name}", raw)
+    late = _frames(5, np.int32, seed=99)
+
+    def write_slowly() -> None:
+        time.sleep(0.5)
+        group = zarr.open_group(str(tmp_path / "99_late.zarr"), mode="w", zarr_format=2)
+        array = group.create_array("exchange/data", shape=late.shape, dtype=late.dtype, chunks=(1, NZ, NY))
+        for i in range(len(late)):  # a chunk every 0.2 s, under the 0.6 s settle time
+            array[i] = late[i]
+            time.sleep(0.2)
+
+    writer = threading.Thread(target=write_slowly, daemon=True)
+    writer.start()
+    written["99_late.zarr"] = late
+    source = FolderSource(tmp_path, params, settle_s=0.6, give_up_s=20)
+    got = _collect(source, threading.Event(), lambda g: len(g) == len(written))
+    writer.join(10)
+    from midasflow.stream.sources import natural_key
+
+    names = [a.name for a in got]
+    assert names[:-1] == sorted(names[:-1], key=natural_key) and names[-1] == "99_late.zarr"
+    assert sorted(names) == sorted(written) and names[:-1] != sorted(names[:-1])  # not text order
+    for a in got:
+        raw = written[a.name]
+        assert a.n_frames == len(raw), a.name
+        np.testing.assert_array_equal(frames_of_file(a.path, params, "exchange/data", 0, len(raw)),
+                                      _expected(raw), err_msg=a.name)
+
+
 def test_folder_source_skips_files_already_taken(tmp_path):
     import tifffile
 

@@ -8,8 +8,10 @@ so the consumer can apply its idle timeout and see Ctrl-C); the dataflow
 filesystem has no events). A file counts once it is complete: its size and modification time
 have not changed for ``settle_s`` seconds and it can be read (its format opens and its last frame
 decodes), so a file still being written, or written under a temporary name and renamed into
-place, is read once, whole. Hidden files, temporary names (``.tmp``, ``.part``, …) and files of
-formats :func:`midasflow.io.frames.open_source` does not read are ignored. Complete files are
+place, is read once, whole. A zarr store written as a directory counts the same way, by the
+total size and latest modification time of its files. Hidden files, temporary names (``.tmp``,
+``.part``, …) and files of formats :func:`midasflow.io.frames.open_source` does not read are
+ignored. Complete files are
 taken in natural name order (``frame2`` before ``frame10``); a file still settling holds back
 the files named after it.
 
@@ -71,13 +73,28 @@ def natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def is_candidate(name: str) -> bool:
-    """Whether a folder entry may be a frame file: not hidden, not a temporary name, and of a
-    format :func:`midasflow.io.frames.open_source` reads."""
+def is_candidate(path: str | os.PathLike) -> bool:
+    """Whether a folder entry may hold frames: not hidden, not a temporary name, and of a
+    format :func:`midasflow.io.frames.open_source` reads (a zarr directory is recognised by its
+    name or its metadata files)."""
     from midasflow.io.frames import is_frame_file
 
-    lower = name.lower()
-    return not name.startswith(".") and not lower.endswith(TEMPORARY_SUFFIXES) and is_frame_file(name)
+    name = os.path.basename(os.fspath(path))
+    return not name.startswith(".") and not name.lower().endswith(TEMPORARY_SUFFIXES) and is_frame_file(path)
+
+
+def _tree_stamp(path: str) -> tuple[int, int]:
+    """(total bytes, latest mtime_ns) of the files under a directory (a zarr store being written
+    changes one or the other with every chunk)."""
+    size, mtime = 0, os.stat(path).st_mtime_ns
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:  # removed while walking: the next tick sees the change
+                continue
+            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    return size, mtime
 
 
 @dataclass
@@ -132,11 +149,14 @@ class FolderSource:
 
     # -- completeness -------------------------------------------------------------------
     def _stamp(self, name: str) -> tuple[int, int] | None:
+        path = self.folder / name
         try:
-            st = os.stat(self.folder / name)
+            if path.is_dir():
+                return _tree_stamp(str(path))
+            st = os.stat(path)
         except OSError:
             return None
-        return (st.st_size, st.st_mtime_ns) if os.path.isfile(self.folder / name) else None
+        return (st.st_size, st.st_mtime_ns) if path.is_file() else None
 
     def _readable(self, name: str) -> tuple[int, str]:
         """(frames, "") when the file opens and its last frame decodes, else (0, reason)."""
@@ -159,7 +179,7 @@ class FolderSource:
     def _scan(self, names: Iterable[str]) -> None:
         now = time.monotonic()
         for name in names:
-            if name in self.taken or not is_candidate(name):
+            if name in self.taken or not is_candidate(self.folder / name):
                 continue
             stamp = self._stamp(name)
             if stamp is None:
