@@ -249,6 +249,72 @@ def test_stream_cakes_are_bit_identical_to_batch_mode(small_scan, client, tmp_pa
     assert summary["frames"] == 6 and summary["groups"] == 3 and not summary["interrupted"]
 
 
+def _stream_tasks_on_the_scheduler(client, token, prefix="stream-", held_only=False) -> int:
+    """Tasks of a stream (its ``token``) the scheduler knows (``held_only``: those pending or
+    holding data)."""
+    def count(dask_scheduler, prefix=prefix, held_only=held_only):
+        return sum(str(k).startswith(prefix) and str(k).endswith(token)
+                   and not (held_only and ts.state in ("released", "forgotten"))
+                   for k, ts in dask_scheduler.tasks.items())
+
+    return client.run_on_scheduler(count)
+
+
+@pytest.mark.parametrize("max_in_flight", [3, None])
+def test_frames_in_flight_are_bounded(small_scan, client, tmp_path, monkeypatch, max_in_flight):
+    """24 frames arriving at once while caking is slow: the stream holds at most
+    ``max_frames_in_flight`` frame cakes on the cluster (without the bound: nearly every frame),
+    cakes every frame into its group, and the scheduler's record of the stream (the lineage of
+    the ω-group fold) does not grow with the frames."""
+    from midasflow.binmap import load_or_build_binmap
+    from midasflow.params import read_params
+    from midasflow.stream import tasks
+    from midasflow.stream.dataflow import StreamDataflow, StreamLimits
+    from midasflow.stream.sources import Arrival
+    from midasflow.stream.spool import Spool
+
+    real = tasks._cake_chunk
+
+    def slow(*args, **kw):  # the in-process worker's caking, slowed
+        time.sleep(0.05)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tasks, "_cake_chunk", slow)
+    params = read_params(small_scan["files"].params_file)
+    binmap = load_or_build_binmap(params, None)
+    caking = tasks.Caking(params=params, data_loc="exchange/data", normalize=bool(params.normalize),
+                          min_area_fraction=float(params.min_area_fraction), mask_rule=str(params.mask_rule),
+                          pre_proc_thresh=None)
+    spool = Spool(tmp_path / "out")
+    spool.create()
+    path = tmp_path / "frame.tif"
+    import tifffile
+
+    tifffile.imwrite(path, small_scan["frames"][0])
+    limits = StreamLimits(max_frames_in_flight=max_in_flight or 1000, max_groups_pending=1000,
+                          frames_per_task=1)
+    flow = StreamDataflow(client, params, binmap, caking, None, spool, limits, keep_frames=False,
+                          caking_digest="test")
+    held = []
+    for i in range(24):
+        flow.feed(Arrival(name=f"f{i}.tif", n_frames=1, path=str(path)))
+        held.append(_stream_tasks_on_the_scheduler(client, flow.token, "stream-cake", held_only=True))
+    flow.finish(end_of_stream=True)
+    shape = (binmap.n_r, binmap.n_eta)
+    first, last = (tasks.load_spooled(spool.group_path(g), shape) for g in (0, 11))
+    assert len(flow.state.groups) == 12 and np.nansum(first) > 0
+    assert np.array_equal(first, last, equal_nan=True)  # every group: the same frame twice
+    deadline = time.monotonic() + 10
+    while _stream_tasks_on_the_scheduler(client, flow.token) > 4 and time.monotonic() < deadline:  # releases are asynchronous
+        time.sleep(0.05)
+    assert _stream_tasks_on_the_scheduler(client, flow.token) <= 4  # the last group's two cakes and folds at most
+    if max_in_flight:
+        # in flight, plus a caked frame or two waiting for the fold of the one before
+        assert max(held) <= max_in_flight + 2, held
+    else:
+        assert max(held) > 12, held  # the bound is what kept it small
+
+
 # ---------------------------------------------------------------------------------------------
 # the command, end to end
 # ---------------------------------------------------------------------------------------------

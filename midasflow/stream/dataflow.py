@@ -7,7 +7,8 @@ The client (this process) takes each :class:`~midasflow.stream.sources.Arrival` 
   futures made once (the map is read from its cache by one worker and copied to the others by
   Dask, once each);
 * one ``stream-fold`` task after it: the frames added to the open ω-group in frame order
-  (:func:`~midasflow.stream.tasks.fold`), each fold depending on the one before;
+  (:func:`~midasflow.stream.tasks.fold`), each fold depending on the one before in its group
+  (a task never spans two groups, so the scheduler's lineage stays within one group);
 * for every group a fold closes, a ``stream-group`` task (the group's cake, written to the spool)
   and at once its ``refine-lineout`` tasks (:func:`~midasflow.stream.tasks.refine_part`), so group
   k is refined while group k+1 is caked.
@@ -224,6 +225,8 @@ class StreamDataflow:
         while start < arrival.n_frames and self.wants_more():
             room = self.limits.stop_after - self.n_frames if self.limits.stop_after else arrival.n_frames
             stop = min(arrival.n_frames, start + self.limits.frames_per_task, start + room)
+            if self.group_size > 0:  # a task ends where its group ends (the next starts a new lineage)
+                stop = min(stop, start + self.group_size - (self.n_frames - self.state.open_first) % self.group_size)
             self._wait_for_room(stop - start, interrupted)
             self._submit(arrival, start, stop, now)
             start = stop
@@ -260,7 +263,10 @@ class StreamDataflow:
             starts, ends = rel % self.group_size == 0, rel % self.group_size == self.group_size - 1
         else:  # OmegaSumFrames -1: one group of every frame, closed at the end
             starts, ends = rel == 0, np.zeros(rel.size, dtype=bool)
-        self.last_fold = self.client.submit(fold, self.last_fold, cakes, starts, ends,
+        # a fold that starts a group does not need the one before: not depending on it keeps the
+        # scheduler's lineage (and a lost worker's recomputation) within one group
+        previous = None if starts[0] else self.last_fold
+        self.last_fold = self.client.submit(fold, previous, cakes, starts, ends,
                                             key=f"stream-fold-{positions[0]}-{self.token}", pure=False,
                                             priority=10)
         closed = 0
