@@ -54,6 +54,8 @@ def _params_without(scan, tmp_path, *keys, extra=""):
     (["refine", "--backend", "gsas2"], "--backend gsas2: the refinement engine is now chosen with --engine gsas2"),
     (["run", "--backend", "native"], "--backend native: the refinement engine is now chosen with --engine native"),
     (["run", "--backend", "streaming"], "--backend streaming: expected one of batch, stream"),
+    (["demo", "--backend", "gsas2"], "--backend gsas2: the refinement engine is now chosen with --engine gsas2"),
+    (["demo", "--backend", "stream"], "--backend stream: unknown option for demo; the engine is --engine"),
     (["refine", "--bkg-terms", "x"], "argument --bkg-terms: invalid int value: 'x'"),
 ])
 def test_unknown_flags_and_keys_exit_2_naming_the_nearest(argv, expected, scan, tmp_path, capsys):

@@ -89,7 +89,7 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                         f"(default {MAX_REFLECTIONS}; each costs ~85 kB per lineout being refined)")
 
 
-def check_backend(args: argparse.Namespace, *, pipeline: bool) -> None:
+def check_backend(args: argparse.Namespace, *, pipeline: bool, command: str = "refine") -> None:
     """Refuse ``--backend`` values this command does not take; the engine names point to
     ``--engine``."""
     value = args.backend
@@ -100,7 +100,7 @@ def check_backend(args: argparse.Namespace, *, pipeline: bool) -> None:
                          + (" (--backend chooses where the frames come from: batch or stream)" if pipeline
                             else ""))
     if not pipeline:
-        raise UsageError(f"--backend {value}: unknown option for refine; the engine is --engine "
+        raise UsageError(f"--backend {value}: unknown option for {command}; the engine is --engine "
                          f"{{{','.join(BACKENDS)}}}")
     if value not in PIPELINE_BACKENDS:
         raise UsageError(f"--backend {value}: expected one of {', '.join(PIPELINE_BACKENDS)} "
