@@ -345,6 +345,108 @@ def test_stream_flags_need_backend_stream_and_one_source():
                  "--pva"]) == 2
 
 
+def _captured_run_stream(monkeypatch):
+    """run_stream and the command's cluster replaced: the keyword arguments the command passes."""
+    import contextlib
+
+    from midasflow.cli import run as cli_run
+    from midasflow.stream import run as stream_run
+
+    calls = []
+
+    def fake(param_fn, cifs, **kw):
+        calls.append({"param_fn": param_fn, "cifs": cifs, **kw})
+
+    monkeypatch.setattr(stream_run, "run_stream", fake)
+    monkeypatch.setattr(cli_run, "dask_client", lambda args: contextlib.nullcontext(None))
+    return calls
+
+
+def test_the_manuals_stream_commands_run_verbatim(monkeypatch, capsys):
+    """The manual's two command lines, word for word, reach the stream with what they say;
+    --pva-channel defaults to areaDetector's NDPluginPva PV of the simulated detector."""
+    from midasflow.cli import main
+
+    calls = _captured_run_stream(monkeypatch)
+    line = "run --backend stream --param-file ps.txt --folder DIR --cif CeO2.cif --out refinement/ -nCPUs 8"
+    assert main(line.split()) == 0
+    line = ("run --backend stream --param-file ps.txt --pva --pva-ip 127.0.0.1 --cif CeO2.cif --out refinement/ "
+            "-nCPUs 8")
+    assert main(line.split()) == 0
+    folder, pva = calls
+    assert (folder["param_fn"], folder["cifs"], folder["folder"], Path(folder["out"]), folder["pva"]) == \
+        ("ps.txt", ["CeO2.cif"], "DIR", Path("refinement"), False)
+    assert (pva["pva"], pva["pva_ip"], pva["pva_channel"], pva["folder"]) == \
+        (True, "127.0.0.1", "13SIM1:Pva1:Image", None)
+    assert folder["backend"] == "native" and folder["data_loc"] == "exchange/data"
+    line = ("run --backend stream --param-file ps.txt --folder DIR --cif CeO2.cif --engine gsas2 --output-h5 c.h5 "
+            "--compress --zarr-output z.zarr.zip --stream-data-loc entry/data --dark d.h5 --stop-after 10 "
+            "--idle-timeout 5 --pva-channel X:Image")
+    assert main(line.split()) == 0
+    flags = calls[-1]
+    assert (flags["backend"], flags["output_h5"], flags["compress"], flags["zarr_output"], flags["data_loc"],
+            flags["dark"], flags["stop_after"], flags["idle_timeout_s"], flags["pva_channel"]) == \
+        ("gsas2", "c.h5", True, "z.zarr.zip", "entry/data", "d.h5", 10, 5.0, "X:Image")
+
+
+def test_backend_batch_is_the_two_step_run(small_scan, tmp_path):
+    """``run --backend batch`` is today's run: the same store as without the flag."""
+    from midasflow.cli import main
+    from midasflow.io.caked_store import open_caked
+
+    files = small_scan["files"]
+    base = ["run", "-paramFN", str(files.params_file), "-dataFN", str(files.data), "--cif",
+            str(_cif(small_scan["root"])), "--skip-refinement", "--no-progress"]
+    assert main([*base, "-resultFolder", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--backend", "batch", "-resultFolder", str(tmp_path / "batch")]) == 0
+    [plain], [batch] = (list((tmp_path / d).glob("*.zarr.zip")) for d in ("plain", "batch"))
+    a, b = open_caked(plain), open_caked(batch)
+    assert a.sizes["group"] == 3 and np.array_equal(a.intensity.values, b.intensity.values, equal_nan=True)
+
+
+def test_stream_zarr_output_names_the_store_and_no_zarr_writes_none(small_scan, client, tmp_path):
+    """--zarr-output NAME: the .zarr.zip is NAME; --no-zarr: no .zarr.zip at all (the stream's
+    summary says so)."""
+    import tifffile
+
+    from midasflow.io.caked_store import open_caked
+    from midasflow.stream.run import run_stream
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(small_scan["frames"][:4]):
+        tifffile.imwrite(folder / f"f{i}.tif", frame)
+    common = dict(folder=folder, result_folder=tmp_path / "rf", stop_after=4, client=client,
+                  skip_refinement=True, live=False, settle_s=0.05)
+    named = tmp_path / "elsewhere" / "mine.zarr.zip"
+    named.parent.mkdir()
+    store = run_stream(small_scan["files"].params_file, [], out=tmp_path / "a", zarr_output=str(named), **common)
+    assert store == named and open_caked(named).sizes["group"] == 2
+    assert not (tmp_path / "rf" / "frames.zarr.zip").exists()
+    assert run_stream(small_scan["files"].params_file, [], out=tmp_path / "b", no_zarr=True, **common) is None
+    assert list(tmp_path.rglob("*.zarr.zip")) == [named]
+    summary = json.loads((tmp_path / "b" / "stream_summary.json").read_text())
+    assert summary["zarr"] is None and summary["groups"] == 2 and summary["frames"] == 4
+
+
+def test_first_signal_stops_the_stream_and_a_second_sigterm_stops_at_once():
+    """Ctrl-C and SIGTERM (what batch schedulers send at walltime) wind the stream down; a
+    second one raises (SIGTERM: cli.Terminated, exit 143)."""
+    from midasflow.cli import Terminated
+    from midasflow.stream.run import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    for first in (signal.SIGINT, signal.SIGTERM):
+        stop = threading.Event()
+        with pytest.raises(Terminated), stop_on_signals(stop) as received:
+            os.kill(os.getpid(), first)
+            time.sleep(0.1)
+            assert stop.is_set() and received["signal"] == first
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.slow
 def test_folder_stream_refines_as_batch_mode_does(small_scan, tmp_path):
     """The manual's command on a folder filled while it runs: equal refinement results."""
@@ -394,9 +496,12 @@ def test_pva_stream_with_dropped_frames_reports_them_and_finishes(small_scan, tm
 
 
 @pytest.mark.slow
-def test_ctrl_c_leaves_consistent_outputs_and_resume_finishes(small_scan, tmp_path):
-    """SIGINT mid-stream: the groups in flight are finished, every output is written for the
-    closed groups; --resume takes the remaining files and ends with the uninterrupted result."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_leaves_consistent_outputs_and_resume_finishes(small_scan, tmp_path, signum):
+    """A group's lineouts are refined and published as soon as it closes, while the stream
+    runs. SIGINT or SIGTERM mid-stream: the groups in flight are finished, every output is
+    written for the closed groups; --resume takes the remaining files and ends with the
+    uninterrupted result."""
     from midasflow.io.caked_store import open_caked
     from midasflow.pipeline import integrate
     from midasflow.results import open_results
@@ -411,17 +516,21 @@ def test_ctrl_c_leaves_consistent_outputs_and_resume_finishes(small_scan, tmp_pa
     proc = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env())
     writer.join(10)
-    summary_path = tmp_path / "refinement" / "stream" / "manifest.json"
+    results_path, report_path = tmp_path / "refinement" / "results.zarr", tmp_path / "refinement" / "report.html"
     deadline = time.time() + 300
-    while time.time() < deadline:  # wait until the three frames are taken
-        if summary_path.is_file() and len(json.loads(summary_path.read_text())["frames"]) >= 2:
+    while time.time() < deadline and proc.poll() is None:
+        # the closed group is refined and its results and report written while the stream still
+        # waits for frames (no --idle-timeout, no --stop-after: only the signal ends it)
+        if results_path.is_dir() and report_path.is_file():
             break
-        time.sleep(0.5)
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+    assert proc.poll() is None and results_path.is_dir() and report_path.is_file()
+    assert open_results(results_path).sizes["group"] == 1
+    time.sleep(1)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
+    assert proc.returncode == 128 + signum, err
+    assert ("stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted") in err
     first = open_caked(tmp_path / "watch.zarr.zip")
     assert first.sizes["group"] == 1  # the closed group; the open one waits in the spool
     assert open_results(tmp_path / "refinement" / "results.zarr").sizes["group"] == 1
