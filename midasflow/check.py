@@ -410,7 +410,12 @@ def check_calibration(data: str | os.PathLike | Any, cifs: Sequence[str | os.Pat
     else:
         instrument = instrument_from_midas(ds, store=store)
     x, y, s = eta_averaged_pattern(ds)
-    lo, hi = (float(x.min()), float(x.max())) if limits is None else (float(limits[0]), float(limits[1]))
+    data_lo, data_hi = float(x.min()), float(x.max())
+    if limits is not None and not (float(limits[0]) < data_hi and float(limits[1]) > data_lo):
+        raise ParameterError(f"--limits {limits[0]:g} {limits[1]:g}: the data of "
+                             f"{store if store is not None else 'the Dataset'} cover 2θ {data_lo:.4g} to "
+                             f"{data_hi:.4g} deg; expected limits that overlap them")
+    lo, hi = (data_lo, data_hi) if limits is None else (float(limits[0]), float(limits[1]))
     rings = ring_positions(phases, instrument, lo, hi)
     if not rings:
         raise ParameterError(f"no reflection of {', '.join(p.name for p in phases)} between 2θ {lo:.4g} and "

@@ -135,6 +135,7 @@ def test_check_command_prints_the_table_and_writes_the_page(unstrained, tmp_path
     ("bad CIF", "garbage.cif"),
     ("bad limits", "--limits 8 2: expected 0 <= LOW < HIGH <= 180"),
     ("no rings in range", "no reflection of CeO2 between 2θ 0.2 and 2.5 deg"),
+    ("limits outside the data", "--limits 30 40: the data of "),
     ("unknown flag", "unknown option --limit; did you mean --limits?"),
 ])
 def test_check_bad_input_is_one_line_exit_2(case, expected, unstrained, tmp_path, capsys):
@@ -146,6 +147,7 @@ def test_check_bad_input_is_one_line_exit_2(case, expected, unstrained, tmp_path
         "bad CIF": ["check", "--data", str(unstrained["store"]), "--cif", str(garbage)],
         "bad limits": base + ["--limits", "8", "2"],
         "no rings in range": base + ["--limits", "0.2", "2.5"],  # below CeO2 111
+        "limits outside the data": base + ["--limits", "30", "40"],  # CeO2 rings there but no data: it wrote an empty page, exit 0
         "unknown flag": base + ["--limit", "2", "8"],
     }[case]
     assert main(argv) == 2
