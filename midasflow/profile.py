@@ -56,6 +56,10 @@ _STOFW = 2.35482005       # 2 sqrt(2 ln 2)
 _SQ2PI = 2.506628275      # sqrt(2 pi)
 _PI_LORENTZ = 3.1415292654  # sic: the mistyped pi of GSAS-II's lorentz.for
 _RPD = 0.017453292519943  # radians per degree as in GSAS-II's sind/cosd/acosd
+#: PSVOIGT clamps the Gaussian exponent at −20: exp(−20), and the dx²/σ² beyond which the clamp
+#: holds whatever the rounding (40 with a 2.5e-5 relative margin; float32 rounding is ~1e-7)
+_EXP_FLOOR = math.exp(-20.0)
+_GAUSS_FLOOR_DX2 = 40.001
 
 
 @numba.njit(cache=True)
@@ -126,34 +130,62 @@ def _tch_widths(sig, gam, F):
 
 
 @numba.njit(cache=True)
-def _psvoigt(dx, fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg, deriv, F):
-    """TCH pseudo-Voigt at dx (centideg) and d/dx, d/dσ², d/dγ (PSVOIGT + LORENTZ)."""
+def _pv_constants(fwhm, F):
+    """Per-peak constants of :func:`_psvoigt`: 2Γ/π (the Lorentzian's numerator, 0 when PSVOIGT
+    switches it off), σ_p² = (Γ/2.355)², the dx² beyond which the Gaussian exponent is clamped,
+    and the clamped Gaussian (each computed in PSVOIGT's operation order)."""
     stofw = F(_STOFW)
-    pil = F(_PI_LORENTZ)
+    ctl = F(2.0) * fwhm / F(_PI_LORENTZ) if abs(fwhm) > F(5.0e-6) else F(0.0)
+    sigp = (fwhm / stofw) * (fwhm / stofw)
+    tg_floor = stofw * F(_EXP_FLOOR) / (F(_SQ2PI) * fwhm)
+    return ctl, sigp, F(_GAUSS_FLOOR_DX2) * sigp, tg_floor
+
+
+@numba.njit(cache=True)
+def _psvoigt(dx, fwhm, eta, ctl, sigp, dx2_floor, tg_floor, deriv, F):
+    """TCH pseudo-Voigt at dx (centideg) (PSVOIGT + LORENTZ); ctl … tg_floor from
+    :func:`_pv_constants`. With ``deriv`` also ∂/∂dx and the two terms ``(tl − tg,
+    η ∂tl/∂Γ + ∂tg/∂Γ·…)`` that :func:`_pv_chain` turns into ∂/∂σ² and ∂/∂γ."""
+    stofw = F(_STOFW)
     one = F(1.0)
     half = F(0.5)
     denom = fwhm * fwhm + F(4.0) * dx * dx
-    lor_on = abs(fwhm) > F(5.0e-6)
-    tl = F(2.0) * fwhm / pil / denom if lor_on else F(0.0)
-    sigp = (fwhm / stofw) * (fwhm / stofw)
-    ex = max(F(-20.0), -half * dx * dx / sigp)
-    tg = stofw * F(math.exp(ex)) / (F(_SQ2PI) * fwhm)
+    tl = ctl / denom
+    if dx * dx > dx2_floor:
+        # far tail: −½dx²/σ² is below −20 by far more than rounding, so PSVOIGT's exponent is
+        # clamped there; the division and exp are skipped (same value, most points of a window)
+        ex = F(-20.0)
+        tg = tg_floor
+    else:
+        ex = max(F(-20.0), -half * dx * dx / sigp)
+        tg = stofw * F(math.exp(ex)) / (F(_SQ2PI) * fwhm)
     func = eta * tl + (one - eta) * tg
     if not deriv:
         return func, F(0.0), F(0.0), F(0.0)
-    dtldt = F(-8.0) * dx * tl / denom if lor_on else F(0.0)
-    dtldfw = (F(8.0) * dx * dx - F(2.0) * fwhm * fwhm) / (pil * denom * denom) if lor_on \
-        else F(0.0)
-    ts = F(-2.0) * (one - eta) * tg * (ex + half) / fwhm
-    dfdx = eta * dtldt - (one - eta) * tg * dx / sigp
+    # derivatives: reciprocals instead of PSVOIGT's divisions (an ulp apart, not its values)
+    rden = one / denom
+    if ctl != F(0.0):
+        dtldt = F(-8.0) * dx * tl * rden
+        dtldfw = (F(8.0) * dx * dx - F(2.0) * fwhm * fwhm) * rden * rden * F(1.0 / _PI_LORENTZ)
+    else:
+        dtldt = F(0.0)
+        dtldfw = F(0.0)
+    ts = F(-2.0) * (one - eta) * tg * (ex + half) * (one / fwhm)
+    dfdx = eta * dtldt - (one - eta) * tg * dx * (one / sigp)
+    return func, dfdx, tl - tg, eta * dtldfw + ts
+
+
+@numba.njit(cache=True)
+def _pv_chain(fwhm, frac, dedf, dsdg, dsdl, sumhm, sqsg, F):
+    """Per-peak factors (a_s, b_s, a_g, b_g): ∂PV/∂σ² = a_s·(tl − tg) + b_s·(η∂tl/∂Γ + …) and
+    ∂PV/∂γ = a_g·(…) + b_g·(…) (PSVOIGT's chain through Γ and η)."""
+    one = F(1.0)
     dfwdg = F(0.2) * dsdg * fwhm / sumhm
     dfrdg = -frac * dfwdg / fwhm
-    dfds = dedf * dfrdg * (tl - tg) + (eta * dtldfw + ts) * dfwdg
-    dfds = half * dfds * stofw / sqsg
+    ks = F(0.5) * F(_STOFW) / sqsg
     dfwdl = F(0.2) * dsdl * fwhm / sumhm
     dfrdl = (one - frac * dfwdl) / fwhm
-    dfdg = dedf * dfrdl * (tl - tg) + (eta * dtldfw + ts) * dfwdl
-    return func, dfdx, dfds, dfdg
+    return ks * dedf * dfrdg, ks * dfwdg, dedf * dfrdl, dfwdl
 
 
 @numba.njit(cache=True)
@@ -161,13 +193,15 @@ def _pv_array(delta_cdeg, sig, gam, deriv, F):
     n = delta_cdeg.size
     out = np.zeros((4, n), dtype=np.float64)
     fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg = _tch_widths(F(sig), F(gam), F)
+    ctl, sigp, dx2_floor, tg_floor = _pv_constants(fwhm, F)
+    a_s, b_s, a_g, b_g = _pv_chain(fwhm, frac, dedf, dsdg, dsdl, sumhm, sqsg, F)
     for i in range(n):
-        f, dfdx, dfds, dfdg = _psvoigt(F(delta_cdeg[i]), fwhm, eta, frac, dedf, dsdg, dsdl,
-                                       sumhm, sqsg, deriv, F)
+        f, dfdx, d_tl_tg, d_fw = _psvoigt(F(delta_cdeg[i]), fwhm, eta, ctl, sigp, dx2_floor,
+                                          tg_floor, deriv, F)
         out[0, i] = f
         out[1, i] = dfdx
-        out[2, i] = dfds
-        out[3, i] = dfdg
+        out[2, i] = a_s * d_tl_tg + b_s * d_fw
+        out[3, i] = a_g * d_tl_tg + b_g * d_fw
     return out
 
 
@@ -225,8 +259,8 @@ def _fcj_core(x, lo, hi, tth, sig_in, gam_in, shl_in, xp, wp, deriv, scale, pos_
     # per-node quantities (independent of the data point)
     d100 = np.empty(nh, dtype=F)
     wg = np.empty(nh, dtype=F)
-    ddel_dt = np.zeros(nh, dtype=F)
-    ddel_da = np.zeros(nh, dtype=F)
+    wdel_dt = np.zeros(nh, dtype=F)     # w_k·100·∂δ_k/∂2θ (the PV argument's shift)
+    wdel_da = np.zeros(nh, dtype=F)
     dwg_dt = np.zeros(nh, dtype=F)
     dwg_da = np.zeros(nh, dtype=F)
     sumwg = zero
@@ -258,8 +292,8 @@ def _fcj_core(x, lo, hi, tth, sig_in, gam_in, shl_in, xp, wp, deriv, scale, pos_
         if deriv:
             ddt = (one - xk) * demin_dt + xk
             dda = (one - xk) * demin_da
-            ddel_dt[kk] = ddt
-            ddel_da[kk] = dda
+            wdel_dt[kk] = wg[kk] * hundred * ddt
+            wdel_da[kk] = wg[kk] * hundred * dda
             # T = sin²2θ − sin²δ:  dT = 2 s c RPD d2θ − 2 sinδ cosδ RPD dδ
             dt_dt = two * s2t * c2t * rpd - two * sind * cosd * rpd * ddt
             dt_da = -two * sind * cosd * rpd * dda
@@ -273,30 +307,32 @@ def _fcj_core(x, lo, hi, tth, sig_in, gam_in, shl_in, xp, wp, deriv, scale, pos_
             sum_dwg_da += dwg_da[kk]
     rsumwg = one / sumwg
     fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg = _tch_widths(sig, gam, F)
+    ctl, sigp, dx2_floor, tg_floor = _pv_constants(fwhm, F)
+    a_s, b_s, a_g, b_g = _pv_chain(fwhm, frac, dedf, dsdg, dsdl, sumhm, sqsg, F)
     for i in range(lo, hi):
         base = F(x[i] - tth) * hundred + ttheta
         sumwrg = zero
         s_t = zero
         s_a = zero
-        s_s = zero
-        s_g = zero
+        s_d = zero
+        s_f = zero
         for kk in range(nh):
-            r, drdx, drds, drdg = _psvoigt(base - d100[kk], fwhm, eta, frac, dedf, dsdg, dsdl,
-                                           sumhm, sqsg, deriv, F)
+            r, drdx, d_tl_tg, d_fw = _psvoigt(base - d100[kk], fwhm, eta, ctl, sigp, dx2_floor,
+                                              tg_floor, deriv, F)
             sumwrg = sumwrg + wg[kk] * r
             if deriv:
                 # the PV argument moves by −100 dδ at fixed x
-                s_t += dwg_dt[kk] * r - wg[kk] * drdx * hundred * ddel_dt[kk]
-                s_a += dwg_da[kk] * r - wg[kk] * drdx * hundred * ddel_da[kk]
-                s_s += wg[kk] * drds
-                s_g += wg[kk] * drdg
+                s_t += dwg_dt[kk] * r - wdel_dt[kk] * drdx
+                s_a += dwg_da[kk] * r - wdel_da[kk] * drdx
+                s_d += wg[kk] * d_tl_tg
+                s_f += wg[kk] * d_fw
         prf = sumwrg * rsumwg
         j = off + i - lo
         out[0, j] += scale * prf
         if deriv:
             out[1, j] += scale * pos_fac * (s_t - prf * sum_dwg_dt) * rsumwg
-            out[2, j] += scale * s_s * rsumwg
-            out[3, j] += scale * s_g * rsumwg
+            out[2, j] += scale * (a_s * s_d + b_s * s_f) * rsumwg
+            out[3, j] += scale * (a_g * s_d + b_g * s_f) * rsumwg
             out[4, j] += scale * (s_a - prf * sum_dwg_da) * rsumwg
 
 
@@ -309,7 +345,21 @@ def _peaks_kernel(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, d
                       pos_fac[p], out, off[p], F)
 
 
+# one entry point per precision: numba types a class argument (F) slowly on every call
+@numba.njit(cache=True)
+def _peaks_f32(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out):
+    _peaks_kernel(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out,
+                  np.float32)
+
+
+@numba.njit(cache=True)
+def _peaks_f64(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out):
+    _peaks_kernel(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out,
+                  np.float64)
+
+
 _FTYPES = {"float32": (np.float32, 3.0e-7), "float64": (np.float64, 3.0e-14)}
+_PEAKS_KERNELS = {np.float32: _peaks_f32, np.float64: _peaks_f64}
 
 
 @functools.lru_cache(maxsize=2)
@@ -460,7 +510,8 @@ _FOUR_LN2_X2 = 8.0 * math.log(2.0)
 
 def peak_sig2_gam(tth_peak_deg: ArrayLike, U: float, V: float, W: float, X: float, Y: float,
                   Z: float, size_um: float = 1.0, mustrain: float = 1000.0, lam_a: float = 1.0,
-                  size_mx: float = 1.0, mustrain_mx: float = 1.0) -> SigGam:
+                  size_mx: float = 1.0, mustrain_mx: float = 1.0,
+                  derivatives: bool = True) -> SigGam:
     """Gaussian variance σ² and Lorentzian FWHM γ of each peak (doc section 1, isotropic sample terms).
 
     σ² = max(0.001, U tan²θ + V tanθ + W + σ²_sample), γ = max(0.001, X/cosθ + Y tanθ + Z +
@@ -474,6 +525,7 @@ def peak_sig2_gam(tth_peak_deg: ArrayLike, U: float, V: float, W: float, X: floa
     tth_peak_deg : array (n,) — corrected peak positions 2θ_h (deg).
     U, V, W : centideg².  X, Y, Z : centideg.  size_um : crystallite size D (µm).
     mustrain : microstrain µ (10⁻⁶).  lam_a : wavelength (Å).  size_mx, mustrain_mx : LG mix.
+    derivatives : False leaves ``d_sig2`` and ``d_gam`` empty (widths only).
     """
     tth = np.asarray(tth_peak_deg, dtype=np.float64)
     th = np.radians(tth) / 2.0
@@ -486,6 +538,10 @@ def peak_sig2_gam(tth_peak_deg: ArrayLike, U: float, V: float, W: float, X: floa
     gs, gm = 1.0 - size_mx, 1.0 - mustrain_mx
     sig2_raw = U * tan_t**2 + V * tan_t + W + ((s_fw * gs) ** 2 + (m_fw * gm) ** 2) / _FOUR_LN2_X2
     gam_raw = X / cos_t + Y * tan_t + Z + s_fw * size_mx + m_fw * mustrain_mx
+    if not derivatives:
+        return SigGam(sig2=np.maximum(SIG2_FLOOR_CDEG2, sig2_raw),
+                      gam=np.maximum(GAM_FLOOR_CDEG, gam_raw), d_sig2={}, d_gam={},
+                      sig2_raw=sig2_raw, gam_raw=gam_raw)
     s_on = (sig2_raw > SIG2_FLOOR_CDEG2).astype(np.float64)
     g_on = (gam_raw > GAM_FLOOR_CDEG).astype(np.float64)
     # d/dθ (rad) of the pieces, then × (π/360) for per-degree-of-2θ
@@ -709,6 +765,31 @@ class PeakSum:
     d_gam: NDArray[np.float64] | None
     d_shl: NDArray[np.float64] | None
 
+    def entry_points(self) -> NDArray[np.int64]:
+        """Data-point index of every entry of the concatenated per-peak pieces."""
+        n = self.hi - self.lo
+        return np.arange(self.offsets[-1]) + np.repeat(self.lo - self.offsets[:-1], n)
+
+    def project(self, coefs: dict[str, NDArray]) -> NDArray[np.float64]:
+        """Jacobian (npts, k) of y for k parameters: Σ_p piece_p(x) · coef[p, :] over the given
+        pieces, where ``coefs`` maps piece names ('d_intensity', 'd_pos', 'd_sig2', 'd_gam',
+        'd_shl') to (npk, k) derivatives of the peaks' I, 2θ, σ², γ, SH/L by the parameters.
+        Each peak's block only touches its own window's points."""
+        names = list(coefs)
+        k = coefs[names[0]].shape[1] if names else 0
+        out = np.zeros((k, self.y.size))
+        if not names or not k or not self.offsets[-1]:
+            return out.T
+        pieces = []
+        for name in names:
+            piece = getattr(self, name)
+            if piece is None:
+                raise ValueError(f"{name} was not computed; call pattern(..., derivatives=True)")
+            pieces.append(piece)
+        coef = np.ascontiguousarray(np.stack([coefs[n] for n in names]), dtype=np.float64)
+        _project_kernel(self.lo, self.offsets, np.stack(pieces), coef, out)
+        return out.T
+
     def dense(self, name: str) -> NDArray[np.float64]:
         """Piece ``name`` ('d_intensity', 'd_pos', …) as a dense (npk, npts) array."""
         piece = getattr(self, name)
@@ -792,11 +873,13 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
     sub_off = parent_off + (ilo - lo_all)
     ftype, xp, wp = _tables(precision)
     buf = np.zeros((5, offsets[-1]), dtype=np.float64)
-    _peaks_kernel(x, pos, s2a, gma, shl_eff, xp, wp, ilo, ihi, sub_off.astype(np.int64),
-                  ratio, pos_fac, bool(derivatives), buf, ftype)
-    point_idx = _piece_points(lo, hi, offsets)
-    scale = np.repeat(inten, hi - lo)
-    y = np.bincount(point_idx, weights=scale * buf[0], minlength=x.size)
+    _PEAKS_KERNELS[ftype](x, pos, s2a, gma, shl_eff, xp, wp, ilo.astype(np.int64),
+                          ihi.astype(np.int64), sub_off.astype(np.int64), ratio, pos_fac,
+                          bool(derivatives), buf)
+    y = np.zeros(x.size)
+    lo, hi = lo.astype(np.int64), hi.astype(np.int64)
+    _accumulate_kernel(lo, offsets, np.ascontiguousarray(inten), buf[0], y)
+    scale = np.repeat(inten, hi - lo) if derivatives else None
     d = (lambda row: scale * buf[row]) if derivatives else (lambda row: None)
     return PeakSum(y=y, lo=lo.astype(np.int64), hi=hi.astype(np.int64), offsets=offsets,
                    d_intensity=buf[0], d_pos=d(1), d_sig2=d(2), d_gam=d(3),
@@ -804,8 +887,25 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
                                                        else None))
 
 
-def _piece_points(lo: NDArray, hi: NDArray, offsets: NDArray) -> NDArray[np.int64]:
-    """Data-point index of every entry of the concatenated per-peak pieces."""
-    n = hi - lo
-    return (np.arange(offsets[-1]) - np.repeat(offsets[:-1], n) + np.repeat(lo, n)).astype(
-        np.int64)
+@numba.njit(cache=True)
+def _accumulate_kernel(lo, offsets, intensity, values, y):
+    """y[lo[p] + j] += intensity[p]·values[offsets[p] + j] over every peak's entries."""
+    for p in range(lo.size):
+        base = lo[p] - offsets[p]
+        for e in range(offsets[p], offsets[p + 1]):
+            y[base + e] += intensity[p] * values[e]
+
+
+@numba.njit(cache=True)
+def _project_kernel(lo, offsets, pieces, coef, out):
+    """out[c, lo[p] + j] += Σ_r pieces[r, offsets[p] + j]·coef[r, p, c] (see PeakSum.project);
+    parameter columns with an all-zero coefficient row for a peak are skipped."""
+    n_rows, _, k = coef.shape
+    for p in range(lo.size):
+        base = lo[p] - offsets[p]
+        for r in range(n_rows):
+            for c in range(k):
+                cf = coef[r, p, c]
+                if cf != 0.0:
+                    for e in range(offsets[p], offsets[p + 1]):
+                        out[c, base + e] += pieces[r, e] * cf

@@ -329,3 +329,22 @@ def test_far_off_profile_start_reaches_true_start_gof():
     res = refine_pattern(tth, y, s, start, off)
     assert res.gof <= ref.gof * 1.03, (res.gof, ref.gof)
     assert abs(res.cells["CeO2"][0] - ref.cells["CeO2"][0]) < ref.cell_esds["CeO2"][0]
+
+
+def test_max_prominence_equals_scipy():
+    """The O(n) prominence behind the "no peaks" check equals scipy's largest peak prominence
+    (random walks and rounded noise, plateaus included)."""
+    from scipy.signal import find_peaks
+
+    from midasflow.refinement.engine import _max_prominence
+
+    rng = np.random.default_rng(3)
+    for trial in range(500):
+        n = int(rng.integers(3, 80))
+        y = rng.normal(size=n).cumsum() if trial % 2 else np.round(rng.normal(size=n), 1)
+        idx, props = find_peaks(y, prominence=0)
+        got = _max_prominence(y)
+        if idx.size:
+            assert got == pytest.approx(props["prominences"].max(), abs=1e-12), y
+        else:
+            assert got <= 0, y

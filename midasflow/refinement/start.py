@@ -33,8 +33,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import least_squares, nnls
-from scipy.signal import find_peaks
 
 from midasflow.crystal import Phase
 from midasflow.errors import PatternError
@@ -225,6 +223,11 @@ def _pv(p, xs):
 
 def _isolated_peaks(x, net, sigma, refl, model) -> list[dict[str, float]]:
     """Pseudo-Voigt fits of the strongest isolated peaks (deg, centideg², centideg)."""
+    # imported here: scipy.signal and scipy.optimize take ~1 s to import, and a seeded
+    # refinement never gets here
+    from scipy.optimize import least_squares
+    from scipy.signal import find_peaks
+
     noise = float(np.median(sigma))
     idx, props = find_peaks(net, prominence=_PROMINENCE_SIGMA * noise, width=1.0,
                             rel_height=0.5)
@@ -295,6 +298,8 @@ def _split_tch(fwhm_cdeg: float, eta: float) -> tuple[float, float]:
 
 def _fit_widths(th: np.ndarray, sig2: np.ndarray, gam: np.ndarray) -> dict[str, float]:
     """Non-negative W + U tan²θ and X/cosθ + Y tanθ through the measured widths."""
+    from scipy.optimize import nnls
+
     tan_t, cos_t = np.tan(th), np.cos(th)
     # the tanθ terms only where they vary enough to be measured (lab data, not 2θ < ~30°)
     wide = th.size >= 4 and tan_t.max() - tan_t.min() >= 0.25
