@@ -37,11 +37,12 @@ def test_esds_are_rescaled_to_the_independent_points():
     res = PatternResult(status="ok", message="", rwp=5.0, rp=4.0, chi2=250.0, gof=0.5, n_points=1004,
                         n_dropped=0, values={"a": 1.0, "b": 2.0}, esds={"a": 1e-3, "b": 2e-3, "c": 0.1, "d": 1.0},
                         cells={"P": (5.0,) * 3 + (90.0,) * 3 + (125.0,)}, cell_esds={"P": (1e-5,) * 7},
-                        phase_fractions={"P": (1.0, 0.01)})
+                        phase_fractions={"P": (1.0, 0.01)}, covariance=np.diag([1e-6, 4e-6, 1e-2, 1.0]))
     out = res.with_independent_fraction(0.25)
     factor = np.sqrt((1004 - 4) / (0.25 * 1004 - 4))
     assert out.esds["a"] == pytest.approx(1e-3 * factor) and out.esds["d"] == pytest.approx(factor)
     assert out.cell_esds["P"] == pytest.approx((1e-5 * factor,) * 7)
+    assert np.sqrt(np.diag(out.covariance)) == pytest.approx(list(out.esds.values()))
     assert out.phase_fractions["P"] == pytest.approx((1.0, 0.01 * factor))
     assert out.gof == res.gof and out.cells == res.cells  # GSAS-II's GOF, values untouched
     assert out.notes[-1].startswith(f"esds × {factor:.3g}: neighbouring bins share detector pixels")

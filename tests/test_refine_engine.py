@@ -247,6 +247,12 @@ def test_result_outputs(tmp_path):
     refl = res.reflections["PbSO4"]
     assert len(refl["h"]) == len(refl["intensity"]) > 30
     assert {"0::A0", "0::A1", "0::A2", "Back;0", "Scale", "U", "SH/L"} <= set(res.esds)
+    # weights of the fitted points and the covariance behind the esds (in the esds' order)
+    inside = (x >= 3.0) & (x <= 11.0)
+    assert np.array_equal(res.weight, 1.0 / s[inside] ** 2)
+    assert res.covariance.shape == (len(res.esds),) * 2
+    assert np.allclose(np.sqrt(np.diag(res.covariance)), list(res.esds.values()), rtol=1e-12)
+    assert np.allclose(res.covariance, res.covariance.T)
 
 
 def test_atom_stage_runs_when_asked():

@@ -1272,7 +1272,7 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
         chi2=chi2, gof=gof, n_points=int(n_obs), n_dropped=int(n_dropped),
         stage_rwp=stage_rwp, values={k: float(v) for k, v in values.items()}, esds=esds,
         cells=cells, cell_esds=cell_err, phase_fractions=fractions, tth_deg=x, obs=y, calc=yc,
-        bkg=bkg, reflections=refl_tables, warnings=warn, phases=phases_out, flags=tuple(flags),
+        bkg=bkg, weight=w, covariance=cov, reflections=refl_tables, warnings=warn, phases=phases_out, flags=tuple(flags),
         notes=cov_notes)
 
 

@@ -377,7 +377,7 @@ def _collect(hist: Any, g2phases: list[Any], phases: list[Phase], covariance: Ma
     inside[np.searchsorted(x, lo):np.searchsorted(x, hi) + 1] = True
     sel = inside & ~np.ma.getmaskarray(hist.getdata("Yobs"))
     arrays = {t: np.ma.getdata(hist.getdata(t))[sel].astype(np.float64)
-              for t in ("Yobs", "Ycalc", "Background")}
+              for t in ("Yobs", "Yweight", "Ycalc", "Background")}
     if not rvals.get("converged", True):
         warnings.append("GSAS-II: the last stage did not converge within the cycle limit")
     return PatternResult(
@@ -388,7 +388,7 @@ def _collect(hist: Any, g2phases: list[Any], phases: list[Phase], covariance: Ma
         cell_esds=cell_esds,
         phase_fractions=_weight_fractions(g2phases, phases, hist.name, dep),
         tth_deg=x[sel].astype(np.float64), obs=arrays["Yobs"], calc=arrays["Ycalc"],
-        bkg=arrays["Background"], reflections=reflections, warnings=warnings,
+        bkg=arrays["Background"], weight=arrays["Yweight"], reflections=reflections, warnings=warnings,
         phases=[_refined_phase(ph, g2) for ph, g2 in zip(phases, g2phases)])
 
 

@@ -64,6 +64,11 @@ class PatternResult:
         Phase name → (weight fraction, esd); weight fraction ∝ phase scale × cell mass (GSAS-II).
     tth_deg, obs, calc, bkg : ndarray (n_points,)
         The fitted points: 2θ (deg), observed, calculated (incl. background), background.
+    weight : ndarray (n_points,)
+        Their least-squares weights 1/σ² (GSAS-II's w); empty when the backend gives none.
+    covariance : ndarray (n_var, n_var) or None
+        Covariance of the refined parameters, rows and columns in the order of ``esds``
+        (its diagonal is esds²); None when the backend gives none.
     reflections : dict
         Phase name → dict of equal-length arrays: h, k, l, mult, d_a, tth_deg, sig2, gam, fsq,
         intensity (integrated intensity I_h, counts·centideg).
@@ -97,6 +102,8 @@ class PatternResult:
     obs: np.ndarray = field(default_factory=lambda: np.zeros(0))
     calc: np.ndarray = field(default_factory=lambda: np.zeros(0))
     bkg: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    weight: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    covariance: np.ndarray | None = None
     reflections: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
@@ -130,7 +137,8 @@ class PatternResult:
         only a fraction f of each point's variance is independent noise (neighbouring bins of a
         pixel-split cake, :func:`midasflow.refinement.lineouts.independent_fraction`) a right
         model gives χ² ≈ f·N − n instead. Every esd (parameters, cells, phase fractions) is
-        multiplied by sqrt((N − n)/(f·N − n)), n = the refined parameters; ``gof`` stays
+        multiplied by sqrt((N − n)/(f·N − n)) (the covariance by its square), n = the refined
+        parameters; ``gof`` stays
         GSAS-II's, over all points, and a note gives the factor.
 
         Parameters
@@ -150,6 +158,7 @@ class PatternResult:
         gof = self.gof / factor
         return dataclasses.replace(
             self, esds={k: v * factor for k, v in self.esds.items()},
+            covariance=None if self.covariance is None else self.covariance * factor**2,
             cell_esds={k: tuple(float(v) * factor for v in esd) for k, esd in self.cell_esds.items()},
             phase_fractions={k: (v[0], v[1] * factor) for k, v in self.phase_fractions.items()},
             notes=self.notes + [f"esds × {factor:.3g}: neighbouring bins share detector pixels (f = {f:.3g} "
