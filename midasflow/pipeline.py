@@ -233,7 +233,7 @@ def refine(
     limits: tuple[float, float] | None = None,
     refine_atoms: bool = True,
     mode: Mode = "rietveld",
-    export: bool = True,
+    export: bool | Sequence[str] = True,
     backend: BackendName = "native",
     client: Any = None,
     seed_from: SeedFrom | None = None,
@@ -269,8 +269,10 @@ def refine(
         "rietveld" or "lebail"). Atoms are refined unless ``refine_atoms=False``, as by the
         command line and MIDAS's script; the manual recommends ``refine_atoms=False``
         (``--no-atoms``) for lattice and strain work.
-    export : bool
-        Write the per-lineout CSV and CIF files.
+    export : bool or collection of {"csv", "cif"}
+        Write the per-lineout ``hist_NNNN_data.csv`` (GSAS-II's CSV export layout) and
+        ``hist_NNNN_<phase>.cif`` files (True: both; False: none). With ``resume``, finished
+        lineouts get the exports they lack.
     backend : {"native", "gsas2"}
     client : distributed.Client, optional
         Run the lineouts as tasks on this client (one per ω-group, each reading its group from
@@ -322,6 +324,7 @@ def refine(
     the holder's pid.
     """
     from midasflow.crystal import read_phases
+    from midasflow.errors import ParameterError
     from midasflow.io.atomic import remove_stale_temporaries
     from midasflow.io.caked_store import open_caked
     from midasflow.io.instprm import instrument_from_midas, read_instprm, with_sample_parameters
@@ -332,7 +335,7 @@ def refine(
     from midasflow.refinement.executors import DistributedExecutor, SerialExecutor
     from midasflow.refinement.options import RefineOptions
     from midasflow.refinement.plan import LineoutPlan
-    from midasflow.results import assemble_results, write_results
+    from midasflow.results import EXPORT_KINDS, assemble_results, write_results
 
     out = Path(out)
     check_writable_folder(out, "--out")
@@ -355,8 +358,11 @@ def refine(
                             physical_profile=physical_profile, max_rwp=max_rwp,
                             texture=texture, po_axis=tuple(po_axis), sh_order=sh_order)
     refiner = get_backend(backend, cifs, out, physical_profile=physical_profile, texture=texture)
-    if export:
-        refiner = ExportingBackend(refiner, out)
+    kinds = EXPORT_KINDS if export is True else tuple(k for k in EXPORT_KINDS if export and k in export)
+    if export is not True and export and set(export) - set(EXPORT_KINDS):
+        raise ParameterError(f"export {sorted(export)!r}: expected True, False or kinds of {EXPORT_KINDS}")
+    if kinds:
+        refiner = ExportingBackend(refiner, out, kinds)
     plan = LineoutPlan.of(source if in_memory else data, options, backend=refiner,
                           seed_from=seed_from, min_points=min_points,
                           dataset=None if in_memory else source)
@@ -387,7 +393,7 @@ def refine(
         measured = [name for name in PROCESS_VARIABLES if name in source and "group" in source[name].dims]
         if results.sizes["group"] == source.sizes.get("group"):
             results = results.assign_coords({name: ("group", source[name].values) for name in measured})
-        write_results(results, out, lineouts=lineouts, no_export=True)  # exported by the tasks
+        write_results(results, out)  # the exports were written by the tasks
         if report:
             from midasflow.report import write_report
 
@@ -506,7 +512,7 @@ def run(
     cifs: Sequence[str | Path],
     *,
     out: str | Path = "refinement",
-    result_folder: str | Path = ".",
+    result_folder: str | Path | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
     cache_dir: str | Path | None = None,
     skip_integration: bool = False,
@@ -521,7 +527,9 @@ def run(
     """Integration, then refinement of the written store: MIDAS's ``integrate_and_refine.py``.
 
     Two steps on the same scheduler: the caked store is written first
-    (``<result_folder>/<scan>.zarr.zip``, the file GSAS-II and MIDAS tools read; one Dask graph),
+    (``<result_folder>/<scan>.zarr.zip``, the file GSAS-II and MIDAS tools read; one Dask graph;
+    ``result_folder`` None: the folder holding ``out``, so the store lies beside the refinement
+    folder),
     then its lineouts are refined (one task per lineout). Every input is checked first
     (:func:`check_run_inputs`).
 
@@ -534,6 +542,8 @@ def run(
     The results Dataset, or the store's path with ``skip_refinement``; for a per-file range, a
     list of them in file order.
     """
+    if result_folder is None:
+        result_folder = Path(out).parent
     check_run_inputs(param_fn, source, cifs, skip_integration=skip_integration, zarr_file=zarr_file,
                      skip_refinement=skip_refinement, result_folder=result_folder,
                      merge_series=merge_series, out=out, **refine_options)

@@ -10,6 +10,7 @@ strain of every lineout against a reference cell and the strain-tensor fits
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -481,48 +482,122 @@ def open_results(path: str | os.PathLike) -> xr.Dataset:
         return ds.load()
 
 
-def write_results(
-    ds: xr.Dataset,
-    folder: str | os.PathLike,
-    *,
-    lineouts: Sequence[Any] = (),
-    no_export: bool = False,
-) -> dict[str, Any]:
-    """Write ``results.zarr``, ``refinement_summary.json`` and (unless ``no_export``) per-lineout exports.
+def write_results(ds: xr.Dataset, folder: str | os.PathLike) -> dict[str, Path]:
+    """Write ``results.zarr`` and ``refinement_summary.json`` (atomic each).
+
+    The per-lineout exports are written by the tasks that refine the lineouts
+    (:class:`~midasflow.refinement.backends.ExportingBackend`, :func:`export_lineout`).
 
     Parameters
     ----------
     ds : xarray.Dataset
         From :func:`assemble_results`.
     folder : path
-        Output folder (created).
-    lineouts : sequence of LineoutResult
-        Source of the exports: ``hist_NNNN_data.csv`` (``PatternResult.to_csv``) and
-        ``hist_NNNN_<phase>.cif`` (``PatternResult.write_cifs``) for every lineout with a pattern.
-    no_export : bool
+        Output folder (created); GSAS-II projects found in it are named in the summary.
 
     Returns
     -------
     dict
-        ``{"results": Path, "summary": Path, "exports": [Path, ...]}``.
+        ``{"results": Path, "summary": Path}``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     zarr_path = write_results_zarr(ds, folder / "results.zarr")
     summary_path = folder / "refinement_summary.json"
     write_text_atomic(summary_path, json.dumps(summary_dict(ds, folder), indent=1))
-    exports: list[Path] = []
-    if not no_export:
-        for res in lineouts:
-            if res.pattern is not None and res.status == "ok":
-                exports += export_lineout(res.pattern, folder, res.name)
-    return {"results": zarr_path, "summary": summary_path, "exports": exports}
+    return {"results": zarr_path, "summary": summary_path}
 
 
-def export_lineout(pattern: Any, folder: str | os.PathLike, name: str) -> list[Path]:
-    """Write one refined lineout's ``<name>_data.csv`` and ``<name>_<phase>.cif`` files.
+#: What :func:`export_lineout` can write: ``hist_NNNN_data.csv`` and ``hist_NNNN_<phase>.cif``.
+EXPORT_KINDS = ("csv", "cif")
+#: Columns of GSAS-II's histogram CSV export (``G2export_csv.ExportPowderCSV``).
+CSV_COLUMNS = ("x", "y_obs", "weight", "y_calc", "y_bkg", "Q")
 
-    ``name`` is the lineout's file stem, ``hist_NNNN`` with MIDAS's histogram number
-    (``LineoutSpec.name``).
+
+def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrument: Any = None,
+                   kinds: Sequence[str] = EXPORT_KINDS) -> list[Path]:
+    """Write one refined lineout's ``<name>_data.csv`` (:func:`write_lineout_csv`) and
+    ``<name>_<phase>.cif`` files (``kinds``: "csv", "cif").
+
+    ``<name>`` is the lineout's file stem ``spec.name``: ``hist_NNNN`` with MIDAS's histogram
+    number. ``instrument`` (an :class:`~midasflow.instrument.Instrument`) gives the CSV's
+    wavelength and instrument lines.
     """
-    return [pattern.to_csv(Path(folder) / f"{name}_data.csv"), *pattern.write_cifs(folder, name)]
+    folder = Path(folder)
+    written = []
+    if "csv" in kinds:
+        written.append(write_lineout_csv(folder / f"{spec.name}_data.csv", spec, pattern, instrument))
+    if "cif" in kinds:
+        written += pattern.write_cifs(folder, spec.name)
+    return written
+
+
+def exports_of(spec: Any, pattern: Any, folder: str | os.PathLike,
+               kinds: Sequence[str] = EXPORT_KINDS) -> list[Path]:
+    """The files :func:`export_lineout` writes for this lineout."""
+    folder = Path(folder)
+    paths = [folder / f"{spec.name}_data.csv"] if "csv" in kinds else []
+    if "cif" in kinds:
+        paths += [folder / f"{spec.name}_{ph.name}.cif" for ph in getattr(pattern, "phases", ()) or ()]
+    return paths
+
+
+def write_lineout_csv(path: str | os.PathLike, spec: Any, pattern: Any, instrument: Any = None) -> Path:
+    """A lineout and its fit as GSAS-II's histogram CSV export writes it (atomic).
+
+    Layout (``GSASII/exports/G2export_csv.py``, ``ExportPowderCSV``): ``"Histogram","<name>"``,
+    one ``"Instparm: <key>",<value>`` line per instrument term (refined values; Lam and Zero with
+    six decimals, the others with two, as GSAS-II writes them), ``"Samparm: <key>",<value>``
+    lines, then the columns ``"x","y_obs","weight","y_calc","y_bkg","Q"`` and one row per point
+    of the lineout (``%.6g``). x is 2θ (deg), y_obs the counts per frame, weight = 1/σ²,
+    y_calc and y_bkg the fit (0 outside the refined points, as GSAS-II leaves them), Q = 4π
+    sin((x − Zero)/2)/λ (Å⁻¹).
+    """
+    from midasflow.io.atomic import atomic_output
+
+    x = np.asarray(spec.tth_deg, dtype=np.float64)
+    y = np.asarray(spec.intensity, dtype=np.float64)
+    sigma = np.asarray(spec.sigma, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        weight = np.where(sigma > 0, 1.0 / sigma**2, 0.0)
+    calc, bkg = np.zeros_like(x), np.zeros_like(x)
+    fx = np.asarray(getattr(pattern, "tth_deg", ()), dtype=np.float64)
+    if fx.size:
+        at = np.clip(np.searchsorted(x, fx), 0, max(x.size - 1, 0))
+        same = x[at] == fx
+        calc[at[same]] = np.asarray(pattern.calc, dtype=np.float64)[same]
+        bkg[at[same]] = np.asarray(pattern.bkg, dtype=np.float64)[same]
+    values = dict(getattr(pattern, "values", {}) or {})
+    inst = {} if instrument is None else instrument.to_dict()
+    zero = float(values.get("Zero", inst.get("Zero", 0.0)))
+    lam = float(getattr(instrument, "wavelength_a", math.nan)) if instrument is not None else math.nan
+    q = 4 * np.pi * np.sin(np.radians(x - zero) / 2) / lam
+    lines = [f'"Histogram","PWDR {spec.name} omega={spec.omega_deg:g} eta={spec.eta_deg:g}"']
+    for key in ("Type", "Bank", "Lam", "Lam1", "Lam2", "I(L2)/I(L1)", "Zero", "Polariz.", "Azimuth",
+                "U", "V", "W", "X", "Y", "Z", "SH/L"):
+        if key not in inst:
+            continue
+        value = values.get(key, inst[key])
+        if key == "Type":
+            lines.append(f'"Instparm: {key}","{value}"')
+        elif key in ("Lam", "Lam1", "Lam2", "Zero"):
+            lines.append(f'"Instparm: {key}",{float(value):10.6f}')
+        else:
+            lines.append(f'"Instparm: {key}",{float(value):10.2f}')
+    if instrument is not None:
+        if instrument.instr_name:
+            lines.append(f'"Samparm: InstrName",{instrument.instr_name}')
+        lines.append(f'"Samparm: Type",{instrument.diff_type}')
+        for key, value in (("Azimuth", 0.0), ("Gonio. radius", instrument.gonio_radius_mm),
+                           ("Phi", spec.omega_deg),
+                           ("DisplaceX", values.get("DisplaceX", instrument.displace_x_um)),
+                           ("DisplaceY", values.get("DisplaceY", instrument.displace_y_um)),
+                           ("Scale", values.get("Scale", 1.0))):
+            lines.append(f'"Samparm: {key}",{float(value):10.2f}')
+    lines.append(",".join(f'"{c}"' for c in CSV_COLUMNS))
+    table = np.column_stack([x, y, weight, calc, bkg, q])
+    lines += [",".join(f"{v:.6g}" for v in row) for row in table]
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+    return path

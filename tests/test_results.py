@@ -65,7 +65,7 @@ def test_strain_fits_recover_the_tensor(run):
 
 def test_write_and_read_back(run, tmp_path):
     _, lineouts, res = run
-    out = write_results(res, tmp_path / "out", lineouts=lineouts)
+    out = write_results(res, tmp_path / "out")
     back = open_results(out["results"])
     for name in ("a_a", "strain", "rwp", "strain_sample", "omega_deg", "eta_deg"):
         np.testing.assert_array_equal(back[name].values, res[name].values)
@@ -95,15 +95,41 @@ def test_write_and_read_back(run, tmp_path):
     assert summary["strain"]["CeO2"]["sample"]["components"]["zz"]["determined"]
     assert len(summary["strain"]["CeO2"]["orientations"]) == 3
 
-    csvs = sorted(p.name for p in (tmp_path / "out").glob("hist_*_data.csv"))
-    assert len(csvs) == 32 and csvs[0] == "hist_0000_data.csv"
-    assert sorted(p.name for p in (tmp_path / "out").glob("lineout_*_data.csv")) == [
-        "lineout_g0000_e0004_data.csv", "lineout_g0002_e0004_data.csv"]
-
-    # rewriting replaces the store atomically; no_export writes no new exports
-    out2 = write_results(res, tmp_path / "out", lineouts=lineouts, no_export=True)
-    assert out2["exports"] == [] and open_results(out2["results"]).sizes["group"] == 3
+    # rewriting replaces the store atomically
+    out2 = write_results(res, tmp_path / "out")
+    assert open_results(out2["results"]).sizes["group"] == 3
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_exports_are_gsas2s_csv_with_weights(run, tmp_path):
+    import csv
+
+    from midasflow.results import CSV_COLUMNS, export_lineout
+
+    caked, lineouts, _ = run
+    specs = {s.index: s for s in plan_lineouts(caked)}
+    for res in lineouts:
+        if res.status == "ok":
+            export_lineout(specs[res.index], res.pattern, tmp_path, TOY_OPTIONS.instrument)
+    csvs = sorted(p.name for p in tmp_path.glob("hist_*_data.csv"))
+    assert len(csvs) == 32 and csvs[0] == "hist_0000_data.csv"
+    assert sorted(p.name for p in tmp_path.glob("lineout_*_data.csv")) == [
+        "lineout_g0000_e0004_data.csv", "lineout_g0002_e0004_data.csv"]
+    with open(tmp_path / "hist_0000_data.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][0] == "Histogram" and rows[0][1].startswith("PWDR hist_0000")
+    assert ["Instparm: Lam", f"{TOY_OPTIONS.instrument.lam:10.6f}"] in rows
+    header = rows.index(list(CSV_COLUMNS))
+    table = np.array(rows[header + 1:], dtype=float)
+    spec, pattern = specs[0], lineouts[0].pattern
+    np.testing.assert_allclose(table[:, 0], spec.tth_deg, rtol=1e-5)
+    np.testing.assert_allclose(table[:, 1], spec.intensity, rtol=1e-5)
+    np.testing.assert_allclose(table[:, 2], 1 / spec.sigma**2, rtol=1e-5)
+    fitted = np.isin(spec.tth_deg, pattern.tth_deg)
+    np.testing.assert_allclose(table[fitted, 3], pattern.calc, rtol=1e-5)
+    np.testing.assert_allclose(table[fitted, 4], pattern.bkg, rtol=1e-5)
+    lam = TOY_OPTIONS.instrument.wavelength_a
+    np.testing.assert_allclose(table[:, 5], 4 * np.pi * np.sin(np.radians(spec.tth_deg) / 2) / lam, rtol=1e-5)
 
 
 def test_summary_from_dataset_only(run):

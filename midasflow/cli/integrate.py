@@ -18,8 +18,10 @@ from midasflow.io.frames import ScanSource
 from midasflow.limits import MAX_BINS, MAX_MAP_ENTRIES
 
 
-def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """The flags of MIDAS's ``integrator.py`` (single dash) with ``--long-form`` aliases."""
+def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = True,
+                          result_folder_help: str = "output folder (default .)") -> None:
+    """The flags of MIDAS's ``integrator.py`` (single dash) with ``--long-form`` aliases; without
+    ``required`` (``run``) ``-resultFolder`` has no default (None)."""
     parser.add_argument("-paramFN", "--param-fn", "--param-file", dest="param_fn", required=required,
                         help="MIDAS parameter file (--param-file: MIDAS integrate_and_refine.py's spelling)")
     add_flag(parser, "-dataFN", "--data-fn", dest="data_fn", required=required,
@@ -34,8 +36,8 @@ def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = T
              help="first file number of a numbered series (default or -1: the number in -dataFN)")
     add_flag(parser, "-endFileNr", "--end-file-nr", dest="end_file_nr", type=int, default=None,
              help="last file number of a numbered series (default or -1: one file)")
-    add_flag(parser, "-resultFolder", "--result-folder", dest="result_folder", default=".",
-             help="output folder (default .)")
+    add_flag(parser, "-resultFolder", "--result-folder", dest="result_folder",
+             default="." if required else None, help=result_folder_help)
     add_flag(parser, "-preProcThresh", "--pre-proc-thresh", dest="pre_proc_thresh", type=float, default=-1,
              help="after dark subtraction, pixels below T become 0 and negative ones 0, as MIDAS "
              "(default -1: off)")

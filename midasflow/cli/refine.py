@@ -159,8 +159,9 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def print_summary(results: Any, out: str, file: Any = None) -> None:
-    """The summary table: counts, mean Rwp, cell per phase, strain fits, where the files are.
+def print_summary(results: Any, out: str, file: Any = None, store: str | None = None) -> None:
+    """The summary table: counts, mean Rwp, cell per phase, strain fits, where the files are
+    (the caked ``store`` too when given, on the line before the results).
 
     ``file`` defaults to the ``sys.stdout`` of the moment of the call (not of the import).
     """
@@ -189,6 +190,8 @@ def print_summary(results: Any, out: str, file: Any = None) -> None:
             text = ", ".join(f"{c} {v:+.2e}±{e:.1e}" for c, v, e in zip(comps, strain, esd))
             print(f"{name}: sample-frame strain {text}", file=file)
     print(flags_line(summary), file=file)
+    if store is not None:
+        print(f"caked store: {store}", file=file)
     print(f"results: {out}/results.zarr, {out}/refinement_summary.json, report {out}/report.html", file=file)
 
 
@@ -207,12 +210,12 @@ def flags_line(summary: dict[str, Any]) -> str:
     return f"quality flags on {summary['flagged']} of {summary['succeeded']} refined lineouts: {text}{tail}"
 
 
-def report_outcome(results: Any, out: str, command: str) -> int:
+def report_outcome(results: Any, out: str, command: str, store: str | None = None) -> int:
     """Print the summary table; exit status 0, or 1 with a one-line error on stderr when no
     lineout was refined (every one failed or was skipped; the summary's ``error`` says why too)."""
     from midasflow.results import run_failure
 
-    print_summary(results, out)
+    print_summary(results, out, store=store)
     failure = run_failure(results)
     if failure is None:
         return 0

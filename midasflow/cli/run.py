@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cake raw frames, then refine every lineout. Extra 'Key value' pairs override "
         "the parameter file.",
     )
-    add_integration_flags(parser, required=False)
+    add_integration_flags(parser, required=False, result_folder_help="folder of the caked store "
+                          "(default: the folder that holds --out, beside the refinement folder)")
     add_refinement_flags(parser, data_required=False, pipeline=True)
     add_cluster_flags(parser)
     add_common_flags(parser)
@@ -128,6 +129,8 @@ def main(argv: Sequence[str]) -> int:
     check_backend(args, pipeline=True)
     _check_stream_flags(args, parser)
     configure_logging(args.verbose)
+    if args.result_folder is None:  # the store goes beside the refinement folder
+        args.result_folder = str(Path(args.out).parent)
     if args.backend == "stream":
         return stream_main(args, overrides)
     source = scan_source(args)
@@ -146,10 +149,10 @@ def main(argv: Sequence[str]) -> int:
             print(store)
         return 0
     if not isinstance(result, list):
-        return report_outcome(result, args.out, "run")
+        return report_outcome(result, args.out, "run", store=result.attrs["data_file"])
     status = 0
     for results in result:  # one refinement folder per file
         folder = Path(args.out) / scan_stem(results.attrs["data_file"])
         print(f"== {folder}")
-        status = max(status, report_outcome(results, str(folder), "run"))
+        status = max(status, report_outcome(results, str(folder), "run", store=results.attrs["data_file"]))
     return status

@@ -73,12 +73,15 @@ class NativeBackend:
 
 
 class ExportingBackend:
-    """Another backend whose every "ok" lineout also writes ``hist_NNNN_data.csv`` and
-    ``hist_NNNN_<phase>.cif`` into ``folder`` (:func:`midasflow.results.export_lineout`); a
-    lineout refined again that is not "ok" removes those an earlier refinement left."""
+    """Another backend whose every "ok" lineout also writes its ``hist_NNNN_data.csv`` (GSAS-II's
+    CSV layout) and ``hist_NNNN_<phase>.cif`` into ``folder``
+    (:func:`midasflow.results.export_lineout`; ``kinds`` chooses among "csv" and "cif"); a
+    lineout refined again that is not "ok" removes those an earlier refinement left. A lineout
+    taken from a checkpoint gets the exports it lacks (:meth:`complete`)."""
 
-    def __init__(self, backend: RefineBackend, folder: str | os.PathLike) -> None:
-        self.backend, self.folder = backend, Path(folder)
+    def __init__(self, backend: RefineBackend, folder: str | os.PathLike,
+                 kinds: Sequence[str] = ("csv", "cif")) -> None:
+        self.backend, self.folder, self.kinds = backend, Path(folder), tuple(kinds)
 
     def refine(self, spec: LineoutSpec, options: RefineOptions,
                start: Mapping[str, float] | None = None) -> PatternResult:
@@ -89,12 +92,24 @@ class ExportingBackend:
             pattern = self.backend.refine(spec, options, start)
         finally:
             if pattern is not None and getattr(pattern, "status", "ok") == "ok":
-                export_lineout(pattern, self.folder, spec.name)
+                export_lineout(spec, pattern, self.folder, options.instrument, self.kinds)
             else:
                 stem = spec.name
                 for stale in [self.folder / f"{stem}_data.csv", *self.folder.glob(f"{stem}_*.cif")]:
                     stale.unlink(missing_ok=True)
         return pattern
+
+    def complete(self, spec: LineoutSpec, options: RefineOptions, result: Any) -> list[Path]:
+        """Write the exports a finished lineout (e.g. one taken from a checkpoint of a
+        ``--no-export`` run) lacks; returns the files written."""
+        from midasflow.results import export_lineout, exports_of
+
+        pattern = getattr(result, "pattern", None)
+        if getattr(result, "status", "") != "ok" or pattern is None:
+            return []
+        if all(path.is_file() for path in exports_of(spec, pattern, self.folder, self.kinds)):
+            return []
+        return export_lineout(spec, pattern, self.folder, options.instrument, self.kinds)
 
 
 def get_backend(name: str, cif_paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,

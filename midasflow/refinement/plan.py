@@ -306,6 +306,9 @@ def _refine_checkpointed(ctx: WorkerContext, spec: LineoutSpec, name: str, diges
         if note is not None:
             notes.append(note)
         if done is not None:
+            complete = getattr(backend or ctx.backend, "complete", None)
+            if complete is not None:  # e.g. exports a --no-export run did not write
+                complete(spec, ctx.options, done)
             return done
     res = refine_lineout(spec, backend or ctx.backend, ctx.options, seed())
     if ckpt is not None:
