@@ -26,6 +26,7 @@ _LAZY = {
     "refine": "midasflow.pipeline",
     "run": "midasflow.pipeline",
     "integrate": "midasflow.pipeline",
+    "run_refinement": "midasflow.compat",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
