@@ -458,7 +458,7 @@ class _Outputs:
         if not lineouts:
             return
         self.current = self.assemble(lineouts, flow)
-        write_results(self.current, self.out, lineouts=lineouts, no_export=True)
+        write_results(self.current, self.out)
         if self.report:
             from midasflow.report import write_report
 
@@ -490,7 +490,7 @@ class _Outputs:
         lineouts = sorted(flow.results, key=lambda r: r.index)
         results = self.assemble(lineouts, flow)
         results.attrs["stream"] = json.dumps(stream)
-        write_results(results, self.out, lineouts=lineouts, no_export=True)
+        write_results(results, self.out)
         summary = summary_dict(results)
         summary["stream"] = stream
         write_text_atomic(self.out / "refinement_summary.json", json.dumps(summary, indent=1))
