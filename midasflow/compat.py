@@ -32,8 +32,9 @@ def run_refinement(
     cif_files : sequence of path
         One CIF per phase.
     output_dir : path
-        Folder of ``refinement_summary.json``, ``hist_NNNN_data.csv``, ``hist_NNNN_<phase>.cif``,
-        ``results.zarr`` and ``report.html``.
+        Folder of ``refinement_summary.json``, ``hist_NNNN.gpx`` (a GSAS-II project per
+        refined histogram, as MIDAS's script leaves), ``hist_NNNN_data.csv``,
+        ``hist_NNNN_<phase>.cif``, ``results.zarr`` and ``report.html``.
     instprm_file : path, optional
         GSAS-II ``.instprm`` replacing the store's instrument parameters.
     bkg_terms : int
@@ -68,7 +69,8 @@ def run_refinement(
 
     if int(n_cpus) < 1:
         raise ParameterError(f"n_cpus {n_cpus}: expected a positive number of workers")
-    exports = {kind for kind, on in (("cif", export_cif), ("csv", export_csv)) if on}
+    # MIDAS's script leaves a GSAS-II project per histogram whatever the export flags
+    exports = {"gpx"} | {kind for kind, on in (("cif", export_cif), ("csv", export_csv)) if on}
     options = dict(out=output_dir, instprm=instprm_file, bkg_terms=int(bkg_terms),
                    limits=tuple(two_theta_limits) if two_theta_limits is not None else None,
                    refine_atoms=bool(refine_atoms), export=exports)
@@ -82,4 +84,4 @@ def run_refinement(
             close_client(client)
     else:
         results = refine(data_file, list(cif_files), **options)
-    return summary_dict(results)
+    return summary_dict(results, output_dir)

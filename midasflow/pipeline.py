@@ -269,10 +269,11 @@ def refine(
         "rietveld" or "lebail"). Atoms are refined unless ``refine_atoms=False``, as by the
         command line and MIDAS's script; the manual recommends ``refine_atoms=False``
         (``--no-atoms``) for lattice and strain work.
-    export : bool or collection of {"csv", "cif"}
-        Write the per-lineout ``hist_NNNN_data.csv`` (GSAS-II's CSV export layout) and
-        ``hist_NNNN_<phase>.cif`` files (True: both; False: none). With ``resume``, finished
-        lineouts get the exports they lack.
+    export : bool or collection of {"csv", "cif", "gpx"}
+        Write the per-lineout ``hist_NNNN_data.csv`` (GSAS-II's CSV export layout),
+        ``hist_NNNN_<phase>.cif`` files and GSAS-II project ``hist_NNNN.gpx`` (True: all;
+        False: none; the GSAS-II engine leaves its own projects in ``gsas2/`` instead). With
+        ``resume``, finished lineouts get the exports they lack.
     backend : {"native", "gsas2"}
     client : distributed.Client, optional
         Run the lineouts as tasks on this client (one per ω-group, each reading its group from
@@ -421,8 +422,9 @@ def clear_previous_outputs(out: Path, *, resume: bool) -> None:
 
     Always the results (:data:`RESULT_FILES`): they are written again, atomically, at the end.
     Without ``resume`` also the checkpoints (``lineouts/``) and the per-lineout exports
-    (``hist_NNNN_data.csv``, ``hist_NNNN_<phase>.cif``, GSAS-II projects ``gsas2/hist_NNNN``, and
-    the same for ``lineout_gGGGG_eEEEE`` lineouts that are no histograms).
+    (``hist_NNNN_data.csv``, ``hist_NNNN_<phase>.cif``, GSAS-II projects ``hist_NNNN.gpx`` and
+    ``gsas2/hist_NNNN``, and the same for ``lineout_gGGGG_eEEEE`` lineouts that are no
+    histograms).
     Only files of these names are touched.
     """
     import shutil
@@ -439,7 +441,7 @@ def clear_previous_outputs(out: Path, *, resume: bool) -> None:
         return
     clear_checkpoints(out)
     for stem in ("hist_*", "lineout_g*_e*"):
-        for pattern in (f"{stem}_data.csv", f"{stem}_*.cif"):
+        for pattern in (f"{stem}_data.csv", f"{stem}_*.cif", f"{stem}.gpx"):
             for path in out.glob(pattern):
                 path.unlink(missing_ok=True)
         for path in (out / "gsas2").glob(stem):

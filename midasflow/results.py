@@ -508,20 +508,25 @@ def write_results(ds: xr.Dataset, folder: str | os.PathLike) -> dict[str, Path]:
     return {"results": zarr_path, "summary": summary_path}
 
 
-#: What :func:`export_lineout` can write: ``hist_NNNN_data.csv`` and ``hist_NNNN_<phase>.cif``.
-EXPORT_KINDS = ("csv", "cif")
+#: What :func:`export_lineout` can write: ``hist_NNNN_data.csv``, ``hist_NNNN_<phase>.cif`` and
+#: the GSAS-II project ``hist_NNNN.gpx``.
+EXPORT_KINDS = ("csv", "cif", "gpx")
 #: Columns of GSAS-II's histogram CSV export (``G2export_csv.ExportPowderCSV``).
 CSV_COLUMNS = ("x", "y_obs", "weight", "y_calc", "y_bkg", "Q")
 
 
 def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrument: Any = None,
-                   kinds: Sequence[str] = EXPORT_KINDS) -> list[Path]:
-    """Write one refined lineout's ``<name>_data.csv`` (:func:`write_lineout_csv`) and
-    ``<name>_<phase>.cif`` files (``kinds``: "csv", "cif").
+                   kinds: Sequence[str] = EXPORT_KINDS, mode: str = "rietveld") -> list[Path]:
+    """Write one refined lineout's ``<name>_data.csv`` (:func:`write_lineout_csv`),
+    ``<name>_<phase>.cif`` files and GSAS-II project ``<name>.gpx``
+    (:func:`midasflow.io.gpx.write_gpx`) as ``kinds`` says ("csv", "cif", "gpx").
 
     ``<name>`` is the lineout's file stem ``spec.name``: ``hist_NNNN`` with MIDAS's histogram
     number. ``instrument`` (an :class:`~midasflow.instrument.Instrument`) gives the CSV's
-    wavelength and instrument lines.
+    wavelength and instrument lines and the project's instrument parameters; ``mode`` is the
+    refinement's ("rietveld" or "lebail"). A phase setting GSAS-II cannot hold, or a pattern
+    without the fitted points' weights, leaves the project out with a warning on ``pattern``
+    (the lineout's result stands).
     """
     folder = Path(folder)
     written = []
@@ -529,6 +534,17 @@ def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrumen
         written.append(write_lineout_csv(folder / f"{spec.name}_data.csv", spec, pattern, instrument))
     if "cif" in kinds:
         written += pattern.write_cifs(folder, spec.name)
+    if "gpx" in kinds:
+        from midasflow.io.gpx import write_gpx
+
+        try:
+            written.append(write_gpx(
+                folder / f"{spec.name}.gpx", pattern, instrument, mode=mode,
+                histogram_name=f"PWDR {spec.name}", omega_deg=spec.omega_deg, eta_deg=spec.eta_deg,
+                comments=[f"midasflow lineout {spec.name}: omega {spec.omega_deg:g} deg, "
+                          f"eta {spec.eta_deg:g} deg"]))
+        except ValueError as exc:  # UnsupportedSetting, or no weights from this backend
+            pattern.warnings.append(f"no {spec.name}.gpx: {exc}")
     return written
 
 
@@ -539,6 +555,8 @@ def exports_of(spec: Any, pattern: Any, folder: str | os.PathLike,
     paths = [folder / f"{spec.name}_data.csv"] if "csv" in kinds else []
     if "cif" in kinds:
         paths += [folder / f"{spec.name}_{ph.name}.cif" for ph in getattr(pattern, "phases", ()) or ()]
+    if "gpx" in kinds:
+        paths.append(folder / f"{spec.name}.gpx")
     return paths
 
 

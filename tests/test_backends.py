@@ -47,9 +47,13 @@ def test_native_backend_is_the_engine():
 def test_exporting_backend_writes_ok_lineouts_only(tmp_path):
     ds = make_caked(n_groups=1, n_eta=3)
     ds["intensity"][0, :, 1] = 1.0  # flat: the injected failure triggers on it
-    for stale in ("hist_0001_data.csv", "hist_0001_CeO2.cif"):  # an earlier refinement's exports
+    for stale in ("hist_0001_data.csv", "hist_0001_CeO2.cif", "hist_0001.gpx"):  # an earlier refinement's exports
         (tmp_path / stale).write_text("old")
     res = run_serial(plan_lineouts(ds), TOY_OPTIONS, backend=ExportingBackend(ToyBackend(fail_below=3.0), tmp_path))
     assert [r.status for r in res] == ["ok", "failed", "ok"]
     assert sorted(p.name for p in tmp_path.glob("hist_*_data.csv")) == ["hist_0000_data.csv", "hist_0002_data.csv"]
     assert not (tmp_path / "hist_0001_CeO2.cif").exists()  # not left beside the failed lineout
+    assert not (tmp_path / "hist_0001.gpx").exists()
+    # the toy engine gives no point weights: no project, and the lineout says why
+    assert not list(tmp_path.glob("hist_*.gpx"))
+    assert any(w.startswith("no hist_0000.gpx:") for w in res[0].pattern.warnings)

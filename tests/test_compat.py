@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,11 @@ def test_the_manuals_example_runs(store, tmp_path, capsys):
     assert results["data_file"] == str(path.resolve())
     assert len(list((tmp_path / "refinement").glob("hist_*_data.csv"))) == 4
     assert not list((tmp_path / "refinement").glob("hist_*.cif"))  # export_cif=False
+    # a GSAS-II project per histogram, named in the summary as MIDAS's script names its own
+    assert [h["gpx"] for h in results["histograms"]] == [
+        str((tmp_path / "refinement" / f"hist_{h['histogram_index']:04d}.gpx").resolve())
+        for h in results["histograms"]]
+    assert all(Path(h["gpx"]).is_file() for h in results["histograms"])
     lo, hi = min(h["phases"][0]["cell"]["a"] for h in results["histograms"]), max(
         h["phases"][0]["cell"]["a"] for h in results["histograms"])
     assert 5.40 < lo <= hi < 5.43

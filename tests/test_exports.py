@@ -49,6 +49,7 @@ def test_resume_after_no_export_writes_the_missing_exports(scan, store, tmp_path
     again = refine(store, [scan["cif"]], out=out, refine_atoms=False, mode="lebail", resume=True, report=False)
     ok = int((first.status.values == "ok").sum())
     assert ok == 4 and len(list(out.glob("hist_*_data.csv"))) == ok and len(list(out.glob("hist_*_CeO2.cif"))) == ok
+    assert len(list(out.glob("hist_*.gpx"))) == ok  # the GSAS-II projects too
     # nothing was refined again: the checkpoints were taken as they were
     assert {p.name: p.stat().st_mtime_ns for p in (out / "lineouts").glob("hist_*.npz")} == stamps
     np.testing.assert_array_equal(again.a_a.values, first.a_a.values)
@@ -61,8 +62,19 @@ def test_export_kinds(scan, store, tmp_path):
 
     refine(store, [scan["cif"]], out=tmp_path, refine_atoms=False, mode="lebail", export={"csv"}, report=False)
     assert list(tmp_path.glob("hist_*_data.csv")) and not list(tmp_path.glob("hist_*_CeO2.cif"))
+    assert not list(tmp_path.glob("hist_*.gpx"))
     with pytest.raises(Exception, match="export"):
-        refine(store, [scan["cif"]], out=tmp_path / "x", export={"gpx"})
+        refine(store, [scan["cif"]], out=tmp_path / "x", export={"xlsx"})
+
+
+def test_no_gpx_flag():
+    """--no-gpx keeps the CSV/CIF exports and leaves out the projects; --no-export all three."""
+    from midasflow.cli.refine import build_parser, refine_options
+
+    base = ["--data", "x.zarr.zip", "--cif", "c.cif"]
+    assert refine_options(build_parser().parse_args(base))["export"] is True
+    assert refine_options(build_parser().parse_args(base + ["--no-gpx"]))["export"] == {"csv", "cif"}
+    assert refine_options(build_parser().parse_args(base + ["--no-export", "--no-gpx"]))["export"] is False
 
 
 def test_csv_matches_gsas2s_own_export(gsasii, scan, store, tmp_path):

@@ -43,7 +43,10 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                         help="skip the atom stage of the recipe (atoms are refined by default, as in "
                         "MIDAS's gsas_ii_refine.py; the manual recommends --no-atoms for lattice and "
                         "strain work)")
-    parser.add_argument("--no-export", action="store_true", help="no per-lineout CSV/CIF files")
+    parser.add_argument("--no-export", action="store_true",
+                        help="no per-lineout CSV/CIF files or GSAS-II projects")
+    parser.add_argument("--no-gpx", action="store_true",
+                        help="no per-lineout GSAS-II project hist_NNNN.gpx (the CSV/CIF files stay)")
     parser.add_argument("--mode", choices=MODES, default="rietveld")
     parser.add_argument("--engine", choices=BACKENDS, default="native",
                         help="refinement engine: built-in (default) or GSAS-II (GSASIIscriptable)")
@@ -141,7 +144,7 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
         limits=tuple(args.limits) if args.limits else None,
         refine_atoms=not args.no_atoms,
         mode=args.mode,
-        export=not args.no_export,
+        export=False if args.no_export else ({"csv", "cif"} if args.no_gpx else True),
         backend=args.engine,
         seed_from=args.seed_from,
         resume=args.resume,

@@ -7,8 +7,8 @@ values of a seeding lineout. Every backend gets the same call, the lineout's ind
 
 * :class:`NativeBackend`: the built-in engine, :func:`midasflow.refinement.engine.refine_pattern`;
 * :class:`midasflow.refinement.gsas2.Gsas2Backend`: GSAS-II itself (one ``.gpx`` per lineout);
-* :class:`ExportingBackend`: wraps another and writes each refined lineout's CSV/CIF files in
-  the lineout's own task (so on the workers, in parallel).
+* :class:`ExportingBackend`: wraps another and writes each refined lineout's CSV/CIF files and
+  GSAS-II project in the lineout's own task (so on the workers, in parallel).
 """
 from __future__ import annotations
 
@@ -74,14 +74,20 @@ class NativeBackend:
 
 class ExportingBackend:
     """Another backend whose every "ok" lineout also writes its ``hist_NNNN_data.csv`` (GSAS-II's
-    CSV layout) and ``hist_NNNN_<phase>.cif`` into ``folder``
-    (:func:`midasflow.results.export_lineout`; ``kinds`` chooses among "csv" and "cif"); a
-    lineout refined again that is not "ok" removes those an earlier refinement left. A lineout
-    taken from a checkpoint gets the exports it lacks (:meth:`complete`)."""
+    CSV layout), ``hist_NNNN_<phase>.cif`` and GSAS-II project ``hist_NNNN.gpx`` into ``folder``
+    (:func:`midasflow.results.export_lineout`; ``kinds`` chooses among "csv", "cif" and "gpx");
+    a lineout refined again that is not "ok" removes those an earlier refinement left. A lineout
+    taken from a checkpoint gets the exports it lacks (:meth:`complete`).
+
+    A backend that leaves its own GSAS-II project per lineout (``writes_projects = True``, the
+    GSAS-II engine) gets no second one: "gpx" is dropped from ``kinds``.
+    """
 
     def __init__(self, backend: RefineBackend, folder: str | os.PathLike,
-                 kinds: Sequence[str] = ("csv", "cif")) -> None:
-        self.backend, self.folder, self.kinds = backend, Path(folder), tuple(kinds)
+                 kinds: Sequence[str] = ("csv", "cif", "gpx")) -> None:
+        own_projects = getattr(backend, "writes_projects", False)
+        self.backend, self.folder = backend, Path(folder)
+        self.kinds = tuple(k for k in kinds if not (k == "gpx" and own_projects))
 
     def refine(self, spec: LineoutSpec, options: RefineOptions,
                start: Mapping[str, float] | None = None) -> PatternResult:
@@ -92,10 +98,12 @@ class ExportingBackend:
             pattern = self.backend.refine(spec, options, start)
         finally:
             if pattern is not None and getattr(pattern, "status", "ok") == "ok":
-                export_lineout(spec, pattern, self.folder, options.instrument, self.kinds)
+                export_lineout(spec, pattern, self.folder, options.instrument, self.kinds,
+                               mode=options.mode)
             else:
                 stem = spec.name
-                for stale in [self.folder / f"{stem}_data.csv", *self.folder.glob(f"{stem}_*.cif")]:
+                for stale in [self.folder / f"{stem}_data.csv", self.folder / f"{stem}.gpx",
+                              *self.folder.glob(f"{stem}_*.cif")]:
                     stale.unlink(missing_ok=True)
         return pattern
 
@@ -109,7 +117,8 @@ class ExportingBackend:
             return []
         if all(path.is_file() for path in exports_of(spec, pattern, self.folder, self.kinds)):
             return []
-        return export_lineout(spec, pattern, self.folder, options.instrument, self.kinds)
+        return export_lineout(spec, pattern, self.folder, options.instrument, self.kinds,
+                              mode=options.mode)
 
 
 def get_backend(name: str, cif_paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,

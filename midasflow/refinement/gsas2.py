@@ -595,6 +595,9 @@ class Gsas2Backend:
     so it travels to distributed workers.
     """
 
+    #: Its projects are GSAS-II's own: the exports write no second one.
+    writes_projects = True
+
     def __init__(self, cif_paths: Sequence[str], workdir: str) -> None:
         self.cif_paths = tuple(str(p) for p in cif_paths)
         self.workdir = str(workdir)
