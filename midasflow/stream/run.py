@@ -131,7 +131,7 @@ def run_stream(
     limits: tuple[float, float] | None = None,
     refine_atoms: bool = True,
     mode: str = "rietveld",
-    export: bool = True,
+    export: bool | Sequence[str] = True,
     backend: str = "native",
     seed_from: str | None = None,
     ref_cells: Mapping[str, Sequence[float]] | None = None,
@@ -269,8 +269,10 @@ def run_stream(
                                 physical_profile=physical_profile, max_rwp=max_rwp,
                                 texture=texture, po_axis=tuple(po_axis), sh_order=sh_order)
         refiner = get_backend(backend, cifs, out, physical_profile=physical_profile, texture=texture)
-        if export:
-            refiner = ExportingBackend(refiner, out)
+        if export:  # True: every kind; else the kinds named ("csv", "cif", "gpx")
+            from midasflow.results import EXPORT_KINDS
+
+            refiner = ExportingBackend(refiner, out, EXPORT_KINDS if export is True else tuple(export))
         plan = LineoutPlan(CakeLayout.of(skeleton), None, options, refiner, seed_from, int(min_points))
         options.check_against(plan.usable_tth(), min_points, max_reflections=max_reflections or MAX_REFLECTIONS)
 
