@@ -516,17 +516,18 @@ CSV_COLUMNS = ("x", "y_obs", "weight", "y_calc", "y_bkg", "Q")
 
 
 def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrument: Any = None,
-                   kinds: Sequence[str] = EXPORT_KINDS, mode: str = "rietveld") -> list[Path]:
+                   kinds: Sequence[str] = EXPORT_KINDS, mode: str = "rietveld",
+                   po_axis: Sequence[int] = (0, 0, 1)) -> list[Path]:
     """Write one refined lineout's ``<name>_data.csv`` (:func:`write_lineout_csv`),
     ``<name>_<phase>.cif`` files and GSAS-II project ``<name>.gpx``
     (:func:`midasflow.io.gpx.write_gpx`) as ``kinds`` says ("csv", "cif", "gpx").
 
     ``<name>`` is the lineout's file stem ``spec.name``: ``hist_NNNN`` with MIDAS's histogram
     number. ``instrument`` (an :class:`~midasflow.instrument.Instrument`) gives the CSV's
-    wavelength and instrument lines and the project's instrument parameters; ``mode`` is the
-    refinement's ("rietveld" or "lebail"). A phase setting GSAS-II cannot hold, or a pattern
-    without the fitted points' weights, leaves the project out with a warning on ``pattern``
-    (the lineout's result stands).
+    wavelength and instrument lines and the project's instrument parameters; ``mode`` and
+    ``po_axis`` are the refinement's ("rietveld" or "lebail"; the March–Dollase axis). A phase
+    setting GSAS-II cannot hold, or a pattern without the fitted points' weights, leaves the
+    project out with a warning on ``pattern`` (the lineout's result stands).
     """
     folder = Path(folder)
     written = []
@@ -539,7 +540,7 @@ def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrumen
 
         try:
             written.append(write_gpx(
-                folder / f"{spec.name}.gpx", pattern, instrument, mode=mode,
+                folder / f"{spec.name}.gpx", pattern, instrument, mode=mode, po_axis=po_axis,
                 histogram_name=f"PWDR {spec.name}", omega_deg=spec.omega_deg, eta_deg=spec.eta_deg,
                 comments=[f"midasflow lineout {spec.name}: omega {spec.omega_deg:g} deg, "
                           f"eta {spec.eta_deg:g} deg"]))

@@ -181,3 +181,31 @@ def test_other_phases(tmp_path, phase_fn, mode, atoms):
         assert {row[7] for row in rows} == {"m(y)", "1"}
         A = cell_to_A(pattern.cells[name][:6])
         assert [pattern.values[f"0::A{i}"] for i in range(3)] == pytest.approx(A[:3])
+
+
+@pytest.mark.slow
+def test_textured_projects(tmp_path):
+    """March–Dollase along the chosen axis and spherical harmonics go into the phase's
+    Pref.Ori. as GSAS-II holds them; the reflections carry the engine's PO factors."""
+    from midasflow.refinement.engine import refine_pattern
+    from test_texture_refine import INST, X
+    from test_texture_refine import simulate as simulate_textured
+
+    y, sigma = simulate_textured(zno(), {"0:0:MD": 1.25}, po_axis=(1, 0, 0))
+    md = refine_pattern(X, y, sigma, [zno()], INST, texture="md", po_axis=(1, 0, 0))
+    t = tree(write_gpx(tmp_path / "md.gpx", md, INST, po_axis=(1, 0, 0), omega_deg=30.0))
+    pref = t["Phases"]["ZnO"]["Histograms"]["PWDR md"]["Pref.Ori."]
+    assert pref[:4] == ["MD", md.values["0:0:MD"], True, [1, 0, 0]]
+    po = t["PWDR md"]["Reflection Lists"]["ZnO"]["RefList"][:, 12]
+    assert po.min() < 0.9 < 1.1 < po.max()  # r = 1.25 along [100]
+    assert t["PWDR md"]["Sample Parameters"]["Phi"] == 30.0
+
+    truth = {"0:0:C(2,0)": 0.3, "0:0:C(4,0)": -0.2}
+    y, sigma = simulate_textured(zno(), truth, texture="sh")
+    sh = refine_pattern(X, y, sigma, [zno()], INST, texture="sh")
+    t = tree(write_gpx(tmp_path / "sh.gpx", sh, INST, omega_deg=30.0))
+    pref = t["Phases"]["ZnO"]["Histograms"]["PWDR sh"]["Pref.Ori."]
+    assert pref[0] == "SH" and pref[2] and pref[4] == 4
+    assert pref[5] == {k.split(":")[-1]: v for k, v in sh.values.items() if ":0:C(" in k}
+    # GSAS-II's harmonics would turn the sample by Phi; the engine's do not: Phi stays 0
+    assert t["PWDR sh"]["Sample Parameters"]["Phi"] == 0.0

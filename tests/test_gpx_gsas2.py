@@ -21,7 +21,11 @@ import pytest
 from gpx_helpers import refined_lineout
 from midasflow.io.gpx import write_gpx
 from midasflow.io.gpx_symmetry import UnsupportedSetting, site_symmetry, space_group_record
+from midasflow.refinement.engine import refine_pattern
 from phase_helpers import pbso4, zno
+from test_texture_refine import INST as TEXTURE_INST
+from test_texture_refine import X as TEXTURE_X
+from test_texture_refine import simulate as simulate_textured
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +37,8 @@ RWP_TOLERANCE = 0.005
 @pytest.fixture(scope="module")
 def projects(gsasii, tmp_path_factory):
     """Projects written by a refinement run's exports (CeO2 scan, Rietveld) and by write_gpx
-    (ZnO Le Bail; PbSO4 Rietveld with atoms): [(path, Rwp, cells, esds of the cells, varyList)]."""
+    (ZnO Le Bail; PbSO4 Rietveld with atoms; textured ZnO, March–Dollase along [100] and
+    spherical harmonics): [(path, Rwp, cells, esds of the cells, varyList)]."""
     from midasflow.cli.demo import make_demo_scan
     from midasflow.pipeline import integrate, refine
 
@@ -56,6 +61,15 @@ def projects(gsasii, tmp_path_factory):
         path = write_gpx(root / f"hist_{100 + k:04d}.gpx", pattern, inst, mode=mode)
         found.append((path, pattern.rwp, {phase.name: pattern.cells[phase.name][0]},
                       {phase.name: pattern.cell_esds[phase.name][0]}, list(pattern.esds)))
+    # textured ZnO: March–Dollase along [100], and spherical harmonics to order 4
+    for k, (texture, truth, axis) in enumerate((("md", {"0:0:MD": 1.25}, (1, 0, 0)),
+                                                ("sh", {"0:0:C(2,0)": 0.3, "0:0:C(4,0)": -0.2}, (0, 0, 1)))):
+        y, sigma = simulate_textured(zno(), truth, texture=texture, po_axis=axis)
+        pattern = refine_pattern(TEXTURE_X, y, sigma, [zno()], TEXTURE_INST, texture=texture, po_axis=axis)
+        assert set(truth) <= set(pattern.esds), pattern.warnings
+        path = write_gpx(root / f"hist_{200 + k:04d}.gpx", pattern, TEXTURE_INST, po_axis=axis, omega_deg=30.0)
+        found.append((path, pattern.rwp, {"ZnO": pattern.cells["ZnO"][0]}, {"ZnO": pattern.cell_esds["ZnO"][0]},
+                      list(pattern.esds)))
     return found
 
 

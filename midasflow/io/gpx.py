@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 import gemmi
 import numpy as np
 
-from midasflow.crystal import Atom, Phase, cell_to_A, cell_volume, laue_rotations, laue_tie_matrix
+from midasflow.crystal import Atom, Phase, cell_volume, laue_rotations, laue_tie_matrix
 from midasflow.instrument import Instrument, as_instrument
 from midasflow.io.atomic import atomic_output
 from midasflow.io.gpx_symmetry import SpaceGroupRecord, UnsupportedSetting, site_symmetry, \
     space_group_record
-from midasflow.profile import march_dollase
+from midasflow.texture.po import PreferredOrientation
 
 if TYPE_CHECKING:  # pragma: no cover
     from midasflow.refinement.result import PatternResult
@@ -189,16 +189,36 @@ def _residuals(pattern: PatternResult, x: np.ndarray, y: np.ndarray, w: np.ndarr
 
 # ---------------------------------------------------------------------------------- phases
 
-def _reciprocal_metric(cell: Sequence[float]) -> np.ndarray:
-    A = cell_to_A(cell)
-    return np.array([[A[0], A[3] / 2, A[4] / 2], [A[3] / 2, A[1], A[5] / 2],
-                     [A[4] / 2, A[5] / 2, A[2]]])
+def _sh_coefficients(pattern: PatternResult, p: int) -> dict[str, float]:
+    """Phase ``p``'s spherical-harmonics preferred-orientation coefficients, ``{"C(l,n)": value}``
+    (empty without the SH texture model)."""
+    prefix = f"{p}:0:C("
+    return {name[len(prefix) - 2:]: float(v) for name, v in pattern.values.items()
+            if name.startswith(prefix)}
 
 
-def _reflection_list(table: Mapping[str, np.ndarray], phase: Phase, md_ratio: float,
-                     lebail: bool) -> np.ndarray:
+def _sh_order(coefficients: Mapping[str, float]) -> int:
+    return max((int(name[2:].split(",")[0]) for name in coefficients), default=0)
+
+
+def _preferred_orientation(table: Mapping[str, np.ndarray], phase: Phase, p: int,
+                           pattern: PatternResult, po_axis: Sequence[int]) -> np.ndarray:
+    """PO_h of every reflection, as the engine's texture model gives it (1 without texture)."""
+    hkl = np.column_stack([table["h"], table["k"], table["l"]]).astype(float)
+    sh = _sh_coefficients(pattern, p)
+    r = _value(pattern, f"{p}:0:MD", 1.0)
+    if not hkl.shape[0] or (r == 1.0 and not any(sh.values())):
+        return np.ones(hkl.shape[0])
+    equivalents = np.einsum("ni,rij->nrj", hkl, laue_rotations(phase.space_group))
+    model = PreferredOrientation("sh" if sh else "md", f"{p}:0:", hkl, equivalents, phase.cell,
+                                 phase.laue, phase.unique_axis, po_axis, max(_sh_order(sh), 2))
+    po, _ = model.correction(pattern.values, [], table["tth_deg"])
+    return np.broadcast_to(np.asarray(po, dtype=float), (hkl.shape[0],)).copy()
+
+
+def _reflection_list(table: Mapping[str, np.ndarray], po: np.ndarray, lebail: bool) -> np.ndarray:
     """GSAS-II's CW powder ``RefList`` (n, 15): h, k, l, mult, d, 2θ, σ², γ, Fo², Fc², phase,
-    Icorr, PO, absorption, extinction.
+    Icorr, PO (``po``), absorption, extinction.
 
     Icorr = intensity / Fc² (scale × multiplicity × LP × PO / V, so Icorr·Fc² is the
     reflection's integrated intensity). Fo² is the engine's extracted value in a Le Bail fit
@@ -211,11 +231,6 @@ def _reflection_list(table: Mapping[str, np.ndarray], phase: Phase, md_ratio: fl
     intensity = np.asarray(table["intensity"], dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         icorr = np.where(fsq > 0, intensity / fsq, 0.0)
-    if md_ratio == 1.0 or n == 0:
-        po = np.ones(n)
-    else:
-        equivalents = np.einsum("ni,rij->nrj", hkl, laue_rotations(phase.space_group))
-        po = march_dollase(equivalents, (0, 0, 1), md_ratio, _reciprocal_metric(phase.cell))[0]
     ref = np.zeros((n, 15))
     ref[:, :3] = hkl
     ref[:, 3] = table["mult"]
@@ -304,18 +319,25 @@ def _general(phase: Phase, record: SpaceGroupRecord, atoms: list[list], cell_ref
 
 
 def _histogram_phase(pattern: PatternResult, phase: Phase, p: int, hist_name: str,
-                     lebail: bool) -> dict:
-    """GSAS-II's phase-in-histogram ("HAP") dict: scale, preferred orientation, size,
-    microstrain (isotropic, as refined), hydrostatic strain (none)."""
+                     lebail: bool, po_axis: Sequence[int]) -> dict:
+    """GSAS-II's phase-in-histogram ("HAP") dict: scale, preferred orientation (March–Dollase
+    along ``po_axis``, or spherical harmonics when the engine refined them), size, microstrain
+    (isotropic, as refined), hydrostatic strain (none)."""
     nm, nh = _N_MUSTRAIN[phase.laue], _N_HSTRAIN[phase.laue]
+    sh = _sh_coefficients(pattern, p)
+    if sh:
+        pref = ["SH", 1.0, any(_flag(pattern, f"{p}:0:{c}") for c in sh), [int(v) for v in po_axis],
+                _sh_order(sh), sh, [""], 0.1]
+    else:
+        pref = ["MD", _value(pattern, f"{p}:0:MD", 1.0), _flag(pattern, f"{p}:0:MD"),
+                [int(v) for v in po_axis], 0, {}, [""], 0.1]
     size = _value(pattern, f"{p}:0:Size;i", 1.0)
     strain = _value(pattern, f"{p}:0:Mustrain;i", 1000.0)
     return {
         "Histogram": hist_name, "Show": False,
         "Scale": [_value(pattern, f"{p}:0:Scale", 1.0), _flag(pattern, f"{p}:0:Scale")],
         "Type": "PWDR",
-        "Pref.Ori.": ["MD", _value(pattern, f"{p}:0:MD", 1.0), _flag(pattern, f"{p}:0:MD"),
-                      [0, 0, 1], 0, {}, [], 0.1],
+        "Pref.Ori.": pref,
         "Size": ["isotropic", [size, size, 1.0], [_flag(pattern, f"{p}:0:Size;i"), False, False],
                  [0, 0, 1], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], [False] * 6],
         "Mustrain": ["isotropic", [strain, strain, 1.0],
@@ -401,7 +423,8 @@ def _upper_limit(x: np.ndarray, reflection_lists: Mapping[str, dict]) -> float:
 
 def _tree(pattern: PatternResult, inst: Instrument, path: Path, *, lebail: bool,
           histogram_name: str, comments: Sequence[str], omega_deg: float | None,
-          eta_deg: float | None, sample_azimuth_deg: float) -> list[list[list]]:
+          eta_deg: float | None, sample_azimuth_deg: float,
+          po_axis: Sequence[int]) -> list[list[list]]:
     stem = path.stem
     phases = list(pattern.phases)
     records = [space_group_record(ph.space_group, ph.laue) for ph in phases]
@@ -427,13 +450,14 @@ def _tree(pattern: PatternResult, inst: Instrument, path: Path, *, lebail: bool,
             "General": _general(phase, record, atoms, cell_refined, str(path.parent.resolve())),
             "Atoms": atoms, "Drawing": {},
             "Histograms": {histogram_name: _histogram_phase(pattern, phase, p, histogram_name,
-                                                            lebail)},
+                                                            lebail, po_axis)},
             "Pawley ref": [], "RBModels": {}, "pId": p,
         }
         phase_items.append([name, data])
         table = pattern.reflections.get(name)
         if table is not None:
-            ref = _reflection_list(table, phase, _value(pattern, f"{p}:0:MD", 1.0), lebail)
+            po = _preferred_orientation(table, phase, p, pattern, po_axis)
+            ref = _reflection_list(table, po, lebail)
             reflection_lists[name] = {"RefList": ref, "FF": {}, "Type": inst.type, "Super": False}
             residuals[f"{p}:0:Nref"] = int(ref.shape[0])
         residuals[f"{p}::Name"] = name
@@ -449,8 +473,11 @@ def _tree(pattern: PatternResult, inst: Instrument, path: Path, *, lebail: bool,
         ["Limits", [(lo, hi), [lo, hi]]],
         ["Background", _background(pattern)],
         ["Instrument Parameters", _instrument_parameters(pattern, inst, eta_deg)],
-        ["Sample Parameters", _sample_parameters(pattern, inst, hist_id, omega_deg,
-                                                 sample_azimuth_deg)],
+        ["Sample Parameters", _sample_parameters(
+            pattern, inst, hist_id,
+            # GSAS-II's spherical-harmonics PO turns the sample by Phi; the engine's does not
+            None if any(_sh_coefficients(pattern, p) for p in range(len(phases))) else omega_deg,
+            sample_azimuth_deg)],
         ["Peak List", {"peaks": [], "sigDict": {}}],
         ["Index Peak List", [[], []]],
         ["Unit Cells List", []],
@@ -477,7 +504,8 @@ def write_gpx(path: str | os.PathLike, pattern: PatternResult,
               instrument: Instrument | Mapping[str, Any] | str | os.PathLike, *,
               mode: str = "rietveld", histogram_name: str | None = None,
               comments: Sequence[str] = (), omega_deg: float | None = None,
-              eta_deg: float | None = None, sample_azimuth_deg: float = 0.0) -> Path:
+              eta_deg: float | None = None, sample_azimuth_deg: float = 0.0,
+              po_axis: Sequence[int] = (0, 0, 1)) -> Path:
     """Write a refined lineout as a GSAS-II project.
 
     Parameters
@@ -498,9 +526,12 @@ def write_gpx(path: str | os.PathLike, pattern: PatternResult,
         Lines for the histogram's Comments (and, prefixed, the project Notebook).
     omega_deg, eta_deg : float, optional
         The lineout's ω (→ sample Phi) and η (→ instrument Azimuth 90° − η), as GSAS-II's MIDAS
-        importer records them; neither enters the fit.
+        importer records them; neither enters the fit (Phi is left 0 when spherical-harmonics
+        preferred orientation was refined: GSAS-II's would turn the sample by it).
     sample_azimuth_deg : float
         Sample Azimuth of the polarisation correction the engine used (degrees).
+    po_axis : (h, k, l)
+        March–Dollase axis the engine refined along (``RefineOptions.po_axis``).
 
     Returns
     -------
@@ -519,7 +550,7 @@ def write_gpx(path: str | os.PathLike, pattern: PatternResult,
     name = histogram_name or f"PWDR {path.stem}"
     tree = _tree(pattern, as_instrument(instrument), path, lebail=mode == "lebail",
                  histogram_name=name, comments=comments, omega_deg=omega_deg, eta_deg=eta_deg,
-                 sample_azimuth_deg=sample_azimuth_deg)
+                 sample_azimuth_deg=sample_azimuth_deg, po_axis=po_axis)
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             for item in tree:
