@@ -137,3 +137,22 @@ def test_the_checks_catch_a_wrong_flag(tmp_path: Path):
 def test_readme_links_the_guide():
     readme = (GUIDE.parent.parent / "README.md").read_text()
     assert "docs/guide/index.md" in readme
+
+
+def test_make_examples_pastes_what_a_reader_would_see(tmp_path: Path):
+    """The regeneration script's trimming: progress bars cut to their last line, the work folder
+    left out of paths, head/tail with an ellipsis between."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_examples", GUIDE / "make_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    work = tmp_path / "w"
+    text = (f"refine-lineout [#.....] 1/4  ok 1\nrefine-lineout [######] 4/4  ok 4\n"
+            f"results: {work}/refined/results.zarr\nline a\nline b\nline c\n")
+    assert module.tidy(text, work, "") == ("refine-lineout [######] 4/4  ok 4\nresults: refined/results.zarr\n"
+                                           "line a\nline b\nline c\n")
+    assert module.tidy(text, work, " head=1 tail=2") == "refine-lineout [######] 4/4  ok 4\n…\nline b\nline c\n"
+    page = tmp_path / "p.md"
+    page.write_text("<!-- run: x -->\n```bash\nmidasflow demo\n```\n")
+    assert module.examples(page) == [("x", "bash", "midasflow demo\n")]

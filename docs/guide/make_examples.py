@@ -20,7 +20,7 @@ picture is one element of the real report (the Bokeh document is read from the p
 figure saved on its own page), cropped to its content and stored as an indexed PNG under
 ``docs/guide/img/``.
 
-Usage (from the repository root; about 6 minutes on 2 cores)::
+Usage (from the repository root; 8-9 minutes on 2 shared cores, about 20 under heavy load)::
 
     python docs/guide/make_examples.py                  # all pages, then the pictures
     python docs/guide/make_examples.py --only check     # one page's examples (the others' outputs stay)
