@@ -872,7 +872,7 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
     parent_off = np.concatenate([offsets[:-1]] * (2 if doublet else 1))
     sub_off = parent_off + (ilo - lo_all)
     ftype, xp, wp = _tables(precision)
-    buf = np.zeros((5, offsets[-1]), dtype=np.float64)
+    buf = np.zeros((5 if derivatives else 1, offsets[-1]), dtype=np.float64)
     _PEAKS_KERNELS[ftype](x, pos, s2a, gma, shl_eff, xp, wp, ilo.astype(np.int64),
                           ihi.astype(np.int64), sub_off.astype(np.int64), ratio, pos_fac,
                           bool(derivatives), buf)

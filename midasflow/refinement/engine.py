@@ -654,6 +654,7 @@ def _constrained_step(H: np.ndarray, g: np.ndarray, C: np.ndarray, lower: np.nda
     n = H.shape[0]
     x = np.zeros(n)
     active: list[int] = []
+    is_active = np.zeros(C.shape[0], dtype=bool)
     p_zero = 1e-7 * (1.0 + float(np.linalg.norm(step)))
     for _ in range(max_iter):
         A = C[active]
@@ -663,17 +664,16 @@ def _constrained_step(H: np.ndarray, g: np.ndarray, C: np.ndarray, lower: np.nda
         kkt[:n, n:] = -A.T
         kkt[n:, :n] = A
         rhs = np.concatenate([g - H @ x, np.zeros(k)])
-        sol = np.linalg.lstsq(kkt, rhs, rcond=1e-12)[0]
+        sol = _kkt_solve(kkt, rhs)
         p, mu = sol[:n], sol[n:]
         if np.linalg.norm(p) <= p_zero:         # (the KKT solve leaves ~1e-9 of noise)
             if k == 0 or mu.min() >= 0:
                 return x
-            active.pop(int(np.argmin(mu)))
+            is_active[active.pop(int(np.argmin(mu)))] = False
             continue
         cp = C @ p
         slack = C @ x - lower
-        block = np.flatnonzero(cp < -1e-15)
-        block = block[~np.isin(block, active)]
+        block = np.flatnonzero((cp < -1e-15) & ~is_active)
         alpha, hit = 1.0, -1
         if block.size:
             ratios = np.maximum(slack[block], 0.0) / -cp[block]
@@ -683,7 +683,22 @@ def _constrained_step(H: np.ndarray, g: np.ndarray, C: np.ndarray, lower: np.nda
         x = x + alpha * p
         if hit >= 0:
             active.append(hit)
+            is_active[hit] = True
     return x
+
+
+def _kkt_solve(kkt: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solution of a KKT system by LU when that solves it to 1e-10 (relative residual), else
+    the least-squares (minimum-norm, singular values below 1e-12 of the largest dropped)
+    solution, which the rank-deficient systems of (nearly) dependent active rows need."""
+    try:
+        sol = np.linalg.solve(kkt, rhs)
+    except np.linalg.LinAlgError:
+        sol = None
+    if sol is not None and np.all(np.isfinite(sol)) and \
+            np.linalg.norm(kkt @ sol - rhs) <= 1e-10 * (1.0 + np.linalg.norm(rhs)):
+        return sol
+    return np.linalg.lstsq(kkt, rhs, rcond=1e-12)[0]
 
 
 def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Sequence[str],

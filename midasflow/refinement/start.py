@@ -221,6 +221,22 @@ def _pv(p, xs):
     return area * (eta * lo + (1 - eta) * g) + b0 + b1 * d
 
 
+def _pv_jac(p, xs):
+    """∂:func:`_pv`/∂p (n, 6), analytic."""
+    c, area, fw, eta, b0, b1 = p
+    d = xs - c
+    k = 4 * math.log(2)
+    g = math.sqrt(k / math.pi) / fw * np.exp(-k * d * d / (fw * fw))
+    den = fw * fw + 4 * d * d
+    lo = 2 * fw / (math.pi * den)
+    dg_dd, dlo_dd = g * (-2 * k * d / (fw * fw)), lo * (-8 * d / den)
+    dg_dfw, dlo_dfw = g * (-1 / fw + 2 * k * d * d / fw ** 3), lo * (4 * d * d - fw * fw) / (fw * den)
+    return np.column_stack([-(area * (eta * dlo_dd + (1 - eta) * dg_dd) + b1),
+                            eta * lo + (1 - eta) * g,
+                            area * (eta * dlo_dfw + (1 - eta) * dg_dfw),
+                            area * (lo - g), np.ones_like(d), d])
+
+
 def _isolated_peaks(x, net, sigma, refl, model) -> list[dict[str, float]]:
     """Pseudo-Voigt fits of the strongest isolated peaks (deg, centideg², centideg)."""
     # imported here: scipy.signal and scipy.optimize take ~1 s to import, and a seeded
@@ -273,7 +289,8 @@ def _isolated_peaks(x, net, sigma, refl, model) -> list[dict[str, float]]:
         hi = [c0 + fw0, np.inf, 5 * fw0, 1.0, np.inf, np.inf]
         try:
             fit = least_squares(lambda p: (_pv(p, xs) - ys) / ss, p0, bounds=(lo, hi),
-                                x_scale="jac", max_nfev=60)
+                                jac=lambda p: _pv_jac(p, xs) / ss[:, None], x_scale="jac",
+                                max_nfev=60)
         except (ValueError, np.linalg.LinAlgError):
             continue
         c, area, fw, eta = (float(v) for v in fit.x[:4])
