@@ -481,6 +481,9 @@ def _override_lines(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[
     i = 0
     while i < len(tokens):
         key = tokens[i].lstrip("-")
+        if is_number(tokens[i]):
+            raise ParameterError(f"command line: {tokens[i]!r} has no key before it; expected "
+                                 "'Key value ...' pairs, e.g. EtaBinSize 5")
         # the first token after a key is its value; later non-numeric tokens start the next key
         if i + 1 >= len(tokens) or (tokens[i + 1].startswith("-") and not is_number(tokens[i + 1])):
             raise ParameterError(f"command line: key {key}: expected a value after the key")

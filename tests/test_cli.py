@@ -88,6 +88,7 @@ def test_refine_writes_results(scan, store, tmp_path, capsys):
     assert main(["refine", "--data", str(store), "--cif", scan["cif"], "--out", str(out), "--no-atoms"]) == 0
     text = capsys.readouterr().out
     assert f"lineouts: {N_LINEOUTS} total" in text and "CeO2: a = " in text
+    assert text.splitlines()[-1] == f"results: {out}/results.zarr, {out}/refinement_summary.json, report {out}/report.html"
     summary, back = _check_results(out)
     assert summary["data_file"] == str(store)
     assert (out / "hist_0000_data.csv").is_file() and (out / "hist_0000_CeO2.cif").is_file()

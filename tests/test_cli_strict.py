@@ -57,6 +57,10 @@ def _params_without(scan, tmp_path, *keys, extra=""):
     (["demo", "--backend", "gsas2"], "--backend gsas2: the refinement engine is now chosen with --engine gsas2"),
     (["demo", "--backend", "stream"], "--backend stream: unknown option for demo; the engine is --engine"),
     (["refine", "--bkg-terms", "x"], "argument --bkg-terms: invalid int value: 'x'"),
+    (["refine", "-x"], "unknown option -x ('midasflow refine -h' lists the options)"),
+    (["check", "-nCPUs", "2"], "unknown option -nCPUs ('midasflow check -h' lists the options)"),
+    (["check", "--no-progres"], "unknown option --no-progres; did you mean --no-progress?"),
+    (["integrate", "30", "EtaBinSize", "5"], "'30' has no key before it; expected 'Key value ...' pairs"),
 ])
 def test_unknown_flags_and_keys_exit_2_naming_the_nearest(argv, expected, scan, tmp_path, capsys):
     command, rest = argv[0], argv[1:]
@@ -66,6 +70,7 @@ def test_unknown_flags_and_keys_exit_2_naming_the_nearest(argv, expected, scan, 
                 "--cif", scan["cif"], "--out", str(tmp_path / "out")],
         "refine": ["--data", str(tmp_path / "nope.zarr.zip"), "--cif", scan["cif"], "--out", str(tmp_path / "out")],
         "demo": ["--out", str(tmp_path / "out")],
+        "check": ["--data", str(tmp_path / "nope.zarr.zip"), "--cif", scan["cif"], "--out", str(tmp_path / "out")],
     }[command]
     err = _error([command, *base, *rest], capsys)
     assert err.startswith(f"midasflow {command}: error: ") and expected in err, err
@@ -126,12 +131,12 @@ def test_unknown_file_keys_warn_naming_the_file(scan, tmp_path, capsys):
 def test_no_command_prints_the_usage_and_exits_2(capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: midasflow {") and "midasflow: error: a command is required" in err
+    assert err.startswith("usage: midasflow <command> [options]") and "  refine " in err and "midasflow: error: a command is required" in err
     assert main(["refin"]) == 2
     assert "unknown command 'refin'; did you mean refine?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["integrate", "refine", "run", "demo"])
+@pytest.mark.parametrize("command", ["integrate", "refine", "run", "check", "demo"])
 def test_every_command_has_no_progress_and_verbose(command):
     import importlib
 

@@ -114,6 +114,7 @@ def test_run_puts_the_store_beside_the_refinement_folder(scan, tmp_path, capsys,
     assert store.is_file() and not (tmp_path / "scan_000001.zarr.zip").exists()
     last = capsys.readouterr().out.strip().splitlines()[-3:]
     assert f"caked store: {store}" in last and last[-1].startswith(f"results: {out}/results.zarr")
+    assert "report" not in last[-1]  # --no-report: no report named
     # -resultFolder still says where it goes
     assert main(["run", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder", str(tmp_path / "c"),
                  "--cache-dir", str(scan["root"] / "cache"), "--skip-refinement", "--cif", scan["cif"],

@@ -83,7 +83,7 @@ SAMPRM = """#GSAS-II sample parameter file
 
 def test_samprm_read_as_the_importer_reads_it(tmp_path):
     path = tmp_path / "x.samprm"
-    path.write_text(SAMPRM)
+    path.write_text("  # an indented comment: the importer skips it too\n" + SAMPRM)
     values = read_samprm(path)
     assert values == {"Type": "Debye-Scherrer", "Gonio. radius": 500.0, "InstrName": "APS 1-ID-E",
                       "DisplaceX": 12.5, "DisplaceY": -3.0, "Temperature": 295.5}

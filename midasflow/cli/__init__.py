@@ -20,16 +20,24 @@ from collections.abc import Iterator, Sequence
 from midasflow.errors import MidasflowError
 
 COMMANDS = {
-    "integrate": ("midasflow.cli.integrate", "raw frames -> caked MIDAS .zarr.zip"),
-    "refine": ("midasflow.cli.refine", "refine every lineout of a .zarr.zip"),
-    "run": ("midasflow.cli.run", "integrate, then refine the written store, on one scheduler"),
-    "check": ("midasflow.cli.check", "calibration check: the CIF's ring positions vs a .zarr.zip"),
-    "demo": ("midasflow.cli.demo", "simulate a strained CeO2 scan and run it end to end"),
+    "integrate": ("midasflow.cli.integrate", "raw frames -> caked .zarr.zip, one per file (MIDAS integrator.py)"),
+    "refine": ("midasflow.cli.refine", "refine every (ω, η) lineout of a .zarr.zip (MIDAS gsas_ii_refine.py)"),
+    "run": ("midasflow.cli.run", "integrate, then refine, on one Dask scheduler (integrate_and_refine.py)"),
+    "check": ("midasflow.cli.check", "calibration check: the CIF's rings on a .zarr.zip, shifts in ppm"),
+    "demo": ("midasflow.cli.demo", "simulate a strained CeO2 scan and run it end to end (a first try)"),
 }
 
-USAGE = "usage: midasflow {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
-    f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()
-) + "\n\n'midasflow <command> -h' shows a command's options.\n"
+USAGE = "usage: midasflow <command> [options]\n\n" \
+    "Far-field powder diffraction from raw frames to refined lattice parameters and strain.\n\n" \
+    "commands:\n" + "\n".join(f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()) + """
+
+examples:
+  midasflow demo
+  midasflow run -paramFN ps.txt -dataFN CeO2_000001.h5 --cif CeO2.cif -nCPUs 8
+  midasflow refine --data CeO2_000001.zarr.zip --cif CeO2.cif --no-atoms
+
+'midasflow <command> -h' shows a command's options; 'midasflow -V' the version.
+"""
 
 
 @contextlib.contextmanager

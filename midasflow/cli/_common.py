@@ -14,10 +14,11 @@ from midasflow.errors import UsageError
 class CommandParser(argparse.ArgumentParser):
     """``argparse`` whose errors raise :class:`UsageError` (one line, exit status 2 from
     :func:`midasflow.cli.main`) instead of printing the usage and exiting; flags are never
-    abbreviated."""
+    abbreviated. The description and the ``epilog`` (examples) keep their line breaks."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)  # a misspelt flag is refused, not guessed at
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -32,10 +33,12 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, midas: s
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every command has: ``-v`` and ``--no-progress``."""
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log what is done, including the Dask scheduler's messages")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress lines on stderr")
+    group = parser.add_argument_group("messages")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="log what is done, including the Dask scheduler's messages")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress lines on stderr (without a terminal, e.g. in a batch job's "
+                       "log, progress is one line every few seconds)")
 
 
 def option_strings(parser: argparse.ArgumentParser) -> list[str]:
@@ -81,7 +84,8 @@ def parse_command(parser: argparse.ArgumentParser, argv: Sequence[str], *,
         if overrides and is_known_key(name):
             continue
         close = nearest(name, flags) or (nearest(name, known_keys()) if overrides else None)
-        raise UsageError(f"unknown option {name}" + (f"; did you mean {close}?" if close else ""))
+        raise UsageError(f"unknown option {name}" + (f"; did you mean {close}?" if close else
+                                                    f" ('{parser.prog} -h' lists the options)"))
     if extras and not overrides:
         raise UsageError(f"unexpected argument {extras[0]!r} (this command takes no parameter overrides)")
     if extras:
@@ -116,24 +120,30 @@ def configure_logging(verbose: bool = False, level: str | None = None) -> None:
         logging.getLogger(name).setLevel(chosen if chosen <= logging.INFO else logging.ERROR)
 
 
-def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags that choose where Dask runs: local workers, a scheduler, or a jobqueue cluster."""
-    group = parser.add_argument_group("where the work runs")
-    add_flag(group, "-nCPUs", "--nCPUs", dest="n_cpus", type=int, default=None,
-             help="workers of a local Dask cluster (default: run in this process)")
+def add_cluster_flags(parser: argparse.ArgumentParser, *, threads: bool = False) -> None:
+    """Flags that choose where Dask runs: local workers, a scheduler, or a jobqueue cluster; with
+    ``threads`` also MIDAS's ``-nCPUsLocal`` (threads per worker)."""
+    group = parser.add_argument_group("where the work runs (Dask)")
+    add_flag(group, "-nCPUs", "--nCPUs", dest="n_cpus", type=int, default=None, metavar="N",
+             help="N workers of a local Dask cluster, its dashboard address printed (default: "
+             "run in this process)")
     group.add_argument("--scheduler", default=None, metavar="ADDR",
                        help="address of a running Dask scheduler, e.g. tcp://host:8786")
     group.add_argument("--cluster", choices=("slurm", "pbs"), default=None,
                        help="start workers as SLURM or PBS jobs (needs midasflow[cluster])")
-    group.add_argument("--queue", default=None, help="jobqueue: queue/partition")
-    group.add_argument("--cores", type=int, default=None, help="jobqueue: cores per job")
-    group.add_argument("--memory", default=None, help="jobqueue: memory per job, e.g. 16GB")
-    group.add_argument("--walltime", default=None, help="jobqueue: walltime, e.g. 01:00:00")
-    group.add_argument("--jobs", type=int, default=1, help="jobqueue: number of jobs")
+    group.add_argument("--queue", default=None, metavar="NAME", help="--cluster: queue or partition")
+    group.add_argument("--cores", type=int, default=None, metavar="N", help="--cluster: cores per job")
+    group.add_argument("--memory", default=None, metavar="SIZE", help="--cluster: memory per job, e.g. 16GB")
+    group.add_argument("--walltime", default=None, metavar="HH:MM:SS", help="--cluster: walltime per job")
+    group.add_argument("--jobs", type=int, default=1, metavar="N", help="--cluster: number of jobs (default 1)")
     group.add_argument("--dashboard-address", default=None, metavar="HOST:PORT",
                        help="where the Dask dashboard of a cluster started here listens (default "
                        "127.0.0.1:8787, this machine only; e.g. 0.0.0.0:8787 opens it to the "
                        "network without authentication, with a warning)")
+    if threads:
+        add_flag(group, "-nCPUsLocal", "--n-cpus-local", dest="n_cpus_local", type=int, default=None,
+                 metavar="T", help="threads of each worker, or of this process without -nCPUs "
+                 "(MIDAS: threads per integrator; default: 1 per worker, all cores in this process)")
 
 
 @contextlib.contextmanager

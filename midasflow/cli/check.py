@@ -19,15 +19,28 @@ NOTEWORTHY_PPM = 50.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="midasflow check",
-                           description="Calibration check without refining: the CIF's ring positions over the "
-                           "η-averaged pattern and every lineout, each ring's shift in ppm.")
-    parser.add_argument("--data", "-d", required=True, help="caked .zarr.zip (or plain zarr) to check")
-    parser.add_argument("--cif", "-c", nargs="+", required=True, help="one CIF per phase (the calibrant)")
-    parser.add_argument("--out", "-o", default="check",
+    parser = CommandParser(
+        prog="midasflow check",
+        usage="midasflow check --data STORE --cif CIF [CIF ...] [options]",
+        description="""\
+Calibration check without refining (GSAS-II's "Calculate -> Compute"): the
+CIF's reflection positions drawn over the η-averaged pattern and every lineout
+(calibration_check.html), each ring fitted and its shift printed as a d-spacing
+error in ppm (also ring_shifts.csv). A mean shift beyond 50 ppm says to revisit
+the calibration.""",
+        epilog="""\
+example:
+  midasflow check --data CeO2_000001.zarr.zip --cif CeO2.cif""",
+    )
+    parser.add_argument("--data", "-d", required=True, metavar="STORE",
+                        help="caked .zarr.zip (or plain zarr) to check")
+    parser.add_argument("--cif", "-c", nargs="+", required=True, metavar="CIF",
+                        help="one CIF per phase (the calibrant)")
+    parser.add_argument("--out", "-o", default="check", metavar="DIR",
                         help="output folder: calibration_check.html, ring_shifts.csv (default check/)")
-    parser.add_argument("--instprm", "-i", default=None,
-                        help="GSAS-II .instprm (default: the store's InstrumentParameters)")
+    parser.add_argument("--instprm", "-i", default=None, metavar="FILE",
+                        help="GSAS-II .instprm (default: the store's InstrumentParameters, overridden by "
+                        "<store>.instprm or <store>.zarr.instprm beside it)")
     parser.add_argument("--limits", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
                         help="2θ range to check, degrees (default: the data's)")
     parser.add_argument("--no-lineouts", action="store_true",

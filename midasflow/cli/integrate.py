@@ -19,63 +19,78 @@ from midasflow.limits import MAX_BINS, MAX_MAP_ENTRIES
 
 
 def add_integration_flags(parser: argparse.ArgumentParser, *, required: bool = True,
-                          result_folder_help: str = "output folder (default .)") -> None:
+                          result_folder_help: str = "folder of the .zarr.zip stores (default .)") -> None:
     """The flags of MIDAS's ``integrator.py`` (single dash) with ``--long-form`` aliases; without
     ``required`` (``run``) ``-resultFolder`` has no default (None)."""
-    parser.add_argument("-paramFN", "--param-fn", "--param-file", dest="param_fn", required=required,
-                        help="MIDAS parameter file (--param-file: MIDAS integrate_and_refine.py's spelling)")
-    add_flag(parser, "-dataFN", "--data-fn", dest="data_fn", required=required,
-             help="first data file of the scan")
-    parser.add_argument("-darkFN", "--dark-fn", "--dark", dest="dark_fn", default=None,
-                        help="dark file (--dark: MIDAS integrate_and_refine.py's spelling)")
-    add_flag(parser, "-dataLoc", "--data-loc", dest="data_loc", default="exchange/data",
+    scan = parser.add_argument_group("the scan (MIDAS integrator.py flags; -1 means unset, as there)")
+    scan.add_argument("-paramFN", "--param-fn", "--param-file", dest="param_fn", required=required,
+                      metavar="FILE", help="MIDAS parameter file: the calibrated geometry (Lsd, BC, "
+                      "Wavelength, tx/ty/tz, p0..), binning and ω (--param-file: integrate_and_refine.py's "
+                      "spelling)")
+    add_flag(scan, "-dataFN", "--data-fn", dest="data_fn", required=required, metavar="FILE",
+             help="the scan's (first) data file: HDF5/NeXus, GE, TIFF, CBF, EDF or zarr")
+    scan.add_argument("-darkFN", "--dark-fn", "--dark", dest="dark_fn", default=None, metavar="FILE",
+                      help="dark file (--dark: integrate_and_refine.py's spelling; default: -darkLoc "
+                      "inside the data file, if there)")
+    add_flag(scan, "-dataLoc", "--data-loc", dest="data_loc", default="exchange/data", metavar="PATH",
              help="HDF5 dataset of the frames (default exchange/data)")
-    add_flag(parser, "-darkLoc", "--dark-loc", dest="dark_loc", default="exchange/dark",
+    add_flag(scan, "-darkLoc", "--dark-loc", dest="dark_loc", default="exchange/dark", metavar="PATH",
              help="HDF5 dataset of the darks (default exchange/dark)")
-    add_flag(parser, "-startFileNr", "--start-file-nr", dest="start_file_nr", type=int, default=None,
-             help="first file number of a numbered series (default or -1: the number in -dataFN)")
-    add_flag(parser, "-endFileNr", "--end-file-nr", dest="end_file_nr", type=int, default=None,
-             help="last file number of a numbered series (default or -1: one file)")
-    add_flag(parser, "-resultFolder", "--result-folder", dest="result_folder",
-             default="." if required else None, help=result_folder_help)
-    add_flag(parser, "-preProcThresh", "--pre-proc-thresh", dest="pre_proc_thresh", type=float, default=-1,
-             help="after dark subtraction, pixels below T become 0 and negative ones 0, as MIDAS "
-             "(default -1: off)")
-    add_flag(parser, "-numFrameChunks", "--num-frame-chunks", dest="num_frame_chunks", type=int, default=-1,
-             help="read at most N frames at a time, to bound memory (default -1: one caking pass)")
-    add_flag(parser, "-nCPUsLocal", "--n-cpus-local", dest="n_cpus_local", type=int, default=None,
-             help="threads of each worker, or of this process without -nCPUs (MIDAS: threads per "
-             "integrator instance; default: 1 per worker, all cores in this process)")
-    add_flag(parser, "-convertFiles", "--convert-files", dest="convert_files", type=int, choices=(0, 1),
+    add_flag(scan, "-startFileNr", "--start-file-nr", dest="start_file_nr", type=int, default=None,
+             metavar="N", help="first file number of a numbered series (default: the 6-digit number "
+             "in -dataFN)")
+    add_flag(scan, "-endFileNr", "--end-file-nr", dest="end_file_nr", type=int, default=None, metavar="N",
+             help="last file number of the series (default: one file); one .zarr.zip per file, "
+             "missing files skipped with a warning")
+    scan.add_argument("--merge-series", action="store_true",
+                      help="one store for the whole -startFileNr..-endFileNr range instead of one "
+                      "per file")
+    add_flag(scan, "-preProcThresh", "--pre-proc-thresh", dest="pre_proc_thresh", type=float, default=-1,
+             metavar="T", help="after dark subtraction, pixels under T counts become 0, and negative ones "
+             "0, as MIDAS's converter does (default: off)")
+    add_flag(scan, "-numFrameChunks", "--num-frame-chunks", dest="num_frame_chunks", type=int, default=-1,
+             metavar="N", help="read at most N frames at a time, to bound memory (default: one pass)")
+    add_flag(scan, "-convertFiles", "--convert-files", dest="convert_files", type=int, choices=(0, 1),
              default=1, help="1 (default): read the data files; 0: read MIDAS's converted "
              "<resultFolder>/<data file>.analysis.MIDAS.zip instead, as MIDAS does")
-    add_flag(parser, "-mapDetector", "--map-detector", dest="map_detector", type=int, choices=(0, 1),
-             default=1, help="accepted for MIDAS (0 or 1): the bin map is built when no valid cached "
-             "map exists, either way (MIDAS builds Map.bin only when absent, too)")
-    parser.add_argument("--merge-series", action="store_true",
-                        help="one store for the whole -startFileNr..-endFileNr range (default: one "
-                        "store per file, as MIDAS's integrator)")
-    add_flag(parser, "-skipExisting", "--skip-existing", dest="skip_existing", action="store_true",
+    add_flag(scan, "-mapDetector", "--map-detector", dest="map_detector", type=int, choices=(0, 1),
+             default=1, help="accepted for MIDAS: the bin map is built whenever no valid cached map "
+             "exists, either way")
+    out = parser.add_argument_group("the caked store")
+    add_flag(out, "-resultFolder", "--result-folder", dest="result_folder", metavar="DIR",
+             default="." if required else None, help=result_folder_help)
+    add_flag(out, "-skipExisting", "--skip-existing", dest="skip_existing", action="store_true",
              help="do not integrate a file whose store already exists (MIDAS)")
-    parser.add_argument("--plain-zarr", action="store_true",
-                        help="also write <scan>.zarr, a plain xarray zarr store")
-    parser.add_argument("--cache-dir", default=None, help="bin-map cache folder")
-    parser.add_argument("--max-bins", type=int, default=MAX_BINS, metavar="N",
-                        help=f"refuse a binning with more R × η bins (default {MAX_BINS})")
-    parser.add_argument("--max-map-entries", type=int, default=MAX_MAP_ENTRIES, metavar="N",
-                        help="refuse a binning that splits the pixels into more bin pieces "
-                        f"(default {MAX_MAP_ENTRIES}, ~8 GB while the map is built)")
+    out.add_argument("--plain-zarr", action="store_true",
+                     help="also write <scan>.zarr, a plain xarray zarr store")
+    out.add_argument("--cache-dir", default=None, metavar="DIR",
+                     help="keep the pixel-to-bin map here and reuse it while the geometry is unchanged")
+    out.add_argument("--max-bins", type=int, default=MAX_BINS, metavar="N",
+                     help=f"refuse a binning with more R × η bins (default {MAX_BINS})")
+    out.add_argument("--max-map-entries", type=int, default=MAX_MAP_ENTRIES, metavar="N",
+                     help="refuse a binning that splits the pixels into more bin pieces "
+                     f"(default {MAX_MAP_ENTRIES}, ~8 GB while the map is built)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="midasflow integrate",
-        description="Cake raw frames with MIDAS geometry into <resultFolder>/<scan>.zarr.zip (one "
-        "per file of a -startFileNr..-endFileNr range). Extra 'Key value' pairs override the "
-        "parameter file.",
+        usage="midasflow integrate -paramFN FILE -dataFN FILE [options] [Key value ...]",
+        description="""\
+Cake raw detector frames with MIDAS's geometry (exact pixel splitting onto an
+(R, η) grid, ω-frames summed by OmegaSumFrames) into
+<resultFolder>/<scan>.zarr.zip, the store GSAS-II's MIDAS importer and
+'midasflow refine' read: one store per file of a -startFileNr..-endFileNr range,
+as MIDAS's integrator.py. 'Key value' pairs after the flags override the
+parameter file (an unknown key is an error).""",
+        epilog="""\
+examples:
+  midasflow integrate -paramFN ps.txt -dataFN CeO2_000001.h5 -darkFN dark_000001.h5
+  midasflow integrate -paramFN ps.txt -dataFN scan_000010.h5 -startFileNr 10 \\
+      -endFileNr 20 -resultFolder caked -nCPUs 4 EtaBinSize 10 RBinSize 0.5""",
     )
     add_integration_flags(parser)
-    add_cluster_flags(parser)
+    add_cluster_flags(parser, threads=True)
     add_common_flags(parser)
     return parser
 

@@ -30,39 +30,52 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
     MIDAS's ``integrate_and_refine.py`` (``batch``: frames from files) and, given the engine
     names it used to take, is refused naming ``--engine``.
     """
+    files = parser.add_argument_group("input and output (MIDAS gsas_ii_refine.py flags)")
     if data_required:
-        parser.add_argument("--data", "-d", required=True, help="caked .zarr.zip (or plain zarr) to refine")
-    parser.add_argument("--cif", "-c", nargs="+", required=True, help="one CIF per phase")
-    parser.add_argument("--out", "-o", default="refinement", help="output folder (default refinement/)")
-    parser.add_argument("--instprm", "-i", default=None,
-                        help="GSAS-II .instprm (default: the store's InstrumentParameters)")
-    parser.add_argument("--bkg-terms", type=int, default=6, help="Chebyshev background terms (default 6)")
-    parser.add_argument("--limits", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
-                        help="2θ range to refine, degrees")
-    parser.add_argument("--no-atoms", action="store_true",
+        files.add_argument("--data", "-d", required=True, metavar="STORE",
+                           help="caked .zarr.zip (or plain zarr) to refine")
+    files.add_argument("--cif", "-c", nargs="+", required=True, metavar="CIF", help="one CIF per phase")
+    files.add_argument("--out", "-o", default="refinement", metavar="DIR",
+                       help="output folder (default refinement/): results.zarr, "
+                       "refinement_summary.json, hist_NNNN_data.csv, hist_NNNN_<phase>.cif, report.html")
+    files.add_argument("--instprm", "-i", default=None, metavar="FILE",
+                       help="GSAS-II .instprm (default: the store's InstrumentParameters, overridden by "
+                       "<store>.instprm or <store>.zarr.instprm beside it)")
+    files.add_argument("--no-export", action="store_true",
+                       help="no per-lineout CSV/CIF files or GSAS-II projects")
+    files.add_argument("--no-gpx", action="store_true",
+                       help="no per-lineout GSAS-II project hist_NNNN.gpx (the CSV/CIF files stay)")
+    files.add_argument("--no-report", action="store_true", help="do not write report.html")
+    files.add_argument("--resume", action="store_true",
+                       help="skip lineouts whose results already exist in --out (and write the "
+                       "exports they lack)")
+    recipe = parser.add_argument_group("the refinement")
+    recipe.add_argument("--bkg-terms", type=int, default=6, metavar="N",
+                        help="Chebyshev background terms (default 6)")
+    recipe.add_argument("--limits", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
+                        help="2θ range to refine, degrees (default: the data's)")
+    recipe.add_argument("--no-atoms", action="store_true",
                         help="skip the atom stage of the recipe (atoms are refined by default, as in "
                         "MIDAS's gsas_ii_refine.py; the manual recommends --no-atoms for lattice and "
                         "strain work)")
-    parser.add_argument("--no-export", action="store_true",
-                        help="no per-lineout CSV/CIF files or GSAS-II projects")
-    parser.add_argument("--no-gpx", action="store_true",
-                        help="no per-lineout GSAS-II project hist_NNNN.gpx (the CSV/CIF files stay)")
-    parser.add_argument("--mode", choices=MODES, default="rietveld")
-    parser.add_argument("--engine", choices=BACKENDS, default="native",
+    recipe.add_argument("--mode", choices=MODES, default="rietveld",
+                        help="rietveld (default): intensities from the structure; lebail: intensities "
+                        "free, cell and profile only")
+    recipe.add_argument("--engine", choices=BACKENDS, default="native",
                         help="refinement engine: built-in (default) or GSAS-II (GSASIIscriptable)")
-    parser.add_argument("--backend", default=None,
-                        help="run: where the frames come from: 'batch' (files; the default) or "
+    recipe.add_argument("--backend", default=None,
+                        help="where the frames come from: 'batch' (files; the default) or "
                         "'stream' (a watched --folder or a live --pva stream)" if pipeline
                         else argparse.SUPPRESS)
-    parser.add_argument("--seed-from", choices=SEED_MODES[1:], default=None,
+    recipe.add_argument("--seed-from", choices=SEED_MODES[1:], default=None,
                         help="start each lineout from the refined values of its ω-group's first lineout "
                         "(neighbour) or of its ω-group's η-averaged pattern (group)")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip lineouts whose results already exist in --out")
-    parser.add_argument("--ref-cell", nargs="+", type=float, default=None, metavar="A",
+    recipe.add_argument("--ref-cell", nargs="+", type=float, default=None, metavar="A",
                         help="reference cell of the first phase for strain: a (cubic) | a b c (angles "
                         "from the CIF) | a b c α β γ (default: the CIF's cell)")
-    parser.add_argument("--no-report", action="store_true", help="do not write report.html")
+    recipe.add_argument("--max-reflections", type=int, default=MAX_REFLECTIONS, metavar="N",
+                        help="refuse a phase with more unique reflections in the refined 2θ range "
+                        f"(default {MAX_REFLECTIONS}; each costs ~85 kB per lineout being refined)")
     quality = parser.add_argument_group("start values and quality")
     quality.add_argument("--no-estimate", action="store_true",
                          help="start the profile, scale and background from the store's (or "
@@ -87,9 +100,6 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                          help="March–Dollase axis, a reciprocal-lattice direction (default 0 0 1)")
     texture.add_argument("--sh-order", type=int, default=4, metavar="N",
                          help="highest spherical-harmonics order, 2..12 (default 4)")
-    parser.add_argument("--max-reflections", type=int, default=MAX_REFLECTIONS, metavar="N",
-                        help="refuse a phase with more unique reflections in the refined 2θ range "
-                        f"(default {MAX_REFLECTIONS}; each costs ~85 kB per lineout being refined)")
 
 
 def check_backend(args: argparse.Namespace, *, pipeline: bool, command: str = "refine") -> None:
@@ -162,9 +172,11 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def print_summary(results: Any, out: str, file: Any = None, store: str | None = None) -> None:
+def print_summary(results: Any, out: str, file: Any = None, store: str | None = None,
+                  report: bool = True) -> None:
     """The summary table: counts, mean Rwp, cell per phase, strain fits, where the files are
-    (the caked ``store`` too when given, on the line before the results).
+    (the caked ``store`` too when given, on the line before the results; ``report.html`` when
+    ``report``).
 
     ``file`` defaults to the ``sys.stdout`` of the moment of the call (not of the import).
     """
@@ -195,7 +207,8 @@ def print_summary(results: Any, out: str, file: Any = None, store: str | None = 
     print(flags_line(summary), file=file)
     if store is not None:
         print(f"caked store: {store}", file=file)
-    print(f"results: {out}/results.zarr, {out}/refinement_summary.json, report {out}/report.html", file=file)
+    print(f"results: {out}/results.zarr, {out}/refinement_summary.json"
+          + (f", report {out}/report.html" if report else ""), file=file)
 
 
 def flags_line(summary: dict[str, Any]) -> str:
@@ -213,12 +226,13 @@ def flags_line(summary: dict[str, Any]) -> str:
     return f"quality flags on {summary['flagged']} of {summary['succeeded']} refined lineouts: {text}{tail}"
 
 
-def report_outcome(results: Any, out: str, command: str, store: str | None = None) -> int:
+def report_outcome(results: Any, out: str, command: str, store: str | None = None,
+                   report: bool = True) -> int:
     """Print the summary table; exit status 0, or 1 with a one-line error on stderr when no
     lineout was refined (every one failed or was skipped; the summary's ``error`` says why too)."""
     from midasflow.results import run_failure
 
-    print_summary(results, out, store=store)
+    print_summary(results, out, store=store, report=report)
     failure = run_failure(results)
     if failure is None:
         return 0
@@ -227,8 +241,21 @@ def report_outcome(results: Any, out: str, command: str, store: str | None = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="midasflow refine",
-                           description="Refine every (ω, η) lineout of a caked scan.")
+    parser = CommandParser(
+        prog="midasflow refine",
+        usage="midasflow refine --data STORE --cif CIF [CIF ...] [options]",
+        description="""\
+Refine every (ω, η) lineout of a caked scan (a .zarr.zip from 'midasflow
+integrate' or MIDAS's integrator), each as a Dask task, with the recipe of
+MIDAS's gsas_ii_refine.py: cell, profile, background, scale (and atoms, unless
+--no-atoms). Writes results.zarr, refinement_summary.json (a superset of
+MIDAS's), per-lineout hist_NNNN_data.csv and hist_NNNN_<phase>.cif, strain and
+report.html into --out. Exit status 1 when no lineout could be refined.""",
+        epilog="""\
+examples:
+  midasflow refine --data CeO2_000001.zarr.zip --cif CeO2.cif --no-atoms
+  midasflow refine -d scan_000001.zarr.zip -c Fe.cif Cu.cif -o fit -nCPUs 8 --resume""",
+    )
     add_refinement_flags(parser)
     add_cluster_flags(parser)
     add_common_flags(parser)
@@ -243,4 +270,4 @@ def main(argv: Sequence[str]) -> int:
     configure_logging(args.verbose)
     with dask_client(args) as client:
         results = refine(args.data, args.cif, client=client, **refine_options(args))
-    return report_outcome(results, args.out, "refine")
+    return report_outcome(results, args.out, "refine", report=not args.no_report)

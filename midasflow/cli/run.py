@@ -20,18 +20,33 @@ from midasflow.cli.refine import add_refinement_flags, check_backend, refine_opt
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="midasflow run",
-        description="Cake raw frames, then refine every lineout. Extra 'Key value' pairs override "
-        "the parameter file.",
+        usage="midasflow run -paramFN FILE -dataFN FILE --cif CIF [CIF ...] [options] [Key value ...]",
+        description="""\
+Integrate, then refine, in one command on one Dask scheduler (MIDAS's
+integrate_and_refine.py): the frames are caked into <scan>.zarr.zip beside the
+refinement folder (or in -resultFolder), then every lineout is refined into
+--out (one folder per file of a -startFileNr..-endFileNr range). Takes the flags
+of 'midasflow integrate' and 'midasflow refine'; 'Key value' pairs after the
+flags override the parameter file (an unknown key is an error).""",
+        epilog="""\
+examples:
+  midasflow run -paramFN ps.txt -dataFN CeO2_000001.h5 --cif CeO2.cif --no-atoms
+  midasflow run -paramFN ps.txt -dataFN s_000001.h5 --cif Fe.cif -o fit -nCPUs 8 \\
+      EtaBinSize 10
+  midasflow run --backend stream --param-file ps.txt --folder /data/live \\
+      --cif CeO2.cif -nCPUs 4""",
     )
     add_integration_flags(parser, required=False, result_folder_help="folder of the caked store "
                           "(default: the folder that holds --out, beside the refinement folder)")
+    steps = parser.add_argument_group("steps")
+    steps.add_argument("--skip-integration", action="store_true",
+                       help="refine an existing store given by --zarr-file")
+    steps.add_argument("--zarr-file", default=None, metavar="STORE",
+                       help="caked .zarr.zip for --skip-integration")
+    steps.add_argument("--skip-refinement", action="store_true", help="integrate only")
     add_refinement_flags(parser, data_required=False, pipeline=True)
-    add_cluster_flags(parser)
+    add_cluster_flags(parser, threads=True)
     add_common_flags(parser)
-    parser.add_argument("--skip-integration", action="store_true",
-                        help="refine an existing store given by --zarr-file")
-    parser.add_argument("--zarr-file", default=None, help="caked .zarr.zip for --skip-integration")
-    parser.add_argument("--skip-refinement", action="store_true", help="integrate only")
     add_stream_flags(parser)
     return parser
 
@@ -118,7 +133,7 @@ def stream_main(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.skip_refinement or result is None:
         print(result if result is not None else "no ω-group closed: nothing written but the stream's summary")
         return 0
-    return report_outcome(result, str(out), "run")
+    return report_outcome(result, str(out), "run", report=not args.no_report)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -149,10 +164,12 @@ def main(argv: Sequence[str]) -> int:
             print(store)
         return 0
     if not isinstance(result, list):
-        return report_outcome(result, args.out, "run", store=result.attrs["data_file"])
+        return report_outcome(result, args.out, "run", store=result.attrs["data_file"],
+                              report=not args.no_report)
     status = 0
     for results in result:  # one refinement folder per file
         folder = Path(args.out) / scan_stem(results.attrs["data_file"])
         print(f"== {folder}")
-        status = max(status, report_outcome(results, str(folder), "run", store=results.attrs["data_file"]))
+        status = max(status, report_outcome(results, str(folder), "run", store=results.attrs["data_file"],
+                                            report=not args.no_report))
     return status

@@ -275,10 +275,10 @@ SAMPLE_NOT_MODELLED = {"Absorption": 0.0, "Shift": 0.0, "Transparency": 0.0, "Su
 def read_samprm(path: str | os.PathLike) -> dict[str, Any]:
     """Read a GSAS-II ``.samprm`` file as GSAS-II's MIDAS importer does, without ``eval``.
 
-    Lines starting with ``#`` are comments; every other line is ``'key':value`` (quotes around
-    the key optional) with one colon, and the value a Python literal (number, string, list such
-    as ``[0.5, False]``) read with :func:`ast.literal_eval`. A ``[value, refine]`` list gives its
-    value.
+    Lines whose first non-blank character is ``#`` are comments, blank lines are skipped; every
+    other line is ``'key':value`` (quotes around the key optional) with one colon, and the value
+    a Python literal (number, string, list such as ``[0.5, False]``) read with
+    :func:`ast.literal_eval`. A ``[value, refine]`` list gives its value.
 
     Raises
     ------
@@ -294,7 +294,7 @@ def read_samprm(path: str | os.PathLike) -> dict[str, Any]:
         raise InstprmError(f"{p}: cannot read sample parameter file ({exc.strerror})") from None
     values: dict[str, Any] = {}
     for lineno, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith("#"):
+        if not line.strip() or line.strip().startswith("#"):  # the importer: S.strip().startswith('#')
             continue
         parts = line.split(":")
         if len(parts) != 2:
