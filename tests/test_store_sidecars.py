@@ -188,3 +188,18 @@ def test_gsas2_engine_starts_from_the_samprm_displacement(gsasii, fresh):
                          workdir=fresh.parent / "g2", index=0, refine_atoms=False)
     project = gsasii.G2Project(str(fresh.parent / "g2" / "hist_0000" / "hist_0000.gpx"))
     assert project.histograms()[0].SampleParameters["DisplaceX"][0] == 500.0
+
+
+def test_the_commands_say_which_sidecars_apply(tmp_path, capsys):
+    from midasflow.cli._common import announce_sidecars
+
+    store = tmp_path / "scan_000001.zarr.zip"
+    (tmp_path / "scan_000001.instprm").write_text(HEADER + "Polariz.:0.5\n")
+    (tmp_path / "scan_000001.zarr.samprm").write_text(SAMPRM)
+    announce_sidecars(str(store), None, "refine")
+    assert capsys.readouterr().err.splitlines() == [
+        f"midasflow refine: {tmp_path / 'scan_000001.instprm'} beside the store sets its instrument parameters",
+        f"midasflow refine: {tmp_path / 'scan_000001.zarr.samprm'} beside the store sets its sample parameters"]
+    announce_sidecars(str(store), "given.instprm", "check")  # -i replaces the store's terms: .samprm only
+    assert capsys.readouterr().err.splitlines() == [
+        f"midasflow check: {tmp_path / 'scan_000001.zarr.samprm'} beside the store sets its sample parameters"]

@@ -189,3 +189,18 @@ def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
         yield client
     finally:
         close_client(client)  # and the cluster get_client made (a --scheduler client has none)
+
+
+def announce_sidecars(store: str, instprm: str | None, command: str) -> None:
+    """Say on stderr which GSAS-II files beside ``store`` apply (:func:`midasflow.io.instprm.sibling_files`):
+    its ``.instprm`` files unless ``-i`` gives one, and its ``.samprm`` files."""
+    import warnings
+
+    from midasflow.io.instprm import sibling_files
+
+    with warnings.catch_warnings():  # the refinement itself warns when both names exist
+        warnings.simplefilter("ignore")
+        found = ([] if instprm else sibling_files(store, ".instprm")) + sibling_files(store, ".samprm")
+    for path in found:
+        what = "instrument" if path.suffix == ".instprm" else "sample"
+        print(f"midasflow {command}: {path} beside the store sets its {what} parameters", file=sys.stderr)

@@ -12,7 +12,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from midasflow.cli._common import CommandParser, add_common_flags, configure_logging, parse_command
+from midasflow.cli._common import (
+    CommandParser,
+    add_common_flags,
+    announce_sidecars,
+    configure_logging,
+    parse_command,
+)
 
 #: A mean ring shift this large (ppm) and beyond three esds says: recalibrate.
 NOTEWORTHY_PPM = 50.0
@@ -57,6 +63,7 @@ def main(argv: Sequence[str]) -> int:
     configure_logging(args.verbose)
     if args.limits and not 0 <= args.limits[0] < args.limits[1] <= 180:
         raise ParameterError(f"--limits {args.limits[0]:g} {args.limits[1]:g}: expected 0 <= LOW < HIGH <= 180")
+    announce_sidecars(args.data, args.instprm, "check")
     check = check_calibration(args.data, args.cif, instprm=args.instprm, limits=args.limits,
                               per_lineout=not args.no_lineouts, progress=not args.no_progress)
     out = Path(args.out)

@@ -10,6 +10,7 @@ from midasflow.cli._common import (
     CommandParser,
     add_cluster_flags,
     add_common_flags,
+    announce_sidecars,
     configure_logging,
     dask_client,
     parse_command,
@@ -268,6 +269,7 @@ def main(argv: Sequence[str]) -> int:
     args, _ = parse_command(build_parser(), argv)
     check_backend(args, pipeline=False)
     configure_logging(args.verbose)
+    announce_sidecars(args.data, args.instprm, "refine")
     with dask_client(args) as client:
         results = refine(args.data, args.cif, client=client, **refine_options(args))
     return report_outcome(results, args.out, "refine", report=not args.no_report)
