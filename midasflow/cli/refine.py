@@ -40,8 +40,8 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                        help="output folder (default refinement/): results.zarr, "
                        "refinement_summary.json, hist_NNNN_data.csv, hist_NNNN_<phase>.cif, report.html")
     files.add_argument("--instprm", "-i", default=None, metavar="FILE",
-                       help="GSAS-II .instprm (default: the store's InstrumentParameters, overridden by "
-                       "<store>.instprm or <store>.zarr.instprm beside it)")
+                       help="GSAS-II .instprm (default: the store's InstrumentParameters, "
+                       "overridden by x.instprm or x.zarr.instprm beside x.zarr.zip)")
     files.add_argument("--no-export", action="store_true",
                        help="no per-lineout CSV/CIF files or GSAS-II projects")
     files.add_argument("--no-gpx", action="store_true",
