@@ -45,8 +45,8 @@ example:
     parser.add_argument("--out", "-o", default="check", metavar="DIR",
                         help="output folder: calibration_check.html, ring_shifts.csv (default check/)")
     parser.add_argument("--instprm", "-i", default=None, metavar="FILE",
-                        help="GSAS-II .instprm (default: the store's InstrumentParameters, overridden by x.instprm or "
-                        "x.zarr.instprm beside x.zarr.zip)")
+                        help="GSAS-II .instprm (default: the store's InstrumentParameters, "
+                        "overridden by x.instprm or x.zarr.instprm beside x.zarr.zip)")
     parser.add_argument("--limits", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
                         help="2θ range to check, degrees (default: the data's)")
     parser.add_argument("--no-lineouts", action="store_true",
