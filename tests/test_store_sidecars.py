@@ -190,10 +190,10 @@ def test_gsas2_engine_starts_from_the_samprm_displacement(gsasii, fresh):
     assert project.histograms()[0].SampleParameters["DisplaceX"][0] == 500.0
 
 
-def test_the_commands_say_which_sidecars_apply(tmp_path, capsys):
+def test_the_commands_say_which_sidecars_apply(fresh, capsys):
     from midasflow.cli._common import announce_sidecars
 
-    store = tmp_path / "scan_000001.zarr.zip"
+    store, tmp_path = fresh, fresh.parent
     (tmp_path / "scan_000001.instprm").write_text(HEADER + "Polariz.:0.5\n")
     (tmp_path / "scan_000001.zarr.samprm").write_text(SAMPRM)
     announce_sidecars(str(store), None, "refine")
