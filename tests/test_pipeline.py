@@ -138,16 +138,27 @@ def test_strain_fits_recover_the_simulated_tensor(e2e):
 def test_two_worker_cluster_matches_single_process(e2e):
     from midasflow.crystal import read_phases
     from midasflow.io.instprm import instrument_from_midas
-    from midasflow.refinement.lineouts import plan_lineouts, run_serial
+    from midasflow.io.caked_store import open_caked
+    from midasflow.refinement.backends import NativeBackend
+    from midasflow.refinement.lineouts import plan_lineouts, refine_lineout
     from midasflow.refinement.options import RefineOptions
+    from midasflow.refinement.plan import CakeLayout, group_mean_spec
 
     r = e2e["results"]
+    assert set(r.seeded_from.values.ravel()) == {"group mean"}  # the default seeding
     plan = plan_lineouts(e2e["store"])
     subset = plan[::7]  # every group, spread over η
     options = RefineOptions(phases=tuple(read_phases([e2e["cif"]])), instrument=instrument_from_midas(e2e["store"]),
                             bkg_terms=6, limits=None, refine_atoms=False, mode="rietveld")
-    serial = run_serial(subset, options)
+    # in this process, one by one: each group's η-averaged pattern, then the lineouts from it
+    caked = open_caked(e2e["store"])
+    layout = CakeLayout.of(caked)
+    seeds = {g: refine_lineout(group_mean_spec(caked.intensity.isel(group=g).transpose("r", "eta").values,
+                                               layout, g, min_points=20), NativeBackend(), options)
+             for g in {spec.group for spec in subset}}
+    serial = [refine_lineout(spec, NativeBackend(), options, seeds[spec.group]) for spec in subset]
     for res in serial:
+        assert res.seeded_from == "group mean"
         assert res.status == "ok"
         g, e = res.group, res.eta_index
         assert int(r.histogram_index.values[g, e]) == res.index
@@ -258,7 +269,7 @@ def test_a_bad_lineout_is_reported_while_the_others_succeed(small, tmp_path):
 
 def test_resume_after_interruption_refines_only_what_is_missing(small, tmp_path, monkeypatch):
     ds, cif = small
-    options = dict(out=tmp_path, export=False, report=False)
+    options = dict(out=tmp_path, export=False, report=False, seed_from=None)  # one engine call a lineout
     interrupted = _Counting(interrupt_at=4)
     _use_engine(monkeypatch, interrupted)
     with pytest.raises(KeyboardInterrupt):

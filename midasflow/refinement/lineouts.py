@@ -340,12 +340,16 @@ class LineoutResult:
     elapsed_s : float
         Wall time of the engine call on its worker.
     seeded : bool
-        Whether the refinement started from a neighbour's refined values.
+        Whether the refinement started from another refinement's values.
     worker : str
         Address of the Dask worker that refined the lineout (e.g. ``"tcp://10.0.0.7:40215"``);
         empty when it was refined in the calling process.
     histogram : int
         MIDAS's histogram number (``LineoutSpec.histogram``); −1: no histogram.
+    seeded_from : str
+        Where the start values came from: ``"group mean"`` (the ω-group's η-averaged pattern),
+        the name of the lineout whose refined values it started from (``"hist_NNNN"``, see
+        :func:`lineout_name`) or ``""`` (the data's own estimate, or the instrument's terms).
     """
 
     index: int
@@ -361,6 +365,7 @@ class LineoutResult:
     seeded: bool = False
     worker: str = ""
     histogram: int = -1
+    seeded_from: str = ""
 
     @property
     def name(self) -> str:
@@ -369,10 +374,18 @@ class LineoutResult:
 
 
 def _result(spec: LineoutSpec, status: str, message: str = "", pattern: Any = None,
-            elapsed_s: float = 0.0, seeded: bool = False) -> LineoutResult:
+            elapsed_s: float = 0.0, seed: LineoutResult | None = None) -> LineoutResult:
     return LineoutResult(spec.index, spec.group, spec.eta_index, spec.omega_deg, spec.eta_deg,
-                         spec.n_points, status, message, pattern, elapsed_s, seeded,
-                         _worker_address(), spec.histogram)
+                         spec.n_points, status, message, pattern, elapsed_s, seed is not None,
+                         _worker_address(), spec.histogram, seed_name(seed))
+
+
+def seed_name(seed: LineoutResult | None) -> str:
+    """``seeded_from`` of a lineout started from ``seed``: "group mean" (an ω-group's η-averaged
+    pattern, index < 0), the seed's name (``hist_NNNN``, :func:`lineout_name`) or "" (no seed)."""
+    if seed is None:
+        return ""
+    return "group mean" if seed.index < 0 else seed.name
 
 
 def failed_result(index: int, group: int, eta_index: int, omega_deg: float, eta_deg: float,
@@ -401,20 +414,22 @@ def refine_lineout(spec: LineoutSpec, backend: RefineBackend, options: RefineOpt
     ``backend.refine(spec, options, start)`` is called with ``start`` = the seed's refined
     ``values`` when ``seed`` is an "ok" result (else None). A result above ``options.max_rwp``
     is flagged ``rwp_above_max`` (:meth:`PatternResult.with_max_rwp`); the esds are rescaled
-    for the pixels the lineout's bins share (``spec.independent_fraction``, module docstring). An exception, or a pattern whose
-    ``status`` is not "ok", gives a "failed" result carrying the one-line message.
+    for the pixels the lineout's bins share (``spec.independent_fraction``, module docstring).
+    An exception, or a pattern whose ``status`` is not "ok", gives a "failed" result carrying the
+    one-line message. The result's ``seeded_from`` names the seed (:func:`seed_name`).
     """
     if spec.skipped:
         return _result(spec, "skipped", f"{spec.n_points} usable points (need more than the plan's minimum)")
-    seeded = seed is not None and seed.status == "ok" and seed.pattern is not None
-    start = dict(seed.pattern.values) if seeded else None
+    if seed is not None and (seed.status != "ok" or seed.pattern is None):
+        seed = None  # a failed seed: the lineout starts as an unseeded one
+    start = dict(seed.pattern.values) if seed is not None else None
     t0 = time.perf_counter()
     try:
         pattern = backend.refine(spec, options, start)
     except Exception as exc:  # one lineout must never stop the others
         first_line = (str(exc).splitlines() or [""])[0]
         return _result(spec, "failed", f"{type(exc).__name__}: {first_line}", None,
-                       time.perf_counter() - t0, seeded)
+                       time.perf_counter() - t0, seed)
     elapsed = time.perf_counter() - t0
     if hasattr(pattern, "with_independent_fraction"):  # every backend's result alike
         pattern = pattern.with_independent_fraction(spec.independent_fraction)
@@ -422,7 +437,7 @@ def refine_lineout(spec: LineoutSpec, backend: RefineBackend, options: RefineOpt
         pattern = pattern.with_max_rwp(options.max_rwp)
     status = getattr(pattern, "status", "ok")
     message = getattr(pattern, "message", "") or ""
-    return _result(spec, "ok" if status == "ok" else "failed", message, pattern, elapsed, seeded)
+    return _result(spec, "ok" if status == "ok" else "failed", message, pattern, elapsed, seed)
 
 
 def seed_sources(plan: Sequence[LineoutSpec], seed_from: SeedFrom | None) -> dict[int, int]:

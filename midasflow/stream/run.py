@@ -133,7 +133,7 @@ def run_stream(
     mode: str = "rietveld",
     export: bool | Sequence[str] = True,
     backend: str = "native",
-    seed_from: str | None = None,
+    seed_from: str | None = "group",
     ref_cells: Mapping[str, Sequence[float]] | None = None,
     min_points: int = 20,
     max_reflections: int | None = None,
