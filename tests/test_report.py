@@ -2,6 +2,7 @@
 import html as html_module
 import json
 import re
+from html.parser import HTMLParser
 
 from midasflow.refinement.lineouts import plan_lineouts, run_serial
 from midasflow.report import report_figures, write_report
@@ -33,6 +34,43 @@ def test_report_written_with_expected_figures(tmp_path):
               "23 refined, 0 failed, 1 skipped"):
         assert t in text, t
     assert not list(tmp_path.glob(".*.tmp"))
+    # at the top, before any figure: the header, then the numeric tables (flags, cell, strain tensor)
+    [root] = next(iter(json.loads(docs.group(1)).values()))["roots"]
+    children = root["attributes"]["children"]
+    assert [c["name"] for c in children[:3]] == ["Div", "Div", "Figure"]
+    tables = _Tables()
+    tables.feed(html_module.unescape(children[1]["attributes"]["text"]))
+    flags, cell, tensor = tables.rows
+    from midasflow.refinement.result import FLAGS
+    assert [row[0] for row in flags[1:]] == list(FLAGS) and all(row[1] == "0" for row in flags[1:])
+    assert cell[1][:2] == ["CeO2", "23"] and cell[1][2].startswith(f"{results.a_a.values[0][results.status.values == 'ok'].mean():.6g}")
+    assert tensor[0][4:] == [f"ε{c}" for c in results.component.values]
+    assert tensor[1][:3] == ["CeO2", "sample frame", "ok"] and all("±" in v for v in tensor[1][4:])
+
+
+class _Tables(HTMLParser):
+    """Rows of every <table> in an HTML fragment, as lists of cell texts."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self._cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.rows.append([])
+        elif tag == "tr":
+            self.rows[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.rows[-1][-1].append(self._cell.strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
 
 
 def test_user_strings_are_escaped_in_the_html(tmp_path):
