@@ -48,8 +48,10 @@ def test_lineout_cells_do_not_depend_on_binning_or_start_widths(frames, change):
     esd = np.maximum(reference.a_a_esd.values[0], other.a_a_esd.values[0])
     assert np.all(np.abs(a1 - a0) <= esd), (a1 - a0) / esd
     assert np.all(np.abs(a1 / a0 - 1) <= 20e-6), (a1 / a0 - 1) * 1e6
-    if "widths" in change:  # the store's widths are 10x too narrow: the data's own estimate is used
-        assert all("start widths from" in n for n in other.notes.values.ravel())
+    if "widths" in change:  # the store's widths are 10x too narrow: every lineout starts from its
+        # group's η-averaged pattern, refined from the data's own estimate (the default seeding)
+        assert set(other.seeded_from.values.ravel()) == {"group mean"}
+        assert all("start values given for" in n for n in other.notes.values.ravel())
 
 
 @pytest.mark.slow
