@@ -79,8 +79,9 @@ def add_stream_flags(parser: argparse.ArgumentParser) -> None:
                        help="stop after S seconds without a new frame")
     group.add_argument("--settle", type=float, default=0.5, metavar="S",
                        help="a folder's file counts once unchanged for S seconds and readable (default 0.5)")
-    group.add_argument("--refresh-every", type=int, default=5, metavar="N",
-                       help="rewrite results.zarr and report.html after every N refined ω-groups (default 5)")
+    group.add_argument("--refresh-every", type=int, default=1, metavar="N",
+                       help="rewrite results.zarr and report.html after every N refined ω-groups (default 1; "
+                       "never sooner than twice the last rewrite's duration after it)")
     group.add_argument("--no-live", action="store_true", help="do not serve the live page")
     group.add_argument("--live-port", type=int, default=0, metavar="PORT",
                        help="port of the live page on 127.0.0.1 (default: a free one, printed)")

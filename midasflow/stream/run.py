@@ -122,7 +122,7 @@ def run_stream(
     client: Any = None,
     resume: bool = False,
     skip_refinement: bool = False,
-    refresh_every: int = 5,
+    refresh_every: int = 1,
     live: bool = True,
     live_port: int = 0,
     max_frames_in_flight: int | None = None,
