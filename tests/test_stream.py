@@ -313,6 +313,24 @@ def test_frames_in_flight_are_bounded(small_scan, client, tmp_path, monkeypatch,
         assert max(held) <= max_in_flight + 2, held
     else:
         assert max(held) > 12, held  # the bound is what kept it small
+    # arrivals that came back to back are caked together, up to frames_per_task, never across
+    # a group's end (OmegaSumFrames 3 here), and give the same groups
+    params = params.with_overrides(omega_sum_frames=3)
+    limits = StreamLimits(max_frames_in_flight=8, frames_per_task=4)
+    spool = Spool(tmp_path / "batched")
+    spool.create()
+    flow = StreamDataflow(client, params, binmap, caking, None, spool, limits, keep_frames=False,
+                          caking_digest="test")
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as ts:
+        for i in range(8):
+            flow.feed(Arrival(name=f"f{i}.tif", n_frames=1, path=str(path), more=i not in (4, 7)))
+        flow.finish(end_of_stream=True)
+    starts = sorted(int(str(t["key"]).split("-")[2]) for t in ts.data if str(t["key"]).startswith("stream-cake"))
+    assert starts == [0, 3, 5, 6]  # 0-2 (group end), 3-4 (no more waiting), 5, 6-7
+    assert [g.frames_summed for g in flow.state.groups] == [3, 3, 2]
+    np.testing.assert_array_equal(tasks.load_spooled(spool.group_path(1), shape), first * 1.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 The client (this process) takes each :class:`~midasflow.stream.sources.Arrival` and submits
 
-* one ``stream-cake`` task per arrival (a file's frames, a PV frame; at most a map pass of
-  frames per task): :func:`midasflow.stream.tasks.cake_item`, with the bin map and the dark as
+* one ``stream-cake`` task per arrival (a file's frames, a PV frame), or per run of arrivals that
+  came back to back (a PV's queue, several files ready at once), at most a map pass of frames
+  per task, so a stream that falls behind cakes in larger passes and catches up:
+  :func:`midasflow.stream.tasks.cake_item`, with the bin map and the dark as
   futures made once (the map is read from its cache by one worker and copied to the others by
   Dask, once each);
 * one ``stream-fold`` task after it: the frames added to the open ω-group in frame order
@@ -37,6 +39,7 @@ from midasflow.stream.spool import Spool
 from midasflow.stream.tasks import (
     Caking,
     FrameItem,
+    FramePart,
     GroupInfo,
     cake_item,
     close_open,
@@ -66,7 +69,7 @@ class StreamLimits:
     max_groups_pending : int
         Closed ω-groups whose refinement has not finished.
     frames_per_task : int
-        Frames of one file caked in one task (a map pass).
+        Frames caked in one task (a map pass), of one file or of arrivals that came back to back.
     """
 
     stop_after: int | None = None
@@ -191,6 +194,8 @@ class StreamDataflow:
         self.groups_pending = 0
         self.results: list[Any] = []
         self.unwritten: set[int] = set()  # groups whose cake is not yet in the spool
+        self._parts: list[FramePart] = []   # frames taken, not yet submitted (one task)
+        self._positions: list[int] = []
 
     # -- feeding --------------------------------------------------------------------------
     @property
@@ -211,7 +216,11 @@ class StreamDataflow:
         return float(self.params.omega_start_deg) + float(self.params.omega_step_deg) * position
 
     def feed(self, arrival: Arrival, interrupted: Callable[[], bool] = lambda: False) -> None:
-        """Submit the caking of an arrival's frames (waiting while too much is in flight)."""
+        """Take an arrival's frames and submit their caking (waiting while too much is in flight).
+
+        Frames of arrivals that come back to back (``arrival.more``) are caked together, up to
+        ``frames_per_task``, never across an ω-group's end; a lone arrival is submitted at once.
+        """
         now = time.time()
         start = 0
         if arrival.path is not None:
@@ -222,17 +231,44 @@ class StreamDataflow:
             skipped = min(skip, arrival.n_frames - start)
             self.state.skipped += skipped
             start += skipped
+        per_task = self.limits.frames_per_task
         while start < arrival.n_frames and self.wants_more():
             room = self.limits.stop_after - self.n_frames if self.limits.stop_after else arrival.n_frames
-            stop = min(arrival.n_frames, start + self.limits.frames_per_task, start + room)
+            stop = min(arrival.n_frames, start + per_task - len(self._positions), start + room)
             if self.group_size > 0:  # a task ends where its group ends (the next starts a new lineage)
                 stop = min(stop, start + self.group_size - (self.n_frames - self.state.open_first) % self.group_size)
-            self._wait_for_room(stop - start, interrupted)
-            self._submit(arrival, start, stop, now)
+            self._take(arrival, start, stop)
             start = stop
+            group_end = self.group_size > 0 and (self.n_frames - self.state.open_first) % self.group_size == 0
+            if len(self._positions) >= per_task or group_end:
+                self.flush(interrupted)
+        if not arrival.more or not self.wants_more():
+            self.flush(interrupted)
         self.state.last_frame_s = now
         if self.state.first_frame_s is None:
             self.state.first_frame_s = now
+
+    def _take(self, arrival: Arrival, start: int, stop: int) -> None:
+        """Frames ``start:stop`` of an arrival: recorded, and added to the next caking task."""
+        first = self.n_frames
+        for k in range(stop - start):
+            frame = {"name": arrival.name, "frame_in_file": start + k, "omega_deg": self._omega(first + k)}
+            if arrival.unique_id is not None:
+                frame["unique_id"] = arrival.unique_id
+            if arrival.path is not None and arrival.n_frames > 1:
+                frame["multi"] = True
+            self.state.frames.append(frame)
+        self._parts.append(FramePart(path=arrival.path, start=start, stop=stop, pva=arrival.payload))
+        self._positions.extend(range(first, first + stop - start))
+
+    def flush(self, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """Submit the frames taken and not yet submitted as one caking task."""
+        if not self._positions:
+            return
+        parts, positions = tuple(self._parts), tuple(self._positions)
+        self._parts, self._positions = [], []
+        self._wait_for_room(len(positions), interrupted)
+        self._submit(parts, positions, time.time())
 
     def _wait_for_room(self, n: int, interrupted: Callable[[], bool]) -> None:
         lim = self.limits
@@ -241,17 +277,8 @@ class StreamDataflow:
             if not self.collect(block=True) or interrupted():
                 return
 
-    def _submit(self, arrival: Arrival, start: int, stop: int, now: float) -> None:
-        positions = tuple(range(self.n_frames, self.n_frames + stop - start))
-        for k, p in enumerate(positions):
-            frame = {"name": arrival.name, "frame_in_file": start + k, "omega_deg": self._omega(p)}
-            if arrival.unique_id is not None:
-                frame["unique_id"] = arrival.unique_id
-            if arrival.path is not None and arrival.n_frames > 1:
-                frame["multi"] = True
-            self.state.frames.append(frame)
-        item = FrameItem(positions=positions, path=arrival.path, start=start, stop=stop,
-                         pva=arrival.payload,
+    def _submit(self, parts: tuple[FramePart, ...], positions: tuple[int, ...], now: float) -> None:
+        item = FrameItem(positions=positions, parts=parts,
                          frame_paths=tuple(self.spool.frame_path(p) for p in positions) if self.keep_frames else ())
         key = f"stream-cake-{positions[0]}-{self.token}"
         cakes = self.client.submit(cake_item, item, self.binmap, self.caking_future, self.dark, key=key,
@@ -369,6 +396,7 @@ class StreamDataflow:
         """Wait for everything in flight. ``end_of_stream``: the open group is closed (a short
         last group, as MIDAS); otherwise (the stream was interrupted) its partial sum is kept in
         the spool for ``--resume``."""
+        self.flush()
         open_frames = self.n_frames - self.state.open_first
         if open_frames and self.last_fold is not None:
             if end_of_stream:

@@ -198,7 +198,7 @@ class PvaSource:
                 unique_id = int(value["uniqueId"])
                 self._count(unique_id)
                 yield Arrival(name=str(unique_id), n_frames=1, payload=frame, unique_id=unique_id,
-                              timestamp=stamp)
+                              timestamp=stamp, more=not updates.empty())
         finally:
             monitor.close()
             context.close()

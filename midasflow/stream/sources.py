@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,9 @@ class Arrival:
         The PV frame's ``uniqueId``.
     timestamp : float or None
         Seconds since the epoch: the PV frame's time stamp, or the file's modification time.
+    more : bool
+        Another arrival is already waiting behind this one (the dataflow then cakes them in one
+        task, up to a map pass of frames, instead of one task each).
     """
 
     name: str
@@ -66,6 +69,7 @@ class Arrival:
     payload: Any = field(default=None, repr=False)
     unique_id: int | None = None
     timestamp: float | None = None
+    more: bool = False
 
 
 def natural_key(name: str) -> tuple:
@@ -219,7 +223,9 @@ class FolderSource:
             self.taken.add(name)
             path = self.folder / name
             out.append(Arrival(name=name, n_frames=n_frames, path=str(path),
-                               timestamp=seen.stamp[1] / 1e9))
+                               timestamp=seen.stamp[1] / 1e9, more=True))
+        if out:
+            out[-1] = replace(out[-1], more=False)
         return out
 
     # -- the stream -----------------------------------------------------------------------

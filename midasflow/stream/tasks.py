@@ -22,18 +22,25 @@ from midasflow.stream.spool import load_array, save_array
 
 
 @dataclass(frozen=True)
+class FramePart:
+    """Frames ``start:stop`` of a file, or one PV frame."""
+
+    path: str | None = None
+    start: int = 0
+    stop: int = 0
+    pva: Any = None
+
+
+@dataclass(frozen=True)
 class FrameItem:
-    """Frames of one arrival to cake in one task: frames ``start:stop`` of a file, or a PV frame.
+    """Frames to cake in one task: parts of one or more arrivals (consecutive frames).
 
     ``positions`` are the stream positions (after SkipFrame) of the frames; ``frame_paths`` the
     spool files their cakes are written to (empty: not kept).
     """
 
     positions: tuple[int, ...]
-    path: str | None = None
-    start: int = 0
-    stop: int = 0
-    pva: Any = None
+    parts: tuple[FramePart, ...]
     frame_paths: tuple[str, ...] = ()
 
 
@@ -49,14 +56,19 @@ class Caking:
     pre_proc_thresh: float | None
 
 
+def read_part(part: FramePart, caking: Caking) -> np.ndarray:
+    """A part's frames (k, nz, ny) float32 with detector flags NaN."""
+    if part.pva is not None:
+        return _to_float32(part.pva.decode()[None])
+    from midasflow.stream.sources import frames_of_file
+
+    return frames_of_file(part.path, caking.params, caking.data_loc, part.start, part.stop)
+
+
 def read_item(item: FrameItem, caking: Caking, dark: np.ndarray | None) -> np.ndarray:
     """The item's frames (k, nz, ny) float32: detector flags NaN, dark subtracted, thresholded."""
-    if item.pva is not None:
-        frames = _to_float32(item.pva.decode()[None])
-    else:
-        from midasflow.stream.sources import frames_of_file
-
-        frames = frames_of_file(item.path, caking.params, caking.data_loc, item.start, item.stop)
+    parts = [read_part(part, caking) for part in item.parts]
+    frames = parts[0] if len(parts) == 1 else np.concatenate(parts)
     if dark is not None:
         frames = frames - dark
     if caking.pre_proc_thresh is not None:
