@@ -273,6 +273,25 @@ def _phase_pattern(phase: Any, params: Params, tth_max_deg: float) -> tuple[_Pat
     return _Pattern(0.0, step, peaks / top), truth
 
 
+def _reflection_patterns(phase: Any, params: Params, pattern: _Pattern, truth: dict[str, Any]) -> list[_Pattern]:
+    """The pattern of :func:`_phase_pattern` split into one tabulated peak per reflection of
+    ``truth`` (same grid and normalisation: they sum to ``pattern``)."""
+    from midasflow.profile import pattern as peak_sum
+    from midasflow.refinement.engine import PatternModel
+
+    grid = pattern.start_deg + np.arange(pattern.values.size) * pattern.step_deg
+    model = PatternModel(grid, (float(grid[0]), float(grid[-1])), [phase], params.instrument, bkg_terms=1)
+    rt = model.reflection_terms(0, model.values)
+    index = {tuple(map(int, h)): i for i, h in enumerate(model.phases[0].hkl)}
+    out = []
+    for hkl, intensity in zip(truth["hkl"], truth["intensity"]):
+        i = index[tuple(map(int, hkl))]
+        y = peak_sum(grid, rt["tth"][i:i + 1], rt["sig2"][i:i + 1], rt["gam"][i:i + 1], [intensity],
+                     model.values["SH/L"], precision=model.precision).y
+        out.append(_Pattern(pattern.start_deg, pattern.step_deg, y))
+    return out
+
+
 def _finish(values: np.ndarray, *, poisson: bool, rng: np.random.Generator, dtype: np.dtype,
             flagged: np.ndarray, flag_value: float) -> np.ndarray:
     """Noise, conversion to the detector dtype, flagged pixels."""
@@ -461,6 +480,7 @@ def simulate_caked(
     counts: float = 2000.0,
     background: float = 50.0,
     seed: int = 0,
+    texture: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """A caked scan made directly in (ω-group, R, η), without frames: for plan, executor and
     scale tests where caking is not the subject.
@@ -483,6 +503,10 @@ def simulate_caked(
         Pattern maximum and flat background, counts per pixel per frame.
     seed : int
         Poisson noise seed.
+    texture : midasflow.texture.fiber.FiberTexture, optional
+        Reflection k seen at η in group g is multiplied by the texture's pole density at its
+        sample direction Rz(ω)ᵀ·n(θ_k, η) (η-bin centre, mid-group ω); ``counts`` stays the
+        maximum of the untextured pattern.
 
     Returns
     -------
@@ -490,7 +514,8 @@ def simulate_caked(
         The caked Dataset (:func:`midasflow.caked_schema.caked_dataset`, attrs ``params`` and
         ``instrument`` as :func:`midasflow.caking.cake` sets them) and ``truth`` with
         ``omega_deg`` (group,), ``strain_tensor``, ``wavelength_a`` and the pattern's
-        ``tth0_deg``, ``d0_a``, ``instrument``.
+        ``tth0_deg``, ``d0_a``, ``hkl``, ``intensity``, ``instrument``; with a texture also
+        ``texture`` (its description) and ``pole_density`` (group, eta, reflection).
     """
     import json
 
@@ -510,11 +535,21 @@ def simulate_caked(
     strain = None if strain_tensor is None else np.asarray(strain_tensor, float).reshape(3, 3)
     rng = np.random.default_rng(seed)
     intensity = np.empty((n_groups, *area.shape))
+    peaks = None if texture is None else _reflection_patterns(phase, params, pattern, truth)
+    density = []
     for g, omega in enumerate(0.5 * (first + last)):
         sin_theta = np.sin(theta)
         if strain is not None:
             sin_theta = sin_theta * (1.0 + _strain_n(normal, _lab_tensor(strain, omega)))
-        per_frame = background + counts * pattern(2.0 * np.rad2deg(np.arcsin(np.clip(sin_theta, -1, 1))))
+        tth_seen = 2.0 * np.rad2deg(np.arcsin(np.clip(sin_theta, -1, 1)))
+        if peaks is None:
+            per_frame = background + counts * pattern(tth_seen)
+        else:
+            from midasflow.texture.polefigure import sample_directions
+
+            y = sample_directions(truth["tth0_deg"][None, :], eta_deg[:, None], omega)   # (eta, refl, 3)
+            density.append(texture.pole_density(phase, truth["hkl"], y))
+            per_frame = background + counts * sum(density[-1][:, k] * peak(tth_seen) for k, peak in enumerate(peaks))
         intensity[g] = rng.poisson(per_frame * area * n) / area
     ds = caked_dataset(
         intensity=intensity, frames_summed=np.full(n_groups, n), omega_first_deg=first,
@@ -527,6 +562,8 @@ def simulate_caked(
     )
     truth.update(omega_deg=0.5 * (first + last), wavelength_a=float(params.wavelength_a),
                  strain_tensor=np.zeros((3, 3)) if strain is None else strain)
+    if texture is not None:
+        truth.update(texture=texture.to_dict(), pole_density=np.stack(density))
     return ds, truth
 
 

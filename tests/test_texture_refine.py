@@ -79,3 +79,21 @@ def test_cubic_order_2_has_no_harmonics_stage_skipped():
     assert res.status == "ok" and "rolled_back" not in res.flags
     assert "texture" not in res.stage_rwp
     assert any("no symmetry-allowed harmonic" in n for n in res.notes)
+
+
+def test_extracted_intensities_match_the_model_within_esd():
+    truth = {"0:0:MD": 0.8}
+    y, s = simulate(zno(), truth, po_axis=(0, 0, 1), seed=3)
+    res = refine_pattern(X, y, s, [zno()], INST, texture="md")
+    t = res.reflections["ZnO"]
+    seen = np.isfinite(t["i_obs"])
+    assert seen.sum() > 10
+    strong = seen & (t["intensity"] > 20 * t["i_obs_esd"])
+    pull = (t["i_obs"][strong] - t["intensity"][strong]) / t["i_obs_esd"][strong]
+    assert strong.sum() > 5 and np.abs(pull).max() < 5 and 0.3 < pull.std() < 2.0, pull
+    # the model without texture misses the (00l) intensities the extraction keeps
+    plain = refine_pattern(X, y, s, [zno()], INST)
+    tp = plain.reflections["ZnO"]
+    i002 = np.flatnonzero((tp["h"] == 0) & (tp["k"] == 0) & (tp["l"] == 2))[0]
+    assert abs(tp["i_obs"][i002] - t["i_obs"][i002]) < 3 * t["i_obs_esd"][i002] + 0.02 * t["i_obs"][i002]
+    assert abs(tp["intensity"][i002] - tp["i_obs"][i002]) > 5 * tp["i_obs_esd"][i002]

@@ -63,6 +63,7 @@ from midasflow.instrument import Instrument, as_instrument
 from midasflow.refinement.recipe import Stage, default_stages
 from midasflow.refinement.result import PatternResult
 from midasflow.refinement.start import estimate_from_model, low_envelope
+from midasflow.texture.intensities import extract_intensities
 from midasflow.texture.po import PreferredOrientation
 
 __all__ = ["PatternModel", "levenberg_marquardt", "refine_pattern"]
@@ -1256,6 +1257,8 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
                                     d_a=1 / np.sqrt(pd.tables.H6 @ A), tth_deg=rt["tth"],
                                     sig2=rt["sig2"], gam=rt["gam"], fsq=rt["fsq"],
                                     intensity=rt["intensity"])
+    for name, (i_obs, i_esd) in extract_intensities(model, values, y, sqrt_w, gof).items():
+        refl_tables[name].update(i_obs=i_obs, i_obs_esd=i_esd)
     # weight fractions W_p ∝ S_p · cell mass_p (GSAS-II)
     sc = np.array([values[f"{pd.index}:0:Scale"] for pd in model.phases])
     m = np.array(masses) if all(mm > 0 for mm in masses) else np.ones(len(masses))

@@ -71,7 +71,9 @@ class PatternResult:
         (its diagonal is esds²); None when the backend gives none.
     reflections : dict
         Phase name → dict of equal-length arrays: h, k, l, mult, d_a, tth_deg, sig2, gam, fsq,
-        intensity (integrated intensity I_h, counts·centideg).
+        intensity (integrated intensity I_h of the model, counts·centideg) and, from the native
+        engine, i_obs / i_obs_esd (the intensity the pattern shows with the refined profile
+        held, and its esd: :func:`midasflow.texture.intensities.extract_intensities`).
     warnings : list of str
         Human-readable notes; a raised flag's note starts with ``"<flag>: "``.
     phases : list of Phase
@@ -138,7 +140,7 @@ class PatternResult:
         pixel-split cake, :func:`midasflow.refinement.lineouts.independent_fraction`) a right
         model gives χ² ≈ f·N − n instead. Every esd (parameters, cells, phase fractions) is
         multiplied by sqrt((N − n)/(f·N − n)) (the covariance by its square), n = the refined
-        parameters; ``gof`` stays
+        parameters (and so are the reflections' ``i_obs_esd``); ``gof`` stays
         GSAS-II's, over all points, and a note gives the factor.
 
         Parameters
@@ -161,6 +163,8 @@ class PatternResult:
             covariance=None if self.covariance is None else self.covariance * factor**2,
             cell_esds={k: tuple(float(v) * factor for v in esd) for k, esd in self.cell_esds.items()},
             phase_fractions={k: (v[0], v[1] * factor) for k, v in self.phase_fractions.items()},
+            reflections={ph: ({**t, "i_obs_esd": t["i_obs_esd"] * factor} if "i_obs_esd" in t else t)
+                         for ph, t in self.reflections.items()},
             notes=self.notes + [f"esds × {factor:.3g}: neighbouring bins share detector pixels (f = {f:.3g} "
                                 f"of each point's variance independent; GOF over independent points "
                                 f"{gof:.3g})"])

@@ -1,0 +1,123 @@
+"""Pole figures and the joint texture fit (midasflow.texture.polefigure), the simulator's fibre
+textures (midasflow.texture.fiber) and a textured scan refined end to end."""
+import json
+
+import numpy as np
+import pytest
+
+from midasflow.crystal import cubic_phase, phase_from_cell
+from midasflow.texture.fiber import FiberTexture
+from midasflow.texture.polefigure import (coverage_map, equal_area, fit_joint_texture,
+                                          sample_directions, texture_design)
+
+CEO2 = cubic_phase("CeO2", 5.4117)
+HKL = np.array([(1, 1, 1), (2, 0, 0), (2, 2, 0), (3, 1, 1), (2, 2, 2), (4, 0, 0), (3, 3, 1), (4, 2, 0)])
+
+
+def test_sample_direction_is_the_strain_scattering_vector_turned_by_omega():
+    y = sample_directions(10.0, 90.0, 0.0)
+    np.testing.assert_allclose(y, [-np.sin(np.radians(5)), -np.cos(np.radians(5)), 0.0], atol=1e-12)
+    # ω = 90° about +z: the lab −y direction is the sample +x direction (y = Rz(ω)ᵀ n)
+    np.testing.assert_allclose(sample_directions(0.0, 90.0, 90.0), [-1.0, 0.0, 0.0], atol=1e-12)
+    px, py = equal_area(np.array([[0, 0, 1.0], [1.0, 0, 0], [0, 0, -1.0]]))
+    np.testing.assert_allclose(np.hypot(px, py), [0.0, 1.0, 0.0], atol=1e-12)
+
+
+def test_fibre_march_dollase_along_the_axis_is_gsas2s_factor():
+    # at χ = 0 the fibre pole density is GSAS-II's March–Dollase factor (GetPrefOri, r = 0.8, 001)
+    tex = FiberTexture("md", md_ratio=0.8)
+    dens = tex.pole_density(CEO2, HKL[:4], np.array([0.0, 0.0, 1.0]))
+    np.testing.assert_allclose(dens, [0.93387212, 1.12806950, 0.96422044, 1.02289667], rtol=1e-6)
+    # the average over the sphere of any pole density is 1 (normalised ODF)
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(4000, 1, 3))
+    u /= np.linalg.norm(u, axis=-1, keepdims=True)
+    assert tex.pole_density(CEO2, HKL[:3], u).mean(axis=0) == pytest.approx(np.ones(3), abs=0.03)
+
+
+def _synthetic(coef, *, seed=0, noise=0.01, n_eta=36, omegas=(0.0, 45.0, 90.0)):
+    tth = 2 * np.degrees(np.arcsin(0.173 / (2 * 5.4117 / np.sqrt((HKL ** 2).sum(1)))))
+    eta = np.arange(n_eta) * 360.0 / n_eta - 180 + 5
+    y = sample_directions(tth[None, None, :], eta[None, :, None], np.array(omegas)[:, None, None])
+    tex = FiberTexture("sh", sample_axis=(1.0, 0.0, 0.0), coefficients=coef)
+    s = np.linspace(1000, 5000, len(HKL))
+    I0 = s * tex.pole_density(CEO2, HKL, y)
+    rng = np.random.default_rng(seed)
+    esd = noise * I0 + 1.0
+    return I0 + rng.normal(size=I0.shape) * esd, esd, y
+
+
+def test_joint_fit_recovers_coefficients_and_texture_index():
+    coef = {"C(4,1)": 0.5, "C(6,1)": -0.3}
+    I, esd, y = _synthetic(coef)
+    fit = fit_joint_texture(I, esd, y, HKL, CEO2.cell, "m3m", order=6, sample_axis=(1, 0, 0))
+    assert fit.status == "ok" and fit.names == ["C(4,0,1)", "C(6,0,1)"]
+    for v, e, t in zip(fit.values, fit.esds, coef.values()):
+        assert abs(v - t) < 3 * e and e < 0.02
+    assert abs(fit.texture_index - 1.0347009) < 3 * fit.texture_index_esd
+    assert 0.7 < fit.gof < 1.3
+
+
+def test_joint_fit_untextured_gives_j_one():
+    I, esd, y = _synthetic({"C(4,1)": 0.0}, seed=4)
+    fit = fit_joint_texture(I, esd, y, HKL, CEO2.cell, "m3m", order=8, sample_axis=(1, 0, 0))
+    assert fit.status == "ok"
+    assert abs(fit.texture_index - 1.0) < 3 * fit.texture_index_esd + 1e-4
+    assert np.all(np.abs(fit.values) < 3 * fit.esds)
+
+
+def test_joint_fit_flags_what_the_coverage_cannot_tell():
+    # one ω and the fibre axis along the beam: every direction of a reflection is at the same ψ
+    # (cos ψ = sin θ), so K_l^0(ψ) is fixed and one reflection's scale and C are inseparable
+    I, esd, y = _synthetic({"C(4,1)": 0.3}, omegas=(0.0,))
+    fit = fit_joint_texture(I[..., :1], esd[..., :1], y[..., :1, :], HKL[:1], CEO2.cell, "m3m",
+                            order=4, sample_axis=(1, 0, 0))
+    assert fit.status in ("ill-conditioned", "no data")
+    assert not np.isfinite(fit.texture_index_esd)
+
+
+def test_coverage_map_counts_hemisphere_cells():
+    y = sample_directions(np.full(36, 10.0), np.arange(36) * 10.0, 0.0)
+    cov = coverage_map(y)
+    assert cov.sum() == 36 and 0 < np.count_nonzero(cov) < cov.size
+
+
+def test_hexagonal_texture_design_matches_gsas2_values():
+    hexa = phase_from_cell("Mg", (3.21, 3.21, 5.21, 90, 90, 120), "P 63/m m c")
+    D = texture_design(np.array([(1, 0, 0), (0, 0, 2)]), hexa.cell, hexa.laue, ["C(2,0,0)", "C(4,0,0)"], 90.0)
+    np.testing.assert_allclose(1 + D @ [0.4, -0.2], [1.07187504, 0.72500000], atol=2e-6)
+
+
+@pytest.mark.slow
+def test_textured_scan_refined_end_to_end(tmp_path):
+    from midasflow.crystal import write_phase_cif
+    from midasflow.pipeline import refine
+    from midasflow.simulate import CEO2_A_A, ceo2_params, simulate_caked
+    from midasflow.texture.polefigure import add_texture_fit
+
+    phase = cubic_phase("CeO2", CEO2_A_A)
+    cif = write_phase_cif(phase, tmp_path / "ceo2.cif")
+    params = ceo2_params((256, 256), eta_bin_deg=20.0, omega_step_deg=45.0)
+    truth = {"C(4,1)": 0.6, "C(6,1)": -0.3}
+    tex = FiberTexture("sh", sample_axis=(0.0, 0.0, 1.0), coefficients=truth)
+    ds, sim = simulate_caked(params, phase, n_groups=2, texture=tex, counts=4000.0, seed=2)
+    res = refine(ds, [cif], out=tmp_path / "out", refine_atoms=False, texture="sh", sh_order=6,
+                 report=False, export=False)
+    assert "I" in res and res.sizes["reflection"] >= 5
+    fits = json.loads(res.attrs["texture_fits"])[str(res.texture_phase.values[0])]
+    assert fits["status"] == "ok"
+    for name, t in (("C(4,0,1)", 0.6), ("C(6,0,1)", -0.3)):
+        v, e = fits["coefficients"][name]
+        assert abs(v - t) < 3 * e, (name, v, e)
+    # the pole figure of (200) peaks where the fibre axis points (sample z: η = 0 and 180°)
+    i200 = int(np.flatnonzero((res.h.values == 2) & (res.k.values == 0) & (res.l.values == 0))[0])
+    dens = res.pole_density.isel(reflection=i200)
+    psi = np.degrees(np.arccos(np.abs(res.pole_direction.isel(reflection=i200).sel(xyz="z"))))
+    top = np.nanargmax(dens.values.ravel())
+    assert psi.values.ravel()[top] < 20.0
+    # untextured: J within 3 esd of 1 from the same store refitted
+    ds0, _ = simulate_caked(params, phase, n_groups=2, counts=4000.0, seed=3)
+    res0 = refine(ds0, [cif], out=tmp_path / "out0", refine_atoms=False, report=False, export=False)
+    fit0 = add_texture_fit(res0, order=6)
+    j, je = float(fit0.texture_index[0]), float(fit0.texture_index_esd[0])
+    assert abs(j - 1.0) < 3 * je, (j, je)
