@@ -412,14 +412,20 @@ def _with_texture(results: xr.Dataset, lineouts: Sequence[Any], phase_names: Seq
                   texture: str | None, sh_order: int) -> xr.Dataset:
     """The results with the per-reflection intensities and pole directions
     (:func:`midasflow.texture.polefigure.reflection_dataset`) and, when a texture stage ran, the
-    joint texture fit to order ``sh_order`` (:func:`~midasflow.texture.polefigure.add_texture_fit`)."""
-    from midasflow.texture.polefigure import add_texture_fit, reflection_dataset
+    lineouts' texture parameters (:func:`~midasflow.texture.polefigure.lineout_texture_dataset`)
+    and the joint texture fit to order ``sh_order`` (:func:`~midasflow.texture.polefigure.add_texture_fit`)."""
+    from midasflow.texture.polefigure import add_texture_fit, lineout_texture_dataset, reflection_dataset
 
     refl = reflection_dataset(lineouts, phase_names, results.sizes["group"], results.sizes["eta"])
     if refl.sizes["reflection"] == 0:
         return results
     results = xr.merge([results, refl], combine_attrs="no_conflicts")
-    return add_texture_fit(results, order=sh_order) if texture is not None else results
+    if texture is None:
+        return results
+    per_lineout = lineout_texture_dataset(lineouts, phase_names, results.sizes["group"], results.sizes["eta"])
+    if per_lineout.sizes["po_name"]:
+        results = xr.merge([results, per_lineout], combine_attrs="no_conflicts")
+    return add_texture_fit(results, order=sh_order)
 
 
 def _omega_frames_deg(source: xr.Dataset) -> list[np.ndarray] | None:

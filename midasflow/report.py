@@ -259,6 +259,9 @@ def report_figures(results: xr.Dataset, *, caked: xr.Dataset | None = None,
     for k in range(results.sizes["phase"]):
         if np.isfinite(results.strain.values[k]).any():
             figs.append(strain_figure(results, k))
+    from midasflow.texture.report import texture_figures
+
+    figs += texture_figures(results)  # the joint texture fit, when one was made
     return figs
 
 

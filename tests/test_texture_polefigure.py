@@ -92,6 +92,7 @@ def test_hexagonal_texture_design_matches_gsas2_values():
 def test_textured_scan_refined_end_to_end(tmp_path):
     from midasflow.crystal import write_phase_cif
     from midasflow.pipeline import refine
+    from midasflow.results import open_results
     from midasflow.simulate import CEO2_A_A, ceo2_params, simulate_caked
     from midasflow.texture.polefigure import add_texture_fit
 
@@ -115,9 +116,41 @@ def test_textured_scan_refined_end_to_end(tmp_path):
     psi = np.degrees(np.arccos(np.abs(res.pole_direction.isel(reflection=i200).sel(xyz="z"))))
     top = np.nanargmax(dens.values.ravel())
     assert psi.values.ravel()[top] < 20.0
+    # the texture command refits from the store alone
+    from midasflow.cli import main
+
+    assert main(["texture", "--results", str(tmp_path / "out"), "--sh-order", "8", "--no-progress"]) == 0
+    again = json.loads(open_results(tmp_path / "out" / "results.zarr").attrs["texture_fits"])
+    assert again[str(res.texture_phase.values[0])]["order"] == 8
+    assert (tmp_path / "out" / "texture.html").stat().st_size > 10000
     # untextured: J within 3 esd of 1 from the same store refitted
     ds0, _ = simulate_caked(params, phase, n_groups=2, counts=4000.0, seed=3)
     res0 = refine(ds0, [cif], out=tmp_path / "out0", refine_atoms=False, report=False, export=False)
     fit0 = add_texture_fit(res0, order=6)
     j, je = float(fit0.texture_index[0]), float(fit0.texture_index_esd[0])
     assert abs(j - 1.0) < 3 * je, (j, je)
+
+
+def test_texture_command_refuses_bad_input(tmp_path, capsys):
+    from midasflow.cli import main
+
+    assert main(["texture", "--results", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no results store" in err[0]
+    (tmp_path / "results.zarr").mkdir()
+    assert main(["texture", "--results", str(tmp_path), "--sh-order", "14"]) == 2
+    assert "--sh-order 14" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_texture_runs_end_to_end(tmp_path, capsys):
+    from midasflow.cli import main
+
+    assert main(["demo", "--texture", "--out", str(tmp_path / "d"), "--size", "192", "--eta-bin", "30",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split(":")[0].split()[-1]: ln for ln in out.splitlines() if "(simulated" in ln}
+    for name, true in (("C(4,0,1)", 0.6), ("C(6,0,1)", -0.3)):
+        value, esd = (float(v) for v in lines[name].split(":")[1].split("(")[0].split("±"))
+        assert abs(value - true) < 3 * esd + 0.01, lines[name]
+    assert "pole density" in (tmp_path / "d" / "refinement" / "report.html").read_text()

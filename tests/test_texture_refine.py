@@ -97,3 +97,26 @@ def test_extracted_intensities_match_the_model_within_esd():
     i002 = np.flatnonzero((tp["h"] == 0) & (tp["k"] == 0) & (tp["l"] == 2))[0]
     assert abs(tp["i_obs"][i002] - t["i_obs"][i002]) < 3 * t["i_obs_esd"][i002] + 0.02 * t["i_obs"][i002]
     assert abs(tp["intensity"][i002] - tp["i_obs"][i002]) > 5 * tp["i_obs_esd"][i002]
+
+
+def test_texture_options_and_flags():
+    from midasflow.cli.refine import build_parser, refine_options
+    from midasflow.errors import ParameterError
+    from midasflow.instrument import Instrument
+    from midasflow.refinement.backends import get_backend
+    from midasflow.refinement.options import RefineOptions
+
+    args = build_parser().parse_args(["--data", "x.zarr.zip", "--cif", "a.cif", "--texture", "md",
+                                      "--po-axis", "1", "1", "1", "--sh-order", "6"])
+    opts = refine_options(args)
+    assert (opts["texture"], opts["po_axis"], opts["sh_order"]) == ("md", (1, 1, 1), 6)
+    base = RefineOptions(phases=(ceo2(),), instrument=Instrument(lam=LAM))
+    with_md = base.replace(texture="md", po_axis=[1, 1, 1])
+    assert with_md.texture_kwargs() == {"texture": "md", "po_axis": (1, 1, 1), "sh_order": 4}
+    assert with_md.digest() != base.digest()
+    for bad, match in (({"texture": "xyz"}, "--texture 'xyz'"), ({"po_axis": (0, 0, 0)}, "--po-axis 0 0 0"),
+                       ({"sh_order": 13}, "--sh-order 13"), ({"po_axis": (1.5, 0, 0)}, "--po-axis")):
+        with pytest.raises(ParameterError, match=match):
+            base.replace(**bad)
+    with pytest.raises(ParameterError, match="--texture: the texture stage runs in the native engine"):
+        get_backend("gsas2", [], ".", texture="sh")

@@ -1,4 +1,4 @@
-"""The ``midasflow`` command: ``integrate``, ``refine``, ``run``, ``check`` and ``demo``.
+"""The ``midasflow`` command: ``integrate``, ``refine``, ``run``, ``check``, ``texture`` and ``demo``.
 
 Each sub-command lives in its own module with a ``main(argv) -> int``. User mistakes
 (:class:`midasflow.errors.MidasflowError`) print one line and exit with status 2; bugs keep
@@ -24,6 +24,7 @@ COMMANDS = {
     "refine": ("midasflow.cli.refine", "refine every (ω, η) lineout of a .zarr.zip (MIDAS gsas_ii_refine.py)"),
     "run": ("midasflow.cli.run", "integrate, then refine, on one Dask scheduler (integrate_and_refine.py)"),
     "check": ("midasflow.cli.check", "calibration check: the CIF's rings on a .zarr.zip, shifts in ppm"),
+    "texture": ("midasflow.cli.texture", "joint texture fit and pole figures from an existing results.zarr"),
     "demo": ("midasflow.cli.demo", "simulate a strained CeO2 scan and run it end to end (a first try)"),
 }
 

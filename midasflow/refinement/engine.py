@@ -1137,11 +1137,7 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
         elif rwp_new > rwp_prev * (1 + 1e-9):
             reason = f"made Rwp worse ({rwp_new:.4g} % > {rwp_prev:.4g} %)"
         if reason:
-            warn.append(f"rolled_back: stage {stage.name!r} {reason}; kept the previous stage")
-            if "rolled_back" not in flags:
-                flags.append("rolled_back")
-            for pd, fsq in zip(model.phases, saved_lebail):
-                pd.fsq_lebail = fsq
+            _roll_back(model, stage.name, reason, saved_lebail, warn, flags)
             stage_rwp[stage.name] = rwp_prev
             continue
         values, vary, rwp_prev = st.values, trial_vary, rwp_new
@@ -1168,6 +1164,16 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
                      start_values, constraint if physical_profile else None, chi2_background)
     result.notes = info + result.notes
     return result
+
+
+def _roll_back(model: PatternModel, stage_name: str, reason: str, saved_lebail: list[np.ndarray],
+               warn: list[str], flags: list[str]) -> None:
+    """Record a stage undone (warning, flag ``rolled_back``) and restore its Le Bail intensities."""
+    warn.append(f"rolled_back: stage {stage_name!r} {reason}; kept the previous stage")
+    if "rolled_back" not in flags:
+        flags.append("rolled_back")
+    for pd, fsq in zip(model.phases, saved_lebail):
+        pd.fsq_lebail = fsq
 
 
 def _release(model: PatternModel, values, vary, y, w, sqrt_w, stage: Stage, lebail: bool,

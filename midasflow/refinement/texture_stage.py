@@ -146,11 +146,7 @@ def run_texture_stage(model, values: dict[str, float], vary: list[str], y: np.nd
         else:
             reason = _undetermined(model, best.values, trial_vary, y, sqrt_w)
     if reason:
-        warn.append(f"rolled_back: stage {TEXTURE_STAGE!r} {reason}; kept the previous stage")
-        if "rolled_back" not in flags:
-            flags.append("rolled_back")
-        for pd, fsq in zip(model.phases, saved_lebail):
-            pd.fsq_lebail = fsq
+        _engine._roll_back(model, TEXTURE_STAGE, reason, saved_lebail, warn, flags)
         stage_rwp[TEXTURE_STAGE] = rwp_prev
         return values, vary, rwp_prev
     stage_rwp[TEXTURE_STAGE] = rwp_new

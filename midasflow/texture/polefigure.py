@@ -33,7 +33,7 @@ from midasflow.strain import rotation_z, scattering_vector
 from midasflow.texture import harmonics as _sh
 
 __all__ = ["JointTextureFit", "add_texture_fit", "coverage_map", "equal_area", "fit_joint_texture",
-           "reflection_dataset", "sample_directions", "texture_design"]
+           "lineout_texture_dataset", "reflection_dataset", "sample_directions", "texture_design"]
 
 #: Cells of the coverage measure: equal-area bins of the upper hemisphere (cos ψ × azimuth).
 COVERAGE_BINS = (9, 36)
@@ -344,6 +344,43 @@ def reflection_dataset(lineouts: Sequence[Any], phase_names: Sequence[str], n_gr
                 "xyz": np.array(["x", "y", "z"])},
         attrs={"texture_phases": json.dumps(phase_info)},
     )
+
+
+def lineout_texture_dataset(lineouts: Sequence[Any], phase_names: Sequence[str], n_groups: int,
+                            n_eta: int) -> xr.Dataset:
+    """The per-lineout texture parameters the texture stage refined.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``po_param``/``po_param_esd`` (phase, group, eta, po_name): the March–Dollase ratio ``MD``
+        and the harmonic coefficients ``C(l,n)`` of each phase (NaN where not refined: stage
+        rolled back, skipped or failed lineouts). Empty (no ``po_name``) when no lineout refined one.
+    """
+    found: dict[str, None] = {}
+    for r in lineouts:
+        if r.pattern is not None and r.status == "ok":
+            for key in r.pattern.esds:
+                head, _, tail = key.partition(":0:")
+                if head.isdigit() and (tail == "MD" or tail.startswith("C(")):
+                    found.setdefault(tail, None)
+    names = sorted(found, key=lambda n: (n != "MD", _sh.parse_name(n) if n != "MD" else (0, 0, 0)))
+    val = np.full((len(phase_names), n_groups, n_eta, len(names)), np.nan)
+    err = np.full_like(val, np.nan)
+    for r in lineouts:
+        if r.pattern is None or r.status != "ok":
+            continue
+        for p in range(len(phase_names)):
+            for j, name in enumerate(names):
+                key = f"{p}:0:{name}"
+                if key in r.pattern.esds:
+                    val[p, r.group, r.eta_index, j] = r.pattern.values[key]
+                    err[p, r.group, r.eta_index, j] = r.pattern.esds[key]
+    dims = ("phase", "group", "eta", "po_name")
+    return xr.Dataset({"po_param": (dims, val, {"long_name": "per-lineout preferred orientation "
+                                               "(March–Dollase r, harmonic C(l,n))"}),
+                       "po_param_esd": (dims, err)},
+                      coords={"po_name": np.array(names, dtype=str)})
 
 
 def add_texture_fit(ds: xr.Dataset, *, order: int = 4, sample_axis: Sequence[float] = (0, 0, 1),
