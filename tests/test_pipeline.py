@@ -195,7 +195,9 @@ def test_summary_and_results_store_read_back(e2e):
     assert summary["strain"]["CeO2"]["sample"]["status"] == "ok"
 
     back = open_results(out / "results.zarr")
-    assert set(back.dims) == {"phase", "group", "eta", "component", "flag"}
+    # (reflection, xyz: the per-reflection intensities and their sample directions, docs/texture.md)
+    assert set(back.dims) == {"phase", "group", "eta", "component", "flag", "reflection", "xyz"}
+    assert back.I.dims == ("group", "eta", "reflection") and np.isfinite(back.I.values).any()
     for name in ("a_a", "a_a_esd", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg", "volume_a3",
                  "phase_scale", "phase_fraction", "strain", "strain_esd", "strain_theta_deg", "rwp", "gof",
                  "zero", "u", "v", "w", "x", "y", "shl", "n_points", "status", "warnings",
