@@ -285,7 +285,8 @@ def reflection_dataset(lineouts: Sequence[Any], phase_names: Sequence[str], n_gr
         (group, eta, reflection, xyz): the sample-frame scattering vector; coordinates of
         ``reflection``: ``reflection_phase``, ``h``, ``k``, ``l``, ``d_a`` and ``tth_deg``
         (medians over the lineouts); attribute ``texture_phases`` (JSON: Laue class, unique
-        axis and cell of each phase). Empty (no ``reflection``) without any extracted intensity.
+        axis and cell of each phase). ``I`` is NaN where a backend extracted no intensities
+        (GSAS-II's); no ``reflection`` at all without any reflection table.
     """
     keys: dict[tuple[str, int, int, int], int] = {}
     phase_info: dict[str, Any] = {}
@@ -298,7 +299,7 @@ def reflection_dataset(lineouts: Sequence[Any], phase_names: Sequence[str], n_gr
                                             "cell": [float(v) for v in ph.cell]})
         for name in phase_names:
             t = (p.reflections or {}).get(name)
-            if t is None or "i_obs" not in t:
+            if t is None or "h" not in t:
                 continue
             for hkl in zip(t["h"], t["k"], t["l"]):
                 keys.setdefault((name, *map(int, hkl)), len(keys))
@@ -317,10 +318,11 @@ def reflection_dataset(lineouts: Sequence[Any], phase_names: Sequence[str], n_gr
         omega[g, e], eta[g, e] = r.omega_deg, r.eta_deg
         for name in phase_names:
             t = (p.reflections or {}).get(name)
-            if t is None or "i_obs" not in t:
+            if t is None or "h" not in t:
                 continue
             cols = [index[(name, *map(int, hkl))] for hkl in zip(t["h"], t["k"], t["l"])]
-            I[g, e, cols], E[g, e, cols] = t["i_obs"], t["i_obs_esd"]
+            if "i_obs" in t:
+                I[g, e, cols], E[g, e, cols] = t["i_obs"], t["i_obs_esd"]
             tth[g, e, cols], d[g, e, cols] = t["tth_deg"], t["d_a"]
     directions = sample_directions(tth, eta[..., None], omega[..., None])
     import warnings
