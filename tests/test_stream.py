@@ -312,7 +312,9 @@ def test_frames_in_flight_are_bounded(small_scan, client, tmp_path, monkeypatch,
         # in flight, plus a caked frame or two waiting for the fold of the one before
         assert max(held) <= max_in_flight + 2, held
     else:
-        assert max(held) > 12, held  # the bound is what kept it small
+        # the bound is what kept it small: unbounded, more cakes are held than the bounded run
+        # (3 in flight) may hold; how many more depends on the machine's speed (10-23 seen)
+        assert max(held) > 3 + 2 + 1, held
     # arrivals that came back to back are caked together, up to frames_per_task, never across
     # a group's end (OmegaSumFrames 3 here), and give the same groups
     params = params.with_overrides(omega_sum_frames=3)
