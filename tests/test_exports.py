@@ -39,6 +39,7 @@ def _table(path):
     return rows[:header], np.array(rows[header + 1:], dtype=float)
 
 
+@pytest.mark.slow
 def test_resume_after_no_export_writes_the_missing_exports(scan, store, tmp_path):
     from midasflow.pipeline import refine
 
@@ -104,6 +105,7 @@ def test_csv_matches_gsas2s_own_export(gsasii, scan, store, tmp_path):
                                    err_msg=column)
 
 
+@pytest.mark.slow
 def test_run_puts_the_store_beside_the_refinement_folder(scan, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "beamtime" / "refinement"

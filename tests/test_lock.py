@@ -92,6 +92,7 @@ def test_a_file_or_an_unwritable_place_is_refused(tmp_path):
             pass
 
 
+@pytest.mark.slow
 def test_racing_lockers_exactly_one_wins(tmp_path):
     script = textwrap.dedent("""
         import os, sys, time

@@ -88,6 +88,7 @@ def test_store_plan_gives_the_eager_plans_results(store):
     _same(lazy, run_serial(open_caked(path).load(), options, backend=QUICK))
 
 
+@pytest.mark.slow
 def test_the_same_plan_on_the_serial_and_the_distributed_executor(store, client):
     path, options = store
     plan = LineoutPlan.of(path, options, backend=QUICK)

@@ -216,6 +216,7 @@ def client():
     cluster.close()
 
 
+@pytest.mark.slow
 def test_stream_cakes_are_bit_identical_to_batch_mode(small_scan, client, tmp_path):
     from midasflow.io.caked_store import open_caked
     from midasflow.pipeline import integrate

@@ -23,6 +23,7 @@ def test_sample_direction_is_the_strain_scattering_vector_turned_by_omega():
     np.testing.assert_allclose(np.hypot(px, py), [0.0, 1.0, 0.0], atol=1e-12)
 
 
+@pytest.mark.slow
 def test_fibre_march_dollase_along_the_axis_is_gsas2s_factor():
     # at χ = 0 the fibre pole density is GSAS-II's March–Dollase factor (GetPrefOri, r = 0.8, 001)
     tex = FiberTexture("md", md_ratio=0.8)
