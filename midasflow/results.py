@@ -38,7 +38,9 @@ WARNING_SEPARATOR = "\n"
 #: ``max_rwp``. ``unphysical_profile`` and ``high_correlation`` are not among them: both describe
 #: the parametrisation, not the cell — GSAS-II's own minima often carry negative widths (its PbSO4
 #: minimum has X < 0), and a correlation, even of the cell with SH/L (0.99 on 0.05° peaks at
-#: λ 0.41 Å), is already in the cell's esd, the marginal of the full covariance.
+#: λ 0.41 Å), is already in the cell's esd, the marginal of the full covariance. Nor is
+#: ``texture_rolled_back``: an undone optional texture stage leaves the complete refinement
+#: without texture, the right result for an untextured lineout.
 STRAIN_EXCLUDING_FLAGS: tuple[str, ...] = ("at_bound", "rolled_back", "bad_esd", "rwp_above_max")
 #: per-lineout variable → GSAS-II parameter name
 PROFILE_VARS = {"zero": "Zero", "u": "U", "v": "V", "w": "W", "x": "X", "y": "Y", "shl": "SH/L", "scale": "Scale"}

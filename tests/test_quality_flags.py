@@ -90,8 +90,29 @@ def test_max_rwp_flags_every_lineout_and_keeps_them_out_of_the_strain_fits(scan,
 
 
 def test_flags_of_the_parametrisation_do_not_exclude_from_strain():
-    assert {"unphysical_profile", "high_correlation"} <= set(FLAGS)
-    assert set(STRAIN_EXCLUDING_FLAGS) == set(FLAGS) - {"unphysical_profile", "high_correlation"}
+    assert {"unphysical_profile", "high_correlation", "texture_rolled_back"} <= set(FLAGS)
+    assert set(STRAIN_EXCLUDING_FLAGS) == set(FLAGS) - {"unphysical_profile", "high_correlation",
+                                                        "texture_rolled_back"}
+
+
+def test_undone_texture_stage_on_an_untextured_scan_is_reported_not_excluded(scan, tmp_path):
+    """The demo's CeO2 is untextured: March–Dollase along [111] finds nothing and is undone on
+    most lineouts. Those lineouts are flagged ``texture_rolled_back`` (not ``rolled_back``), keep
+    the cell of the refinement without texture (within 0.05 esd) and stay in the strain fits."""
+    plain = _refine(scan, tmp_path / "plain")
+    md = _refine(scan, tmp_path / "md", texture="md", po_axis=(1, 1, 1))
+    undone = md.flags.sel(flag="texture_rolled_back").values[0]
+    assert undone.sum() >= N_ETA // 2, md.warnings.values
+    assert not md.flags.sel(flag="rolled_back").values.any()
+    assert all("texture_rolled_back: stage 'texture'" in w for w in md.warnings.values[0][undone])
+    # the group-mean seed was refined with the stage, so the start differs slightly
+    shift = (md.a_a.values[0, 0] - plain.a_a.values[0, 0]) / plain.a_a_esd.values[0, 0]
+    assert np.all(np.abs(shift[undone]) < 0.05), shift
+    assert np.isnan(md.po_param.values[0, 0][undone]).all()
+    assert md.in_strain_fit.values.sum() == plain.in_strain_fit.values.sum() == N_ETA
+    summary = json.loads((tmp_path / "md" / "refinement_summary.json").read_text())
+    assert summary["flag_counts"]["texture_rolled_back"] == int(undone.sum())
+    assert "texture_rolled_back" not in summary["strain_excluding_flags"]
 
 
 def test_command_line_flags_reach_the_results(scan, tmp_path, capsys):

@@ -164,8 +164,10 @@ def test_max_rwp_flag(pattern):
 
 def test_flag_vocabulary_is_documented():
     assert set(FLAGS) == {"unphysical_profile", "at_bound", "rolled_back", "high_correlation",
-                          "bad_esd", "rwp_above_max"}
+                          "bad_esd", "rwp_above_max", "texture_rolled_back"}
     with open("docs/reference/gsas2_profile.md", encoding="utf-8") as fh:
         doc = fh.read()
+    with open("docs/quality_flags.md", encoding="utf-8") as fh:
+        user_doc = fh.read()
     for flag in FLAGS:
-        assert f"`{flag}`" in doc
+        assert f"`{flag}`" in doc and f"`{flag}`" in user_doc

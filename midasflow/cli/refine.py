@@ -92,8 +92,8 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                          "failure)")
     quality.add_argument("--include-flagged", action="store_true",
                          help="let flagged lineouts into the strain and tensor fits (left out by "
-                         "default: at_bound, rolled_back, bad_esd, rwp_above_max; unphysical_profile "
-                         "and high_correlation do not exclude)")
+                         "default: at_bound, rolled_back, bad_esd, rwp_above_max; unphysical_profile, "
+                         "high_correlation and texture_rolled_back do not exclude)")
     texture = parser.add_argument_group("texture (stage 5, preferred orientation; docs/texture.md)")
     texture.add_argument("--texture", choices=("md", "sh"), default=None,
                          help="refine preferred orientation per lineout: md (March–Dollase along "

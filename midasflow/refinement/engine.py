@@ -1167,11 +1167,12 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
 
 
 def _roll_back(model: PatternModel, stage_name: str, reason: str, saved_lebail: list[np.ndarray],
-               warn: list[str], flags: list[str]) -> None:
-    """Record a stage undone (warning, flag ``rolled_back``) and restore its Le Bail intensities."""
-    warn.append(f"rolled_back: stage {stage_name!r} {reason}; kept the previous stage")
-    if "rolled_back" not in flags:
-        flags.append("rolled_back")
+               warn: list[str], flags: list[str], flag: str = "rolled_back") -> None:
+    """Record a stage undone (warning and ``flag``: ``rolled_back``, or ``texture_rolled_back``
+    for the optional texture stage) and restore its Le Bail intensities."""
+    warn.append(f"{flag}: stage {stage_name!r} {reason}; kept the previous stage")
+    if flag not in flags:
+        flags.append(flag)
     for pd, fsq in zip(model.phases, saved_lebail):
         pd.fsq_lebail = fsq
 

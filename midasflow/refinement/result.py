@@ -26,6 +26,9 @@ FLAGS: dict[str, str] = {
                 "March–Dollase ratio driven to 0, or (physical_profile) σ²/γ held at their "
                 "bounds",
     "rolled_back": "a refinement stage diverged or raised Rwp and was undone",
+    "texture_rolled_back": "the optional texture stage (--texture) diverged, raised Rwp or left "
+                           "the texture undetermined and was undone: the result is the "
+                           "refinement without texture",
     "high_correlation": "two refined parameters of different kinds correlate with |r| > 0.95 "
                         "(the warning names the pairs; pairs within U/V/W, X/Y/Z or the "
                         "background terms are only noted)",

@@ -3,8 +3,8 @@
 :func:`run_texture_stage` runs after the other stages of
 :func:`midasflow.refinement.engine.refine_pattern` with every parameter refined so far plus the
 texture parameters of every phase (:attr:`midasflow.texture.po.PreferredOrientation.names`). As
-the other stages it is undone (flag ``rolled_back``) when it diverges or raises Rwp, and also when
-the texture parameters are not determined by the pattern:
+the other stages it is undone when it diverges or raises Rwp, and also when the texture parameters
+are not determined by the pattern:
 
 * a zero or non-finite esd (singular normal matrix);
 * a March–Dollase ratio with esd above :data:`MAX_MD_ESD` (relative), or a harmonic coefficient
@@ -15,6 +15,11 @@ A cubic phase has no first-order March–Dollase effect at r = 1 (the derivative
 over the cubic equivalents), so the LM cannot leave r = 1; the stage then starts from r = 0.8 and
 from r = 1.25 and keeps the lower χ². An untextured cubic pattern then leaves r undetermined
 (χ² is quartic in r − 1) and the stage is rolled back with that reason.
+
+A rolled-back texture stage raises its own flag, ``texture_rolled_back``, not ``rolled_back``:
+the lineout's result is then the refinement without ``--texture`` (every other stage of the
+recipe refined), which is the right outcome for an untextured lineout, so the flag reports it but
+does not keep the lineout out of the strain fits (``docs/quality_flags.md``).
 """
 from __future__ import annotations
 
@@ -146,7 +151,8 @@ def run_texture_stage(model, values: dict[str, float], vary: list[str], y: np.nd
         else:
             reason = _undetermined(model, best.values, trial_vary, y, sqrt_w)
     if reason:
-        _engine._roll_back(model, TEXTURE_STAGE, reason, saved_lebail, warn, flags)
+        _engine._roll_back(model, TEXTURE_STAGE, reason, saved_lebail, warn, flags,
+                           flag="texture_rolled_back")
         stage_rwp[TEXTURE_STAGE] = rwp_prev
         return values, vary, rwp_prev
     stage_rwp[TEXTURE_STAGE] = rwp_new
