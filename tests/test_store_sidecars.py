@@ -203,3 +203,21 @@ def test_the_commands_say_which_sidecars_apply(fresh, capsys):
     announce_sidecars(str(store), "given.instprm", "check")  # -i replaces the store's terms: .samprm only
     assert capsys.readouterr().err.splitlines() == [
         f"midasflow check: {tmp_path / 'scan_000001.zarr.samprm'} beside the store sets its sample parameters"]
+
+
+def test_sidecars_of_a_plain_zarr_store_are_announced_without_opening_it(store, tmp_path, capsys):
+    """A plain zarr directory (``refine --data x.zarr``) with ``x.instprm`` beside it: the file is
+    announced, and a bad one is the one-line error — the store itself is not opened for it."""
+    from midasflow.cli._common import announce_sidecars
+    from midasflow.errors import InstprmError
+    from midasflow.io.caked_store import write_caked_zarr
+    from midasflow.io.midas_zarr import read_midas_zarr
+
+    plain = write_caked_zarr(read_midas_zarr(store[0]), tmp_path / "scan_000001.zarr")
+    (tmp_path / "scan_000001.instprm").write_text(HEADER + "U:9.0\n")
+    announce_sidecars(str(plain), None, "refine")
+    assert capsys.readouterr().err.splitlines() == [
+        f"midasflow refine: {tmp_path / 'scan_000001.instprm'} beside the store sets its instrument parameters"]
+    (tmp_path / "scan_000001.instprm").write_text(HEADER + "U:wide\n")
+    with pytest.raises(InstprmError, match=r"scan_000001.instprm: line 2: key 'U': expected a number"):
+        announce_sidecars(str(plain), None, "refine")

@@ -197,13 +197,11 @@ def announce_sidecars(store: str, instprm: str | None, command: str) -> None:
     so a bad one is the command's one-line error with nothing said before it."""
     import warnings
 
-    from midasflow.io.instprm import instrument_from_midas, read_sample_parameters, sibling_files
+    from midasflow.io.instprm import read_sibling_files
 
     with warnings.catch_warnings():  # the refinement itself warns (once) about what it reads
         warnings.simplefilter("ignore")
-        found = ([] if instprm else sibling_files(store, ".instprm")) + sibling_files(store, ".samprm")
-        if found:
-            read_sample_parameters(store) if instprm else instrument_from_midas(store)
+        found = read_sibling_files(store, instprm_given=bool(instprm))
     for path in found:
         what = "instrument" if path.suffix == ".instprm" else "sample"
         print(f"midasflow {command}: {path} beside the store sets its {what} parameters", file=sys.stderr)

@@ -254,6 +254,25 @@ def sibling_files(store: str | os.PathLike, suffix: str) -> list[Path]:
     return found
 
 
+def read_sibling_files(store: str | os.PathLike, *, instprm_given: bool = False) -> list[Path]:
+    """Read (and so check) the GSAS-II files beside ``store`` that a refinement of it applies, without
+    opening the store: its ``.instprm`` files (:func:`sibling_files`) unless ``instprm_given``
+    (``-i`` names one), then its ``.samprm`` files. Returns them in the order they apply.
+
+    Raises
+    ------
+    InstprmError
+        A file that cannot be read or parsed, naming the file and line.
+    """
+    found = [] if instprm_given else sibling_files(store, ".instprm")
+    for path in found:
+        _parse(path, None)
+    samples = sibling_files(store, ".samprm")
+    if samples:
+        read_sample_parameters(store)
+    return found + samples
+
+
 # --------------------------------------------------------------------------------------------
 # .samprm (GSAS-II sample parameters beside a store)
 # --------------------------------------------------------------------------------------------
