@@ -344,6 +344,16 @@ def test_nan_bins_have_zero_area_for_importers(params, tmp_path):
         assert np.isfinite(y).all(), key
     back = open_caked(path)
     xr.testing.assert_identical(back.compute(), ref)  # bin_area from BinArea, not REtaMap
+    # the plane the importers number by: the stored one, kept from the open, and the new one once
+    # the file is rewritten (here: the same layout without the NaN stripes)
+    import midasflow.io.midas_zarr as midas_zarr
+
+    np.testing.assert_array_equal(midas_zarr.read_importer_area(path), area)
+    write_midas_zarr(cake(lazy_frames(p, 6, chunks=4), p, binmap=bm), path)
+    rewritten = midas_zarr.read_importer_area(path)
+    midas_zarr._IMPORTER_AREAS.clear()  # a fresh process reads the plane from the file itself
+    np.testing.assert_array_equal(rewritten, midas_zarr.read_importer_area(path))
+    assert (rewritten != area).any()
 
 
 @pytest.mark.slow

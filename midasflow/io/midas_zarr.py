@@ -414,16 +414,35 @@ def read_instrument_parameters(path: str | os.PathLike) -> dict[str, Any]:
         return _instrument_parameters(root["InstrumentParameters"])
 
 
+#: The stored REtaMap BinArea plane of the stores :func:`read_midas_zarr` read last, by file
+#: identity (path, inode, size, mtime): planning numbers histograms by it right after opening the
+#: store, and a store rewritten since has another identity.
+_IMPORTER_AREAS: dict[tuple[str, int, int, int], np.ndarray] = {}
+_IMPORTER_AREAS_KEPT = 4
+_IMPORTER_AREAS_LOCK = threading.Lock()
+
+
+def _file_identity(path: str | os.PathLike) -> tuple[str, int, int, int]:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_importer_area(path: str | os.PathLike) -> np.ndarray:
     """The ``REtaMap`` BinArea plane of a ``.zarr.zip`` as stored, (nR, nEta): the bin areas
     GSAS-II's MIDAS importer and MIDAS's ``gsas_ii_refine.py`` select and number histograms by
-    (midasflow's own ``bin_area`` is the ``BinArea`` member when present).
+    (midasflow's own ``bin_area`` is the ``BinArea`` member when present). The plane
+    :func:`read_midas_zarr` read from the same, unchanged file is not read again.
 
     Raises
     ------
     CakeFileError
         The file is missing, not a zip, or has no REtaMap of at least four planes.
     """
+    if os.path.isfile(path):
+        with _IMPORTER_AREAS_LOCK:
+            kept = _IMPORTER_AREAS.get(_file_identity(path))
+        if kept is not None:
+            return kept.copy()
     with _open_root(path) as root:
         if "REtaMap" not in set(root.array_keys()):
             raise CakeFileError(f"{path}: not a MIDAS caked layout, member 'REtaMap' missing")
@@ -479,6 +498,7 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
     from midasflow.caked_schema import caked_dataset
 
     path = Path(path)
+    identity = _file_identity(path) if path.is_file() else None  # before the file is read
     shapes: dict[str, tuple[int, ...]] = {}
     with _open_root(path, shapes) as root:
         members = set(root.group_keys()) | set(root.array_keys())
@@ -503,6 +523,11 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         has_sum = "SumFrames" in members
         inst = gsas_names(_instrument_parameters(root["InstrumentParameters"]))
         root_attrs = dict(root.attrs)
+    with _IMPORTER_AREAS_LOCK:
+        _IMPORTER_AREAS.pop(identity, None)
+        _IMPORTER_AREAS[identity] = np.asarray(retamap[3], dtype=np.float64)
+        while len(_IMPORTER_AREAS) > _IMPORTER_AREAS_KEPT:
+            del _IMPORTER_AREAS[next(iter(_IMPORTER_AREAS))]
     if retamap.shape[0] == 4:  # legacy 4-plane REtaMap (R, 2θ, η, BinArea): Q from Lam
         from midasflow.geometry import tth_to_q_inv_a
 
