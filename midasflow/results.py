@@ -405,14 +405,17 @@ def summary_dict(ds: xr.Dataset, folder: str | os.PathLike | None = None) -> dic
     phase_names = ds["phase"].values.tolist()
     flag_names = ds["flag"].values.tolist() if "flags" in ds else []
     flags = ds["flags"].values if "flags" in ds else np.zeros(status.shape + (0,), dtype=bool)
+    from midasflow.refinement.numbering import histogram_name
+
     histogram = hist_index >= 0
+    gpx = _gpx_paths(folder)
     hists, others = [], []
     refined_other = ~histogram & (status != "skipped")
     for g, e in zip(*np.nonzero(histogram | refined_other)):
         g, e = int(g), int(e)
         number, state = int(hist_index[g, e]), str(status[g, e])
-        entry: dict[str, Any] = ({"histogram_index": number, "gpx": _gpx_path(folder, number)} if number >= 0
-                                 else {})
+        entry: dict[str, Any] = ({"histogram_index": number, "gpx": gpx.get(histogram_name(number))}
+                                 if number >= 0 else {})
         entry["status"] = MIDAS_STATUS.get(state, state)
         if state == "ok":
             entry["Rwp"] = _num(rwp[g, e])
@@ -463,17 +466,22 @@ def summary_dict(ds: xr.Dataset, folder: str | os.PathLike | None = None) -> dic
     return summary
 
 
-def _gpx_path(folder: str | os.PathLike | None, number: int) -> str | None:
-    """The GSAS-II project of histogram ``number`` in ``folder`` if one was written, else None."""
+def _gpx_paths(folder: str | os.PathLike | None) -> dict[str, str]:
+    """Histogram stem -> the GSAS-II project written for it in ``folder`` (``<stem>.gpx``, as
+    midasflow's engine writes it, over ``gsas2/<stem>/<stem>.gpx``, the GSAS-II backend's
+    working project), from one listing of each place."""
     if folder is None:
-        return None
-    from midasflow.refinement.numbering import histogram_name
-
-    stem = histogram_name(number)
-    for path in (Path(folder) / f"{stem}.gpx", Path(folder) / "gsas2" / stem / f"{stem}.gpx"):
-        if path.is_file():
-            return str(path.resolve())
-    return None
+        return {}
+    folder = Path(folder).resolve()
+    found = {}
+    if (folder / "gsas2").is_dir():
+        found = {entry.name: str(folder / "gsas2" / entry.name / f"{entry.name}.gpx")
+                 for entry in os.scandir(folder / "gsas2")
+                 if entry.is_dir() and os.path.isfile(os.path.join(entry.path, f"{entry.name}.gpx"))}
+    if folder.is_dir():
+        found.update({entry.name[:-4]: str(folder / entry.name) for entry in os.scandir(folder)
+                      if entry.name.endswith(".gpx") and entry.is_file()})
+    return found
 
 
 def write_results_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
@@ -544,7 +552,7 @@ def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrumen
     if "cif" in kinds:
         written += pattern.write_cifs(folder, spec.name)
     if "gpx" in kinds:
-        from midasflow.io.gpx import write_gpx
+        from midasflow.io.gpx import NoFittedPattern, UnsupportedSetting, write_gpx
 
         try:
             written.append(write_gpx(
@@ -552,7 +560,7 @@ def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrumen
                 histogram_name=f"PWDR {spec.name}", omega_deg=spec.omega_deg, eta_deg=spec.eta_deg,
                 comments=[f"midasflow lineout {spec.name}: omega {spec.omega_deg:g} deg, "
                           f"eta {spec.eta_deg:g} deg"]))
-        except ValueError as exc:  # UnsupportedSetting, or no weights from this backend
+        except (UnsupportedSetting, NoFittedPattern) as exc:
             pattern.warnings.append(f"no {spec.name}.gpx: {exc}")
     return written
 

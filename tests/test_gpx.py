@@ -11,7 +11,7 @@ import pytest
 
 from gpx_helpers import read_gpx, refined_lineout, tree
 from midasflow.crystal import cell_to_A
-from midasflow.io.gpx import gsas2_name, write_gpx
+from midasflow.io.gpx import NoFittedPattern, gsas2_name, write_gpx
 from phase_helpers import ceo2, pbso4, zno
 
 #: The top-level items of a project, in GSAS-II's order.
@@ -146,7 +146,7 @@ def test_lineout_without_weights_is_refused(tmp_path, ceo2_fit):
     from dataclasses import replace
 
     _, pattern, inst = ceo2_fit
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(NoFittedPattern, match="weights"):
         write_gpx(tmp_path / "x.gpx", replace(pattern, weight=np.zeros(0)), inst)
     with pytest.raises(ValueError, match="mode"):
         write_gpx(tmp_path / "x.gpx", pattern, inst, mode="pawley")

@@ -34,7 +34,13 @@ from midasflow.texture.po import PreferredOrientation
 if TYPE_CHECKING:  # pragma: no cover
     from midasflow.refinement.result import PatternResult
 
-__all__ = ["GPX_PROTOCOL", "UnsupportedSetting", "gsas2_name", "write_gpx"]
+__all__ = ["GPX_PROTOCOL", "NoFittedPattern", "UnsupportedSetting", "gsas2_name", "write_gpx"]
+
+
+class NoFittedPattern(ValueError):
+    """The result carries no fitted points, weights and calculated pattern to write (a backend
+    that returns none of them, e.g. GSAS-II's)."""
+
 
 #: Pickle protocol of every tree item (GSAS-II's GUI writes 2, its scripting module 1).
 GPX_PROTOCOL = 2
@@ -434,7 +440,7 @@ def _tree(pattern: PatternResult, inst: Instrument, path: Path, *, lebail: bool,
     yc = np.asarray(pattern.calc, dtype=np.float64)
     yb = np.asarray(pattern.bkg, dtype=np.float64)
     if not (x.size and x.shape == y.shape == w.shape == yc.shape == yb.shape):
-        raise ValueError(f"{path}: the lineout's fitted points, weights and calculated pattern "
+        raise NoFittedPattern(f"{path}: the lineout's fitted points, weights and calculated pattern "
                          "are needed (a result of midasflow's engine)")
     hist_id = _ran_id(stem, "histogram")
     residuals = _residuals(pattern, x, y, w, yc, yb)
@@ -541,8 +547,10 @@ def write_gpx(path: str | os.PathLike, pattern: PatternResult,
     ------
     UnsupportedSetting
         A phase's space-group setting or a site symmetry GSAS-II cannot hold as given.
+    NoFittedPattern
+        ``pattern`` lacks the fitted points or weights.
     ValueError
-        ``pattern`` lacks the fitted points or weights, or ``mode`` is unknown.
+        ``mode`` is unknown.
     """
     if mode not in ("rietveld", "lebail"):
         raise ValueError(f"mode {mode!r}: expected 'rietveld' or 'lebail'")

@@ -96,7 +96,7 @@ class DistributedExecutor:
     client : distributed.Client
     lineouts_per_task : int, optional
         Unit size; default one ω-group per unit (measured 1.8× the throughput of one lineout per
-        task: each group's cake is read once and the scheduler sees 72× fewer tasks), or, for a
+        task: each group's cake is read once and the scheduler sees n_eta× fewer tasks), or, for a
         scan of fewer than 4 groups per worker thread, groups cut evenly into 4 units per thread
         so that every worker has work.
     retries : int
