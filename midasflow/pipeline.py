@@ -8,6 +8,7 @@ two one after the other on the same scheduler.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -382,7 +383,15 @@ def refine(
         record_settings(out, {**options.settings(), "backend": backend, "min_points": min_points,
                               "seed_from": seed_from, "data_file": data_file}, resume=resume)
         executor = SerialExecutor() if client is None else DistributedExecutor(client)
-        lineouts = plan.execute(executor, checkpoint_dir=out, resume=resume, progress=progress)
+        # the fitted curves are kept only for the groups the report plots (memory stays flat in scan
+        # size; the exports were written by the tasks)
+        from midasflow.report import PLOTTED_GROUPS
+
+        plotted = PLOTTED_GROUPS if report else 0
+        lineouts = sorted((r if r.group < plotted or r.pattern is None
+                           else dataclasses.replace(r, pattern=r.pattern.without_curves())
+                           for r in plan.results(executor, checkpoint_dir=out, resume=resume,
+                                                 progress=progress)), key=lambda r: r.index)
         cells = dict(ref_cells or {})
         for phase in phases:
             cells.setdefault(phase.name, tuple(phase.cell))

@@ -22,6 +22,8 @@ from midasflow import strain as strain_mod
 from midasflow.io.atomic import atomic_output
 
 _WIDTH, _HEIGHT = 760, 300
+#: The ω-groups (the first ones) whose typical lineout the report plots with its fit.
+PLOTTED_GROUPS = 12
 
 
 def _palette(n: int) -> list[str]:
@@ -236,7 +238,8 @@ def summary_html(results: xr.Dataset) -> str:
 
 
 def _representative(lineouts: Sequence[Any], group: int) -> Any | None:
-    ok = [r for r in lineouts if r.group == group and r.status == "ok" and r.pattern is not None]
+    ok = [r for r in lineouts if r.group == group and r.status == "ok" and r.pattern is not None
+          and len(r.pattern.obs)]  # a run keeps the curves of the plotted groups only
     if not ok:
         return None
     ok.sort(key=lambda r: (r.pattern.rwp, r.index))
@@ -244,7 +247,7 @@ def _representative(lineouts: Sequence[Any], group: int) -> Any | None:
 
 
 def report_figures(results: xr.Dataset, *, caked: xr.Dataset | None = None,
-                   lineouts: Sequence[Any] = (), max_groups: int = 12) -> list[Any]:
+                   lineouts: Sequence[Any] = (), max_groups: int = PLOTTED_GROUPS) -> list[Any]:
     """The report's figures, in order (see module docstring)."""
     figs: list[Any] = []
     if caked is not None:
@@ -272,7 +275,7 @@ def write_report(
     caked: xr.Dataset | None = None,
     lineouts: Sequence[Any] = (),
     title: str = "midasflow refinement report",
-    max_groups: int = 12,
+    max_groups: int = PLOTTED_GROUPS,
 ) -> Path:
     """Write the HTML report (Bokeh, resources inline so it opens offline); atomic.
 

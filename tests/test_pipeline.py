@@ -348,3 +348,30 @@ def test_integrate_dataset_opens_the_frames_once_in_map_pass_chunks(tmp_path, mo
     assert opened == [str(files.data)]  # data once; no dark in this scan
     per_pass = frames_per_pass(load_or_build_binmap(files.params, None, tmp_path / "maps"))
     assert per_pass < 40 and ds["frame_intensity"].chunks[0][0] == per_pass
+
+
+def test_curves_are_kept_only_for_the_groups_the_report_plots(small, tmp_path, monkeypatch):
+    """A run keeps the fitted curves (and covariances) only of the ω-groups report.html plots, so
+    the client's memory does not grow with the scan by every lineout's curves; the numbers stay."""
+    import midasflow.report as report
+
+    ds, cif = small
+    seen = {}
+    write_report = report.write_report
+
+    def capture(results, path, **kw):
+        seen["lineouts"] = kw["lineouts"]
+        return write_report(results, path, **kw)
+
+    monkeypatch.setattr(report, "write_report", capture)
+    pipeline.refine(ds, [cif], out=tmp_path / "plotted", export=False)
+    plotted = [r.pattern for r in seen["lineouts"] if r.status == "ok"]
+    assert plotted and all(p.obs.size and p.weight.size and p.covariance is not None for p in plotted)
+    monkeypatch.setattr(report, "PLOTTED_GROUPS", 0)
+    r = pipeline.refine(ds, [cif], out=tmp_path / "none", export=False)
+    slim = [x.pattern for x in seen["lineouts"] if x.status == "ok"]
+    assert len(slim) == len(plotted)
+    for p, q in zip(slim, plotted):
+        assert p.obs.size == p.calc.size == p.weight.size == 0 and p.covariance is None
+        assert p.rwp == q.rwp and p.cells == q.cells and p.flags == q.flags
+    assert (tmp_path / "none" / "report.html").is_file() and np.isfinite(r.a_a.values[0, 0]).all()

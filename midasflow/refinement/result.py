@@ -115,6 +115,14 @@ class PatternResult:
     flags: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
 
+    def without_curves(self) -> "PatternResult":
+        """This result without its per-point arrays (``tth_deg``, ``obs``, ``calc``, ``bkg``,
+        ``weight``) and covariance: the numbers, flags and reflection tables stay. What a run
+        keeps of the lineouts it does not plot, once their exports are written."""
+        empty = np.zeros(0)
+        return dataclasses.replace(self, tth_deg=empty, obs=empty, calc=empty, bkg=empty,
+                                   weight=empty, covariance=None)
+
     def with_max_rwp(self, max_rwp: float | None) -> "PatternResult":
         """This result, flagged ``rwp_above_max`` if its Rwp (%) exceeds ``max_rwp``.
 

@@ -71,12 +71,9 @@ def stop_on_signals(stop: threading.Event) -> Iterator[dict[str, int]]:
 
 def _slim(result: Any) -> Any:
     """A lineout result without its fitted curves (the numbers stay)."""
-    pattern = result.pattern
-    if pattern is None or getattr(pattern, "obs", None) is None or not len(pattern.obs):
+    if result.pattern is None:
         return result
-    empty = np.empty(0)
-    return dataclasses.replace(result, pattern=dataclasses.replace(pattern, tth_deg=empty, obs=empty,
-                                                                   calc=empty, bkg=empty))
+    return dataclasses.replace(result, pattern=result.pattern.without_curves())
 
 
 def zarr_output_path(zarr_output: str | None, output_h5: str | None, result_folder: str | os.PathLike,
