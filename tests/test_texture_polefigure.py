@@ -77,6 +77,24 @@ def test_joint_fit_flags_what_the_coverage_cannot_tell():
     assert not np.isfinite(fit.texture_index_esd)
 
 
+def test_joint_fit_says_when_it_stopped_short_or_failed(monkeypatch):
+    """A fit cut off before χ² stops falling is 'not converged', never 'ok'; a failure of the
+    linear algebra is the fit's status with NaN values, not an exception after every lineout."""
+    I, esd, y = _synthetic({"C(4,1)": 0.5, "C(6,1)": -0.3})
+    cut = fit_joint_texture(I, esd, y, HKL, CEO2.cell, "m3m", order=6, sample_axis=(1, 0, 0), max_iter=1)
+    assert cut.status == "not converged" and "still falling after 1" in cut.notes[0]
+    full = fit_joint_texture(I, esd, y, HKL, CEO2.cell, "m3m", order=6, sample_axis=(1, 0, 0))
+    assert full.status == "ok" and not full.notes
+
+    def broken(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(np.linalg, "svd", broken)
+    failed = fit_joint_texture(I, esd, y, HKL, CEO2.cell, "m3m", order=6, sample_axis=(1, 0, 0))
+    assert failed.status == "failed: SVD did not converge"
+    assert np.isnan(failed.values).all() and np.isnan(failed.texture_index)
+
+
 def test_coverage_map_counts_hemisphere_cells():
     y = sample_directions(np.full(36, 10.0), np.arange(36) * 10.0, 0.0)
     cov = coverage_map(y)

@@ -20,6 +20,7 @@ is I/s_h (1 for a random powder). ``docs/texture.md`` shows how to use it;
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -120,7 +121,8 @@ class JointTextureFit:
     ----------
     status : str
         'ok', 'ill-conditioned' (coefficients not determined by the coverage; their esds are
-        NaN), or 'failed: …' / 'no data'.
+        NaN), 'not converged' (χ² still falling after ``max_iter`` iterations), 'failed: …'
+        (the linear algebra failed; values NaN) or 'no data'.
     names : list of str
         ``C(l,0,n)`` (GSAS-II's cylindrical texture names).
     values, esds : ndarray (n_coef,)
@@ -216,32 +218,39 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
         J[:, n_s:] = s[col][:, None] * D
         return A, J / sig[:, None]
 
-    chi2 = math.inf
-    for _ in range(max_iter):
+    chi2, converged = math.inf, False
+    try:
+        for _ in range(max_iter):
+            A, Jw = jacobian(s, c)
+            r = (y_obs - s[col] * A) / sig
+            chi2_now = float(r @ r)
+            scale = np.linalg.norm(Jw, axis=0)
+            scale[scale == 0] = 1.0
+            step = np.linalg.lstsq(Jw / scale, r, rcond=None)[0] / scale
+            for shrink in (1.0, 0.5, 0.25, 0.125, 0.0625):  # the Gauss–Newton step, halved
+                s_new, c_new = s + shrink * step[:n_s], c + shrink * step[n_s:]
+                A_new = 1.0 + D @ c_new
+                r_new = (y_obs - s_new[col] * A_new) / sig
+                chi2_new = float(r_new @ r_new)
+                if chi2_new < chi2_now:
+                    break
+            else:  # no step along the Gauss–Newton direction lowers χ²: at the minimum
+                chi2, converged = chi2_now, True
+                break
+            s, c, chi2 = s_new, c_new, chi2_new
+            if chi2_now - chi2_new < 1e-10 * chi2_now:
+                converged = True
+                break
         A, Jw = jacobian(s, c)
-        r = (y_obs - s[col] * A) / sig
-        chi2_now = float(r @ r)
+        dof = max(rows.size - n_s - len(names), 1)
+        gof = math.sqrt(chi2 / dof)
         scale = np.linalg.norm(Jw, axis=0)
         scale[scale == 0] = 1.0
-        step = np.linalg.lstsq(Jw / scale, r, rcond=None)[0] / scale
-        s_new, c_new = s + step[:n_s], c + step[n_s:]
-        A_new = 1.0 + D @ c_new
-        r_new = (y_obs - s_new[col] * A_new) / sig
-        chi2_new = float(r_new @ r_new)
-        if not chi2_new < chi2_now:
-            chi2 = chi2_now
-            break
-        s, c, chi2 = s_new, c_new, chi2_new
-        if chi2_now - chi2_new < 1e-10 * chi2_now:
-            break
-    A, Jw = jacobian(s, c)
-    dof = max(rows.size - n_s - len(names), 1)
-    gof = math.sqrt(chi2 / dof)
-    scale = np.linalg.norm(Jw, axis=0)
-    scale[scale == 0] = 1.0
-    u, sv, vt = np.linalg.svd(Jw / scale, full_matrices=False)
-    status = "ok"
-    notes = []
+        u, sv, vt = np.linalg.svd(Jw / scale, full_matrices=False)
+    except (np.linalg.LinAlgError, ValueError) as exc:  # a non-finite intensity or direction
+        return dataclasses.replace(empty, status=f"failed: {exc}", n_points=int(rows.size))
+    status = "ok" if converged else "not converged"
+    notes = [] if converged else [f"χ² still falling after {max_iter} Gauss–Newton iterations"]
     if sv.size and sv[-1] < _SINGULAR * sv[0]:
         status = "ill-conditioned"
         notes.append("the measured directions do not determine every coefficient (singular normal "
@@ -249,7 +258,7 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
     inv = (vt.T / np.where(sv > _SINGULAR * sv[0], sv, np.inf) ** 2) @ vt
     cov = inv / np.outer(scale, scale) * gof ** 2
     err = np.sqrt(np.maximum(np.diag(cov), 0.0))
-    if status != "ok":
+    if status == "ill-conditioned":
         err[n_s:] = np.nan
     if np.any(A <= 0):
         notes.append(f"the fitted pole density is ≤ 0 at {int(np.sum(A <= 0))} measured points "
@@ -258,7 +267,7 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
     J = 1.0 + float(np.sum(c ** 2 / (2 * lvals + 1)))
     grad = 2 * c / (2 * lvals + 1)
     J_esd = float(math.sqrt(max(grad @ cov[n_s:, n_s:] @ grad, 0.0))) if names else 0.0
-    if status != "ok":
+    if status == "ill-conditioned":
         J_esd = math.nan
     scales, scales_esd = np.full(n_refl, np.nan), np.full(n_refl, np.nan)
     scales[used], scales_esd[used] = s, err[:n_s]
