@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from scipy import sparse
 
 __all__ = ["COINCIDENT_DEG", "extract_intensities"]
 
@@ -46,11 +45,7 @@ def extract_intensities(model, values: Mapping[str, float], y: np.ndarray, sqrt_
     i_obs, i_esd = np.full(n, np.nan), np.full(n, np.nan)
     if n and np.all(np.isfinite(rt["tth"])):
         unit = model._peaks(rt, values["SH/L"], False, intensity=np.ones(n))
-        lengths = np.maximum(unit.hi - unit.lo, 0)
-        points = np.concatenate([np.arange(lo, lo + m) for lo, m in zip(unit.lo, lengths)]
-                                or [np.zeros(0, int)])
-        omega = sparse.csc_matrix((unit.d_intensity[:points.size], points, unit.offsets),
-                                  shape=(model.x.size, n))
+        omega = unit.project({"d_intensity": np.eye(n)})  # (n_points, n): each unit peak
         # coincident reflections: one column, shared in the model's intensity ratio
         order = np.argsort(rt["tth"], kind="stable")
         group = np.zeros(n, dtype=int)
@@ -59,9 +54,10 @@ def extract_intensities(model, values: Mapping[str, float], y: np.ndarray, sqrt_
         total = np.bincount(group, weights=share)
         share = np.where(total[group] > 0, share / np.where(total[group] > 0, total[group], 1.0),
                          1.0 / np.bincount(group)[group])
-        merge = sparse.csc_matrix((share, (np.arange(n), group)), shape=(n, group.max() + 1))
-        design = sparse.diags(sqrt_w) @ omega @ merge
-        normal = (design.T @ design).toarray()
+        merge = np.zeros((n, group.max() + 1))
+        merge[np.arange(n), group] = share
+        design = sqrt_w[:, None] * (omega @ merge)
+        normal = design.T @ design
         seen = np.diag(normal) > 0
         if seen.any():
             rhs = design.T @ (sqrt_w * (y - model.background(values)))
