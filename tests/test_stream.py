@@ -250,6 +250,68 @@ def test_stream_cakes_are_bit_identical_to_batch_mode(small_scan, client, tmp_pa
     assert summary["frames"] == 6 and summary["groups"] == 3 and not summary["interrupted"]
 
 
+@pytest.mark.slow
+def test_dark_inside_the_files_is_subtracted_as_batch_mode_does(small_scan, client, tmp_path):
+    """HDF5 files holding their dark (exchange/dark, MIDAS's -darkLoc): without --dark the stream
+    subtracts the first file's dark, as batch integrate does, and says so; --resume keeps it
+    (from the spool) though that file is gone; --dark overrides it. The command without -nCPUs
+    starts its own cluster quietly: no distributed INFO lines on stderr."""
+    import h5py
+    import tifffile
+
+    from midasflow.io.caked_store import open_caked
+    from midasflow.io.frames import ScanSource
+    from midasflow.pipeline import integrate
+    from midasflow.stream.run import run_stream
+
+    params_file = small_scan["files"].params_file
+    with h5py.File(small_scan["files"].data) as f:
+        dark = f["exchange/dark"][...]
+    assert dark.mean() > 50  # the simulated dark offset: a stream that ignores it cakes other numbers
+
+    def h5_folder(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        for k in range(3):
+            with h5py.File(folder / f"scan_{k + 1:06d}.h5", "w") as f:
+                f["exchange/data"] = small_scan["frames"][2 * k:2 * k + 2]
+                f["exchange/dark"] = dark
+        return folder
+
+    folder = h5_folder("h5")
+    out = tmp_path / "ref"
+    proc = subprocess.run(_command("--param-file", str(params_file), "--folder", str(folder), "--skip-refinement",
+                                   "--cif", str(_cif(small_scan["root"])),
+                                   "--stop-after", "4", "--no-live", "--no-progress", "--settle", "0.1",
+                                   "-resultFolder", str(tmp_path / "a"), "--out", str(out)),
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "LocalCluster" in proc.stderr, proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if "INFO" in line and "distributed" in line], proc.stderr
+    first = folder / "scan_000001.h5"
+    assert json.loads((out / "stream_summary.json").read_text())["dark"] == f"{first}::exchange/dark"
+    os.remove(first)  # --resume takes the dark from the spool
+    store = run_stream(params_file, [], folder=str(folder), out=out, result_folder=tmp_path / "a",
+                       stop_after=6, client=client, skip_refinement=True, live=False, settle_s=0.1, resume=True)
+    batch = open_caked(integrate(params_file, small_scan["files"].data, result_folder=tmp_path / "batch",
+                                 client=client))
+    streamed = open_caked(store)
+    for name in ("intensity", "frame_intensity", "frames_summed"):
+        assert np.array_equal(batch[name].values, streamed[name].values, equal_nan=True), name
+
+    other = tmp_path / "other_dark.tif"
+    tifffile.imwrite(other, (dark + 37).astype(dark.dtype))
+    store = run_stream(params_file, [], folder=h5_folder("h5b"), out=tmp_path / "ref_b",
+                       result_folder=tmp_path / "b", dark=str(other), stop_after=6, client=client,
+                       skip_refinement=True, live=False, settle_s=0.1)
+    batch_other = open_caked(integrate(params_file, ScanSource(str(small_scan["files"].data), dark_fn=str(other)),
+                                       result_folder=tmp_path / "batch_b", client=client))
+    overridden = open_caked(store)
+    assert np.array_equal(batch_other.intensity.values, overridden.intensity.values, equal_nan=True)
+    assert not np.allclose(batch.intensity.values, overridden.intensity.values, equal_nan=True)
+    assert json.loads((tmp_path / "ref_b" / "stream_summary.json").read_text())["dark"] == str(other)
+
+
 def _stream_tasks_on_the_scheduler(client, token, prefix="stream-", held_only=False) -> int:
     """Tasks of a stream (its ``token``) the scheduler knows (``held_only``: those pending or
     holding data)."""
@@ -379,7 +441,7 @@ def _captured_run_stream(monkeypatch):
         calls.append({"param_fn": param_fn, "cifs": cifs, **kw})
 
     monkeypatch.setattr(stream_run, "run_stream", fake)
-    monkeypatch.setattr(cli_run, "dask_client", lambda args: contextlib.nullcontext(None))
+    monkeypatch.setattr(cli_run, "dask_client", lambda args, **kw: contextlib.nullcontext(None))
     return calls
 
 

@@ -126,7 +126,7 @@ def add_cluster_flags(parser: argparse.ArgumentParser, *, threads: bool = False)
     group = parser.add_argument_group("where the work runs (Dask)")
     add_flag(group, "-nCPUs", "--nCPUs", dest="n_cpus", type=int, default=None, metavar="N",
              help="N workers of a local Dask cluster, its dashboard address printed (default: "
-             "run in this process)")
+             "run in this process; run --backend stream: one worker per core)")
     group.add_argument("--scheduler", default=None, metavar="ADDR",
                        help="address of a running Dask scheduler, e.g. tcp://host:8786")
     group.add_argument("--cluster", choices=("slurm", "pbs"), default=None,
@@ -147,8 +147,10 @@ def add_cluster_flags(parser: argparse.ArgumentParser, *, threads: bool = False)
 
 
 @contextlib.contextmanager
-def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
-    """A distributed Client when the flags ask for one (printing the dashboard address), else None.
+def dask_client(args: argparse.Namespace, *, distributed: bool = False) -> Iterator[object | None]:
+    """A distributed Client when the flags ask for one (printing the dashboard address), else None;
+    with ``distributed`` (a command that needs one: the stream) always a Client, without
+    ``-nCPUs`` a local cluster of one worker per core. Its routine log lines show only with -v.
 
     ``-nCPUsLocal T`` (where the command has it) sets the threads of each local worker, or of the
     in-process scheduler without a cluster: MIDAS's threads per integrator instance.
@@ -156,7 +158,7 @@ def dask_client(args: argparse.Namespace) -> Iterator[object | None]:
     threads = getattr(args, "n_cpus_local", None)
     if threads is not None and threads < 1:
         raise UsageError(f"-nCPUsLocal {threads}: expected a positive number of threads")
-    wants_cluster = args.scheduler or args.cluster or (args.n_cpus is not None and args.n_cpus > 1)
+    wants_cluster = distributed or args.scheduler or args.cluster or (args.n_cpus is not None and args.n_cpus > 1)
     if not wants_cluster:
         import dask
 

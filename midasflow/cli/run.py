@@ -120,11 +120,11 @@ def stream_main(args: argparse.Namespace, overrides: list[str]) -> int:
     options = refine_options(args)
     out = options.pop("out")
     resume = options.pop("resume")
-    with dask_client(args) as client:
+    with dask_client(args, distributed=True) as client:
         result = run_stream(
             args.param_fn, args.cif, folder=args.folder, pva=args.pva, pva_ip=args.pva_ip,
             pva_channel=args.pva_channel, out=out, result_folder=args.result_folder, overrides=overrides,
-            cache_dir=args.cache_dir, dark=args.dark_fn,
+            cache_dir=args.cache_dir, dark=args.dark_fn, dark_loc=args.dark_loc,
             data_loc=args.stream_data_loc or args.data_loc, output_h5=args.output_h5,
             compress=args.compress, zarr_output=args.zarr_output, no_zarr=args.no_zarr,
             stop_after=args.stop_after, idle_timeout_s=args.idle_timeout, settle_s=args.settle,

@@ -35,7 +35,7 @@ import numpy as np
 
 from midasflow.errors import MidasflowError
 from midasflow.stream.sources import Arrival
-from midasflow.stream.spool import Spool
+from midasflow.stream.spool import Spool, save_array
 from midasflow.stream.tasks import (
     Caking,
     FrameItem,
@@ -132,6 +132,7 @@ class StreamState:
     partial_files: dict[str, int] = field(default_factory=dict)  # resumed: frames already taken
     open_first: int = 0
     skipped: int = 0
+    dark_source: str | None = None   # the dark subtracted ("": none; None: not known before a file came)
     first_frame_s: float | None = None
     last_frame_s: float | None = None
 
@@ -146,10 +147,17 @@ class StreamDataflow:
     binmap : BinMap
     caking : Caking
     dark : ndarray (nz, ny) float32 or None
+        The dark subtracted from every frame.
     spool : Spool
     limits : StreamLimits
     keep_frames : bool
         Write every frame's cake to the spool (for saved individual frames, SumImages, HDF5).
+    dark_source : str
+        What ``dark`` is (file and dataset; "" for none), recorded in the manifest.
+    dark_of_file : callable, optional
+        No dark given: called with the stream's first file before its frames are caked, it
+        returns ``(dark or None, dark_source)``, the dark that file holds, subtracted from then on
+        (and kept in the spool for ``--resume``).
     refinement : Refinement, optional
         Refine every closed group; None: cake only.
     on_group_refined : callable, optional
@@ -160,6 +168,8 @@ class StreamDataflow:
 
     def __init__(self, client: Any, params: Any, binmap: Any, caking: Caking, dark: np.ndarray | None,
                  spool: Spool, limits: StreamLimits, *, keep_frames: bool, caking_digest: str,
+                 dark_source: str = "",
+                 dark_of_file: Callable[[str], tuple[np.ndarray | None, str]] | None = None,
                  refinement: Refinement | None = None,
                  on_group_refined: Callable[[GroupRecord, list[Any]], None] | None = None,
                  on_group_closed: Callable[[GroupRecord, Any], None] | None = None,
@@ -186,6 +196,9 @@ class StreamDataflow:
         else:
             [self.binmap] = client.scatter([binmap], broadcast=True, hash=False)
         self.dark = None if dark is None else client.scatter([dark], broadcast=True, hash=False)[0]
+        self.dark_of_file = dark_of_file
+        if dark_of_file is None:
+            self.state.dark_source = dark_source
         [self.caking_future] = client.scatter([caking], broadcast=True, hash=False)
         self.last_fold = carry
         self.done = as_completed()
@@ -223,6 +236,8 @@ class StreamDataflow:
         """
         now = time.time()
         start = 0
+        if self.dark_of_file is not None and arrival.path is not None:
+            self._take_dark(arrival.path)
         if arrival.path is not None:
             self.state.files[arrival.name] = arrival.n_frames
             start = self.state.partial_files.pop(arrival.name, 0)  # a resumed file's frames left
@@ -247,6 +262,16 @@ class StreamDataflow:
         self.state.last_frame_s = now
         if self.state.first_frame_s is None:
             self.state.first_frame_s = now
+
+    def _take_dark(self, path: str) -> None:
+        """The dark of the stream's first file (``dark_of_file``), kept in the spool and sent to
+        the workers once."""
+        dark, self.state.dark_source = self.dark_of_file(path)
+        self.dark_of_file = None
+        if dark is not None:
+            save_array(self.spool.dark_path, dark)
+            [self.dark] = self.client.scatter([dark], broadcast=True, hash=False)
+        log.info("stream dark: %s", self.state.dark_source or "none")
 
     def _take(self, arrival: Arrival, start: int, stop: int) -> None:
         """Frames ``start:stop`` of an arrival: recorded, and added to the next caking task."""
@@ -443,6 +468,7 @@ class StreamDataflow:
             "open_first": open_first,
             "open_frames": cut - open_first,
             "skipped": st.skipped,
+            "dark_source": st.dark_source,
             "keep_frames": self.keep_frames,
             "source": self.source_summary(),
         })
@@ -462,7 +488,8 @@ def resumed_state(manifest: dict[str, Any], spool: Spool, client: Any, shape: tu
     state = StreamState(frames=list(manifest["frames"]), groups=groups,
                         files={name: 0 for name in manifest["taken_files"]},
                         partial_files=dict(manifest.get("partial_files", {})),
-                        open_first=manifest["open_first"], skipped=int(manifest.get("skipped", 0)))
+                        open_first=manifest["open_first"], skipped=int(manifest.get("skipped", 0)),
+                        dark_source=manifest.get("dark_source"))
     carry = None
     if manifest["open_frames"]:
         carry = client.submit(load_spooled, spool.open_group_path, shape, pure=False)

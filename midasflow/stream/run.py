@@ -18,6 +18,7 @@ checkpoints stay consistent (every file is written atomically) and ``resume`` fi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -87,6 +88,22 @@ def zarr_output_path(zarr_output: str | None, output_h5: str | None, result_fold
     return Path(result_folder) / f"{stem}.zarr.zip"
 
 
+def first_file_dark(path: str, params: Any, dark_loc: str) -> tuple[np.ndarray | None, str]:
+    """The dark inside a stream's first file: the mean of dataset ``dark_loc`` of an HDF5 file or
+    zarr group, as batch mode takes it from a scan's first file (by the same function,
+    :func:`midasflow.io.frames.dark_mean`).
+
+    Returns
+    -------
+    (ndarray (nz, ny) float32 or None, str)
+        The dark and its label (file and dataset); ``(None, "")`` when the file holds none.
+    """
+    from midasflow.io.frames import dark_mean
+
+    frame, label = dark_mean(path, params, None, dark_loc)
+    return (None, "") if frame is None else (np.asarray(frame.compute(), dtype=np.float32), label)
+
+
 def source_stem(folder: str | None, channel: str) -> str:
     """Output stem of a stream: the folder's name, or the PV name with ``:`` as ``_``."""
     if folder:
@@ -109,6 +126,7 @@ def run_stream(
     cache_dir: str | os.PathLike | None = None,
     dark: str | None = None,
     data_loc: str = "exchange/data",
+    dark_loc: str = "exchange/dark",
     output_h5: str | None = None,
     compress: bool = False,
     zarr_output: str | None = None,
@@ -164,9 +182,12 @@ def run_stream(
     result_folder : path
         Where the ``.zarr.zip`` goes unless ``zarr_output`` names it.
     dark : path, optional
-        ``--dark``: a dark file in any frame format (its frames' mean is subtracted).
-    data_loc : str
-        ``--stream-data-loc``: dataset of the frames in HDF5/zarr files.
+        ``--dark``: a dark file in any frame format (its frames' mean is subtracted). Without
+        it, the parameter file's ``Dark``; else, as batch mode, dataset ``dark_loc`` in the
+        stream's first file (HDF5, zarr; :func:`first_file_dark`); else no dark.
+    data_loc, dark_loc : str
+        ``--stream-data-loc`` (or ``-dataLoc``), ``-darkLoc``: datasets of the frames and darks
+        in HDF5/zarr files.
     output_h5, compress, zarr_output, no_zarr
         ``--output-h5 F`` (HDF5 of the cakes), ``--compress`` (deflate in it), ``--zarr-output
         NAME``, ``--no-zarr``.
@@ -212,7 +233,7 @@ def run_stream(
     )
     from midasflow.stream.pva import DEFAULT_CHANNEL, PvaSource
     from midasflow.stream.sources import FolderSource
-    from midasflow.stream.spool import Spool, caking_digest
+    from midasflow.stream.spool import Spool, caking_digest, load_array
     from midasflow.stream.tasks import Caking
 
     # ---- every input checked before any work -------------------------------------------
@@ -242,7 +263,8 @@ def run_stream(
         check_recipe(bkg_terms, limits, mode)
         check_max_rwp(max_rwp)
         phases = read_phases(cifs)
-    dark_frame, dark_label = dark_mean("", params, dark, "exchange/dark")  # before the map is built
+    dark_frame, dark_label = dark_mean("", params, dark, dark_loc)  # --dark or Dark: before the map is built
+    in_file_dark = dark_frame is None and folder is not None  # the first file's, once it is there
     binmap = load_or_build_binmap(params, mask_from_params(params), cache_dir, max_bins=max_bins,
                                   max_map_entries=max_map_entries)
     check_binmap_covers_detector(binmap, params)
@@ -256,7 +278,8 @@ def run_stream(
                     min_area_fraction=float(params.min_area_fraction), mask_rule=str(params.mask_rule),
                     pre_proc_thresh=None)
     keep_frames = bool(params.save_individual_frames or params.sum_images or output_h5)
-    digest = caking_digest(params.to_text(), binmap.key, dark_label,
+    digest = caking_digest(params.to_text(), binmap.key,
+                           dark_label or (f"first file::{dark_loc}" if in_file_dark else ""),
                            {"data_loc": data_loc, "source": str(folder) if folder else channel})
     plan = None
     if phases is not None:
@@ -296,6 +319,12 @@ def run_stream(
             else:
                 spool.create()
                 previous_source = {}
+            dark_of_file = None
+            if in_file_dark and state is not None and state.dark_source:  # resumed: the spool's copy
+                dark_frame, dark_label = (load_array(spool.dark_path, tuple(binmap.detector_shape), np.float32),
+                                          state.dark_source)
+            elif in_file_dark and (state is None or state.dark_source is None):
+                dark_of_file = functools.partial(first_file_dark, params=params, dark_loc=dark_loc)
             refinement = None
             if plan is not None:
                 record_settings(out, {**plan.options.settings(), "backend": backend, "min_points": min_points,
@@ -331,7 +360,7 @@ def run_stream(
                                    frames_per_task=per_task)
             flow = StreamDataflow(
                 client, params, binmap, caking, dark_frame, spool, limits_, keep_frames=keep_frames,
-                caking_digest=digest, refinement=refinement,
+                caking_digest=digest, dark_source=dark_label, dark_of_file=dark_of_file, refinement=refinement,
                 on_group_refined=lambda rec, res: _on_refined(outputs, live_view, flow, rec, res),
                 on_group_closed=(None if live_view is None
                                  else lambda rec, fut: live_view.show_cake(rec, fut.result())),
@@ -517,5 +546,6 @@ class _Outputs:
             "last_frame_unix_s": last,
             "frames_per_s": (flow.n_frames - 1) / (last - first) if first and last and last > first else None,
             "last_result_after_last_frame_s": (max(refined) - last) if refined and last else None,
+            "dark": st.dark_source,
             "zarr": None if zarr_path is None else str(zarr_path),
         }

@@ -11,7 +11,9 @@
 ``frames/frame_PPPPPPPPP.npy``  each frame's cake, when the outputs need them (saved individual
                     frames, ``--output-h5``, SumImages), written by the task that caked it;
 ``open_group.npy``  the open group's partial sum, written when the stream stops with frames of an
-                    unfinished group, so ``--resume`` continues that group bit for bit.
+                    unfinished group, so ``--resume`` continues that group bit for bit;
+``dark.npy``        the dark (nz, ny) float32 taken from the stream's first file (no ``--dark``
+                    or ``Dark``), so ``--resume`` subtracts the same dark without that file.
 
 Every file is written under a temporary name and renamed. Nothing read back is trusted: the
 manifest is checked field by field against the settings of the run that resumes it, arrays are
@@ -52,8 +54,8 @@ def save_array(path: str | os.PathLike, array: np.ndarray) -> str:
     return str(path)
 
 
-def load_array(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
-    """An array the spool holds, checked: float64 of ``shape``.
+def load_array(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any = np.float64) -> np.ndarray:
+    """An array the spool holds, checked: ``dtype`` (default float64) of ``shape``.
 
     Raises
     ------
@@ -65,9 +67,9 @@ def load_array(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
     except (OSError, ValueError, EOFError) as exc:
         raise CakeFileError(f"{path}: stream spool array unreadable ({exc}); remove {SUBDIR}/ and "
                             "run without --resume") from None
-    if array.dtype != np.float64 or array.shape != tuple(shape):
+    if array.dtype != np.dtype(dtype) or array.shape != tuple(shape):
         raise CakeFileError(f"{path}: stream spool array is {array.dtype} {array.shape}, expected "
-                            f"float64 {tuple(shape)}")
+                            f"{np.dtype(dtype)} {tuple(shape)}")
     return array
 
 
@@ -92,6 +94,10 @@ class Spool:
     @property
     def open_group_path(self) -> str:
         return str(self.folder / "open_group.npy")
+
+    @property
+    def dark_path(self) -> str:
+        return str(self.folder / "dark.npy")
 
     @property
     def manifest_path(self) -> Path:
@@ -158,6 +164,8 @@ def _check_manifest(state: dict[str, Any], path: Path) -> None:
         if not (isinstance(frame, dict) and isinstance(frame.get("name"), str)
                 and isinstance(frame.get("omega_deg"), (int, float))):
             raise CakeFileError(f"{path}: stream manifest frame entry malformed")
+    if not isinstance(state.get("dark_source"), (str, type(None))):
+        raise CakeFileError(f"{path}: stream manifest field 'dark_source' not a str")
     first, count = state["open_first"], state["open_frames"]
     if not (0 <= first <= n and count == n - first):
         raise CakeFileError(f"{path}: stream manifest open group malformed")
