@@ -134,9 +134,12 @@ def main(argv: Sequence[str]) -> int:
             results, tex = texture_demo(out, size=args.size, eta_bin_deg=args.eta_bin, seed=args.seed,
                                         client=client, progress=not args.no_progress, engine=args.engine)
         status = report_outcome(results, str(out / "refinement"), "demo")
+        from midasflow.texture.harmonics import parse_name
+
         for phase, fit in json.loads(results.attrs.get("texture_fits", "{}")).items():
             for name, (v, e) in fit["coefficients"].items():
-                true = tex.get(f"C({name[2:-1].split(',')[0]},{name[2:-1].split(',')[2]})", 0.0)
+                l, _, n = parse_name(name)
+                true = tex.get(f"C({l},{n})", 0.0)
                 print(f"{phase} {name}: {v:+.4f} ± {e:.4f} (simulated {true:+.4f})")
             print(f"{phase} texture index J = {fit['texture_index'][0]:.4f} ± {fit['texture_index'][1]:.4f}")
         print(f"done in {time.perf_counter() - t0:.1f} s; open {out / 'refinement' / 'report.html'}")

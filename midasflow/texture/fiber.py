@@ -13,7 +13,7 @@
   which at χ = 0 is GSAS-II's March–Dollase factor (the per-pattern correction the engine
   refines);
 * ``'sh'`` — GSAS-II's cylindrical spherical-harmonics texture, A(h, y) = 1 + Σ C(l,0,n)
-  (4π/(2l+1)) K_l^n(h) K_l^0(ψ) (:func:`midasflow.texture.polefigure.texture_design`), with
+  (4π/(2l+1)) K_l^n(h) K_l^0(ψ) (:func:`midasflow.texture.po.sh_po_design`), with
   coefficient names ``C(l,n)`` or ``C(l,0,n)``.
 """
 from __future__ import annotations
@@ -85,12 +85,12 @@ class FiberTexture:
         axis = axis / np.linalg.norm(axis)
         cos_chi = np.clip(d @ axis, -1.0, 1.0)
         if self.kind == "sh":
-            from midasflow.texture.polefigure import texture_design
+            from midasflow.texture.po import sh_po_design
 
             names = list(self.coefficients)
             psi = np.degrees(np.arccos(np.abs(cos_chi)))
             flat_h = np.broadcast_to(hkl, psi.shape + (3,)).reshape(-1, 3)
-            D = texture_design(flat_h, phase.cell, phase.laue, names, psi.ravel(), phase.unique_axis)
+            D = sh_po_design(flat_h, phase.cell, phase.laue, names, psi.ravel(), phase.unique_axis)
             return (1.0 + D @ np.array([self.coefficients[n] for n in names])).reshape(psi.shape)
         G = _A_to_G(cell_to_A(phase.cell))
         eq = np.einsum("ni,rij->nrj", hkl, laue_rotations(phase.space_group))      # (n, N, 3)

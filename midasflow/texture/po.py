@@ -15,13 +15,10 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from midasflow.profile import march_dollase
+from midasflow.refinement.options import TEXTURE_MODELS
 from midasflow.texture import harmonics as _sh
 
 __all__ = ["TEXTURE_MODELS", "PreferredOrientation", "sh_po_design"]
-
-#: Per-lineout texture models: None (no stage), March–Dollase, spherical harmonics.
-TEXTURE_MODELS: tuple[str | None, ...] = (None, "md", "sh")
-
 
 def sh_po_design(hkl: ArrayLike, cell: Sequence[float], laue: str, names: Sequence[str],
                  psi_deg: ArrayLike, unique_axis: str = "b") -> NDArray[np.float64]:

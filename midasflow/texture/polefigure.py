@@ -32,9 +32,10 @@ import xarray as xr
 
 from midasflow.strain import rotation_z, scattering_vector
 from midasflow.texture import harmonics as _sh
+from midasflow.texture.po import sh_po_design
 
 __all__ = ["JointTextureFit", "add_texture_fit", "coverage_map", "equal_area", "fit_joint_texture",
-           "lineout_texture_dataset", "reflection_dataset", "sample_directions", "texture_design"]
+           "lineout_texture_dataset", "reflection_dataset", "sample_directions"]
 
 #: Cells of the coverage measure: equal-area bins of the upper hemisphere (cos ψ × azimuth).
 COVERAGE_BINS = (9, 36)
@@ -97,19 +98,6 @@ def coverage_map(directions: np.ndarray, sample_axis: Sequence[float] = (0, 0, 1
     ia = np.clip((az / (2 * np.pi) * n_a).astype(int), 0, n_a - 1)
     out = np.zeros(COVERAGE_BINS, dtype=np.int64)
     np.add.at(out, (ic, ia), 1)
-    return out
-
-
-def texture_design(hkl: np.ndarray, cell: Sequence[float], laue: str, names: Sequence[str],
-                   psi_deg: np.ndarray, unique_axis: str = "b") -> np.ndarray:
-    """∂A/∂C(l,0,n) at (h, ψ) pairs: (4π/(2l+1)) K_l^n(h) K_l^0(ψ); shape (n, len(names))."""
-    H = np.atleast_2d(np.asarray(hkl, float))
-    phi, beta = _sh.crystal_angles(H, cell, laue, unique_axis)
-    out = np.empty((H.shape[0], len(names)))
-    for k, name in enumerate(names):
-        l, _, n = _sh.parse_name(name)
-        out[:, k] = (_sh.l_norm(l) * _sh.crystal_harmonic(l, n, laue, phi, beta)
-                     * _sh.sample_harmonic(l, 0, psi_deg))
     return out
 
 
@@ -186,8 +174,7 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
     -------
     JointTextureFit
     """
-    names = [f"C({n[2:-1].split(',')[0]},0,{n[2:-1].split(',')[1]})"
-             for n in _sh.coefficient_names(laue, order)]
+    names = _sh.coefficient_names(laue, order, "0")  # C(l,0,n): cylindrical sample symmetry
     n_refl = hkl.shape[0]
     I = np.asarray(intensity, float).reshape(-1, n_refl)
     S = np.asarray(esd, float).reshape(-1, n_refl)
@@ -203,7 +190,7 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
         return empty
     y_obs, sig = I[rows, refl], S[rows, refl]
     psi = _polar(Y[rows, refl], sample_axis)
-    D = texture_design(hkl[refl], cell, laue, names, psi, unique_axis) if names else np.zeros((rows.size, 0))
+    D = sh_po_design(hkl[refl], cell, laue, names, psi, unique_axis) if names else np.zeros((rows.size, 0))
     col = np.searchsorted(used, refl)
     # start: C = 0, s_h = weighted mean of the reflection's intensities
     w = 1.0 / sig ** 2

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from midasflow.texture.polefigure import equal_area, texture_design
+from midasflow.texture.po import sh_po_design
+from midasflow.texture.polefigure import equal_area
 
 __all__ = ["texture_figures", "texture_summary_html", "write_texture_report"]
 
@@ -56,8 +57,8 @@ def _model_image(fit: dict[str, Any], hkl: np.ndarray, info: dict[str, Any]) -> 
     psi = np.degrees(np.arccos(np.clip(1.0 - rho2 / 2.0, -1.0, 1.0)))  # ψ from the axis
     names = list(fit["coefficients"])
     coef = np.array([v for v, _ in fit["coefficients"].values()])
-    D = texture_design(np.broadcast_to(hkl, (inside.sum(), 3)), info["cell"], info["laue"], names,
-                       psi[inside], info["unique_axis"])
+    D = sh_po_design(np.broadcast_to(hkl, (inside.sum(), 3)), info["cell"], info["laue"], names,
+                     psi[inside], info["unique_axis"])
     img = np.full(px.shape, np.nan)
     img[inside] = 1.0 + D @ coef
     return img
