@@ -364,7 +364,7 @@ def refine(
                             limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
                             physical_profile=physical_profile, max_rwp=max_rwp,
                             texture=texture, po_axis=tuple(po_axis), sh_order=sh_order)
-    refiner = get_backend(backend, cifs, out, physical_profile=physical_profile, texture=texture)
+    refiner = get_backend(backend, cifs, out, physical_profile=physical_profile)
     kinds = EXPORT_KINDS if export is True else tuple(k for k in EXPORT_KINDS if export and k in export)
     if export is not True and export and set(export) - set(EXPORT_KINDS):
         raise ParameterError(f"export {sorted(export)!r}: expected True, False or kinds of {EXPORT_KINDS}")
@@ -536,8 +536,7 @@ def check_run_inputs(
         read_instprm(refine_options["instprm"])
     # a known name; GSAS-II importable and asked for nothing it cannot do
     get_backend(refine_options.get("backend", "native"), cifs, ".",
-                physical_profile=bool(refine_options.get("physical_profile", False)),
-                texture=refine_options.get("texture"))
+                physical_profile=bool(refine_options.get("physical_profile", False)))
     check_max_rwp(refine_options.get("max_rwp"))
     check_texture(refine_options.get("texture"), refine_options.get("po_axis", (0, 0, 1)),
                   refine_options.get("sh_order", 4))

@@ -103,7 +103,6 @@ def test_texture_options_and_flags():
     from midasflow.cli.refine import build_parser, refine_options
     from midasflow.errors import ParameterError
     from midasflow.instrument import Instrument
-    from midasflow.refinement.backends import get_backend
     from midasflow.refinement.options import RefineOptions
 
     args = build_parser().parse_args(["--data", "x.zarr.zip", "--cif", "a.cif", "--texture", "md",
@@ -118,5 +117,4 @@ def test_texture_options_and_flags():
                        ({"sh_order": 13}, "--sh-order 13"), ({"po_axis": (1.5, 0, 0)}, "--po-axis")):
         with pytest.raises(ParameterError, match=match):
             base.replace(**bad)
-    with pytest.raises(ParameterError, match="--texture: the texture stage runs in the native engine"):
-        get_backend("gsas2", [], ".", texture="sh")
+

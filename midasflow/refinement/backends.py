@@ -122,29 +122,26 @@ class ExportingBackend:
 
 
 def get_backend(name: str, cif_paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                physical_profile: bool = False, texture: str | None = None) -> RefineBackend:
+                physical_profile: bool = False) -> RefineBackend:
     """The backend called ``name`` (:data:`~midasflow.refinement.options.BACKENDS`), checked
     before any task is submitted: "gsas2" needs GSAS-II importable (its projects go to
-    ``<out>/gsas2``) and cannot keep the widths physical (``physical_profile``) nor run the
-    texture stage (``texture``).
+    ``<out>/gsas2``) and cannot keep the widths physical (``physical_profile``).
 
     Raises
     ------
     ParameterError
-        Unknown name; "gsas2" with ``physical_profile`` or ``texture``.
+        Unknown name; "gsas2" with ``physical_profile``.
     BackendError
         "gsas2" without GSAS-II.
     """
     if name == "native":
         return NativeBackend()
     if name == "gsas2":
-        from midasflow.refinement.gsas2 import (PHYSICAL_PROFILE_UNAVAILABLE, TEXTURE_UNAVAILABLE,
-                                                Gsas2Backend, check_gsas2_available)
+        from midasflow.refinement.gsas2 import (PHYSICAL_PROFILE_UNAVAILABLE, Gsas2Backend,
+                                                check_gsas2_available)
 
         if physical_profile:
             raise ParameterError(PHYSICAL_PROFILE_UNAVAILABLE)
-        if texture is not None:
-            raise ParameterError(TEXTURE_UNAVAILABLE)
         check_gsas2_available()
         return Gsas2Backend(cif_paths=tuple(str(p) for p in cif_paths),
                             workdir=str(Path(out) / "gsas2"))

@@ -21,6 +21,7 @@ import importlib
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -38,6 +39,7 @@ from midasflow.errors import BackendError, ParameterError, PatternError
 from midasflow.instrument import Instrument, as_instrument
 from midasflow.io.instprm import write_instprm
 from midasflow.refinement.result import PatternResult
+from midasflow.texture.harmonics import coefficient_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from midasflow.refinement.lineouts import LineoutSpec
@@ -50,9 +52,6 @@ GSASII_PATH_ENV = "GSASII_PATH"
 PHYSICAL_PROFILE_UNAVAILABLE = ("--physical-profile: GSAS-II has no bound on the peak widths; "
                                 "use it with --engine native")
 """Why ``physical_profile`` is refused with this backend (checked before any work)."""
-TEXTURE_UNAVAILABLE = ("--texture: the texture stage runs in the native engine only for now; "
-                       "use it with --engine native")
-"""Why ``texture`` is refused with this backend (checked before any work)."""
 
 _GSASII_LOCK = threading.RLock()
 _INSTRUMENT_KEYS = ("Zero", "U", "V", "W", "X", "Y", "Z", "SH/L")
@@ -412,6 +411,9 @@ def refine_pattern_gsas2(
     min_dchi2: float = 1e-5,
     estimate: bool = True,
     physical_profile: bool = False,
+    texture: str | None = None,
+    po_axis: Sequence[int] = (0, 0, 1),
+    sh_order: int = 4,
 ) -> PatternResult:
     """Refine one lineout with GSAS-II; leave ``hist_NNNN.gpx`` for the GSAS-II GUI.
 
@@ -465,6 +467,12 @@ def refine_pattern_gsas2(
     physical_profile : bool
         Not available in GSAS-II (it has no bound on the peak widths): ``True`` raises
         :class:`~midasflow.errors.ParameterError`.
+    texture : {None, "md", "sh"}
+        A last stage refining GSAS-II's own preferred orientation of every phase ('Pref.Ori.'):
+        March–Dollase ``MD`` along ``po_axis`` or the cylindrical spherical harmonics
+        ``C(l,n)`` up to ``sh_order``, undone as the built-in engine's (:func:`_texture_stage`).
+    po_axis, sh_order
+        The March–Dollase axis [h, k, l] and the highest harmonic order (2..12).
 
     Returns
     -------
@@ -531,8 +539,18 @@ def refine_pattern_gsas2(
                 note = covariance["Rvals"].get("msg")
                 if note:
                     warnings.append(f"GSAS-II ({stage}): " + " ".join(str(note).split()))
+            flags: tuple[str, ...] = ()
+            notes: list[str] = []
+            if texture == "sh" and not any(coefficient_names(ph.laue, sh_order) for ph in phases):
+                notes.append(f"texture: no symmetry-allowed harmonic up to order {sh_order} for "
+                             + ", ".join(f"{ph.name} ({ph.laue})" for ph in phases) + "; stage skipped")
+            elif texture is not None:
+                gpx, covariance, flags = _texture_stage(gpx, covariance, phases, texture, po_axis,
+                                                        sh_order, stage_rwp, warnings)
+                hist = gpx.histograms()[0]
             result = _collect(hist, gpx.phases(), phases, covariance, stage_rwp, n_dropped,
                               warnings)
+            result.flags, result.notes = flags, notes
         except Exception as exc:  # GSAS-II raises bare Exceptions; record, don't crash the scan
             message = _one_line(exc)
             print(f"midasflow: lineout {index} failed: {message}")
@@ -540,9 +558,94 @@ def refine_pattern_gsas2(
                                    rwp=math.nan, rp=math.nan, chi2=math.nan, gof=math.nan,
                                    n_points=int(x.size), n_dropped=n_dropped,
                                    stage_rwp=stage_rwp, warnings=warnings, phases=phases)
-    for backup in folder.glob(f"{stem}.bak*.gpx"):  # GSAS-II's pre-refinement copies
-        backup.unlink()
+    for backup in [*folder.glob(f"{stem}.bak*.gpx"), folder / f"{stem}.before_texture.gpx"]:
+        backup.unlink(missing_ok=True)  # GSAS-II's pre-refinement copies, the texture stage's
     return result
+
+
+def _texture_start(phase: Phase, texture: str) -> tuple[float, ...]:
+    """Start values of MD tried: r = 1, or r = 0.8 and 1.25 for a cubic phase, whose MD
+    derivative vanishes at r = 1 in GSAS-II as in the built-in engine
+    (:mod:`midasflow.refinement.texture_stage`)."""
+    from midasflow.refinement.texture_stage import MD_STARTS
+
+    if texture == "md" and phase.laue in ("m3", "m3m"):
+        return MD_STARTS
+    return (1.0,)
+
+
+def _texture_problems(covariance: Mapping[str, Any], phases: list[Phase], texture: str) -> str:
+    """Why GSAS-II's refined texture parameters are not determined ('' when they are), by the
+    built-in engine's rules (:func:`midasflow.refinement.texture_stage.undetermined_reason`)."""
+    from midasflow.refinement.texture_stage import undetermined_reason
+
+    dep = covariance.get("depSigDict", {})
+    values, esds = {}, {}
+    for p, ph in enumerate(phases):
+        names = ([f"{p}:0:MD"] if texture == "md"
+                 else [n for n in covariance.get("varyList", ()) if n.startswith(f"{p}:0:C(")])
+        for name in names:
+            v, e = dep.get(name, (math.nan, math.nan))
+            values[name], esds[name] = float(v), float(e)
+    return undetermined_reason(texture, values, esds)
+
+
+def _texture_stage(gpx: Any, covariance: Mapping[str, Any], phases: list[Phase], texture: str,
+                   po_axis: Sequence[int], sh_order: int, stage_rwp: dict[str, float],
+                   warnings: list[str]) -> tuple[Any, Mapping[str, Any], tuple[str, ...]]:
+    """The texture stage in GSAS-II: every phase's 'Pref.Ori.' set to March–Dollase along
+    ``po_axis`` or to the cylindrical harmonics of order ``sh_order`` (GSAS-II's own
+    ``HAPvalue('PO', order)``) and refined with everything refined so far. Undone — the project
+    put back as it was, flag ``texture_rolled_back`` — when it fails, raises Rwp or leaves the
+    texture undetermined (the built-in engine's rules). Returns the project, its covariance
+    record and the flags."""
+    from midasflow.refinement.texture_stage import TEXTURE_STAGE
+
+    rwp_prev = float(gpx.histograms()[0].get_wR())
+    backup = Path(gpx.filename).with_suffix(".before_texture.gpx")
+    gpx.save()
+    shutil.copyfile(gpx.filename, backup)
+    best: tuple[float, Path, Mapping[str, Any]] | None = None
+    reason, error = "", ""
+    for k, r0 in enumerate(_texture_start(phases[0], texture)):
+        if k:
+            shutil.copyfile(backup, gpx.filename)
+            gpx.reload()
+        hist = gpx.histograms()[0]
+        for g2 in gpx.phases():
+            if texture == "md":
+                po = g2.data["Histograms"][hist.name]["Pref.Ori."]
+                po[0], po[1], po[3] = "MD", float(r0), [int(v) for v in po_axis]
+            else:
+                g2.HAPvalue("PO", int(sh_order), targethistlist=[hist])
+            g2.set_HAP_refinements({"Pref.Ori.": True}, histograms=[hist])
+        try:
+            trial = _refine(gpx)
+        except _RefineFailed as exc:
+            error = str(exc)
+            continue
+        rwp = float(gpx.histograms()[0].get_wR())
+        if math.isfinite(rwp) and (best is None or rwp < best[0]):
+            kept = backup.with_suffix(f".trial{k}.gpx")
+            shutil.copyfile(gpx.filename, kept)
+            best = (rwp, kept, trial)
+    if best is None:
+        reason = f"diverged ({error or 'non-finite R'})"
+    elif best[0] > rwp_prev * (1 + 1e-9):
+        reason = f"made Rwp worse ({best[0]:.4g} % > {rwp_prev:.4g} %)"
+    else:
+        reason = _texture_problems(best[2], phases, texture)
+    keep = backup if reason else best[1]
+    shutil.copyfile(keep, gpx.filename)
+    gpx.reload()
+    for trial in backup.parent.glob(backup.stem + ".trial*.gpx"):
+        trial.unlink()
+    if reason:
+        stage_rwp[TEXTURE_STAGE] = rwp_prev
+        warnings.append(f"texture_rolled_back: stage {TEXTURE_STAGE!r} {reason}; kept the previous stage")
+        return gpx, covariance, ("texture_rolled_back",)
+    stage_rwp[TEXTURE_STAGE] = best[0]
+    return gpx, best[2], ()
 
 
 #: The instrument's peak widths are kept as GSAS-II's start unless the measured ones differ by
@@ -606,5 +709,5 @@ class Gsas2Backend:
                start: Mapping[str, float] | None = None) -> PatternResult:
         return refine_pattern_gsas2(spec.tth_deg, spec.intensity, spec.sigma, self.cif_paths,
                                     options.instrument, workdir=self.workdir, index=spec.index,
-                                    stem=spec.name,
-                                    start=start, **options.recipe_kwargs())
+                                    stem=spec.name, start=start, **options.recipe_kwargs(),
+                                    **options.texture_kwargs())

@@ -155,8 +155,7 @@ class RefineOptions:
         Stage 5, preferred orientation (``--texture``): March–Dollase along ``po_axis`` or
         GSAS-II's spherical harmonics (cylindrical sample symmetry) to order ``sh_order``
         (:mod:`midasflow.refinement.texture_stage`). None: no texture stage. Not a :data:`RECIPE` keyword:
-        only the native backend takes the texture options
-        (:meth:`texture_kwargs`); the others refuse a texture before any work.
+        both backends take the texture options as keywords (:meth:`texture_kwargs`).
     po_axis : (int, int, int)
         March–Dollase axis [h, k, l] (``--po-axis``), a reciprocal-lattice direction.
     sh_order : int
@@ -231,7 +230,7 @@ class RefineOptions:
                 if f.metadata.get("recipe")}
 
     def texture_kwargs(self) -> dict[str, Any]:
-        """The texture options as keywords of the native engine's ``refine_pattern``."""
+        """The texture options as keywords of the per-lineout refinement call (both backends)."""
         return {"texture": self.texture, "po_axis": self.po_axis, "sh_order": self.sh_order}
 
     def replace(self, **changes: Any) -> RefineOptions:

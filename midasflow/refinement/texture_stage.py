@@ -32,7 +32,7 @@ import numpy as np
 from midasflow.refinement import engine as _engine
 from midasflow.texture.harmonics import texture_index
 
-__all__ = ["MAX_MD_ESD", "MAX_SH_ESD", "TEXTURE_STAGE", "run_texture_stage"]
+__all__ = ["MAX_MD_ESD", "MAX_SH_ESD", "TEXTURE_STAGE", "run_texture_stage", "undetermined_reason"]
 
 #: Name of the stage (``PatternResult.stage_rwp`` key).
 TEXTURE_STAGE = "texture"
@@ -74,21 +74,39 @@ def _undetermined(model, values, vary: Sequence[str], y, sqrt_w) -> str:
     esd = dict(zip(vary, np.sqrt(np.maximum(np.diag(cov), 0.0))))
     problems = []
     for pd, po in zip(model.phases, model.po):
-        for name in po.names:
-            e, v = float(esd[name]), values[name]
-            if not (math.isfinite(e) and e > 0):
-                problems.append(f"{name} has a zero or non-finite esd (singular)")
-            elif po.kind == "md" and e > MAX_MD_ESD * v:
-                problems.append(f"{name} = {v:.4g} ± {e:.2g} is not determined (esd > "
-                                f"{MAX_MD_ESD:g}·r)")
-            elif po.kind == "sh" and e > MAX_SH_ESD:
-                problems.append(f"{name} = {v:.4g} ± {e:.2g} is not determined (esd > {MAX_SH_ESD:g})")
+        found = undetermined_reason(po.kind, {n: values[n] for n in po.names},
+                                    {n: float(esd[n]) for n in po.names})
+        if found:
+            problems.append(found)
         if po.names:
             tth = model.reflection_terms(pd.index, values)["tth"]
             corr, _ = po.correction(values, (), tth)
             if np.any(np.asarray(corr) <= 0):
                 problems.append(f"phase {pd.phase.name}: the texture correction is ≤ 0 for "
                                 f"{int(np.sum(np.asarray(corr) <= 0))} reflections")
+    return "; ".join(problems)
+
+
+def undetermined_reason(kind: str, values: dict[str, float], esds: dict[str, float]) -> str:
+    """Why refined texture parameters are not determined ('' when they are): a zero or
+    non-finite esd, a March–Dollase ratio with esd above :data:`MAX_MD_ESD` · r, a harmonic
+    coefficient with esd above :data:`MAX_SH_ESD`. Shared by both backends.
+
+    Parameters
+    ----------
+    kind : {'md', 'sh'}
+    values, esds : dict
+        Parameter name → refined value and its esd.
+    """
+    problems = []
+    for name, v in values.items():
+        e = esds.get(name, math.nan)
+        if not (math.isfinite(e) and e > 0):
+            problems.append(f"{name} has a zero or non-finite esd (singular)")
+        elif kind == "md" and e > MAX_MD_ESD * v:
+            problems.append(f"{name} = {v:.4g} ± {e:.2g} is not determined (esd > {MAX_MD_ESD:g}·r)")
+        elif kind == "sh" and e > MAX_SH_ESD:
+            problems.append(f"{name} = {v:.4g} ± {e:.2g} is not determined (esd > {MAX_SH_ESD:g})")
     return "; ".join(problems)
 
 

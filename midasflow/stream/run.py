@@ -288,7 +288,7 @@ def run_stream(
                                 limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
                                 physical_profile=physical_profile, max_rwp=max_rwp,
                                 texture=texture, po_axis=tuple(po_axis), sh_order=sh_order)
-        refiner = get_backend(backend, cifs, out, physical_profile=physical_profile, texture=texture)
+        refiner = get_backend(backend, cifs, out, physical_profile=physical_profile)
         if export:  # True: every kind; else the kinds named ("csv", "cif", "gpx")
             from midasflow.results import EXPORT_KINDS
 
