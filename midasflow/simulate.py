@@ -343,6 +343,7 @@ def simulate_frames(
     omega_factor: Callable[[np.ndarray], np.ndarray] | Sequence[float] | None = None,
     supersample: int = 4,
     dtype: Any = np.float32,
+    texture: Any = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Simulate raw powder frames through the full MIDAS geometry.
 
@@ -375,6 +376,11 @@ def simulate_frames(
         Sub-pixels per pixel along each axis.
     dtype : numpy dtype
         Output dtype; integer dtypes are rounded and clipped at 0 and the dtype maximum.
+    texture : midasflow.texture.fiber.FiberTexture, optional
+        (Phase only.) Reflection k seen by a sub-pixel at azimuth η on the frame at ω is
+        multiplied by the texture's pole density at its sample direction Rz(ω)ᵀ·n(θ_k, η), as in
+        :func:`simulate_caked`; the density is tabulated on the truth's 1° η grid and
+        interpolated (periodic) in η. ``counts`` stays the maximum of the untextured pattern.
 
     Returns
     -------
@@ -389,16 +395,20 @@ def simulate_frames(
         ``omega_factor`` (n_frames,),
         ``strain_tensor`` (3, 3), ``eta_deg`` (360,) 1° grid, ``ring_tth_deg``
         (n_frames, n_rings, 360) true ring 2θ along η, ``background``, ``counts``,
-        ``dark_offset``, ``flagged`` (nz, ny) bool, ``supersample``.
+        ``dark_offset``, ``flagged`` (nz, ny) bool, ``supersample``; with a texture also
+        ``texture`` (its description) and ``pole_density`` (n_frames, 360, n_rings) on the η grid.
     """
     nz, ny = int(params.nr_pixels_z), int(params.nr_pixels_y)
     dtype = np.dtype(dtype)
     tth_max = _detector_tth_max(params)
     if isinstance(rings, Rings):
+        if texture is not None:
+            raise ValueError("simulate_frames: a texture needs a Phase (its reflections' hkl), not Rings")
         pattern, ring_truth = _rings_pattern(rings, params.wavelength_a, fwhm_deg, lorentz_fraction, tth_max)
     else:
         pattern, ring_truth = _phase_pattern(rings, params, tth_max)
     d0 = ring_truth["d0_a"]
+    eta_grid = np.arange(-179.5, 180.0, 1.0)
 
     omega = float(params.omega_start_deg) + float(params.omega_step_deg) * np.arange(n_frames)
     if omega_factor is None:
@@ -408,10 +418,18 @@ def simulate_frames(
     else:
         factor = np.asarray(omega_factor, float).reshape(n_frames)
     strain = None if strain_tensor is None else np.asarray(strain_tensor, float).reshape(3, 3)
-    # frames with equal ω share one ring image; without strain every frame does
-    keys = np.zeros(n_frames) if strain is None else omega
+    # frames with equal ω share one ring image; without strain or texture every frame does
+    keys = np.zeros(n_frames) if strain is None and texture is None else omega
     unique_omega, which = np.unique(keys, return_inverse=True)
     lab = [None if strain is None else _lab_tensor(strain, w) for w in unique_omega]
+    peaks, density = None, None
+    if texture is not None:
+        from midasflow.texture.polefigure import sample_directions
+
+        peaks = _reflection_patterns(rings, params, pattern, ring_truth)
+        density = np.stack([texture.pole_density(  # (ω, η grid, reflection)
+            rings, ring_truth["hkl"], sample_directions(ring_truth["tth0_deg"][None, :], eta_grid[:, None], w))
+            for w in unique_omega])
 
     s = int(supersample)
     sub = (np.arange(s) + 0.5) / s - 0.5
@@ -432,7 +450,12 @@ def simulate_frames(
             if strain_lab is not None:
                 sin_unstrained = sin_theta * (1.0 + _strain_n(n, strain_lab))
                 tth = 2.0 * np.rad2deg(np.arcsin(np.clip(sin_unstrained, -1.0, 1.0)))
-            ring_images[k, z0:z1] = pattern(tth).mean(axis=(2, 3))
+            if peaks is None:
+                ring_images[k, z0:z1] = pattern(tth).mean(axis=(2, 3))
+            else:
+                image = sum(np.interp(eta, eta_grid, density[k, :, j], period=360.0) * peak(tth)
+                            for j, peak in enumerate(peaks))
+                ring_images[k, z0:z1] = image.mean(axis=(2, 3))
 
     # numpy releases the GIL in its loops: row blocks run in parallel threads
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -442,7 +465,6 @@ def simulate_frames(
     flagged = _flag_mask((nz, ny), masked_regions)
     frames = _finish(values, poisson=poisson, rng=np.random.default_rng(seed), dtype=dtype,
                      flagged=flagged, flag_value=flag_value)
-    eta_grid = np.arange(-179.5, 180.0, 1.0)
     truth = {
         "wavelength_a": float(params.wavelength_a),
         **ring_truth,
@@ -458,6 +480,8 @@ def simulate_frames(
         "flagged": flagged,
         "supersample": s,
     }
+    if texture is not None:
+        truth.update(texture=texture.to_dict(), pole_density=density[which])
     return frames, truth
 
 

@@ -208,3 +208,38 @@ def test_ceo2_scan_end_to_end(tmp_path):
     files2, _ = simulate_ceo2_scan(tmp_path / "again", n_frames=2, shape=(128, 128), strain_tensor=eps,
                                         seed=11, gaps=True)
     np.testing.assert_array_equal(open_frames(files2.data, files2.params).values, values)
+
+
+@pytest.mark.slow
+def test_textured_frames_carry_the_pole_density_at_each_pixel():
+    """With a fibre texture (axis tilted 45° towards the beam, so ω turns it) each pixel of an isolated ring is
+    the untextured pixel times the pole density at that pixel's own sample direction
+    Rz(ω)ᵀ n(θ_k, η), worked out here per pixel from the geometry, not from the simulator's table."""
+    from midasflow.crystal import cubic_phase
+    from midasflow.texture.fiber import FiberTexture
+    from midasflow.texture.polefigure import sample_directions
+
+    params = ceo2_params((384, 384), omega_step_deg=90.0)  # 111 and 200 3.5 FWHM apart
+    phase = cubic_phase("CeO2", CEO2_A_A)
+    texture = FiberTexture("sh", sample_axis=(1.0, 0.0, 1.0), coefficients={"C(4,1)": 0.6, "C(6,1)": -0.3})
+    common = dict(n_frames=2, counts=100.0, supersample=1, dtype=np.float64)
+    plain, _ = simulate_frames(params, phase, **common)
+    textured, truth = simulate_frames(params, phase, texture=texture, **common)
+    assert truth["pole_density"].shape == (2, 360, len(truth["hkl"]))
+    assert truth["texture"] == texture.to_dict()
+    with pytest.raises(ValueError, match="needs a Phase"):
+        simulate_frames(params, cubic_rings(CEO2_A_A, [(1, 1, 1)]), texture=texture)
+
+    r, eta = pixel_map(params)
+    tth = r_to_tth_deg(r, params)
+    tth0, fwhm = truth["tth0_deg"][0], truth["fwhm_deg"][0]
+    assert tuple(truth["hkl"][0]) == (1, 1, 1) and truth["tth0_deg"][1] - tth0 > 3 * fwhm
+    ring = (tth > tth0 - 0.5 * fwhm) & (tth < tth0)  # the side away from 200
+    assert ring.sum() > 50
+    for f, omega in enumerate(truth["omega_deg"]):
+        ratio = textured[f][ring] / plain[f][ring]
+        expected = texture.pole_density(phase, truth["hkl"][:1],
+                                        sample_directions(tth0, eta[ring], omega)[:, None, :])[:, 0]
+        np.testing.assert_allclose(ratio, expected, rtol=0.015)
+        assert expected.max() / expected.min() > 1.2  # the texture really shows on this ring
+    assert not np.allclose(textured[0][ring], textured[1][ring], rtol=0.05)  # and ω turns it
