@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,31 @@ import xarray as xr
 from midasflow.texture.po import sh_po_design
 from midasflow.texture.polefigure import equal_area
 
-__all__ = ["texture_figures", "texture_summary_html", "write_texture_report"]
+__all__ = ["pole_figure_reflections", "texture_figures", "texture_summary_html", "write_texture_report"]
 
 _SIZE = 300
 #: Pole figures drawn per phase (the reflections with the most measured points, strongest first).
 MAX_POLE_FIGURES = 4
+#: A reflection gets a pole figure only if its measured pole densities have a median esd below
+#: this (1 = random): reflections overlapping a neighbour within a fraction of the peak width
+#: are extracted with huge, anticorrelated errors and would draw noise.
+MAX_DENSITY_ESD = 0.1
 _GRID = 101
+
+
+def pole_figure_reflections(results: xr.Dataset, cols: np.ndarray) -> list[int]:
+    """Columns of ``cols`` to draw pole figures of: those measured with median pole-density esd
+    below :data:`MAX_DENSITY_ESD` and a positive median density, the most measured points first,
+    then the strongest; at most :data:`MAX_POLE_FIGURES`."""
+    dens = results.pole_density.values[..., cols]
+    esd = results.pole_density_esd.values[..., cols]
+    counts = np.isfinite(dens).sum(axis=(0, 1))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        reliable = (counts > 0) & (np.nanmedian(np.abs(esd), axis=(0, 1)) < MAX_DENSITY_ESD) \
+            & (np.nanmedian(dens, axis=(0, 1)) > 0)
+        strength = np.nan_to_num(np.nanmedian(results.I.values[..., cols], axis=(0, 1)))
+    return [int(cols[i]) for i in np.lexsort((-strength, -counts)) if reliable[i]][:MAX_POLE_FIGURES]
 
 
 def texture_summary_html(results: xr.Dataset) -> str:
@@ -84,10 +104,7 @@ def texture_figures(results: xr.Dataset) -> list[Any]:
             continue
         axis = fit["sample_axis"]
         cols = np.flatnonzero(ref_phase == phase)
-        counts = np.isfinite(dens[..., cols]).sum(axis=(0, 1))
-        strength = np.nan_to_num(np.nanmedian(results.I.values[..., cols], axis=(0, 1)))
-        chosen = [cols[i] for i in np.lexsort((-strength, -counts))[:MAX_POLE_FIGURES] if counts[i] > 0]
-        for c in chosen:
+        for c in pole_figure_reflections(results, cols):
             hkl = np.array([int(results.h[c]), int(results.k[c]), int(results.l[c])])
             label = f"{phase} ({hkl[0]} {hkl[1]} {hkl[2]})"
             ok = np.isfinite(dens[..., c])
