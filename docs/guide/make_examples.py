@@ -63,6 +63,7 @@ PICTURES = [
     ("check_pattern.png", "check/calibration_check.html", "η-averaged pattern"),
     ("check_shift_vs_tth.png", "check/calibration_check.html", "Ring shift (d_obs/d_calc − 1) vs 2θ"),
     ("check_shift_vs_eta.png", "check/calibration_check.html", "Ring shift per lineout vs η"),
+    ("texture_pole_figure.png", "tex_demo/refinement/texture.html", "CeO2 ("),
 ]
 
 _RUN = re.compile(r"<!-- run: (?P<name>[\w-]+) -->\n```(?P<lang>\w+)\n(?P<code>.*?)```", re.S)
@@ -170,7 +171,11 @@ def element_page(doc_json: dict, element: str, out: Path) -> None:
     children = list(root.children)
 
     def title(model) -> str:  # noqa: ANN001
-        return getattr(getattr(model, "title", None), "text", None) or ""
+        """A figure's title; a row's is its first figure's (the pole figures come in rows)."""
+        text = getattr(getattr(model, "title", None), "text", None)
+        if text is None and getattr(model, "children", None):
+            return title(model.children[0])
+        return text or ""
 
     if element == "summary":
         chosen = children[:2]
@@ -181,8 +186,9 @@ def element_page(doc_json: dict, element: str, out: Path) -> None:
     root.children = []
     doc.remove_root(root)
     for model in chosen:  # a picture has no use for the plot's tool buttons
-        if hasattr(model, "toolbar_location"):
-            model.toolbar_location = None
+        for plot in [model, *getattr(model, "children", [])]:
+            if hasattr(plot, "toolbar_location"):
+                plot.toolbar_location = None
     save(column(*chosen) if len(chosen) > 1 else chosen[0], filename=str(out), resources=INLINE,
          title=element)
 
