@@ -143,6 +143,10 @@ def test_textured_scan_refined_end_to_end(tmp_path):
     again = json.loads(open_results(tmp_path / "out" / "results.zarr").attrs["texture_fits"])
     assert again[str(res.texture_phase.values[0])]["order"] == 8
     assert (tmp_path / "out" / "texture.html").stat().st_size > 10000
+    # a misspelt phase is named, not dropped (fitting the others as if it were not asked for)
+    name = str(res.texture_phase.values[0])
+    with pytest.raises(ValueError, match=rf"phase '{name}x' not in these results \(phases with reflections: {name}\)"):
+        add_texture_fit(res, order=6, phases=[name, f"{name}x"])
     # untextured: J within 3 esd of 1 from the same store refitted
     ds0, _ = simulate_caked(params, phase, n_groups=2, counts=4000.0, seed=3)
     res0 = refine(ds0, [cif], out=tmp_path / "out0", refine_atoms=False, report=False, export=False)

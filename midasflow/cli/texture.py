@@ -37,13 +37,13 @@ def main(argv: Sequence[str]) -> int:
     import numpy as np
 
     from midasflow.errors import ParameterError
-    from midasflow.refinement.options import check_texture
+    from midasflow.refinement.options import check_sh_order
     from midasflow.results import open_results, write_results_zarr
     from midasflow.texture.polefigure import add_texture_fit
 
     args, _ = parse_command(build_parser(), argv)
     configure_logging(args.verbose)
-    check_texture("sh", (0, 0, 1), args.sh_order)
+    check_sh_order(args.sh_order)
     axis = np.asarray(args.sample_axis, float)
     if not (np.all(np.isfinite(axis)) and np.linalg.norm(axis) > 0):
         raise ParameterError(f"--sample-axis {' '.join(map(str, args.sample_axis))}: expected a non-zero "
@@ -73,4 +73,7 @@ def main(argv: Sequence[str]) -> int:
         for note in fit["notes"]:
             print(f"  note: {note}")
     print(f"results: {store}; pole figures: {html}")
+    if (store.parent / "report.html").is_file():
+        print(f"note: {store.parent / 'report.html'} still shows the refinement's own texture fit; "
+              f"this fit is in {html.name} and results.zarr")
     return 0

@@ -96,10 +96,22 @@ def check_texture(texture: Any, po_axis: Any, sh_order: Any) -> tuple[int, int, 
     except (TypeError, ValueError):
         raise ParameterError(f"--po-axis {' '.join(map(str, po_axis)) if isinstance(po_axis, Sequence) else po_axis}: "
                              "expected three integers h k l, not all 0") from None
+    check_sh_order(sh_order)
+    return axis
+
+
+def check_sh_order(sh_order: Any) -> int:
+    """Refuse a spherical-harmonics order outside :data:`SH_ORDER_RANGE`; returns it as an int.
+
+    Raises
+    ------
+    ParameterError
+        ``sh_order`` not an integer from 2 to 12.
+    """
     lo, hi = SH_ORDER_RANGE
     if isinstance(sh_order, bool) or int(sh_order) != sh_order or not lo <= sh_order <= hi:
         raise ParameterError(f"--sh-order {sh_order}: expected {lo} to {hi} (harmonic order)")
-    return axis
+    return int(sh_order)
 
 
 def check_max_rwp(max_rwp: Any) -> float | None:

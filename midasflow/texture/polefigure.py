@@ -414,6 +414,10 @@ def add_texture_fit(ds: xr.Dataset, *, order: int = 4, sample_axis: Sequence[flo
                          "does not extract them, or nothing refined)")
     info = json.loads(ds.attrs.get("texture_phases", "{}"))
     ref_phase = ds["reflection_phase"].values.astype(str)
+    unknown = [p for p in phases or () if p not in info]
+    if unknown:
+        raise ValueError(f"phase {', '.join(map(repr, unknown))} not in these results (phases with "
+                         f"reflections: {', '.join(info) or 'none'})")
     names_phases = [p for p in (phases or list(dict.fromkeys(ref_phase))) if p in info]
     if not names_phases:
         raise ValueError("no phase of these results has reflections and a known Laue class")
