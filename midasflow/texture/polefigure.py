@@ -182,6 +182,9 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
     ok = np.isfinite(I) & np.isfinite(S) & (S > 0) & np.all(np.isfinite(Y), axis=-1)
     rows, refl = np.nonzero(ok)
     nan_c = np.full(len(names), np.nan)
+    empty = JointTextureFit("no data", names, nan_c, nan_c, math.nan, math.nan,
+                            np.full(n_refl, np.nan), np.full(n_refl, np.nan), order=order,
+                            sample_axis=tuple(float(v) for v in sample_axis))
     used = np.unique(refl)
     if rows.size <= used.size + len(names):
         why = (f"{rows.size} measured intensities for {used.size} reflection scales and {len(names)} "
@@ -189,9 +192,7 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
         if rows.size == 0:
             why += (" (none was extracted: the GSAS-II backend extracts no per-reflection intensities; "
                     "refine with --engine native for the joint fit and pole figures)")
-        return JointTextureFit("no data", names, nan_c, nan_c, math.nan, math.nan,
-                               np.full(n_refl, np.nan), np.full(n_refl, np.nan), order=order,
-                               sample_axis=tuple(float(v) for v in sample_axis), notes=[why])
+        return dataclasses.replace(empty, notes=[why])
     y_obs, sig = I[rows, refl], S[rows, refl]
     psi = _polar(Y[rows, refl], sample_axis)
     D = sh_po_design(hkl[refl], cell, laue, names, psi, unique_axis) if names else np.zeros((rows.size, 0))
