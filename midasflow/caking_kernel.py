@@ -56,8 +56,10 @@ _MAX_PASS_FRAMES = 32  # the NaN flags of one pixel in a pass are the bits of a 
 #: Bin ranges of (nearly) equal entry counts handed to the threads of one map pass.
 _N_CHUNKS = 64
 _TILE = 4096
-#: Passes of fewer frames go through the map in pixel order (:func:`_csc_sums`) instead of the
-#: pixel-major buffer, which only pays for itself over several frames.
+#: Sectors of the (R, eta) grid the threads share in a one-frame pass (:func:`_sector_map`).
+_N_SECTORS = 8
+#: Passes of fewer frames go through the map frame by frame, sector by sector
+#: (:func:`_sector_frame`), instead of the pixel-major buffer, which only pays for itself over several frames.
 _MIN_BUFFER_FRAMES = 4
 
 
@@ -110,63 +112,107 @@ def _gather_pixel_major(frames2d, slot, out, nan_bits):  # pragma: no cover - co
     return nan_per_tile.sum()
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
-def _csc_frame(indptr, bins, weights, frame, sums, touched):  # pragma: no cover - compiled
-    """``sums[b] = sum_p weights * frame[p]`` by pixel: the map in CSC (pixel-major) order.
+@numba.njit(cache=True)
+def _sector_split(csc_indptr, csc_bins, csc_weights, sector_of_bin, local_of_bin, rec_start,
+                  ent_start, pix, counts, local, weights):  # pragma: no cover - compiled
+    """Split the map (CSC: pixel-major, bins increasing within a pixel) into the sectors
+    ``sector_of_bin``, pixel-major within each sector.
 
-    The frame (n_pix,) is read once, in order, and every pixel is added to its bins' sums
-    (n_bins float64, held in cache). Every bin sees its entries in increasing pixel order, the
-    CSR order of :func:`_bin_sums`, and a NaN value adds ``w * 0.0`` there too: the sums are
-    bit-identical. ``touched[b]`` is set where a NaN value has an entry in bin b; returns the
-    number of NaN values with entries.
+    Counting pass (``pix.size == 0``): returns the records (pixel, sector pairs) and entries of
+    every sector. Filling pass: writes, from ``rec_start``/``ent_start`` on, each record's pixel
+    and entry count and each entry's bin within its sector (``local_of_bin``) and weight.
     """
-    sums[:] = 0.0
-    touched[:] = False
-    count = 0
-    for p in range(frame.size):
-        v = frame[p]
-        nan = np.isnan(v)
-        value = 0.0 if nan else np.float64(v)
-        for j in range(indptr[p], indptr[p + 1]):
-            sums[bins[j]] += weights[j] * value
-        if nan and indptr[p + 1] > indptr[p]:
-            count += 1
-            for j in range(indptr[p], indptr[p + 1]):
-                touched[bins[j]] = True
-    return count
+    n_pix = csc_indptr.size - 1
+    n_sec = rec_start.size - 1
+    fill = pix.size > 0
+    recs = rec_start[:-1].copy() if fill else np.zeros(n_sec, dtype=np.int64)
+    ents = ent_start[:-1].copy() if fill else np.zeros(n_sec, dtype=np.int64)
+    seen = np.zeros(n_sec, dtype=np.bool_)
+    for p in range(n_pix):
+        j0, j1 = csc_indptr[p], csc_indptr[p + 1]
+        for j in range(j0, j1):
+            g = sector_of_bin[csc_bins[j]]
+            if seen[g]:
+                continue
+            seen[g] = True
+            m = 0
+            for k in range(j, j1):  # this pixel's entries in sector g, bins increasing
+                if sector_of_bin[csc_bins[k]] == g:
+                    if fill:
+                        local[ents[g] + m] = local_of_bin[csc_bins[k]]
+                        weights[ents[g] + m] = csc_weights[k]
+                    m += 1
+            if fill:
+                pix[recs[g]] = p
+                counts[recs[g]] = m
+            recs[g] += 1
+            ents[g] += m
+        for j in range(j0, j1):
+            seen[sector_of_bin[csc_bins[j]]] = False
+    return recs, ents
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _sector_frame(n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts,
+                  local, weights, frame, S, touched):  # pragma: no cover - compiled
+    """One frame through the map sector by sector, sectors shared by the threads.
+
+    Within a sector (:func:`_sector_split`) the frame's pixels are read in increasing order
+    (long runs along the rows) and each is added to its bins' sums, which stay in cache; every
+    bin sees its entries in increasing pixel order, the CSR order of :func:`_bin_sums`, a NaN
+    value adding ``w * 0.0`` there too, so the sums ``S`` (n_bins,) are bit-identical.
+    ``touched[b]`` is set where a NaN value has an entry in bin b. Returns the number of NaN
+    values with entries.
+    """
+    n_r = S.size // n_eta
+    n_sec = rec_start.size - 1
+    nan_per_sector = np.zeros(n_sec, dtype=np.int64)
+    for g in numba.prange(n_sec):
+        sums = np.zeros(r_per * eta_per, dtype=np.float64)
+        hit = np.zeros(r_per * eta_per, dtype=np.bool_)
+        e = ent_start[g]
+        count = 0
+        for q in range(rec_start[g], rec_start[g + 1]):
+            v = frame[pix[q]]
+            nan = np.isnan(v)
+            value = 0.0 if nan else np.float64(v)
+            m = np.int64(counts[q])
+            for k in range(e, e + m):
+                sums[local[k]] += weights[k] * value
+            if nan:
+                count += 1
+                for k in range(e, e + m):
+                    hit[local[k]] = True
+            e += m
+        r0, e0 = g // n_eta_sectors * r_per, g % n_eta_sectors * eta_per
+        for ir in range(r0, min(r0 + r_per, n_r)):
+            for ie in range(e0, min(e0 + eta_per, n_eta)):
+                x = (ir - r0) * eta_per + ie - e0
+                S[ir * n_eta + ie] = sums[x]
+                touched[ir * n_eta + ie] = hit[x]
+        nan_per_sector[g] = count
+    return nan_per_sector.sum()
 
 
 @numba.njit(parallel=True, cache=True)
-def _csc_sums(indptr, bins, weights, frames2d, S, touched):  # pragma: no cover - compiled
-    """:func:`_csc_frame` for every frame of frames2d (n, n_pix), frames on parallel threads."""
-    n = frames2d.shape[0]
-    nan_per_frame = np.zeros(n, dtype=np.int64)
-    for f in numba.prange(n):
-        nan_per_frame[f] = _csc_frame(indptr, bins, weights, frames2d[f], S[f], touched[f])
-    return nan_per_frame.sum()
-
-
-@numba.njit(parallel=True, cache=True)
-def _touched_areas(indptr, indices, areas, frames2d, touched, bin_area, A, T):  # pragma: no cover
-    """Per-frame area of the non-NaN entries ``A`` and count of NaN entries ``T`` (n, n_bins)
-    where ``touched``, else ``bin_area`` and 0: :func:`_valid_areas` reading the frames directly
+def _touched_areas(indptr, indices, areas, bin_area, frame, touched, chunks, A, T):  # pragma: no cover
+    """Area of the non-NaN entries ``A`` and count of NaN entries ``T`` (n_bins,) of one frame
+    where ``touched``, else ``bin_area`` and 0: :func:`_valid_areas` reading the frame directly
     (same sums in the same order)."""
-    n = frames2d.shape[0]
-    n_bins = indptr.size - 1
-    for f in numba.prange(n):
-        for b in range(n_bins):
-            if not touched[f, b]:
-                A[f, b] = bin_area[b]
-                T[f, b] = 0.0
+    for c in numba.prange(chunks.size - 1):
+        for b in range(chunks[c], chunks[c + 1]):
+            if not touched[b]:
+                A[b] = bin_area[b]
+                T[b] = 0.0
                 continue
             a = 0.0
             t = 0.0
             for j in range(indptr[b], indptr[b + 1]):
-                flagged = np.isnan(frames2d[f, indices[j]])
+                flagged = np.isnan(frame[indices[j]])
                 a += 0.0 if flagged else np.float64(areas[j])
                 t += flagged
-            A[f, b] = a
-            T[f, b] = t
+            A[b] = a
+            T[b] = t
 
 
 @numba.njit(parallel=True, cache=True)
@@ -230,24 +276,33 @@ class _KernelMap(NamedTuple):
     """The bin map in the layout of the kernels (derived once per BinMap object)."""
 
     indptr: np.ndarray  # (n_bins + 1,)
+    indices: np.ndarray  # (nnz,) raw pixel of each entry
     rows: np.ndarray  # (nnz,) int32: buffer row of each entry's pixel
     weights: np.ndarray  # (nnz,) float64
     areas: np.ndarray  # (nnz,) float64
+    bin_area: np.ndarray  # (n_bins,) float64: sum of the areas of each bin's entries
     slot: np.ndarray  # (n_pix,) int32: buffer row of each raw pixel, -1 = no entry
     n_used: int
     chunks: np.ndarray  # (<= _N_CHUNKS + 1,) int64 bin boundaries
 
 
-class _PixelMap(NamedTuple):
-    """The weights in CSC (pixel-major) order, for passes of few frames (built on first use)."""
+class _SectorMap(NamedTuple):
+    """The weights split into sectors of the (R, eta) grid, pixel-major within each sector, for
+    passes of few frames (built on first use, :func:`_sector_split`)."""
 
-    indptr: np.ndarray  # (n_pix + 1,)
-    bins: np.ndarray  # (nnz,) bin of each entry
+    eta_per: int  # eta bins per sector
+    r_per: int  # R bins per sector
+    n_eta_sectors: int
+    rec_start: np.ndarray  # (n_sectors + 1,) int64: first record of each sector
+    ent_start: np.ndarray  # (n_sectors + 1,) int64: first entry of each sector
+    pix: np.ndarray  # (n_records,) int32: pixel of each record
+    counts: np.ndarray  # (n_records,) uint8/uint16/...: entries of each record
+    local: np.ndarray  # (nnz,) uint16/uint32: bin of each entry within its sector
     weights: np.ndarray  # (nnz,) float64
 
 
 _KERNEL_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PIXEL_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SECTOR_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KERNEL_MAPS_LOCK = threading.Lock()
 _BUFFERS = threading.local()
 #: Kernel calls running in this process, so concurrent callers share the threads (below).
@@ -275,22 +330,53 @@ def _kernel_map(binmap: BinMap) -> _KernelMap:
             targets = np.linspace(0, W.nnz, _N_CHUNKS + 1)
             chunks = np.unique(np.concatenate(
                 ([0, n_bins], np.searchsorted(W.indptr, targets).clip(0, n_bins))))
-            km = _KernelMap(W.indptr, rows, W.data, binmap.areas.data, slot, int(n_used),
-                            chunks.astype(np.int64))
+            bin_area = np.ascontiguousarray(binmap.bin_area, dtype=np.float64).reshape(-1)
+            km = _KernelMap(W.indptr, W.indices, rows, W.data, binmap.areas.data, bin_area, slot,
+                            int(n_used), chunks.astype(np.int64))
             _KERNEL_MAPS[binmap] = km
     return km
 
 
-def _pixel_map(binmap: BinMap) -> _PixelMap:
-    """The CSC layout of ``binmap``'s weights (after :func:`_kernel_map` checked the map)."""
+def _sector_map(binmap: BinMap) -> _SectorMap:
+    """The sector layout of ``binmap``'s weights (after :func:`_kernel_map` checked the map):
+    about ``_N_SECTORS`` sectors, eta wedges first (a wedge of the detector is read in long
+    runs along its rows), then R bands when there are fewer eta bins than that."""
     _kernel_map(binmap)
     with _KERNEL_MAPS_LOCK:
-        pm = _PIXEL_MAPS.get(binmap)
-        if pm is None:
-            csc = binmap.weights.tocsc()  # within a pixel: bins in increasing order
-            pm = _PixelMap(csc.indptr, csc.indices, csc.data)
-            _PIXEL_MAPS[binmap] = pm
-    return pm
+        sm = _SECTOR_MAPS.get(binmap)
+        if sm is not None:
+            return sm
+        n_r, n_eta = int(binmap.n_r), int(binmap.n_eta)
+        n_eta_sectors = min(_N_SECTORS, n_eta)
+        eta_per = -(-n_eta // n_eta_sectors)
+        n_eta_sectors = -(-n_eta // eta_per)
+        n_r_sectors = -(-_N_SECTORS // n_eta_sectors)
+        while -(-n_r // n_r_sectors) * eta_per > 2**16 and n_r_sectors < n_r:
+            n_r_sectors += 1  # local bins fit in uint16 unless an eta wedge alone is too wide
+        r_per = -(-n_r // n_r_sectors)
+        n_r_sectors = -(-n_r // r_per)
+        csc = binmap.weights.tocsc()  # within a pixel: bins in increasing order
+        ir, ie = np.divmod(np.arange(n_r * n_eta, dtype=np.int64), n_eta)
+        sector_of_bin = (ir // r_per * n_eta_sectors + ie // eta_per).astype(np.int32)
+        local_dtype = np.uint16 if r_per * eta_per <= 2**16 else np.uint32
+        local_of_bin = (ir % r_per * eta_per + ie % eta_per).astype(local_dtype)
+        count_dtype = np.min_scalar_type(int(np.diff(csc.indptr).max(initial=0)))
+        zero = np.zeros(n_r_sectors * n_eta_sectors + 1, dtype=np.int64)
+        tables = (csc.indptr, csc.indices, csc.data, sector_of_bin, local_of_bin)
+        recs, ents = _sector_split(*tables, zero, zero, np.empty(0, np.int32),
+                                   np.empty(0, count_dtype), np.empty(0, local_dtype),
+                                   np.empty(0, np.float64))
+        rec_start = np.concatenate(([0], np.cumsum(recs)))
+        ent_start = np.concatenate(([0], np.cumsum(ents)))
+        pix = np.empty(rec_start[-1], dtype=np.int32)
+        counts = np.empty(rec_start[-1], dtype=count_dtype)
+        local = np.empty(csc.nnz, dtype=local_dtype)
+        weights = np.empty(csc.nnz, dtype=np.float64)
+        _sector_split(*tables, rec_start, ent_start, pix, counts, local, weights)
+        sm = _SectorMap(eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts, local,
+                        weights)
+        _SECTOR_MAPS[binmap] = sm
+    return sm
 
 
 @contextlib.contextmanager
@@ -403,49 +489,52 @@ def _segments(blocks: list[np.ndarray], lo: int, hi: int) -> Iterator[tuple[np.n
         start = stop
 
 
+def _area_rows(AT, S, lo, bin_area):
+    """``AT = [A, T]`` (per-frame area and NaN-touch sums, like ``S``), allocated at the first
+    frame that meets a NaN with rows ``:lo`` (NaN-free frames) filled with ``bin_area``."""
+    if AT[0] is None:
+        AT[0], AT[1] = np.empty_like(S), np.empty_like(S)
+        AT[0][:lo] = bin_area
+        AT[1][:lo] = 0.0
+    return AT[0], AT[1]
+
+
 def _one_pass(blocks, lo, hi, km, binmap, S, AT):
     """Sums of frames ``lo:hi`` of the concatenated ``blocks`` into rows ``lo:hi`` of ``S`` and,
     once a pass meets a NaN, of ``AT = [A, T]`` (allocated then, earlier rows NaN-free)."""
-    bin_area = np.ascontiguousarray(binmap.bin_area, dtype=np.float64).reshape(-1)
     pieces = list(_segments(blocks, lo, hi))
-    if hi - lo < _MIN_BUFFER_FRAMES:
-        pm = _pixel_map(binmap)
-        touched = np.empty((hi - lo, S.shape[1]), dtype=np.bool_)
-        n_nan = 0
+    if hi - lo < _MIN_BUFFER_FRAMES:  # frame by frame, straight from the frames
+        sm = _sector_map(binmap)
+        touched = _pass_buffer(1, S.shape[1], np.bool_)[0]
         for piece, col in pieces:
-            rows = slice(lo + col, lo + col + piece.shape[0])
-            hit = touched[col:col + piece.shape[0]]
-            if piece.shape[0] == 1:  # on this thread alone: no idle threads spinning
-                n_nan += _csc_frame(pm.indptr, pm.bins, pm.weights, piece[0], S[rows][0], hit[0])
-            else:
-                n_nan += _csc_sums(pm.indptr, pm.bins, pm.weights, piece, S[rows], hit)
-    else:
-        dtype = np.result_type(*(piece.dtype for piece, _ in pieces))
-        values = _pass_buffer(km.n_used, hi - lo, dtype)
-        nan_bits = np.empty(km.n_used, dtype=np.uint32)
-        # several blocks: one copy into a pass-sized array, as one pass through the frames
-        # writes whole buffer rows (a sweep per block costs more than that copy)
-        frames2d = (pieces[0][0] if len(pieces) == 1
-                    else np.concatenate([piece for piece, _ in pieces], dtype=dtype))
-        n_nan = _gather_pixel_major(frames2d, km.slot, values, nan_bits)
-        _bin_sums(km.indptr, km.rows, km.weights, values, km.chunks, S[lo:hi])
-    A, T = AT
-    if A is None and n_nan:
-        A, T = AT[0], AT[1] = np.empty_like(S), np.empty_like(S)
-        A[:lo] = bin_area
-        T[:lo] = 0.0
-    if not n_nan:
-        if A is not None:
-            A[lo:hi] = bin_area
-            T[lo:hi] = 0.0
-    elif hi - lo < _MIN_BUFFER_FRAMES:
-        for piece, col in pieces:
-            rows = slice(lo + col, lo + col + piece.shape[0])
-            _touched_areas(km.indptr, binmap.weights.indices, km.areas, piece,
-                           touched[col:col + piece.shape[0]], bin_area, A[rows], T[rows])
-    else:
-        _valid_areas(km.indptr, km.rows, km.areas, nan_bits, bin_area, km.chunks, A[lo:hi],
+            for i, frame in enumerate(piece, start=lo + col):
+                if _sector_frame(int(binmap.n_eta),
+                                 sm.eta_per, sm.r_per, sm.n_eta_sectors, sm.rec_start,
+                                 sm.ent_start, sm.pix, sm.counts, sm.local, sm.weights, frame,
+                                 S[i], touched):
+                    A, T = _area_rows(AT, S, i, km.bin_area)
+                    _touched_areas(km.indptr, km.indices, km.areas, km.bin_area, frame, touched,
+                                   km.chunks, A[i], T[i])
+                elif AT[0] is not None:
+                    AT[0][i] = km.bin_area
+                    AT[1][i] = 0.0
+        return
+    dtype = np.result_type(*(piece.dtype for piece, _ in pieces))
+    values = _pass_buffer(km.n_used, hi - lo, dtype)
+    nan_bits = np.empty(km.n_used, dtype=np.uint32)
+    # several blocks: one copy into a pass-sized array, as one pass through the frames
+    # writes whole buffer rows (a sweep per block costs more than that copy)
+    frames2d = (pieces[0][0] if len(pieces) == 1
+                else np.concatenate([piece for piece, _ in pieces], dtype=dtype))
+    n_nan = _gather_pixel_major(frames2d, km.slot, values, nan_bits)
+    _bin_sums(km.indptr, km.rows, km.weights, values, km.chunks, S[lo:hi])
+    if n_nan:
+        A, T = _area_rows(AT, S, lo, km.bin_area)
+        _valid_areas(km.indptr, km.rows, km.areas, nan_bits, km.bin_area, km.chunks, A[lo:hi],
                      T[lo:hi])
+    elif AT[0] is not None:
+        AT[0][lo:hi] = km.bin_area
+        AT[1][lo:hi] = 0.0
 
 
 def cake_block(
@@ -491,11 +580,11 @@ def cake_block(
     then read that buffer almost sequentially and every entry updates all frames of the pass
     with one vector operation; threads share the bins in ranges of equal entry counts. The
     buffer (up to 512 MiB) is kept per calling thread and reused. A pass of fewer than
-    ``_MIN_BUFFER_FRAMES`` frames (a single frame, say) skips the buffer: it reads each frame once
-    in pixel order and adds every pixel to its bins' sums, which stay in cache (the map in CSC
-    order, built on first use). NaN values count as 0 and are flagged; only when a pass holds
-    NaN are the unmasked areas of the bins they touch summed again (other bins keep the
-    precomputed ``binmap.bin_area``). Both ways add a bin's entries in increasing pixel order in
+    ``_MIN_BUFFER_FRAMES`` frames (a single frame, say) skips the buffer: the threads share the
+    bins and each bin reads its entries' pixels straight from the frame, one frame after the
+    other. NaN values count as 0 and are flagged; only the bins a NaN touches have the
+    unmasked areas of their entries summed again (other bins keep the precomputed
+    ``binmap.bin_area``). Both ways add a bin's entries in increasing pixel order in
     float64 (fused multiply-adds), so every frame's result is bit-identical whichever frames
     share its pass and however the frames are split into blocks.
 
