@@ -37,7 +37,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
@@ -55,6 +55,8 @@ from midasflow.io.atomic import atomic_output
 from midasflow.limits import MAX_BINS, MAX_MAP_ENTRIES, check_binning
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from midasflow.params import Params
 
 __all__ = ["BinMap", "build_binmap", "load_or_build_binmap", "binmap_key", "check_binmap",
@@ -303,13 +305,13 @@ def _r_range(r_min, r_max, r_edges):
     return k0, k1
 
 
-@numba.njit(cache=True, parallel=True)
-def _count_candidates(cx, cy, ceta, r_edges, eta_edges):
-    """Upper bound of the number of (pixel, bin) entries of every raw pixel, shape (nz*ny,)."""
-    nz = cx.shape[0] - 1
+@numba.njit(cache=True, nogil=True)
+def _count_candidates(z0, z1, cx, cy, ceta, r_edges, eta_edges, counts):
+    """Upper bound of the number of (pixel, bin) entries of every raw pixel of rows z0..z1-1,
+    written to ``counts`` (nz*ny,). Releases the GIL: row bands run on threads
+    (:func:`_in_row_bands`), which compiles much faster than a numba parallel loop."""
     ny = cx.shape[1] - 1
-    counts = np.zeros(nz * ny, dtype=np.int64)
-    for z in numba.prange(nz):
+    for z in range(z0, z1):
         xs = np.empty(4)
         ys = np.empty(4)
         starts = np.empty(5, dtype=np.int64)
@@ -326,21 +328,20 @@ def _count_candidates(cx, cy, ceta, r_edges, eta_edges):
             for j in range(n):
                 n_e += stops[j] - starts[j] + 1
             counts[z * ny + y] = n_e * (k1 - k0 + 1)
-    return counts
 
 
-@numba.njit(cache=True, parallel=True)
-def _split_pixels(cx, cy, ceta, r_edges, eta_edges, offsets, out_bin, out_area, min_area):
-    """Exact overlap areas of every raw pixel with its candidate bins.
+@numba.njit(cache=True, nogil=True)
+def _split_pixels(z0, z1, cx, cy, ceta, r_edges, eta_edges, offsets, out_bin, out_area, min_area,
+                  used):
+    """Exact overlap areas of every raw pixel of rows z0..z1-1 with its candidate bins.
 
-    Entries of pixel p go to out_bin/out_area[offsets[p]:offsets[p] + n_p]; returns n_p per pixel.
+    Entries of pixel p go to out_bin/out_area[offsets[p]:offsets[p] + n_p], n_p to ``used[p]``.
+    Releases the GIL: row bands run on threads (:func:`_in_row_bands`).
     """
-    nz = cx.shape[0] - 1
     ny = cx.shape[1] - 1
     n_r = r_edges.size - 1
     n_eta = eta_edges.size - 1
-    used = np.zeros(nz * ny, dtype=np.int64)
-    for z in numba.prange(nz):
+    for z in range(z0, z1):
         xs = np.empty(4)
         ys = np.empty(4)
         tmp_x = np.empty(_MAX_VERTS)
@@ -398,7 +399,6 @@ def _split_pixels(cx, cy, ceta, r_edges, eta_edges, offsets, out_bin, out_area, 
                             out_area[pos] = acc[k]
                             pos += 1
             used[pix] = pos - offsets[pix]
-    return used
 
 
 @numba.njit(cache=True)
@@ -465,6 +465,17 @@ def binmap_key(params: Params, mask: NDArray | None = None) -> str:
     return h.hexdigest()
 
 
+def _in_row_bands(fn: Callable[..., None], n_rows: int, *args: Any, per_thread: int = 8) -> None:
+    """``fn(z0, z1, *args)`` over bands of rows covering ``0..n_rows``, on
+    ``numba.get_num_threads()`` threads (``fn`` must release the GIL), ``per_thread`` bands per
+    thread (of at least 64 rows) so threads that finish early take the next band."""
+    n_threads = max(1, numba.get_num_threads())
+    n_bands = max(1, min(n_threads * per_thread, n_rows // 64))
+    edges = np.linspace(0, n_rows, n_bands + 1).astype(int)
+    with ThreadPoolExecutor(min(n_threads, n_bands)) as pool:
+        list(pool.map(lambda z0, z1: fn(z0, z1, *args), edges[:-1], edges[1:]))
+
+
 def _corner_grid(params: Params) -> tuple[NDArray, NDArray, NDArray]:
     """Ideal-plane (X, Y) and η of every pixel corner, raw frame, shape (nz+1, ny+1)."""
     nz, ny = int(params.nr_pixels_z), int(params.nr_pixels_y)
@@ -472,14 +483,11 @@ def _corner_grid(params: Params) -> tuple[NDArray, NDArray, NDArray]:
     z = np.arange(nz + 1, dtype=np.float64) - 0.5
     r_t, eta_t = np.empty((nz + 1, ny + 1)), np.empty((nz + 1, ny + 1))
 
-    def band(rows: slice) -> None:  # element-wise numpy, which releases the GIL
-        zt, yt = np.meshgrid(z[rows], y, indexing="ij")
-        r_t[rows], eta_t[rows] = pixel_to_r_eta(yt, zt, params)
+    def band(z0: int, z1: int) -> None:  # element-wise numpy, which releases the GIL
+        zt, yt = np.meshgrid(z[z0:z1], y, indexing="ij")
+        r_t[z0:z1], eta_t[z0:z1] = pixel_to_r_eta(yt, zt, params)
 
-    n_bands = max(1, min(numba.get_num_threads(), (nz + 1) // 64))
-    edges = np.linspace(0, nz + 1, n_bands + 1).astype(int)
-    with ThreadPoolExecutor(n_bands) as pool:
-        list(pool.map(band, [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]))
+    _in_row_bands(band, nz + 1, per_thread=1)
     # flipping/transposing the corner grid is the same permutation as for the image
     r = untransform_image(r_t, params.im_trans_opt)
     eta = np.ascontiguousarray(untransform_image(eta_t, params.im_trans_opt))
@@ -534,12 +542,16 @@ def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
     if masked.size >= 2**31:
         raise ParameterError(f"{params.source}: keys NrPixelsY/NrPixelsZ: expected < 2^31 pixels")
     cx, cy, ceta = _corner_grid(params)
-    counts = _count_candidates(cx, cy, ceta, r_edges, eta_edges)
+    nz, ny = masked.shape
+    counts = np.zeros(nz * ny, dtype=np.int64)
+    _in_row_bands(_count_candidates, nz, cx, cy, ceta, r_edges, eta_edges, counts)
     offsets = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     out_bin = np.empty(offsets[-1], dtype=np.int32)
     out_area = np.empty(offsets[-1], dtype=np.float64)
-    used = _split_pixels(cx, cy, ceta, r_edges, eta_edges, offsets, out_bin, out_area, MIN_AREA_PX2)
+    used = np.zeros(nz * ny, dtype=np.int64)
+    _in_row_bands(_split_pixels, nz, cx, cy, ceta, r_edges, eta_edges, offsets, out_bin,
+                  out_area, MIN_AREA_PX2, used)
     del cx, cy, ceta
     indptr, indices, areas, weights, bin_area, geometric, touches = _assemble(
         offsets, used, out_bin, out_area, masked.ravel(), _correction(params), n_bins

@@ -21,6 +21,7 @@ This module imports neither dask, distributed nor xarray; :mod:`midasflow.caking
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import weakref
@@ -152,46 +153,43 @@ def _sector_split(csc_indptr, csc_bins, csc_weights, sector_of_bin, local_of_bin
     return recs, ents
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _sector_frame(n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts,
-                  local, weights, frame, S, touched):  # pragma: no cover - compiled
-    """One frame through the map sector by sector, sectors shared by the threads.
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _sector_sums(g, n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts,
+                 local, weights, frame, S, touched):  # pragma: no cover - compiled
+    """The sums ``S`` (n_bins,) and NaN flags ``touched`` of the bins of sector g of one frame.
 
     Within a sector (:func:`_sector_split`) the frame's pixels are read in increasing order
     (long runs along the rows) and each is added to its bins' sums, which stay in cache; every
     bin sees its entries in increasing pixel order, the CSR order of :func:`_bin_sums`, a NaN
-    value adding ``w * 0.0`` there too, so the sums ``S`` (n_bins,) are bit-identical.
-    ``touched[b]`` is set where a NaN value has an entry in bin b. Returns the number of NaN
-    values with entries.
+    value adding ``w * 0.0`` there too, so the sums are bit-identical. ``touched[b]`` is set
+    where a NaN value has an entry in bin b. Returns the number of NaN values with entries in
+    the sector. Releases the GIL: the sectors of a frame run on Python threads
+    (:func:`_sector_frame`), which compiles much faster than a numba parallel loop.
     """
-    n_r = S.size // n_eta
-    n_sec = rec_start.size - 1
-    nan_per_sector = np.zeros(n_sec, dtype=np.int64)
-    for g in numba.prange(n_sec):
-        sums = np.zeros(r_per * eta_per, dtype=np.float64)
-        hit = np.zeros(r_per * eta_per, dtype=np.bool_)
-        e = ent_start[g]
-        count = 0
-        for q in range(rec_start[g], rec_start[g + 1]):
-            v = frame[pix[q]]
-            nan = np.isnan(v)
-            value = 0.0 if nan else np.float64(v)
-            m = np.int64(counts[q])
+    sums = np.zeros(r_per * eta_per, dtype=np.float64)
+    hit = np.zeros(r_per * eta_per, dtype=np.bool_)
+    e = ent_start[g]
+    count = 0
+    for q in range(rec_start[g], rec_start[g + 1]):
+        v = frame[pix[q]]
+        nan = np.isnan(v)
+        value = 0.0 if nan else np.float64(v)
+        m = np.int64(counts[q])
+        for k in range(e, e + m):
+            sums[local[k]] += weights[k] * value
+        if nan:
+            count += 1
             for k in range(e, e + m):
-                sums[local[k]] += weights[k] * value
-            if nan:
-                count += 1
-                for k in range(e, e + m):
-                    hit[local[k]] = True
-            e += m
-        r0, e0 = g // n_eta_sectors * r_per, g % n_eta_sectors * eta_per
-        for ir in range(r0, min(r0 + r_per, n_r)):
-            for ie in range(e0, min(e0 + eta_per, n_eta)):
-                x = (ir - r0) * eta_per + ie - e0
-                S[ir * n_eta + ie] = sums[x]
-                touched[ir * n_eta + ie] = hit[x]
-        nan_per_sector[g] = count
-    return nan_per_sector.sum()
+                hit[local[k]] = True
+        e += m
+    n_r = S.size // n_eta
+    r0, e0 = g // n_eta_sectors * r_per, g % n_eta_sectors * eta_per
+    for ir in range(r0, min(r0 + r_per, n_r)):
+        for ie in range(e0, min(e0 + eta_per, n_eta)):
+            x = (ir - r0) * eta_per + ie - e0
+            S[ir * n_eta + ie] = sums[x]
+            touched[ir * n_eta + ie] = hit[x]
+    return count
 
 
 @numba.njit(parallel=True, cache=True)
@@ -304,6 +302,7 @@ class _SectorMap(NamedTuple):
 _KERNEL_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SECTOR_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KERNEL_MAPS_LOCK = threading.Lock()
+_SECTOR_POOL: list[concurrent.futures.ThreadPoolExecutor | None] = [None]
 _BUFFERS = threading.local()
 #: Kernel calls running in this process, so concurrent callers share the threads (below).
 _ACTIVE = [0]
@@ -377,6 +376,31 @@ def _sector_map(binmap: BinMap) -> _SectorMap:
                         weights)
         _SECTOR_MAPS[binmap] = sm
     return sm
+
+
+def _sector_frame(sm: _SectorMap, n_eta: int, frame: np.ndarray, S: np.ndarray,
+                  touched: np.ndarray) -> int:
+    """One frame's sums through the sector map, the sectors shared by ``numba.get_num_threads()``
+    threads (this one and pool threads, each taking the next sector as it frees up); returns
+    the number of NaN values with entries (:func:`_sector_sums`)."""
+    args = (n_eta, sm.eta_per, sm.r_per, sm.n_eta_sectors, sm.rec_start, sm.ent_start, sm.pix,
+            sm.counts, sm.local, sm.weights, frame, S, touched)
+    sectors = iter(range(sm.rec_start.size - 1))  # next() on it is atomic under the GIL
+
+    def work() -> int:
+        return sum(_sector_sums(g, *args) for g in sectors)
+
+    helpers = [_sector_pool().submit(work) for _ in range(numba.get_num_threads() - 1)]
+    return work() + sum(f.result() for f in helpers)
+
+
+def _sector_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that help :func:`_sector_frame` (created on first use, one fewer than numba's)."""
+    with _KERNEL_MAPS_LOCK:
+        if _SECTOR_POOL[0] is None:
+            _SECTOR_POOL[0] = concurrent.futures.ThreadPoolExecutor(
+                max(1, numba.config.NUMBA_NUM_THREADS - 1), thread_name_prefix="midasflow-cake")
+    return _SECTOR_POOL[0]
 
 
 @contextlib.contextmanager
@@ -508,10 +532,7 @@ def _one_pass(blocks, lo, hi, km, binmap, S, AT):
         touched = _pass_buffer(1, S.shape[1], np.bool_)[0]
         for piece, col in pieces:
             for i, frame in enumerate(piece, start=lo + col):
-                if _sector_frame(int(binmap.n_eta),
-                                 sm.eta_per, sm.r_per, sm.n_eta_sectors, sm.rec_start,
-                                 sm.ent_start, sm.pix, sm.counts, sm.local, sm.weights, frame,
-                                 S[i], touched):
+                if _sector_frame(sm, int(binmap.n_eta), frame, S[i], touched):
                     A, T = _area_rows(AT, S, i, km.bin_area)
                     _touched_areas(km.indptr, km.indices, km.areas, km.bin_area, frame, touched,
                                    km.chunks, A[i], T[i])
