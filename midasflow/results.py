@@ -68,13 +68,16 @@ def reflection_weights(pattern: Any, phase: str) -> tuple[dict[str, np.ndarray],
     """
     from midasflow.profile import tch_fwhm_eta
 
-    x = np.asarray(getattr(pattern, "tth_deg", ()), dtype=float)
+    fitted = getattr(pattern, "fitted_range_deg", None)
+    if fitted is None:  # a result that is not a PatternResult: its fitted points
+        x = np.asarray(getattr(pattern, "tth_deg", ()), dtype=float)
+        fitted = (x.min(), x.max()) if x.size else None
     refl = (getattr(pattern, "reflections", None) or {}).get(phase)
-    if refl is None or not x.size or not {"tth_deg", "intensity", "sig2", "gam"} <= set(refl):
+    if refl is None or fitted is None or not {"tth_deg", "intensity", "sig2", "gam"} <= set(refl):
         return None
     tth = np.asarray(refl["tth_deg"], dtype=float)
     inten = np.asarray(refl["intensity"], dtype=float)
-    inside = (tth >= x.min()) & (tth <= x.max()) & np.isfinite(inten) & (inten > 0)
+    inside = (tth >= fitted[0]) & (tth <= fitted[1]) & np.isfinite(inten) & (inten > 0)
     if not inside.any():
         return None
     fwhm = np.array([tch_fwhm_eta(s2, g)[0] for s2, g in

@@ -26,6 +26,7 @@ import json
 
 import numpy as np
 import pytest
+import xarray as xr
 
 from midasflow import pipeline, strain
 from midasflow.cli.demo import DEMO_STRAIN, make_demo_scan
@@ -364,7 +365,7 @@ def test_curves_are_kept_only_for_the_groups_the_report_plots(small, tmp_path, m
         return write_report(results, path, **kw)
 
     monkeypatch.setattr(report, "write_report", capture)
-    pipeline.refine(ds, [cif], out=tmp_path / "plotted", export=False)
+    kept = pipeline.refine(ds, [cif], out=tmp_path / "plotted", export=False)
     plotted = [r.pattern for r in seen["lineouts"] if r.status == "ok"]
     assert plotted and all(p.obs.size and p.weight.size and p.covariance is not None for p in plotted)
     monkeypatch.setattr(report, "PLOTTED_GROUPS", 0)
@@ -375,3 +376,8 @@ def test_curves_are_kept_only_for_the_groups_the_report_plots(small, tmp_path, m
         assert p.obs.size == p.calc.size == p.weight.size == 0 and p.covariance is None
         assert p.rwp == q.rwp and p.cells == q.cells and p.flags == q.flags
     assert (tmp_path / "none" / "report.html").is_file() and np.isfinite(r.a_a.values[0, 0]).all()
+    # strain and its fits come from the numbers and reflection tables, not from the curves
+    assert r.in_strain_fit.values.all()
+    for name in ("strain", "strain_esd", "in_strain_fit", "strain_tensor"):
+        if name in kept:
+            xr.testing.assert_identical(r[name], kept[name])

@@ -87,6 +87,9 @@ class PatternResult:
     notes : list of str
         Information that is no warning: where the start values came from (measured peak
         widths beside the instrument's, or given ``start`` values), parameters held.
+    dropped_range_deg : (float, float) or None
+        The fitted points' 2θ range (deg) once :meth:`without_curves` has dropped the points;
+        read it through :attr:`fitted_range_deg`.
     """
 
     status: str
@@ -114,14 +117,24 @@ class PatternResult:
     phases: list[Phase] = field(default_factory=list)
     flags: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    dropped_range_deg: tuple[float, float] | None = None
+
+    @property
+    def fitted_range_deg(self) -> tuple[float, float] | None:
+        """(lowest, highest) 2θ of the fitted points, deg, also after :meth:`without_curves`
+        dropped them; None when nothing was fitted."""
+        if len(self.tth_deg):
+            return float(np.min(self.tth_deg)), float(np.max(self.tth_deg))
+        return self.dropped_range_deg
 
     def without_curves(self) -> "PatternResult":
         """This result without its per-point arrays (``tth_deg``, ``obs``, ``calc``, ``bkg``,
-        ``weight``) and covariance: the numbers, flags and reflection tables stay. What a run
+        ``weight``) and covariance: the numbers, flags, reflection tables and the fitted 2θ range
+        (:attr:`fitted_range_deg`) stay. What a run
         keeps of the lineouts it does not plot, once their exports are written."""
         empty = np.zeros(0)
         return dataclasses.replace(self, tth_deg=empty, obs=empty, calc=empty, bkg=empty,
-                                   weight=empty, covariance=None)
+                                   weight=empty, covariance=None, dropped_range_deg=self.fitted_range_deg)
 
     def with_max_rwp(self, max_rwp: float | None) -> "PatternResult":
         """This result, flagged ``rwp_above_max`` if its Rwp (%) exceeds ``max_rwp``.
