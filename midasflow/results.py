@@ -536,7 +536,8 @@ CSV_COLUMNS = ("x", "y_obs", "weight", "y_calc", "y_bkg", "Q")
 
 def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrument: Any = None,
                    kinds: Sequence[str] = EXPORT_KINDS, mode: str = "rietveld",
-                   po_axis: Sequence[int] = (0, 0, 1)) -> list[Path]:
+                   po_axis: Sequence[int] = (0, 0, 1),
+                   limits: Sequence[float] | None = None) -> list[Path]:
     """Write one refined lineout's ``<name>_data.csv`` (:func:`write_lineout_csv`),
     ``<name>_<phase>.cif`` files and GSAS-II project ``<name>.gpx``
     (:func:`midasflow.io.gpx.write_gpx`) as ``kinds`` says ("csv", "cif", "gpx").
@@ -544,7 +545,9 @@ def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrumen
     ``<name>`` is the lineout's file stem ``spec.name``: ``hist_NNNN`` with MIDAS's histogram
     number. ``instrument`` (an :class:`~midasflow.instrument.Instrument`) gives the CSV's
     wavelength and instrument lines and the project's instrument parameters; ``mode`` and
-    ``po_axis`` are the refinement's ("rietveld" or "lebail"; the March–Dollase axis). A phase
+    ``po_axis`` are the refinement's ("rietveld" or "lebail"; the March–Dollase axis), ``limits``
+    its 2θ limits (degrees; None: the whole lineout): the project holds the whole lineout with
+    GSAS-II's limits on the refined range. A phase
     setting GSAS-II cannot hold, or a pattern without the fitted points' weights, leaves the
     project out with a warning on ``pattern`` (the lineout's result stands).
     """
@@ -561,6 +564,7 @@ def export_lineout(spec: Any, pattern: Any, folder: str | os.PathLike, instrumen
             written.append(write_gpx(
                 folder / f"{spec.name}.gpx", pattern, instrument, mode=mode, po_axis=po_axis,
                 histogram_name=f"PWDR {spec.name}", omega_deg=spec.omega_deg, eta_deg=spec.eta_deg,
+                data=(spec.tth_deg, spec.intensity, spec.sigma), limits=limits,
                 comments=[f"midasflow lineout {spec.name}: omega {spec.omega_deg:g} deg, "
                           f"eta {spec.eta_deg:g} deg"]))
         except (UnsupportedSetting, NoFittedPattern) as exc:

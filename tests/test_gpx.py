@@ -27,13 +27,16 @@ def ceo2_fit():
 
 
 def _write(tmp_path, fit, mode="rietveld", name="hist_0007"):
+    """The project of a refined lineout, holding the whole lineout, as the exports write it."""
     spec, pattern, inst = fit
     return write_gpx(tmp_path / f"{name}.gpx", pattern, inst, mode=mode,
-                     histogram_name=f"PWDR {name}", omega_deg=spec.omega_deg, eta_deg=spec.eta_deg)
+                     histogram_name=f"PWDR {name}", omega_deg=spec.omega_deg, eta_deg=spec.eta_deg,
+                     data=(spec.tth_deg, spec.intensity, spec.sigma))
 
 
-def _check_project(path, pattern, mode):
-    """Everything a project must hold of ``pattern``; returns the parsed tree."""
+def _check_project(path, pattern, mode, spec=None):
+    """Everything a project must hold of ``pattern`` (and of the whole lineout ``spec``, refined
+    without limits, when given); returns the parsed tree."""
     items = read_gpx(path)
     names = [item[0][0] for item in items]
     assert names[:6] == ITEMS and names[6] == f"PWDR {path.stem}" and names[7] == "Phases"
@@ -41,18 +44,26 @@ def _check_project(path, pattern, mode):
     hist = t[f"PWDR {path.stem}"]
     assert list(hist)[1:] == HISTOGRAM_CHILDREN
 
-    # data: the fitted points, their weights, the fit; residuals recomputed from them
+    # data: the lineout's points (the fitted ones without spec), their weights, the fit;
+    # residuals recomputed from them
     hist_dict, arrays, _ = hist[f"PWDR {path.stem}"]
     x, y, w, yc, yb, diff = arrays
-    np.testing.assert_array_equal(x, pattern.tth_deg)
-    np.testing.assert_array_equal(y, pattern.obs)
-    np.testing.assert_array_equal(w, pattern.weight)
-    np.testing.assert_array_equal(yc, pattern.calc)
-    np.testing.assert_array_equal(yb, pattern.bkg)
+    if spec is None:
+        np.testing.assert_array_equal(x, pattern.tth_deg)
+        np.testing.assert_array_equal(y, pattern.obs)
+        np.testing.assert_array_equal(w, pattern.weight)
+    else:
+        np.testing.assert_array_equal(x, spec.tth_deg)
+        np.testing.assert_array_equal(y, spec.intensity)
+        np.testing.assert_array_equal(w, np.where(spec.sigma > 0, 1 / spec.sigma**2, 0.0))
+    fitted = np.isin(x, pattern.tth_deg)
+    assert fitted.sum() == pattern.n_points
+    np.testing.assert_array_equal(yc[fitted], pattern.calc)
+    np.testing.assert_array_equal(yb[fitted], pattern.bkg)
     np.testing.assert_allclose(diff, y - yc)
     rwp = 100 * math.sqrt(np.sum(w * (y - yc) ** 2) / np.sum(w * y**2))
     assert hist_dict["wR"] == pytest.approx(pattern.rwp, rel=1e-9) == rwp
-    assert hist_dict["Nobs"] == pattern.n_points == x.size
+    assert hist_dict["Nobs"] == x.size == pattern.n_points + pattern.n_dropped
 
     # background, instrument and sample terms: refined values, flags = what was refined
     back = hist["Background"][0]
@@ -67,7 +78,7 @@ def _check_project(path, pattern, mode):
     assert sample["Scale"] == [pattern.values["Scale"], "Scale" in pattern.esds]
     assert sample["Azimuth"] == 0.0  # the polarisation's azimuth, as the engine used it
 
-    # limits: from the first point up to the last reflection the engine modelled
+    # limits: from the first point up to the last reflection the engine modelled, nothing excluded
     (lo0, hi0), (lo, hi) = hist["Limits"]
     assert lo0 == lo == x[0] and hi0 == hi >= x[-1]
 
@@ -92,6 +103,8 @@ def _check_project(path, pattern, mode):
         np.testing.assert_allclose(ref[:, 4], table["d_a"])
         assert ref[:, 5].max() < hi
         assert hist_dict[f"{p}:0:Nref"] == ref.shape[0]
+        # RF, RF² as GSAS-II's GUI shows them: from Fo² (extracted in Le Bail; none, 100 %, after Rietveld)
+        assert hist_dict[f"{p}:0:Rf"] == hist_dict[f"{p}:0:Rf^2"] == (0.0 if mode == "lebail" else 100.0)
         # atoms: as refined; the site multiplicities fill the cell's composition
         for row, atom in zip(data["Atoms"], pattern.phases[p].atoms):
             assert row[0] == atom.label and row[6] == atom.occ and row[10] == atom.uiso
@@ -113,7 +126,7 @@ def _check_project(path, pattern, mode):
 def test_ceo2_project(tmp_path, ceo2_fit):
     spec, pattern, _ = ceo2_fit
     path = _write(tmp_path, ceo2_fit)
-    t = _check_project(path, pattern, "rietveld")
+    t = _check_project(path, pattern, "rietveld", spec)
     assert "0::A0" in pattern.esds
     # a cubic cell: GSAS-II lists the A-terms tied to A0 among the dependent ones, same esd
     dep = t["Covariance"]["Covariance"]["depSigDict"]
@@ -133,6 +146,77 @@ def test_ceo2_project(tmp_path, ceo2_fit):
     blob = path.read_bytes()
     _write(tmp_path, ceo2_fit)
     assert path.read_bytes() == blob and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+@pytest.fixture(scope="module")
+def cut_fit(ceo2_fit):
+    """The CeO2 lineout refined within 2θ limits that fall between its points 30|31 and 400|401,
+    with σ = 0 at the range's first point, three points in a row and one more inside it:
+    (spec, pattern, instrument, limits)."""
+    from dataclasses import replace
+
+    from midasflow.refinement.engine import refine_pattern
+
+    spec, _, inst = ceo2_fit
+    x, sigma = spec.tth_deg, spec.sigma.copy()
+    sigma[[31, 100, 101, 102, 200]] = 0.0
+    spec = replace(spec, sigma=sigma)
+    limits = ((x[30] + x[31]) / 2, (x[400] + x[401]) / 2)
+    pattern = refine_pattern(x, spec.intensity, sigma, [ceo2(5.40)], inst, limits=limits)
+    assert pattern.status == "ok" and pattern.n_dropped == 5, pattern.message
+    return spec, pattern, inst, limits
+
+
+def test_limits_and_dropped_points(tmp_path, cut_fit):
+    """Refined within limits with points dropped: GSAS-II's limits are the refined range, the
+    dropped points weight 0, the points above the range left out."""
+    spec, pattern, inst, limits = cut_fit
+    x = spec.tth_deg
+    path = write_gpx(tmp_path / "cut.gpx", pattern, inst, data=(x, spec.intensity, spec.sigma),
+                     limits=limits)
+    hist = tree(path)["PWDR cut"]
+    hist_dict, (hx, hy, hw, yc, yb, diff), _ = hist["PWDR cut"]
+    np.testing.assert_array_equal(hx, x[:401])
+    np.testing.assert_array_equal(hy, spec.intensity[:401])
+    dropped = [31, 100, 101, 102, 200]
+    np.testing.assert_array_equal(hw[dropped], 0.0)
+    np.testing.assert_array_equal(np.delete(hw, dropped), 1 / np.delete(spec.sigma[:401], dropped) ** 2)
+    assert hist["Limits"] == [(x[0], hist["Limits"][1][1]), [x[31], hist["Limits"][1][1]]]
+    assert hist["Limits"][1][1] > x[400]  # up to the last reflection the engine modelled
+    # below the limits no fit (as GSAS-II leaves it); inside, the engine's at the fitted points
+    assert not yc[:31].any() and not yb[:31].any() and not diff[:31].any()
+    fitted = np.isin(hx, pattern.tth_deg)
+    assert fitted.sum() == pattern.n_points and not fitted[:32].any() and not fitted[dropped].any()
+    np.testing.assert_array_equal(yc[fitted], pattern.calc)
+    np.testing.assert_array_equal(yb[fitted], pattern.bkg)
+    assert np.all(yb[dropped] > 0)  # interpolated for the plot
+    # GSAS-II's residuals: every point from the lower limit on (weight 0 ones too)
+    assert hist_dict["Nobs"] == 401 - 31 == pattern.n_points + pattern.n_dropped
+    assert hist_dict["wR"] == pytest.approx(pattern.rwp, rel=1e-9)
+
+    # data given in another order: the same histogram; without data, the fitted points only
+    order = np.random.default_rng(0).permutation(x.size)
+    again = write_gpx(tmp_path / "cut.gpx", pattern, inst, limits=limits,
+                      data=(x[order], spec.intensity[order], spec.sigma[order]))
+    assert again.read_bytes() == path.read_bytes()
+    hist = tree(write_gpx(tmp_path / "fitted.gpx", pattern, inst))["PWDR fitted"]
+    np.testing.assert_array_equal(hist["PWDR fitted"][1][0], pattern.tth_deg)
+    assert hist["Limits"][1][0] == pattern.tth_deg[0] and len(hist["Limits"]) == 2
+
+
+def test_data_not_refined_is_refused(tmp_path, cut_fit):
+    """Data or limits that are not what the pattern was refined from: a clear error, no file."""
+    spec, pattern, inst, limits = cut_fit
+    data = (spec.tth_deg, spec.intensity, spec.sigma)
+    with pytest.raises(ValueError, match="the whole lineout.*not the points"):
+        write_gpx(tmp_path / "x.gpx", pattern, inst, data=data)
+    with pytest.raises(ValueError, match=r"limits 2\.\..*not the points"):
+        write_gpx(tmp_path / "x.gpx", pattern, inst, data=data, limits=(2.0, limits[1]))
+    with pytest.raises(ValueError, match="not the points"):
+        write_gpx(tmp_path / "x.gpx", pattern, inst, data=(data[0], data[1] * 2, data[2]), limits=limits)
+    with pytest.raises(ValueError, match="differ in length"):
+        write_gpx(tmp_path / "x.gpx", pattern, inst, data=(data[0], data[1][1:], data[2]))
+    assert not list(tmp_path.iterdir())
 
 
 def test_reader_refuses_other_objects(tmp_path):
@@ -157,9 +241,9 @@ def test_lineout_without_weights_is_refused(tmp_path, ceo2_fit):
 @pytest.mark.parametrize("phase_fn,mode,atoms", [(zno, "lebail", False), (pbso4, "rietveld", True)])
 def test_other_phases(tmp_path, phase_fn, mode, atoms):
     fit = refined_lineout(phase_fn(), mode=mode, refine_atoms=atoms)
-    _, pattern, _ = fit
+    spec, pattern, _ = fit
     path = _write(tmp_path, fit, mode=mode)
-    t = _check_project(path, pattern, mode)
+    t = _check_project(path, pattern, mode, spec)
     name = pattern.phases[0].name
     general = t["Phases"][name]["General"]
     if name == "ZnO":

@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,9 +171,10 @@ def _background(pattern: PatternResult) -> list:
              "background PWDR": ["", 1.0, False]}]
 
 
-def _residuals(pattern: PatternResult, x: np.ndarray, y: np.ndarray, w: np.ndarray,
-               yc: np.ndarray, yb: np.ndarray) -> dict[str, float]:
-    """GSAS-II's histogram residuals (``GSASIIstrMath.getPowderProfile`` definitions)."""
+def _residuals(x: np.ndarray, y: np.ndarray, w: np.ndarray, yc: np.ndarray,
+               yb: np.ndarray) -> dict[str, float]:
+    """GSAS-II's histogram residuals over the points it counts (``GSASIIstrMath.getPowderProfile``
+    definitions)."""
     sum_wyo2 = float(np.sum(w * y**2))
     wdy = np.sqrt(w) * (y - yc)
     peaks = yc != yb
@@ -250,6 +252,21 @@ def _reflection_list(table: Mapping[str, np.ndarray], po: np.ndarray, lebail: bo
     ref[:, 12] = po
     ref[:, 13:15] = 1.0
     return ref
+
+
+def _reflection_residuals(ref: np.ndarray, p: int) -> dict[str, float | int]:
+    """GSAS-II's per-phase histogram residuals of a reflection list: RF and RF² from Fo² and Fc²
+    (``GSASIIstrMath.GetFobsSq``; 100 % when no Fo² is held, as after a Rietveld fit here) and
+    the number of reflections. GSAS-II's GUI shows them whenever the histogram is selected."""
+    fo2, fc2 = ref[:, 8], ref[:, 9]
+    sum_fo = float(np.sum(np.sqrt(np.abs(fo2))))
+    if sum_fo > 0:
+        rf = min(100.0, 100.0 * float(np.sum(np.abs(np.sqrt(np.abs(fo2)) - np.sqrt(np.abs(fc2)))))
+                 / sum_fo)
+        rf2 = min(100.0, 100.0 * math.sqrt(float(np.sum((fo2 - fc2) ** 2)) / float(np.sum(fo2**2))))
+    else:
+        rf = rf2 = 100.0
+    return {f"{p}:0:Rf": rf, f"{p}:0:Rf^2": rf2, f"{p}:0:Nref": int(ref.shape[0])}
 
 
 def _atoms(phase: Phase, p: int, pattern: PatternResult, record: SpaceGroupRecord,
@@ -414,11 +431,11 @@ def _covariance(pattern: PatternResult, phases: Sequence[Phase],
 
 # ----------------------------------------------------------------------------------- writer
 
-def _upper_limit(x: np.ndarray, reflection_lists: Mapping[str, dict]) -> float:
-    """The histogram's upper 2θ limit: the last point, or beyond it up to the engine's last
+def _upper_limit(last_deg: float, reflection_lists: Mapping[str, dict]) -> float:
+    """The histogram's upper 2θ limit: its last point, or beyond it up to the engine's last
     reflection (whose tail reaches into the range) so that GSAS-II, which generates the
     reflections up to the upper limit, models the same peaks."""
-    top = float(x[-1])
+    top = float(last_deg)
     for table in reflection_lists.values():
         tth = table["RefList"][:, 5]
         if tth.size:
@@ -426,24 +443,107 @@ def _upper_limit(x: np.ndarray, reflection_lists: Mapping[str, dict]) -> float:
     return top
 
 
+@dataclass(frozen=True)
+class _Points:
+    """The histogram's points: ``x, y, w, yc, yb`` (2θ ascending); the refined range runs from
+    point ``first`` (GSAS-II's lower limit) to the last point."""
+
+    x: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    yc: np.ndarray
+    yb: np.ndarray
+    first: int
+
+    @property
+    def diff(self) -> np.ndarray:
+        """y − yc inside the limits, 0 below (as GSAS-II leaves it)."""
+        return np.where(np.arange(self.x.size) >= self.first, self.y - self.yc, 0.0)
+
+
+def _fitted_points(pattern: PatternResult, path: Path) -> tuple[np.ndarray, ...]:
+    arrays = tuple(np.asarray(a, dtype=np.float64) for a in
+                   (pattern.tth_deg, pattern.obs, pattern.weight, pattern.calc, pattern.bkg))
+    x = arrays[0]
+    if not (x.size and all(a.shape == x.shape for a in arrays)):
+        raise NoFittedPattern(f"{path}: the lineout's fitted points, weights and calculated pattern "
+                              "are needed (a result of midasflow's engine)")
+    return arrays
+
+
+def _points(pattern: PatternResult, path: Path,
+            data: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+            limits: Sequence[float] | None) -> _Points:
+    """The histogram: the fitted points alone (``data`` None), or the lineout ``data`` up to the
+    refined range's end, with the fit filled in where the engine refined it.
+
+    Of ``data`` (2θ, intensity, σ), points without a finite 2θ are left out (GSAS-II holds none);
+    weight = 1/σ², 0 where σ ≤ 0 or σ or the intensity is not finite (an intensity that is not
+    finite is written as 0). The refined range is the points inside ``limits`` (all without), as
+    the engine takes them; they must hold every fitted point and, besides, exactly the
+    ``pattern.n_dropped`` points the engine dropped. Those have weight 0, as GSAS-II's MIDAS
+    importer gives points it cannot weigh (GSAS-II's excluded regions would mask them, but its
+    Le Bail extraction diverges when they cut into a peak, and its Chebyshev background needs
+    the range's first and last point unmasked); their yc and yb are interpolated between the
+    neighbouring fitted points, for the plot. Below the range yc and yb are 0, as GSAS-II
+    leaves them. Points above the range (an upper limit below the lineout's
+    end) are left out: GSAS-II generates reflections only up to its upper limit and refines
+    every point up to it, so the engine's reflections past the range's end, whose tails it
+    modelled, and its points cannot both be had with them in.
+    """
+    fx, fy, fw, fyc, fyb = _fitted_points(pattern, path)
+    if data is None:
+        return _Points(fx, fy, fw, fyc, fyb, 0)
+    x, y, sigma = (np.asarray(a, dtype=np.float64).ravel() for a in data)
+    if not x.size == y.size == sigma.size:
+        raise ValueError(f"{path}: data arrays differ in length: 2θ {x.size}, intensity {y.size}, "
+                         f"sigma {sigma.size}")
+    order = np.argsort(x, kind="stable")
+    keep = order[np.isfinite(x[order])]
+    x, y, sigma = x[keep], y[keep], sigma[keep]
+    usable = np.isfinite(y) & np.isfinite(sigma) & (sigma > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(usable, 1.0 / sigma**2, 0.0)
+    y = np.where(np.isfinite(y), y, 0.0)
+    inside = (np.ones(x.size, dtype=bool) if limits is None
+              else (x >= float(limits[0])) & (x <= float(limits[1])))
+    at = np.searchsorted(x, fx)
+    found = at < x.size
+    found[found] = x[at[found]] == fx[found]
+    found[found] &= (y[at[found]] == fy[found]) & inside[at[found]] & usable[at[found]]
+    n_range = int(inside.sum())
+    if not (found.all() and np.all(np.diff(at) > 0) and n_range - fx.size == pattern.n_dropped):
+        where = "the whole lineout" if limits is None else f"limits {limits[0]:g}..{limits[1]:g} deg"
+        raise ValueError(f"{path}: data ({where}) are not the points the lineout was refined "
+                         f"from: {int(found.sum())} of its {fx.size} fitted points and "
+                         f"{n_range - int(found.sum())} other points inside, expected "
+                         f"{pattern.n_dropped} dropped")
+    first, last = int(np.flatnonzero(inside)[0]), int(np.flatnonzero(inside)[-1])
+    # GSAS-II generates reflections only up to its upper limit, and takes in every point up to
+    # it (and one beyond): to model the engine's reflections past the range's end with the
+    # engine's points, no point may follow the range
+    x, y, w, inside = x[:last + 1], y[:last + 1], w[:last + 1], inside[:last + 1]
+    yc, yb = np.zeros_like(x), np.zeros_like(x)
+    yc[at], yb[at], w[at] = fyc, fyb, fw
+    dropped = inside.copy()
+    dropped[at] = False
+    yc[dropped] = np.interp(x[dropped], fx, fyc)
+    yb[dropped] = np.interp(x[dropped], fx, fyb)
+    return _Points(x, y, w, yc, yb, first)
+
 
 def _tree(pattern: PatternResult, inst: Instrument, path: Path, *, lebail: bool,
           histogram_name: str, comments: Sequence[str], omega_deg: float | None,
-          eta_deg: float | None, sample_azimuth_deg: float,
-          po_axis: Sequence[int]) -> list[list[list]]:
+          eta_deg: float | None, sample_azimuth_deg: float, po_axis: Sequence[int],
+          data: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+          limits: Sequence[float] | None) -> list[list[list]]:
     stem = path.stem
     phases = list(pattern.phases)
     records = [space_group_record(ph.space_group, ph.laue) for ph in phases]
-    x = np.asarray(pattern.tth_deg, dtype=np.float64)
-    y = np.asarray(pattern.obs, dtype=np.float64)
-    w = np.asarray(pattern.weight, dtype=np.float64)
-    yc = np.asarray(pattern.calc, dtype=np.float64)
-    yb = np.asarray(pattern.bkg, dtype=np.float64)
-    if not (x.size and x.shape == y.shape == w.shape == yc.shape == yb.shape):
-        raise NoFittedPattern(f"{path}: the lineout's fitted points, weights and calculated pattern "
-                         "are needed (a result of midasflow's engine)")
+    points = _points(pattern, path, data, limits)
     hist_id = _ran_id(stem, "histogram")
-    residuals = _residuals(pattern, x, y, w, yc, yb)
+    residuals = _residuals(*(a[points.first:] for a in (points.x, points.y, points.w, points.yc,
+                                                        points.yb)))
     phase_items, reflection_lists = [], {}
     for p, (phase, record) in enumerate(zip(phases, records)):
         name = phase.name
@@ -451,7 +551,7 @@ def _tree(pattern: PatternResult, inst: Instrument, path: Path, *, lebail: bool,
         phase = phase.with_cell(cell)
         atoms = _atoms(phase, p, pattern, record, stem)
         cell_refined = any(_flag(pattern, f"{p}::A{i}") for i in range(6))
-        data = {
+        phase_data = {
             "ranId": _ran_id(stem, "phase", name),
             "General": _general(phase, record, atoms, cell_refined, str(path.parent.resolve())),
             "Atoms": atoms, "Drawing": {},
@@ -459,24 +559,26 @@ def _tree(pattern: PatternResult, inst: Instrument, path: Path, *, lebail: bool,
                                                             lebail, po_axis)},
             "Pawley ref": [], "RBModels": {}, "pId": p,
         }
-        phase_items.append([name, data])
+        phase_items.append([name, phase_data])
         table = pattern.reflections.get(name)
         if table is not None:
             po = _preferred_orientation(table, phase, p, pattern, po_axis)
             ref = _reflection_list(table, po, lebail)
             reflection_lists[name] = {"RefList": ref, "FF": {}, "Type": inst.type, "Super": False}
-            residuals[f"{p}:0:Nref"] = int(ref.shape[0])
+            residuals.update(_reflection_residuals(ref, p))
         residuals[f"{p}::Name"] = name
+    x, y = points.x, points.y
     ymin, ymax = float(y.min()), float(y.max())
     hist_dict = {"wtFactor": 1.0, "Dummy": False, "ranId": hist_id, "Offset": [0.0, 0.0],
                  "delOffset": 0.02 * ymax, "refOffset": -0.1 * ymax, "refDelt": 0.1 * ymax,
                  "Yminmax": [ymin, ymax], "hId": 0, **residuals}
-    arrays = [x.copy(), y.copy(), w.copy(), yc.copy(), yb.copy(), y - yc]
-    lo, hi = float(x[0]), _upper_limit(x, reflection_lists)
+    arrays = [x.copy(), y.copy(), points.w.copy(), points.yc.copy(), points.yb.copy(), points.diff]
+    lo, hi = float(x[points.first]), _upper_limit(x[-1], reflection_lists)
+    limits_item = [(float(x[0]), hi), [lo, hi]]
     histogram = [
         [histogram_name, [hist_dict, arrays, histogram_name]],
         ["Comments", [str(c) for c in comments]],
-        ["Limits", [(lo, hi), [lo, hi]]],
+        ["Limits", limits_item],
         ["Background", _background(pattern)],
         ["Instrument Parameters", _instrument_parameters(pattern, inst, eta_deg)],
         ["Sample Parameters", _sample_parameters(
@@ -511,8 +613,14 @@ def write_gpx(path: str | os.PathLike, pattern: PatternResult,
               mode: str = "rietveld", histogram_name: str | None = None,
               comments: Sequence[str] = (), omega_deg: float | None = None,
               eta_deg: float | None = None, sample_azimuth_deg: float = 0.0,
-              po_axis: Sequence[int] = (0, 0, 1)) -> Path:
+              po_axis: Sequence[int] = (0, 0, 1),
+              data: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+              limits: Sequence[float] | None = None) -> Path:
     """Write a refined lineout as a GSAS-II project.
+
+    With ``data`` the histogram holds the whole lineout, as GSAS-II's importer reads it, and
+    GSAS-II's limits are the range the engine refined (``limits``); without, it holds the fitted
+    points only.
 
     Parameters
     ----------
@@ -538,6 +646,17 @@ def write_gpx(path: str | os.PathLike, pattern: PatternResult,
         Sample Azimuth of the polarisation correction the engine used (degrees).
     po_axis : (h, k, l)
         March–Dollase axis the engine refined along (``RefineOptions.po_axis``).
+    data : (tth_deg, intensity, sigma), optional
+        The whole lineout the pattern was refined from (2θ in degrees, counts per frame, σ), as
+        given to the engine. The histogram's points are these (weight 1/σ², 0 where σ ≤ 0) up
+        to the refined range's end, with the calculated pattern and background where the engine
+        refined, 0 below the limits; points the engine dropped inside the range keep weight 0.
+        Default: the fitted points only.
+    limits : (lo, hi), optional
+        The 2θ limits the lineout was refined within (degrees; ``RefineOptions.limits``), used
+        with ``data``; default the whole lineout. GSAS-II's lower limit is the first point
+        inside them, its upper limit the last point or beyond, up to the engine's last
+        reflection (points above the range are left out: GSAS-II would refine them).
 
     Returns
     -------
@@ -550,7 +669,8 @@ def write_gpx(path: str | os.PathLike, pattern: PatternResult,
     NoFittedPattern
         ``pattern`` lacks the fitted points or weights.
     ValueError
-        ``mode`` is unknown.
+        ``mode`` is unknown; ``data`` and ``limits`` do not hold the points ``pattern`` was
+        refined from.
     """
     if mode not in ("rietveld", "lebail"):
         raise ValueError(f"mode {mode!r}: expected 'rietveld' or 'lebail'")
@@ -558,7 +678,7 @@ def write_gpx(path: str | os.PathLike, pattern: PatternResult,
     name = histogram_name or f"PWDR {path.stem}"
     tree = _tree(pattern, as_instrument(instrument), path, lebail=mode == "lebail",
                  histogram_name=name, comments=comments, omega_deg=omega_deg, eta_deg=eta_deg,
-                 sample_azimuth_deg=sample_azimuth_deg, po_axis=po_axis)
+                 sample_azimuth_deg=sample_azimuth_deg, po_axis=po_axis, data=data, limits=limits)
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             for item in tree:

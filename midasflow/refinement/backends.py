@@ -99,7 +99,7 @@ class ExportingBackend:
         finally:
             if pattern is not None and getattr(pattern, "status", "ok") == "ok":
                 export_lineout(spec, pattern, self.folder, options.instrument, self.kinds,
-                               mode=options.mode, po_axis=options.po_axis)
+                               mode=options.mode, po_axis=options.po_axis, limits=options.limits)
             else:
                 stem = spec.name
                 for stale in [self.folder / f"{stem}_data.csv", self.folder / f"{stem}.gpx",
@@ -118,7 +118,7 @@ class ExportingBackend:
         if all(path.is_file() for path in exports_of(spec, pattern, self.folder, self.kinds)):
             return []
         return export_lineout(spec, pattern, self.folder, options.instrument, self.kinds,
-                              mode=options.mode, po_axis=options.po_axis)
+                              mode=options.mode, po_axis=options.po_axis, limits=options.limits)
 
 
 def get_backend(name: str, cif_paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
