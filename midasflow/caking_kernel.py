@@ -270,18 +270,30 @@ def _bin_sums(indptr, rows, weights, values, chunks, S):  # pragma: no cover - c
 # --------------------------------------------------------------------------------------------
 # kernel front ends
 # --------------------------------------------------------------------------------------------
-class _KernelMap(NamedTuple):
-    """The bin map in the layout of the kernels (derived once per BinMap object)."""
+class _CsrMap(NamedTuple):
+    """The checked bin map in CSR (bin-major) order (derived once per BinMap object)."""
 
     indptr: np.ndarray  # (n_bins + 1,)
     indices: np.ndarray  # (nnz,) raw pixel of each entry
-    rows: np.ndarray  # (nnz,) int32: buffer row of each entry's pixel
     weights: np.ndarray  # (nnz,) float64
     areas: np.ndarray  # (nnz,) float64
     bin_area: np.ndarray  # (n_bins,) float64: sum of the areas of each bin's entries
+    chunks: np.ndarray  # (<= _N_CHUNKS + 1,) int64 bin boundaries
+
+
+class _KernelMap(NamedTuple):
+    """:class:`_CsrMap` plus the ring order of the pixel-major pass buffer (built on the first
+    pass of several frames)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    weights: np.ndarray
+    areas: np.ndarray
+    bin_area: np.ndarray
+    chunks: np.ndarray
+    rows: np.ndarray  # (nnz,) int32: buffer row of each entry's pixel
     slot: np.ndarray  # (n_pix,) int32: buffer row of each raw pixel, -1 = no entry
     n_used: int
-    chunks: np.ndarray  # (<= _N_CHUNKS + 1,) int64 bin boundaries
 
 
 class _SectorMap(NamedTuple):
@@ -299,6 +311,7 @@ class _SectorMap(NamedTuple):
     weights: np.ndarray  # (nnz,) float64
 
 
+_CSR_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KERNEL_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SECTOR_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KERNEL_MAPS_LOCK = threading.Lock()
@@ -308,8 +321,8 @@ _BUFFERS = threading.local()
 _ACTIVE = [0]
 
 
-def _kernel_map(binmap: BinMap) -> _KernelMap:
-    """The kernel layout of ``binmap``, built on first use and kept while the map lives.
+def _csr_map(binmap: BinMap) -> _CsrMap:
+    """The checked CSR layout of ``binmap``, built on first use and kept while the map lives.
 
     Raises
     ------
@@ -317,30 +330,41 @@ def _kernel_map(binmap: BinMap) -> _KernelMap:
         The map fails :func:`midasflow.binmap.check_binmap`.
     """
     with _KERNEL_MAPS_LOCK:
-        km = _KERNEL_MAPS.get(binmap)
-        if km is None:
+        cm = _CSR_MAPS.get(binmap)
+        if cm is None:
             try:  # the kernels trust the map's indices: nothing out of bounds may reach them
                 check_binmap(binmap)
             except ValueError as exc:
                 raise ParameterError(f"bin map {binmap.key}: {exc}") from None
             W = binmap.weights
-            slot, n_used, rows = _ring_order(W.indices, W.shape[1])
             n_bins = W.shape[0]
             targets = np.linspace(0, W.nnz, _N_CHUNKS + 1)
             chunks = np.unique(np.concatenate(
                 ([0, n_bins], np.searchsorted(W.indptr, targets).clip(0, n_bins))))
             bin_area = np.ascontiguousarray(binmap.bin_area, dtype=np.float64).reshape(-1)
-            km = _KernelMap(W.indptr, W.indices, rows, W.data, binmap.areas.data, bin_area, slot,
-                            int(n_used), chunks.astype(np.int64))
+            cm = _CsrMap(W.indptr, W.indices, W.data, binmap.areas.data, bin_area,
+                         chunks.astype(np.int64))
+            _CSR_MAPS[binmap] = cm
+    return cm
+
+
+def _kernel_map(binmap: BinMap) -> _KernelMap:
+    """:func:`_csr_map` with the ring order of the pass buffer, built on first use."""
+    cm = _csr_map(binmap)
+    with _KERNEL_MAPS_LOCK:
+        km = _KERNEL_MAPS.get(binmap)
+        if km is None:
+            slot, n_used, rows = _ring_order(cm.indices, binmap.weights.shape[1])
+            km = _KernelMap(*cm, rows, slot, int(n_used))
             _KERNEL_MAPS[binmap] = km
     return km
 
 
 def _sector_map(binmap: BinMap) -> _SectorMap:
-    """The sector layout of ``binmap``'s weights (after :func:`_kernel_map` checked the map):
+    """The sector layout of ``binmap``'s weights (after :func:`_csr_map` checked the map):
     about ``_N_SECTORS`` sectors, eta wedges first (a wedge of the detector is read in long
     runs along its rows), then R bands when there are fewer eta bins than that."""
-    _kernel_map(binmap)
+    _csr_map(binmap)
     with _KERNEL_MAPS_LOCK:
         sm = _SECTOR_MAPS.get(binmap)
         if sm is not None:
@@ -523,11 +547,12 @@ def _area_rows(AT, S, lo, bin_area):
     return AT[0], AT[1]
 
 
-def _one_pass(blocks, lo, hi, km, binmap, S, AT):
+def _one_pass(blocks, lo, hi, binmap, S, AT):
     """Sums of frames ``lo:hi`` of the concatenated ``blocks`` into rows ``lo:hi`` of ``S`` and,
     once a pass meets a NaN, of ``AT = [A, T]`` (allocated then, earlier rows NaN-free)."""
     pieces = list(_segments(blocks, lo, hi))
     if hi - lo < _MIN_BUFFER_FRAMES:  # frame by frame, straight from the frames
+        km = _csr_map(binmap)
         sm = _sector_map(binmap)
         touched = _pass_buffer(1, S.shape[1], np.bool_)[0]
         for piece, col in pieces:
@@ -540,6 +565,7 @@ def _one_pass(blocks, lo, hi, km, binmap, S, AT):
                     AT[0][i] = km.bin_area
                     AT[1][i] = 0.0
         return
+    km = _kernel_map(binmap)
     dtype = np.result_type(*(piece.dtype for piece, _ in pieces))
     values = _pass_buffer(km.n_used, hi - lo, dtype)
     nan_bits = np.empty(km.n_used, dtype=np.uint32)
@@ -616,16 +642,17 @@ def cake_block(
               ([frames] if isinstance(frames, np.ndarray) else list(frames))]
     n = sum(block.shape[0] for block in blocks)
     n_r, n_eta = int(binmap.n_r), int(binmap.n_eta)
-    km = _kernel_map(binmap)
+    _csr_map(binmap)  # checks the map before any kernel reads it
     flats = [block.reshape(block.shape[0], -1) for block in blocks if block.shape[0]]
     S = np.empty((n, n_r * n_eta), dtype=np.float64)
     AT = [None, None]  # per-frame area and NaN-touch sums, allocated at the first NaN pass
     dtype = np.result_type(np.float32, *(block.dtype for block in blocks))
-    step = frames_per_pass(binmap, dtype)
+    # a call of fewer frames than the buffer pays for is one pass (no ring order needed)
+    step = max(n, 1) if n < _MIN_BUFFER_FRAMES else frames_per_pass(binmap, dtype)
     with _shared_threads(max_threads) as share, numba.parallel_chunksize(1):
         for lo in range(0, n, step):  # chunksize 1: threads take chunks as they free up
             share()
-            _one_pass(flats, lo, min(lo + step, n), km, binmap, S, AT)
+            _one_pass(flats, lo, min(lo + step, n), binmap, S, AT)
     A, T = AT
     shape = (n, n_r, n_eta)
     if A is None:
