@@ -6,7 +6,8 @@ Jacobian, and the share of a Jacobian spent in the profile (``midasflow.profile.
 * CeO2 (Fm-3m, 2θ 2.5–12°, 1000 points, issue 13's lineout): unseeded (start estimated from the
   data, ~40 % off in U..Y, cell 0.3 % off) and seeded (start values of a fit of the same
   ω-group's η-averaged pattern, here the same truth averaged over 8 lineouts, as the pipeline
-  seeds by default); the difference of the two results' a is printed in esds.
+  seeds by default); the difference of the two results' a is printed in esds; with the
+  profile in GSAS-II's float32 (the default) and in float64 (``refine_pattern(precision=)``).
 * PbSO4 (Pnma, 2θ 2.5–5.9°, 3000 points, ~40 reflections), simulated, unseeded.
 * PbSO4 real lab data (``tests/data/pbso4``, Cu Kα1/Kα2, 16–110°): the regression test's recipe.
   If GSAS-II is importable (:func:`midasflow.refinement.gsas2.import_gsasii`, e.g.
@@ -121,15 +122,21 @@ def bench_ceo2(n_rep=10):
     true, start = cubic_phase("CeO2", CEO2_A), cubic_phase("CeO2", CEO2_A * 1.003)
     y, s = simulate(true, x)
     y_avg, s_avg = simulate(true, x, seed=1, n_averaged=SEED_AVERAGED)
-    seed = refine_pattern(x, y_avg, s_avg, [start], START).values
-    res, wall, cpu = time_refine(x, y, s, [start], START, n_rep)
-    tth = res.reflections["CeO2"]["tth_deg"]
-    print(f"CeO2: {x.size} points, {int(((tth >= x[0]) & (tth <= x[-1])).sum())} reflections, "
-          f"{len(res.esds)} refined parameters (target: 50 ms CPU per lineout)")
-    line("unseeded", res, wall, cpu, "CeO2")
-    res_s, wall_s, cpu_s = time_refine(x, y, s, [start], START, n_rep, start=seed)
-    line("seeded from the group average", res_s, wall_s, cpu_s, "CeO2")
-    print(f"  seeded - unseeded a: {(res_s.cells['CeO2'][0] - res.cells['CeO2'][0]) / res.cell_esds['CeO2'][0]:+.2f} esd")
+    res = None
+    for precision in ("float32", "float64"):
+        seed = refine_pattern(x, y_avg, s_avg, [start], START, precision=precision).values
+        res_u, wall, cpu = time_refine(x, y, s, [start], START, n_rep, precision=precision)
+        if res is None:
+            res = res_u
+            tth = res.reflections["CeO2"]["tth_deg"]
+            print(f"CeO2: {x.size} points, {int(((tth >= x[0]) & (tth <= x[-1])).sum())} "
+                  f"reflections, {len(res.esds)} refined parameters (target: 50 ms CPU per lineout)")
+        line(f"{precision} unseeded", res_u, wall, cpu, "CeO2")
+        res_s, wall_s, cpu_s = time_refine(x, y, s, [start], START, n_rep, start=seed,
+                                           precision=precision)
+        line(f"{precision} seeded from the group average", res_s, wall_s, cpu_s, "CeO2")
+        print(f"  {precision} seeded - unseeded a: "
+              f"{(res_s.cells['CeO2'][0] - res_u.cells['CeO2'][0]) / res_u.cell_esds['CeO2'][0]:+.2f} esd")
     report_costs(x, start, res)
 
 
