@@ -222,3 +222,19 @@ def test_pole_figures_are_drawn_only_for_reliably_extracted_reflections():
                      "I": (("group", "eta", "reflection"), intensity)})
     assert pole_figure_reflections(ds, np.arange(6)) == [3, 4, 1, 2][:MAX_POLE_FIGURES]
     assert pole_figure_reflections(ds, np.array([0, 5])) == []
+
+
+def test_nearly_singular_joint_fit_is_ill_conditioned_not_ok():
+    """One ω-group with η = ±45°, ±135° and the sample axis z: every lineout sees a reflection at
+    the same ψ but for its own small 2θ shift, so the coefficients barely separate from the
+    reflections' scales. Was reported 'ok' with C = 0 ± 1e4 and J = 1 ± 0."""
+    tth = 2 * np.degrees(np.arcsin(0.173 / (2 * 5.4117 / np.sqrt((HKL ** 2).sum(1)))))
+    rng = np.random.default_rng(0)
+    seen = tth[None, None, :] * (1 + 3e-4 * rng.normal(size=(1, 4, len(HKL))))
+    y = sample_directions(seen, np.array([-135.0, -45.0, 45.0, 135.0])[None, :, None], 0.0)
+    I0 = np.broadcast_to(np.linspace(1000, 5000, len(HKL)), y.shape[:-1])
+    esd = 0.01 * I0 + 1.0
+    fit = fit_joint_texture(I0 + rng.normal(size=I0.shape) * esd, esd, y, HKL, CEO2.cell, "m3m", order=6,
+                            sample_axis=(0, 0, 1))
+    assert fit.status == "ill-conditioned" and "not determined (esd > 1)" in fit.notes[-1]
+    assert np.isnan(fit.esds).all() and np.isnan(fit.texture_index_esd)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from midasflow.refinement import engine as _engine
-from midasflow.texture.harmonics import texture_index
+from midasflow.texture.harmonics import MAX_SH_ESD, texture_index
 
 __all__ = ["MAX_MD_ESD", "MAX_SH_ESD", "TEXTURE_STAGE", "run_texture_stage", "undetermined_reason"]
 
@@ -38,8 +38,6 @@ __all__ = ["MAX_MD_ESD", "MAX_SH_ESD", "TEXTURE_STAGE", "run_texture_stage", "un
 TEXTURE_STAGE = "texture"
 #: A March–Dollase ratio whose esd exceeds this fraction of r is not determined.
 MAX_MD_ESD = 0.25
-#: A harmonic coefficient whose esd exceeds this is not determined (|C| ~ 1 is a strong texture).
-MAX_SH_ESD = 1.0
 #: Starts of r tried when dPO/dr vanishes at r = 1 (cubic phases).
 MD_STARTS = (0.8, 1.25)
 #: LM cycles of the stage (× 3 in Le Bail mode, as the other stages).

@@ -24,9 +24,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["BUNGE_CUBIC", "SAMPLE_SYMMETRIES", "allowed", "coefficient_names", "crystal_angles",
-           "crystal_harmonic", "l_norm", "parse_name", "plm_bar", "sample_harmonic",
+__all__ = ["BUNGE_CUBIC", "MAX_SH_ESD", "SAMPLE_SYMMETRIES", "allowed", "coefficient_names",
+           "crystal_angles", "crystal_harmonic", "l_norm", "parse_name", "plm_bar", "sample_harmonic",
            "texture_index"]
+
+#: A harmonic coefficient whose esd exceeds this is not determined (|C| ~ 1 is a strong texture):
+#: the per-lineout texture stage is then undone, the joint fit 'ill-conditioned'.
+MAX_SH_ESD = 1.0
 
 #: Bunge's coefficients B_l^{j,n} of the cubic (m3m) harmonics, j = 0, 4, 8, … (Bunge 1982,
 #: Table 15.2.1; the values GSAS-II tabulates as ``BOH``), for even l up to 12.

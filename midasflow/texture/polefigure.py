@@ -250,6 +250,14 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
     inv = (vt.T / np.where(sv > _SINGULAR * sv[0], sv, np.inf) ** 2) @ vt
     cov = inv / np.outer(scale, scale) * gof ** 2
     err = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    loose = [n for n, e in zip(names, err[n_s:]) if not e <= _sh.MAX_SH_ESD]
+    if status != "ill-conditioned" and loose:
+        # nearly singular: e.g. one ω-group whose lineouts all see each reflection at the same ψ
+        # but for the per-lineout 2θ (C = 0 ± 1e4 was reported 'ok' with J = 1 ± 0)
+        status = "ill-conditioned"
+        notes.append(f"{', '.join(loose)} not determined (esd > {_sh.MAX_SH_ESD:g}): the measured "
+                     "directions barely separate them from the reflections' scales; widen the ω/η "
+                     "coverage or lower the order")
     if status == "ill-conditioned":
         err[n_s:] = np.nan
     if np.any(A <= 0):
