@@ -174,6 +174,9 @@ def test_pva_source_decodes_counts_drops_and_ignores_the_stale_value():
                        start_delay_s=0.8)
         source = PvaSource(server.pv_name, _params(), conf=server.conf)
         got = _collect(source, threading.Event(), lambda g: len(g) == 8, timeout_s=20)
+        assert source.disconnects == 0  # p4p's Disconnected before the first connection is none
+        threading.Timer(0.5, server.stop).start()
+        _collect(source, threading.Event(), lambda g: source.disconnects > 0, timeout_s=10)
     finally:
         server.stop()
     assert [a.unique_id for a in got] == [1, 2, 3, 6, 7, 8, 9, 10]  # the initial zeros frame not taken
@@ -181,7 +184,7 @@ def test_pva_source_decodes_counts_drops_and_ignores_the_stale_value():
     assert {a.payload.codec for a in got} == {"", "lz4", "bslz4", "blosc"}
     summary = source.summary()
     assert summary["dropped_frames"] == 2 and summary["gaps"] == [[3, 6]]
-    assert summary["received_frames"] == 8
+    assert summary["received_frames"] == 8 and summary["disconnects"] == 1
 
 
 # ---------------------------------------------------------------------------------------------

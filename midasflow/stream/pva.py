@@ -172,6 +172,7 @@ class PvaSource:
         monitor = context.monitor(self.channel, callback, notify_disconnect=True,
                                   request=f"record[queueSize={self.queue_size}]field()")
         first = True
+        connected = False  # p4p reports Disconnected first, before the channel ever connects
         try:
             while not stop.is_set():
                 try:
@@ -180,14 +181,16 @@ class PvaSource:
                     yield None
                     continue
                 if isinstance(value, Disconnected):
-                    self.disconnects += 1
-                    log.warning("%s: disconnected; waiting for it to come back", self.channel)
-                    first = True
+                    if connected:
+                        self.disconnects += 1
+                        log.warning("%s: disconnected; waiting for it to come back", self.channel)
+                    connected, first = False, True
                     continue
                 if isinstance(value, (Cancelled, Finished)):
                     return
                 if isinstance(value, Exception):
                     raise FrameError(f"{self.channel}: {type(value).__name__}: {value}")
+                connected = True
                 stamp = _timestamp(value)
                 if first:
                     first = False
