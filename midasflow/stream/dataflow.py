@@ -28,7 +28,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -306,7 +306,11 @@ class StreamDataflow:
         item = FrameItem(positions=positions, parts=parts,
                          frame_paths=tuple(self.spool.frame_path(p) for p in positions) if self.keep_frames else ())
         key = f"stream-cake-{positions[0]}-{self.token}"
-        cakes = self.client.submit(cake_item, item, self.binmap, self.caking_future, self.dark, key=key,
+        data = None
+        if any(part.pva is not None for part in parts):  # PV frames (MBs each) go as data, not in the task
+            item = replace(item, parts=())
+            [data] = self.client.scatter([parts], hash=False)
+        cakes = self.client.submit(cake_item, item, self.binmap, self.caking_future, self.dark, data, key=key,
                                    pure=False, priority=10)
         self._track(cakes, "cake", len(positions))
         self.frames_in_flight += len(positions)

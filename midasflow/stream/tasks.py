@@ -76,9 +76,13 @@ def read_item(item: FrameItem, caking: Caking, dark: np.ndarray | None) -> np.nd
     return frames
 
 
-def cake_item(item: FrameItem, binmap: Any, caking: Caking, dark: np.ndarray | None) -> np.ndarray:
+def cake_item(item: FrameItem, binmap: Any, caking: Caking, dark: np.ndarray | None,
+              parts: tuple[FramePart, ...] | None = None) -> np.ndarray:
     """Task: the per-frame cakes (k, n_r, n_eta) float64 of one item; each frame's cake is also
-    written to the spool when the item names a file for it."""
+    written to the spool when the item names a file for it. ``parts``, when given, are the
+    item's parts (PV frames sent to the workers as data, not inside the task)."""
+    if parts is not None:
+        item = dataclasses.replace(item, parts=parts)
     cakes = _cake_chunk(read_item(item, caking, dark), binmap, caking.normalize,
                         caking.min_area_fraction, caking.mask_rule)
     for path, cake in zip(item.frame_paths, cakes):
