@@ -633,6 +633,45 @@ def test_ctrl_c_leaves_consistent_outputs_and_resume_finishes(small_scan, tmp_pa
     assert open_results(tmp_path / "refinement" / "results.zarr").sizes["group"] == 3
 
 
+def test_results_and_report_are_rewritten_beside_the_stream_not_in_its_way(tmp_path, monkeypatch):
+    """A refresh of results.zarr and report.html (seconds for a long stream) runs in a writer
+    thread: the client goes on taking frames meanwhile; one refresh at a time; the end waits
+    for it, and a failed refresh is the stream's error."""
+    from types import SimpleNamespace
+
+    from midasflow.stream import run as stream_run
+    from midasflow.stream.dataflow import GroupRecord
+
+    started, release, written = threading.Event(), threading.Event(), []
+
+    def slow_report(ds, path, **kw):
+        started.set()
+        assert release.wait(20)
+        written.append(ds)
+
+    monkeypatch.setattr("midasflow.report.write_report", slow_report)
+    monkeypatch.setattr("midasflow.results.write_results", lambda ds, out: None)
+    outputs = stream_run._Outputs(tmp_path, None, {}, False, "native", "rietveld", True, 1, dict)
+    outputs.assemble = lambda lineouts, groups: (len(lineouts), len(groups))
+    groups = [GroupRecord(g, 2 * g, 2 * g + 1, 0.0, 1.0, 0.0, refined_s=1.0) for g in range(3)]
+    flow = SimpleNamespace(results=[], state=SimpleNamespace(groups=groups[:1]))
+    outputs.flow = flow
+    flow.results = [SimpleNamespace(group=0, index=i, pattern=None) for i in range(4)]
+    outputs.group_refined(groups[0], flow.results)  # returns while the report is being written
+    assert started.wait(30) and not written
+    flow.state.groups = groups[:2]
+    flow.results += [SimpleNamespace(group=1, index=4 + i, pattern=None) for i in range(4)]
+    outputs.group_refined(groups[1], flow.results[4:])  # busy: no second refresh
+    release.set()
+    outputs.wait()
+    assert written == [(4, 1)] and outputs.current == (4, 1)
+    monkeypatch.setattr("midasflow.results.write_results", lambda ds, out: 1 / 0)
+    outputs.last_refresh = outputs.refresh_cost_s = 0.0
+    outputs.group_refined(groups[1], [])
+    with pytest.raises(ZeroDivisionError):
+        outputs.wait()
+
+
 def test_live_page_serves_on_loopback_and_follows_the_groups():
     import urllib.request
 

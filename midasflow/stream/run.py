@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -432,7 +433,10 @@ def _on_refined(outputs: Any, live_view: Any, flow: Any, record: Any, results: l
 
 
 class _Outputs:
-    """The refinement outputs of a stream: refreshed as groups are refined, written at the end."""
+    """The refinement outputs of a stream: refreshed as groups are refined, written at the end.
+
+    A refresh (results, summary, report) runs in a writer thread on a snapshot of the finished
+    groups, so the stream keeps taking frames meanwhile; at most one runs at a time."""
 
     def __init__(self, out: Path, plan: Any, ref_cells: Any, include_flagged: bool, backend: str, mode: str,
                  report: bool, refresh_every: int, source_summary: Any) -> None:
@@ -449,11 +453,12 @@ class _Outputs:
         self.last_refresh = 0.0
         self.current = None
         self.flow: Any = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-outputs")
+        self._refreshing: Future | None = None
 
-    def assemble(self, lineouts: list[Any], flow: Any) -> Any:
+    def assemble(self, lineouts: list[Any], groups: Sequence[Any]) -> Any:
         from midasflow.results import assemble_results
 
-        groups = flow.state.groups
         done = sorted({r.group for r in lineouts})
         omega_frames = [np.linspace(groups[g].omega_first_deg, groups[g].omega_last_deg,
                                     groups[g].frames_summed) for g in range(max(done) + 1)] if done else None
@@ -470,38 +475,49 @@ class _Outputs:
         keep = set(range(FULL_PATTERN_GROUPS)) | {record.group}
         flow.results = [r if r.group in keep else _slim(r) for r in flow.results]
         self.since_refresh += 1
-        due = (self.since_refresh >= self.refresh_every
+        busy = self._refreshing is not None and not self._refreshing.done()
+        due = (not busy and self.since_refresh >= self.refresh_every
                and time.monotonic() - self.last_refresh >= 2 * self.refresh_cost_s)
-        if due:
-            self.refresh(flow)
-
-    def refresh(self, flow: Any) -> None:
-        from midasflow.results import write_results
-
-        t0 = time.monotonic()
-        lineouts = sorted(flow.results, key=lambda r: r.index)
+        if not due:
+            return
+        self.wait()  # the last refresh's error, if any, stops the stream here
         # only groups whose every lineout is back, numbered from 0 without holes
         complete = 0
         while complete < len(flow.state.groups) and flow.state.groups[complete].refined_s is not None:
             complete += 1
-        lineouts = [r for r in lineouts if r.group < complete]
-        if not lineouts:
-            return
-        self.current = self.assemble(lineouts, flow)
-        write_results(self.current, self.out)
+        lineouts = sorted((r for r in flow.results if r.group < complete), key=lambda r: r.index)
+        if lineouts:
+            self.since_refresh = 0
+            self._refreshing = self._writer.submit(self.refresh, lineouts, list(flow.state.groups[:complete]))
+
+    def refresh(self, lineouts: list[Any], groups: list[Any]) -> None:
+        """Rewrite results, summary and report from these lineouts (the writer thread)."""
+        from midasflow.results import write_results
+
+        t0 = time.monotonic()
+        current = self.assemble(lineouts, groups)
+        write_results(current, self.out)
         if self.report:
             from midasflow.report import write_report
 
-            write_report(self.current, self.out / "report.html", lineouts=lineouts,
+            write_report(current, self.out / "report.html", lineouts=lineouts,
                          title="midasflow stream refinement report (refreshed while the stream runs)")
-        self.since_refresh = 0
+        self.current = current
         self.last_refresh = time.monotonic()
         self.refresh_cost_s = self.last_refresh - t0
+
+    def wait(self) -> None:
+        """Wait for the refresh in flight (raising its error)."""
+        refreshing, self._refreshing = self._refreshing, None
+        if refreshing is not None:
+            refreshing.result()
 
     def final(self, flow: Any, skeleton: Any, binmap: Any, params: Any, client: Any, spool: Any,
               zarr_path: Path, *, no_zarr: bool, output_h5: str | None, compress: bool, keep_frames: bool,
               t_start: float, interrupted: bool, skip_refinement: bool) -> Any:
         """The outputs at the end: ``.zarr.zip``, HDF5, results, report, stream summary."""
+        self.wait()  # no refresh may overwrite the final outputs
+        self._writer.shutdown()
         from midasflow.io.atomic import write_text_atomic
         from midasflow.io.midas_zarr import write_midas_zarr
         from midasflow.stream.outputs import caked_from_spool, write_cakes_h5
@@ -518,7 +534,7 @@ class _Outputs:
         from midasflow.results import summary_dict, write_results
 
         lineouts = sorted(flow.results, key=lambda r: r.index)
-        results = self.assemble(lineouts, flow)
+        results = self.assemble(lineouts, flow.state.groups)
         results.attrs["stream"] = json.dumps(stream)
         write_results(results, self.out)
         summary = summary_dict(results)
