@@ -366,6 +366,24 @@ def test_same_minimum_from_every_start():
         assert res.rwp == pytest.approx(ref.rwp, rel=1e-4), (name, res.rwp, ref.rwp)
 
 
+def test_shl_below_its_floor_is_not_a_trap():
+    """Below 0.002 the profile uses SH/L = 0.002 and SH/L has no derivative: an LM left there
+    could not bring it back up. Started at 0.001, SH/L leaves the floor and the fit ends where
+    a start at 0.003 ends (double precision: the same χ² to 1e-5)."""
+    from midasflow.refinement.engine import levenberg_marquardt
+
+    inst = dict(INST, **{"SH/L": 0.004})
+    x = np.linspace(2.5, 12.0, 1000)
+    _, y, s, truth = simulate([ceo2()], x=x, inst=inst)
+    model = PatternModel(x, (x[0], x[-1]), [ceo2()], inst, 6, precision="float64")
+    vary = ["Scale", "Back;0", "Back;1", "Back;2", "0::A0", "U", "V", "W", "X", "Y", "SH/L"]
+    ends = {shl: levenberg_marquardt(model, dict(truth, **{"SH/L": shl}), vary, y, 1 / s,
+                                     max_cycles=20) for shl in (0.001, 0.003)}
+    assert ends[0.001].values["SH/L"] > 0.0022
+    assert ends[0.001].chi2 == pytest.approx(ends[0.003].chi2, rel=1e-5)
+    assert ends[0.001].values["0::A0"] == pytest.approx(ends[0.003].values["0::A0"], rel=1e-7)
+
+
 def test_max_prominence_equals_scipy():
     """The O(n) prominence behind the "no peaks" check equals scipy's largest peak prominence
     (random walks and rounded noise, plateaus included)."""
