@@ -9,7 +9,7 @@ from midasflow.profile import peak_sig2_gam
 from midasflow.refinement.engine import PatternModel, refine_pattern
 from midasflow.refinement.recipe import Stage, default_stages
 from midasflow.refinement.result import FLAGS
-from phase_helpers import ceo2, si, zno
+from phase_helpers import ceo2, zno
 
 LAM = 0.172979
 INST = {"Lam": LAM, "Polariz.": 0.99, "Zero": 0.0, "U": 40.0, "V": -2.0, "W": 20.0,
