@@ -317,6 +317,7 @@ def scan(tmp_path, monkeypatch):
     return store, refine, tmp_path / "out"
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_rerun_with_other_settings_refines_everything(scan):
     """Issue 12.1: bkg 6 to completion; a bkg 3 rerun killed right after it rewrote the
     settings; bkg 3 --resume published every bkg-6 lineout as bkg 3."""
@@ -340,6 +341,7 @@ def test_resume_after_an_interrupted_rerun_with_other_settings_refines_everythin
     np.testing.assert_array_equal(again.a_a.values, clean.a_a.values)
 
 
+@pytest.mark.slow
 def test_resume_after_the_store_was_replaced_refines_everything(scan, monkeypatch):
     """Issue 12.2: a different scan integrated to the same path; its resume reused every old
     result. The same store by a relative and an absolute path is the same data."""

@@ -110,6 +110,7 @@ def test_the_same_plan_on_the_serial_and_the_distributed_executor(store, client)
         LineoutPlan(dataclasses.replace(big, n_groups=8), None, options, QUICK)) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed_from", ["neighbour", "group"])
 def test_seeding_is_the_same_for_every_unit_size_and_executor(store, client, seed_from):
     path, options = store
@@ -196,6 +197,7 @@ def _plan_in_subprocess(path):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_103680_lineout_plan_reads_no_cake_and_stays_small(tmp_path):
     """1440 ω-groups × 72 η (8 px R bins keep the store small on disk): planned in a fresh
     process without reading a cake, far below 500 MB."""

@@ -55,6 +55,7 @@ def test_gsas2_name_wins_over_the_manual_name(fresh):
     assert inst.U == 7.0 and inst.V == -1.0
 
 
+@pytest.mark.slow
 def test_refine_uses_the_manual_base_name_instprm(fresh):
     """Through midasflow.refine (the store opened once): the sibling applies there too."""
     from midasflow.crystal import cubic_phase, write_phase_cif
