@@ -501,7 +501,8 @@ def open_results(path: str | os.PathLike) -> xr.Dataset:
         return ds.load()
 
 
-def write_results(ds: xr.Dataset, folder: str | os.PathLike) -> dict[str, Path]:
+def write_results(ds: xr.Dataset, folder: str | os.PathLike,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``results.zarr`` and ``refinement_summary.json`` (atomic each).
 
     The per-lineout exports are written by the tasks that refine the lineouts
@@ -513,6 +514,8 @@ def write_results(ds: xr.Dataset, folder: str | os.PathLike) -> dict[str, Path]:
         From :func:`assemble_results`.
     folder : path
         Output folder (created); GSAS-II projects found in it are named in the summary.
+    extra : mapping, optional
+        Top-level entries added to the summary (the stream's ``"stream"``).
 
     Returns
     -------
@@ -523,7 +526,8 @@ def write_results(ds: xr.Dataset, folder: str | os.PathLike) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     zarr_path = write_results_zarr(ds, folder / "results.zarr")
     summary_path = folder / "refinement_summary.json"
-    write_text_atomic(summary_path, json.dumps(summary_dict(ds, folder), indent=1))
+    summary = {**summary_dict(ds, folder), **(extra or {})}
+    write_text_atomic(summary_path, json.dumps(summary, indent=1))
     return {"results": zarr_path, "summary": summary_path}
 
 

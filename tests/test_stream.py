@@ -709,3 +709,31 @@ def test_live_page_serves_on_loopback_and_follows_the_groups():
     finally:
         view.close()
     assert not view.thread.is_alive()
+
+
+def _stream_refine(small_scan, client, tmp_path, **kw):
+    """A folder stream of the small scan's first four frames, refined (run_stream in-process)."""
+    import tifffile
+
+    from midasflow.stream.run import run_stream
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(small_scan["frames"][:4]):
+        tifffile.imwrite(folder / f"f{i}.tif", frame)
+    out = tmp_path / "refinement"
+    run_stream(small_scan["files"].params_file, [_cif(small_scan["root"])], folder=folder, out=out,
+               result_folder=tmp_path, dark=str(small_scan["dark"]), stop_after=4, client=client,
+               live=False, settle_s=0.05, report=False, **kw)
+    return out
+
+
+@pytest.mark.slow
+def test_stream_summary_names_the_gsas2_projects_it_wrote(small_scan, client, tmp_path):
+    """The stream's refinement_summary.json is the batch one plus "stream": every refined
+    histogram's "gpx" is the project the stream exported (it was null)."""
+    out = _stream_refine(small_scan, client, tmp_path, export=("gpx",))
+    summary = json.loads((out / "refinement_summary.json").read_text())
+    assert summary["stream"]["frames"] == 4 and summary["stream"]["groups"] == 2
+    ok = [h for h in summary["histograms"] if h["status"] == "success"]
+    assert ok and all(h["gpx"] and Path(h["gpx"]).is_file() for h in ok), ok[:2]

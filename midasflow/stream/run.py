@@ -531,15 +531,12 @@ class _Outputs:
         write_text_atomic(self.out / "stream_summary.json", json.dumps(stream, indent=1))
         if skip_refinement or self.plan is None or not flow.results:
             return zarr_path if caked is not None and not no_zarr else None
-        from midasflow.results import summary_dict, write_results
+        from midasflow.results import write_results
 
         lineouts = sorted(flow.results, key=lambda r: r.index)
         results = self.assemble(lineouts, flow.state.groups)
         results.attrs["stream"] = json.dumps(stream)
-        write_results(results, self.out)
-        summary = summary_dict(results)
-        summary["stream"] = stream
-        write_text_atomic(self.out / "refinement_summary.json", json.dumps(summary, indent=1))
+        write_results(results, self.out, extra={"stream": stream})
         if self.report:
             from midasflow.report import write_report
 
