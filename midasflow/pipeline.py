@@ -403,8 +403,8 @@ def refine(
                    "mode": mode, "refine_digest": plan.refine_digest()},
             include_flagged=include_flagged,
             omega_frames_deg=_omega_frames_deg(source),
+            texture=texture, sh_order=sh_order,
         )
-        results = _with_texture(results, lineouts, [p.name for p in phases], texture, sh_order)
         # the ω-groups' process variables (temperature, pressure, I, I0) ride along as coordinates
         measured = [name for name in PROCESS_VARIABLES if name in source and "group" in source[name].dims]
         if results.sizes["group"] == source.sizes.get("group"):
@@ -415,26 +415,6 @@ def refine(
 
             write_report(results, out / "report.html", caked=source, lineouts=lineouts)
     return results
-
-
-def _with_texture(results: xr.Dataset, lineouts: Sequence[Any], phase_names: Sequence[str],
-                  texture: str | None, sh_order: int) -> xr.Dataset:
-    """The results with the per-reflection intensities and pole directions
-    (:func:`midasflow.texture.polefigure.reflection_dataset`) and, when a texture stage ran, the
-    lineouts' texture parameters (:func:`~midasflow.texture.polefigure.lineout_texture_dataset`)
-    and the joint texture fit to order ``sh_order`` (:func:`~midasflow.texture.polefigure.add_texture_fit`)."""
-    from midasflow.texture.polefigure import add_texture_fit, lineout_texture_dataset, reflection_dataset
-
-    refl = reflection_dataset(lineouts, phase_names, results.sizes["group"], results.sizes["eta"])
-    if refl.sizes["reflection"] == 0:
-        return results
-    results = xr.merge([results, refl], combine_attrs="no_conflicts")
-    if texture is None:
-        return results
-    per_lineout = lineout_texture_dataset(lineouts, phase_names, results.sizes["group"], results.sizes["eta"])
-    if per_lineout.sizes["po_name"]:
-        results = xr.merge([results, per_lineout], combine_attrs="no_conflicts")
-    return add_texture_fit(results, order=sh_order)
 
 
 def _omega_frames_deg(source: xr.Dataset) -> list[np.ndarray] | None:

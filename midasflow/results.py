@@ -150,8 +150,10 @@ def assemble_results(
     include_flagged: bool = False,
     omega_frames_deg: Sequence[Sequence[float]] | None = None,
     eta_width_deg: float | None = None,
+    texture: str | None = None,
+    sh_order: int = 4,
 ) -> xr.Dataset:
-    """Build the results Dataset from the executors' results.
+    """Build the results Dataset from the executors' results (batch and stream mode alike).
 
     Parameters
     ----------
@@ -172,6 +174,11 @@ def assemble_results(
     eta_width_deg : float, optional
         η bin width, degrees; the design averages over it (default: the spacing of the η
         centres; 0 for a single η bin).
+    texture : {"md", "sh"}, optional
+        The texture stage the lineouts were refined with: their texture parameters and the
+        joint texture fit to order ``sh_order`` are added (:func:`_with_texture`).
+    sh_order : int
+        Order of the joint spherical-harmonics texture fit.
 
     Returns
     -------
@@ -195,6 +202,9 @@ def assemble_results(
         per ω-group; ``strain_sample`` / ``strain_sample_esd`` (phase, component) and
         ``strain_sample_status`` (phase) from :func:`midasflow.strain.fit_strain_tensor` when
         there are several ω-groups. attrs: ``ref_cells`` and ``strain_fits`` (JSON) plus ``attrs``.
+        Per reflection, when the lineouts have reflection tables: ``I``, ``I_esd`` and
+        ``pole_direction``; with ``texture`` also ``po_param`` and the joint texture fit
+        (:func:`_with_texture`).
     """
     results = list(results)
     if not results:
@@ -317,7 +327,7 @@ def assemble_results(
                  "sample frame = lab rotated by omega about +z",
                  "strain_excluding_flags": json.dumps([] if include_flagged else list(STRAIN_EXCLUDING_FLAGS)),
                  **dict(attrs or {})}
-    return xr.Dataset(
+    ds = xr.Dataset(
         data_vars,
         coords={"group": np.arange(n_groups), "eta": np.arange(n_eta), "phase": np.array(phases, dtype=str),
                 "component": np.array(strain_mod.COMPONENTS), "flag": np.array(flag_names, dtype=str),
@@ -325,6 +335,27 @@ def assemble_results(
                 "eta_deg": ("eta", eta), "histogram_index": (ge, hist)},
         attrs=out_attrs,
     )
+    return _with_texture(ds, results, phases, texture, sh_order)
+
+
+def _with_texture(results: xr.Dataset, lineouts: Sequence[Any], phase_names: Sequence[str],
+                  texture: str | None, sh_order: int) -> xr.Dataset:
+    """The results with the per-reflection intensities and pole directions
+    (:func:`midasflow.texture.polefigure.reflection_dataset`) and, when a texture stage ran, the
+    lineouts' texture parameters (:func:`~midasflow.texture.polefigure.lineout_texture_dataset`)
+    and the joint texture fit to order ``sh_order`` (:func:`~midasflow.texture.polefigure.add_texture_fit`)."""
+    from midasflow.texture.polefigure import add_texture_fit, lineout_texture_dataset, reflection_dataset
+
+    refl = reflection_dataset(lineouts, phase_names, results.sizes["group"], results.sizes["eta"])
+    if refl.sizes["reflection"] == 0:
+        return results
+    results = xr.merge([results, refl], combine_attrs="no_conflicts")
+    if texture is None:
+        return results
+    per_lineout = lineout_texture_dataset(lineouts, phase_names, results.sizes["group"], results.sizes["eta"])
+    if per_lineout.sizes["po_name"]:
+        results = xr.merge([results, per_lineout], combine_attrs="no_conflicts")
+    return add_texture_fit(results, order=sh_order)
 
 
 def _num(v: Any) -> float | None:

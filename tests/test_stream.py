@@ -737,3 +737,20 @@ def test_stream_summary_names_the_gsas2_projects_it_wrote(small_scan, client, tm
     assert summary["stream"]["frames"] == 4 and summary["stream"]["groups"] == 2
     ok = [h for h in summary["histograms"] if h["status"] == "success"]
     assert ok and all(h["gpx"] and Path(h["gpx"]).is_file() for h in ok), ok[:2]
+
+
+@pytest.mark.slow
+def test_stream_results_carry_the_texture_of_batch_mode(small_scan, client, tmp_path):
+    """--texture sh: the stream's results.zarr has batch mode's per-reflection intensities, pole
+    directions, per-lineout texture terms and joint texture fit, and ``midasflow texture``
+    refits from it."""
+    from midasflow.cli import main
+    from midasflow.results import open_results
+
+    out = _stream_refine(small_scan, client, tmp_path, texture="sh", sh_order=4)
+    res = open_results(out / "results.zarr")
+    assert res.sizes["reflection"] >= 3 and np.isfinite(res.I.values).any()
+    assert {"I_esd", "pole_direction", "po_param"} <= set(res.variables)
+    assert json.loads(res.attrs["texture_fits"])["CeO2"]["order"] == 4
+    assert main(["texture", "--results", str(out), "--sh-order", "6", "--no-progress"]) == 0
+    assert json.loads(open_results(out / "results.zarr").attrs["texture_fits"])["CeO2"]["order"] == 6

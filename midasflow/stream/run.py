@@ -466,7 +466,8 @@ class _Outputs:
             lineouts, ref_cells=self.cells, phase_names=[p.name for p in self.plan.options.phases],
             attrs={"data_file": "stream", "backend": self.backend, "mode": self.mode,
                    "refine_digest": self.plan.refine_digest()},
-            include_flagged=self.include_flagged, omega_frames_deg=omega_frames)
+            include_flagged=self.include_flagged, omega_frames_deg=omega_frames,
+            texture=self.plan.options.texture, sh_order=self.plan.options.sh_order)
 
     def group_refined(self, record: Any, results: list[Any]) -> None:
         """Keep the group's results (fitted curves only for the first groups and this one),
