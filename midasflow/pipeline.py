@@ -331,18 +331,17 @@ def refine(
     the holder's pid.
     """
     from midasflow.crystal import read_phases
-    from midasflow.errors import ParameterError
     from midasflow.io.atomic import remove_stale_temporaries
     from midasflow.io.caked_store import open_caked
     from midasflow.io.instprm import instrument_from_midas, read_instprm, with_sample_parameters
     from midasflow.io.lock import check_writable_folder, output_lock
-    from midasflow.refinement.backends import ExportingBackend, get_backend
+    from midasflow.refinement.backends import make_refiner
     from midasflow.refinement.checkpoints import SUBDIR as CHECKPOINT_SUBDIR
     from midasflow.refinement.checkpoints import record_settings
     from midasflow.refinement.executors import DistributedExecutor, SerialExecutor
     from midasflow.refinement.options import RefineOptions
     from midasflow.refinement.plan import LineoutPlan
-    from midasflow.results import EXPORT_KINDS, assemble_results, write_results
+    from midasflow.results import assemble_results, write_results
 
     out = Path(out)
     check_writable_folder(out, "--out")
@@ -364,12 +363,7 @@ def refine(
                             limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
                             physical_profile=physical_profile, max_rwp=max_rwp,
                             texture=texture, po_axis=tuple(po_axis), sh_order=sh_order)
-    refiner = get_backend(backend, cifs, out, physical_profile=physical_profile)
-    kinds = EXPORT_KINDS if export is True else tuple(k for k in EXPORT_KINDS if export and k in export)
-    if export is not True and export and set(export) - set(EXPORT_KINDS):
-        raise ParameterError(f"export {sorted(export)!r}: expected True, False or kinds of {EXPORT_KINDS}")
-    if kinds:
-        refiner = ExportingBackend(refiner, out, kinds)
+    refiner = make_refiner(backend, cifs, out, export=export, physical_profile=physical_profile)
     plan = LineoutPlan.of(source if in_memory else data, options, backend=refiner,
                           seed_from=seed_from, min_points=min_points,
                           dataset=None if in_memory else source)

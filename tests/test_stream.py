@@ -754,3 +754,18 @@ def test_stream_results_carry_the_texture_of_batch_mode(small_scan, client, tmp_
     assert json.loads(res.attrs["texture_fits"])["CeO2"]["order"] == 4
     assert main(["texture", "--results", str(out), "--sh-order", "6", "--no-progress"]) == 0
     assert json.loads(open_results(out / "results.zarr").attrs["texture_fits"])["CeO2"]["order"] == 6
+
+
+def test_stream_refuses_an_unknown_export_kind_as_batch_mode_does(small_scan, tmp_path):
+    """One refiner builder for batch and stream: an unknown export kind is refused before the
+    stream starts (it was taken as a kind and exported as nothing)."""
+    from midasflow.errors import ParameterError
+    from midasflow.stream.run import run_stream
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cif = _cif(small_scan["root"])
+    with pytest.raises(ParameterError, match=r"export \['pdf'\]: expected True, False or kinds of"):
+        run_stream(small_scan["files"].params_file, [cif], folder=folder, out=tmp_path / "a",
+                   result_folder=tmp_path, live=False, export=("pdf",), idle_timeout_s=1)
+    assert not (tmp_path / "a" / "stream_summary.json").exists()

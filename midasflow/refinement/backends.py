@@ -146,3 +146,39 @@ def get_backend(name: str, cif_paths: Sequence[str | os.PathLike], out: str | os
         return Gsas2Backend(cif_paths=tuple(str(p) for p in cif_paths),
                             workdir=str(Path(out) / "gsas2"))
     raise ParameterError(f"--engine {name!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def make_refiner(name: str, cif_paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                 export: bool | Sequence[str] = False, physical_profile: bool = False) -> RefineBackend:
+    """What refines the lineouts of a run (batch or stream): the backend called ``name``
+    (:func:`get_backend`) and, with ``export``, an :class:`ExportingBackend` around it writing
+    into ``out``.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`~midasflow.refinement.options.BACKENDS`.
+    cif_paths : sequence of path
+        The phases' CIF files (the GSAS-II engine reads them).
+    out : path
+        The output folder.
+    export : bool or sequence of str
+        True: every kind of :data:`midasflow.results.EXPORT_KINDS`; False or empty: none; else
+        the kinds named ("csv", "cif", "gpx").
+    physical_profile : bool
+        Keep the profile widths physical (not with "gsas2").
+
+    Raises
+    ------
+    ParameterError
+        Unknown backend or export kind; "gsas2" with ``physical_profile``.
+    BackendError
+        "gsas2" without GSAS-II.
+    """
+    from midasflow.results import EXPORT_KINDS
+
+    if export is not True and export and set(export) - set(EXPORT_KINDS):
+        raise ParameterError(f"export {sorted(export)!r}: expected True, False or kinds of {EXPORT_KINDS}")
+    refiner = get_backend(name, cif_paths, out, physical_profile=physical_profile)
+    kinds = EXPORT_KINDS if export is True else tuple(k for k in EXPORT_KINDS if export and k in export)
+    return ExportingBackend(refiner, out, kinds) if kinds else refiner

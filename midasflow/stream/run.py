@@ -220,7 +220,7 @@ def run_stream(
     from midasflow.limits import MAX_BINS, MAX_MAP_ENTRIES, MAX_REFLECTIONS, check_binning
     from midasflow.params import read_params
     from midasflow.pipeline import check_binmap_covers_detector, clear_previous_outputs
-    from midasflow.refinement.backends import ExportingBackend, get_backend
+    from midasflow.refinement.backends import make_refiner
     from midasflow.refinement.checkpoints import SUBDIR as CHECKPOINT_SUBDIR
     from midasflow.refinement.checkpoints import Checkpoints, record_settings
     from midasflow.refinement.options import RefineOptions, check_max_rwp, check_recipe
@@ -289,11 +289,7 @@ def run_stream(
                                 limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
                                 physical_profile=physical_profile, max_rwp=max_rwp,
                                 texture=texture, po_axis=tuple(po_axis), sh_order=sh_order)
-        refiner = get_backend(backend, cifs, out, physical_profile=physical_profile)
-        if export:  # True: every kind; else the kinds named ("csv", "cif", "gpx")
-            from midasflow.results import EXPORT_KINDS
-
-            refiner = ExportingBackend(refiner, out, EXPORT_KINDS if export is True else tuple(export))
+        refiner = make_refiner(backend, cifs, out, export=export, physical_profile=physical_profile)
         plan = LineoutPlan(CakeLayout.of(skeleton), None, options, refiner, seed_from, int(min_points))
         options.check_against(plan.usable_tth(), min_points, max_reflections=max_reflections or MAX_REFLECTIONS)
 
