@@ -769,3 +769,19 @@ def test_stream_refuses_an_unknown_export_kind_as_batch_mode_does(small_scan, tm
         run_stream(small_scan["files"].params_file, [cif], folder=folder, out=tmp_path / "a",
                    result_folder=tmp_path, live=False, export=("pdf",), idle_timeout_s=1)
     assert not (tmp_path / "a" / "stream_summary.json").exists()
+
+
+def test_stream_store_goes_beside_the_refinement_folder_by_default(small_scan, tmp_path):
+    """run_stream without result_folder puts the .zarr.zip beside ``out`` as pipeline.run does
+    (it went to the working directory)."""
+    import tifffile
+
+    from midasflow.stream.run import run_stream
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(small_scan["frames"][:2]):
+        tifffile.imwrite(folder / f"f{i}.tif", frame)
+    store = run_stream(small_scan["files"].params_file, [], folder=folder, out=tmp_path / "run" / "refinement",
+                       stop_after=2, skip_refinement=True, live=False, settle_s=0.05)
+    assert store == tmp_path / "run" / "frames.zarr.zip" and store.is_file()

@@ -122,7 +122,7 @@ def run_stream(
     pva_channel: str | None = None,
     pva_conf: Mapping[str, str] | None = None,
     out: str | os.PathLike = "refinement",
-    result_folder: str | os.PathLike = ".",
+    result_folder: str | os.PathLike | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
     cache_dir: str | os.PathLike | None = None,
     dark: str | None = None,
@@ -180,8 +180,9 @@ def run_stream(
         Take frames from the NTNDArray PV ``pva_channel`` searched at ``pva_ip``.
     out : path
         Refinement outputs, checkpoints and the stream's spool (``<out>/stream``).
-    result_folder : path
-        Where the ``.zarr.zip`` goes unless ``zarr_output`` names it.
+    result_folder : path, optional
+        Where the ``.zarr.zip`` goes unless ``zarr_output`` names it (default: the folder
+        holding ``out``, as :func:`midasflow.pipeline.run`).
     dark : path, optional
         ``--dark``: a dark file in any frame format (its frames' mean is subtracted). Without
         it, the parameter file's ``Dark``; else, as batch mode, dataset ``dark_loc`` in the
@@ -248,6 +249,7 @@ def run_stream(
     if folder is not None and not Path(folder).is_dir():
         raise ParameterError(f"{folder}: no such folder (--folder)")
     out = Path(out)
+    result_folder = out.parent if result_folder is None else result_folder  # the store beside ``out``
     check_writable_folder(out, "--out")
     check_writable_folder(result_folder, "-resultFolder")
     for name in (zarr_output, output_h5):
