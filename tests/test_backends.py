@@ -34,6 +34,7 @@ def test_the_executor_gives_each_backend_the_lineout_index_and_seed():
     assert starts[1] == res[0].pattern.values and starts[5] == res[3].pattern.values
 
 
+@pytest.mark.slow
 def test_native_backend_is_the_engine():
     ds = make_caked(n_groups=1, n_eta=2, height=4000.0)
     spec = plan_lineouts(ds)[0]

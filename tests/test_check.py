@@ -67,6 +67,7 @@ def test_a_cif_cell_500_ppm_too_large_shows_on_every_ring(unstrained, tmp_path):
     assert len(check.lineouts) == 36  # every 10° η bin of the one ω-group
 
 
+@pytest.mark.slow
 def test_strain_shows_lineout_by_lineout_against_eta(tmp_path):
     from midasflow.cli.demo import DEMO_STRAIN
     from midasflow.strain import normal_strain
@@ -111,6 +112,7 @@ def test_coinciding_reflections_make_one_ring():
     assert len({round(r.d_a, 9) for r in rings}) == len(rings)
 
 
+@pytest.mark.slow
 def test_check_command_prints_the_table_and_writes_the_page(unstrained, tmp_path, capsys):
     cif = write_phase_cif(cubic_phase("CeO2", unstrained["a0"] * (1 + 500e-6)), tmp_path / "CeO2.cif")
     out = tmp_path / "check"

@@ -148,6 +148,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(case, scan, store, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_through_python_m_has_no_traceback(scan, tmp_path):
     proc = _python_m("integrate", "-paramFN", scan["params"], "-dataFN", scan["data"], "-resultFolder",
                      str(tmp_path / "out"), "-dataLoc", "entry/nothing")

@@ -93,6 +93,7 @@ def test_jobqueue_dashboard_binds_loopback_by_default():
         jq.close()
 
 
+@pytest.mark.slow
 def test_unreachable_scheduler_is_a_backend_error():
     with pytest.raises(BackendError, match="--scheduler tcp://127.0.0.1:9"):
         cluster.get_client(scheduler="tcp://127.0.0.1:9", timeout_s=2)

@@ -58,6 +58,7 @@ def test_resume_after_no_export_writes_the_missing_exports(scan, store, tmp_path
     assert head[0][0] == "Histogram" and table.shape[1] == 6 and (table[:, 2] > 0).all()
 
 
+@pytest.mark.slow
 def test_export_kinds(scan, store, tmp_path):
     from midasflow.pipeline import refine
 

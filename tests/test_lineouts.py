@@ -83,6 +83,7 @@ def test_failures_never_stop_the_others():
     assert "usable points" in res[1].message
 
 
+@pytest.mark.slow
 def test_serial_and_distributed_give_identical_results(client, tmp_path):
     ds = make_caked(n_groups=2, n_eta=8, masked=[(0, 4)])
     plan = plan_lineouts(ds)

@@ -140,6 +140,7 @@ def _refine_small(tmp_path):
     return out, results
 
 
+@pytest.mark.slow
 def test_a_script_written_for_midas_json_runs_unchanged(tmp_path):
     out, results = _refine_small(tmp_path)
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=120)

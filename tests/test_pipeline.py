@@ -270,6 +270,7 @@ def test_a_bad_lineout_is_reported_while_the_others_succeed(small, tmp_path):
     assert failed["status"] == "failed" and "Rwp" not in failed and failed["error"].startswith("not a diffraction")
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_refines_only_what_is_missing(small, tmp_path, monkeypatch):
     ds, cif = small
     options = dict(out=tmp_path, export=False, report=False, seed_from=None)  # one engine call a lineout
@@ -351,6 +352,7 @@ def test_integrate_dataset_opens_the_frames_once_in_map_pass_chunks(tmp_path, mo
     assert per_pass < 40 and ds["frame_intensity"].chunks[0][0] == per_pass
 
 
+@pytest.mark.slow
 def test_curves_are_kept_only_for_the_groups_the_report_plots(small, tmp_path, monkeypatch):
     """A run keeps the fitted curves (and covariances) only of the ω-groups report.html plots, so
     the client's memory does not grow with the scan by every lineout's curves; the numbers stay."""

@@ -73,6 +73,7 @@ def test_plan_is_made_and_described_without_reading_a_cake(store, monkeypatch):
     assert len(ctx) < 5 * plan.layout.bin_area.nbytes + 20_000
 
 
+@pytest.mark.slow
 def test_store_plan_gives_the_eager_plans_results(store):
     """Tasks that read their group give exactly what the old eager plan (all specs read in the
     client) gives, numbering and skipping included."""

@@ -97,6 +97,7 @@ def test_cell_recovery_from_0p3_percent_off(phase_fn, cell_keys):
     assert set(res.stage_rwp) == {"background", "cell", "profile_gauss", "profile_lorentz"}
 
 
+@pytest.mark.slow
 def test_esd_matches_scatter_over_noise_realisations():
     true = ceo2()
     x, y0, s, truth = simulate([true], seed=0)

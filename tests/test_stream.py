@@ -107,6 +107,7 @@ def test_folder_source_takes_complete_files_once_in_name_order(tmp_path):
         assert value == frames[int(a.name.split("_")[1].split(".")[0])][0, 0]
 
 
+@pytest.mark.slow
 def test_folder_source_reads_every_frame_format_whole_in_name_order(tmp_path):
     """Every format open_frames reads (HDF5/NeXus with filters, GE, TIFF pages and stacks, CBF,
     EDF, zarr v2/v3 directories and zip), numbered so that name order is not text order; a zarr
