@@ -7,8 +7,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import distributed
 
 from midasflow.cli._common import (
     CommandParser,
@@ -86,7 +90,8 @@ def make_demo_scan(out: Path, *, n_frames: int, sum_frames: int, size: int, seed
     return files, truth, cif
 
 
-def texture_demo(out: Path, *, size: int, eta_bin_deg: float, seed: int, client=None,
+def texture_demo(out: Path, *, size: int, eta_bin_deg: float, seed: int,
+                 client: distributed.Client | None = None,
                  progress: bool = True, engine: str = "native") -> tuple[object, dict[str, float]]:
     """Simulate a caked CeO2 scan with :data:`DEMO_TEXTURE` about sample z (4 ω-groups, 30° apart),
     write it as a MIDAS ``.zarr.zip`` and refine it with the texture stage; returns (results, truth)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -82,8 +83,10 @@ class SpaceGroupRecord:
 
 
 #: Records already built, by (Hall symbol, Laue class): every lineout of a scan writes the same
-#: phases, so each is built once per process.
+#: phases, so each is built once per process. ``_CACHE_LOCK`` guards these caches and each
+#: record's site names: a threaded Dask worker writes several lineouts' projects at once.
 _RECORDS: OrderedDict[tuple[str, str], SpaceGroupRecord] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
 _RECORDS_SIZE = 32
 _SITES_SIZE = 4096
 
@@ -269,10 +272,15 @@ def space_group_record(sg: gemmi.SpaceGroup, laue: str) -> SpaceGroupRecord:
     class) and must not be modified.
     """
     key = (sg.hall, laue)
-    record = _RECORDS.get(key)
-    if record is None:
-        record = _RECORDS[key] = _build_record(sg, laue)
-        if len(_RECORDS) > _RECORDS_SIZE:
+    with _CACHE_LOCK:
+        record = _RECORDS.get(key)
+        if record is not None:
+            _RECORDS.move_to_end(key)
+            return record
+    record = _build_record(sg, laue)  # outside the lock: two threads may both build it once
+    with _CACHE_LOCK:
+        record = _RECORDS.setdefault(key, record)
+        while len(_RECORDS) > _RECORDS_SIZE:
             _RECORDS.popitem(last=False)
     return record
 
@@ -453,11 +461,14 @@ def site_symmetry(xyz: tuple[float, float, float] | np.ndarray,
     """
     xyz = np.asarray(xyz, dtype=float)
     key = tuple(np.round(np.mod(xyz, 1.0), 6))
-    named = record.sites.get(key)
+    with _CACHE_LOCK:
+        named = record.sites.get(key)
     if named is None:
-        if len(record.sites) >= _SITES_SIZE:  # refined general positions: all different
-            record.sites.clear()
-        named = record.sites[key] = _site_symmetry(xyz, record)
+        named = _site_symmetry(xyz, record)
+        with _CACHE_LOCK:
+            if len(record.sites) >= _SITES_SIZE:  # refined general positions: all different
+                record.sites.clear()
+            record.sites[key] = named
     return named
 
 

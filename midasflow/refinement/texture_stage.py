@@ -108,8 +108,9 @@ def undetermined_reason(kind: str, values: dict[str, float], esds: dict[str, flo
     return "; ".join(problems)
 
 
-def run_texture_stage(model, values: dict[str, float], vary: list[str], y: np.ndarray,
-                      w: np.ndarray, sqrt_w: np.ndarray, *, lebail: bool, constraint,
+def run_texture_stage(model: _engine.PatternModel, values: dict[str, float], vary: list[str],
+                      y: np.ndarray, w: np.ndarray, sqrt_w: np.ndarray, *, lebail: bool,
+                      constraint: _engine.ProfileConstraint | None,
                       rwp_prev: float, stage_rwp: dict[str, float], warn: list[str],
                       flags: list[str], info: list[str]) -> tuple[dict[str, float], list[str], float]:
     """Refine the texture parameters with everything refined so far (module docstring).

@@ -12,8 +12,12 @@ Reflections with no point of the pattern under them get NaN.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from midasflow.refinement.engine import PatternModel
 
 __all__ = ["COINCIDENT_DEG", "extract_intensities"]
 
@@ -21,8 +25,8 @@ __all__ = ["COINCIDENT_DEG", "extract_intensities"]
 COINCIDENT_DEG = 1e-6
 
 
-def extract_intensities(model, values: Mapping[str, float], y: np.ndarray, sqrt_w: np.ndarray,
-                        gof: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def extract_intensities(model: PatternModel, values: Mapping[str, float], y: np.ndarray,
+                        sqrt_w: np.ndarray, gof: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Integrated intensity and esd of every reflection of every phase (module docstring).
 
     Parameters
