@@ -151,7 +151,7 @@ class JointTextureFit:
 def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.ndarray,
                       hkl: np.ndarray, cell: Sequence[float], laue: str, *, order: int = 4,
                       sample_axis: Sequence[float] = (0, 0, 1), unique_axis: str = "b",
-                      max_iter: int = 30) -> JointTextureFit:
+                      max_iter: int = 30, row_block: int = 65536) -> JointTextureFit:
     """Joint cylindrical SH texture fit to per-lineout reflection intensities (module docstring).
 
     Parameters
@@ -169,6 +169,10 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
         Axis of the cylindrical sample symmetry in the sample frame.
     max_iter : int
         Gauss–Newton iterations at most.
+    row_block : int
+        Measured intensities per block of the Jacobian's QR reduction: the Jacobian is never held
+        whole (103,680 lineouts × 40 reflections × 45 columns would be 1.5 GB), only one block
+        and its (columns + 1)² triangle. Results do not depend on it beyond rounding.
 
     Returns
     -------
@@ -203,27 +207,38 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
     c = np.zeros(len(names))
     n_s = used.size
 
-    def jacobian(s, c):
-        A = 1.0 + D @ c
-        J = np.zeros((rows.size, n_s + len(names)))
-        J[np.arange(rows.size), col] = A
-        J[:, n_s:] = s[col][:, None] * D
-        return A, J / sig[:, None]
+    n_cols = n_s + len(names)
+
+    def reduced_jacobian(s, c):
+        """R of the weighted Jacobian's QR (the normal matrix is RᵀR) and Qᵀr, built over blocks
+        of rows so memory does not grow with the number of measured intensities."""
+        R = np.zeros((n_cols + 1, n_cols + 1))  # [J | r] reduced to a triangle
+        for lo in range(0, rows.size, row_block):
+            sl = slice(lo, lo + row_block)
+            cb, sb, Db = col[sl], sig[sl], D[sl]
+            Ab = 1.0 + Db @ c
+            block = np.zeros((cb.size, n_cols + 1))
+            block[np.arange(cb.size), cb] = Ab
+            block[:, n_s:n_cols] = s[cb][:, None] * Db
+            block[:, n_cols] = y_obs[sl] - s[cb] * Ab
+            R = np.linalg.qr(np.vstack([R, block / sb[:, None]]), mode="r")
+        return R[:n_cols, :n_cols], R[:n_cols, n_cols]
+
+    def chi2_at(s, c):
+        r = (y_obs - s[col] * (1.0 + D @ c)) / sig
+        return float(r @ r)
 
     chi2, converged = math.inf, False
     try:
         for _ in range(max_iter):
-            A, Jw = jacobian(s, c)
-            r = (y_obs - s[col] * A) / sig
-            chi2_now = float(r @ r)
-            scale = np.linalg.norm(Jw, axis=0)
+            Rj, qtr = reduced_jacobian(s, c)
+            chi2_now = chi2_at(s, c)
+            scale = np.linalg.norm(Rj, axis=0)  # the Jacobian's column norms
             scale[scale == 0] = 1.0
-            step = np.linalg.lstsq(Jw / scale, r, rcond=None)[0] / scale
+            step = np.linalg.lstsq(Rj / scale, qtr, rcond=None)[0] / scale
             for shrink in (1.0, 0.5, 0.25, 0.125, 0.0625):  # the Gauss–Newton step, halved
                 s_new, c_new = s + shrink * step[:n_s], c + shrink * step[n_s:]
-                A_new = 1.0 + D @ c_new
-                r_new = (y_obs - s_new[col] * A_new) / sig
-                chi2_new = float(r_new @ r_new)
+                chi2_new = chi2_at(s_new, c_new)
                 if chi2_new < chi2_now:
                     break
             else:  # no step along the Gauss–Newton direction lowers χ²: at the minimum
@@ -233,12 +248,13 @@ def fit_joint_texture(intensity: np.ndarray, esd: np.ndarray, directions: np.nda
             if chi2_now - chi2_new < 1e-10 * chi2_now:
                 converged = True
                 break
-        A, Jw = jacobian(s, c)
+        Rj, _ = reduced_jacobian(s, c)
+        A = 1.0 + D @ c
         dof = max(rows.size - n_s - len(names), 1)
         gof = math.sqrt(chi2 / dof)
-        scale = np.linalg.norm(Jw, axis=0)
+        scale = np.linalg.norm(Rj, axis=0)
         scale[scale == 0] = 1.0
-        u, sv, vt = np.linalg.svd(Jw / scale, full_matrices=False)
+        u, sv, vt = np.linalg.svd(Rj / scale, full_matrices=False)  # J's singular values and V
     except (np.linalg.LinAlgError, ValueError) as exc:  # a non-finite intensity or direction
         return dataclasses.replace(empty, status=f"failed: {exc}", n_points=int(rows.size))
     status = "ok" if converged else "not converged"
