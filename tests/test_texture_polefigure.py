@@ -272,3 +272,62 @@ def test_nearly_singular_joint_fit_is_ill_conditioned_not_ok():
                             sample_axis=(0, 0, 1))
     assert fit.status == "ill-conditioned" and "not determined (esd > 1)" in fit.notes[-1]
     assert np.isnan(fit.esds).all() and np.isnan(fit.texture_index_esd)
+
+
+def _results_for_pole_figures(n_eta, omegas):
+    """A results Dataset with per-lineout intensities of a textured CeO2 (the simulator's fibre),
+    as refine writes them, with its joint texture fit."""
+    import json as _json
+
+    import xarray as xr
+
+    from midasflow.texture.polefigure import add_texture_fit
+
+    I, esd, y = _synthetic({"C(4,1)": 0.5, "C(6,1)": -0.3}, n_eta=n_eta, omegas=omegas)
+    gerh = ("group", "eta", "reflection")
+    ds = xr.Dataset(
+        {"I": (gerh, I), "I_esd": (gerh, esd), "pole_direction": ((*gerh, "xyz"), y),
+         "h": ("reflection", HKL[:, 0]), "k": ("reflection", HKL[:, 1]), "l": ("reflection", HKL[:, 2]),
+         "reflection_phase": ("reflection", np.array(["CeO2"] * len(HKL)))},
+        attrs={"texture_phases": _json.dumps({"CeO2": {"cell": list(CEO2.cell), "laue": "m3m",
+                                                        "unique_axis": "b"}})})
+    return add_texture_fit(ds, order=6, sample_axis=(1, 0, 0))
+
+
+@pytest.mark.slow
+def test_pole_figures_of_a_large_scan_are_binned_images_not_a_glyph_per_point(tmp_path):
+    """Past MAX_GLYPHS measured points a pole figure's measured densities and the coverage plot are
+    equal-area cell images, so the page does not grow with the scan; a small scan keeps a glyph
+    per point. The binned image holds the cell means of the densities."""
+    from bokeh.models import GlyphRenderer, Image, Scatter
+
+    from midasflow.texture import report
+
+    def glyphs(figs):
+        kinds = []
+        for fig in figs:
+            for child in getattr(fig, "children", [fig]):
+                kinds += [type(r.glyph) for r in getattr(child, "renderers", [])
+                          if isinstance(r, GlyphRenderer)]
+        return kinds
+
+    small = _results_for_pole_figures(36, (0.0, 45.0, 90.0))
+    kinds = glyphs(report.texture_figures(small))
+    assert Scatter in kinds and kinds.count(Image) == kinds.count(Scatter) - 1  # models + coverage
+    large = _results_for_pole_figures(5400, (0.0, 45.0, 90.0, 135.0))
+    assert np.isfinite(large.pole_density.values[..., 0]).sum() > report.MAX_GLYPHS
+    kinds = glyphs(report.texture_figures(large))
+    assert Scatter not in kinds and Image in kinds
+    small_html = report.write_texture_report(small, tmp_path / "small.html").stat().st_size
+    large_html = report.write_texture_report(large, tmp_path / "large.html").stat().st_size
+    assert large_html < 2 * small_html, (small_html, large_html)  # 100× the points
+    # the cell image is the mean of the densities in each cell
+    d = large.pole_density.values[..., 0]
+    ok = np.isfinite(d)
+    px, py = equal_area(large.pole_direction.values[..., 0, :][ok], (1, 0, 0))
+    img = report._binned(px, py, d[ok])
+    ix = np.clip(((px + 1) / 2 * report._GRID).astype(int), 0, report._GRID - 1)
+    iy = np.clip(((py + 1) / 2 * report._GRID).astype(int), 0, report._GRID - 1)
+    pick = (iy == iy[0]) & (ix == ix[0])
+    assert img[iy[0], ix[0]] == pytest.approx(d[ok][pick].mean(), rel=1e-12)
+    assert np.isfinite(img).sum() == np.unique(iy * report._GRID + ix).size

@@ -29,6 +29,10 @@ MAX_POLE_FIGURES = 4
 #: are extracted with huge, anticorrelated errors and would draw noise.
 MAX_DENSITY_ESD = 0.1
 _GRID = 101
+#: Above this many measured points a pole figure or coverage plot is drawn as an image of
+#: equal-area cells (:data:`_GRID`² over the disk) instead of one glyph per point, so the page's
+#: size does not grow with the scan (103,680 lineouts × 40 reflections would be 4 M glyphs).
+MAX_GLYPHS = 20000
 
 
 def pole_figure_reflections(results: xr.Dataset, cols: np.ndarray) -> list[int]:
@@ -116,8 +120,13 @@ def texture_figures(results: xr.Dataset) -> list[Any]:
             meas = figure(title=f"{label}: measured pole density", width=_SIZE, height=_SIZE,
                           x_range=(-1.05, 1.05), y_range=(-1.05, 1.05), match_aspect=True)
             _disk(meas)
-            meas.scatter("x", "y", size=7, source=_source(px, py, dens[..., c][ok]),
-                         fill_color={"field": "d", "transform": mapper}, line_color=None)
+            if px.size > MAX_GLYPHS:
+                meas.title.text = f"{label}: measured pole density (cell means of {px.size} points)"
+                meas.image(image=[_binned(px, py, dens[..., c][ok])], x=-1, y=-1, dw=2, dh=2,
+                           color_mapper=mapper)
+            else:
+                meas.scatter("x", "y", size=7, source=_source(px, py, dens[..., c][ok]),
+                             fill_color={"field": "d", "transform": mapper}, line_color=None)
             fitted = figure(title=f"{label}: fitted model", width=_SIZE + 80, height=_SIZE,
                             x_range=(-1.05, 1.05), y_range=(-1.05, 1.05), match_aspect=True)
             fitted.image(image=[model], x=-1, y=-1, dw=2, dh=2, color_mapper=mapper)
@@ -130,12 +139,32 @@ def texture_figures(results: xr.Dataset) -> list[Any]:
                      width=_SIZE, height=_SIZE, x_range=(-1.05, 1.05), y_range=(-1.05, 1.05),
                      match_aspect=True)
         _disk(cov)
-        cov.scatter(px, py, size=3, alpha=0.5)
+        if px.size > MAX_GLYPHS:
+            cov.title.text = f"{phase}: coverage (points per cell, {px.size} measured directions)"
+            counts = _binned(px, py, None)
+            grey = LinearColorMapper(palette="Greys256", low=float(np.nanmax(counts)), high=0.0)
+            cov.image(image=[counts], x=-1, y=-1, dw=2, dh=2, color_mapper=grey)
+        else:
+            cov.scatter(px, py, size=3, alpha=0.5)
         cover = results.pole_coverage.values[cols]
         out.append(row(cov, Div(text=f"<p>Equal-area projection, sample axis {axis} at the centre. "
                                 f"Hemisphere coverage per reflection: median {np.nanmedian(cover):.0%}, "
                                 f"range {np.nanmin(cover):.0%}–{np.nanmax(cover):.0%}.</p>", width=300)))
     return out
+
+
+def _binned(px: np.ndarray, py: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+    """Equal-area points on the :data:`_GRID`² image of the disk: the mean of ``values`` per
+    cell, or (``values`` None) the number of points per cell; NaN where no point fell."""
+    ix = np.clip(((px + 1.0) / 2.0 * _GRID).astype(np.int64), 0, _GRID - 1)
+    iy = np.clip(((py + 1.0) / 2.0 * _GRID).astype(np.int64), 0, _GRID - 1)
+    cell = iy * _GRID + ix  # bokeh images are row-major from the bottom: y rows, x columns
+    counts = np.bincount(cell, minlength=_GRID * _GRID).astype(float)
+    sums = counts if values is None else np.bincount(cell, weights=values, minlength=_GRID * _GRID)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        img = sums if values is None else sums / counts
+    img = np.where(counts > 0, img, np.nan)
+    return img.reshape(_GRID, _GRID)
 
 
 def _source(px: np.ndarray, py: np.ndarray, d: np.ndarray) -> Any:
