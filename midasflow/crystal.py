@@ -112,8 +112,8 @@ class Phase:
     @property
     def cell_mass(self) -> float:
         """Mass of the unit-cell contents in g/mol (Σ occupancy × site multiplicity × weight)."""
-        ops = self.space_group.operations()
-        return float(sum(a.occ * len(_atom_orbit(a.xyz, ops)) * gemmi.Element(a.element).weight
+        return float(sum(a.occ * len(_atom_orbit(a.xyz, self.space_group))
+                         * gemmi.Element(a.element).weight
                          for a in self.atoms))
 
     def with_cell(self, cell: Sequence[float]) -> "Phase":
@@ -421,13 +421,33 @@ def laue_rotations(sg: gemmi.SpaceGroup) -> np.ndarray:
     return np.concatenate([rots, -rots])
 
 
-def _atom_orbit(xyz: Sequence[float], ops: gemmi.GroupOps) -> np.ndarray:
-    """Distinct unit-cell positions (m, 3) of a site under all operations (centring included)."""
-    seitz = np.array([op.float_seitz() for op in ops], dtype=float)          # (n, 4, 4)
-    pos = (seitz[:, :3, :3] @ np.asarray(xyz, dtype=float) + seitz[:, :3, 3]) % 1.0
+@functools.lru_cache(maxsize=64)
+def _seitz_operators(hall: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every operation of the space group with Hall symbol ``hall`` (centring included): rotation
+    parts (n, 3, 3) and translations (n, 3) as floats (read-only; cached: gemmi's per-operator
+    calls take ~5 ms for the 192 operations of Fm-3m)."""
+    ops = gemmi.symops_from_hall(hall)
+    rot = np.array([op.rot for op in ops], dtype=float) / gemmi.Op.DEN
+    tran = np.array([op.tran for op in ops], dtype=float) / gemmi.Op.DEN
+    rot.flags.writeable = tran.flags.writeable = False
+    return rot, tran
+
+
+def _orbit_and_rotations(xyz: Sequence[float],
+                         sg: gemmi.SpaceGroup) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct unit-cell positions (m, 3) of a site under all operations of ``sg`` (centring
+    included) and the rotation part (m, 3, 3) of the operation giving each: ∂position/∂xyz."""
+    rot, tran = _seitz_operators(sg.hall)
+    pos = (rot @ np.asarray(xyz, dtype=float) + tran) % 1.0
     keys = np.round(pos * 1e4).astype(np.int64) % 10000                    # 1e-4 tolerance
     _, first = np.unique(keys, axis=0, return_index=True)
-    return pos[np.sort(first)]
+    first = np.sort(first)
+    return pos[first], rot[first]
+
+
+def _atom_orbit(xyz: Sequence[float], sg: gemmi.SpaceGroup) -> np.ndarray:
+    """Distinct unit-cell positions (m, 3) of a site under all operations (centring included)."""
+    return _orbit_and_rotations(xyz, sg)[0]
 
 
 def free_coordinates(phase: Phase, atom: Atom) -> tuple[bool, bool, bool]:
@@ -436,13 +456,12 @@ def free_coordinates(phase: Phase, atom: Atom) -> tuple[bool, bool, bool]:
     A coordinate is free when displacing it by a small amount keeps the orbit size (site
     multiplicity). Coordinates tied to each other (e.g. x = 2y) are reported as not free.
     """
-    ops = phase.space_group.operations()
-    n0 = len(_atom_orbit(atom.xyz, ops))
+    n0 = len(_atom_orbit(atom.xyz, phase.space_group))
     free = []
     for c in range(3):
         moved = list(atom.xyz)
         moved[c] += 0.0123
-        free.append(len(_atom_orbit(moved, ops)) == n0)
+        free.append(len(_atom_orbit(moved, phase.space_group)) == n0)
     return tuple(free)
 
 
@@ -507,7 +526,6 @@ class StructureFactorTable:
     def __init__(self, phase: Phase, hkl: np.ndarray, wavelength_a: float | None = None):
         self.n_atoms = len(phase.atoms)
         n = hkl.shape[0]
-        ops = phase.space_group.operations()
         self.geom = np.zeros((self.n_atoms, n), dtype=complex)
         self.coef_a = np.zeros((self.n_atoms, 4))
         self.coef_b = np.zeros((self.n_atoms, 4))
@@ -516,9 +534,13 @@ class StructureFactorTable:
         self.f_double_prime = np.zeros(self.n_atoms)
         self.occ = np.array([a.occ for a in phase.atoms], dtype=float)
         self.uiso = np.array([a.uiso for a in phase.atoms], dtype=float)
+        self._hkl = np.asarray(hkl, dtype=float)
+        self._orbits = []        # per atom: orbit positions (m, 3), ∂position/∂xyz (m, 3, 3)
+        self._dgeom = None
         for j, atom in enumerate(phase.atoms):
-            orbit = _atom_orbit(atom.xyz, ops)
-            self.geom[j] = np.exp(2j * np.pi * (hkl @ orbit.T)).sum(axis=1)
+            orbit, rot = _orbit_and_rotations(atom.xyz, phase.space_group)
+            self._orbits.append((orbit, rot))
+            self.geom[j] = np.exp(2j * np.pi * (self._hkl @ orbit.T)).sum(axis=1)
             it92 = gemmi.Element(atom.element).it92
             if it92 is None:
                 raise CIFError(f"phase {phase.name}: no IT92 form factor for element "
@@ -528,6 +550,21 @@ class StructureFactorTable:
             if wavelength_a is not None:
                 self.f_prime[j], self.f_double_prime[j] = anomalous_factors(atom.element,
                                                                             float(wavelength_a))
+
+    def _scattering(self, inv_d2: np.ndarray, uiso: np.ndarray | None):
+        """U_iso, s², the f0 exponentials (na, 4, n), occupancy × Debye–Waller (na, n), the
+        real (f0 + f′) and imaginary (f″) scattering (na, n) and the four sums R_a, R_b, I_a,
+        I_b (n,) over the atoms."""
+        u = self.uiso if uiso is None else np.asarray(uiso, dtype=float)
+        s2 = inv_d2 / 4.0
+        ex = np.exp(-self.coef_b[:, :, None] * s2[None, None, :])        # (na, 4, n)
+        f0 = np.einsum("ak,akn->an", self.coef_a, ex) + self.coef_c[:, None]
+        dw = self.occ[:, None] * np.exp(-8 * np.pi ** 2 * u[:, None] * s2[None, :])
+        re = (f0 + self.f_prime[:, None]) * dw                            # (na, n)
+        im = self.f_double_prime[:, None] * dw
+        ga, gb = self.geom.real, self.geom.imag
+        sums = ((re * ga).sum(0), (re * gb).sum(0), (im * ga).sum(0), (im * gb).sum(0))
+        return u, s2, ex, dw, re, im, sums
 
     def fsq(self, inv_d2: np.ndarray, uiso: np.ndarray | None = None,
             derivatives: bool = False):
@@ -549,15 +586,8 @@ class StructureFactorTable:
         if self.n_atoms == 0:
             one = np.ones(n)
             return (one, np.zeros(n), np.zeros((0, n))) if derivatives else one
-        u = self.uiso if uiso is None else np.asarray(uiso, dtype=float)
-        s2 = inv_d2 / 4.0
-        ex = np.exp(-self.coef_b[:, :, None] * s2[None, None, :])        # (na, 4, n)
-        f0 = np.einsum("ak,akn->an", self.coef_a, ex) + self.coef_c[:, None]
-        dw = self.occ[:, None] * np.exp(-8 * np.pi ** 2 * u[:, None] * s2[None, :])
-        re = (f0 + self.f_prime[:, None]) * dw                            # (na, n)
-        im = self.f_double_prime[:, None] * dw
+        u, s2, ex, dw, re, im, sums = self._scattering(inv_d2, uiso)
         ga, gb = self.geom.real, self.geom.imag
-        sums = [(re * ga).sum(0), (re * gb).sum(0), (im * ga).sum(0), (im * gb).sum(0)]
         fsq = sum(t * t for t in sums)
         if not derivatives:
             return fsq
@@ -570,6 +600,39 @@ class StructureFactorTable:
         dfsq_du = 2 * k * (re * (sums[0] * ga + sums[1] * gb)
                            + im * (sums[2] * ga + sums[3] * gb))          # (na, n)
         return fsq, dfsq_dinvd2, dfsq_du
+
+    def dfsq_dxyz(self, inv_d2: np.ndarray, uiso: np.ndarray | None = None) -> np.ndarray:
+        """∂|F|²/∂(x, y, z) of every atom (fractional coordinates), analytic.
+
+        Each orbit position moves with the atom's coordinates through the rotation part R of
+        the operation giving it, so ∂geom/∂x_a = Σ_orbit 2πi (hR)_a exp(2πi h·x_orbit). Valid
+        for coordinates that move freely (:func:`free_coordinates`: the orbit keeps its size).
+
+        Parameters
+        ----------
+        inv_d2 : ndarray (n,)
+            1/d² (Å⁻²).
+        uiso : ndarray (n_atoms,), optional
+            Overrides the phase's U_iso (Å²).
+
+        Returns
+        -------
+        ndarray (n_atoms, 3, n)
+        """
+        n = inv_d2.shape[0]
+        if self.n_atoms == 0:
+            return np.zeros((0, 3, n))
+        if self._dgeom is None:         # (n_atoms, 3, n): geometry only, computed once
+            dgeom = np.zeros((self.n_atoms, 3, n), dtype=complex)
+            for j, (orbit, rot) in enumerate(self._orbits):
+                phase = np.exp(2j * np.pi * (self._hkl @ orbit.T))            # (n, m)
+                h_rot = np.einsum("ni,mij->nmj", self._hkl, rot)             # (n, m, 3)
+                dgeom[j] = 2j * np.pi * np.einsum("nm,nmj->jn", phase, h_rot)
+            self._dgeom = dgeom
+        _, _, _, _, re, im, (t0, t1, t2, t3) = self._scattering(inv_d2, uiso)
+        dga, dgb = self._dgeom.real, self._dgeom.imag                     # (na, 3, n)
+        return 2 * (re[:, None, :] * (t0 * dga + t1 * dgb)
+                    + im[:, None, :] * (t2 * dga + t3 * dgb))
 
 
 # ------------------------------------------------------------------------------- reflections

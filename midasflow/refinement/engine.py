@@ -10,8 +10,8 @@ with Ω_h the FCJ ⊗ TCH pseudo-Voigt of :mod:`midasflow.profile` (per centideg
 only for a doublet instrument (Lam1, Lam2, k = I(L2)/I(L1)), positions computed with Lam1.
 Weighted least squares (w = 1/σ²) by Levenberg–Marquardt on the diagonally normalised normal
 matrix with an SVD pseudo-inverse; the Jacobian is analytic (profile derivatives × chain rule
-through A-terms → 2θ, U..Z/size/mustrain → σ²/γ, Lorentz–polarization, 1/V and |F|²(d)), except
-the atom coordinates, whose |F|² derivatives are central finite differences.
+through A-terms → 2θ, U..Z/size/mustrain → σ²/γ, Lorentz–polarization, 1/V, |F|²(d), U_iso and
+the atom coordinates).
 
 Parameter names are GSAS-II's: ``Zero, U, V, W, X, Y, Z, SH/L, Scale, DisplaceX, DisplaceY,
 Back;n`` (histogram), ``p::A<i>`` (independent A-terms of phase p), ``p:0:Scale`` (phase
@@ -381,7 +381,7 @@ class PatternModel:
             if name in col:
                 dI[:, col[name]] = pre_no_po * fsq * d_po
         if rietveld:
-            uiso = np.array([v[f"{p}::AUiso:{j}"] for j in range(pd.sf.n_atoms)])
+            dxyz = None
             for j in range(pd.sf.n_atoms):
                 c = col.get(f"{p}::AUiso:{j}")
                 if c is not None:
@@ -389,20 +389,11 @@ class PatternModel:
                 for axis, name in enumerate("xyz"):
                     c = col.get(f"{p}::A{name}:{j}")
                     if c is not None:
-                        dI[:, c] = pre * self._dfsq_dxyz(p, v, j, axis, inv_d2, uiso)
+                        if dxyz is None:
+                            uiso = np.array([v[f"{p}::AUiso:{i}"] for i in range(pd.sf.n_atoms)])
+                            dxyz = pd.sf.dfsq_dxyz(inv_d2, uiso)
+                        dI[:, c] = pre * dxyz[j, axis]
         return dict(out, dI=dI, dtth=dtth, dsig2=dsig2, dgam=dgam, dshl=dshl)
-
-    def _dfsq_dxyz(self, p: int, values: Mapping[str, float], j: int, axis: int,
-                   inv_d2: np.ndarray, uiso: np.ndarray, step: float = 1e-6) -> np.ndarray:
-        """Central finite difference of |F|² w.r.t. one fractional coordinate of atom j."""
-        pd = self.phases[p]
-        res = []
-        for sgn in (1.0, -1.0):
-            vals = dict(values)
-            vals[f"{p}::A{'xyz'[axis]}:{j}"] += sgn * step
-            table = StructureFactorTable(self.refined_phase(p, vals), pd.hkl, self.lam)
-            res.append(table.fsq(inv_d2, uiso))
-        return (res[0] - res[1]) / (2 * step)
 
     # ------------------------------------------------------------------ pattern
     def _all_terms(self, values, vary=(), jac=False):
