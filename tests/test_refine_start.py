@@ -104,3 +104,82 @@ def test_cell_independent_of_start_widths_and_spacing(phase_fn, lam, lo, hi, ste
             a0, esd = right.cells[true.name][i], right.cell_esds[true.name][i]
             diff = abs(res.cells[true.name][i] - a0)
             assert diff <= esd and diff <= 20e-6 * a0, (label, i, diff, esd)
+
+
+def test_find_peaks_equals_scipy():
+    """The start estimate's peak finder gives scipy.signal.find_peaks' peaks and half-prominence
+    widths (sums of Gaussians with noise, rounded counts with flat tops, random walks)."""
+    from scipy.signal import find_peaks
+
+    from midasflow.refinement.start import _find_peaks
+
+    rng = np.random.default_rng(5)
+    found = 0
+    for trial in range(300):
+        n = int(rng.integers(3, 700))
+        x = np.linspace(0.0, 10.0, n)
+        y = sum(rng.uniform(5, 200) * np.exp(-0.5 * ((x - rng.uniform(0, 10))
+                                                       / rng.uniform(0.02, 0.5)) ** 2)
+                for _ in range(int(rng.integers(0, 8))))
+        y = y + rng.normal(size=n) * rng.uniform(0.5, 5)
+        if trial % 3 == 1:
+            y = np.round(y)                 # integer counts: plateaus
+        elif trial % 3 == 2:
+            y = rng.normal(size=n).cumsum()
+        threshold = rng.uniform(0.5, 30)
+        want, props = find_peaks(y, prominence=threshold, width=1.0, rel_height=0.5)
+        got, widths = _find_peaks(y, threshold)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(widths, props["widths"], rtol=1e-12, atol=1e-12)
+        found += got.size
+    assert found > 300
+
+
+def test_two_column_nnls_equals_scipy():
+    from scipy.optimize import nnls
+
+    from midasflow.refinement.start import _nnls2
+
+    rng = np.random.default_rng(6)
+    for _ in range(300):
+        a = np.abs(rng.normal(size=(int(rng.integers(2, 9)), 2)))
+        b = rng.normal(size=a.shape[0]) + rng.uniform(-1, 2) * a @ rng.normal(size=2)
+        want, _ = nnls(a, b)
+        got = np.array(_nnls2(a, b))
+        assert np.all(got >= 0)
+        assert np.sum((a @ got - b) ** 2) == pytest.approx(np.sum((a @ want - b) ** 2),
+                                                          rel=1e-9, abs=1e-12)
+
+
+def test_pseudo_voigt_fits_match_least_squares():
+    """The all-peaks-at-once bounded LM reaches scipy.optimize.least_squares' minimum for each
+    peak (free and bound-held η)."""
+    from scipy.optimize import least_squares
+
+    from midasflow.refinement.start import _fit_pseudo_voigts, _pv_batch
+
+    rng = np.random.default_rng(7)
+    truth = np.array([[5.0, 40.0, 0.05, 0.3, 100.0, 5.0], [7.2, 10.0, 0.08, 0.0, 80.0, -3.0],
+                      [9.1, 25.0, 0.04, 1.0, 60.0, 0.0], [3.3, 60.0, 0.06, 0.7, 120.0, 10.0]])
+    windows, p0 = [], []
+    for t in truth:
+        x = np.arange(t[0] - 3 * t[2], t[0] + 3 * t[2], t[2] / 4)
+        y0 = _pv_batch(t[None], x[None])[0]
+        s = np.sqrt(y0)
+        windows.append((x, y0 + rng.normal(size=x.size) * s, s))
+        p0.append([t[0] + 0.3 * t[2], t[1] * 1.3, t[2] * 1.4, 0.5, 0.0, 0.0])
+    p0 = np.array(p0)
+    fw0, zero, inf = p0[:, 2], np.zeros(len(p0)), np.full(len(p0), np.inf)
+    lower = np.column_stack([p0[:, 0] - fw0, zero, 0.1 * fw0, zero, -inf, -inf])
+    upper = np.column_stack([p0[:, 0] + fw0, inf, 5 * fw0, zero + 1, inf, inf])
+    fits, converged = _fit_pseudo_voigts(windows, p0, lower, upper)
+    assert converged.all()
+    assert fits[1, 3] == 0.0 and fits[2, 3] == 1.0        # η held on its bounds
+    for (x, y, s), start, lo, hi, got in zip(windows, p0, lower, upper, fits):
+        ref = least_squares(lambda p: (_pv_batch(p[None], x[None])[0] - y) / s, start,
+                            bounds=(lo, hi), x_scale="jac", xtol=1e-15, ftol=1e-15, gtol=1e-15)
+        def chi2(p):
+            return float(np.sum(((_pv_batch(p[None], x[None])[0] - y) / s) ** 2))
+
+        assert chi2(got) <= chi2(ref.x) * (1 + 1e-9)
+        np.testing.assert_allclose(got[:4], ref.x[:4], rtol=1e-5, atol=1e-6)

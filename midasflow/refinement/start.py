@@ -7,12 +7,13 @@ depends on the binning. :func:`estimate_start` measures the pattern instead:
 1. **background**: a robust low envelope, the Chebyshev basis of the refinement fitted by
    weighted least squares to the points that do not stand out above it (points more than 1.5σ
    above the current fit are left out, repeated until the set stops changing);
-2. **peak widths**: the strongest peaks above the envelope (``scipy.signal.find_peaks`` with a
-   prominence of 10σ) that are isolated (no other significant reflection of any phase within
-   2.5 FWHM, nothing above a quarter of the height 1.5 FWHM away) are each fitted with a
-   symmetric pseudo-Voigt (centre, area, FWHM Γ, η, local line). Γ and η are split into the
-   Gaussian σ² and Lorentzian γ of GSAS-II's TCH profile (Thompson–Cox–Hastings η(q) inverted
-   for q = γ/Γ, Ida et al. 2000 for the Gaussian FWHM), then σ²(θ) = W + U tan²θ and
+2. **peak widths**: the strongest peaks above the envelope (local maxima with a prominence of
+   10σ, as ``scipy.signal.find_peaks`` defines it) that are isolated (no other significant
+   reflection of any phase within 2.5 FWHM, nothing above a quarter of the height 1.5 FWHM
+   away) are fitted with symmetric pseudo-Voigts (centre, area, FWHM Γ, η, local line; all
+   peaks at once by a bounded Levenberg–Marquardt). Γ and η are split into the Gaussian σ²
+   and Lorentzian γ of GSAS-II's TCH profile (Thompson–Cox–Hastings η(q) inverted for
+   q = γ/Γ, Ida et al. 2000 for the Gaussian FWHM), then σ²(θ) = W + U tan²θ and
    γ(θ) = X/cosθ + Y tanθ are fitted with non-negative coefficients (W and X alone when fewer
    than four peaks or a narrow tanθ span); V = 0. The Kα2 line of a doublet is allowed for by
    removing a third of its splitting from the width;
@@ -212,18 +213,19 @@ def _scale_from_area(x, net, refl, model) -> float:
     return data_area / model_area if model_area > 0 and data_area > 0 else 0.0
 
 
-def _pv(p, xs):
-    """Symmetric pseudo-Voigt (area-normalised) on a local line: p = c, area, Γ, η, b0, b1."""
-    c, area, fw, eta, b0, b1 = p
+def _pv_batch(p: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Symmetric pseudo-Voigts (area-normalised) on local lines, one per row: p (k, 6) = c,
+    area, Γ, η, b0, b1 at points xs (k, m)."""
+    c, area, fw, eta, b0, b1 = (p[:, i:i + 1] for i in range(6))
     d = xs - c
     g = math.sqrt(4 * math.log(2) / math.pi) / fw * np.exp(-4 * math.log(2) * d * d / (fw * fw))
     lo = (2 / (math.pi * fw)) / (1 + 4 * d * d / (fw * fw))
     return area * (eta * lo + (1 - eta) * g) + b0 + b1 * d
 
 
-def _pv_jac(p, xs):
-    """∂:func:`_pv`/∂p (n, 6), analytic."""
-    c, area, fw, eta, b0, b1 = p
+def _pv_jac_batch(p: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """∂:func:`_pv_batch`/∂p (k, m, 6), analytic."""
+    c, area, fw, eta, b0, b1 = (p[:, i:i + 1] for i in range(6))
     d = xs - c
     k = 4 * math.log(2)
     g = math.sqrt(k / math.pi) / fw * np.exp(-k * d * d / (fw * fw))
@@ -231,31 +233,179 @@ def _pv_jac(p, xs):
     lo = 2 * fw / (math.pi * den)
     dg_dd, dlo_dd = g * (-2 * k * d / (fw * fw)), lo * (-8 * d / den)
     dg_dfw, dlo_dfw = g * (-1 / fw + 2 * k * d * d / fw ** 3), lo * (4 * d * d - fw * fw) / (fw * den)
-    return np.column_stack([-(area * (eta * dlo_dd + (1 - eta) * dg_dd) + b1),
-                            eta * lo + (1 - eta) * g,
-                            area * (eta * dlo_dfw + (1 - eta) * dg_dfw),
-                            area * (lo - g), np.ones_like(d), d])
+    return np.stack([-(area * (eta * dlo_dd + (1 - eta) * dg_dd) + b1),
+                     eta * lo + (1 - eta) * g,
+                     area * (eta * dlo_dfw + (1 - eta) * dg_dfw),
+                     area * (lo - g), np.ones_like(d), d], axis=-1)
+
+
+def _find_peaks(y: np.ndarray, min_prominence: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Local maxima of ``y`` with a topographic prominence ≥ ``min_prominence`` and their
+    widths (points, linearly interpolated) at half their prominence.
+
+    The definitions of ``scipy.signal.find_peaks(y, prominence=min_prominence, width=1.0,
+    rel_height=0.5)`` (a flat top's middle sample is its peak; each base is the lowest point
+    between the peak and the nearest higher sample or the end; peaks narrower than one point
+    are dropped), without scipy.signal's ~0.7 s import.
+
+    Returns
+    -------
+    peaks : ndarray int (k,)
+    widths : ndarray (k,)
+    """
+    n = y.size
+    if n < 3:
+        return np.zeros(0, dtype=int), np.zeros(0)
+    # runs of equal values; a run higher than both neighbouring runs is a (flat) maximum
+    starts = np.flatnonzero(np.concatenate(([True], y[1:] != y[:-1])))
+    ends = np.append(starts[1:], n) - 1
+    v = y[starts]
+    top = np.flatnonzero((v[1:-1] > v[:-2]) & (v[1:-1] > v[2:])) + 1
+    peaks = (starts[top] + ends[top]) // 2
+    # each peak's reach: up to (not including) the nearest higher sample on either side
+    first = _reach(y, peaks)
+    last = n - 1 - _reach(y[::-1], n - 1 - peaks)
+    prominence = y[peaks] - np.maximum(_range_min(y, first, peaks), _range_min(y, peaks, last))
+    keep = prominence >= min_prominence
+    out_peaks, out_widths = [], []
+    for i, a, b, prom in zip(peaks[keep], first[keep], last[keep], prominence[keep]):
+        left_base = i - int(np.argmin(y[a:i + 1][::-1]))     # the lowest point nearest the peak
+        right_base = i + int(np.argmin(y[i:b + 1]))
+        level = y[i] - 0.5 * prom
+        below = np.flatnonzero(y[left_base:i + 1] <= level)
+        j = left_base + below[-1] if below.size else left_base
+        left = j + ((level - y[j]) / (y[j + 1] - y[j]) if y[j] < level else 0.0)
+        below = np.flatnonzero(y[i:right_base + 1] <= level)
+        j = i + below[0] if below.size else right_base
+        right = j - ((level - y[j]) / (y[j - 1] - y[j]) if y[j] < level else 0.0)
+        if right - left >= 1.0:
+            out_peaks.append(i)
+            out_widths.append(right - left)
+    return np.array(out_peaks, dtype=int), np.array(out_widths, dtype=float)
+
+
+def _max_tables(y: np.ndarray, op) -> list[np.ndarray]:
+    """Sparse table of ``op`` (np.maximum / np.minimum): level k holds op over y[t:t + 2^k]."""
+    tables = [y]
+    while (1 << len(tables)) <= y.size:
+        half = 1 << (len(tables) - 1)
+        tables.append(op(tables[-1][:-half], tables[-1][half:]))
+    return tables
+
+
+def _reach(y: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """For each i in ``idx`` the smallest p ≤ i with y[p:i] all ≤ y[i] (binary lifting over a
+    sparse table of maxima: vectorised over ``idx``)."""
+    tables = _max_tables(y, np.maximum)
+    pos = idx.copy()
+    h = y[idx]
+    for k in range(len(tables) - 1, -1, -1):
+        step = 1 << k
+        can = pos >= step
+        block = tables[k][np.where(can, pos - step, 0)]
+        move = can & (block <= h)
+        pos[move] -= step
+    return pos
+
+
+def _range_min(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min(y[a:b + 1]) for index arrays a ≤ b (two overlapping sparse-table blocks)."""
+    tables = _max_tables(y, np.minimum)
+    k = np.floor(np.log2(b - a + 1)).astype(int)
+    out = np.empty(a.size)
+    for level in np.unique(k):
+        sel = k == level
+        t = tables[level]
+        out[sel] = np.minimum(t[a[sel]], t[b[sel] - (1 << level) + 1])
+    return out
+
+
+def _fit_pseudo_voigts(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                       p0: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                       max_iter: int = 60, rtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+    """Bounded weighted least-squares fits of :func:`_pv` to several peaks at once.
+
+    Levenberg–Marquardt on each peak's normal equations (normalised by their diagonal; all
+    peaks advance together, each with its own damping), steps clipped to the bounds, a
+    parameter on a bound held there while the gradient points outwards (projected active set).
+
+    Parameters
+    ----------
+    windows : list of (x, y, sigma)
+        Each peak's points.
+    p0, lower, upper : ndarray (k, 6)
+        Start values and bounds of (centre, area, FWHM, η, b0, b1).
+
+    Returns
+    -------
+    params : ndarray (k, 6)
+    converged : ndarray bool (k,)
+        The relative χ² decrease fell below ``rtol`` (or the step vanished) within
+        ``max_iter`` iterations.
+    """
+    k = len(windows)
+    m = max(w[0].size for w in windows)
+    xs = np.zeros((k, m))
+    ys = np.zeros((k, m))
+    inv_s = np.zeros((k, m))          # 0 on the padding: it takes no part in the fit
+    for i, (x, y, s) in enumerate(windows):
+        xs[i, :x.size], ys[i, :x.size], inv_s[i, :x.size] = x, y, 1.0 / s
+        xs[i, x.size:] = x[-1]
+    p = np.clip(np.asarray(p0, dtype=float), lower, upper)
+    lam = np.zeros(k)
+    converged = np.zeros(k, dtype=bool)
+    eye = np.eye(6)
+
+    def chi2_of(params):
+        r = (_pv_batch(params, xs) - ys) * inv_s
+        return r, np.einsum("km,km->k", r, r)
+
+    r, chi2 = chi2_of(p)
+    for _ in range(max_iter):
+        jac = _pv_jac_batch(p, xs) * inv_s[:, :, None]                     # (k, m, 6)
+        normal = np.einsum("kmi,kmj->kij", jac, jac)
+        grad = np.einsum("kmi,km->ki", jac, r)
+        held = ((p <= lower) & (grad > 0)) | ((p >= upper) & (grad < 0))
+        scale = np.sqrt(np.einsum("kii->ki", normal))
+        scale[(scale == 0) | held] = 1.0
+        nn = normal / (scale[:, :, None] * scale[:, None, :])
+        gn = grad / scale
+        nn[held[:, :, None] | held[:, None, :]] = 0.0
+        nn += eye * (held[:, :, None] + lam[:, None, None])
+        gn[held] = 0.0
+        try:
+            step = -np.linalg.solve(nn, gn[:, :, None])[:, :, 0] / scale
+        except np.linalg.LinAlgError:
+            step = -np.einsum("kij,kj->ki", np.linalg.pinv(nn), gn) / scale
+        trial = np.clip(p + step, lower, upper)
+        r_new, chi2_new = chi2_of(trial)
+        better = chi2_new < chi2
+        active = ~converged
+        done = active & ((better & (chi2 - chi2_new <= rtol * chi2))
+                         | np.all(np.abs(trial - p) <= 1e-12 * (np.abs(p) + 1e-12), axis=1))
+        take = active & better
+        p[take], r[take], chi2[take] = trial[take], r_new[take], chi2_new[take]
+        lam = np.where(take, np.where(lam >= 1e-2, lam / 10, 0.0),
+                       np.where(lam == 0, 1e-3, lam * 10))
+        converged |= done | (active & (lam > 1e8))
+        if converged.all():
+            break
+    return p, converged
 
 
 def _isolated_peaks(x, net, sigma, refl, model) -> list[dict[str, float]]:
     """Pseudo-Voigt fits of the strongest isolated peaks (deg, centideg², centideg)."""
-    # imported here: scipy.signal and scipy.optimize take ~1 s to import, and a seeded
-    # refinement never gets here
-    from scipy.optimize import least_squares
-    from scipy.signal import find_peaks
-
     noise = float(np.median(sigma))
-    idx, props = find_peaks(net, prominence=_PROMINENCE_SIGMA * noise, width=1.0,
-                            rel_height=0.5)
+    idx, widths_pts = _find_peaks(net, _PROMINENCE_SIGMA * noise)
     if idx.size == 0:
         return []
     order = np.argsort(-net[idx])
-    widths_pts = props["widths"]
-    split = 0.0
-    out: list[dict[str, float]] = []
+    chosen: list[tuple[int, float, float, float, float]] = []   # (reflection, c0, h0, fw0, Kα2)
+    windows = []
     step = np.gradient(x)
     for k in order:
-        if len(out) >= _MAX_PEAKS:
+        if len(chosen) >= _MAX_PEAKS:
             break
         i = idx[k]
         c0, h0 = float(x[i]), float(net[i])
@@ -275,6 +425,7 @@ def _isolated_peaks(x, net, sigma, refl, model) -> list[dict[str, float]]:
         strong = refl["intensity"] > _NEIGHBOUR_FRACTION * refl["intensity"][j]
         if np.count_nonzero(near & strong) > 1:
             continue
+        split = 0.0
         if "tth2" in refl:
             near2 = np.abs(refl["tth2"] - refl["tth"][j]) < _ISOLATION_FWHM * fw0
             if np.count_nonzero(near2 & strong & (np.arange(near2.size) != j)):
@@ -283,18 +434,20 @@ def _isolated_peaks(x, net, sigma, refl, model) -> list[dict[str, float]]:
         win = np.abs(x - c0) <= 3 * fw0
         if np.count_nonzero(win) < 7:
             continue
-        xs, ys, ss = x[win], net[win], sigma[win]
-        p0 = [c0, h0 * fw0 * 1.06, fw0, 0.5, 0.0, 0.0]
-        lo = [c0 - fw0, 0.0, 0.1 * fw0, 0.0, -np.inf, -np.inf]
-        hi = [c0 + fw0, np.inf, 5 * fw0, 1.0, np.inf, np.inf]
-        try:
-            fit = least_squares(lambda p: (_pv(p, xs) - ys) / ss, p0, bounds=(lo, hi),
-                                jac=lambda p: _pv_jac(p, xs) / ss[:, None], x_scale="jac",
-                                max_nfev=60)
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        c, area, fw, eta = (float(v) for v in fit.x[:4])
-        if not (fit.success and area > 0 and fw > 0):
+        chosen.append((j, c0, h0, fw0, split))
+        windows.append((x[win], net[win], sigma[win]))
+    if not chosen:
+        return []
+    c0, h0, fw0 = (np.array([c[n] for c in chosen]) for n in (1, 2, 3))
+    zero, inf = np.zeros_like(c0), np.full_like(c0, np.inf)
+    p0 = np.column_stack([c0, h0 * fw0 * 1.06, fw0, np.full_like(c0, 0.5), zero, zero])
+    lower = np.column_stack([c0 - fw0, zero, 0.1 * fw0, zero, -inf, -inf])
+    upper = np.column_stack([c0 + fw0, inf, 5 * fw0, np.ones_like(c0), inf, inf])
+    with np.errstate(all="ignore"):
+        fits, converged = _fit_pseudo_voigts(windows, p0, lower, upper)
+    out: list[dict[str, float]] = []
+    for (j, *_, split), (c, area, fw, eta, _, _), ok in zip(chosen, fits, converged):
+        if not (ok and area > 0 and fw > 0 and np.all(np.isfinite([c, area, fw, eta]))):
             continue
         fw_line = max(fw - split / 3.0, 0.5 * fw)
         sig2, gam = _split_tch(100.0 * fw_line, eta)
@@ -315,19 +468,34 @@ def _split_tch(fwhm_cdeg: float, eta: float) -> tuple[float, float]:
 
 def _fit_widths(th: np.ndarray, sig2: np.ndarray, gam: np.ndarray) -> dict[str, float]:
     """Non-negative W + U tan²θ and X/cosθ + Y tanθ through the measured widths."""
-    from scipy.optimize import nnls
-
     tan_t, cos_t = np.tan(th), np.cos(th)
     # the tanθ terms only where they vary enough to be measured (lab data, not 2θ < ~30°)
     wide = th.size >= 4 and tan_t.max() - tan_t.min() >= 0.25
     if wide:
-        (W, U), _ = nnls(np.column_stack([np.ones_like(tan_t), tan_t ** 2]), sig2)
-        (X, Y), _ = nnls(np.column_stack([1 / cos_t, tan_t]), gam)
+        W, U = _nnls2(np.column_stack([np.ones_like(tan_t), tan_t ** 2]), sig2)
+        X, Y = _nnls2(np.column_stack([1 / cos_t, tan_t]), gam)
     else:
         U, Y = 0.0, 0.0
         W = float(np.median(sig2))
         X = float(np.median(gam * cos_t))
     return {"U": float(U), "V": 0.0, "W": float(max(W, 0.0)), "X": float(X), "Y": float(Y)}
+
+
+def _nnls2(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """argmin |a c − b| over c ≥ 0 for two columns (``scipy.optimize.nnls``, whose import
+    costs ~0.3 s): the unconstrained solution if it is non-negative, else the better of the
+    one-column fits (each clipped at 0) — the minimum of a convex problem lies on that face."""
+    c = np.linalg.lstsq(a, b, rcond=None)[0]
+    if np.all(c >= 0):
+        return float(c[0]), float(c[1])
+    best, best_res = (0.0, 0.0), float(b @ b)
+    for i in range(2):
+        col = a[:, i]
+        ci = max(float(col @ b) / float(col @ col), 0.0) if col @ col > 0 else 0.0
+        res = float(np.sum((b - ci * col) ** 2))
+        if res < best_res:
+            best, best_res = ((ci, 0.0) if i == 0 else (0.0, ci)), res
+    return best
 
 
 def _instrument_fwhm(model: Any, values: Mapping[str, float], tth: np.ndarray) -> np.ndarray:
