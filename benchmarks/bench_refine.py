@@ -17,7 +17,10 @@ Jacobian, and the share of a Jacobian spent in the profile (``midasflow.profile.
   CPU and wall ratios and both Rwp are printed; otherwise the reason is printed. GSAS-II per
   lineout, the MIDAS way, is compared in ``bench_pipeline.py``.
 * First use: a new Python process imports the engine and refines the CeO2 lineout twice; the
-  first call's excess over the second (import included) is what a one-pattern user waits for.
+  first call's excess over the second (import included) is what a one-pattern user waits for:
+  with numba's cache filled (a user's second run), and with an empty cache (first run after
+  installing). Beside it, numba's fixed share: a process that imports ``midasflow.profile`` and
+  calls one cached kernel.
 
 The machine may be shared: the 1-minute load average is printed at the start and the end; CPU
 times (``time.process_time``) are less sensitive to it than wall times, ratios to GSAS-II from the
@@ -195,6 +198,23 @@ print(ti - t0, ci - c0, *times[0], *times[1])
 """
 
 
+_NUMBA_FLOOR = """
+import time
+t0 = time.process_time()
+import numpy as np
+from midasflow.profile import _accumulate_kernel
+ti = time.process_time()
+_accumulate_kernel(np.zeros(1, np.int64), np.zeros(2, np.int64), np.ones(1), np.zeros(0), np.zeros(1))
+print(ti - t0, time.process_time() - ti)
+"""
+
+
+def _run(code: str, env: dict[str, str] | None = None) -> list[float]:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=None if env is None else dict(os.environ, **env))
+    return list(map(float, out.stdout.split()))
+
+
 def bench_first_use():
     x = np.linspace(2.5, 12.0, 1000)
     y, s = simulate(cubic_phase("CeO2", CEO2_A), x)
@@ -205,13 +225,19 @@ def bench_first_use():
                 "from midasflow.instrument import Instrument\n"
                 f"INST = Instrument(**{ {k: getattr(START, k) for k in ('lam', 'polariz', 'zero', 'U', 'V', 'W', 'X', 'Y', 'Z', 'shl')} !r})\n"
                 + _FIRST_USE)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True).stdout.split()
-    imp_w, imp_c, first_w, first_c, second_w, second_c = map(float, out)
+        _run(code)                                           # fills numba's cache if empty
+        imp_w, imp_c, first_w, first_c, second_w, second_c = _run(code)
+        cold = _run(code, {"NUMBA_CACHE_DIR": f"{tmp}/empty_numba_cache"})
     print(f"First use in a new process (target: 0.3 s beyond the refinement): import "
           f"{imp_c:.2f} s CPU ({imp_w:.2f} s wall), first refine_pattern {first_c:.2f} s CPU, "
           f"second {second_c:.2f} s CPU -> {imp_c + first_c - second_c:.2f} s CPU "
           f"({imp_w + first_w - second_w:.2f} s wall) beyond the refinement; {load()}")
+    print(f"  with an empty numba cache (kernels compiled): "
+          f"{cold[1] + cold[3] - cold[5]:.2f} s CPU beyond the refinement")
+    floor_import, floor_call = _run(_NUMBA_FLOOR)
+    print(f"  numba's own share: importing numpy + midasflow.profile {floor_import:.2f} s CPU, "
+          f"the first call of one cached kernel {floor_call:.2f} s CPU (numba's one-time target "
+          f"set-up, incl. scipy.linalg for BLAS)")
 
 
 def main():

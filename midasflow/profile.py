@@ -63,11 +63,11 @@ _GAUSS_FLOOR_DX2 = 40.001
 
 
 @numba.njit(cache=True)
-def _gauleg_positive(n, eps, F):
-    """Positive half of the n-point Gauss-Legendre rule (NR ``gauleg``), ascending nodes."""
+def _gauleg_into(n, eps, xp, wp, first, F):
+    """Positive half of the n-point Gauss-Legendre rule (NR ``gauleg``), ascending nodes, into
+    xp/wp[first:first + n/2]. (Written into preallocated arrays: returning fresh arrays of a
+    dtype given by the class F took ~4 s of numba compilation.)"""
     half = n // 2
-    xs = np.empty(half, dtype=F)
-    ws = np.empty(half, dtype=F)
     one = F(1.0)
     for i in range(1, (n + 1) // 2 + 1):
         z = F(math.cos(F(3.141592654) * (F(i) - F(0.25)) / (F(n) + F(0.5))))
@@ -84,22 +84,22 @@ def _gauleg_positive(n, eps, F):
             z1 = z
             z = z1 - p1 / pp
         # x(n+1-i) = +z is the (half - i)-th positive node in ascending order
-        xs[half - i] = z
-        ws[half - i] = F(2.0) / ((one - z * z) * pp * pp)
-    return xs, ws
+        xp[first + half - i] = z
+        wp[first + half - i] = F(2.0) / ((one - z * z) * pp * pp)
+
+
+# one entry point per precision (see _peaks_f32): all PSVFCJO quadrature tables, positive
+# halves packed at _FSTTERM offsets
+@numba.njit(cache=True)
+def _tables_f32(xp, wp, nterms, fstterm):
+    for t in range(nterms.size):
+        _gauleg_into(nterms[t], 3.0e-7, xp, wp, fstterm[t], np.float32)
 
 
 @numba.njit(cache=True)
-def _build_tables(eps, F):
-    """All PSVFCJO quadrature tables, positive halves packed at _FSTTERM offsets."""
-    total = _FSTTERM[-1] + _NTERMS[-1] // 2
-    xp = np.empty(total, dtype=F)
-    wp = np.empty(total, dtype=F)
-    for t in range(_NTERMS.size):
-        xs, ws = _gauleg_positive(_NTERMS[t], eps, F)
-        xp[_FSTTERM[t]:_FSTTERM[t] + xs.size] = xs
-        wp[_FSTTERM[t]:_FSTTERM[t] + ws.size] = ws
-    return xp, wp
+def _tables_f64(xp, wp, nterms, fstterm):
+    for t in range(nterms.size):
+        _gauleg_into(nterms[t], 3.0e-14, xp, wp, fstterm[t], np.float64)
 
 
 @numba.njit(cache=True)
@@ -358,7 +358,7 @@ def _peaks_f64(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deri
                   np.float64)
 
 
-_FTYPES = {"float32": (np.float32, 3.0e-7), "float64": (np.float64, 3.0e-14)}
+_FTYPES = {"float32": (np.float32, _tables_f32), "float64": (np.float64, _tables_f64)}
 _PEAKS_KERNELS = {np.float32: _peaks_f32, np.float64: _peaks_f64}
 
 
@@ -367,8 +367,10 @@ def _tables(precision: Precision) -> tuple[type, NDArray, NDArray]:
     """(float type, packed positive Gauss–Legendre nodes, weights) for one precision."""
     if precision not in _FTYPES:
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
-    ftype, eps = _FTYPES[precision]
-    xp, wp = _build_tables(eps, ftype)
+    ftype, build = _FTYPES[precision]
+    total = int(_FSTTERM[-1] + _NTERMS[-1] // 2)
+    xp, wp = np.empty(total, dtype=ftype), np.empty(total, dtype=ftype)
+    build(xp, wp, _NTERMS, _FSTTERM)
     return ftype, xp, wp
 
 
