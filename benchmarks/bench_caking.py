@@ -16,7 +16,8 @@ Usage::
 Paths timed, each printed with its ratio to pyFAI's median from the same rounds: the kernel on
 whole passes, the kernel one frame per call (calibrant images, single exposures), ``cake()``
 through Dask on pass-sized chunks, and the README's composition ``open_frames -> cake`` on an
-HDF5 file with open_frames' default chunks. Cold start: a fresh process to its first caked frame
+HDF5 file of the same frames as uint16 counts with a dark, with open_frames' default chunks
+(read raw and dark-subtracted inside the kernel). Cold start: a fresh process to its first caked frame
 with no cached bin map, with an empty and with a filled numba cache.
 """
 from __future__ import annotations
@@ -130,7 +131,9 @@ def bench_throughput(args, frames: np.ndarray) -> None:
     step = frames_per_pass(binmap)
     params = _params(omega_sum_frames=step)
     n = frames.shape[0]
-    scan = write_scan(os.path.join(tmp, "scan"), params, np.round(frames).astype(np.uint16))
+    # raw uint16 counts with a 4-frame dark in the file (exchange/dark), as a beamline writes
+    dark = np.random.default_rng(1).integers(0, 8, size=(4,) + frames.shape[1:]).astype(np.uint16)
+    scan = write_scan(os.path.join(tmp, "scan"), params, np.round(frames).astype(np.uint16), dark)
     file_params = read_params(scan.params_file)
     print(f"frames: {frames.shape} float32; numba threads {numba.get_num_threads()}; "
           f"{step} frames per map pass; {os.cpu_count()} CPUs; load average "
@@ -154,7 +157,7 @@ def bench_throughput(args, frames: np.ndarray) -> None:
         "kernel: cake_block, whole passes": (lambda: cake_block(frames, binmap), n),
         "kernel: cake_block, one frame per call": (one_by_one, n),
         f"cake() on {step}-frame chunks (threaded scheduler)": (dask_run(lambda: chunked), n),
-        "open_frames -> cake (HDF5 file, default chunks)":
+        "open_frames -> cake (HDF5 uint16 + dark, default chunks)":
             (dask_run(lambda: open_frames(scan.data, file_params)), n),
         f"pyFAI {pyFAI.version} integrate2d_ng {kw['method']}":
             (lambda: [ai.integrate2d_ng(frames[i], **kw) for i in range(n_fai)], n_fai),

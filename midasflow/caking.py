@@ -14,7 +14,8 @@ import numba
 import numpy as np
 
 from midasflow.caked_schema import caked_dataset
-from midasflow.caking_kernel import cake_block, frames_per_pass
+from midasflow.caking_kernel import (RawCorrection, cake_block, frames_per_pass, raw_buffer,
+                                     reading_frames)
 from midasflow.errors import FrameError, ParameterError
 from midasflow.params import PROCESS_VARIABLES
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
 
     from midasflow.binmap import BinMap
+    from midasflow.io.frames import RawFrames, ScanReader
     from midasflow.params import MaskRule, Params
 
 __all__ = ["cake", "group_bounds", "bin_centres", "cake_coords", "cake_attrs"]
@@ -123,7 +125,8 @@ def _worker_threads() -> int | None:
 
 
 def _cake_chunk(block: np.ndarray | list[np.ndarray], binmap: BinMap, normalize: bool,
-                min_area_fraction: float, mask_rule: MaskRule) -> np.ndarray:
+                min_area_fraction: float, mask_rule: MaskRule,
+                correction: RawCorrection | None = None) -> np.ndarray:
     """The cakes of one frame chunk (or of consecutive chunks, caked as one).
 
     On a distributed worker the kernel runs on at most the worker's own thread count of numba
@@ -133,7 +136,43 @@ def _cake_chunk(block: np.ndarray | list[np.ndarray], binmap: BinMap, normalize:
     if threads is not None:
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     return cake_block(block, binmap, normalize=normalize, min_area_fraction=min_area_fraction,
-                      mask_rule=mask_rule, max_threads=threads)
+                      mask_rule=mask_rule, max_threads=threads, correction=correction)
+
+
+def _cake_raw_pass(reader: ScanReader, lo: int, hi: int, dark: np.ndarray | None,
+                   threshold: float | None, binmap: BinMap, normalize: bool,
+                   min_area_fraction: float, mask_rule: MaskRule) -> np.ndarray:
+    """The cakes of frames ``lo:hi`` of an ``open_frames`` scan, read raw here and corrected
+    inside the kernel. While this task reads, kernel calls running at the same time leave it
+    its share of the cores (:func:`midasflow.caking_kernel.reading_frames`)."""
+    with reading_frames():
+        frames = reader.read_raw(lo, hi, raw_buffer)
+    return _cake_chunk(frames, binmap, normalize, min_area_fraction, mask_rule,
+                       RawCorrection(dark, threshold))
+
+
+def _cake_raw(data: Any, raw: RawFrames, handle: Any, kernel_args: tuple, per_pass: int,
+              n_r: int, n_eta: int) -> Any:
+    """Lazy per-frame cakes of an ``open_frames`` scan: one task per map pass (or per
+    ``frames_per_read`` frames when fewer), each reading its raw frames (no float32 frames,
+    no dark-subtracted copy, no concatenation of chunks), the dark one graph key."""
+    import dask
+    import dask.array as da
+
+    n = int(data.shape[0])
+    step = min(per_pass, raw.frames_per_read or per_pass)
+    token = dask.base.tokenize(data.name, handle, kernel_args, step)
+    task = dask.delayed(_cake_raw_pass, pure=True)
+    meta = np.empty((0, 0, 0), dtype=np.float64)
+    dark = None if raw.dark is None else dask.delayed(raw.dark, pure=True)  # one key, once
+    pieces = []
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        cakes = task(raw.reader, lo, hi, dark, raw.threshold, handle, *kernel_args,
+                     dask_key_name=f"cake-raw-frames-{token}-{lo // step}")
+        pieces.append(da.from_delayed(cakes, shape=(hi - lo, n_r, n_eta), dtype=np.float64,
+                                      meta=meta))
+    return da.concatenate(pieces, axis=0)
 
 
 def _pass_groups(sizes: tuple[int, ...], per_pass: int) -> list[list[int]]:
@@ -243,6 +282,14 @@ def cake(
 
     Notes
     -----
+    Frames that :func:`midasflow.io.frames.open_frames` returned, unchanged, are caked from
+    their raw frames (:func:`midasflow.io.frames.raw_frames_of`): one task per map pass (or per
+    ``frames_per_read`` frames when fewer) reads them as stored (uint16, say) and the kernel
+    turns them into open_frames' float32 values while it reads them
+    (:class:`midasflow.caking_kernel.RawCorrection`: flags, dark, threshold), with no float
+    copy, dark-subtracted copy or concatenation of the frames; the cakes are bit-identical.
+    The other notes below are about any other frames.
+
     Nothing is computed here: the per-frame cakes are one task per map pass of
     ``frames_per_pass(binmap)`` frames (32 for 2048 x 2048 float32 frames), whose tasks share
     the bin map as a single graph key; group sums are a streaming scan over those chunks.
@@ -280,15 +327,22 @@ def cake(
             f"(NrPixelsZ, NrPixelsY) = {tuple(binmap.detector_shape)}"
         )
 
+    from midasflow.io.frames import raw_frames_of
+
     data = frames.data
     if not isinstance(data, da.Array):
         data = np.asarray(data)
         data = da.from_array(data, chunks=(min(n, frames_per_pass(binmap, data.dtype)), -1, -1))
-    data = data.rechunk({1: -1, 2: -1})
     n_r, n_eta = int(binmap.n_r), int(binmap.n_eta)
     kernel_args = (bool(params.normalize), float(params.min_area_fraction), str(params.mask_rule))
-    cakes = _cake_chunks(data, _binmap_handle(binmap), kernel_args,
-                         frames_per_pass(binmap, data.dtype), n_r, n_eta)
+    raw = raw_frames_of(data)
+    if raw is not None:
+        cakes = _cake_raw(data, raw, _binmap_handle(binmap), kernel_args,
+                          frames_per_pass(binmap, np.float32), n_r, n_eta)
+    else:
+        data = data.rechunk({1: -1, 2: -1})
+        cakes = _cake_chunks(data, _binmap_handle(binmap), kernel_args,
+                             frames_per_pass(binmap, data.dtype), n_r, n_eta)
 
     frame_idx = (np.asarray(frames["frame"].values, dtype=np.int64) if "frame" in frames.coords
                  else np.arange(n, dtype=np.int64))

@@ -41,7 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from midasflow.binmap import BinMap
 
-__all__ = ["cake_block", "cake_block_reference", "frames_per_pass"]
+__all__ = ["cake_block", "cake_block_reference", "frames_per_pass", "RawCorrection",
+           "reading_frames", "raw_buffer"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,6 +58,9 @@ _MAX_PASS_FRAMES = 32  # the NaN flags of one pixel in a pass are the bits of a 
 #: Bin ranges of (nearly) equal entry counts handed to the threads of one map pass.
 _N_CHUNKS = 64
 _TILE = 4096
+#: Pixels of one transposed block of :func:`_gather_pixel_major` (a (32, 256) float32 tile
+#: is 32 KiB, an L1 cache).
+_BLOCK = 256
 #: Sectors of the (R, eta) grid the threads share in a one-frame pass (:func:`_sector_map`).
 _N_SECTORS = 8
 #: Passes of fewer frames go through the map frame by frame, sector by sector
@@ -85,32 +89,79 @@ def _ring_order(indices, n_pix):  # pragma: no cover - compiled
     return slot, n_used, rows
 
 
-@numba.njit(parallel=True, cache=True)
-def _gather_pixel_major(frames2d, slot, out, nan_bits):  # pragma: no cover - compiled
+@numba.njit(cache=True, inline="always")
+def _raw_value(v, dark, flag, flag_value, lower):  # pragma: no cover - compiled
+    """Raw detector value ``v`` -> float32, as :class:`RawCorrection` says: minus the pixel's
+    ``dark`` (0.0 without a dark: x - 0.0 is x, -0.0 and NaN included), 0 below ``lower``
+    (``max(threshold, 0)``: values below the threshold and negative ones; -inf without a
+    threshold), NaN where flagged (``flag`` 1: negative; 2: equal to ``flag_value``); NaN
+    stays NaN. float32 arithmetic throughout, as numpy does it on float32 frames."""
+    flagged = (flag == 1 and v < 0) or (flag == 2 and v == flag_value)
+    x = np.float32(v) - dark
+    if x < lower:
+        x = np.float32(0.0)
+    return np.float32(np.nan) if flagged else x
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _gather_pixel_major(frames2d, slot, out, nan_bits, raw, dark, flag, flag_value,
+                        lower):  # pragma: no cover - compiled
     """``out[slot[p], f] = frames2d[f, p]`` for every pixel with map entries, NaN written as 0.
 
     frames2d: (n <= 32, n_pix) frame-major; out: (n_used, n) pixel-major in ring order;
-    nan_bits: (n_used,) uint32, bit f set where frame f is NaN. Returns the number of NaN
-    values met (NaN pixels without map entries do not matter and are not counted).
+    nan_bits: (n_used,) uint32, bit f set where frame f is NaN. With ``raw`` each value is
+    first corrected by :func:`_raw_value` (``dark`` (n_pix,) float32 or empty, flag,
+    lower). Returns the number of NaN values met (NaN pixels without map entries do not
+    matter and are not counted).
+
+    A transpose by blocks of ``_BLOCK`` pixels: each frame's run of the block is read
+    (and corrected) in one sequential sweep into a small (n, _BLOCK) tile that stays in
+    cache, whose columns are then written out as whole buffer rows.
     """
     n, n_pix = frames2d.shape
     n_tiles = (n_pix + _TILE - 1) // _TILE
     nan_per_tile = np.zeros(n_tiles, dtype=np.int64)
     for t in numba.prange(n_tiles):
         count = 0
-        for p in range(t * _TILE, min((t + 1) * _TILE, n_pix)):
-            q = slot[p]
-            if q >= 0:
-                bits = np.uint32(0)
-                for f in range(n):
-                    v = frames2d[f, p]
-                    nan = np.isnan(v)
-                    out[q, f] = 0.0 if nan else v
-                    bits |= np.uint32(nan) << np.uint32(f)
-                    count += nan
-                nan_bits[q] = bits
+        block = np.empty((n, _BLOCK), dtype=out.dtype)
+        for b0 in range(t * _TILE, min((t + 1) * _TILE, n_pix), _BLOCK):
+            m = min(_BLOCK, n_pix - b0)
+            for f in range(n):
+                if raw:
+                    if dark.size:
+                        for i in range(m):
+                            block[f, i] = _raw_value(frames2d[f, b0 + i], dark[b0 + i], flag,
+                                                     flag_value, lower)
+                    else:
+                        for i in range(m):
+                            block[f, i] = _raw_value(frames2d[f, b0 + i], np.float32(0.0),
+                                                     flag, flag_value, lower)
+                else:
+                    for i in range(m):
+                        block[f, i] = frames2d[f, b0 + i]
+            for i in range(m):
+                q = slot[b0 + i]
+                if q >= 0:
+                    bits = np.uint32(0)
+                    for f in range(n):
+                        v = block[f, i]
+                        nan = np.isnan(v)
+                        out[q, f] = 0.0 if nan else v
+                        bits |= np.uint32(nan) << np.uint32(f)
+                        count += nan
+                    nan_bits[q] = bits
         nan_per_tile[t] = count
     return nan_per_tile.sum()
+
+
+@numba.njit(cache=True, nogil=True)
+def _raw_to_float32(frames2d, dark, flag, flag_value, lower, out):  # pragma: no cover
+    """``out[f, p]`` = :func:`_raw_value` of ``frames2d[f, p]`` (both (n, n_pix))."""
+    n, n_pix = frames2d.shape
+    for f in range(n):
+        for p in range(n_pix):
+            d = dark[p] if dark.size else np.float32(0.0)
+            out[f, p] = _raw_value(frames2d[f, p], d, flag, flag_value, lower)
 
 
 @numba.njit(cache=True)
@@ -192,7 +243,7 @@ def _sector_sums(g, n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, 
     return count
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _touched_areas(indptr, indices, areas, bin_area, frame, touched, chunks, A, T):  # pragma: no cover
     """Area of the non-NaN entries ``A`` and count of NaN entries ``T`` (n_bins,) of one frame
     where ``touched``, else ``bin_area`` and 0: :func:`_valid_areas` reading the frame directly
@@ -213,7 +264,7 @@ def _touched_areas(indptr, indices, areas, bin_area, frame, touched, chunks, A, 
             T[b] = t
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _valid_areas(indptr, rows, areas, nan_bits, bin_area, chunks, A, T):  # pragma: no cover
     """Per-frame area of the non-NaN entries ``A`` and count of NaN entries ``T`` (n, n_bins).
 
@@ -246,7 +297,7 @@ def _valid_areas(indptr, rows, areas, nan_bits, bin_area, chunks, A, T):  # prag
                 T[f, b] = t[f]
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
 def _bin_sums(indptr, rows, weights, values, chunks, S):  # pragma: no cover - compiled
     """``S[f, b] = sum_j weights[j] * values[rows[j], f]`` over the entries j of bin b.
 
@@ -449,6 +500,32 @@ def _shared_threads(max_threads: int | None) -> Iterator[Callable[[], None]]:
         numba.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def reading_frames() -> Iterator[None]:
+    """Count the calling thread, while it reads frames for the kernel, among the kernel calls
+    sharing numba's threads (:func:`_shared_threads`): a kernel pass starting meanwhile leaves
+    it its share of the cores (one of two), so reading and caking overlap instead of
+    oversubscribing them."""
+    with _KERNEL_MAPS_LOCK:
+        _ACTIVE[0] += 1
+    try:
+        yield
+    finally:
+        with _KERNEL_MAPS_LOCK:
+            _ACTIVE[0] -= 1
+
+
+def raw_buffer(shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` to read raw frames into, reused by the calling thread
+    across calls (a fresh array of a pass of frames costs its page faults on every read): its
+    contents last until this thread asks for the next one."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = getattr(_BUFFERS, "frames", None)
+    if raw is None or raw.size < nbytes:
+        raw = _BUFFERS.frames = np.empty(nbytes, dtype=np.uint8)
+    return raw[:nbytes].view(dtype).reshape(shape)
+
+
 def _pass_buffer(n_rows: int, n_frames: int, dtype: np.dtype) -> np.ndarray:
     """A (n_rows, n_frames) scratch array starting on a 64-byte cache-line boundary (a row of
     16 float32 frames is then exactly one line), reused by the calling thread across calls."""
@@ -460,7 +537,38 @@ def _pass_buffer(n_rows: int, n_frames: int, dtype: np.dtype) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(n_rows, n_frames)
 
 
-def _check(frames: np.ndarray, binmap: Any, mask_rule: MaskRule) -> np.ndarray:
+class RawCorrection(NamedTuple):
+    """What turns raw detector frames into the values :func:`cake_block` sums, inside the
+    kernel (no float copy of the frames): each value becomes float32, detector flags NaN
+    (negative values of signed-integer data, the type's largest value of unsigned-integer data;
+    floating-point data keep theirs), the dark is subtracted, then with a threshold values
+    below it and negative values become 0 (NaN stays NaN): what
+    :func:`midasflow.io.frames.open_frames` does to the frames it reads, bit for bit.
+
+    Attributes
+    ----------
+    dark : ndarray (nz, ny) float32, optional
+        Dark frame subtracted from every frame (counts).
+    threshold : float, optional
+        ``-preProcThresh`` (counts above the dark).
+    """
+
+    dark: np.ndarray | None = None
+    threshold: float | None = None
+
+
+def _raw_args(dtype: np.dtype, correction: RawCorrection) -> tuple:
+    """The correction arguments of :func:`_raw_value` for frames of ``dtype``."""
+    dark = (np.empty(0, np.float32) if correction.dark is None
+            else np.ascontiguousarray(correction.dark, dtype=np.float32).reshape(-1))
+    flag, flag_value = (1, 0) if dtype.kind == "i" else (
+        (2, int(np.iinfo(dtype).max)) if dtype.kind == "u" else (0, 0))
+    lower = (-np.inf if correction.threshold is None
+             else max(np.float32(correction.threshold), np.float32(0.0)))
+    return dark, flag, flag_value, np.float32(lower)
+
+
+def _check(frames: np.ndarray, binmap: Any, mask_rule: MaskRule, raw: bool = False) -> np.ndarray:
     if mask_rule not in MASK_RULES:
         raise ParameterError(f"MaskRule: expected one of {MASK_RULES}, got {mask_rule!r}")
     frames = np.asarray(frames)
@@ -471,7 +579,9 @@ def _check(frames: np.ndarray, binmap: Any, mask_rule: MaskRule) -> np.ndarray:
             f"frames: expected shape (n, {binmap.detector_shape[0]}, {binmap.detector_shape[1]}) "
             f"matching the bin map (NrPixelsZ, NrPixelsY), got {frames.shape}"
         )
-    if frames.dtype not in (np.float32, np.float64):
+    if raw and frames.dtype.kind not in "iuf":
+        raise ParameterError(f"frames: expected integer or floating-point raw values, got {frames.dtype}")
+    if not raw and frames.dtype not in (np.float32, np.float64):
         frames = frames.astype(np.float64)
     return np.ascontiguousarray(frames)
 
@@ -547,15 +657,20 @@ def _area_rows(AT, S, lo, bin_area):
     return AT[0], AT[1]
 
 
-def _one_pass(blocks, lo, hi, binmap, S, AT):
+def _one_pass(blocks, lo, hi, binmap, S, AT, correction=None):
     """Sums of frames ``lo:hi`` of the concatenated ``blocks`` into rows ``lo:hi`` of ``S`` and,
-    once a pass meets a NaN, of ``AT = [A, T]`` (allocated then, earlier rows NaN-free)."""
+    once a pass meets a NaN, of ``AT = [A, T]`` (allocated then, earlier rows NaN-free);
+    raw frames corrected by ``correction`` (:class:`RawCorrection`) when given."""
     pieces = list(_segments(blocks, lo, hi))
     if hi - lo < _MIN_BUFFER_FRAMES:  # frame by frame, straight from the frames
         km = _csr_map(binmap)
         sm = _sector_map(binmap)
         touched = _pass_buffer(1, S.shape[1], np.bool_)[0]
         for piece, col in pieces:
+            if correction is not None:
+                values = np.empty(piece.shape, dtype=np.float32)
+                _raw_to_float32(piece, *_raw_args(piece.dtype, correction), values)
+                piece = values
             for i, frame in enumerate(piece, start=lo + col):
                 if _sector_frame(sm, int(binmap.n_eta), frame, S[i], touched):
                     A, T = _area_rows(AT, S, i, km.bin_area)
@@ -567,13 +682,15 @@ def _one_pass(blocks, lo, hi, binmap, S, AT):
         return
     km = _kernel_map(binmap)
     dtype = np.result_type(*(piece.dtype for piece, _ in pieces))
-    values = _pass_buffer(km.n_used, hi - lo, dtype)
+    values = _pass_buffer(km.n_used, hi - lo, np.float32 if correction is not None else dtype)
     nan_bits = np.empty(km.n_used, dtype=np.uint32)
     # several blocks: one copy into a pass-sized array, as one pass through the frames
     # writes whole buffer rows (a sweep per block costs more than that copy)
     frames2d = (pieces[0][0] if len(pieces) == 1
                 else np.concatenate([piece for piece, _ in pieces], dtype=dtype))
-    n_nan = _gather_pixel_major(frames2d, km.slot, values, nan_bits)
+    raw_args = _raw_args(dtype, correction or RawCorrection())
+    n_nan = _gather_pixel_major(frames2d, km.slot, values, nan_bits, correction is not None,
+                                *raw_args)
     _bin_sums(km.indptr, km.rows, km.weights, values, km.chunks, S[lo:hi])
     if n_nan:
         A, T = _area_rows(AT, S, lo, km.bin_area)
@@ -592,6 +709,7 @@ def cake_block(
     min_area_fraction: float = 0.5,
     mask_rule: MaskRule = "area",
     max_threads: int | None = None,
+    correction: RawCorrection | None = None,
 ) -> np.ndarray:
     """Cake a block of frames with the numba kernels.
 
@@ -613,6 +731,10 @@ def cake_block(
     max_threads : int, optional
         Numba threads this call and the kernel calls running at the same time in this process
         share (default all of numba's); a Dask worker passes its own thread count.
+    correction : RawCorrection, optional
+        The frames are raw detector values (any integer or floating-point dtype, uint16 say)
+        and each is corrected as :class:`RawCorrection` says while the kernel reads it: the
+        result is that of the corrected float32 frames, with no float copy of them.
 
     Returns
     -------
@@ -638,7 +760,12 @@ def cake_block(
     Calls running at the same time (Dask threads) share the threads: each pass uses
     ``max_threads // (calls running)`` of them.
     """
-    blocks = [_check(block, binmap, mask_rule) for block in
+    raw = correction is not None
+    if raw and correction.dark is not None and \
+            np.shape(correction.dark) != tuple(binmap.detector_shape):
+        raise ParameterError(f"dark: expected shape {tuple(binmap.detector_shape)} matching the "
+                             f"bin map (NrPixelsZ, NrPixelsY), got {np.shape(correction.dark)}")
+    blocks = [_check(block, binmap, mask_rule, raw) for block in
               ([frames] if isinstance(frames, np.ndarray) else list(frames))]
     n = sum(block.shape[0] for block in blocks)
     n_r, n_eta = int(binmap.n_r), int(binmap.n_eta)
@@ -646,13 +773,13 @@ def cake_block(
     flats = [block.reshape(block.shape[0], -1) for block in blocks if block.shape[0]]
     S = np.empty((n, n_r * n_eta), dtype=np.float64)
     AT = [None, None]  # per-frame area and NaN-touch sums, allocated at the first NaN pass
-    dtype = np.result_type(np.float32, *(block.dtype for block in blocks))
+    dtype = np.float32 if raw else np.result_type(np.float32, *(block.dtype for block in blocks))
     # a call of fewer frames than the buffer pays for is one pass (no ring order needed)
     step = max(n, 1) if n < _MIN_BUFFER_FRAMES else frames_per_pass(binmap, dtype)
     with _shared_threads(max_threads) as share, numba.parallel_chunksize(1):
         for lo in range(0, n, step):  # chunksize 1: threads take chunks as they free up
             share()
-            _one_pass(flats, lo, min(lo + step, n), binmap, S, AT)
+            _one_pass(flats, lo, min(lo + step, n), binmap, S, AT, correction)
     A, T = AT
     shape = (n, n_r, n_eta)
     if A is None:

@@ -363,3 +363,47 @@ def test_process_variables_become_group_means(params, plain_map, tmp_path):
     plain = cake(frames.drop_vars(list(pv)), p, binmap=plain_map).compute()
     assert not set(pv) & set(plain.variables)
     xr.testing.assert_identical(ds.drop_vars(list(pv)), plain)
+
+
+@pytest.mark.parametrize("fmt, dtype", [("h5", np.uint16), ("h5", np.int32), ("ge", np.uint32)])
+def test_open_frames_scan_is_caked_from_its_raw_frames(params, masked_map, tmp_path, fmt, dtype,
+                                                       monkeypatch):
+    """cake() of what open_frames returned reads the raw frames in its own pass-sized tasks (a
+    series of two files, SkipFrame, a dark, a threshold, detector flags, frames_per_read
+    smaller than a pass) and corrects them inside the kernel: the same Dataset, bit for bit, as
+    caking the float32 frames open_frames computes. Any change to the frames (here a rechunk)
+    falls back to caking those float frames."""
+    from midasflow.caking_kernel import _kernel_map
+    from midasflow.io.frames import ScanSource, open_frames, raw_frames_of
+    from midasflow.simulate import write_scan
+
+    row_bytes = _kernel_map(masked_map).n_used * 4
+    monkeypatch.setattr("midasflow.caking_kernel._PASS_BYTES", 12 * row_bytes)  # 8-frame passes
+    rng = np.random.default_rng(3)
+    shape = (2, 11, params.nr_pixels_z, params.nr_pixels_y)
+    raw = rng.integers(0, 300, size=shape).astype(dtype)
+    flag = -1 if np.dtype(dtype).kind == "i" else np.iinfo(dtype).max
+    raw[:, ::3, 5:8, 4:30] = flag
+    dark = rng.integers(0, 9, size=(3,) + shape[2:]).astype(dtype)
+    files = [write_scan(tmp_path, params, raw[k], dark, fmt=fmt, stem=f"scan_00000{k + 1}")
+             for k in range(2)]
+    p = files[0].params.with_overrides(skip_frame=2, omega_sum_frames=5)
+    for frames_per_read in (None, 3):
+        scan = ScanSource(files[0].data, start_file_nr=1, end_file_nr=2, pre_proc_thresh=4.0,
+                          frames_per_read=frames_per_read)
+        frames = open_frames(scan, p)
+        assert raw_frames_of(frames.data) is not None
+        assert raw_frames_of(frames.data.rechunk({0: 5})) is None
+        ds = cake(frames, p, binmap=masked_map)
+        keys = [str(k) for k in ds["intensity"].data.__dask_graph__()]
+        assert any(k.startswith("cake-raw-frames-") for k in keys)
+        assert ds["frame_intensity"].data.chunks[0] == ((8, 8, 4) if frames_per_read is None
+                                                        else (3,) * 6 + (2,))
+        floats = frames.copy(data=frames.data.rechunk({0: 5}))
+        ref = cake(floats, p, binmap=masked_map)
+        assert not any(str(k).startswith("cake-raw-frames-")
+                       for k in ref["intensity"].data.__dask_graph__())
+        got, ref = ds.compute(), ref.compute()
+        xr.testing.assert_identical(got, ref)
+        assert np.isnan(got["frame_intensity"].values).any()
+        assert np.isfinite(got["intensity"].values).sum() > got["intensity"].size // 2

@@ -207,3 +207,48 @@ def test_one_frame_sectors_give_the_whole_pass_result(eta_bin_deg):
     np.testing.assert_array_equal(singles, whole)
     np.testing.assert_allclose(singles, cake_block_reference(frames, bm, mask_rule="midas"),
                                rtol=1e-10, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("threshold", [None, 7.5])
+@pytest.mark.parametrize("n_frames", [1, 6])
+def test_raw_frames_corrected_inside_the_kernel_as_open_frames_corrects_them(
+        params, masked_map, dtype, threshold, n_frames):
+    """RawCorrection: raw frames (detector flags, a dark, a threshold) caked with the correction
+    done inside the kernel give bit for bit the cakes of open_frames' float32 frames (its numpy
+    conversion: flags -> NaN, minus the dark, threshold), on the one-frame path and on the
+    pass buffer."""
+    from midasflow.caking_kernel import RawCorrection
+    from midasflow.io.frames import _to_float32, threshold_frames
+
+    rng = np.random.default_rng(5)
+    shape = (n_frames,) + tuple(masked_map.detector_shape)
+    raw = rng.integers(0, 400, size=shape).astype(dtype)
+    kind = np.dtype(dtype).kind
+    if kind == "u":
+        raw[:, 3:6, 10:40] = np.iinfo(dtype).max  # Eiger gaps
+    elif kind == "i":
+        raw[:, 3:6, 10:40] = -1  # Pilatus gaps
+        raw[:, 20, 20:25] = -2
+    else:
+        raw[:, 3:6, 10:40] = np.nan
+    dark = rng.uniform(0.0, 20.0, size=shape[1:]).astype(np.float32)
+    frames = _to_float32(raw) - dark
+    if threshold is not None:
+        frames = threshold_frames(frames, np.float32(threshold))
+    for mask_rule in ("area", "midas"):
+        expected = cake_block(frames, masked_map, mask_rule=mask_rule)
+        got = cake_block(raw, masked_map, mask_rule=mask_rule,
+                         correction=RawCorrection(dark, threshold))
+        np.testing.assert_array_equal(got, expected)
+        assert np.isnan(got).any() and np.isfinite(got).sum() > got.size // 2
+    no_dark = cake_block(raw, masked_map, correction=RawCorrection())
+    np.testing.assert_array_equal(no_dark, cake_block(_to_float32(raw), masked_map))
+
+
+def test_raw_correction_refuses_a_dark_of_another_shape(params, masked_map):
+    from midasflow.caking_kernel import RawCorrection
+
+    frames = np.zeros((1,) + tuple(masked_map.detector_shape), np.uint16)
+    with pytest.raises(ParameterError, match=r"^dark: expected shape"):
+        cake_block(frames, masked_map, correction=RawCorrection(np.zeros((3, 3), np.float32)))

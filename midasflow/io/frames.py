@@ -50,8 +50,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -341,19 +343,91 @@ class ScanReader:
         if not isinstance(frames, slice):
             raise TypeError("ScanReader takes slices along the frame axis")
         start, stop, step = frames.indices(self.shape[0])
-        pieces = []
-        lo, hi = start + self.skip, max(start, stop) + self.skip  # raw indices over the series
-        offset = 0
+        raw = self.read_raw(start, max(start, stop))
+        return _to_float32(raw)[(slice(None, None, step), *key[1:])]
+
+    def read_raw(self, start: int, stop: int,
+                 buffer: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None
+                 ) -> np.ndarray:
+        """Frames ``start:stop`` (after ``skip``) as stored, (stop − start, nz, ny) of the files'
+        dtype (several files' dtypes promoted), no flag turned into NaN: what
+        :meth:`__getitem__` converts, for a kernel that converts while it reads
+        (:class:`midasflow.caking_kernel.RawCorrection`).
+
+        ``buffer(shape, dtype)``, when given, supplies the array to read into (a caller's
+        reused buffer) where every file's source reads into an array (``read_into``: HDF5, GE)
+        and the files share one dtype; the result is then that array.
+        """
+        lo, hi = start + self.skip, stop + self.skip  # raw indices over the series
+        spans, offset = [], 0
         for source in self.sources:
             a, b = max(lo, offset), min(hi, offset + source.n_frames)
             if a < b:
-                with reading(source.path, f"frames {a - offset}..{b - offset - 1}", FrameError):
-                    pieces.append(source.read(a - offset, b - offset))
+                spans.append((source, a - offset, b - offset, a - lo))
             offset += source.n_frames
         nz, ny = self.shape[1:]
-        raw = (pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces
-               else np.empty((0, nz, ny), np.float32))  # one file: no copy
-        return _to_float32(raw)[(slice(None, None, step), *key[1:])]
+        dtypes = {getattr(source, "dtype", "") for source, *_ in spans}
+        if buffer is not None and spans and all(hasattr(s, "read_into") for s, *_ in spans) \
+                and len(dtypes) == 1 and "" not in dtypes:
+            out = buffer((hi - lo, nz, ny), np.dtype(dtypes.pop()))
+            for source, a, b, pos in spans:
+                with reading(source.path, f"frames {a}..{b - 1}", FrameError):
+                    source.read_into(a, b, out[pos:pos + b - a])
+            return out
+        pieces = []
+        for source, a, b, _ in spans:
+            with reading(source.path, f"frames {a}..{b - 1}", FrameError):
+                pieces.append(source.read(a, b))
+        return (pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces
+                else np.empty((0, nz, ny), np.float32))  # one file: no copy
+
+
+@dataclass(frozen=True)
+class RawFrames:
+    """How :func:`open_frames` computes its frames from the files: raw frames read by
+    ``reader``, turned into float32 with detector flags NaN, minus ``dark``, thresholded at
+    ``threshold``. :func:`midasflow.caking.cake` cakes such a scan from the raw frames, the
+    conversion done inside the kernel (:class:`midasflow.caking_kernel.RawCorrection`), with
+    the same result.
+
+    Attributes
+    ----------
+    reader : ScanReader
+        The scan's raw frames (:meth:`ScanReader.read_raw`).
+    dark : dask array (nz, ny) float32 or None
+        The dark frame subtracted (:func:`dark_mean`).
+    threshold : float or None
+        ``-preProcThresh``.
+    frames_per_read : int or None
+        The frames per read the caller asked for (``-numFrameChunks``, ``frames_per_chunk``),
+        None for the default.
+    """
+
+    reader: ScanReader
+    dark: Any
+    threshold: float | None
+    frames_per_read: int | None
+
+
+#: open_frames' recipes by the dask name of the frames they compute (most recent last).
+_RAW_FRAMES: dict[str, RawFrames] = {}
+_RAW_FRAMES_LOCK = threading.Lock()
+_MAX_RAW_FRAMES = 256
+
+
+def raw_frames_of(frames: Any) -> RawFrames | None:
+    """The recipe of a dask array that :func:`open_frames` returned (in this process), None for
+    any other array.
+
+    A dask array's name is the token of its whole computation, so an array with the name of
+    open_frames' result is that result (the same files, read the same way); any operation on
+    it (selecting frames, rechunking, arithmetic) gives another name, and None here.
+    """
+    with _RAW_FRAMES_LOCK:
+        raw = _RAW_FRAMES.get(getattr(frames, "name", None))
+    if raw is None or tuple(frames.shape) != raw.reader.shape:
+        return None
+    return raw
 
 
 def _frames_per_chunk(shape: tuple[int, int, int], frames_per_chunk: int | None) -> int:
@@ -497,7 +571,8 @@ def open_frames(
     if skip >= total:
         raise FrameError(f"{files[0]}: SkipFrame {skip} leaves no frames (the scan holds {total})")
     reader = ScanReader(sources, skip)
-    per_chunk = _frames_per_chunk(reader.shape, scan.frames_per_read or frames_per_chunk)
+    asked = scan.frames_per_read or frames_per_chunk
+    per_chunk = _frames_per_chunk(reader.shape, asked)
     frames = _lazy(reader, per_chunk, "frames")
 
     dark, dark_label = dark_mean(files[0], params, scan.dark_fn, scan.dark_loc, per_chunk)
@@ -505,6 +580,12 @@ def open_frames(
         frames = frames - dark
     if scan.pre_proc_thresh is not None:
         frames = frames.map_blocks(threshold_frames, np.float32(scan.pre_proc_thresh), dtype=np.float32)
+    with _RAW_FRAMES_LOCK:
+        _RAW_FRAMES.pop(frames.name, None)
+        _RAW_FRAMES[frames.name] = RawFrames(reader, dark, scan.pre_proc_thresh,
+                                             None if asked is None else int(asked))
+        while len(_RAW_FRAMES) > _MAX_RAW_FRAMES:
+            del _RAW_FRAMES[next(iter(_RAW_FRAMES))]
 
     n = reader.shape[0]
     index = np.arange(n)

@@ -54,6 +54,15 @@ class GeSource:
         data = np.fromfile(self.path, dtype=dtype, count=(stop - start) * nz * ny, offset=offset)
         return data.reshape(stop - start, nz, ny)
 
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Raw frames ``start:stop`` into ``out`` ((stop − start, nz, ny) of :attr:`dtype`,
+        C-contiguous), with no array allocated."""
+        nz, ny = self.frame_shape
+        with open(self.path, "rb") as fh:
+            fh.seek(self.header_bytes + start * nz * ny * np.dtype(self.dtype).itemsize)
+            if fh.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise FrameError(f"{self.path}: frames {start}..{stop - 1}: the file ends early")
+
 
 def open_ge(path: str, frame_shape: tuple[int, int], *, header_bytes: int = 8192,
             pixel_value_bytes: int = 2) -> GeSource:

@@ -42,12 +42,15 @@ class Hdf5Source:
         Number of frames (1 for a 2-D dataset).
     frame_shape : tuple of int
         (nz, ny) of one frame.
+    dtype : str
+        The stored dtype (numpy's spelling, e.g. ``'<u2'``).
     """
 
     path: str
     loc: str
     n_frames: int
     frame_shape: tuple[int, int]
+    dtype: str = ""
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Raw frames ``start:stop`` as an array (stop − start, nz, ny) of the stored dtype."""
@@ -56,6 +59,16 @@ class Hdf5Source:
             if ds.ndim == 2:
                 return ds[()][np.newaxis][start:stop]
             return ds[start:stop]
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Raw frames ``start:stop`` of a 3-D dataset into ``out`` ((stop − start, nz, ny) of
+        :attr:`dtype`), with no array allocated (``read_direct``)."""
+        with _open_file(self.path) as f:
+            ds = f[self.loc]
+            if ds.ndim == 2:
+                out[...] = ds[()][np.newaxis][start:stop]
+            else:
+                ds.read_direct(out, np.s_[start:stop])
 
 
 def has_dataset(path: str, loc: str) -> bool:
@@ -85,11 +98,11 @@ def open_hdf5(path: str, loc: str) -> Hdf5Source:
         if not isinstance(node, h5py.Dataset):
             members = ", ".join(sorted(node.keys())) or "nothing"
             raise FrameError(f"{path}: '{loc}' is a group (holding {members}), expected a dataset")
-        shape = node.shape
+        shape, dtype = node.shape, node.dtype.str
     if len(shape) == 2:
-        return Hdf5Source(path, loc, 1, (int(shape[0]), int(shape[1])))
+        return Hdf5Source(path, loc, 1, (int(shape[0]), int(shape[1])), dtype)
     if len(shape) == 3:
-        return Hdf5Source(path, loc, int(shape[0]), (int(shape[1]), int(shape[2])))
+        return Hdf5Source(path, loc, int(shape[0]), (int(shape[1]), int(shape[2])), dtype)
     raise FrameError(f"{path}: dataset '{loc}' has shape {shape}, expected (frames, nz, ny) or (nz, ny)")
 
 
