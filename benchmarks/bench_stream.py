@@ -39,6 +39,7 @@ def _serve(frame_file: str, pv: str, rate_hz: float, n_frames: int, ready, addre
     """Server process: publish ``n_frames`` copies of the frame at ``rate_hz`` from the first
     client connection on (uniqueId 1, 2, …), bitshuffle-LZ4 compressed."""
     import bitshuffle
+    from p4p import Value
     from p4p.nt import NTNDArray
     from p4p.server import Server
     from p4p.server.thread import SharedPV
@@ -46,6 +47,10 @@ def _serve(frame_file: str, pv: str, rate_hz: float, n_frames: int, ready, addre
     frame = np.load(frame_file)
     data = np.frombuffer(bitshuffle.compress_lz4(frame, 0).tobytes(), np.uint8)
     nt = NTNDArray()
+    # each update is built as NTNDArray.wrap builds one, but from the compressed bytes: wrap
+    # would first copy the uncompressed frame in (twice), which cost this process more than
+    # publishing, on the cores the stream runs on (a detector is another machine)
+    dimension = [{"size": n, "offset": 0, "fullSize": n, "binning": 1, "reverse": False} for n in frame.shape[::-1]]
     connected = mp.Event()
 
     class Handler:
@@ -60,9 +65,9 @@ def _serve(frame_file: str, pv: str, rate_hz: float, n_frames: int, ready, addre
     time.sleep(1.0)
     t0 = time.perf_counter()
     for uid in range(1, n_frames + 1):
-        value = nt.wrap(frame, timestamp=time.time())
-        value["uniqueId"] = uid
-        value["value"] = ("ubyteValue", data)
+        now = time.time()
+        value = Value(nt.type, {"value": ("ubyteValue", data), "uniqueId": uid, "dimension": dimension,
+                                "timeStamp": {"secondsPastEpoch": int(now), "nanoseconds": int(now % 1 * 1e9)}})
         value["codec.name"] = "bslz4"
         value["codec.parameters"] = 6
         value["compressedSize"] = data.size

@@ -465,9 +465,13 @@ def free_coordinates(phase: Phase, atom: Atom) -> tuple[bool, bool, bool]:
     return tuple(free)
 
 
-def _hkl_key(hkl: np.ndarray, off: int) -> np.ndarray:
+def _orbit_keys(hkl: np.ndarray, rots: np.ndarray, off: int) -> np.ndarray:
+    """Integer key (n, nrot) of every h·R, monotonic in (h, k, l) lexicographically for indices
+    within ±off: ((h + off)·b + k + off)·b + l + off with b = 2·off + 1, computed as
+    h·(R·(b², b, 1)) + off·(b² + b + 1) without forming the (n, nrot, 3) orbits."""
     base = 2 * off + 1
-    return ((hkl[..., 0] + off) * base + (hkl[..., 1] + off)) * base + (hkl[..., 2] + off)
+    weights = np.array([base * base, base, 1], dtype=np.int64)
+    return hkl @ (rots @ weights).T + off * (base * base + base + 1)
 
 
 # --------------------------------------------------------------------------- structure factor
@@ -673,8 +677,7 @@ def reflections(phase: Phase, wavelength_a: float, tth_max_deg: float,
                               np.zeros(0, int), np.zeros(0), [])
     rots = laue_rotations(phase.space_group)
     off = int(np.abs(hkl).max())
-    orbits = np.einsum("ni,rij->nrj", hkl, rots)                # (n, nrot, 3)
-    keys = _hkl_key(orbits, off)
+    keys = _orbit_keys(hkl, rots, off)                          # (n, nrot)
     canon = keys.max(axis=1)
     uniq, first = np.unique(canon, return_index=True)
     reps_idx = first[np.argsort(-uniq)]
@@ -682,12 +685,15 @@ def reflections(phase: Phase, wavelength_a: float, tth_max_deg: float,
     absent = np.asarray(ops.systematic_absences(hkl[reps_idx].astype(np.int32)), dtype=bool)
     reps_idx = reps_idx[~absent]
     rep_keys = keys[reps_idx]
+    rep_orbits = np.einsum("ni,rij->nrj", hkl[reps_idx], rots)  # (n_rep, nrot, 3)
     # representative: the orbit member with the largest key (positive indices first)
-    hkl_rep = orbits[reps_idx, np.argmax(rep_keys, axis=1)]
+    hkl_rep = rep_orbits[np.arange(len(reps_idx)), np.argmax(rep_keys, axis=1)]
     equivalents = []
     mult = np.empty(len(reps_idx), dtype=int)
-    for i, row in enumerate(orbits[reps_idx]):
-        eq = np.unique(row, axis=0)
+    for i, (row, row_keys) in enumerate(zip(rep_orbits, rep_keys)):
+        # distinct members, sorted as np.unique(row, axis=0) sorts them (the key is monotonic
+        # in (h, k, l) lexicographically); 1-D unique is ~100x faster than axis=0
+        eq = row[np.unique(row_keys, return_index=True)[1]]
         equivalents.append(eq)
         mult[i] = eq.shape[0]
     inv_d2 = A_derivative_H(hkl_rep) @ A

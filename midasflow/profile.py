@@ -836,9 +836,10 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
     """
     x = np.ascontiguousarray(x_deg, dtype=np.float64)
     pos1 = np.atleast_1d(np.asarray(tth_peak_deg, dtype=np.float64))
-    s2 = np.broadcast_to(np.asarray(sig2, dtype=np.float64), pos1.shape)
-    gm = np.broadcast_to(np.asarray(gam, dtype=np.float64), pos1.shape)
-    inten = np.broadcast_to(np.asarray(intensity, dtype=np.float64), pos1.shape)
+    # per-peak arrays for the kernels: C-contiguous, writable float64 (one numba signature)
+    s2, gm, inten = (np.require(np.broadcast_to(np.asarray(a, dtype=np.float64), pos1.shape),
+                                requirements=("C", "W"))
+                     for a in (sig2, gam, intensity))
     shl_eff = max(float(shl), SHL_MIN)
     doublet = lam2_a is not None and i_ratio != 0.0
     if doublet:
@@ -850,7 +851,7 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
         ratio = np.concatenate([np.ones_like(pos1), np.full_like(pos1, i_ratio)])
         pos_fac = np.concatenate([np.ones_like(pos1), dpos2])
     else:
-        pos, s2a, gma, ratio = pos1, s2.copy(), gm.copy(), np.ones_like(pos1)
+        pos, s2a, gma, ratio = pos1, s2, gm, np.ones_like(pos1)
         pos_fac = ratio
     lo_deg, hi_deg = peak_window(pos, s2a, gma, shl_eff)
     ilo, ihi = window_indices(x, lo_deg, hi_deg)
@@ -869,24 +870,26 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
     else:
         lo, hi = ilo, ihi
         lo_all = lo
-    offsets = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
+    lo, hi = lo.astype(np.int64, copy=False), hi.astype(np.int64, copy=False)
+    offsets = np.zeros(npk + 1, dtype=np.int64)
+    np.cumsum(hi - lo, out=offsets[1:])
     # sub-peak s writes into its parent's slot, shifted by its own start within the union
     parent_off = np.concatenate([offsets[:-1]] * (2 if doublet else 1))
     sub_off = parent_off + (ilo - lo_all)
     ftype, xp, wp = _tables(precision)
     buf = np.zeros((5 if derivatives else 1, offsets[-1]), dtype=np.float64)
-    _PEAKS_KERNELS[ftype](x, pos, s2a, gma, shl_eff, xp, wp, ilo.astype(np.int64),
-                          ihi.astype(np.int64), sub_off.astype(np.int64), ratio, pos_fac,
-                          bool(derivatives), buf)
+    _PEAKS_KERNELS[ftype](x, pos, s2a, gma, shl_eff, xp, wp, ilo.astype(np.int64, copy=False),
+                          ihi.astype(np.int64, copy=False), sub_off.astype(np.int64, copy=False),
+                          ratio, pos_fac, bool(derivatives), buf)
     y = np.zeros(x.size)
-    lo, hi = lo.astype(np.int64), hi.astype(np.int64)
-    _accumulate_kernel(lo, offsets, np.ascontiguousarray(inten), buf[0], y)
-    scale = np.repeat(inten, hi - lo) if derivatives else None
-    d = (lambda row: scale * buf[row]) if derivatives else (lambda row: None)
-    return PeakSum(y=y, lo=lo.astype(np.int64), hi=hi.astype(np.int64), offsets=offsets,
-                   d_intensity=buf[0], d_pos=d(1), d_sig2=d(2), d_gam=d(3),
-                   d_shl=d(4) if shl >= SHL_MIN else (np.zeros(offsets[-1]) if derivatives
-                                                       else None))
+    _accumulate_kernel(lo, offsets, inten, buf[0], y)
+    if not derivatives:
+        return PeakSum(y=y, lo=lo, hi=hi, offsets=offsets, d_intensity=buf[0], d_pos=None,
+                       d_sig2=None, d_gam=None, d_shl=None)
+    scaled = np.repeat(inten, hi - lo) * buf[1:]
+    return PeakSum(y=y, lo=lo, hi=hi, offsets=offsets, d_intensity=buf[0], d_pos=scaled[0],
+                   d_sig2=scaled[1], d_gam=scaled[2],
+                   d_shl=scaled[3] if shl >= SHL_MIN else np.zeros(offsets[-1]))
 
 
 @numba.njit(cache=True)

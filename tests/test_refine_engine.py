@@ -402,3 +402,54 @@ def test_max_prominence_equals_scipy():
             assert got == pytest.approx(props["prominences"].max(), abs=1e-12), y
         else:
             assert got <= 0, y
+
+
+def test_width_constrained_steps_reach_the_qp_minimum_without_zigzag(monkeypatch):
+    """Every width-constrained LM step of an unseeded CeO2 fit is the minimum of its QP (scipy
+    SLSQP's objective to 1e-9 of the unconstrained decrease, feasible), and a QP whose minimum
+    lowers the objective measurably (> 1e-6 of the unconstrained decrease: the LM's own
+    threshold; smaller steps end the LM) ends before the active set's iteration limit: at a
+    degenerate vertex (neighbouring 2θ rows of one width bound) it traded rows for all 60."""
+    from scipy.optimize import minimize
+
+    from midasflow.refinement import engine
+
+    x = np.linspace(2.5, 12.0, 1000)
+    true = ceo2()
+    x, y, s, _ = simulate([true], x=x, bkg=(100.0, -20.0))
+    start = true.with_cell([true.cell[0] * 1.003] * 3 + [90.0] * 3)
+    qps, solves = [], []
+    solve, step_fn = engine._kkt_solve, engine._constrained_step
+
+    def counting_solve(*args):
+        solves[-1] += 1
+        return solve(*args)
+
+    def recording_step(H, g, C, lower, step, max_iter=60):
+        solves.append(0)
+        out = step_fn(H, g, C, lower, step, max_iter)
+        qps.append((H, g, C, lower, step, out))
+        return out
+
+    monkeypatch.setattr(engine, "_kkt_solve", counting_solve)
+    monkeypatch.setattr(engine, "_constrained_step", recording_step)
+    refine_pattern(x, y, s, [start], off_inst(U=1.6, V=-0.1, W=0.09, X=0.3, Y=0.7),
+                   precision="float64")
+    constrained = [(qp, n) for qp, n in zip(qps, solves) if not np.array_equal(qp[4], qp[5])]
+    assert constrained, "no step met the width bound: the test checks nothing"
+    measurable = 0
+    for (H, g, C, lower, _, got), n_solves in constrained:
+        def objective(d):
+            return 0.5 * d @ H @ d - g @ d
+
+        ref = minimize(objective, np.zeros(g.size), jac=lambda d: H @ d - g, method="SLSQP",
+                       constraints=[{"type": "ineq", "fun": lambda d: C @ d - lower,
+                                     "jac": lambda d: C}],
+                       options={"maxiter": 1000, "ftol": 1e-15})
+        unconstrained = abs(objective(np.linalg.lstsq(H, g, rcond=None)[0]))
+        assert np.all(C @ got >= lower - 1e-9 * (1 + np.abs(lower)))
+        assert objective(got) <= ref.fun + 1e-9 * unconstrained, (objective(got), ref.fun)
+        if -ref.fun > 1e-6 * unconstrained:
+            assert n_solves < 60, (n_solves, ref.fun)
+            measurable += 1
+    assert measurable

@@ -383,23 +383,37 @@ def test_frames_in_flight_are_bounded(small_scan, client, tmp_path, monkeypatch,
         # (3 in flight) may hold; how many more depends on the machine's speed (10-23 seen)
         assert max(held) > 3 + 2 + 1, held
     # arrivals that came back to back are caked together, up to frames_per_task, never across
-    # a group's end (OmegaSumFrames 3 here), and give the same groups
+    # a group's end (OmegaSumFrames 3 here), and give the same groups; with max_wait_s, a frame
+    # with none queued behind it waits that long for more
     params = params.with_overrides(omega_sum_frames=3)
-    limits = StreamLimits(max_frames_in_flight=8, frames_per_task=4)
-    spool = Spool(tmp_path / "batched")
-    spool.create()
-    flow = StreamDataflow(client, params, binmap, caking, None, spool, limits, keep_frames=False,
-                          caking_digest="test")
     from distributed import get_task_stream
 
-    with get_task_stream(client) as ts:
-        for i in range(8):
-            flow.feed(Arrival(name=f"f{i}.tif", n_frames=1, path=str(path), more=i not in (4, 7)))
-        flow.finish(end_of_stream=True)
-    starts = sorted(int(str(t["key"]).split("-")[2]) for t in ts.data if str(t["key"]).startswith("stream-cake"))
-    assert starts == [0, 3, 5, 6]  # 0-2 (group end), 3-4 (no more waiting), 5, 6-7
-    assert [g.frames_summed for g in flow.state.groups] == [3, 3, 2]
-    np.testing.assert_array_equal(tasks.load_spooled(spool.group_path(1), shape), first * 1.5)
+    for wait_s, expected in ((0.0, [0, 3, 5, 6]),   # 0-2 (group end), 3-4 (no more waiting), 5, 6-7
+                             (60.0, [0, 3, 6])):    # 0-2, 3-5 (group ends), 6-7 (the end)
+        limits = StreamLimits(max_frames_in_flight=8, frames_per_task=4, max_wait_s=wait_s)
+        spool = Spool(tmp_path / f"batched_{wait_s:g}")
+        spool.create()
+        flow = StreamDataflow(client, params, binmap, caking, None, spool, limits, keep_frames=False,
+                              caking_digest="test")
+        with get_task_stream(client) as ts:
+            for i in range(8):
+                flow.feed(Arrival(name=f"f{i}.tif", n_frames=1, path=str(path), more=i not in (4, 7)))
+            flow.finish(end_of_stream=True)
+        starts = sorted(int(str(t["key"]).split("-")[2]) for t in ts.data if str(t["key"]).startswith("stream-cake"))
+        assert starts == expected, wait_s
+        assert [g.frames_summed for g in flow.state.groups] == [3, 3, 2]
+        np.testing.assert_array_equal(tasks.load_spooled(spool.group_path(1), shape), first * 1.5)
+    # a lone frame is submitted by flush_due (the idle tick) once it has waited max_wait_s
+    flow = StreamDataflow(client, params, binmap, caking, None, Spool(tmp_path / "waited"),
+                          StreamLimits(frames_per_task=4, max_wait_s=0.3), keep_frames=False, caking_digest="test")
+    flow.spool.create()
+    flow.feed(Arrival(name="f0.tif", n_frames=1, path=str(path)))
+    flow.flush_due()
+    assert flow.frames_in_flight == 0  # waiting for company
+    time.sleep(0.35)
+    flow.flush_due()
+    assert flow.frames_in_flight == 1
+    flow.finish(end_of_stream=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 The client (this process) takes each :class:`~midasflow.stream.sources.Arrival` and submits
 
-* one ``stream-cake`` task per arrival (a file's frames, a PV frame), or per run of arrivals that
-  came back to back (a PV's queue, several files ready at once), at most a map pass of frames
-  per task, so a stream that falls behind cakes in larger passes and catches up:
+* one ``stream-cake`` task per run of arrivals that came back to back (a PV's queue, several
+  files ready at once) or within ``max_wait_s`` of each other, at most ``frames_per_task``
+  frames (a map pass, cheaper per frame than one frame's) per task:
   :func:`midasflow.stream.tasks.cake_item`, with the bin map and the dark as
   futures made once (the map is read from its cache by one worker and copied to the others by
   Dask, once each);
@@ -49,6 +49,7 @@ from midasflow.stream.tasks import (
     refine_part,
     save_carry,
     take_group,
+    warm_caking,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class StreamLimits:
         Closed ω-groups whose refinement has not finished.
     frames_per_task : int
         Frames caked in one task (a map pass), of one file or of arrivals that came back to back.
+    max_wait_s : float
+        A frame taken waits at most this long (s) for later frames to share its caking task
+        (0: a frame with no other queued behind it is submitted at once).
     """
 
     stop_after: int | None = None
@@ -77,6 +81,7 @@ class StreamLimits:
     max_frames_in_flight: int = 8
     max_groups_pending: int = 3
     frames_per_task: int = 8
+    max_wait_s: float = 1.0
 
 
 @dataclass
@@ -209,6 +214,7 @@ class StreamDataflow:
         self.unwritten: set[int] = set()  # groups whose cake is not yet in the spool
         self._parts: list[FramePart] = []   # frames taken, not yet submitted (one task)
         self._positions: list[int] = []
+        self._taken_at = 0.0                # time.monotonic() when the first of them was taken
 
     # -- feeding --------------------------------------------------------------------------
     @property
@@ -231,8 +237,10 @@ class StreamDataflow:
     def feed(self, arrival: Arrival, interrupted: Callable[[], bool] = lambda: False) -> None:
         """Take an arrival's frames and submit their caking (waiting while too much is in flight).
 
-        Frames of arrivals that come back to back (``arrival.more``) are caked together, up to
-        ``frames_per_task``, never across an ω-group's end; a lone arrival is submitted at once.
+        Frames are caked together up to ``frames_per_task``, never across an ω-group's end: the
+        frames of arrivals that come back to back (``arrival.more``), and of arrivals that come
+        within ``max_wait_s`` of the first frame waiting (:meth:`flush_due` submits them once it
+        has waited that long, when no frame comes).
         """
         now = time.time()
         start = 0
@@ -257,11 +265,27 @@ class StreamDataflow:
             group_end = self.group_size > 0 and (self.n_frames - self.state.open_first) % self.group_size == 0
             if len(self._positions) >= per_task or group_end:
                 self.flush(interrupted)
-        if not arrival.more or not self.wants_more():
+        if not self.wants_more():
             self.flush(interrupted)
+        elif not arrival.more:
+            self.flush_due(interrupted)
         self.state.last_frame_s = now
         if self.state.first_frame_s is None:
             self.state.first_frame_s = now
+
+    def warm_up(self) -> None:
+        """Give every worker the bin map and the caking kernel's layout of it (one pass of
+        ``frames_per_task`` blank frames, :func:`~midasflow.stream.tasks.warm_caking`) before the
+        first frame comes: they take seconds to load, check and build, which would otherwise be
+        spent while the first frames queue up (and a PV drops them)."""
+        workers = list(self.client.scheduler_info()["workers"])
+        n = self.limits.frames_per_task
+        futures = [self.client.submit(warm_caking, self.binmap, self.caking_future, n, workers=[w],
+                                      allow_other_workers=False, pure=False, key=f"stream-warm-{k}-{self.token}")
+                   for k, w in enumerate(workers)]
+        self.client.gather(futures)
+        for future in futures:
+            future.release()
 
     def _take_dark(self, path: str) -> None:
         """The dark of the stream's first file (``dark_of_file``), kept in the spool and sent to
@@ -283,8 +307,15 @@ class StreamDataflow:
             if arrival.path is not None and arrival.n_frames > 1:
                 frame["multi"] = True
             self.state.frames.append(frame)
+        if not self._positions:
+            self._taken_at = time.monotonic()
         self._parts.append(FramePart(path=arrival.path, start=start, stop=stop, pva=arrival.payload))
         self._positions.extend(range(first, first + stop - start))
+
+    def flush_due(self, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """Submit the frames taken once the first of them has waited ``max_wait_s``."""
+        if self._positions and time.monotonic() - self._taken_at >= self.limits.max_wait_s:
+            self.flush(interrupted)
 
     def flush(self, interrupted: Callable[[], bool] = lambda: False) -> None:
         """Submit the frames taken and not yet submitted as one caking task."""

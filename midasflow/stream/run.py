@@ -353,10 +353,9 @@ def run_stream(
                 live_view = LiveView(skeleton, port=live_port)
                 print(f"live view: {live_view.url}", file=sys.stderr)
             threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
-            per_task = max(1, min(8, 2 * threads))  # each thread busy with one map pass, one waiting
+            per_task = StreamLimits.frames_per_task  # each thread busy with one map pass, one waiting
             limits_ = StreamLimits(stop_after=stop_after, idle_timeout_s=idle_timeout_s,
-                                   max_frames_in_flight=max_frames_in_flight or max(4, 2 * threads * per_task),
-                                   frames_per_task=per_task)
+                                   max_frames_in_flight=max_frames_in_flight or 2 * threads * per_task)
             flow = StreamDataflow(
                 client, params, binmap, caking, dark_frame, spool, limits_, keep_frames=keep_frames,
                 caking_digest=digest, dark_source=dark_label, dark_of_file=dark_of_file, refinement=refinement,
@@ -367,6 +366,7 @@ def run_stream(
             outputs.flow = flow
             if cakes:
                 flow.refine_resumed(cakes)
+            flow.warm_up()
             t_start = time.time()
             with stop_on_signals(stop) as received:
                 end_of_stream = _consume(source, flow, stop, idle_timeout_s, progress)
@@ -407,7 +407,7 @@ def _consume(source: Any, flow: Any, stop: threading.Event, idle_timeout_s: floa
             if stop.is_set():
                 return False
             if arrival is None:
-                flow.flush(stop.is_set)
+                flow.flush_due(stop.is_set)
                 if idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
                     log.info("no frame for %g s: the stream ends", idle_timeout_s)
                     return True

@@ -90,6 +90,14 @@ def cake_item(item: FrameItem, binmap: Any, caking: Caking, dark: np.ndarray | N
     return cakes
 
 
+def warm_caking(binmap: Any, caking: Caking, n_frames: int) -> int:
+    """Task: cake ``n_frames`` blank frames on this worker, so it holds the bin map and the
+    kernel's layout of it (built on first use) before the stream's first frame; returns the
+    number of frames caked."""
+    frames = np.zeros((n_frames, *binmap.detector_shape), dtype=np.float32)
+    return len(_cake_chunk(frames, binmap, caking.normalize, caking.min_area_fraction, caking.mask_rule))
+
+
 @dataclass(frozen=True)
 class Fold:
     """The ω-group scan after some frames: the groups they closed and the open group's sum."""
