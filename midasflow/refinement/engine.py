@@ -228,6 +228,7 @@ class PatternModel:
             self.values.update(po.initial_values())
         self.x_step = np.diff(self.x, append=self.x[-1] + (self.x[-1] - self.x[-2]
                                                              if self.x.size > 1 else 1.0))
+        self._terms_memo: list[tuple] = []     # (key, output) of the last two _all_terms
 
     # ------------------------------------------------------------------ set-up
     def _phase_data(self, p: int, ph: Phase, tth_min: float, tth_max: float) -> _PhaseData:
@@ -397,10 +398,26 @@ class PatternModel:
 
     # ------------------------------------------------------------------ pattern
     def _all_terms(self, values, vary=(), jac=False):
+        # Rietveld terms without derivatives do not depend on SH/L and the background: the
+        # last two are reused while only those change (the SH/L escape scan alternates its
+        # candidates with stepped trials; scale and background solves). Le Bail's extracted
+        # intensities change between calls.
+        key = None
+        if not jac and self.mode != "lebail":
+            key = tuple((k, v) for k, v in values.items()
+                        if k != "SH/L" and not k.startswith("Back;"))
+            for i, (memo_key, memo_out) in enumerate(self._terms_memo):
+                if key == memo_key:
+                    self._terms_memo.insert(0, self._terms_memo.pop(i))
+                    return memo_out
         terms = [self.reflection_terms(pd.index, values, vary, jac) for pd in self.phases]
         if len(terms) == 1:
-            return terms[0], terms
-        return {key: np.concatenate([t[key] for t in terms]) for key in terms[0]}, terms
+            out = terms[0], terms
+        else:
+            out = {k: np.concatenate([t[k] for t in terms]) for k in terms[0]}, terms
+        if key is not None:
+            self._terms_memo = [(key, out)] + self._terms_memo[:1]
+        return out
 
     def _peaks(self, rt: Mapping[str, np.ndarray], shl: float, jac: bool,
                intensity: np.ndarray | None = None) -> _profile.PeakSum:
