@@ -352,3 +352,20 @@ def test_cached_binmap_loads_by_digest_and_refuses_a_different_file(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(MidasflowError, match="must be the same for every Dask worker"):
         cached_binmap(str(tmp_path / "gone.npz"), key, digest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(edges=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=12, unique=True),
+       picks=st.lists(st.integers(0, 11), max_size=4),
+       others=st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4))
+def test_bisect_is_numpys_searchsorted(edges, picks, others):
+    """binmap._bisect (numba's own searchsorted costs ~2 s of compiling) finds numpy's
+    searchsorted position on both sides, on the edges themselves, between them, outside, at
+    ±inf and NaN."""
+    from midasflow.binmap import _bisect
+
+    a = np.sort(np.asarray(edges, dtype=np.float64))
+    xs = [a[i % a.size] for i in picks] + list(others) + [a[0] - 1.0, a[-1] + 1.0]
+    for x in xs:
+        for right in (True, False):
+            assert _bisect(a, x, right) == np.searchsorted(a, x, side="right" if right else "left")
