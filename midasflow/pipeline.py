@@ -251,6 +251,7 @@ def refine(
     texture: str | None = None,
     po_axis: Sequence[int] = (0, 0, 1),
     sh_order: int = 4,
+    precision: str = "float32",
 ) -> xr.Dataset:
     """Refine every (ω-group, η) lineout of a caked scan; write and return the results Dataset.
 
@@ -321,6 +322,9 @@ def refine(
         Stage 5, preferred orientation per lineout (native engine): None, "md" (March–Dollase
         along ``po_axis`` [h, k, l]) or "sh" (GSAS-II's spherical harmonics to ``sh_order``);
         docs/texture.md.
+    precision : {"float32", "float64"}
+        Profile arithmetic of the native engine (``--precision``): GSAS-II's float32 (default)
+        or double precision (docs/reference/gsas2_profile.md section 6).
 
     Notes
     -----
@@ -362,7 +366,8 @@ def refine(
     options = RefineOptions(phases=tuple(phases), instrument=instrument, bkg_terms=bkg_terms,
                             limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
                             physical_profile=physical_profile, max_rwp=max_rwp,
-                            texture=texture, po_axis=tuple(po_axis), sh_order=sh_order)
+                            texture=texture, po_axis=tuple(po_axis), sh_order=sh_order,
+                            precision=precision)
     refiner = make_refiner(backend, cifs, out, export=export, physical_profile=physical_profile)
     plan = LineoutPlan.of(source if in_memory else data, options, backend=refiner,
                           seed_from=seed_from, min_points=min_points,
@@ -484,7 +489,7 @@ def check_run_inputs(
     from midasflow.errors import CakeFileError, ParameterError
     from midasflow.io.lock import check_writable_folder
     from midasflow.refinement.backends import get_backend
-    from midasflow.refinement.options import check_max_rwp, check_recipe, check_texture
+    from midasflow.refinement.options import PRECISIONS, check_max_rwp, check_recipe, check_texture
 
     if skip_integration:
         if zarr_file is None:
@@ -514,6 +519,9 @@ def check_run_inputs(
     check_max_rwp(refine_options.get("max_rwp"))
     check_texture(refine_options.get("texture"), refine_options.get("po_axis", (0, 0, 1)),
                   refine_options.get("sh_order", 4))
+    if refine_options.get("precision", PRECISIONS[0]) not in PRECISIONS:
+        raise ParameterError(f"--precision {refine_options['precision']}: expected one of "
+                             f"{', '.join(PRECISIONS)}")
 
 
 def run(

@@ -62,9 +62,17 @@ def _phase_names(results: Sequence[Any]) -> list[str]:
 def reflection_weights(pattern: Any, phase: str) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
     """The phase's reflections inside the fitted range and the weight each puts on its cell.
 
-    Weight = intensity × tan²θ / FWHM² (the information a reflection position carries about the
-    cell: Poisson statistics, ∂2θ/∂ln d = −2 tan θ). Returns ``(table restricted to those
-    reflections, weights)``, or None without a usable reflection table.
+    The native engine's ``cell_weight`` column where the table has one (cubic phases): the
+    change of the refined ln a when that reflection alone is strained, through the whole
+    least-squares estimator (:func:`midasflow.refinement.engine._cell_weights`; they sum to ~1,
+    and reflections whose shift SH/L or the widths absorb weigh less). Otherwise intensity ×
+    tan²θ / FWHM² (the information a reflection position carries about the cell: Poisson
+    statistics, ∂2θ/∂ln d = −2 tan θ), which ignores those correlations: on the strained CeO₂
+    scan of the pull test (cell and SH/L correlated at −0.7, the 111 reflection's exact weight
+    −0.15) it biased the tensor's xy component (pull means +0.15 and +0.36 on two sets of 50
+    realisations; −0.04 and +0.16 with the exact weights). Engine weights that do not sum to
+    about 1 (a cell the fit could not move) fall back to the formula. Returns ``(table
+    restricted to those reflections, weights)``, or None without a usable reflection table.
     """
     from midasflow.profile import tch_fwhm_eta
 
@@ -80,10 +88,12 @@ def reflection_weights(pattern: Any, phase: str) -> tuple[dict[str, np.ndarray],
     inside = (tth >= fitted[0]) & (tth <= fitted[1]) & np.isfinite(inten) & (inten > 0)
     if not inside.any():
         return None
+    table = {key: np.asarray(col)[inside] for key, col in refl.items()}
+    if "cell_weight" in refl and abs(float(np.sum(table["cell_weight"]))) > 0.5:
+        return table, np.asarray(table["cell_weight"], dtype=float)
     fwhm = np.array([tch_fwhm_eta(s2, g)[0] for s2, g in
                      zip(np.asarray(refl["sig2"])[inside], np.asarray(refl["gam"])[inside])])
     theta = np.deg2rad(tth[inside]) / 2.0
-    table = {key: np.asarray(col)[inside] for key, col in refl.items()}
     return table, inten[inside] * np.tan(theta) ** 2 / fwhm**2
 
 

@@ -58,7 +58,7 @@ def test_digest_is_stable_across_processes_and_pickling():
 
 @pytest.mark.parametrize("change", [
     dict(bkg_terms=5), dict(limits=(2.0, 9.6)), dict(limits=None), dict(refine_atoms=False), dict(mode="lebail"),
-    dict(estimate=False), dict(physical_profile=True), dict(max_rwp=25.0),
+    dict(estimate=False), dict(physical_profile=True), dict(max_rwp=25.0), dict(precision="float64"),
     dict(instrument=Instrument(lam=0.172979, U=2.0000001)), dict(instrument=Instrument(lam=0.17298, U=2.0)),
     dict(phases=(cubic_phase("CeO2", 5.4111),)), dict(phases=(cubic_phase("CeO2", 5.411, "F d -3 m"),)),
 ])
@@ -110,3 +110,24 @@ def test_options_are_checked_against_the_data():
 def test_max_rwp_must_be_a_positive_percentage(bad):
     with pytest.raises(ParameterError, match=r"--max-rwp .*: expected a positive Rwp in percent"):
         _options(max_rwp=bad)
+
+
+def test_precision_is_checked_and_reaches_the_native_engine(monkeypatch):
+    """``precision`` (``--precision``): float32 (GSAS-II's) by default, float64 on request, anything
+    else refused with the flag named; the native backend passes it to ``refine_pattern``."""
+    import numpy as np
+
+    from midasflow.refinement import engine
+    from midasflow.refinement.backends import NativeBackend
+    from midasflow.refinement.lineouts import LineoutSpec
+
+    assert _options().precision == "float32"
+    with pytest.raises(ParameterError, match="--precision float16: expected one of float32, float64"):
+        _options(precision="float16")
+    seen = {}
+    monkeypatch.setattr(engine, "refine_pattern", lambda *a, **kw: seen.update(kw))
+    x = np.linspace(2.0, 9.5, 50)
+    spec = LineoutSpec(index=0, group=0, eta_index=0, omega_deg=0.0, eta_deg=0.0, tth_deg=x,
+                       intensity=np.ones(50), sigma=np.ones(50), frames_summed=1, skipped=False)
+    NativeBackend().refine(spec, _options(precision="float64"))
+    assert seen["precision"] == "float64"

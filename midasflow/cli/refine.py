@@ -17,7 +17,7 @@ from midasflow.cli._common import (
 )
 from midasflow.errors import UsageError
 from midasflow.limits import MAX_REFLECTIONS
-from midasflow.refinement.options import BACKENDS, MODES, SEED_MODES
+from midasflow.refinement.options import BACKENDS, MODES, PRECISIONS, SEED_MODES
 
 #: ``run --backend``: where the frames come from, as in MIDAS's ``integrate_and_refine.py``.
 PIPELINE_BACKENDS = ("batch", "stream")
@@ -87,6 +87,10 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                          help="keep the Gaussian and Lorentzian widths physical (σ² > 0, γ ≥ 0) over "
                          "the fitted range; by default GSAS-II's minimum is followed and a negative "
                          "width is flagged unphysical_profile (native engine only)")
+    quality.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                         help="profile arithmetic of the native engine: float32 (default, GSAS-II's "
+                         "single precision) or float64 (χ² smooth in SH/L, the same minimum from "
+                         "every start; GSAS-II's rounding makes χ² a staircase in SH/L at low angles)")
     quality.add_argument("--max-rwp", type=float, default=None, metavar="PERCENT",
                          help="flag lineouts whose Rwp is above PERCENT (rwp_above_max; a flag, not a "
                          "failure)")
@@ -172,6 +176,7 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
         texture=args.texture,
         po_axis=tuple(args.po_axis),
         sh_order=args.sh_order,
+        precision=args.precision,
     )
 
 

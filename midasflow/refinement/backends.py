@@ -68,7 +68,7 @@ class NativeBackend:
         extra = {} if self.stages is None else {"stages": self.stages}
         return engine.refine_pattern(spec.tth_deg, spec.intensity, spec.sigma, list(options.phases),
                                      options.instrument, start=start, **options.recipe_kwargs(),
-                                     **options.texture_kwargs(),
+                                     **options.texture_kwargs(), precision=options.precision,
                                      **extra)
 
 

@@ -1292,6 +1292,50 @@ def _sub_covariance(cov: np.ndarray, idx: Mapping[str, int],
     return out
 
 
+def _normal_inverse(Jw: np.ndarray) -> np.ndarray:
+    """(JᵀWJ)⁻¹ by the SVD pseudo-inverse of the diagonally normalised normal matrix."""
+    N = Jw.T @ Jw
+    scale = np.sqrt(np.diag(N))
+    scale[scale == 0] = 1.0
+    return _svd_pinv(N / np.outer(scale, scale)) / np.outer(scale, scale)
+
+
+def _cell_weights(model: PatternModel, values: Mapping[str, float], vary: Sequence[str],
+                  Jw: np.ndarray, sqrt_w: np.ndarray) -> dict[int, np.ndarray]:
+    """Weight of every reflection on the refined cubic cell: ∂ln a/∂ε_k, the change of the
+    refined ln a when reflection k alone moves as a strain ε_k would move it (2θ_k by
+    −2 tan θ_k·ε_k), through the least-squares estimator (JᵀWJ)⁻¹JᵀW of all refined parameters.
+
+    Uniform strain moves the cell, so the weights sum to ~1; reflections whose shift the
+    correlated parameters (SH/L, zero, widths) absorb weigh less, and some may weigh < 0
+    (a low-angle peak moved alone reads partly as asymmetry). Phases with one free A-term
+    (cubic) only: ``{phase index: (n_reflections,)}``.
+    """
+    out: dict[int, np.ndarray] = {}
+    cubic = {pd.index for pd in model.phases if len(pd.free) == 1 and f"{pd.index}::A{pd.free[0]}" in vary}
+    if not cubic:
+        return out
+    rt, terms = model._all_terms(values)
+    peaks = model._peaks(rt, values["SH/L"], True)
+    gain = _normal_inverse(Jw) @ Jw.T  # (n_var, n_obs): parameter change per unit of r_w
+    start = 0
+    for pd, t in zip(model.phases, terms):
+        n_refl = len(t["tth"])
+        if pd.index in cubic:
+            i = vary.index(f"{pd.index}::A{pd.free[0]}")
+            shift_deg = -2.0 * np.tan(np.radians(t["tth"]) / 2.0) * (180.0 / math.pi)
+            w = np.zeros(n_refl)
+            for k in range(n_refl):
+                lo, hi = peaks.lo[start + k], peaks.hi[start + k]
+                if hi > lo:
+                    piece = peaks.d_pos[peaks.offsets[start + k]:peaks.offsets[start + k + 1]]
+                    d_a = float(gain[i, lo:hi] @ (piece * sqrt_w[lo:hi])) * shift_deg[k]
+                    w[k] = -0.5 * d_a / values[f"{pd.index}::A{pd.free[0]}"]
+            out[pd.index] = w
+        start += n_refl
+    return out
+
+
 def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp, warn,
             flags, start_values, constraint, chi2_background) -> PatternResult:
     yc, bkg, J = model.evaluate(values, vary, jac=True)
@@ -1300,10 +1344,8 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
     dof = max(n_obs - n_var, 1)
     gof = math.sqrt(chi2 / dof)
     Jw = J * sqrt_w[:, None]
-    N = Jw.T @ Jw
-    scale = np.sqrt(np.diag(N))
-    scale[scale == 0] = 1.0
-    cov = _svd_pinv(N / np.outer(scale, scale)) / np.outer(scale, scale) * gof ** 2
+    cov = _normal_inverse(Jw) * gof ** 2
+    cell_weights = _cell_weights(model, values, vary, Jw, sqrt_w) if math.isfinite(chi2) else {}
     esd_vec = np.sqrt(np.maximum(np.diag(cov), 0.0)) if n_var else np.zeros(0)
     esds = {name: float(e) for name, e in zip(vary, esd_vec)}
     idx = {name: i for i, name in enumerate(vary)}
@@ -1324,6 +1366,8 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
                                     d_a=1 / np.sqrt(pd.tables.H6 @ A), tth_deg=rt["tth"],
                                     sig2=rt["sig2"], gam=rt["gam"], fsq=rt["fsq"],
                                     intensity=rt["intensity"])
+        if p in cell_weights:
+            refl_tables[ph.name]["cell_weight"] = cell_weights[p]
     for name, (i_obs, i_esd) in extract_intensities(model, values, y, sqrt_w, gof).items():
         refl_tables[name].update(i_obs=i_obs, i_obs_esd=i_esd)
     # weight fractions W_p ∝ S_p · cell mass_p (GSAS-II)

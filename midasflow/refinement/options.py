@@ -75,6 +75,8 @@ def check_recipe(bkg_terms: int, limits: Sequence[float] | None, mode: str) -> N
 TEXTURE_MODELS: tuple[str | None, ...] = (None, "md", "sh")
 #: Spherical-harmonics orders offered (GSAS-II's even l = 2 … order; the cubic table ends at 12).
 SH_ORDER_RANGE = (2, 12)
+#: Profile arithmetic of the native engine: GSAS-II's float32 (default) or double precision.
+PRECISIONS = ("float32", "float64")
 
 
 def check_texture(texture: Any, po_axis: Any, sh_order: Any) -> tuple[int, int, int]:
@@ -172,6 +174,11 @@ class RefineOptions:
         March–Dollase axis [h, k, l] (``--po-axis``), a reciprocal-lattice direction.
     sh_order : int
         Highest harmonic order, 2..12 (``--sh-order``).
+    precision : {"float32", "float64"}
+        Profile arithmetic of the native engine (``--precision``, ``refine_pattern``'s
+        ``precision``): GSAS-II's REAL*4 by default; "float64" gives a smooth χ² in SH/L and
+        a start-independent minimum (docs/reference/gsas2_profile.md section 6). The GSAS-II
+        backend always computes in its own float32.
     """
 
     phases: tuple[Phase, ...]
@@ -186,8 +193,11 @@ class RefineOptions:
     texture: str | None = None
     po_axis: tuple[int, int, int] = (0, 0, 1)
     sh_order: int = 4
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ParameterError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         object.__setattr__(self, "phases", tuple(self.phases))
         check_recipe(self.bkg_terms, self.limits, self.mode)
         object.__setattr__(self, "po_axis", check_texture(self.texture, self.po_axis, self.sh_order))
