@@ -8,7 +8,10 @@ them on a local cluster (``--workers`` single-threaded workers). Printed per rat
 and dropped (uniqueId gaps), the rate the stream took them at, and the delay from the last frame
 to the last result. Beside it, from the same run: batch mode's caking rate of the same frames on
 the same cluster (``integrate`` of the same frames from an HDF5 file), the stream's ratio to it, and the load
-average (the machine is shared: timings under load are noisy).
+average (the machine is shared: timings under load are noisy). Less noisy under load: the CPU
+time per frame received (this process, which is the stream's client and the local cluster's
+scheduler, plus the workers; the PV server's excluded), beside batch mode's, and the rate that
+CPU time allows on ``--workers`` free cores (``cpu_bound_fps``).
 
 The PV's monitor queues up to 64 frames on the server side and 64 on the client side, so a
 stream slower than the feed drops frames only once 128 are waiting: ``--frames`` (default 320)
@@ -79,6 +82,11 @@ def _serve(frame_file: str, pv: str, rate_hz: float, n_frames: int, ready, addre
     time.sleep(600)  # the stream stops itself; the parent terminates this process
 
 
+def _cpu_s(client) -> float:  # noqa: ANN001
+    """CPU seconds used so far by this process and the cluster's workers."""
+    return time.process_time() + sum(client.run(time.process_time).values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[5, 10, 20, 30])
@@ -119,11 +127,14 @@ def main() -> None:
     scan = write_scan(work / "batch", params, np.broadcast_to(frame[0], (n_batch, 2048, 2048)),
                       compression="bitshuffle")
     integrate(scan.params_file, scan.data, result_folder=work / "batch_warm", client=client)  # map, numba
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _cpu_s(client)
     integrate(scan.params_file, scan.data, result_folder=work / "batch", client=client)
     batch_fps = n_batch / (time.perf_counter() - t)
-    print(f"# batch mode (integrate) of {n_batch} frames from HDF5 on the same cluster: {batch_fps:.1f} frames/s")
-    print("rate_hz  received  dropped  stream_fps  ratio_to_batch  last_result_after_last_frame_s  load_avg")
+    batch_cpu_ms = 1e3 * (_cpu_s(client) - cpu) / n_batch
+    print(f"# batch mode (integrate) of {n_batch} frames from HDF5 on the same cluster: {batch_fps:.1f} frames/s, "
+          f"{batch_cpu_ms:.0f} ms CPU per frame")
+    print("rate_hz  received  dropped  stream_fps  ratio_to_batch  last_result_after_last_frame_s  "
+          "cpu_ms_per_frame  cpu_ratio_to_batch  cpu_bound_fps  load_avg")
     ctx = mp.get_context("spawn")
     for rate in args.rates:
         ready, address = ctx.Event(), ctx.Array("c", 64)
@@ -132,6 +143,7 @@ def main() -> None:
         server.start()
         ready.wait(60)
         out = work / f"rate_{rate:g}"
+        cpu = _cpu_s(client)
         try:
             run_stream(param_file, [] if args.no_refine else [cif], pva=True, pva_ip=address.value.decode(),
                        pva_channel="bench:Pva1:Image", out=out, result_folder=out, client=client,
@@ -144,8 +156,10 @@ def main() -> None:
         src = summary["source"]
         fps = summary["frames_per_s"] or float("nan")
         delay = summary["last_result_after_last_frame_s"]
+        cpu_ms = 1e3 * (_cpu_s(client) - cpu) / max(src["received_frames"], 1)
         print(f"{rate:7g}  {src['received_frames']:8d}  {src['dropped_frames']:7d}  {fps:10.1f}  "
               f"{fps / batch_fps:14.2f}  {delay if delay is not None else float('nan'):30.2f}  "
+              f"{cpu_ms:16.0f}  {batch_cpu_ms / cpu_ms:18.2f}  {1e3 * args.workers / cpu_ms:13.1f}  "
               f"{os.getloadavg()[0]:8.1f}", flush=True)
     client.close()
     cluster.close()

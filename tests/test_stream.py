@@ -165,6 +165,48 @@ def test_folder_source_skips_files_already_taken(tmp_path):
     assert [a.name for a in got] == ["f2.tif"]
 
 
+def test_idle_timeout_counts_from_when_the_source_is_ready():
+    """A source that takes longer than the idle timeout to get ready (imports, the PV's channel
+    search) still gets its first frame taken; then the stream ends after the idle time."""
+    from types import SimpleNamespace
+
+    from midasflow.stream.dataflow import StreamLimits
+    from midasflow.stream.run import _consume
+    from midasflow.stream.sources import Arrival
+
+    class Source:
+        def arrivals(self, stop):  # noqa: ANN001, ARG002
+            time.sleep(0.6)  # subscribing
+            yield None
+            yield Arrival(name="1", n_frames=1)
+            while True:
+                time.sleep(0.05)
+                yield None
+
+    class Flow:
+        limits = StreamLimits(idle_timeout_s=0.4)
+        state = SimpleNamespace(groups=[])
+        n_frames = 0
+
+        def collect(self, block=False):  # noqa: ANN001, ARG002
+            return False
+
+        def flush_due(self, interrupted):  # noqa: ANN001, ARG002
+            pass
+
+        def feed(self, arrival, interrupted):  # noqa: ANN001, ARG002
+            self.n_frames += 1
+
+        def wants_more(self):
+            return True
+
+    flow = Flow()
+    t0 = time.monotonic()
+    assert _consume(Source(), flow, threading.Event(), 0.4, False) is True
+    assert flow.n_frames == 1
+    assert time.monotonic() - t0 >= 0.6 + 0.4
+
+
 def test_pva_source_decodes_counts_drops_and_ignores_the_stale_value():
     from midasflow.stream.pva import PvaSource
 

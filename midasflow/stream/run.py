@@ -402,9 +402,10 @@ def _consume(source: Any, flow: Any, stop: threading.Event, idle_timeout_s: floa
     from midasflow.progress import TextProgress
 
     bar = TextProgress(flow.limits.stop_after or 0, "stream frames", progress)
-    last = time.monotonic()
+    last = None  # the idle time counts from the source's first tick (it is ready: p4p imported, ...)
     try:
         for arrival in source.arrivals(stop):
+            last = time.monotonic() if last is None else last
             flow.collect(block=False)
             if stop.is_set():
                 return False
