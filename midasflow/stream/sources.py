@@ -259,9 +259,12 @@ class FolderSource:
         return sorted(self._pending, key=natural_key)
 
 
-def frames_of_file(path: str, params: Any, data_loc: str, start: int, stop: int) -> np.ndarray:
+def frames_of_file(path: str, params: Any, data_loc: str, start: int, stop: int, *,
+                   raw: bool = False) -> np.ndarray:
     """Frames ``start:stop`` of one file as float32 with detector flags NaN (the reading of
-    :class:`midasflow.io.frames.ScanReader`), read where the task runs."""
+    :class:`midasflow.io.frames.ScanReader`), or with ``raw`` as stored (its
+    :meth:`~midasflow.io.frames.ScanReader.read_raw`), read where the task runs."""
     from midasflow.io.frames import ScanReader, open_source
 
-    return ScanReader((open_source(path, params, data_loc),), 0)[start:stop]
+    reader = ScanReader((open_source(path, params, data_loc),), 0)
+    return reader.read_raw(start, stop) if raw else reader[start:stop]

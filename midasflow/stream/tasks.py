@@ -1,9 +1,11 @@
 """The stream's task functions: what runs on the Dask workers as frames arrive.
 
-Each reuses the batch kernels: frames are read as :class:`midasflow.io.frames.ScanReader` reads
-them (float32, detector flags NaN), the dark is subtracted and the threshold applied as in
-:func:`midasflow.io.frames.open_frames`, they are caked by the same kernel call as
-:func:`midasflow.caking.cake` makes, added to their ω-group one frame at a time in frame order by
+Each reuses the batch kernels: frames are read raw as :class:`midasflow.io.frames.ScanReader`
+reads them (a PV frame decoded), and caked by the same kernel call as :func:`midasflow.caking.cake`
+makes of an ``open_frames`` scan: the kernel turns the raw values into float32 with detector flags
+NaN, subtracts the dark and applies the threshold while it reads them
+(:class:`midasflow.caking_kernel.RawCorrection`, bit for bit what ``open_frames`` does), so no
+float32 copy of the frames is made; they are added to their ω-group one frame at a time in frame order by
 the same step as the batch group scan (so a group's sum is bit-identical to batch mode's), and a
 closed group's lineouts are made and refined by the lineout plan's own task functions
 (:func:`midasflow.refinement.plan.refine_unit`, :func:`~midasflow.refinement.plan.refine_seed`).
@@ -17,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from midasflow.caking import _cake_chunk, _group_step
-from midasflow.io.frames import _to_float32, threshold_frames
+from midasflow.caking_kernel import RawCorrection
+from midasflow.io.frames import _to_float32
 from midasflow.stream.spool import load_array, save_array
 
 
@@ -57,34 +60,34 @@ class Caking:
 
 
 def read_part(part: FramePart, caking: Caking) -> np.ndarray:
-    """A part's frames (k, nz, ny) float32 with detector flags NaN."""
+    """A part's frames (k, nz, ny) as stored (a PV frame decoded), in their own dtype."""
     if part.pva is not None:
-        return _to_float32(part.pva.decode()[None])
+        return part.pva.decode()[None]
     from midasflow.stream.sources import frames_of_file
 
-    return frames_of_file(part.path, caking.params, caking.data_loc, part.start, part.stop)
+    return frames_of_file(part.path, caking.params, caking.data_loc, part.start, part.stop, raw=True)
 
 
-def read_item(item: FrameItem, caking: Caking, dark: np.ndarray | None) -> np.ndarray:
-    """The item's frames (k, nz, ny) float32: detector flags NaN, dark subtracted, thresholded."""
-    parts = [read_part(part, caking) for part in item.parts]
-    frames = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if dark is not None:
-        frames = frames - dark
-    if caking.pre_proc_thresh is not None:
-        frames = threshold_frames(frames, np.float32(caking.pre_proc_thresh))
-    return frames
+def read_item(item: FrameItem, caking: Caking) -> list[np.ndarray]:
+    """The item's frames as blocks (k_i, nz, ny) for the kernel's :class:`RawCorrection`: as
+    stored when every part has one dtype, else each part as float32 with its detector flags NaN
+    (a concatenation promoted to a common dtype would lose an integer type's flag value)."""
+    blocks = [read_part(part, caking) for part in item.parts]
+    if len({block.dtype for block in blocks}) > 1:
+        blocks = [_to_float32(block) for block in blocks]
+    return blocks
 
 
 def cake_item(item: FrameItem, binmap: Any, caking: Caking, dark: np.ndarray | None,
               parts: tuple[FramePart, ...] | None = None) -> np.ndarray:
-    """Task: the per-frame cakes (k, n_r, n_eta) float64 of one item; each frame's cake is also
-    written to the spool when the item names a file for it. ``parts``, when given, are the
-    item's parts (PV frames sent to the workers as data, not inside the task)."""
+    """Task: the per-frame cakes (k, n_r, n_eta) float64 of one item (``dark`` (nz, ny) float32
+    subtracted); each frame's cake is also written to the spool when the item names a file for
+    it. ``parts``, when given, are the item's parts (PV frames sent to the workers as data, not
+    inside the task)."""
     if parts is not None:
         item = dataclasses.replace(item, parts=parts)
-    cakes = _cake_chunk(read_item(item, caking, dark), binmap, caking.normalize,
-                        caking.min_area_fraction, caking.mask_rule)
+    cakes = _cake_chunk(read_item(item, caking), binmap, caking.normalize, caking.min_area_fraction,
+                        caking.mask_rule, RawCorrection(dark, caking.pre_proc_thresh))
     for path, cake in zip(item.frame_paths, cakes):
         save_array(path, cake)
     return cakes
@@ -94,8 +97,9 @@ def warm_caking(binmap: Any, caking: Caking, n_frames: int) -> int:
     """Task: cake ``n_frames`` blank frames on this worker, so it holds the bin map and the
     kernel's layout of it (built on first use) before the stream's first frame; returns the
     number of frames caked."""
-    frames = np.zeros((n_frames, *binmap.detector_shape), dtype=np.float32)
-    return len(_cake_chunk(frames, binmap, caking.normalize, caking.min_area_fraction, caking.mask_rule))
+    frames = np.zeros((n_frames, *binmap.detector_shape), dtype=np.uint16)
+    return len(_cake_chunk(frames, binmap, caking.normalize, caking.min_area_fraction, caking.mask_rule,
+                           RawCorrection()))
 
 
 @dataclass(frozen=True)
