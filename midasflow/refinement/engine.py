@@ -1301,7 +1301,7 @@ def _normal_inverse(Jw: np.ndarray) -> np.ndarray:
 
 
 def _cell_weights(model: PatternModel, values: Mapping[str, float], vary: Sequence[str],
-                  Jw: np.ndarray, sqrt_w: np.ndarray) -> dict[int, np.ndarray]:
+                  Jw: np.ndarray, sqrt_w: np.ndarray, normal_inv: np.ndarray) -> dict[int, np.ndarray]:
     """Weight of every reflection on the refined cubic cell: ∂ln a/∂ε_k, the change of the
     refined ln a when reflection k alone moves as a strain ε_k would move it (2θ_k by
     −2 tan θ_k·ε_k), through the least-squares estimator (JᵀWJ)⁻¹JᵀW of all refined parameters.
@@ -1309,7 +1309,8 @@ def _cell_weights(model: PatternModel, values: Mapping[str, float], vary: Sequen
     Uniform strain moves the cell, so the weights sum to ~1; reflections whose shift the
     correlated parameters (SH/L, zero, widths) absorb weigh less, and some may weigh < 0
     (a low-angle peak moved alone reads partly as asymmetry). Phases with one free A-term
-    (cubic) only: ``{phase index: (n_reflections,)}``.
+    (cubic) only: ``{phase index: (n_reflections,)}``. ``normal_inv`` is
+    :func:`_normal_inverse` of ``Jw``.
     """
     out: dict[int, np.ndarray] = {}
     cubic = {pd.index for pd in model.phases if len(pd.free) == 1 and f"{pd.index}::A{pd.free[0]}" in vary}
@@ -1317,7 +1318,7 @@ def _cell_weights(model: PatternModel, values: Mapping[str, float], vary: Sequen
         return out
     rt, terms = model._all_terms(values)
     peaks = model._peaks(rt, values["SH/L"], True)
-    gain = _normal_inverse(Jw) @ Jw.T  # (n_var, n_obs): parameter change per unit of r_w
+    gain = normal_inv @ Jw.T  # (n_var, n_obs): parameter change per unit of r_w
     start = 0
     for pd, t in zip(model.phases, terms):
         n_refl = len(t["tth"])
@@ -1344,8 +1345,10 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
     dof = max(n_obs - n_var, 1)
     gof = math.sqrt(chi2 / dof)
     Jw = J * sqrt_w[:, None]
-    cov = _normal_inverse(Jw) * gof ** 2
-    cell_weights = _cell_weights(model, values, vary, Jw, sqrt_w) if math.isfinite(chi2) else {}
+    normal_inv = _normal_inverse(Jw)
+    cov = normal_inv * gof ** 2
+    cell_weights = (_cell_weights(model, values, vary, Jw, sqrt_w, normal_inv)
+                    if math.isfinite(chi2) else {})
     esd_vec = np.sqrt(np.maximum(np.diag(cov), 0.0)) if n_var else np.zeros(0)
     esds = {name: float(e) for name, e in zip(vary, esd_vec)}
     idx = {name: i for i, name in enumerate(vary)}

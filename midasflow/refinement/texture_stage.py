@@ -64,11 +64,7 @@ def _undetermined(model, values, vary: Sequence[str], y, sqrt_w) -> str:
     _, _, J = model.evaluate(values, vary, jac=True)
     r = sqrt_w * (y - model.evaluate(values)[0])
     dof = max(y.size - len(vary), 1)
-    Jw = J * sqrt_w[:, None]
-    N = Jw.T @ Jw
-    scale = np.sqrt(np.diag(N))
-    scale[scale == 0] = 1.0
-    cov = _engine._svd_pinv(N / np.outer(scale, scale)) / np.outer(scale, scale) * float(r @ r) / dof
+    cov = _engine._normal_inverse(J * sqrt_w[:, None]) * float(r @ r) / dof
     esd = dict(zip(vary, np.sqrt(np.maximum(np.diag(cov), 0.0))))
     problems = []
     for pd, po in zip(model.phases, model.po):
