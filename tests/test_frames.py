@@ -510,3 +510,23 @@ def test_a_scan_declaring_absurdly_many_frames_is_refused(tmp_path):
     zarr.create_array(str(path), shape=(10**9, NZ, NY), dtype="i4", chunks=(1, NZ, NY))  # nothing stored
     _one_line_error(r"many.zarr: the scan declares 1000000000 frames, expected at most 10000000", tmp_path,
                     path, _params())
+
+
+def test_a_scan_truncated_after_opening_is_named_in_one_line_by_both_reads(tmp_path):
+    """A GE file cut short after open_frames sized it (a copy still running): the float32 read
+    and the raw read into a caller's buffer (what cake() uses) both raise one FrameError line
+    naming the file and the frames, never a reshape error or a buffer half filled silently."""
+    from midasflow.caking_kernel import raw_buffer
+    from midasflow.io.frames import raw_frames_of
+
+    path = _write_ge(tmp_path / "scan.ge3", _frames(4, np.uint16))
+    frames = open_frames(path, _params())
+    raw = raw_frames_of(frames.data)
+    assert raw is not None
+    with open(path, "r+b") as fh:
+        fh.truncate(8192 + 2 * NZ * NY * 2 + 10)  # two whole frames and a few bytes
+    for read in (lambda: raw.reader.read_raw(0, 4, raw_buffer), lambda: frames.values):
+        with pytest.raises(FrameError) as info:
+            read()
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and "frames 0..3" in message, message
