@@ -24,6 +24,11 @@ Weights are ``area / C`` with C = cos³(2θ) (``SolidAngleCorrection``) times
 1 − f·sin²(2θ)·cos²(η) (``PolarizationCorrection``, applied only where it exceeds 1e−6),
 both at the pixel centre (midas_parameters.md §6.2). Masked pixels have no entries in ``weights``/``areas`` but
 their overlap counts in ``geometric_area`` and flags ``touches_mask`` on every bin they overlap.
+
+Every bin also carries the 2θ its value samples, ``effective_tth_deg`` (docs/caking_2theta.md):
+the overlap-area-weighted mean, over the unmasked pixels it collects, of each pixel's mean 2θ
+over its own area — the same weights the cake applies to the pixel values, so for an intensity
+locally linear in 2θ a bin's value is the pattern at its effective 2θ, not at its centre.
 """
 
 from __future__ import annotations
@@ -60,12 +65,12 @@ if TYPE_CHECKING:
     from midasflow.params import Params
 
 __all__ = ["BinMap", "build_binmap", "load_or_build_binmap", "binmap_key", "check_binmap",
-           "cached_binmap", "MIN_AREA_PX2"]
+           "cached_binmap", "pixel_mean_tth_deg", "MIN_AREA_PX2"]
 
 #: Overlap areas (px²) at or below this are rounding noise and produce no entry.
 MIN_AREA_PX2 = 1e-10
 #: Bumped whenever the map algorithm or file layout changes, so stale cache files are not reused.
-_FORMAT = "midasflow-binmap-v3"  # v3: a pixel with the beam centre on its edge keeps all its area
+_FORMAT = "midasflow-binmap-v4"  # v4: effective_tth_deg; v3: a pixel with the beam centre on its edge keeps all its area
 _MAX_VERTS = 16
 
 
@@ -91,6 +96,11 @@ class BinMap:
         Σ overlap area over all pixels, masked ones included.
     touches_mask : ndarray, shape (n_r, n_eta), bool
         True where a masked pixel overlaps the bin (MIDAS maskMap flag).
+    effective_tth_deg : ndarray, shape (n_r, n_eta), float64
+        The 2θ (deg) the bin's value samples: Σ area·(pixel's mean 2θ) / ``bin_area`` over the
+        unmasked pixels; NaN where ``bin_area`` is 0. Differs from the bin centre's 2θ by
+        ≈ (w² + 1)/(12 R) px on a whole annulus of R bins w px wide, by up to half a bin where
+        a mask, a gap or the detector edge cuts the bin.
     key : str
         Cache key: hash of ``Params.geometry_key()``, the mask and the map format.
     digest : str or None
@@ -110,6 +120,7 @@ class BinMap:
     bin_area: NDArray[np.float64]
     geometric_area: NDArray[np.float64]
     touches_mask: NDArray[np.bool_]
+    effective_tth_deg: NDArray[np.float64]
     key: str
     digest: str | None = None
     cache_file: str | None = None
@@ -579,6 +590,7 @@ def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
     # one index dtype for indptr and indices, so scipy does not copy them
     indptr = indptr.astype(np.int32) if indptr[-1] < 2**31 else indptr
     indices = indices if indptr.dtype == np.int32 else indices.astype(np.int64)
+    area_map = sp.csr_matrix((areas, indices, indptr), shape=shape)
     return BinMap(
         n_r=n_r,
         n_eta=n_eta,
@@ -586,12 +598,55 @@ def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
         r_edges_px=r_edges,
         eta_edges_deg=eta_edges,
         weights=sp.csr_matrix((weights, indices, indptr), shape=shape),
-        areas=sp.csr_matrix((areas, indices, indptr), shape=shape),
+        areas=area_map,
         bin_area=bin_area.reshape(n_r, n_eta),
         geometric_area=geometric.reshape(n_r, n_eta),
         touches_mask=touches.reshape(n_r, n_eta),
+        effective_tth_deg=_effective_tth_deg(area_map, bin_area, params).reshape(n_r, n_eta),
         key=binmap_key(params, masked),
     )
+
+
+#: Offset (px) of the 2 × 2 Gauss–Legendre nodes from a pixel's centre along y and z: the rule
+#: integrates every cubic in (y, z) exactly, so a pixel's mean 2θ is exact to O(R⁻³) px
+#: (the leading term, 1/(24 R) px above the centre's R, is quadratic).
+_GAUSS_OFFSET_PX = 0.5 / np.sqrt(3.0)
+
+
+def pixel_mean_tth_deg(params: Params) -> NDArray[np.float64]:
+    """Mean 2θ (deg) over the area of every RAW pixel, shape (nz, ny).
+
+    A pixel's value is its intensity integrated over its area, so for an intensity locally
+    linear in 2θ it is the intensity at this mean, not at the pixel centre's 2θ. Computed with
+    the 2 × 2 Gauss–Legendre rule on the detector pixel, through the full geometry
+    (:func:`midasflow.geometry.pixel_to_r_eta`, so tilts, distortion and parallax included).
+    """
+    nz, ny = int(params.nr_pixels_z), int(params.nr_pixels_y)
+    y = np.arange(ny, dtype=np.float64)
+    z = np.arange(nz, dtype=np.float64)
+    mean_t = np.empty((nz, ny))
+    g = _GAUSS_OFFSET_PX
+
+    def band(z0: int, z1: int) -> None:  # element-wise numpy, which releases the GIL
+        zt, yt = np.meshgrid(z[z0:z1], y, indexing="ij")
+        acc = np.zeros(zt.shape)
+        for dz in (-g, g):
+            for dy in (-g, g):
+                acc += r_to_tth_deg(pixel_to_r_eta(yt + dy, zt + dz, params)[0], params)
+        mean_t[z0:z1] = 0.25 * acc
+
+    _in_row_bands(band, nz, per_thread=1)
+    # the node set is symmetric under every flip/transpose, so untransforming the means is exact
+    return np.ascontiguousarray(untransform_image(mean_t, params.im_trans_opt))
+
+
+def _effective_tth_deg(area_map: sp.csr_matrix, bin_area: NDArray[np.float64],
+                       params: Params) -> NDArray[np.float64]:
+    """Σ area·(pixel mean 2θ) / bin area of every bin (flat), NaN where the bin area is 0."""
+    sums = area_map @ pixel_mean_tth_deg(params).ravel()
+    out = np.full(bin_area.shape, np.nan)
+    np.divide(sums, bin_area, out=out, where=bin_area > 0)
+    return out
 
 
 def _default_cache_dir() -> Path:
@@ -603,7 +658,7 @@ def _default_cache_dir() -> Path:
 
 #: The arrays of a cached map, in the order the digest covers them.
 _ARRAYS = ("detector_shape", "r_edges_px", "eta_edges_deg", "indptr", "indices", "weights", "areas",
-           "bin_area", "geometric_area", "touches_mask")
+           "bin_area", "geometric_area", "touches_mask", "effective_tth_deg")
 
 
 def _arrays(bm: BinMap) -> dict[str, np.ndarray]:
@@ -618,6 +673,7 @@ def _arrays(bm: BinMap) -> dict[str, np.ndarray]:
         "bin_area": bm.bin_area,
         "geometric_area": bm.geometric_area,
         "touches_mask": bm.touches_mask,
+        "effective_tth_deg": bm.effective_tth_deg,
     }
 
 
@@ -664,7 +720,7 @@ def _check_arrays(n_r: int, n_eta: int, arrays: dict[str, np.ndarray]) -> None:
             raise ValueError(f"{name}: expected finite values")
     if nnz and (areas.min() < 0 or (weights < areas * (1 - 1e-12)).any()):
         raise ValueError("weights/areas: expected areas >= 0 and weights >= areas")
-    for name in ("bin_area", "geometric_area", "touches_mask"):
+    for name in ("bin_area", "geometric_area", "touches_mask", "effective_tth_deg"):
         a = arrays[name]
         dtype = np.bool_ if name == "touches_mask" else np.float64
         if not (a.shape == (n_r, n_eta) and a.dtype == dtype):
@@ -677,6 +733,11 @@ def _check_arrays(n_r: int, n_eta: int, arrays: dict[str, np.ndarray]) -> None:
         raise ValueError("bin_area: expected the row sums of areas")
     if not (arrays["geometric_area"] >= arrays["bin_area"] * (1 - 1e-9) - 1e-12).all():
         raise ValueError("geometric_area: expected at least bin_area")
+    tth, collects = arrays["effective_tth_deg"], arrays["bin_area"] > 0
+    if not (np.isfinite(tth) == collects).all() or (tth[collects] < 0).any() \
+            or (tth[collects] >= 180).any():
+        raise ValueError("effective_tth_deg: expected a 2θ in [0, 180) degrees exactly where "
+                         "bin_area > 0, NaN elsewhere")
 
 
 def check_binmap(bm: BinMap) -> None:
@@ -703,7 +764,7 @@ def check_binmap(bm: BinMap) -> None:
             A.indices is W.indices or np.array_equal(A.indices, W.indices)):
         raise ValueError("areas: expected the sparsity pattern of weights")
     arrays = _arrays(bm)
-    for name in ("bin_area", "geometric_area", "touches_mask"):
+    for name in ("bin_area", "geometric_area", "touches_mask", "effective_tth_deg"):
         arrays[name] = np.asarray(arrays[name])
     _check_arrays(int(bm.n_r), int(bm.n_eta), arrays)
 
@@ -769,6 +830,7 @@ def _load_file(path: Path, key: str, digest: str | None = None) -> BinMap:
         bin_area=arrays["bin_area"],
         geometric_area=arrays["geometric_area"],
         touches_mask=arrays["touches_mask"],
+        effective_tth_deg=arrays["effective_tth_deg"],
         key=key,
         digest=actual,
         cache_file=str(path.resolve()),

@@ -33,6 +33,7 @@ def caked_dataset(
     q_inv_a: np.ndarray,
     eta_deg: np.ndarray,
     bin_area: np.ndarray,
+    effective_tth_deg: np.ndarray | None = None,
     frame_intensity: Any = None,
     sum_frames: Any = None,
     process_variables: dict[str, Any] | None = None,
@@ -44,7 +45,9 @@ def caked_dataset(
     (r, eta) may be numpy or dask arrays; the rest are numpy. ``omega_deg`` (group)
     is derived as the mid-group ω, (first + last) / 2. ``process_variables`` maps names of
     :data:`midasflow.params.PROCESS_VARIABLES` to per-group values (group,), stored as float64
-    variables of those names.
+    variables of those names. ``effective_tth_deg`` (r, eta), the 2θ each bin's value samples
+    (:attr:`midasflow.binmap.BinMap.effective_tth_deg`), becomes a coordinate of that name when
+    given (stores MIDAS wrote, and older midasflow stores, have none).
     """
     import xarray as xr
 
@@ -70,6 +73,8 @@ def caked_dataset(
         "q_inv_a": ("r", np.asarray(q_inv_a, dtype=np.float64)),
         "eta_deg": ("eta", np.asarray(eta_deg, dtype=np.float64)),
         "bin_area": (("r", "eta"), np.asarray(bin_area, dtype=np.float64)),
+        **({} if effective_tth_deg is None else
+           {"effective_tth_deg": (("r", "eta"), np.asarray(effective_tth_deg, dtype=np.float64))}),
         "omega_deg": ("group", 0.5 * (first + last)),
         "omega_frame_deg": ("frame", np.asarray(omega_frame_deg, dtype=np.float64)),
     }

@@ -276,7 +276,9 @@ def cake(
         ``save_individual_frames``, ``sum_frames`` (r, eta) when ``sum_images``, ``temperature``,
         ``pressure``, ``i``, ``i0`` (group, float64) for the process variables ``frames`` carries,
         each the mean over the group's frames; coordinates
-        ``r_px``, ``tth_deg``, ``q_inv_a`` (r), ``eta_deg`` (eta), ``bin_area`` (r, eta, pixel²),
+        ``r_px``, ``tth_deg``, ``q_inv_a`` (r; bin centres), ``eta_deg`` (eta), ``bin_area``
+        (r, eta, pixel²), ``effective_tth_deg`` (r, eta; the 2θ each bin's value samples,
+        :attr:`midasflow.binmap.BinMap.effective_tth_deg`, NaN where no pixel is collected),
         ``omega_deg`` (group, mid-group ω), ``omega_frame_deg`` (frame); attrs ``params`` (MIDAS
         text) and ``instrument`` (JSON of the GSAS-II instrument terms).
 
@@ -376,14 +378,16 @@ def cake(
 
 
 def cake_coords(params: Params, binmap: BinMap) -> dict[str, np.ndarray]:
-    """The bin coordinates of a caked Dataset: ``r_px``, ``tth_deg``, ``q_inv_a`` (r), ``eta_deg``
-    (eta) and ``bin_area`` (r, eta), as keywords of :func:`midasflow.caked_schema.caked_dataset`."""
+    """The bin coordinates of a caked Dataset: ``r_px``, ``tth_deg``, ``q_inv_a`` (r; bin centres),
+    ``eta_deg`` (eta), ``bin_area`` and ``effective_tth_deg`` (r, eta), as keywords of
+    :func:`midasflow.caked_schema.caked_dataset`."""
     from midasflow.geometry import r_to_tth_deg, tth_to_q_inv_a
 
     r_px = bin_centres(binmap.r_edges_px)
     tth = r_to_tth_deg(r_px, params)
     return {"r_px": r_px, "tth_deg": tth, "q_inv_a": tth_to_q_inv_a(tth, params.wavelength_a),
-            "eta_deg": bin_centres(binmap.eta_edges_deg), "bin_area": binmap.bin_area}
+            "eta_deg": bin_centres(binmap.eta_edges_deg), "bin_area": binmap.bin_area,
+            "effective_tth_deg": binmap.effective_tth_deg}
 
 
 def cake_attrs(params: Params) -> dict[str, str]:

@@ -399,7 +399,7 @@ def refine(
             ref_cells=cells,
             phase_names=[p.name for p in phases],
             attrs={"data_file": str(data) if not in_memory else data_file, "backend": backend,
-                   "mode": mode, "refine_digest": plan.refine_digest()},
+                   "mode": mode, "refine_digest": plan.refine_digest(), "tth_axis": plan.tth_axis},
             include_flagged=include_flagged,
             omega_frames_deg=_omega_frames_deg(source),
             texture=texture, sh_order=sh_order,

@@ -426,7 +426,9 @@ def summary_dict(ds: xr.Dataset, folder: str | os.PathLike | None = None) -> dic
     :meth:`midasflow.strain.StrainFit.to_dict`), ``flag_counts`` ({flag: refined lineouts
     carrying it}, every flag of :data:`midasflow.refinement.result.FLAGS`), ``flagged`` (refined
     lineouts with any flag), ``strain_excluding_flags`` (the flags that kept lineouts out of the
-    strain fits; empty with ``include_flagged``) and, when no lineout was refined, ``error``
+    strain fits; empty with ``include_flagged``), ``tth_axis`` (the lineouts' 2θ: "effective",
+    each bin's effective 2θ, docs/caking_2theta.md; "bin_centre" for a cake without it; "given"
+    for a list of lineouts) and, when no lineout was refined, ``error``
     (:func:`run_failure`). The (group, η) grid of every lineout stays in results.zarr.
 
     Parameters
@@ -503,6 +505,7 @@ def summary_dict(ds: xr.Dataset, folder: str | os.PathLike | None = None) -> dic
         "flagged": int((flags.any(axis=-1) & (status == "ok")).sum()),
         "strain_excluding_flags": json.loads(ds.attrs.get("strain_excluding_flags", "[]")),
         "strain": json.loads(ds.attrs.get("strain_fits", "{}")),
+        "tth_axis": str(ds.attrs.get("tth_axis", "bin_centre")),
     })
     failure = run_failure(ds)
     if failure:

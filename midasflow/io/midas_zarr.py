@@ -15,12 +15,16 @@ member                                        shape            attributes
 ``SumFrames``                                 (nR, nEta)       Header, Units, nFrames
 ``InstrumentParameters/<name>``               (1,)             —
 ``BinArea`` (midasflow)                       (nR, nEta)       Units
+``Effective2Theta`` (midasflow)               (nR, nEta)       Units
 ============================================  ===============  =====================================
 
 REtaMap's BinArea plane is the bin's unmasked area, except that it is 0 wherever the intensity of
 any ω-group is NaN (a bin masked by the mask rule): GSAS-II's importer keeps exactly the bins of
 non-zero area, so it never reads a NaN point (a module gap would otherwise put NaN y and w into
 most of its histograms). The true areas are kept in ``BinArea`` and read back as ``bin_area``.
+``Effective2Theta`` is the 2θ (deg) each bin's value samples (the Dataset's
+``effective_tth_deg``, docs/caking_2theta.md; NaN where no pixel is collected); REtaMap's 2Theta
+plane stays the bin centres, as MIDAS writes it, so importers that read REtaMap are unchanged.
 
 ``i`` is the post-SkipFrame frame index (not zero-padded). ``Number Of Frames Summed`` is the real
 frame count of the group (midasflow writes what MIDAS' IZ-param path writes, not IZ-zarr's
@@ -64,6 +68,8 @@ REQUIRED = ("REtaMap", "OmegaSumFrame", "InstrumentParameters")
 #: Root array holding every bin's unmasked area (px²); REtaMap's BinArea plane is 0 where a group's
 #: intensity is NaN, so GSAS-II's importer (which keeps bins of area != 0) gets no NaN points.
 BIN_AREA = "BinArea"
+#: Root array holding the 2θ (deg) each bin's value samples (Dataset ``effective_tth_deg``).
+EFFECTIVE_TTH = "Effective2Theta"
 
 
 def _compressor() -> Any:
@@ -161,6 +167,9 @@ def _write(ds: Any, path: Path, parts: Path, client: Any, progress: bool) -> Non
         _new_array(grp, name, (1,), {})[...] = np.array([inst[key]], dtype="<f8")
     bin_area = np.asarray(ds["bin_area"].values, dtype="<f8")
     _new_array(root, BIN_AREA, bin_area.shape, {"Units": "Pixels"})[...] = bin_area
+    if "effective_tth_deg" in ds.variables:
+        tth_eff = np.asarray(ds["effective_tth_deg"].transpose("r", "eta").values, dtype="<f8")
+        _new_array(root, EFFECTIVE_TTH, tth_eff.shape, {"Units": "Degrees"})[...] = tth_eff
     template = entries[f"{BIN_AREA}/.zarray"].to_bytes()  # every (nR, nEta) member's metadata
     indent = zarr.config.get("json_indent")
     member_meta: dict[str, bytes] = {}
@@ -457,7 +466,7 @@ def _check_cake_shapes(shapes: dict[str, tuple[int, ...]], shape: tuple[int, int
     """Every (nR, nEta) member of the layout declares REtaMap's (nR, nEta): the lazy cakes are
     built on that shape, so a member declaring another is refused before it is read."""
     for name, declared in shapes.items():
-        cake = name in (BIN_AREA, "SumFrames") or name.rpartition("/")[0] in (
+        cake = name in (BIN_AREA, EFFECTIVE_TTH, "SumFrames") or name.rpartition("/")[0] in (
             "OmegaSumFrame", "IntegrationResult")
         if cake and tuple(declared) != tuple(shape):
             raise CakeFileError(f"{path}: member {name} has shape {tuple(declared)}, expected "
@@ -512,6 +521,7 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         _check_cake_shapes(shapes, (n_r, n_eta), path)
         retamap = root["REtaMap"][...]
         bin_area = root[BIN_AREA][...] if BIN_AREA in members else None
+        tth_eff = root[EFFECTIVE_TTH][...] if EFFECTIVE_TTH in members else None
         groups = _numbered(shapes, "OmegaSumFrame", GROUP_PREFIX, path)
         g_attrs = _member_attrs(path, [f"OmegaSumFrame/{name}" for _, name in groups])
         frames = (_numbered(shapes, "IntegrationResult", FRAME_PREFIX, path)
@@ -528,6 +538,10 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         _IMPORTER_AREAS[identity] = np.asarray(retamap[3], dtype=np.float64)
         while len(_IMPORTER_AREAS) > _IMPORTER_AREAS_KEPT:
             del _IMPORTER_AREAS[next(iter(_IMPORTER_AREAS))]
+    if tth_eff is not None and (np.asarray(tth_eff).dtype.kind != "f"
+                                or ((tth_eff < 0) | (tth_eff >= 180)).any()):  # NaN: False
+        raise CakeFileError(f"{path}: member {EFFECTIVE_TTH} holds {np.asarray(tth_eff).dtype} "
+                            "values outside [0, 180), expected 2θ in degrees (NaN: no pixel)")
     if retamap.shape[0] == 4:  # legacy 4-plane REtaMap (R, 2θ, η, BinArea): Q from Lam
         from midasflow.geometry import tth_to_q_inv_a
 
@@ -564,6 +578,7 @@ def read_midas_zarr(path: str | os.PathLike) -> Any:
         q_inv_a=retamap[4, :, 0],
         eta_deg=retamap[2, 0, :],
         bin_area=retamap[3] if bin_area is None else bin_area,
+        effective_tth_deg=tth_eff,
         frame_intensity=(_lazy_stack(src, [f"IntegrationResult/{n}" for _, n in frames],
                                      (n_r, n_eta)) if frames else None),
         sum_frames=_lazy_stack(src, ["SumFrames"], (n_r, n_eta))[0] if has_sum else None,

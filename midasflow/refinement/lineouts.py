@@ -77,7 +77,9 @@ class LineoutSpec:
     eta_deg : float
         η bin centre, degrees (MIDAS convention).
     tth_deg, intensity, sigma : ndarray (n_points,), float64, read-only
-        2θ (deg), counts per frame and σ of the usable bins (area ≠ 0, finite intensity).
+        2θ (deg), counts per frame and σ of the usable bins (area ≠ 0, finite intensity), in
+        increasing 2θ. The 2θ is the one each bin's value samples (the cake's
+        ``effective_tth_deg``, docs/caking_2theta.md) when the cake has it, else its centre.
     frames_summed : int
     skipped : bool
         True when n_points ≤ the plan's ``min_points``; such a lineout is not refined.
@@ -250,10 +252,8 @@ def lineouts_of_group(
     for e in range(n_cols):
         use = (area[:, e] != 0) & np.isfinite(intensity[:, e])
         col_sum, col_area = intensity[use, e], area[use, e]
-        arrays = [tth2d[use, e], col_sum / n_frames,
-                  lineout_sigma(col_sum, col_area, n_frames, normalized=normalized)]
-        for arr in arrays:
-            arr.setflags(write=False)
+        arrays = in_tth_order([tth2d[use, e], col_sum / n_frames,
+                               lineout_sigma(col_sum, col_area, n_frames, normalized=normalized)])
         index = int(group) * n_eta + eta_start + e
         skipped = bool(use.sum() <= min_points)
         number = (-1 if skipped else index) if histogram is None else int(histogram[e])
@@ -267,6 +267,21 @@ def lineouts_of_group(
             histogram=number,
         ))
     return specs
+
+
+def in_tth_order(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """``arrays`` (2θ first, then the values of the same points), read-only, in increasing 2θ.
+
+    Bin-centre axes are increasing already; effective 2θ axes (docs/caking_2theta.md) may step
+    back where a mask cuts two neighbouring bins, and the backends (GSAS-II's peak ranges)
+    expect increasing 2θ. The points are the same, only their order changes."""
+    tth = arrays[0]
+    if (np.diff(tth) < 0).any():
+        order = np.argsort(tth, kind="stable")
+        arrays = [a[order] for a in arrays]
+    for arr in arrays:
+        arr.setflags(write=False)
+    return arrays
 
 
 def is_normalized(params_text: str) -> bool:

@@ -43,6 +43,7 @@ from midasflow.refinement.lineouts import (
     LineoutResult,
     LineoutSpec,
     failed_result,
+    in_tth_order,
     independent_fraction,
     is_normalized,
     lineouts_of_group,
@@ -65,6 +66,9 @@ class CakeLayout:
     ----------
     n_groups, n_r, n_eta : int
     tth_deg : ndarray (n_r,) or (n_r, n_eta), degrees
+        The lineouts' x axis: the 2θ every bin's value samples (the cake's
+        ``effective_tth_deg``, docs/caking_2theta.md) where the cake has it, else the bin
+        centres (``tth_deg``: stores written by MIDAS, or by midasflow before it).
     eta_deg : ndarray (n_eta,), degrees
     bin_area : ndarray (n_r, n_eta), pixel²
     omega_deg : ndarray (n_groups,), mid-group ω, degrees
@@ -77,6 +81,8 @@ class CakeLayout:
     histogram : ndarray (n_groups, n_eta) int
         MIDAS's histogram number of every lineout (:mod:`midasflow.refinement.numbering`; −1:
         no histogram).
+    tth_axis : {"effective", "bin_centre"}
+        Which 2θ ``tth_deg`` holds.
     """
 
     n_groups: int
@@ -90,6 +96,7 @@ class CakeLayout:
     normalized: bool
     fraction: np.ndarray | None = None
     histogram: np.ndarray | None = None
+    tth_axis: str = "bin_centre"
 
     @classmethod
     def of(cls, ds: Any, normalized: bool | None = None, *, store: str | os.PathLike | None = None,
@@ -130,18 +137,39 @@ class CakeLayout:
         last_frame = (np.asarray(ds["last_frame"].values) if "last_frame" in ds.variables
                       else np.arange(int(sizes["group"])))
         histogram = histogram_numbers(importer_area(ds, store), last_frame, min_points=min_points)
+        tth, axis = _tth_axis(ds, area)
         return cls(
             n_groups=int(sizes["group"]), n_r=int(sizes["r"]), n_eta=int(sizes["eta"]),
-            tth_deg=np.asarray(ds["tth_deg"].transpose("r", ...).values, dtype=np.float64),
-            eta_deg=eta, bin_area=area, omega_deg=omega,
+            tth_deg=tth, eta_deg=eta, bin_area=area, omega_deg=omega,
             frames_summed=np.asarray(ds["frames_summed"].values, dtype=np.int64),
-            normalized=bool(normalized), fraction=fraction, histogram=histogram)
+            normalized=bool(normalized), fraction=fraction, histogram=histogram, tth_axis=axis)
 
     def columns(self, e0: int, e1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """2θ, η, bin areas and independent fractions of η columns ``e0:e1``."""
         tth = self.tth_deg if self.tth_deg.ndim == 1 else self.tth_deg[:, e0:e1]
         fraction = None if self.fraction is None else self.fraction[:, e0:e1]
         return tth, self.eta_deg[e0:e1], self.bin_area[:, e0:e1], fraction
+
+
+def _tth_axis(ds: Any, area: np.ndarray) -> tuple[np.ndarray, str]:
+    """The lineouts' 2θ axis of a caked Dataset and its name: ``effective_tth_deg`` (r, eta)
+    when present ("effective"), else the bin centres ``tth_deg`` (r) ("bin_centre").
+
+    Raises
+    ------
+    CakeFileError
+        ``effective_tth_deg`` is not finite in a bin of non-zero area.
+    """
+    if "effective_tth_deg" not in ds.variables:
+        return np.asarray(ds["tth_deg"].transpose("r", ...).values, dtype=np.float64), "bin_centre"
+    tth = np.asarray(ds["effective_tth_deg"].transpose("r", "eta").values, dtype=np.float64)
+    bad = (area != 0) & ~np.isfinite(tth)
+    if bad.any():
+        r, e = np.argwhere(bad)[0]
+        raise CakeFileError(f"caked dataset: effective_tth_deg is {tth[r, e]} in bin (r {r}, "
+                            f"eta {e}) of area {area[r, e]}, expected a finite 2θ wherever the "
+                            "bin area is not 0")
+    return tth, "effective"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,10 +309,8 @@ def group_mean_spec(intensity: np.ndarray, layout: CakeLayout, group: int, *,
         counts = np.where(use, intensity, 0.0).sum(axis=1)[keep]
         norm = use.sum(axis=1)[keep] * float(n)
     tth2d = np.broadcast_to(layout.tth_deg.reshape(layout.n_r, -1), area.shape)
-    arrays = [(tth2d * np.where(use, area, 0.0)).sum(axis=1)[keep] / used_area[keep],
-              counts / norm, np.sqrt(np.maximum(counts, 1.0)) / norm]
-    for arr in arrays:
-        arr.setflags(write=False)
+    arrays = in_tth_order([np.where(use, tth2d * area, 0.0).sum(axis=1)[keep] / used_area[keep],
+                           counts / norm, np.sqrt(np.maximum(counts, 1.0)) / norm])
     fraction = 1.0
     if layout.fraction is not None and keep.any():
         merged = (np.where(use, area * layout.fraction, 0.0)).sum(axis=1)[keep] / used_area[keep]
@@ -522,6 +548,12 @@ class LineoutPlan:
         """Where the cakes are read: ``store <path>``, ``dataset`` or ``specs``."""
         return f"store {self.store}" if self.store else ("dataset" if self.layout else "specs")
 
+    @property
+    def tth_axis(self) -> str:
+        """The lineouts' 2θ: "effective" (each bin's effective 2θ, docs/caking_2theta.md),
+        "bin_centre" (the cake has none), or "given" (a spec list: the specs' own 2θ)."""
+        return self.layout.tth_axis if self.layout is not None else "given"
+
     def usable_tth(self) -> list[np.ndarray]:
         """2θ (deg) of the points each lineout may have, for checking options against the data
         before any work (:meth:`RefineOptions.check_against`): per η column, the bins of non-zero
@@ -547,7 +579,8 @@ class LineoutPlan:
             ``source``, ``lineouts``, ``groups``, ``eta_bins``, ``r_bins``, ``numbering``,
             ``min_points``, ``skipped_by_geometry`` (lineouts whose column has ≤ min_points bins
             of non-zero area: certainly skipped; NaN bins are known only when read),
-            ``tth_range_deg``, ``omega_range_deg``, ``backend``, ``seed_from``,
+            ``tth_range_deg``, ``tth_axis`` ("effective": each bin's effective 2θ;
+            "bin_centre": the store has none), ``omega_range_deg``, ``backend``, ``seed_from``,
             ``options_digest``, ``refine_digest`` and ``options`` (the settings).
         """
         from midasflow.refinement.checkpoints import backend_identity
@@ -561,6 +594,7 @@ class LineoutPlan:
                 numbering="index = group * eta_bins + eta_index (GSAS-II MIDAS importer)",
                 skipped_by_geometry=int((per_column <= self.min_points).sum()) * lay.n_groups,
                 tth_range_deg=[float(np.nanmin(lay.tth_deg)), float(np.nanmax(lay.tth_deg))],
+                tth_axis=lay.tth_axis,
                 omega_range_deg=([float(lay.omega_deg.min()), float(lay.omega_deg.max())]
                                  if lay.n_groups else []))
         else:

@@ -118,6 +118,9 @@ def write_cakes_h5(path: str | os.PathLike, caked: Any, state: Any, spool: Spool
             "Area_map": (caked.bin_area.values, "pixels²", "unmasked pixel area of the bin"),
             "Q_map": (np.broadcast_to(caked.q_inv_a.values[:, None], (n_r, n_eta)), "1/Å", "bin centre Q"),
         }
+        if "effective_tth_deg" in caked.variables:
+            planes["TTh_eff_map"] = (caked.effective_tth_deg.transpose("r", "eta").values, "degrees",
+                                     "2θ each bin's value samples (docs/caking_2theta.md)")
         for name, (values, units, description) in planes.items():
             ds = geo.create_dataset(name, data=np.ascontiguousarray(values, dtype=np.float64), **chunked)
             ds.attrs.update(units=units, description=description)

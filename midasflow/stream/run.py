@@ -466,7 +466,7 @@ class _Outputs:
         return assemble_results(
             lineouts, ref_cells=self.cells, phase_names=[p.name for p in self.plan.options.phases],
             attrs={"data_file": "stream", "backend": self.backend, "mode": self.mode,
-                   "refine_digest": self.plan.refine_digest()},
+                   "refine_digest": self.plan.refine_digest(), "tth_axis": self.plan.tth_axis},
             include_flagged=self.include_flagged, omega_frames_deg=omega_frames,
             texture=self.plan.options.texture, sh_order=self.plan.options.sh_order)
 
