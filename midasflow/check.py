@@ -347,9 +347,13 @@ def eta_averaged_pattern(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y(r) = Σ I·A / Σ N·A over every ω-group and η bin with finite intensity and area A > 0
     (``Normalize 1``: I is counts per unit area per frame summed over the group's N frames);
     σ = √max(C, 1) / Σ N·A with C = Σ I·A the counts. For a cake that is not area-normalised
-    I·A is replaced by I (counts) and A by 1.
+    I·A is replaced by I (counts) and A by 1. The 2θ of a row is the same N·A-weighted mean of
+    its bins' effective 2θ (docs/caking_2theta.md), or its centre for a cake without them, so
+    the average and the lineouts (:func:`~midasflow.refinement.lineouts.plan_lineouts`) put a
+    ring at the same place.
     """
     from midasflow.params import params_from_text
+    from midasflow.refinement.plan import lineout_tth_axis
 
     normalized = True
     if ds.attrs.get("params"):
@@ -362,9 +366,10 @@ def eta_averaged_pattern(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     counts = np.where(usable, inten, 0.0) * weight
     exposure = (weight * frames[:, None, None]).sum(axis=(0, 2))
     total = counts.sum(axis=(0, 2))
-    tth = np.asarray(ds["tth_deg"].values, dtype=np.float64).reshape(inten.shape[1], -1)[:, 0]
+    tth_bins = np.broadcast_to(lineout_tth_axis(ds, area)[0].reshape(area.shape[0], -1), area.shape)
     keep = exposure > 0
     with np.errstate(invalid="ignore", divide="ignore"):
+        tth = (np.where(usable, tth_bins[None], 0.0) * weight * frames[:, None, None]).sum(axis=(0, 2)) / exposure
         y = total / exposure
         s = np.sqrt(np.maximum(total, 1.0)) / exposure
     return tth[keep], y[keep], s[keep]

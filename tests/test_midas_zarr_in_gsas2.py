@@ -28,6 +28,14 @@ def scan_zip(tmp_path_factory):
                             params_overrides={"omega_sum_frames": 2})
 
 
+def _bins_in_our_order(caked, spec):
+    """The R bins of a lineout (finite in its group, area ≠ 0) in bin order, as GSAS-II's importer
+    reads them, and the order midasflow puts them in (increasing effective 2θ)."""
+    e = spec.eta_index
+    bins = (np.isfinite(caked.intensity.values[spec.group][:, e]) & (caked.bin_area.values[:, e] != 0))
+    return bins, np.argsort(caked.effective_tth_deg.values[bins, e], kind="stable")
+
+
 def test_gsasii_midas_importer_reads_our_lineouts(gsasii, scan_zip, tmp_path):
     path, truth = scan_zip
     ours = [spec for spec in plan_lineouts(open_caked(path)) if not spec.skipped]
@@ -41,8 +49,13 @@ def test_gsasii_midas_importer_reads_our_lineouts(gsasii, scan_zip, tmp_path):
     for hist, spec in zip(hists, ours):
         x = np.asarray(hist.getdata("X"))
         y = np.asarray(hist.getdata("Yobs"))
-        np.testing.assert_allclose(x, spec.tth_deg, rtol=1e-12)
-        np.testing.assert_allclose(y, spec.intensity, rtol=1e-12)
+        # the importer's x is REtaMap's bin centres; midasflow's lineouts use each bin's
+        # effective 2θ (docs/caking_2theta.md), in increasing order: same bins, same values
+        bins, order = _bins_in_our_order(caked, spec)
+        np.testing.assert_allclose(x, caked.tth_deg.values[bins], rtol=1e-12)
+        np.testing.assert_allclose(y[order], spec.intensity, rtol=1e-12)
+        np.testing.assert_allclose(spec.tth_deg,
+                                   caked.effective_tth_deg.values[bins, spec.eta_index][order], rtol=1e-12)
         assert f"eta={spec.eta_deg}" in hist.name
         # GSAS-II divides by the real frame count we wrote (the remainder group has 1 frame)
         group_sum = caked.intensity.values[spec.group][:, spec.eta_index]
@@ -106,4 +119,4 @@ def test_gsasii_reads_no_nan_on_a_detector_with_module_gaps(gsasii, tmp_path):
         y = np.asarray(hist.getdata("Yobs"))
         w = np.asarray(hist.getdata("Yweight"))
         assert np.isfinite(y).all() and np.isfinite(w).all(), hist.name
-        np.testing.assert_allclose(y, spec.intensity, rtol=1e-12)
+        np.testing.assert_allclose(y[_bins_in_our_order(caked, spec)[1]], spec.intensity, rtol=1e-12)

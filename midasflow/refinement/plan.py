@@ -137,7 +137,7 @@ class CakeLayout:
         last_frame = (np.asarray(ds["last_frame"].values) if "last_frame" in ds.variables
                       else np.arange(int(sizes["group"])))
         histogram = histogram_numbers(importer_area(ds, store), last_frame, min_points=min_points)
-        tth, axis = _tth_axis(ds, area)
+        tth, axis = lineout_tth_axis(ds, area)
         return cls(
             n_groups=int(sizes["group"]), n_r=int(sizes["r"]), n_eta=int(sizes["eta"]),
             tth_deg=tth, eta_deg=eta, bin_area=area, omega_deg=omega,
@@ -151,7 +151,7 @@ class CakeLayout:
         return tth, self.eta_deg[e0:e1], self.bin_area[:, e0:e1], fraction
 
 
-def _tth_axis(ds: Any, area: np.ndarray) -> tuple[np.ndarray, str]:
+def lineout_tth_axis(ds: Any, area: np.ndarray) -> tuple[np.ndarray, str]:
     """The lineouts' 2θ axis of a caked Dataset and its name: ``effective_tth_deg`` (r, eta)
     when present ("effective"), else the bin centres ``tth_deg`` (r) ("bin_centre").
 
