@@ -11,7 +11,8 @@ the same cluster (``integrate`` of the same frames from an HDF5 file), the strea
 average (the machine is shared: timings under load are noisy). Less noisy under load: the CPU
 time per frame received (this process, which is the stream's client and the local cluster's
 scheduler, plus the workers; the PV server's excluded), beside batch mode's, and the rate that
-CPU time allows on ``--workers`` free cores (``cpu_bound_fps``).
+CPU time allows on ``--workers`` free cores (``cpu_bound_fps``), and how many of the refined
+lineouts were warm-started (``--precision``, ``--warm-start``; :mod:`midasflow.refinement.warm`).
 
 The PV's monitor queues up to 64 frames on the server side and 64 on the client side, so a
 stream slower than the feed drops frames only once 128 are waiting: ``--frames`` (default 320)
@@ -95,6 +96,10 @@ def main() -> None:
     ap.add_argument("--eta-bin", type=float, default=10.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-refine", action="store_true", help="cake only")
+    ap.add_argument("--precision", choices=("float32", "float64"), default=None,
+                    help="profile arithmetic of the refinement (default: run_stream's)")
+    ap.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                    help="warm starts of the seeded lineouts (default: run_stream's, on in float64)")
     args = ap.parse_args()
 
     from distributed import Client, LocalCluster
@@ -114,7 +119,8 @@ def main() -> None:
     np.save(work / "frame.npy", frame[0])
     cif = write_phase_cif(cubic_phase("CeO2", CEO2_A_A), work / "CeO2.cif")
     print(f"# 2048² CeO2 frame simulated in {time.perf_counter() - t:.0f} s; {params.n_r} R × {params.n_eta} η bins, "
-          f"OmegaSumFrames {args.omega_sum_frames}, {args.workers} workers; work folder {work}")
+          f"OmegaSumFrames {args.omega_sum_frames}, {args.workers} workers; precision {args.precision or 'default'}, "
+          f"warm starts {'default' if args.warm_start is None else args.warm_start}; work folder {work}")
 
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
@@ -148,7 +154,8 @@ def main() -> None:
             run_stream(param_file, [] if args.no_refine else [cif], pva=True, pva_ip=address.value.decode(),
                        pva_channel="bench:Pva1:Image", out=out, result_folder=out, client=client,
                        stop_after=args.frames, idle_timeout_s=IDLE_TIMEOUT_S, live=False, export=False, report=False,
-                       refine_atoms=False, skip_refinement=args.no_refine, no_zarr=True, refresh_every=10**6)
+                       refine_atoms=False, skip_refinement=args.no_refine, no_zarr=True, refresh_every=10**6,
+                       warm_start=args.warm_start, **({"precision": args.precision} if args.precision else {}))
         finally:
             server.terminate()
             server.join(10)
@@ -157,10 +164,16 @@ def main() -> None:
         fps = summary["frames_per_s"] or float("nan")
         delay = summary["last_result_after_last_frame_s"]
         cpu_ms = 1e3 * (_cpu_s(client) - cpu) / max(src["received_frames"], 1)
+        recipes = ""
+        if (out / "results.zarr").is_dir():
+            from midasflow.results import open_results
+
+            refined = [r for r in open_results(out / "results.zarr").recipe.values.ravel() if r]
+            recipes = f"  warm {refined.count('warm')}/{len(refined)}"
         print(f"{rate:7g}  {src['received_frames']:8d}  {src['dropped_frames']:7d}  {fps:10.1f}  "
               f"{fps / batch_fps:14.2f}  {delay if delay is not None else float('nan'):30.2f}  "
               f"{cpu_ms:16.0f}  {batch_cpu_ms / cpu_ms:18.2f}  {1e3 * args.workers / cpu_ms:13.1f}  "
-              f"{os.getloadavg()[0]:8.1f}", flush=True)
+              f"{os.getloadavg()[0]:8.1f}{recipes}", flush=True)
     client.close()
     cluster.close()
 

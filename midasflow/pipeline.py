@@ -252,6 +252,7 @@ def refine(
     po_axis: Sequence[int] = (0, 0, 1),
     sh_order: int = 4,
     precision: str = "float32",
+    warm_start: bool | None = None,
 ) -> xr.Dataset:
     """Refine every (ω-group, η) lineout of a caked scan; write and return the results Dataset.
 
@@ -325,6 +326,12 @@ def refine(
     precision : {"float32", "float64"}
         Profile arithmetic of the native engine (``--precision``): GSAS-II's float32 (default)
         or double precision (docs/reference/gsas2_profile.md section 6).
+    warm_start : bool or None
+        A seeded lineout whose seed is good runs only the recipe's final vary list, and its
+        whole recipe when that fit is refused (``--warm-start``/``--no-warm-start``;
+        :mod:`midasflow.refinement.warm`); None (default): in float64 only
+        (:attr:`~midasflow.refinement.options.RefineOptions.warm_start`). ``recipe`` in the
+        results says which recipe refined each lineout.
 
     Notes
     -----
@@ -367,7 +374,7 @@ def refine(
                             limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
                             physical_profile=physical_profile, max_rwp=max_rwp,
                             texture=texture, po_axis=tuple(po_axis), sh_order=sh_order,
-                            precision=precision)
+                            precision=precision, warm_start=warm_start)
     refiner = make_refiner(backend, cifs, out, export=export, physical_profile=physical_profile)
     plan = LineoutPlan.of(source if in_memory else data, options, backend=refiner,
                           seed_from=seed_from, min_points=min_points,

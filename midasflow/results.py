@@ -202,6 +202,7 @@ def assemble_results(
         ``n_points``, ``status``, ``message``, ``warnings`` (str; "; "-joined), ``elapsed_s``,
         ``worker`` (address of the Dask worker that refined it; "" in the calling process),
         ``seeded_from`` ("group mean", "hist_NNNN" or "": where its start values came from),
+        ``recipe`` ("full", "warm" or "full after warm": :data:`midasflow.refinement.warm.RECIPES`),
         ``flags`` (group, eta, flag) bool with coord ``flag`` = the names of
         :data:`midasflow.refinement.result.FLAGS` (``results.flags.sel(flag="at_bound")``,
         ``results.flags.any("flag")``), ``notes`` (str; "; "-joined).
@@ -238,6 +239,7 @@ def assemble_results(
     notes = np.full((n_groups, n_eta), "", dtype=object)
     worker = np.full((n_groups, n_eta), "", dtype=object)
     seeded_from = np.full((n_groups, n_eta), "", dtype=object)
+    recipe = np.full((n_groups, n_eta), "", dtype=object)
     flag_names = list(FLAGS)
     flags = np.zeros((n_groups, n_eta, len(flag_names)), dtype=bool)
     n_c = len(strain_mod.COMPONENTS)
@@ -251,6 +253,7 @@ def assemble_results(
         n_points[g, e], status[g, e], message[g, e] = r.n_points, r.status, r.message
         per_lineout["elapsed_s"][g, e], worker[g, e] = r.elapsed_s, r.worker
         seeded_from[g, e] = getattr(r, "seeded_from", "")
+        recipe[g, e] = getattr(r, "recipe", "full") if r.status != "skipped" else ""
         p = r.pattern
         if p is None:
             continue
@@ -322,7 +325,7 @@ def assemble_results(
     data_vars.update(
         n_points=(ge, n_points), status=(ge, status.astype(str)), message=(ge, message.astype(str)),
         warnings=(ge, warnings.astype(str)), notes=(ge, notes.astype(str)), worker=(ge, worker.astype(str)),
-        seeded_from=(ge, seeded_from.astype(str)),
+        seeded_from=(ge, seeded_from.astype(str)), recipe=(ge, recipe.astype(str)),
         flags=(("group", "eta", "flag"), flags, {"flag_meanings": json.dumps(FLAGS)}),
         in_strain_fit=(pge, in_fit),
         strain_lab=(("phase", "group", "component"), lab),
@@ -418,7 +421,8 @@ def summary_dict(ds: xr.Dataset, folder: str | os.PathLike | None = None) -> dic
     (list) when there are any, ``error`` for a failure, ``message`` for a skipped one.
 
     midasflow's additions: per histogram ``group``, ``eta_index``, ``omega_deg``, ``eta_deg``,
-    ``n_points``, ``seeded_from`` (where its start values came from), ``flags`` (names) and
+    ``n_points``, ``seeded_from`` (where its start values came from), ``recipe`` ("full",
+    "warm" or "full after warm"), ``flags`` (names) and
     ``strain`` {phase: {``eps``, ``esd``, ``in_fit``}};
     top level ``lineouts_not_histograms`` (lineouts of η columns that are no histogram for
     GSAS-II's importer) and ``other_lineouts`` (those of them midasflow refined, entries as a
@@ -445,6 +449,7 @@ def summary_dict(ds: xr.Dataset, folder: str | os.PathLike | None = None) -> dic
     hist_index, omega, eta = (ds[v].values for v in ("histogram_index", "omega_deg", "eta_deg"))
     n_points, message, warn = ds["n_points"].values, ds["message"].values, ds["warnings"].values
     seeds = ds["seeded_from"].values if "seeded_from" in ds else np.full(status.shape, "")
+    recipes = ds["recipe"].values if "recipe" in ds else np.full(status.shape, "full")
     cells = np.stack([ds[v].values for v in CELL_VARS], axis=-1)  # (phase, group, eta, 7)
     strain, strain_esd = ds["strain"].values, ds["strain_esd"].values
     in_fit = ds["in_strain_fit"].values if "in_strain_fit" in ds else np.isfinite(strain)
@@ -482,6 +487,7 @@ def summary_dict(ds: xr.Dataset, folder: str | os.PathLike | None = None) -> dic
                                "in_fit": bool(in_fit[k, g, e])}
         entry.update({"group": g, "eta_index": e, "omega_deg": float(omega[g]), "eta_deg": float(eta[e]),
                       "n_points": int(n_points[g, e]), "seeded_from": str(seeds[g, e]),
+                      "recipe": str(recipes[g, e]),
                       "flags": [name for name, on in zip(flag_names, flags[g, e]) if on],
                       "strain": strains})
         (hists if number >= 0 else others).append(entry)

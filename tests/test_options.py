@@ -59,6 +59,7 @@ def test_digest_is_stable_across_processes_and_pickling():
 @pytest.mark.parametrize("change", [
     dict(bkg_terms=5), dict(limits=(2.0, 9.6)), dict(limits=None), dict(refine_atoms=False), dict(mode="lebail"),
     dict(estimate=False), dict(physical_profile=True), dict(max_rwp=25.0), dict(precision="float64"),
+    dict(warm_start=True), dict(warm_start=False),
     dict(instrument=Instrument(lam=0.172979, U=2.0000001)), dict(instrument=Instrument(lam=0.17298, U=2.0)),
     dict(phases=(cubic_phase("CeO2", 5.4111),)), dict(phases=(cubic_phase("CeO2", 5.411, "F d -3 m"),)),
 ])
@@ -131,3 +132,14 @@ def test_precision_is_checked_and_reaches_the_native_engine(monkeypatch):
                        intensity=np.ones(50), sigma=np.ones(50), frames_summed=1, skipped=False)
     NativeBackend().refine(spec, _options(precision="float64"))
     assert seen["precision"] == "float64"
+
+
+def test_warm_starts_follow_the_precision_unless_asked():
+    """``warm_start`` None (default): warm starts in float64 only (where they are measured equal to
+    the full recipe within 0.1 esd), never with a texture stage; True/False decide otherwise."""
+    assert not _options().warm_starts() and _options(precision="float64").warm_starts()
+    assert _options(warm_start=True).warm_starts()
+    assert not _options(precision="float64", warm_start=False).warm_starts()
+    assert not _options(precision="float64", texture="md").warm_starts()
+    with pytest.raises(ParameterError, match="warm_start 'yes': expected True, False or None"):
+        _options(warm_start="yes")

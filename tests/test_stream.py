@@ -592,7 +592,9 @@ def test_first_signal_stops_the_stream_and_a_second_sigterm_stops_at_once():
 
 @pytest.mark.slow
 def test_folder_stream_refines_as_batch_mode_does(small_scan, tmp_path):
-    """The manual's command on a folder filled while it runs: equal refinement results."""
+    """The manual's command on a folder filled while it runs: equal refinement results, with
+    --warm-start in both (this small scan's group means are flagged high_correlation, so both
+    refuse them as warm seeds and say so; tests/test_warm.py has stream tasks warm-starting)."""
     from midasflow.pipeline import integrate, refine
     from midasflow.results import open_results
 
@@ -603,15 +605,17 @@ def test_folder_stream_refines_as_batch_mode_does(small_scan, tmp_path):
     proc = subprocess.run(_command("--param-file", str(small_scan["files"].params_file), "--folder", str(folder),
                                    "--cif", str(cif), "--out", str(tmp_path / "refinement"), "-nCPUs", "2",
                                    "--dark", str(small_scan["dark"]), "--idle-timeout", "4", "--no-live",
-                                   "--no-progress", "-resultFolder", str(tmp_path)),
+                                   "--no-progress", "-resultFolder", str(tmp_path), "--warm-start"),
                           capture_output=True, text=True, env=_env(), timeout=900)
     writer.join(10)
     assert proc.returncode == 0, proc.stderr
     streamed = open_results(tmp_path / "refinement" / "results.zarr")
     store = integrate(small_scan["files"].params_file, small_scan["files"].data, result_folder=tmp_path / "b")
-    batch = refine(store, [cif], out=tmp_path / "batch_ref")
-    for name in ("a_a", "a_a_esd", "rwp", "status"):
+    batch = refine(store, [cif], out=tmp_path / "batch_ref", warm_start=True)
+    for name in ("a_a", "a_a_esd", "rwp", "status", "recipe"):
         assert np.array_equal(streamed[name].values, batch[name].values), name
+    ok = batch.status.values == "ok"
+    assert all("no warm start from group mean: the seed is flagged" in n for n in streamed.notes.values[ok])
     assert (tmp_path / "watch.zarr.zip").is_file() and (tmp_path / "refinement" / "report.html").is_file()
 
 

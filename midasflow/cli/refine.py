@@ -91,6 +91,12 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                          help="profile arithmetic of the native engine: float32 (default, GSAS-II's "
                          "single precision) or float64 (χ² smooth in SH/L, the same minimum from "
                          "every start; GSAS-II's rounding makes χ² a staircase in SH/L at low angles)")
+    quality.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                         help="a lineout seeded by a good (ok, unflagged) result runs only the recipe's "
+                         "final vary list from the seed's values, and every stage as without it "
+                         "when that fit is flagged, not converged or clearly worse (the results' "
+                         "'recipe' says which); default: on with --precision float64 (the full "
+                         "recipe's results within 0.1 esd), off with float32")
     quality.add_argument("--max-rwp", type=float, default=None, metavar="PERCENT",
                          help="flag lineouts whose Rwp is above PERCENT (rwp_above_max; a flag, not a "
                          "failure)")
@@ -177,6 +183,7 @@ def refine_options(args: argparse.Namespace) -> dict[str, Any]:
         po_axis=tuple(args.po_axis),
         sh_order=args.sh_order,
         precision=args.precision,
+        warm_start=args.warm_start,
     )
 
 

@@ -34,7 +34,9 @@ class RefineBackend(Protocol):
     A backend whose results depend on its own configuration (not only on the run's
     :class:`RefineOptions`) also has ``settings() -> dict`` (JSON): it enters the digest every
     checkpoint carries (:func:`midasflow.refinement.checkpoints.refine_digest`), so results of
-    another configuration are never taken back.
+    another configuration are never taken back. A backend that can warm-start a lineout from a
+    good seed also has ``refine_warm(spec, options, seed, seed_name) -> (PatternResult, recipe)``
+    (:mod:`midasflow.refinement.warm`); without it a seeded lineout runs its whole recipe.
     """
 
     def refine(self, spec: LineoutSpec, options: RefineOptions,
@@ -62,14 +64,26 @@ class NativeBackend:
         return {"stages": None if self.stages is None else [dataclasses.asdict(s) for s in self.stages]}
 
     def refine(self, spec: LineoutSpec, options: RefineOptions,
-               start: Mapping[str, float] | None = None) -> PatternResult:
+               start: Mapping[str, float] | None = None,
+               stages: Sequence[Stage] | None = None) -> PatternResult:
+        """Refine ``spec`` with ``stages`` (default this backend's recipe) from ``start``."""
         from midasflow.refinement import engine
 
-        extra = {} if self.stages is None else {"stages": self.stages}
+        stages = stages if stages is not None else self.stages
+        extra = {} if stages is None else {"stages": stages}
         return engine.refine_pattern(spec.tth_deg, spec.intensity, spec.sigma, list(options.phases),
                                      options.instrument, start=start, **options.recipe_kwargs(),
                                      **options.texture_kwargs(), precision=options.precision,
                                      **extra)
+
+    def refine_warm(self, spec: LineoutSpec, options: RefineOptions, seed: PatternResult,
+                    seed_name: str) -> tuple[PatternResult, str]:
+        """Refine ``spec`` warm from ``seed`` (:func:`midasflow.refinement.warm.refine_warm`):
+        the result and the recipe that made it."""
+        from midasflow.refinement.warm import refine_warm
+
+        return refine_warm(lambda stages, start: self.refine(spec, options, start, stages), seed,
+                           seed_name, recipe=self.stages)
 
 
 class ExportingBackend:
@@ -91,21 +105,39 @@ class ExportingBackend:
 
     def refine(self, spec: LineoutSpec, options: RefineOptions,
                start: Mapping[str, float] | None = None) -> PatternResult:
-        from midasflow.results import export_lineout
-
         pattern = None
         try:
             pattern = self.backend.refine(spec, options, start)
         finally:
-            if pattern is not None and getattr(pattern, "status", "ok") == "ok":
-                export_lineout(spec, pattern, self.folder, options.instrument, self.kinds,
-                               mode=options.mode, po_axis=options.po_axis, limits=options.limits)
-            else:
-                stem = spec.name
-                for stale in [self.folder / f"{stem}_data.csv", self.folder / f"{stem}.gpx",
-                              *self.folder.glob(f"{stem}_*.cif")]:
-                    stale.unlink(missing_ok=True)
+            self._export(spec, options, pattern)
         return pattern
+
+    def refine_warm(self, spec: LineoutSpec, options: RefineOptions, seed: PatternResult,
+                    seed_name: str) -> tuple[PatternResult, str]:
+        """The wrapped backend's warm start, exported (its whole recipe from the seed's values
+        when it has none)."""
+        warm = getattr(self.backend, "refine_warm", None)
+        if warm is None:
+            return self.refine(spec, options, dict(seed.values)), "full"
+        result = None
+        try:
+            result = warm(spec, options, seed, seed_name)
+        finally:
+            self._export(spec, options, None if result is None else result[0])
+        return result
+
+    def _export(self, spec: LineoutSpec, options: RefineOptions, pattern: PatternResult | None) -> None:
+        """Write an "ok" refinement's exports, or remove those an earlier refinement left."""
+        from midasflow.results import export_lineout
+
+        if pattern is not None and getattr(pattern, "status", "ok") == "ok":
+            export_lineout(spec, pattern, self.folder, options.instrument, self.kinds,
+                           mode=options.mode, po_axis=options.po_axis, limits=options.limits)
+        else:
+            stem = spec.name
+            for stale in [self.folder / f"{stem}_data.csv", self.folder / f"{stem}.gpx",
+                          *self.folder.glob(f"{stem}_*.cif")]:
+                stale.unlink(missing_ok=True)
 
     def complete(self, spec: LineoutSpec, options: RefineOptions, result: Any) -> list[Path]:
         """Write the exports a finished lineout (e.g. one taken from a checkpoint of a

@@ -1169,6 +1169,7 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
     vary: list[str] = []
     stage_rwp: dict[str, float] = {}
     flags: list[str] = []
+    converged = True
     with np.errstate(all="ignore"):
         yc, _, _ = model.evaluate(values)
         rwp_prev = _rwp(y, yc, w) if np.all(np.isfinite(yc)) else math.inf
@@ -1202,6 +1203,7 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
             continue
         values, vary, rwp_prev = st.values, trial_vary, rwp_new
         stage_rwp[stage.name] = rwp_new
+        converged = st.converged
     if texture is not None:
         from midasflow.refinement.texture_stage import run_texture_stage
         values, vary, rwp_prev = run_texture_stage(
@@ -1223,6 +1225,7 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
     result = _finish(model, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp, warn, flags,
                      start_values, constraint if physical_profile else None, chi2_background)
     result.notes = info + result.notes
+    result.converged = converged
     return result
 
 

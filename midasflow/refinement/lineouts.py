@@ -365,6 +365,10 @@ class LineoutResult:
         Where the start values came from: ``"group mean"`` (the ω-group's η-averaged pattern),
         the name of the lineout whose refined values it started from (``"hist_NNNN"``, see
         :func:`lineout_name`) or ``""`` (the data's own estimate, or the instrument's terms).
+    recipe : str
+        What refined it (:data:`midasflow.refinement.warm.RECIPES`): "full" (every stage),
+        "warm" (the short recipe from a good seed) or "full after warm" (a warm fit refused,
+        then every stage from the seed's values); the pattern's notes say why.
     """
 
     index: int
@@ -381,6 +385,7 @@ class LineoutResult:
     worker: str = ""
     histogram: int = -1
     seeded_from: str = ""
+    recipe: str = "full"
 
     @property
     def name(self) -> str:
@@ -389,10 +394,10 @@ class LineoutResult:
 
 
 def _result(spec: LineoutSpec, status: str, message: str = "", pattern: Any = None,
-            elapsed_s: float = 0.0, seed: LineoutResult | None = None) -> LineoutResult:
+            elapsed_s: float = 0.0, seed: LineoutResult | None = None, recipe: str = "full") -> LineoutResult:
     return LineoutResult(spec.index, spec.group, spec.eta_index, spec.omega_deg, spec.eta_deg,
                          spec.n_points, status, message, pattern, elapsed_s, seed is not None,
-                         _worker_address(), spec.histogram, seed_name(seed))
+                         _worker_address(), spec.histogram, seed_name(seed), recipe)
 
 
 def seed_name(seed: LineoutResult | None) -> str:
@@ -427,7 +432,10 @@ def refine_lineout(spec: LineoutSpec, backend: RefineBackend, options: RefineOpt
     """Refine one lineout; never raises.
 
     ``backend.refine(spec, options, start)`` is called with ``start`` = the seed's refined
-    ``values`` when ``seed`` is an "ok" result (else None). A result above ``options.max_rwp``
+    ``values`` when ``seed`` is an "ok" result (else None); with warm starts
+    (:meth:`RefineOptions.warm_starts`) a backend that has ``refine_warm`` is asked for a warm
+    start from the seed instead (:mod:`midasflow.refinement.warm`; the result's ``recipe`` says
+    which recipe ran). A result above ``options.max_rwp``
     is flagged ``rwp_above_max`` (:meth:`PatternResult.with_max_rwp`); the esds are rescaled
     for the pixels the lineout's bins share (``spec.independent_fraction``, module docstring).
     An exception, or a pattern whose ``status`` is not "ok", gives a "failed" result carrying the
@@ -437,10 +445,14 @@ def refine_lineout(spec: LineoutSpec, backend: RefineBackend, options: RefineOpt
         return _result(spec, "skipped", f"{spec.n_points} usable points (need more than the plan's minimum)")
     if seed is not None and (seed.status != "ok" or seed.pattern is None):
         seed = None  # a failed seed: the lineout starts as an unseeded one
-    start = dict(seed.pattern.values) if seed is not None else None
+    warm = getattr(backend, "refine_warm", None) if seed is not None and options.warm_starts() else None
+    recipe = "full"
     t0 = time.perf_counter()
     try:
-        pattern = backend.refine(spec, options, start)
+        if warm is not None:
+            pattern, recipe = warm(spec, options, seed.pattern, seed_name(seed))
+        else:
+            pattern = backend.refine(spec, options, None if seed is None else dict(seed.pattern.values))
     except Exception as exc:  # one lineout must never stop the others
         first_line = (str(exc).splitlines() or [""])[0]
         return _result(spec, "failed", f"{type(exc).__name__}: {first_line}", None,
@@ -452,7 +464,7 @@ def refine_lineout(spec: LineoutSpec, backend: RefineBackend, options: RefineOpt
         pattern = pattern.with_max_rwp(options.max_rwp)
     status = getattr(pattern, "status", "ok")
     message = getattr(pattern, "message", "") or ""
-    return _result(spec, "ok" if status == "ok" else "failed", message, pattern, elapsed, seed)
+    return _result(spec, "ok" if status == "ok" else "failed", message, pattern, elapsed, seed, recipe)
 
 
 def seed_sources(plan: Sequence[LineoutSpec], seed_from: SeedFrom | None) -> dict[int, int]:

@@ -90,6 +90,9 @@ class PatternResult:
     dropped_range_deg : (float, float) or None
         The fitted points' 2θ range (deg) once :meth:`without_curves` has dropped the points;
         read it through :attr:`fitted_range_deg`.
+    converged : bool
+        Whether the minimisation of the last stage kept ended on its convergence test (False:
+        it ran out of cycles or found no step lowering χ²); True from backends that do not say.
     """
 
     status: str
@@ -118,6 +121,7 @@ class PatternResult:
     flags: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     dropped_range_deg: tuple[float, float] | None = None
+    converged: bool = True
 
     @property
     def fitted_range_deg(self) -> tuple[float, float] | None:

@@ -165,6 +165,7 @@ def run_stream(
     po_axis: Sequence[int] = (0, 0, 1),
     sh_order: int = 4,
     precision: str = "float32",
+    warm_start: bool | None = None,
 ) -> Any:
     """Cake and refine a stream of frames as they arrive; return the results Dataset (the
     ``.zarr.zip`` path with ``skip_refinement``; None when no group closed).
@@ -292,7 +293,7 @@ def run_stream(
                                 limits=limits, refine_atoms=refine_atoms, mode=mode, estimate=estimate,
                                 physical_profile=physical_profile, max_rwp=max_rwp,
                                 texture=texture, po_axis=tuple(po_axis), sh_order=sh_order,
-                                precision=precision)
+                                precision=precision, warm_start=warm_start)
         refiner = make_refiner(backend, cifs, out, export=export, physical_profile=physical_profile)
         plan = LineoutPlan(CakeLayout.of(skeleton), None, options, refiner, seed_from, int(min_points))
         options.check_against(plan.usable_tth(), min_points, max_reflections=max_reflections or MAX_REFLECTIONS)
