@@ -286,9 +286,13 @@ _OBJECT[0] = {"x": 1}
     (_set("key", lambda a: np.array("0" * 64)), True, "key"),
     (_set("digest", lambda a: np.array(0.0)), False, "digest"),
     (_set("touches_mask", lambda a: _OBJECT), False, "unreadable"),
+    (_set("effective_tth_deg", lambda a: a + 0.01), False, "digest"),
+    (_set("effective_tth_deg", lambda a: np.full_like(a, np.nan)), True, "effective_tth_deg"),
+    (_set("effective_tth_deg", lambda a: a[:, :1].copy()), True, "effective_tth_deg"),
 ], ids=["index-too-large", "index-negative", "indptr-overrun", "indptr-decreasing",
         "index-dtype", "short-data", "bin-area-shape", "negative-areas", "weights-x2",
-        "weights-nan", "r-edges", "detector-shape", "key", "digest-type", "pickled-object"])
+        "weights-nan", "r-edges", "detector-shape", "key", "digest-type", "pickled-object",
+        "effective-tth-shifted", "effective-tth-nan", "effective-tth-shape"])
 def test_tampered_cache_is_rejected_and_rebuilt(tmp_path, change, redigest, reason):
     """Nothing in a cached map is trusted: each inconsistency is caught on load (one-line
     warning naming the file and the reason), the map is rebuilt and the file replaced."""
@@ -301,6 +305,7 @@ def test_tampered_cache_is_rejected_and_rebuilt(tmp_path, change, redigest, reas
     assert str(path) in str(record[0].message) and "\n" not in str(record[0].message)
     assert abs(again.weights - good.weights).max() == 0.0
     np.testing.assert_array_equal(again.bin_area, good.bin_area)
+    np.testing.assert_array_equal(again.effective_tth_deg, good.effective_tth_deg)
     import warnings
 
     with warnings.catch_warnings():  # the rebuilt file is valid again

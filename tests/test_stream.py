@@ -281,11 +281,12 @@ def test_stream_cakes_are_bit_identical_to_batch_mode(small_scan, client, tmp_pa
     assert store == tmp_path / "cakes.zarr.zip"  # named after --output-h5, as MIDAS does
     a, b = open_caked(batch), open_caked(store)
     for name in ("intensity", "frame_intensity", "frames_summed", "omega_first_deg", "omega_last_deg",
-                 "last_frame", "tth_deg", "bin_area", "omega_deg"):
+                 "last_frame", "tth_deg", "bin_area", "effective_tth_deg", "omega_deg"):
         assert np.array_equal(a[name].values, b[name].values, equal_nan=True), name
     import h5py
 
     with h5py.File(tmp_path / "cakes.h5") as f:
+        assert np.array_equal(f["geometry_maps/TTh_eff_map"][...], a.effective_tth_deg.values, equal_nan=True)
         sums = f["OmegaSumFrame"]
         assert list(sums) == ["Summed_from_0_to_1", "Summed_from_2_to_3", "Summed_from_4_to_5"]
         assert np.array_equal(sums["Summed_from_2_to_3"][...], a.intensity.values[1], equal_nan=True)

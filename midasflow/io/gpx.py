@@ -507,7 +507,9 @@ def _points(pattern: PatternResult, path: Path,
     y = np.where(np.isfinite(y), y, 0.0)
     inside = (np.ones(x.size, dtype=bool) if limits is None
               else (x >= float(limits[0])) & (x <= float(limits[1])))
-    at = np.searchsorted(x, fx)
+    # the k-th of equal 2θ values is the k-th there (two bins inside one pixel sample the same
+    # 2θ, docs/caking_2theta.md)
+    at = np.searchsorted(x, fx) + np.arange(fx.size) - np.searchsorted(fx, fx)
     found = at < x.size
     found[found] = x[at[found]] == fx[found]
     found[found] &= (y[at[found]] == fy[found]) & inside[at[found]] & usable[at[found]]
