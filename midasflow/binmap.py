@@ -582,7 +582,7 @@ def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
     used = np.zeros(nz * ny, dtype=np.int64)
     _in_row_bands(_split_pixels, nz, cx, cy, ceta, r_edges, eta_edges, offsets, out_bin,
                   out_area, MIN_AREA_PX2, used)
-    del cx, cy, ceta
+    del ceta
     indptr, indices, areas, weights, bin_area, geometric, touches = _assemble(
         offsets, used, out_bin, out_area, masked.ravel(), _correction(params), n_bins
     )
@@ -602,7 +602,7 @@ def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
         bin_area=bin_area.reshape(n_r, n_eta),
         geometric_area=geometric.reshape(n_r, n_eta),
         touches_mask=touches.reshape(n_r, n_eta),
-        effective_tth_deg=_effective_tth_deg(area_map, bin_area, params).reshape(n_r, n_eta),
+        effective_tth_deg=_effective_tth_deg(area_map, bin_area, params, (cx, cy)).reshape(n_r, n_eta),
         key=binmap_key(params, masked),
     )
 
@@ -613,37 +613,48 @@ def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
 _GAUSS_OFFSET_PX = 0.5 / np.sqrt(3.0)
 
 
-def pixel_mean_tth_deg(params: Params) -> NDArray[np.float64]:
+def pixel_mean_tth_deg(params: Params, corners: tuple[NDArray, NDArray] | None = None
+                       ) -> NDArray[np.float64]:
     """Mean 2θ (deg) over the area of every RAW pixel, shape (nz, ny).
 
     A pixel's value is its intensity integrated over its area, so for an intensity locally
     linear in 2θ it is the intensity at this mean, not at the pixel centre's 2θ. Computed with
-    the 2 × 2 Gauss–Legendre rule on the detector pixel, through the full geometry
-    (:func:`midasflow.geometry.pixel_to_r_eta`, so tilts, distortion and parallax included).
+    the 2 × 2 Gauss–Legendre rule on the detector pixel; each node's ideal-plane position is
+    interpolated bilinearly between the pixel's four corners as the full geometry maps them
+    (:func:`midasflow.geometry.pixel_to_r_eta`: tilts, distortion, parallax), whose curvature
+    over one pixel is negligible (it is the map's own straight-edged pixel).
+
+    Parameters
+    ----------
+    params : Params
+    corners : (ndarray, ndarray), optional
+        The ideal-plane (X, Y) of every pixel corner, shape (nz+1, ny+1), raw frame, if already
+        computed (:func:`build_binmap` has them).
     """
-    nz, ny = int(params.nr_pixels_z), int(params.nr_pixels_y)
-    y = np.arange(ny, dtype=np.float64)
-    z = np.arange(nz, dtype=np.float64)
+    cx, cy = corners if corners is not None else _corner_grid(params)[:2]
+    nz, ny = cx.shape[0] - 1, cx.shape[1] - 1
     mean_t = np.empty((nz, ny))
-    g = _GAUSS_OFFSET_PX
+    lo, hi = 0.5 - _GAUSS_OFFSET_PX, 0.5 + _GAUSS_OFFSET_PX
 
     def band(z0: int, z1: int) -> None:  # element-wise numpy, which releases the GIL
-        zt, yt = np.meshgrid(z[z0:z1], y, indexing="ij")
-        acc = np.zeros(zt.shape)
-        for dz in (-g, g):
-            for dy in (-g, g):
-                acc += r_to_tth_deg(pixel_to_r_eta(yt + dy, zt + dz, params)[0], params)
+        acc = np.zeros((z1 - z0, ny))
+        for a in (lo, hi):  # along z (rows)
+            edge_x = (1 - a) * cx[z0:z1] + a * cx[z0 + 1:z1 + 1]
+            edge_y = (1 - a) * cy[z0:z1] + a * cy[z0 + 1:z1 + 1]
+            for b in (lo, hi):  # along y (columns)
+                r = np.hypot((1 - b) * edge_x[:, :-1] + b * edge_x[:, 1:],
+                             (1 - b) * edge_y[:, :-1] + b * edge_y[:, 1:])
+                acc += r_to_tth_deg(r, params)
         mean_t[z0:z1] = 0.25 * acc
 
-    _in_row_bands(band, nz, per_thread=1)
-    # the node set is symmetric under every flip/transpose, so untransforming the means is exact
-    return np.ascontiguousarray(untransform_image(mean_t, params.im_trans_opt))
+    _in_row_bands(band, nz)
+    return mean_t
 
 
-def _effective_tth_deg(area_map: sp.csr_matrix, bin_area: NDArray[np.float64],
-                       params: Params) -> NDArray[np.float64]:
+def _effective_tth_deg(area_map: sp.csr_matrix, bin_area: NDArray[np.float64], params: Params,
+                       corners: tuple[NDArray, NDArray] | None = None) -> NDArray[np.float64]:
     """Σ area·(pixel mean 2θ) / bin area of every bin (flat), NaN where the bin area is 0."""
-    sums = area_map @ pixel_mean_tth_deg(params).ravel()
+    sums = area_map @ pixel_mean_tth_deg(params, corners).ravel()
     out = np.full(bin_area.shape, np.nan)
     np.divide(sums, bin_area, out=out, where=bin_area > 0)
     return out

@@ -96,13 +96,15 @@ def test_flags_of_the_parametrisation_do_not_exclude_from_strain():
 
 
 def test_undone_texture_stage_on_an_untextured_scan_is_reported_not_excluded(scan, tmp_path):
-    """The demo's CeO2 is untextured: March–Dollase along [111] finds nothing and is undone on
-    most lineouts. Those lineouts are flagged ``texture_rolled_back`` (not ``rolled_back``), keep
+    """The demo's CeO2 is untextured: March–Dollase along [111] finds nothing (r within 3 esd of
+    1 where it is kept) and is undone on some lineouts. Those lineouts are flagged ``texture_rolled_back`` (not ``rolled_back``), keep
     the cell of the refinement without texture (within 0.05 esd) and stay in the strain fits."""
     plain = _refine(scan, tmp_path / "plain")
     md = _refine(scan, tmp_path / "md", texture="md", po_axis=(1, 1, 1))
     undone = md.flags.sel(flag="texture_rolled_back").values[0]
-    assert undone.sum() >= N_ETA // 2, md.warnings.values
+    assert undone.any(), md.warnings.values  # 3 of 8 on the effective-2θ axis (at least 4 on bin centres)
+    kept = md.po_param.values[0, 0][~undone], md.po_param_esd.values[0, 0][~undone]
+    assert np.all(np.abs(kept[0] - 1.0) < 3 * kept[1]), kept  # where kept: no texture, r = 1
     assert not md.flags.sel(flag="rolled_back").values.any()
     assert all("texture_rolled_back: stage 'texture'" in w for w in md.warnings.values[0][undone])
     # the group-mean seed was refined with the stage, so the start differs slightly
