@@ -47,15 +47,21 @@ def seed_refusal(seed: PatternResult) -> str:
     the full recipe's own minimum moves with the start (seeded and unseeded full fits of one
     simulated scan with SH/L 0.01: up to 4 esd apart in `a`, in float64); a warm fit there ended
     up to 0.9 esd from the seeded full one, and half of them did not converge."""
-    if seed.status != "ok":
-        return f"the seed is {seed.status}"
-    if seed.flags:
-        return f"the seed is flagged ({', '.join(seed.flags)})"
+    defect = _defect(seed)
+    if defect:
+        return f"the seed is {defect}"
     if not seed.esds:
         return "the seed refined nothing"
     if seed.values.get("SH/L", SHL_MIN) > SHL_MIN:
         return f"its SH/L {seed.values['SH/L']:.4g} is above its {SHL_MIN:g} floor (χ² has steps in SH/L there)"
     return ""
+
+
+def _defect(result: PatternResult) -> str:
+    """"failed (message)" or "flagged (flags)" for a result that is not a clean fit, else ""."""
+    if result.status != "ok":
+        return f"{result.status} ({result.message})"
+    return f"flagged ({', '.join(result.flags)})" if result.flags else ""
 
 
 def warm_vary(seed: PatternResult, recipe: Sequence[Stage] | None = None) -> list[str]:
@@ -71,10 +77,9 @@ def warm_vary(seed: PatternResult, recipe: Sequence[Stage] | None = None) -> lis
 
 def fallback_reason(warm: PatternResult, seed: PatternResult) -> str:
     """Why the warm fit ``warm`` of a lineout seeded by ``seed`` is not kept ("" when it is)."""
-    if warm.status != "ok":
-        return f"failed ({warm.message})"
-    if warm.flags:
-        return f"flagged ({', '.join(warm.flags)})"
+    defect = _defect(warm)
+    if defect:
+        return defect
     if not warm.converged:
         return "not converged"
     if warm.gof > GOF_MARGIN * seed.gof:
