@@ -89,7 +89,7 @@ def test_warm_starts_end_where_the_full_recipe_ends_on_4040_point_lineouts(tmp_p
 
 @pytest.mark.slow
 def test_no_warm_start_where_chi2_has_steps_in_shl(tmp_path):
-    """SH/L 0.01, above its floor: χ² has steps in SH/L, the full recipe's minimum moves with the
+    """SH/L 0.01 (above MAX_SHL, 0.005): χ² has steps in SH/L, the full recipe's minimum moves with the
     start, and a warm fit can stop on another step (0.9 esd away, or far worse without the warm
     recipe's first stage: Rwp 2.4 % for 0.6 %). The seed is refused: every lineout gets the full
     recipe from its values, the results of the run without warm starts exactly."""
@@ -97,7 +97,7 @@ def test_no_warm_start_where_chi2_has_steps_in_shl(tmp_path):
     assert set(warm.recipe.values.ravel()) == {"full"}
     for name in ("a_a", "a_a_esd", "rwp", "strain"):
         assert np.array_equal(warm[name].values, full[name].values, equal_nan=True), name
-    assert all("no warm start from group mean: its SH/L 0.0" in n and "is above its 0.002 floor" in n
+    assert all("no warm start from group mean: its SH/L 0.0" in n and "is above 0.005" in n
                for n in warm.notes.values.ravel())
 
 
