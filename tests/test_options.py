@@ -136,10 +136,12 @@ def test_precision_is_checked_and_reaches_the_native_engine(monkeypatch):
 
 def test_warm_starts_follow_the_precision_unless_asked():
     """``warm_start`` None (default): warm starts in float64 only (where they are measured equal to
-    the full recipe within 0.1 esd), never with a texture stage; True/False decide otherwise."""
+    the full recipe within 0.1 esd), never with a texture stage or in Le Bail mode (not measured);
+    True/False decide otherwise."""
     assert not _options().warm_starts() and _options(precision="float64").warm_starts()
     assert _options(warm_start=True).warm_starts()
     assert not _options(precision="float64", warm_start=False).warm_starts()
     assert not _options(precision="float64", texture="md").warm_starts()
+    assert not _options(precision="float64", mode="lebail").warm_starts()
     with pytest.raises(ParameterError, match="warm_start 'yes': expected True, False or None"):
         _options(warm_start="yes")

@@ -184,8 +184,8 @@ class RefineOptions:
         (:mod:`midasflow.refinement.warm`, ``--warm-start``/``--no-warm-start``) instead of every
         stage. None (default): when the profile is in float64 (there the warm results are the
         full recipe's within 0.1 esd; in float32 the full recipe's own minimum moves by up to a
-        few esd with the start). Never with ``texture`` (its stage has starts of its own) or
-        the GSAS-II engine. See :meth:`warm_starts`.
+        few esd with the start). Never with ``texture`` (its stage has starts of its own), in
+        Le Bail mode (not measured) or with the GSAS-II engine. See :meth:`warm_starts`.
     """
 
     phases: tuple[Phase, ...]
@@ -258,9 +258,9 @@ class RefineOptions:
 
     def warm_starts(self) -> bool:
         """Whether seeded lineouts are warm-started (:attr:`warm_start`; None: in float64 only;
-        never with a texture stage)."""
+        never with a texture stage or in Le Bail mode)."""
         wanted = self.precision == "float64" if self.warm_start is None else self.warm_start
-        return bool(wanted) and self.texture is None
+        return bool(wanted) and self.texture is None and self.mode == "rietveld"
 
     def recipe_kwargs(self) -> dict[str, Any]:
         """The options marked :data:`RECIPE`, as keywords of the per-lineout refinement call."""
