@@ -72,6 +72,8 @@ MIN_AREA_PX2 = 1e-10
 #: Bumped whenever the map algorithm or file layout changes, so stale cache files are not reused.
 _FORMAT = "midasflow-binmap-v4"  # v4: effective_tth_deg; v3: a pixel with the beam centre on its edge keeps all its area
 _MAX_VERTS = 16
+#: First guess of the entries per pixel that sizes a band's entry buffers (:func:`_split_bands`).
+_ENTRIES_PER_PIXEL = 4.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,6 +129,11 @@ class BinMap:
 
 
 # ----------------------------------------------------------------------------------- kernels
+# Compile time is most of a cold start, and numba compiles every jitted function, every
+# overload of a numpy or builtin function (np.zeros per dtype, min/max per argument types) and
+# every literal argument value (f(x, 4)) as a separate function, at 0.05-0.3 s CPU each: the
+# kernels below use conditional expressions for min/max, pass sizes as variables and leave
+# allocations to the drivers where they can.
 @numba.njit(cache=True, inline="always")
 def _arc_angle(ax, ay, bx, by):
     """Signed angle (rad) from vector a to vector b."""
@@ -243,13 +250,14 @@ def _pixel_polygon(cx, cy, z, y, xs, ys):
     ys[2] = cy[z + 1, y + 1]
     xs[3] = cx[z + 1, y]
     ys[3] = cy[z + 1, y]
-    area = _poly_area(xs, ys, 4)
+    area = _poly_area(xs, ys, xs.size)
     r_max = 0.0
     r_min = np.inf
     inside = True
     for k in range(4):
         k1 = k + 1 if k < 3 else 0
-        r_max = max(r_max, np.sqrt(xs[k] * xs[k] + ys[k] * ys[k]))
+        r_k = np.sqrt(xs[k] * xs[k] + ys[k] * ys[k])
+        r_max = r_k if r_k > r_max else r_max
         # origin inside <=> it is on the inner side of every edge; ON an edge counts as inside
         # (the corners' η then span 180° and unwrapping could pick the other half-turn), hence
         # the tolerance of 1e-9 of the pixel's area for rounding of the corner positions
@@ -258,30 +266,47 @@ def _pixel_polygon(cx, cy, z, y, xs, ys):
         dx = xs[k1] - xs[k]
         dy = ys[k1] - ys[k]
         d2 = dx * dx + dy * dy
-        t = 0.0 if d2 == 0.0 else min(1.0, max(0.0, -(xs[k] * dx + ys[k] * dy) / d2))
+        t = 0.0 if d2 == 0.0 else -(xs[k] * dx + ys[k] * dy) / d2
+        t = 1.0 if t >= 1.0 else (t if t > 0.0 else 0.0)
         qx = xs[k] + t * dx
         qy = ys[k] + t * dy
-        r_min = min(r_min, np.sqrt(qx * qx + qy * qy))
+        r_q = np.sqrt(qx * qx + qy * qy)
+        r_min = r_q if r_q < r_min else r_min
     if inside:
         r_min = 0.0
     return area, r_min, r_max, inside
 
 
 @numba.njit(cache=True)
-def _bisect(edges, x, right):
-    """``np.searchsorted(edges, x, side="right" if right else "left")`` for sorted finite
-    ``edges`` (NaN ``x``: ``edges.size``, where numpy sorts NaN). numba's own searchsorted
-    costs about 2 s of compiling (every comparison kind it supports) for this one use."""
-    if np.isnan(x):
-        return edges.size
-    lo, hi = 0, edges.size
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if edges[mid] < x or (right and edges[mid] == x):
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+def _bin_span(edges, lo, hi):
+    """First and last bin of the sorted finite ``edges`` that [lo, hi] reaches, unclipped:
+    ``np.searchsorted(edges, lo, "right") - 1`` and ``np.searchsorted(edges, hi, "left") - 1``
+    (a NaN bound sorts after every edge, as numpy sorts NaN). numba's own searchsorted costs
+    about 2 s of compiling (every comparison kind it supports) for this one use."""
+    n = edges.size
+    if np.isnan(lo):
+        first = n
+    else:
+        a, b = 0, n
+        while a < b:
+            mid = (a + b) // 2
+            if edges[mid] <= lo:
+                a = mid + 1
+            else:
+                b = mid
+        first = a
+    if np.isnan(hi):
+        last = n
+    else:
+        a, b = 0, n
+        while a < b:
+            mid = (a + b) // 2
+            if edges[mid] < hi:
+                a = mid + 1
+            else:
+                b = mid
+        last = a
+    return first - 1, last - 1
 
 
 @numba.njit(cache=True)
@@ -293,8 +318,8 @@ def _eta_interval(ceta, z, y):
     for dz, dy in ((0, 1), (1, 1), (1, 0)):
         d = ceta[z + dz, y + dy] - base
         d -= 360.0 * np.floor((d + 180.0) / 360.0)
-        lo = min(lo, d)
-        hi = max(hi, d)
+        lo = d if d < lo else lo
+        hi = d if d > hi else hi
     return base + lo, base + hi
 
 
@@ -314,8 +339,9 @@ def _eta_ranges(lo, hi, full, eta_edges, starts, stops, shifts):
         b = hi + 360.0 * k
         if b < eta_edges[0] or a > eta_edges[-1]:
             continue
-        e0 = max(_bisect(eta_edges, a, True) - 1, 0, last + 1)
-        e1 = min(_bisect(eta_edges, b, False) - 1, n_eta - 1)
+        e0, e1 = _bin_span(eta_edges, a, b)
+        e0 = e0 if e0 > last + 1 else last + 1  # last + 1 >= 0
+        e1 = e1 if e1 < n_eta - 1 else n_eta - 1
         if e0 <= e1:
             starts[n] = e0
             stops[n] = e1
@@ -325,146 +351,86 @@ def _eta_ranges(lo, hi, full, eta_edges, starts, stops, shifts):
     return n
 
 
-@numba.njit(cache=True)
-def _r_range(r_min, r_max, r_edges):
-    n_r = r_edges.size - 1
-    k0 = max(_bisect(r_edges, r_min, True) - 1, 0)
-    k1 = min(_bisect(r_edges, r_max, False) - 1, n_r - 1)
-    return k0, k1
-
-
 @numba.njit(cache=True, nogil=True)
-def _count_candidates(z0, z1, cx, cy, ceta, r_edges, eta_edges, counts):
-    """Upper bound of the number of (pixel, bin) entries of every raw pixel of rows z0..z1-1,
-    written to ``counts`` (nz*ny,). Releases the GIL: row bands run on threads
-    (:func:`_in_row_bands`), which compiles much faster than a numba parallel loop."""
-    ny = cx.shape[1] - 1
-    for z in range(z0, z1):
-        xs = np.empty(4)
-        ys = np.empty(4)
-        starts = np.empty(5, dtype=np.int64)
-        stops = np.empty(5, dtype=np.int64)
-        shifts = np.empty(5)
-        for y in range(ny):
-            area, r_min, r_max, inside = _pixel_polygon(cx, cy, z, y, xs, ys)
-            k0, k1 = _r_range(r_min, r_max, r_edges)
-            if area == 0.0 or k0 > k1:
-                continue
-            lo, hi = _eta_interval(ceta, z, y)
-            n = _eta_ranges(lo, hi, inside, eta_edges, starts, stops, shifts)
-            n_e = 0
-            for j in range(n):
-                n_e += stops[j] - starts[j] + 1
-            counts[z * ny + y] = n_e * (k1 - k0 + 1)
+def _split_pixels(p0, p1, cx, cy, ceta, r_edges, eta_edges, min_area, out_bin, out_area, used):
+    """Exact overlap areas of raw pixels p0, p0 + 1, ... (flat, z*ny + y) with their bins.
 
-
-@numba.njit(cache=True, nogil=True)
-def _split_pixels(z0, z1, cx, cy, ceta, r_edges, eta_edges, offsets, out_bin, out_area, min_area,
-                  used):
-    """Exact overlap areas of every raw pixel of rows z0..z1-1 with its candidate bins.
-
-    Entries of pixel p go to out_bin/out_area[offsets[p]:offsets[p] + n_p], n_p to ``used[p]``.
-    Releases the GIL: row bands run on threads (:func:`_in_row_bands`).
+    The entries of the pixels go one after the other to ``out_bin``/``out_area`` from position 0,
+    pixel p's count to ``used[p]``. Stops before a pixel whose candidate bins might not fit in
+    what is left of ``out_bin``; returns (that pixel, or p1 when all are done; entries written).
+    Releases the GIL: bands of rows run on threads (:func:`_split_bands`), which compiles much
+    faster than a numba parallel loop.
     """
     ny = cx.shape[1] - 1
     n_r = r_edges.size - 1
     n_eta = eta_edges.size - 1
-    for z in range(z0, z1):
-        xs = np.empty(4)
-        ys = np.empty(4)
-        tmp_x = np.empty(_MAX_VERTS)
-        tmp_y = np.empty(_MAX_VERTS)
-        cl_x = np.empty(_MAX_VERTS)
-        cl_y = np.empty(_MAX_VERTS)
-        starts = np.empty(5, dtype=np.int64)
-        stops = np.empty(5, dtype=np.int64)
-        shifts = np.empty(5)
-        acc = np.empty(n_r)
-        disk = np.empty(n_r + 1)
-        for y in range(ny):
-            pix = z * ny + y
-            area, r_min, r_max, inside = _pixel_polygon(cx, cy, z, y, xs, ys)
-            k0, k1 = _r_range(r_min, r_max, r_edges)
-            if area == 0.0 or k0 > k1:
-                continue
-            sign = 1.0 if area > 0.0 else -1.0
-            lo, hi = _eta_interval(ceta, z, y)
-            n_ranges = _eta_ranges(lo, hi, inside, eta_edges, starts, stops, shifts)
-            pos = offsets[pix]
-            for j in range(n_ranges):
-                for e in range(starts[j], stops[j] + 1):
-                    w_lo = eta_edges[e] - shifts[j]
-                    w_hi = eta_edges[e + 1] - shifts[j]
-                    acc[k0 : k1 + 1] = 0.0
-                    whole = (not inside) and w_lo <= lo and hi <= w_hi
-                    n_sub = 1 if whole else int(np.ceil((w_hi - w_lo) / 180.0))
-                    for s in range(n_sub):
-                        if whole:
-                            px_, py_, m = xs, ys, 4
-                        else:
-                            s_lo = w_lo + (w_hi - w_lo) * s / n_sub
-                            s_hi = w_lo + (w_hi - w_lo) * (s + 1) / n_sub
-                            m = _clip_wedge(xs, ys, 4, s_lo, s_hi, tmp_x, tmp_y, cl_x, cl_y)
-                            px_, py_ = cl_x, cl_y
-                        if m < 3:
-                            continue
-                        full = sign * _poly_area(px_, py_, m)
-                        if full <= min_area:
-                            continue
-                        for k in range(k0, k1 + 2):
-                            edge = r_edges[k]
-                            if edge <= r_min:
-                                disk[k] = 0.0
-                            elif edge >= r_max:
-                                disk[k] = full
-                            else:
-                                disk[k] = sign * _poly_disk_area(px_, py_, m, edge)
-                        for k in range(k0, k1 + 1):
-                            acc[k] += disk[k + 1] - disk[k]
-                    for k in range(k0, k1 + 1):
-                        if acc[k] > min_area:
-                            out_bin[pos] = k * n_eta + e
-                            out_area[pos] = acc[k]
-                            pos += 1
-            used[pix] = pos - offsets[pix]
-
-
-@numba.njit(cache=True)
-def _assemble(offsets, used, out_bin, out_area, masked, corr, n_bins):
-    """Bin-major CSR of the unmasked entries plus per-bin area sums and mask flags."""
-    n_pix = used.size
-    row_counts = np.zeros(n_bins + 1, dtype=np.int64)
-    geometric = np.zeros(n_bins)
-    bin_area = np.zeros(n_bins)
-    touches = np.zeros(n_bins, dtype=np.bool_)
-    for p in range(n_pix):
-        for i in range(offsets[p], offsets[p] + used[p]):
-            b = out_bin[i]
-            geometric[b] += out_area[i]
-            if masked[p]:
-                touches[b] = True
-            else:
-                bin_area[b] += out_area[i]
-                row_counts[b + 1] += 1
-    indptr = row_counts  # cumulative sum in place (numba's np.cumsum compiles for ~0.8 s)
-    for b in range(n_bins):
-        indptr[b + 1] += indptr[b]
-    nnz = indptr[-1]
-    indices = np.empty(nnz, dtype=np.int32)  # build_binmap refuses detectors of >= 2^31 pixels
-    areas = np.empty(nnz)
-    weights = np.empty(nnz)
-    fill = indptr[:-1].copy()
-    for p in range(n_pix):  # pixels in order -> column indices sorted inside every row
-        if masked[p]:
+    xs = np.empty(4)
+    ys = np.empty(4)
+    tmp_x = np.empty(_MAX_VERTS)
+    tmp_y = np.empty(_MAX_VERTS)
+    cl_x = np.empty(_MAX_VERTS)
+    cl_y = np.empty(_MAX_VERTS)
+    starts = np.empty(5, dtype=np.int64)
+    stops = np.empty(5, dtype=np.int64)
+    shifts = np.empty(5)
+    acc = np.empty(n_r)
+    disk = np.empty(n_r + 1)
+    pos = 0
+    for pix in range(p0, p1):
+        z, y = pix // ny, pix % ny
+        area, r_min, r_max, inside = _pixel_polygon(cx, cy, z, y, xs, ys)
+        k0, k1 = _bin_span(r_edges, r_min, r_max)
+        k0 = k0 if k0 > 0 else 0
+        k1 = k1 if k1 < n_r - 1 else n_r - 1
+        if area == 0.0 or k0 > k1:
+            used[pix] = 0
             continue
-        for i in range(offsets[p], offsets[p] + used[p]):
-            b = out_bin[i]
-            q = fill[b]
-            indices[q] = p
-            areas[q] = out_area[i]
-            weights[q] = out_area[i] / corr[p]
-            fill[b] = q + 1
-    return indptr, indices, areas, weights, bin_area, geometric, touches
+        sign = 1.0 if area > 0.0 else -1.0
+        lo, hi = _eta_interval(ceta, z, y)
+        n_ranges = _eta_ranges(lo, hi, inside, eta_edges, starts, stops, shifts)
+        n_cand = 0
+        for j in range(n_ranges):
+            n_cand += stops[j] - starts[j] + 1
+        if pos + n_cand * (k1 - k0 + 1) > out_bin.size:
+            return pix, pos
+        start = pos
+        for j in range(n_ranges):
+            for e in range(starts[j], stops[j] + 1):
+                w_lo = eta_edges[e] - shifts[j]
+                w_hi = eta_edges[e + 1] - shifts[j]
+                acc[k0 : k1 + 1] = 0.0
+                whole = (not inside) and w_lo <= lo and hi <= w_hi
+                n_sub = 1 if whole else int(np.ceil((w_hi - w_lo) / 180.0))
+                for s in range(n_sub):
+                    if whole:
+                        px_, py_, m = xs, ys, xs.size
+                    else:
+                        s_lo = w_lo + (w_hi - w_lo) * s / n_sub
+                        s_hi = w_lo + (w_hi - w_lo) * (s + 1) / n_sub
+                        m = _clip_wedge(xs, ys, xs.size, s_lo, s_hi, tmp_x, tmp_y, cl_x, cl_y)
+                        px_, py_ = cl_x, cl_y
+                    if m < 3:
+                        continue
+                    full = sign * _poly_area(px_, py_, m)
+                    if full <= min_area:
+                        continue
+                    for k in range(k0, k1 + 2):
+                        edge = r_edges[k]
+                        if edge <= r_min:
+                            disk[k] = 0.0
+                        elif edge >= r_max:
+                            disk[k] = full
+                        else:
+                            disk[k] = sign * _poly_disk_area(px_, py_, m, edge)
+                    for k in range(k0, k1 + 1):
+                        acc[k] += disk[k + 1] - disk[k]
+                for k in range(k0, k1 + 1):
+                    if acc[k] > min_area:
+                        out_bin[pos] = k * n_eta + e
+                        out_area[pos] = acc[k]
+                        pos += 1
+        used[pix] = pos - start
+    return p1, pos
 
 
 # ------------------------------------------------------------------------------- python API
@@ -504,6 +470,63 @@ def _in_row_bands(fn: Callable[..., None], n_rows: int, *args: Any, per_thread: 
     edges = np.linspace(0, n_rows, n_bands + 1).astype(int)
     with ThreadPoolExecutor(min(n_threads, n_bands)) as pool:
         list(pool.map(lambda z0, z1: fn(z0, z1, *args), edges[:-1], edges[1:]))
+
+
+def _split_bands(shape: tuple[int, int], cx: NDArray, cy: NDArray, ceta: NDArray,
+                 r_edges: NDArray, eta_edges: NDArray,
+                 used: NDArray[np.int64]) -> tuple[NDArray[np.int32], NDArray[np.float64]]:
+    """Every (pixel, bin) entry of the detector, pixel by pixel: :func:`_split_pixels` over bands
+    of rows on threads, each band into buffers sized by the entries per pixel met so far, a
+    full buffer continued in a new one. Returns the bins (int32) and areas of all entries in
+    pixel order; ``used[p]`` (filled) counts pixel p's."""
+    nz, ny = shape
+    pieces: dict[int, list[tuple[NDArray, NDArray]]] = {}
+
+    def band(z0: int, z1: int) -> None:
+        p, stop = z0 * ny, z1 * ny
+        out = pieces.setdefault(z0, [])
+        per_pixel, done, entries, least = _ENTRIES_PER_PIXEL, 0, 0, 0
+        while p < stop:
+            size = max(int((stop - p) * per_pixel * 1.1) + 1024, least)
+            out_bin, out_area = np.empty(size, dtype=np.int32), np.empty(size)
+            p_next, n = _split_pixels(p, stop, cx, cy, ceta, r_edges, eta_edges, MIN_AREA_PX2,
+                                      out_bin, out_area, used)
+            out.append((out_bin[:n], out_area[:n]))
+            least = 2 * size if p_next == p else 0  # one pixel's candidates did not fit
+            done, entries, p = done + p_next - p, entries + n, p_next
+            per_pixel = max(entries / max(done, 1), 0.1)
+
+    _in_row_bands(band, nz)
+    parts = [part for z0 in sorted(pieces) for part in pieces[z0]]
+    if len(parts) == 1:
+        return parts[0]
+    return (np.concatenate([b for b, _ in parts]) if parts else np.empty(0, np.int32),
+            np.concatenate([a for _, a in parts]) if parts else np.empty(0))
+
+
+def _assemble(used: NDArray[np.int64], out_bin: NDArray[np.int32], out_area: NDArray[np.float64],
+              masked: NDArray[np.bool_], corr: NDArray[np.float64], n_bins: int) -> tuple:
+    """Bin-major CSR of the unmasked entries (pixels increasing within every bin) plus per-bin
+    area sums and mask flags, from the pixel-ordered entries of :func:`_split_bands`.
+
+    Returns indptr, indices, areas, weights (areas / corr of the pixel), bin_area (Σ unmasked
+    areas), geometric (Σ all areas), touches (a masked pixel has an entry); every sum adds a
+    bin's entries in increasing pixel order.
+    """
+    n_pix = used.size
+    pix = np.repeat(np.arange(n_pix, dtype=np.int32 if n_pix < 2**31 else np.int64), used)
+    geometric = np.bincount(out_bin, weights=out_area, minlength=n_bins)
+    touches = np.zeros(n_bins, dtype=np.bool_)
+    if masked.any():
+        hidden = masked[pix]
+        touches[out_bin[hidden]] = True
+        keep = ~hidden
+        out_bin, out_area, pix = out_bin[keep], out_area[keep], pix[keep]
+    bin_area = np.bincount(out_bin, weights=out_area, minlength=n_bins)
+    # a stable counting sort by bin (scipy's COO -> CSR), so pixels stay increasing in a bin
+    csr = sp.csr_matrix((out_area, (out_bin, pix)), shape=(n_bins, n_pix))
+    return (csr.indptr, csr.indices, csr.data, csr.data / corr[csr.indices], bin_area, geometric,
+            touches)
 
 
 def _corner_grid(params: Params) -> tuple[NDArray, NDArray, NDArray]:
@@ -572,19 +595,11 @@ def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
     if masked.size >= 2**31:
         raise ParameterError(f"{params.source}: keys NrPixelsY/NrPixelsZ: expected < 2^31 pixels")
     cx, cy, ceta = _corner_grid(params)
-    nz, ny = masked.shape
-    counts = np.zeros(nz * ny, dtype=np.int64)
-    _in_row_bands(_count_candidates, nz, cx, cy, ceta, r_edges, eta_edges, counts)
-    offsets = np.zeros(counts.size + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    out_bin = np.empty(offsets[-1], dtype=np.int32)
-    out_area = np.empty(offsets[-1], dtype=np.float64)
-    used = np.zeros(nz * ny, dtype=np.int64)
-    _in_row_bands(_split_pixels, nz, cx, cy, ceta, r_edges, eta_edges, offsets, out_bin,
-                  out_area, MIN_AREA_PX2, used)
+    used = np.empty(masked.size, dtype=np.int64)
+    out_bin, out_area = _split_bands(masked.shape, cx, cy, ceta, r_edges, eta_edges, used)
     del ceta
     indptr, indices, areas, weights, bin_area, geometric, touches = _assemble(
-        offsets, used, out_bin, out_area, masked.ravel(), _correction(params), n_bins
+        used, out_bin, out_area, masked.ravel(), _correction(params), n_bins
     )
     shape = (n_bins, masked.size)
     # one index dtype for indptr and indices, so scipy does not copy them

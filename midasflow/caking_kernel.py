@@ -165,21 +165,19 @@ def _raw_to_float32(frames2d, dark, flag, flag_value, lower, out):  # pragma: no
 
 
 @numba.njit(cache=True)
-def _sector_split(csc_indptr, csc_bins, csc_weights, sector_of_bin, local_of_bin, rec_start,
-                  ent_start, pix, counts, local, weights):  # pragma: no cover - compiled
+def _sector_split(csc_indptr, csc_bins, csc_weights, sector_of_bin, local_of_bin, recs, ents,
+                  seen, pix, counts, local, weights):  # pragma: no cover - compiled
     """Split the map (CSC: pixel-major, bins increasing within a pixel) into the sectors
     ``sector_of_bin``, pixel-major within each sector.
 
-    Counting pass (``pix.size == 0``): returns the records (pixel, sector pairs) and entries of
-    every sector. Filling pass: writes, from ``rec_start``/``ent_start`` on, each record's pixel
-    and entry count and each entry's bin within its sector (``local_of_bin``) and weight.
+    ``recs``/``ents`` (n_sectors,) int64 advance past every record (pixel, sector pair) and
+    entry of each sector; ``seen`` (n_sectors,) bool, all False, is scratch. Counting pass
+    (``pix.size == 0``, ``recs``/``ents`` zero): they end as the counts. Filling pass (from
+    each sector's first record and entry on): writes each record's pixel and entry count and
+    each entry's bin within its sector (``local_of_bin``) and weight.
     """
     n_pix = csc_indptr.size - 1
-    n_sec = rec_start.size - 1
     fill = pix.size > 0
-    recs = rec_start[:-1].copy() if fill else np.zeros(n_sec, dtype=np.int64)
-    ents = ent_start[:-1].copy() if fill else np.zeros(n_sec, dtype=np.int64)
-    seen = np.zeros(n_sec, dtype=np.bool_)
     for p in range(n_pix):
         j0, j1 = csc_indptr[p], csc_indptr[p + 1]
         for j in range(j0, j1):
@@ -201,12 +199,11 @@ def _sector_split(csc_indptr, csc_bins, csc_weights, sector_of_bin, local_of_bin
             ents[g] += m
         for j in range(j0, j1):
             seen[sector_of_bin[csc_bins[j]]] = False
-    return recs, ents
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _sector_sums(g, n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts,
-                 local, weights, frame, S, touched):  # pragma: no cover - compiled
+                 local, weights, frame, S, touched, sums, hit):  # pragma: no cover - compiled
     """The sums ``S`` (n_bins,) and NaN flags ``touched`` of the bins of sector g of one frame.
 
     Within a sector (:func:`_sector_split`) the frame's pixels are read in increasing order
@@ -216,9 +213,11 @@ def _sector_sums(g, n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, 
     where a NaN value has an entry in bin b. Returns the number of NaN values with entries in
     the sector. Releases the GIL: the sectors of a frame run on Python threads
     (:func:`_sector_frame`), which compiles much faster than a numba parallel loop.
+    ``sums`` (float64) and ``hit`` (bool), of at least ``r_per * eta_per``, are scratch.
     """
-    sums = np.zeros(r_per * eta_per, dtype=np.float64)
-    hit = np.zeros(r_per * eta_per, dtype=np.bool_)
+    for x in range(r_per * eta_per):
+        sums[x] = 0.0
+        hit[x] = False
     e = ent_start[g]
     count = 0
     for q in range(rec_start[g], rec_start[g + 1]):
@@ -235,8 +234,10 @@ def _sector_sums(g, n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, 
         e += m
     n_r = S.size // n_eta
     r0, e0 = g // n_eta_sectors * r_per, g % n_eta_sectors * eta_per
-    for ir in range(r0, min(r0 + r_per, n_r)):
-        for ie in range(e0, min(e0 + eta_per, n_eta)):
+    r1 = r0 + r_per if r0 + r_per < n_r else n_r  # min(): builtins compile apart (binmap.py)
+    e1 = e0 + eta_per if e0 + eta_per < n_eta else n_eta
+    for ir in range(r0, r1):
+        for ie in range(e0, e1):
             x = (ir - r0) * eta_per + ie - e0
             S[ir * n_eta + ie] = sums[x]
             touched[ir * n_eta + ie] = hit[x]
@@ -435,18 +436,20 @@ def _sector_map(binmap: BinMap) -> _SectorMap:
         local_dtype = np.uint16 if r_per * eta_per <= 2**16 else np.uint32
         local_of_bin = (ir % r_per * eta_per + ie % eta_per).astype(local_dtype)
         count_dtype = np.min_scalar_type(int(np.diff(csc.indptr).max(initial=0)))
-        zero = np.zeros(n_r_sectors * n_eta_sectors + 1, dtype=np.int64)
+        n_sectors = n_r_sectors * n_eta_sectors
+        recs, ents = np.zeros(n_sectors, dtype=np.int64), np.zeros(n_sectors, dtype=np.int64)
+        seen = np.zeros(n_sectors, dtype=np.bool_)
         tables = (csc.indptr, csc.indices, csc.data, sector_of_bin, local_of_bin)
-        recs, ents = _sector_split(*tables, zero, zero, np.empty(0, np.int32),
-                                   np.empty(0, count_dtype), np.empty(0, local_dtype),
-                                   np.empty(0, np.float64))
+        _sector_split(*tables, recs, ents, seen, np.empty(0, np.int32), np.empty(0, count_dtype),
+                      np.empty(0, local_dtype), np.empty(0, np.float64))
         rec_start = np.concatenate(([0], np.cumsum(recs)))
         ent_start = np.concatenate(([0], np.cumsum(ents)))
         pix = np.empty(rec_start[-1], dtype=np.int32)
         counts = np.empty(rec_start[-1], dtype=count_dtype)
         local = np.empty(csc.nnz, dtype=local_dtype)
         weights = np.empty(csc.nnz, dtype=np.float64)
-        _sector_split(*tables, rec_start, ent_start, pix, counts, local, weights)
+        _sector_split(*tables, rec_start[:-1].copy(), ent_start[:-1].copy(), seen, pix, counts,
+                      local, weights)
         sm = _SectorMap(eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts, local,
                         weights)
         _SECTOR_MAPS[binmap] = sm
@@ -463,7 +466,8 @@ def _sector_frame(sm: _SectorMap, n_eta: int, frame: np.ndarray, S: np.ndarray,
     sectors = iter(range(sm.rec_start.size - 1))  # next() on it is atomic under the GIL
 
     def work() -> int:
-        return sum(_sector_sums(g, *args) for g in sectors)
+        scratch = (np.empty(sm.r_per * sm.eta_per), np.empty(sm.r_per * sm.eta_per, np.bool_))
+        return sum(_sector_sums(g, *args, *scratch) for g in sectors)
 
     helpers = [_sector_pool().submit(work) for _ in range(numba.get_num_threads() - 1)]
     return work() + sum(f.result() for f in helpers)

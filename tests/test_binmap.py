@@ -363,14 +363,47 @@ def test_cached_binmap_loads_by_digest_and_refuses_a_different_file(tmp_path):
 @given(edges=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=12, unique=True),
        picks=st.lists(st.integers(0, 11), max_size=4),
        others=st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4))
-def test_bisect_is_numpys_searchsorted(edges, picks, others):
-    """binmap._bisect (numba's own searchsorted costs ~2 s of compiling) finds numpy's
-    searchsorted position on both sides, on the edges themselves, between them, outside, at
-    ±inf and NaN."""
-    from midasflow.binmap import _bisect
+def test_bin_span_is_numpys_searchsorted(edges, picks, others):
+    """binmap._bin_span (numba's own searchsorted costs ~2 s of compiling) finds numpy's
+    searchsorted positions (right side of the low bound, left side of the high one), on the
+    edges themselves, between them, outside, at ±inf and NaN."""
+    from midasflow.binmap import _bin_span
 
     a = np.sort(np.asarray(edges, dtype=np.float64))
     xs = [a[i % a.size] for i in picks] + list(others) + [a[0] - 1.0, a[-1] + 1.0]
-    for x in xs:
-        for right in (True, False):
-            assert _bisect(a, x, right) == np.searchsorted(a, x, side="right" if right else "left")
+    for lo in xs:
+        for hi in xs:
+            assert _bin_span(a, lo, hi) == (np.searchsorted(a, lo, side="right") - 1,
+                                            np.searchsorted(a, hi, side="left") - 1)
+
+
+def test_entry_buffers_resumed_when_full(monkeypatch):
+    """The map is the same when every band's entry buffer fills up again and again (a first
+    guess of 0.01 entries per pixel; the beam centre's pixel alone has more candidates than a
+    band's first buffer holds) as with buffers that never fill."""
+    params = Params(nr_pixels_y=40, nr_pixels_z=1100, bc_y_px=20.0, bc_z_px=550.0,
+                    r_min_px=0.0, r_max_px=30.0, r_bin_px=0.25, eta_bin_deg=0.25)
+    mask = np.zeros((1100, 40), dtype=bool)
+    mask[540:545, 10:14] = True
+    whole = build_binmap(params, mask)
+    calls = []
+    real = binmap_mod._split_pixels
+
+    def counted(*args):
+        done = real(*args)
+        calls.append((args[0], *done))
+        return done
+
+    monkeypatch.setattr(binmap_mod, "_ENTRIES_PER_PIXEL", 0.01)
+    monkeypatch.setattr(binmap_mod, "_split_pixels", counted)
+    pieces = build_binmap(params, mask)
+    assert len(calls) > 2 * 16  # 16 bands of rows; buffers filled up and were continued
+    assert any(stop == start for start, stop, _ in calls)  # one pixel overflowed a new buffer
+    for name in ("weights", "areas"):
+        a, b = getattr(whole, name), getattr(pieces, name)
+        assert a.nnz > 20_000
+        for part in ("indptr", "indices", "data"):
+            np.testing.assert_array_equal(getattr(a, part), getattr(b, part))
+    for name in ("bin_area", "geometric_area", "touches_mask"):
+        np.testing.assert_array_equal(getattr(whole, name), getattr(pieces, name))
+    assert whole.touches_mask.any()
