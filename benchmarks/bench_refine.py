@@ -22,8 +22,13 @@ Jacobian, and the share of a Jacobian spent in the profile (``midasflow.profile.
   installing). Beside it, the fixed share of that: a process that imports numpy, numba and
   ``midasflow.profile`` and calls one cached kernel, numba's one-time CPU target set-up split into
   the imports numba makes whatever the kernel (scipy.linalg for its BLAS check, cffi for its
-  typing) and the rest (its typing and lowering registries, the NRT compiled with LLVM).
+  typing) and the rest (its typing and lowering registries, the NRT compiled with LLVM), and
+  numba's floor without any of our code: a process that imports numba and calls an empty
+  ``@njit(cache=True)`` function already in numba's cache.
   Bytecode caches are allowed in these processes, as an installed package has them.
+* First use beside GSAS-II: a new process that imports the engine and refines the real PbSO4
+  pattern once, and one that imports GSAS-II and refines it once through GSASIIscriptable
+  (where GSAS-II is importable): what a one-pattern user waits for with either.
 
 The machine may be shared: the 1-minute load average is printed at the start and the end; each
 native time is the fastest of several calls, CPU times (``time.process_time``) are less sensitive
@@ -227,6 +232,51 @@ print(c1 - c0, c2 - c1, c3 - c2, c4 - c3, c5 - c4, c6 - c5)
 """
 
 
+#: numba's own floor: import it and call one empty kernel that is in numba's cache (the module
+#: is written to a temporary folder first; cache=True needs a file)
+_EMPTY_KERNEL = """
+import numba
+
+@numba.njit(cache=True)
+def empty():
+    return 0
+"""
+_NUMBA_ALONE = """
+import sys, time
+sys.path.insert(0, FOLDER)
+c0 = time.process_time()
+import numba
+c1 = time.process_time()
+from empty_kernel import empty
+empty()
+c2 = time.process_time()
+print(c1 - c0, c2 - c1)
+"""
+
+#: a new process's import and first refinement of the real PbSO4 pattern, native or GSAS-II
+_FIRST_PBSO4 = """
+import time
+t0, c0 = time.perf_counter(), time.process_time()
+import numpy as np
+if BACKEND == "native":
+    from midasflow.crystal import read_phase
+    from midasflow.io.instprm import read_instprm
+    from midasflow.refinement.engine import refine_pattern
+    x, y, s = np.loadtxt(DATA + "/PBSO4_xray.xye").T
+    res = refine_pattern(x, y, s, [read_phase(DATA + "/PbSO4.cif")],
+                         read_instprm(DATA + "/PBSO4_xray.instprm"), limits=(16, 110))
+else:
+    import tempfile
+    from midasflow.refinement.gsas2 import import_gsasii, refine_pattern_gsas2
+    import_gsasii()
+    x, y, s = np.loadtxt(DATA + "/PBSO4_xray.xye").T
+    with tempfile.TemporaryDirectory() as tmp:
+        res = refine_pattern_gsas2(x, y, s, [DATA + "/PbSO4.cif"], DATA + "/PBSO4_xray.instprm",
+                                   workdir=tmp, index=0, limits=(16, 110))
+print(time.perf_counter() - t0, time.process_time() - c0, res.rwp)
+"""
+
+
 def _run(code: str, env: dict[str, str] | None = None) -> list[float]:
     """The numbers ``code`` prints, run in a new Python process. Python may write bytecode caches
     (``PYTHONDONTWRITEBYTECODE`` is dropped): an installed package has them, and compiling our
@@ -235,7 +285,7 @@ def _run(code: str, env: dict[str, str] | None = None) -> list[float]:
     child_env.pop("PYTHONDONTWRITEBYTECODE", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=child_env)
-    return list(map(float, out.stdout.split()))
+    return list(map(float, out.stdout.strip().splitlines()[-1].split()))  # its last line
 
 
 def bench_first_use():
@@ -266,6 +316,39 @@ def bench_first_use():
           f"on the first call of one cached kernel {linalg_c + cffi_c + call_c:.2f} s = importing "
           f"scipy.linalg {linalg_c:.2f} s (numba's BLAS check) + cffi {cffi_c:.2f} s (numba's "
           f"typing) + the rest {call_c:.2f} s")
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "empty_kernel.py").write_text(_EMPTY_KERNEL)
+        code = f"FOLDER = {tmp!r}\n" + _NUMBA_ALONE
+        env = {"NUMBA_CACHE_DIR": f"{tmp}/numba_cache"}
+        _run(code, env)                         # fills the cache
+        numba_alone, empty_call = min((_run(code, env) for _ in range(3)), key=sum)
+    print(f"  numba's floor without our code (CPU, fastest of 3 processes): import numba "
+          f"{numba_alone:.2f} s + first call of an empty cached @njit(cache=True) function "
+          f"{empty_call:.2f} s = {numba_alone + empty_call:.2f} s")
+
+
+def bench_first_use_vs_gsas2(skip_gsas2: bool) -> None:
+    """A new process's import and first refinement of the real PbSO4 pattern: native (numba's
+    cache filled) beside GSAS-II from the same run, fastest of two processes each."""
+    def first(backend: str) -> list[float]:
+        return min((_run(f"BACKEND = {backend!r}; DATA = {str(PBSO4_DATA)!r}\n" + _FIRST_PBSO4)
+                    for _ in range(2)), key=lambda r: r[1])
+    first("native")                             # fills numba's cache and the bytecode caches
+    wall, cpu, rwp = first("native")
+    print(f"First use, PbSO4 real in a new process (import + first refinement): native "
+          f"{cpu:.2f} s CPU, {wall:.2f} s wall (Rwp {rwp:.3f} %; {load()})")
+    if skip_gsas2:
+        print("  GSAS-II: skipped (--skip-gsas2)")
+        return
+    from midasflow.refinement.gsas2 import import_gsasii
+    try:
+        import_gsasii()
+    except BackendError as exc:
+        print(f"  GSAS-II: skipped ({exc})")
+        return
+    g_wall, g_cpu, g_rwp = first("gsas2")
+    print(f"  GSAS-II: {g_cpu:.2f} s CPU, {g_wall:.2f} s wall (Rwp {g_rwp:.3f} %); native is "
+          f"{g_cpu / cpu:.1f}x faster (CPU), {g_wall / wall:.1f}x (wall) to a first result")
 
 
 def main():
@@ -274,6 +357,7 @@ def main():
     args = ap.parse_args()
     print(f"start: {load()} on {os.cpu_count()} cores")
     bench_first_use()
+    bench_first_use_vs_gsas2(args.skip_gsas2)
     bench_ceo2()
     bench_pbso4_sim()
     bench_pbso4_real(args.skip_gsas2)
