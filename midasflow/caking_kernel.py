@@ -58,6 +58,8 @@ _MAX_PASS_FRAMES = 32  # the NaN flags of one pixel in a pass are the bits of a 
 #: Bin ranges of (nearly) equal entry counts handed to the threads of one map pass.
 _N_CHUNKS = 64
 _TILE = 4096
+#: Tiles of :func:`_gather_pixel_major` per call (a thread takes the next call as it frees up).
+_TILES_PER_CALL = 8
 #: Pixels of one transposed block of :func:`_gather_pixel_major` (a (32, 256) float32 tile
 #: is 32 KiB, an L1 cache).
 _BLOCK = 256
@@ -103,29 +105,32 @@ def _raw_value(v, dark, flag, flag_value, lower):  # pragma: no cover - compiled
     return np.float32(np.nan) if flagged else x
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _gather_pixel_major(frames2d, slot, out, nan_bits, raw, dark, flag, flag_value,
+@numba.njit(cache=True, nogil=True)
+def _gather_pixel_major(t0, t1, frames2d, slot, out, nan_bits, raw, dark, flag, flag_value,
                         lower):  # pragma: no cover - compiled
-    """``out[slot[p], f] = frames2d[f, p]`` for every pixel with map entries, NaN written as 0.
+    """``out[slot[p], f] = frames2d[f, p]`` for every pixel with map entries of the tiles
+    ``t0..t1-1`` of ``_TILE`` pixels, NaN written as 0.
 
     frames2d: (n <= 32, n_pix) frame-major; out: (n_used, n) pixel-major in ring order;
     nan_bits: (n_used,) uint32, bit f set where frame f is NaN. With ``raw`` each value is
     first corrected by :func:`_raw_value` (``dark`` (n_pix,) float32 or empty, flag,
     lower). Returns the number of NaN values met (NaN pixels without map entries do not
-    matter and are not counted).
+    matter and are not counted). Releases the GIL: ranges of tiles run on threads
+    (:func:`_threaded`), which compiles much faster than a numba parallel loop.
 
     A transpose by blocks of ``_BLOCK`` pixels: each frame's run of the block is read
     (and corrected) in one sequential sweep into a small (n, _BLOCK) tile that stays in
-    cache, whose columns are then written out as whole buffer rows.
+    cache, whose columns are then written out as whole buffer rows. (Scratch arrays are
+    allocated in the kernels, not passed in: LLVM then knows they alias nothing and
+    vectorises their loops.)
     """
     n, n_pix = frames2d.shape
-    n_tiles = (n_pix + _TILE - 1) // _TILE
-    nan_per_tile = np.zeros(n_tiles, dtype=np.int64)
-    for t in numba.prange(n_tiles):
-        count = 0
-        block = np.empty((n, _BLOCK), dtype=out.dtype)
-        for b0 in range(t * _TILE, min((t + 1) * _TILE, n_pix), _BLOCK):
-            m = min(_BLOCK, n_pix - b0)
+    count = 0
+    block = np.empty((n, _BLOCK), dtype=out.dtype)
+    for t in range(t0, t1):
+        end = (t + 1) * _TILE if (t + 1) * _TILE < n_pix else n_pix
+        for b0 in range(t * _TILE, end, _BLOCK):
+            m = _BLOCK if b0 + _BLOCK < n_pix else n_pix - b0
             for f in range(n):
                 if raw:
                     if dark.size:
@@ -150,8 +155,7 @@ def _gather_pixel_major(frames2d, slot, out, nan_bits, raw, dark, flag, flag_val
                         bits |= np.uint32(nan) << np.uint32(f)
                         count += nan
                     nan_bits[q] = bits
-        nan_per_tile[t] = count
-    return nan_per_tile.sum()
+    return count
 
 
 @numba.njit(cache=True, nogil=True)
@@ -202,54 +206,57 @@ def _sector_split(csc_indptr, csc_bins, csc_weights, sector_of_bin, local_of_bin
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _sector_sums(g, n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts,
+def _sector_sums(g0, g1, n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts,
                  local, weights, frame, S, touched, sums, hit):  # pragma: no cover - compiled
-    """The sums ``S`` (n_bins,) and NaN flags ``touched`` of the bins of sector g of one frame.
+    """The sums ``S`` (n_bins,) and NaN flags ``touched`` of the bins of sectors g0..g1-1 of one
+    frame.
 
     Within a sector (:func:`_sector_split`) the frame's pixels are read in increasing order
     (long runs along the rows) and each is added to its bins' sums, which stay in cache; every
     bin sees its entries in increasing pixel order, the CSR order of :func:`_bin_sums`, a NaN
     value adding ``w * 0.0`` there too, so the sums are bit-identical. ``touched[b]`` is set
     where a NaN value has an entry in bin b. Returns the number of NaN values with entries in
-    the sector. Releases the GIL: the sectors of a frame run on Python threads
+    the sectors. Releases the GIL: the sectors of a frame run on Python threads
     (:func:`_sector_frame`), which compiles much faster than a numba parallel loop.
     ``sums`` (float64) and ``hit`` (bool), of at least ``r_per * eta_per``, are scratch.
     """
-    for x in range(r_per * eta_per):
-        sums[x] = 0.0
-        hit[x] = False
-    e = ent_start[g]
     count = 0
-    for q in range(rec_start[g], rec_start[g + 1]):
-        v = frame[pix[q]]
-        nan = np.isnan(v)
-        value = 0.0 if nan else np.float64(v)
-        m = np.int64(counts[q])
-        for k in range(e, e + m):
-            sums[local[k]] += weights[k] * value
-        if nan:
-            count += 1
+    for g in range(g0, g1):
+        for x in range(r_per * eta_per):
+            sums[x] = 0.0
+            hit[x] = False
+        e = ent_start[g]
+        for q in range(rec_start[g], rec_start[g + 1]):
+            v = frame[pix[q]]
+            nan = np.isnan(v)
+            value = 0.0 if nan else np.float64(v)
+            m = np.int64(counts[q])
             for k in range(e, e + m):
-                hit[local[k]] = True
-        e += m
-    n_r = S.size // n_eta
-    r0, e0 = g // n_eta_sectors * r_per, g % n_eta_sectors * eta_per
-    r1 = r0 + r_per if r0 + r_per < n_r else n_r  # min(): builtins compile apart (binmap.py)
-    e1 = e0 + eta_per if e0 + eta_per < n_eta else n_eta
-    for ir in range(r0, r1):
-        for ie in range(e0, e1):
-            x = (ir - r0) * eta_per + ie - e0
-            S[ir * n_eta + ie] = sums[x]
-            touched[ir * n_eta + ie] = hit[x]
+                sums[local[k]] += weights[k] * value
+            if nan:
+                count += 1
+                for k in range(e, e + m):
+                    hit[local[k]] = True
+            e += m
+        n_r = S.size // n_eta
+        r0, e0 = g // n_eta_sectors * r_per, g % n_eta_sectors * eta_per
+        r1 = r0 + r_per if r0 + r_per < n_r else n_r  # min(): builtins compile apart (binmap.py)
+        e1 = e0 + eta_per if e0 + eta_per < n_eta else n_eta
+        for ir in range(r0, r1):
+            for ie in range(e0, e1):
+                x = (ir - r0) * eta_per + ie - e0
+                S[ir * n_eta + ie] = sums[x]
+                touched[ir * n_eta + ie] = hit[x]
     return count
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _touched_areas(indptr, indices, areas, bin_area, frame, touched, chunks, A, T):  # pragma: no cover
+@numba.njit(cache=True, nogil=True)
+def _touched_areas(c0, c1, indptr, indices, areas, bin_area, frame, touched, chunks, A,
+                   T):  # pragma: no cover
     """Area of the non-NaN entries ``A`` and count of NaN entries ``T`` (n_bins,) of one frame
-    where ``touched``, else ``bin_area`` and 0: :func:`_valid_areas` reading the frame directly
-    (same sums in the same order)."""
-    for c in numba.prange(chunks.size - 1):
+    where ``touched``, else ``bin_area`` and 0, for the bins of ``chunks[c0]..chunks[c1]``:
+    :func:`_valid_areas` reading the frame directly (same sums in the same order)."""
+    for c in range(c0, c1):
         for b in range(chunks[c], chunks[c + 1]):
             if not touched[b]:
                 A[b] = bin_area[b]
@@ -263,18 +270,21 @@ def _touched_areas(indptr, indices, areas, bin_area, frame, touched, chunks, A, 
                 t += flagged
             A[b] = a
             T[b] = t
+    return 0
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _valid_areas(indptr, rows, areas, nan_bits, bin_area, chunks, A, T):  # pragma: no cover
-    """Per-frame area of the non-NaN entries ``A`` and count of NaN entries ``T`` (n, n_bins).
+@numba.njit(cache=True, nogil=True)
+def _valid_areas(c0, c1, indptr, rows, areas, nan_bits, bin_area, chunks, A,
+                 T):  # pragma: no cover
+    """Per-frame area of the non-NaN entries ``A`` and count of NaN entries ``T`` (n, n_bins)
+    of the bins of ``chunks[c0]..chunks[c1]``.
 
     Bins without a NaN entry take ``bin_area`` (n_bins,), the same sum in the same order.
     """
     n = A.shape[0]
-    for c in numba.prange(chunks.size - 1):
-        a = np.empty(n, dtype=np.float64)
-        t = np.empty(n, dtype=np.float64)
+    a = np.empty(n, dtype=np.float64)
+    t = np.empty(n, dtype=np.float64)
+    for c in range(c0, c1):
         for b in range(chunks[c], chunks[c + 1]):
             hit = np.uint32(0)
             for j in range(indptr[b], indptr[b + 1]):
@@ -296,18 +306,20 @@ def _valid_areas(indptr, rows, areas, nan_bits, bin_area, chunks, A, T):  # prag
             for f in range(n):
                 A[f, b] = a[f]
                 T[f, b] = t[f]
+    return 0
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
-def _bin_sums(indptr, rows, weights, values, chunks, S):  # pragma: no cover - compiled
-    """``S[f, b] = sum_j weights[j] * values[rows[j], f]`` over the entries j of bin b.
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _bin_sums(c0, c1, indptr, rows, weights, values, chunks, S):  # pragma: no cover - compiled
+    """``S[f, b] = sum_j weights[j] * values[rows[j], f]`` over the entries j of every bin b of
+    ``chunks[c0]..chunks[c1]``.
 
     values: (n_used, n) pixel-major buffer (NaN already 0); S: (n, n_bins) float64, written.
     ``chunks``: bin boundaries of the ranges the threads share (balanced by entry count).
     """
     n = values.shape[1]
-    for c in numba.prange(chunks.size - 1):
-        s = np.empty(n, dtype=np.float64)
+    s = np.empty(n, dtype=np.float64)
+    for c in range(c0, c1):
         for b in range(chunks[c], chunks[c + 1]):
             s[:] = 0.0
             for j in range(indptr[b], indptr[b + 1]):
@@ -317,6 +329,7 @@ def _bin_sums(indptr, rows, weights, values, chunks, S):  # pragma: no cover - c
                     s[f] += w * values[q, f]
             for f in range(n):
                 S[f, b] = s[f]
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +380,7 @@ _CSR_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KERNEL_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SECTOR_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KERNEL_MAPS_LOCK = threading.Lock()
-_SECTOR_POOL: list[concurrent.futures.ThreadPoolExecutor | None] = [None]
+_HELPER_POOL: list[concurrent.futures.ThreadPoolExecutor | None] = [None]
 _BUFFERS = threading.local()
 #: Kernel calls running in this process, so concurrent callers share the threads (below).
 _ACTIVE = [0]
@@ -463,23 +476,35 @@ def _sector_frame(sm: _SectorMap, n_eta: int, frame: np.ndarray, S: np.ndarray,
     the number of NaN values with entries (:func:`_sector_sums`)."""
     args = (n_eta, sm.eta_per, sm.r_per, sm.n_eta_sectors, sm.rec_start, sm.ent_start, sm.pix,
             sm.counts, sm.local, sm.weights, frame, S, touched)
-    sectors = iter(range(sm.rec_start.size - 1))  # next() on it is atomic under the GIL
+    return _threaded(_sector_sums, sm.rec_start.size - 1, 1, *args, scratch=lambda: (
+        np.empty(sm.r_per * sm.eta_per), np.empty(sm.r_per * sm.eta_per, np.bool_)))
+
+
+def _threaded(kernel: Callable[..., int], n_items: int, step: int, *args: Any,
+              scratch: Callable[[], tuple] = tuple) -> int:
+    """Sum of ``kernel(i, min(i + step, n_items), *args, *scratch())`` over i = 0, step, ...
+    below ``n_items``, on ``numba.get_num_threads()`` threads: this one and pool threads, each
+    taking the next range as it frees up, each with its own ``scratch()`` arrays. ``kernel``
+    releases the GIL; threads compile much faster than a numba parallel loop, and share
+    the work as well."""
+    starts = iter(range(0, n_items, step))  # next() on it is atomic under the GIL
 
     def work() -> int:
-        scratch = (np.empty(sm.r_per * sm.eta_per), np.empty(sm.r_per * sm.eta_per, np.bool_))
-        return sum(_sector_sums(g, *args, *scratch) for g in sectors)
+        extra = scratch()
+        return sum(kernel(i, min(i + step, n_items), *args, *extra) for i in starts)
 
-    helpers = [_sector_pool().submit(work) for _ in range(numba.get_num_threads() - 1)]
+    n_helpers = min(numba.get_num_threads(), -(-n_items // step)) - 1
+    helpers = [_helper_pool().submit(work) for _ in range(n_helpers)]
     return work() + sum(f.result() for f in helpers)
 
 
-def _sector_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that help :func:`_sector_frame` (created on first use, one fewer than numba's)."""
+def _helper_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that help :func:`_threaded` (created on first use, one fewer than numba's)."""
     with _KERNEL_MAPS_LOCK:
-        if _SECTOR_POOL[0] is None:
-            _SECTOR_POOL[0] = concurrent.futures.ThreadPoolExecutor(
+        if _HELPER_POOL[0] is None:
+            _HELPER_POOL[0] = concurrent.futures.ThreadPoolExecutor(
                 max(1, numba.config.NUMBA_NUM_THREADS - 1), thread_name_prefix="midasflow-cake")
-    return _SECTOR_POOL[0]
+    return _HELPER_POOL[0]
 
 
 @contextlib.contextmanager
@@ -678,8 +703,8 @@ def _one_pass(blocks, lo, hi, binmap, S, AT, correction=None):
             for i, frame in enumerate(piece, start=lo + col):
                 if _sector_frame(sm, int(binmap.n_eta), frame, S[i], touched):
                     A, T = _area_rows(AT, S, i, km.bin_area)
-                    _touched_areas(km.indptr, km.indices, km.areas, km.bin_area, frame, touched,
-                                   km.chunks, A[i], T[i])
+                    _threaded(_touched_areas, km.chunks.size - 1, 1, km.indptr, km.indices,
+                              km.areas, km.bin_area, frame, touched, km.chunks, A[i], T[i])
                 elif AT[0] is not None:
                     AT[0][i] = km.bin_area
                     AT[1][i] = 0.0
@@ -693,13 +718,15 @@ def _one_pass(blocks, lo, hi, binmap, S, AT, correction=None):
     frames2d = (pieces[0][0] if len(pieces) == 1
                 else np.concatenate([piece for piece, _ in pieces], dtype=dtype))
     raw_args = _raw_args(dtype, correction or RawCorrection())
-    n_nan = _gather_pixel_major(frames2d, km.slot, values, nan_bits, correction is not None,
-                                *raw_args)
-    _bin_sums(km.indptr, km.rows, km.weights, values, km.chunks, S[lo:hi])
+    n_tiles = -(-frames2d.shape[1] // _TILE)
+    n_nan = _threaded(_gather_pixel_major, n_tiles, _TILES_PER_CALL, frames2d, km.slot, values,
+                      nan_bits, correction is not None, *raw_args)
+    n_chunks = km.chunks.size - 1
+    _threaded(_bin_sums, n_chunks, 1, km.indptr, km.rows, km.weights, values, km.chunks, S[lo:hi])
     if n_nan:
         A, T = _area_rows(AT, S, lo, km.bin_area)
-        _valid_areas(km.indptr, km.rows, km.areas, nan_bits, km.bin_area, km.chunks, A[lo:hi],
-                     T[lo:hi])
+        _threaded(_valid_areas, n_chunks, 1, km.indptr, km.rows, km.areas, nan_bits, km.bin_area,
+                  km.chunks, A[lo:hi], T[lo:hi])
     elif AT[0] is not None:
         AT[0][lo:hi] = km.bin_area
         AT[1][lo:hi] = 0.0
@@ -780,8 +807,8 @@ def cake_block(
     dtype = np.float32 if raw else np.result_type(np.float32, *(block.dtype for block in blocks))
     # a call of fewer frames than the buffer pays for is one pass (no ring order needed)
     step = max(n, 1) if n < _MIN_BUFFER_FRAMES else frames_per_pass(binmap, dtype)
-    with _shared_threads(max_threads) as share, numba.parallel_chunksize(1):
-        for lo in range(0, n, step):  # chunksize 1: threads take chunks as they free up
+    with _shared_threads(max_threads) as share:
+        for lo in range(0, n, step):
             share()
             _one_pass(flats, lo, min(lo + step, n), binmap, S, AT, correction)
     A, T = AT
