@@ -18,13 +18,16 @@ whole passes, the kernel one frame per call (calibrant images, single exposures)
 through Dask on pass-sized chunks, and the README's composition ``open_frames -> cake`` on an
 HDF5 file of the same frames as uint16 counts with a dark, with open_frames' default chunks
 (read raw and dark-subtracted inside the kernel). Cold start: a fresh process to its first caked frame
-with no cached bin map, with an empty and with a filled numba cache.
+with no cached bin map, with an empty and with a filled numba cache, beside a fresh process's
+first pyFAI integrate2d_ng of the same frame (import, geometry, its CSR engine built on that
+call); wall and CPU (user + system of the process and its threads) times.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -73,26 +76,54 @@ def _cold_start_child(frame_file: str, map_cache: str) -> None:
                       "nnz": int(bm.weights.nnz), "n_r": bm.n_r, "n_eta": bm.n_eta}), flush=True)
 
 
+def _pyfai_cold_start_child(frame_file: str) -> None:
+    """Run in a fresh interpreter: import pyFAI and integrate the first frame on the same bins
+    (its CSR engine is built on that call). Prints one JSON line of the times (s)."""
+    t0 = time.perf_counter()
+    import numpy as np
+    import pyFAI  # noqa: F401
+    t_import = time.perf_counter() - t0
+    frame = np.load(frame_file)
+    params = _params()
+    ai, kw = _pyfai(params, len(params.r_edges_px()) - 1, len(params.eta_edges_deg()) - 1)
+    ai.integrate2d_ng(frame, **kw)
+    print(json.dumps({"import_s": t_import, "first_frame_s": time.perf_counter() - t0}),
+          flush=True)
+
+
+def _child(args: list[str], env: dict[str, str]) -> tuple[dict, float, float]:
+    """(the child's last JSON line, wall s, CPU s of the child and its threads)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, *args], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return json.loads(out.strip().splitlines()[-1]), wall, cpu
+
+
 def bench_cold_start(frame: np.ndarray) -> None:
     """Time from starting a Python process to the first caked frame, with no cached bin map:
     once with an empty numba cache (every kernel compiled) and once with numba's cache filled by
-    that first run (what every later run sees, ``cache=True`` on every kernel)."""
+    that first run (what every later run sees, ``cache=True`` on every kernel); beside pyFAI's
+    first frame in a fresh process, from the same run."""
     with tempfile.TemporaryDirectory() as tmp:
         frame_file = os.path.join(tmp, "frame.npy")
         np.save(frame_file, frame)
         env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
+        print(f"cold start (load average {os.getloadavg()[0]:.1f}; aim <= 10 s with an empty cache):")
         for label in ("empty numba cache", "numba cache filled"):
-            map_cache = tempfile.mkdtemp(dir=tmp)
-            t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, __file__, "--cold-start-child", frame_file,
-                                  map_cache], env=env, check=True, capture_output=True,
-                                 text=True).stdout
-            wall = time.perf_counter() - t0
-            r = json.loads(out.strip().splitlines()[-1])
-            print(f"cold start, {label:18s}: first frame {wall:6.2f} s after process start "
-                  f"(imports {r['import_s']:.2f} s, map {r['n_r']} x {r['n_eta']} bins, "
-                  f"{r['nnz']:,} entries built and cached by {r['map_s']:.2f} s, first frame "
-                  f"caked at {r['first_frame_s']:.2f} s) (aim <= 10 s)")
+            r, wall, cpu = _child(["--cold-start-child", frame_file, tempfile.mkdtemp(dir=tmp)],
+                                  env)
+            print(f"  midasflow, {label:18s}: first frame {wall:6.2f} s after process start, "
+                  f"{cpu:5.2f} s CPU (imports {r['import_s']:.2f} s, map {r['n_r']} x "
+                  f"{r['n_eta']} bins, {r['nnz']:,} entries built and cached by {r['map_s']:.2f} s, "
+                  f"first frame caked at {r['first_frame_s']:.2f} s)")
+        r, wall, cpu = _child(["--pyfai-cold-start-child", frame_file], dict(os.environ))
+        print(f"  pyFAI integrate2d_ng (csr)   : first frame {wall:6.2f} s after process start, "
+              f"{cpu:5.2f} s CPU (imports {r['import_s']:.2f} s, first frame integrated at "
+              f"{r['first_frame_s']:.2f} s)")
 
 
 # ------------------------------------------------------------------------------ throughput
@@ -232,9 +263,13 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-cold-start", action="store_true")
     ap.add_argument("--cold-start-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--pyfai-cold-start-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cold_start_child:
         _cold_start_child(*args.cold_start_child)
+        return
+    if args.pyfai_cold_start_child:
+        _pyfai_cold_start_child(args.pyfai_cold_start_child)
         return
     frames = _frames(_params(), args.frames)
     if not args.skip_cold_start:
