@@ -164,6 +164,20 @@ def bench_pbso4_sim(n_rep=5):
     report_costs(x, pbso4(1.003), res)
 
 
+def _gsas2_ready(skip_gsas2: bool) -> bool:
+    """Whether GSAS-II is to be run and importable; prints why not."""
+    if skip_gsas2:
+        print("  GSAS-II: skipped (--skip-gsas2)")
+        return False
+    from midasflow.refinement.gsas2 import import_gsasii
+    try:
+        import_gsasii()
+    except BackendError as exc:
+        print(f"  GSAS-II: skipped ({exc})")
+        return False
+    return True
+
+
 def bench_pbso4_real(skip_gsas2: bool, n_rep=3):
     x, y, s = np.loadtxt(PBSO4_DATA / "PBSO4_xray.xye").T
     inst = read_instprm(PBSO4_DATA / "PBSO4_xray.instprm")
@@ -171,15 +185,9 @@ def bench_pbso4_real(skip_gsas2: bool, n_rep=3):
     res, wall, cpu = time_refine(x, y, s, [phase], inst, n_rep, limits=(16, 110))
     print(f"PbSO4 real (Cu Kα1/Kα2, 16-110°, {res.n_points} points):")
     line("native", res, wall, cpu, "PbSO4")
-    if skip_gsas2:
-        print("  GSAS-II: skipped (--skip-gsas2)")
+    if not _gsas2_ready(skip_gsas2):
         return
-    from midasflow.refinement.gsas2 import import_gsasii, refine_pattern_gsas2
-    try:
-        import_gsasii()
-    except BackendError as exc:
-        print(f"  GSAS-II: skipped ({exc})")
-        return
+    from midasflow.refinement.gsas2 import refine_pattern_gsas2
     runs = []  # the first run includes GSAS-II's imports and set-up; the second is timed warm
     for _ in range(2):
         with tempfile.TemporaryDirectory() as tmp:
@@ -337,14 +345,7 @@ def bench_first_use_vs_gsas2(skip_gsas2: bool) -> None:
     wall, cpu, rwp = first("native")
     print(f"First use, PbSO4 real in a new process (import + first refinement): native "
           f"{cpu:.2f} s CPU, {wall:.2f} s wall (Rwp {rwp:.3f} %; {load()})")
-    if skip_gsas2:
-        print("  GSAS-II: skipped (--skip-gsas2)")
-        return
-    from midasflow.refinement.gsas2 import import_gsasii
-    try:
-        import_gsasii()
-    except BackendError as exc:
-        print(f"  GSAS-II: skipped ({exc})")
+    if not _gsas2_ready(skip_gsas2):
         return
     g_wall, g_cpu, g_rwp = first("gsas2")
     print(f"  GSAS-II: {g_cpu:.2f} s CPU, {g_wall:.2f} s wall (Rwp {g_rwp:.3f} %); native is "

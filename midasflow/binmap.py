@@ -284,29 +284,22 @@ def _bin_span(edges, lo, hi):
     (a NaN bound sorts after every edge, as numpy sorts NaN). numba's own searchsorted costs
     about 2 s of compiling (every comparison kind it supports) for this one use."""
     n = edges.size
-    if np.isnan(lo):
-        first = n
-    else:
-        a, b = 0, n
-        while a < b:
-            mid = (a + b) // 2
-            if edges[mid] <= lo:
-                a = mid + 1
-            else:
-                b = mid
-        first = a
-    if np.isnan(hi):
-        last = n
-    else:
-        a, b = 0, n
-        while a < b:
-            mid = (a + b) // 2
-            if edges[mid] < hi:
-                a = mid + 1
-            else:
-                b = mid
-        last = a
-    return first - 1, last - 1
+    first = n
+    for side in range(2):  # 0: numpy's side="right" of lo, 1: side="left" of hi
+        x = lo if side == 0 else hi
+        pos = n
+        if not np.isnan(x):
+            a, b = 0, n
+            while a < b:
+                mid = (a + b) // 2
+                if edges[mid] < x or (side == 0 and edges[mid] == x):
+                    a = mid + 1
+                else:
+                    b = mid
+            pos = a
+        if side == 0:
+            first = pos
+    return first - 1, pos - 1
 
 
 @numba.njit(cache=True)
