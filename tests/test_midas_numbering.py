@@ -51,7 +51,8 @@ def test_stream_numbers_groups_as_they_arrive():
 
 def _midas_histograms(path):
     """MIDAS's gsas_ii_refine._extract_histograms, as its code reads the file: the valid η columns
-    from REtaMap[3], the OmegaSumFrame keys sorted, (key, η column, 2θ of the unmasked bins)."""
+    from REtaMap[3], the OmegaSumFrame keys sorted, (key, η column, its unmasked bins, their 2θ as
+    GSAS-II's importer takes them: REtaMap's bin centres)."""
     import zarr
     from zarr.storage import ZipStore
 
@@ -62,7 +63,8 @@ def _midas_histograms(path):
         tth_map, area_map = remap[1], remap[3]
         valid = [i for i in range(tth_map.shape[1]) if np.sum(area_map[:, i] != 0) > 20]
         keys = sorted(fp["OmegaSumFrame"].keys())
-        return [(key, i, area_map[:, i] != 0) for key in keys for i in valid]
+        return [(key, i, area_map[:, i] != 0, tth_map[area_map[:, i] != 0, i])
+                for key in keys for i in valid]
     finally:
         store.close()
 
@@ -96,7 +98,7 @@ def test_numbering_is_midas_scripts(twelve_groups):
 
     caked = open_caked(twelve_groups)
     last_frame, effective = caked.last_frame.values, caked.effective_tth_deg.values
-    for k, (key, column, bins) in enumerate(midas):
+    for k, (key, column, bins, _) in enumerate(midas):
         spec = specs[k]
         assert key == f"LastFrameNumber_{last_frame[spec.group]}" and spec.eta_index == column
         # the importer's points (its x axis is REtaMap's bin centres; ours each bin's effective 2θ)
@@ -113,9 +115,12 @@ def test_numbering_is_gsas2_importers(gsasii, twelve_groups, tmp_path):
     gpx = gsasii.G2Project(newgpx=str(tmp_path / "import.gpx"))
     hists = gpx.add_powder_histogram(str(twelve_groups), None, fmthint="MIDAS", multiple=True)
     specs = {s.histogram: s for s in plan_lineouts(twelve_groups) if s.histogram >= 0}
-    assert len(hists) == len(specs)
+    midas = _midas_histograms(twelve_groups)
+    assert len(hists) == len(specs) == len(midas)
     for k, hist in enumerate(hists):
-        np.testing.assert_allclose(np.asarray(hist.getdata("X")), specs[k].tth_deg, rtol=1e-12)
+        # GSAS-II's x axis is REtaMap's bin centres (ours each bin's effective 2θ, same bins)
+        np.testing.assert_allclose(np.asarray(hist.getdata("X")), midas[k][3], rtol=1e-12)
+        assert specs[k].eta_index == midas[k][1] and specs[k].n_points == midas[k][3].size
         assert f"omega={specs[k].omega_deg}" in hist.name
 
 
