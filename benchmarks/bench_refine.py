@@ -7,7 +7,7 @@ Jacobian, and the share of a Jacobian spent in the profile (``midasflow.profile.
   data, ~40 % off in U..Y, cell 0.3 % off) and seeded (start values of a fit of the same
   ω-group's η-averaged pattern, here the same truth averaged over 8 lineouts, as the pipeline
   seeds by default); the difference of the two results' a is printed in esds; with the
-  profile in GSAS-II's float32 (the default) and in float64 (``refine_pattern(precision=)``).
+  profile in float64 (the default) and in GSAS-II's float32 (``refine_pattern(precision=)``).
 * PbSO4 (Pnma, 2θ 2.5–5.9°, 3000 points, ~40 reflections), simulated, unseeded.
 * PbSO4 real lab data (``tests/data/pbso4``, Cu Kα1/Kα2, 16–110°): the regression test's recipe.
   If GSAS-II is importable (:func:`midasflow.refinement.gsas2.import_gsasii`, e.g.

@@ -251,7 +251,7 @@ def refine(
     texture: str | None = None,
     po_axis: Sequence[int] = (0, 0, 1),
     sh_order: int = 4,
-    precision: str = "float32",
+    precision: str = "float64",
     warm_start: bool | None = None,
 ) -> xr.Dataset:
     """Refine every (ω-group, η) lineout of a caked scan; write and return the results Dataset.

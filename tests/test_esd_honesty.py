@@ -52,7 +52,11 @@ def test_esds_are_rescaled_to_the_independent_points():
 
 
 #: The pull test's scan: strain with every component, two ω-groups 90° apart (one frame each),
-#: 45° η bins, pixel-wide R bins, photon counting; the pattern is the engine's CeO2 model.
+#: 45° η bins, pixel-wide R bins, photon counting; the pattern is the engine's CeO2 model with
+#: SH/L = 0.005 (above GSAS-II's 0.002 floor: with the truth on the floor ~40 % of the fits end
+#: there, flagged shl_at_floor, and the cell errs by ~0.4·ρ esd, ρ ≈ −0.7 its correlation with
+#: SH/L: zz pull mean −0.9; docs/reference/gsas2_profile.md section 6).
+PULL_SHL = 0.005
 PULL_TENSOR = np.array([[2.0e-4, 1.0e-4, -1.0e-4], [1.0e-4, -4.0e-4, 1.5e-4], [-1.0e-4, 1.5e-4, 8.0e-4]])
 N_REALISATIONS = 50
 
@@ -72,6 +76,8 @@ def test_pulls_of_lineout_cells_and_of_the_strain_tensor_have_unit_spread(tmp_pa
     from midasflow.strain import COMPONENTS, components_from_tensor, lineout_design
 
     params = ceo2_params((192, 192), r_bin_px=1.0, eta_bin_deg=45.0, omega_sum_frames=1, omega_step_deg=90.0)
+    inst = tuple((k, PULL_SHL if k == "SH/L" else v) for k, v in params.instrument_overrides)
+    params = params.with_overrides(instrument_overrides=inst)
     phase = cubic_phase("CeO2", CEO2_A_A)
     cif = write_phase_cif(phase, tmp_path / "CeO2.cif")
     expected, _ = simulate_frames(params, phase, n_frames=2, strain_tensor=PULL_TENSOR, background=50.0,
@@ -119,3 +125,52 @@ def test_the_plan_carries_the_fraction_and_every_backend_result_is_rescaled():
     factor = np.sqrt((n - n_var) / (f * n - n_var))
     assert result.pattern.cell_esds["CeO2"][0] == pytest.approx(raw.cell_esds["CeO2"][0] * factor, rel=1e-9)
     assert plan_lineouts(caked.drop_vars("r_px"))[0].independent_fraction == 1.0  # no pixel size: as given
+
+
+@pytest.mark.parametrize("width_px", [0.25, 0.5, 1.0, 2.0])
+def test_noise_correlation_is_the_pixel_bin_overlap_shape(width_px):
+    """Unit pixels split over R bins of width w at every offset: bins k apart share
+    Σ_j o_j,b·o_j,b+k of a pixel's variance (o the overlaps), averaged over the offsets;
+    noise_correlation gives that shape relative to lag 0, times the independent fraction."""
+    from midasflow.refinement.lineouts import noise_correlation
+
+    lags = noise_correlation(width_px, 0.5)
+    shared = np.zeros(len(lags) + 2)
+    offsets = (np.arange(2000) + 0.5) / 2000
+    for phi in offsets:
+        lo = phi + width_px * np.arange(len(shared))[:, None]          # bins 0, 1, … from phi
+        pixels = np.arange(-2, int(np.ceil(width_px * len(shared))) + 3)[None, :]
+        overlap = np.clip(np.minimum(lo + width_px, pixels + 1) - np.maximum(lo, pixels), 0, None)
+        shared += overlap @ overlap[0]
+    assert lags[0] == 0.5
+    np.testing.assert_allclose(np.array(lags) / 0.5, shared[:len(lags)] / shared[0], atol=2e-4)
+    assert np.all(shared[len(lags):] < 1e-9 * shared[0])              # no lag beyond the last
+    assert noise_correlation(width_px, 1.0) == ()                       # independent bins
+    assert noise_correlation(1.0, 2 / 3) == pytest.approx((2 / 3, 1 / 6), rel=1e-4)
+
+
+def test_covariance_is_the_estimators_own_under_correlated_noise():
+    """Linear least squares with noise of lag correlations c (units of σσ): the sandwich
+    covariance the engine reports equals the scatter of the estimates over 20,000 noise draws,
+    and the χ² expectation it scales by equals their mean χ²; without the correlations the
+    GSAS-II covariance is returned."""
+    from midasflow.refinement.engine import _covariance, _normal_inverse
+
+    rng = np.random.default_rng(7)
+    n = 120
+    x = np.linspace(-1, 1, n)
+    sigma = 0.5 + x**2
+    J = np.column_stack([np.ones(n), x, np.exp(-(x / 0.05) ** 2)])
+    Jw = J / sigma[:, None]
+    c = (0.6, 0.2, 0.05)
+    R = sum(ck * (np.eye(n, k=k) + (np.eye(n, k=-k) if k else 0)) for k, ck in enumerate(c))
+    noise = rng.multivariate_normal(np.zeros(n), R, size=20000) * sigma   # correlated, σ-scaled
+    beta = np.linalg.lstsq(Jw, (noise / sigma).T, rcond=None)[0].T
+    chi2 = np.sum(((noise - beta @ J.T) / sigma) ** 2, axis=1)
+    n_inv = _normal_inverse(Jw)
+    cov, expected = _covariance(Jw, n_inv, float(chi2.mean()), c)
+    assert expected == pytest.approx(chi2.mean(), rel=0.01)
+    np.testing.assert_allclose(np.sqrt(np.diag(cov)), beta.std(axis=0), rtol=0.02)
+    np.testing.assert_allclose(cov, np.cov(beta.T), atol=0.03 * np.sqrt(np.outer(np.diag(cov), np.diag(cov))).max())
+    plain, dof = _covariance(Jw, n_inv, 50.0, None)
+    assert dof == n - 3 and np.allclose(plain, n_inv * 50.0 / (n - 3))

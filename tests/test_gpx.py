@@ -11,7 +11,7 @@ import pytest
 
 from gpx_helpers import read_gpx, refined_lineout, tree
 from midasflow.crystal import cell_to_A
-from midasflow.io.gpx import NoFittedPattern, gsas2_name, write_gpx
+from midasflow.io.gpx import NoFittedPattern, gsas2_name, refined_names, write_gpx
 from phase_helpers import ceo2, pbso4, zno
 
 #: The top-level items of a project, in GSAS-II's order.
@@ -72,7 +72,7 @@ def _check_project(path, pattern, mode, spec=None):
     assert back[1] == any(f"Back;{i}" in pattern.esds for i in range(n_back))
     inst = hist["Instrument Parameters"][0]
     for key in ("Zero", "U", "V", "W", "X", "Y", "Z", "SH/L"):
-        assert inst[key][1] == pattern.values[key] and inst[key][2] == (key in pattern.esds), key
+        assert inst[key][1] == pattern.values[key] and inst[key][2] == (key in refined_names(pattern)), key
     assert inst["Type"][0] == "PXC" and inst["Lam"][1] > 0
     sample = hist["Sample Parameters"]
     assert sample["Scale"] == [pattern.values["Scale"], "Scale" in pattern.esds]
@@ -111,8 +111,9 @@ def _check_project(path, pattern, mode, spec=None):
 
     # covariance: the refined variables under GSAS-II's names, values, esds, Rwp
     cov = t["Covariance"]["Covariance"]
-    names = list(pattern.esds)
+    names = refined_names(pattern)
     assert cov["varyList"] == [gsas2_name(n) for n in names]
+    assert names == [n for n in pattern.esds if n != "SH/L" or pattern.values["SH/L"] > 0.002]
     np.testing.assert_array_equal(cov["sig"], [pattern.esds[n] for n in names])
     for n, v in zip(names, cov["variables"]):
         assert v == (0.0 if "::A" in n and n.split("::A")[1][0] in "xyz" else pattern.values[n])

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from gpx_helpers import refined_lineout
-from midasflow.io.gpx import write_gpx
+from midasflow.io.gpx import refined_names, write_gpx
 from midasflow.io.gpx_symmetry import UnsupportedSetting, site_symmetry, space_group_record
 from midasflow.refinement.engine import refine_pattern
 from phase_helpers import ceo2, pbso4, zno
@@ -92,7 +92,7 @@ def projects(gsasii, tmp_path_factory):
         path = write_gpx(root / f"hist_{100 + k:04d}.gpx", pattern, inst, mode=mode,
                          data=(spec.tth_deg, spec.intensity, spec.sigma))
         found.append(Project(path, pattern.rwp, {phase.name: pattern.cells[phase.name][0]},
-                             {phase.name: pattern.cell_esds[phase.name][0]}, list(pattern.esds),
+                             {phase.name: pattern.cell_esds[phase.name][0]}, refined_names(pattern),
                              spec.tth_deg, spec.tth_deg[0], mode == "lebail"))
     # CeO2 within 2θ limits, σ = 0 at the range's first point and at four inside it (Le Bail:
     # GSAS-II must give our Rwp exactly)
@@ -100,12 +100,13 @@ def projects(gsasii, tmp_path_factory):
     x, sigma = spec.tth_deg, spec.sigma.copy()
     sigma[[31, 100, 101, 102, 200]] = 0.0
     limits = ((x[30] + x[31]) / 2, (x[400] + x[401]) / 2)
-    pattern = refine_pattern(x, spec.intensity, sigma, [ceo2(5.40)], inst, limits=limits, mode="lebail")
+    pattern = refine_pattern(x, spec.intensity, sigma, [ceo2(5.40)], inst, limits=limits, mode="lebail",
+                             precision="float32")
     assert pattern.n_dropped == 5
     path = write_gpx(root / "hist_0102.gpx", pattern, inst, mode="lebail", data=(x, spec.intensity, sigma),
                      limits=limits)
     found.append(Project(path, pattern.rwp, {"CeO2": pattern.cells["CeO2"][0]},
-                         {"CeO2": pattern.cell_esds["CeO2"][0]}, list(pattern.esds), x[:401], x[31], True))
+                         {"CeO2": pattern.cell_esds["CeO2"][0]}, refined_names(pattern), x[:401], x[31], True))
     # textured ZnO: March–Dollase along [100], and spherical harmonics to order 4
     for k, (texture, truth, axis) in enumerate((("md", {"0:0:MD": 1.25}, (1, 0, 0)),
                                                 ("sh", {"0:0:C(2,0)": 0.3, "0:0:C(4,0)": -0.2}, (0, 0, 1)))):
@@ -114,7 +115,7 @@ def projects(gsasii, tmp_path_factory):
         assert set(truth) <= set(pattern.esds), pattern.warnings
         path = write_gpx(root / f"hist_{200 + k:04d}.gpx", pattern, TEXTURE_INST, po_axis=axis, omega_deg=30.0)
         found.append(Project(path, pattern.rwp, {"ZnO": pattern.cells["ZnO"][0]},
-                             {"ZnO": pattern.cell_esds["ZnO"][0]}, list(pattern.esds),
+                             {"ZnO": pattern.cell_esds["ZnO"][0]}, refined_names(pattern),
                              pattern.tth_deg, pattern.tth_deg[0]))
     return found
 

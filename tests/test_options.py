@@ -58,7 +58,7 @@ def test_digest_is_stable_across_processes_and_pickling():
 
 @pytest.mark.parametrize("change", [
     dict(bkg_terms=5), dict(limits=(2.0, 9.6)), dict(limits=None), dict(refine_atoms=False), dict(mode="lebail"),
-    dict(estimate=False), dict(physical_profile=True), dict(max_rwp=25.0), dict(precision="float64"),
+    dict(estimate=False), dict(physical_profile=True), dict(max_rwp=25.0), dict(precision="float32"),
     dict(warm_start=True), dict(warm_start=False),
     dict(instrument=Instrument(lam=0.172979, U=2.0000001)), dict(instrument=Instrument(lam=0.17298, U=2.0)),
     dict(phases=(cubic_phase("CeO2", 5.4111),)), dict(phases=(cubic_phase("CeO2", 5.411, "F d -3 m"),)),
@@ -114,7 +114,7 @@ def test_max_rwp_must_be_a_positive_percentage(bad):
 
 
 def test_precision_is_checked_and_reaches_the_native_engine(monkeypatch):
-    """``precision`` (``--precision``): float32 (GSAS-II's) by default, float64 on request, anything
+    """``precision`` (``--precision``): float64 by default, float32 (GSAS-II's) on request, anything
     else refused with the flag named; the native backend passes it to ``refine_pattern``."""
     import numpy as np
 
@@ -122,24 +122,24 @@ def test_precision_is_checked_and_reaches_the_native_engine(monkeypatch):
     from midasflow.refinement.backends import NativeBackend
     from midasflow.refinement.lineouts import LineoutSpec
 
-    assert _options().precision == "float32"
-    with pytest.raises(ParameterError, match="--precision float16: expected one of float32, float64"):
+    assert _options().precision == "float64"
+    with pytest.raises(ParameterError, match="--precision float16: expected one of float64, float32"):
         _options(precision="float16")
     seen = {}
     monkeypatch.setattr(engine, "refine_pattern", lambda *a, **kw: seen.update(kw))
     x = np.linspace(2.0, 9.5, 50)
     spec = LineoutSpec(index=0, group=0, eta_index=0, omega_deg=0.0, eta_deg=0.0, tth_deg=x,
                        intensity=np.ones(50), sigma=np.ones(50), frames_summed=1, skipped=False)
-    NativeBackend().refine(spec, _options(precision="float64"))
-    assert seen["precision"] == "float64"
+    NativeBackend().refine(spec, _options(precision="float32"))
+    assert seen["precision"] == "float32"
 
 
 def test_warm_starts_follow_the_precision_unless_asked():
     """``warm_start`` None (default): warm starts in float64 only (where they are measured equal to
     the full recipe within 0.1 esd), never with a texture stage or in Le Bail mode (not measured);
     True/False decide otherwise."""
-    assert not _options().warm_starts() and _options(precision="float64").warm_starts()
-    assert _options(warm_start=True).warm_starts()
+    assert _options().warm_starts() and not _options(precision="float32").warm_starts()
+    assert _options(precision="float32", warm_start=True).warm_starts()
     assert not _options(precision="float64", warm_start=False).warm_starts()
     assert not _options(precision="float64", texture="md").warm_starts()
     assert not _options(precision="float64", mode="lebail").warm_starts()

@@ -90,9 +90,9 @@ def test_max_rwp_flags_every_lineout_and_keeps_them_out_of_the_strain_fits(scan,
 
 
 def test_flags_of_the_parametrisation_do_not_exclude_from_strain():
-    assert {"unphysical_profile", "high_correlation", "texture_rolled_back"} <= set(FLAGS)
+    assert {"unphysical_profile", "high_correlation", "texture_rolled_back", "shl_at_floor"} <= set(FLAGS)
     assert set(STRAIN_EXCLUDING_FLAGS) == set(FLAGS) - {"unphysical_profile", "high_correlation",
-                                                        "texture_rolled_back"}
+                                                        "texture_rolled_back", "shl_at_floor"}
 
 
 def test_undone_texture_stage_on_an_untextured_scan_is_reported_not_excluded(scan, tmp_path):

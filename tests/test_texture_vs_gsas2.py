@@ -67,11 +67,12 @@ G2_X = np.arange(2.5, 12.0, 0.005)
 
 
 def _textured_lineout(phase, truth, texture, po_axis=(0, 0, 1), sh_order=4, seed=0):
-    """A lineout of the built-in engine's forward model with ``truth`` texture, Poisson noise."""
+    """A lineout of the built-in engine's forward model with ``truth`` texture, Poisson noise
+    (in GSAS-II's float32 arithmetic, as the lineouts these tests were measured on)."""
     from midasflow.refinement.engine import PatternModel
 
     model = PatternModel(G2_X, (G2_X[0], G2_X[-1]), [phase], G2_INST, 3, texture=texture,
-                         po_axis=po_axis, sh_order=sh_order)
+                         po_axis=po_axis, sh_order=sh_order, precision="float32")
     values = dict(model.values, **{"Back;0": 200.0, "Back;1": -30.0}, **truth)
     peaks = model.evaluate(values)[0] - model.evaluate(dict(values, Scale=0.0))[0]
     values["Scale"] = 3e4 / peaks.max()

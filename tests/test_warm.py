@@ -172,6 +172,11 @@ def test_what_a_warm_fit_must_show_to_be_kept(lineouts):
     flagged = warm.__class__(**{**warm.__dict__, "flags": ("at_bound",)})
     assert fallback_reason(flagged, seed) == "flagged (at_bound)"
     assert seed_refusal(flagged) == "the seed is flagged (at_bound)"
+    on_floor = warm.__class__(**{**warm.__dict__, "flags": ("shl_at_floor",)})  # warm starts' regime
+    floor_seed = seed.__class__(**{**seed.__dict__, "flags": ("shl_at_floor",)})
+    assert fallback_reason(on_floor, seed) == "" and seed_refusal(floor_seed) == ""
+    both = warm.__class__(**{**warm.__dict__, "flags": ("shl_at_floor", "at_bound")})
+    assert fallback_reason(both, seed) == "flagged (at_bound)"
     failed = warm.__class__(**{**warm.__dict__, "status": "failed", "message": "no peaks"})
     assert fallback_reason(failed, seed) == "failed (no peaks)"
     assert seed_refusal(failed) == "the seed is failed (no peaks)"

@@ -88,9 +88,9 @@ def add_refinement_flags(parser: argparse.ArgumentParser, *, data_required: bool
                          "the fitted range; by default GSAS-II's minimum is followed and a negative "
                          "width is flagged unphysical_profile (native engine only)")
     quality.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
-                         help="profile arithmetic of the native engine: float32 (default, GSAS-II's "
-                         "single precision) or float64 (χ² smooth in SH/L, the same minimum from "
-                         "every start; GSAS-II's rounding makes χ² a staircase in SH/L at low angles)")
+                         help="profile arithmetic of the native engine: float64 (default; χ² smooth in "
+                         "SH/L, the same minimum from every start) or float32, GSAS-II's single "
+                         "precision, for parity checks")
     quality.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
                          help="a lineout seeded by a good (ok, unflagged) result runs only the recipe's "
                          "final vary list from the seed's values, and every stage as without it "

@@ -30,12 +30,14 @@ from midasflow.instrument import Instrument, as_instrument
 from midasflow.io.atomic import atomic_output
 from midasflow.io.gpx_symmetry import SpaceGroupRecord, UnsupportedSetting, site_symmetry, \
     space_group_record
+from midasflow.profile import SHL_MIN
 from midasflow.texture.po import PreferredOrientation
 
 if TYPE_CHECKING:  # pragma: no cover
     from midasflow.refinement.result import PatternResult
 
-__all__ = ["GPX_PROTOCOL", "NoFittedPattern", "UnsupportedSetting", "gsas2_name", "write_gpx"]
+__all__ = ["GPX_PROTOCOL", "NoFittedPattern", "UnsupportedSetting", "gsas2_name", "refined_names",
+           "write_gpx"]
 
 
 class NoFittedPattern(ValueError):
@@ -92,8 +94,17 @@ def _ran_id(*parts: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def refined_names(pattern: PatternResult) -> list[str]:
+    """The variables a project flags for GSAS-II to refine, in the order of ``pattern.esds``: the
+    refined ones but SH/L held on its 0.002 floor. The engine keeps that SH/L in its covariance
+    (docs/reference/gsas2_profile.md section 6), but GSAS-II's model has no derivative there and
+    one GSAS-II cycle with it flagged made a demo lineout's Rwp 1 % worse instead of keeping it."""
+    return [n for n in pattern.esds
+            if not (n == "SH/L" and pattern.values.get("SH/L", math.inf) <= SHL_MIN)]
+
+
 def _flag(pattern: PatternResult, name: str) -> bool:
-    return name in pattern.esds
+    return name in refined_names(pattern)
 
 
 def _value(pattern: PatternResult, name: str, default: float) -> float:
@@ -398,20 +409,20 @@ def _dependent_cell_terms(pattern: PatternResult, phases: Sequence[Phase]
 
 def _covariance(pattern: PatternResult, phases: Sequence[Phase],
                 records: Sequence[SpaceGroupRecord], title: str) -> dict:
-    """GSAS-II's Covariance item: refined variables (GSAS-II names, in the order of
-    ``pattern.esds``), their values and esds, the covariance matrix and the residuals.
+    """GSAS-II's Covariance item: refined variables (GSAS-II names, :func:`refined_names`), their values and esds, the covariance matrix and the residuals.
 
     Atom coordinates are GSAS-II shifts ``dAx``: 0 here, the refined coordinates being in the
     atom records already (``newAtomDict`` names them, in the written setting).
     """
-    names = list(pattern.esds)
+    names = refined_names(pattern)
     vary = [gsas2_name(n) for n in names]
     shifted = ["::dA" in g for g in vary]
     values = np.array([0.0 if moved else float(pattern.values[n])
                        for n, moved in zip(names, shifted)])
     sig = np.array([float(pattern.esds[n]) for n in names])
-    cov = (np.array(pattern.covariance, dtype=float) if pattern.covariance is not None
-           else np.diag(sig**2))
+    kept = [list(pattern.esds).index(n) for n in names]
+    cov = (np.array(pattern.covariance, dtype=float)[np.ix_(kept, kept)]
+           if pattern.covariance is not None else np.diag(sig**2))
     dep = {g: (float(v), float(e)) for g, v, e in zip(vary, values, sig)}
     dep.update(_dependent_cell_terms(pattern, phases))
     new_atoms = {}

@@ -74,6 +74,7 @@ class NativeBackend:
         return engine.refine_pattern(spec.tth_deg, spec.intensity, spec.sigma, list(options.phases),
                                      options.instrument, start=start, **options.recipe_kwargs(),
                                      **options.texture_kwargs(), precision=options.precision,
+                                     noise_correlation=getattr(spec, "noise_correlation", None) or None,
                                      **extra)
 
     def refine_warm(self, spec: LineoutSpec, options: RefineOptions, seed: PatternResult,

@@ -72,15 +72,16 @@ def spec_digest(spec: Any, seed_digest: str | None = None) -> str:
     ----------
     spec : LineoutSpec
         Its ``index``, ``group``, ``eta_index``, ``omega_deg``, ``eta_deg``, ``frames_summed``,
-        ``skipped``, ``independent_fraction`` and the bytes of ``tth_deg``, ``intensity``,
-        ``sigma`` (as float64).
+        ``skipped``, ``independent_fraction``, ``noise_correlation`` and the bytes of
+        ``tth_deg``, ``intensity``, ``sigma`` (as float64).
     seed_digest : str, optional
         Input digest of the result that seeds it (its start values depend on that input).
     """
     h = hashlib.sha256()
     head = [int(spec.index), int(spec.group), int(spec.eta_index), repr(float(spec.omega_deg)),
             repr(float(spec.eta_deg)), int(spec.frames_summed), bool(spec.skipped),
-            repr(float(getattr(spec, "independent_fraction", 1.0))), seed_digest]
+            repr(float(getattr(spec, "independent_fraction", 1.0))), seed_digest,
+            [repr(float(c)) for c in getattr(spec, "noise_correlation", ())]]
     h.update(json.dumps(head).encode())
     for arr in (spec.tth_deg, spec.intensity, spec.sigma):
         a = np.ascontiguousarray(arr, dtype=np.float64)

@@ -176,8 +176,10 @@ class PatternModel:
     sample_azimuth_deg : float
         Sample azimuth φ of the polarization correction (doc section 4).
     mode : {'rietveld', 'lebail'}
-    precision : {'float32', 'float64'}
-        Profile arithmetic (float32 = GSAS-II's REAL*4, see :mod:`midasflow.profile`).
+    precision : {'float64', 'float32'}
+        Profile arithmetic: float64 (default) evaluates the model exactly; float32 is GSAS-II's
+        REAL*4 operation order, for parity checks (:mod:`midasflow.profile`; its rounding makes
+        χ² a staircase in SH/L at low angles, :func:`refine_pattern`).
     texture, po_axis, sh_order
         Preferred-orientation model of every phase (:class:`midasflow.texture.po.PreferredOrientation`):
         None, 'md' (March–Dollase along ``po_axis`` [h, k, l]) or 'sh' (spherical harmonics to
@@ -193,7 +195,7 @@ class PatternModel:
     def __init__(self, x_deg: np.ndarray, x_range: tuple[float, float], phases: Sequence[Phase],
                  instprm: Instrument | Mapping[str, Any] | str, bkg_terms: int = 6,
                  sample_azimuth_deg: float = 0.0, mode: str = "rietveld",
-                 precision: str = "float32", texture: str | None = None,
+                 precision: str = "float64", texture: str | None = None,
                  po_axis: Sequence[int] = (0, 0, 1), sh_order: int = 4):
         self.x = np.asarray(x_deg, dtype=float)
         self.mode = mode
@@ -1042,7 +1044,8 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
                    stages: Sequence[Stage] | None = None, estimate: bool = True,
                    physical_profile: bool = False, texture: str | None = None,
                    po_axis: Sequence[int] = (0, 0, 1), sh_order: int = 4,
-                   precision: str = "float32") -> PatternResult:
+                   precision: str = "float64",
+                   noise_correlation: Sequence[float] | None = None) -> PatternResult:
     """Staged Rietveld or Le Bail refinement of one pattern.
 
     Parameters
@@ -1082,14 +1085,23 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
         (:func:`midasflow.refinement.texture_stage.run_texture_stage`): March–Dollase along
         ``po_axis`` ([h, k, l]) or GSAS-II's spherical harmonics (cylindrical sample symmetry)
         up to order ``sh_order``.
-    precision : {'float32', 'float64'}
-        Arithmetic of the profile (:class:`PatternModel`). 'float32' (default) is GSAS-II's
-        REAL*4 PSVFCJO. It rounds √(1 + SH/L²)·cos 2θ and the peak position in the FCJ lower
-        limit, so at small SH/L and low angles χ² is a staircase in SH/L and ripples in 2θ: the
-        minimiser stops on whichever step it meets and the cell depends on the start values (a
-        CeO₂ lineout at 0.17 Å, SH/L at its 0.002 floor: `a` moved by up to 1 esd between seven
-        starts, χ² 941.7–943.0). 'float64' evaluates the same model in double precision: smooth,
-        every start reaches the same minimum (within 0.01 esd there, χ² 941.4).
+    precision : {'float64', 'float32'}
+        Arithmetic of the profile (:class:`PatternModel`). 'float64' (default) evaluates the
+        model in double precision. 'float32' is GSAS-II's REAL*4 PSVFCJO, for parity checks: it
+        rounds √(1 + SH/L²)·cos 2θ and the peak position in the FCJ lower limit, so at small SH/L
+        and low angles χ² is a staircase in SH/L and ripples in 2θ, the minimiser stops on
+        whichever step it meets and the cell depends on the start values (a CeO₂ lineout at
+        0.17 Å, SH/L at its 0.002 floor: `a` moved by up to 1 esd between seven starts, χ²
+        941.7–943.0; in float64 every start reaches χ² 941.4 with `a` within 0.01 esd).
+    noise_correlation : sequence of float, optional
+        Correlation of the noise of neighbouring points, in units of σ_i·σ_j: (c₀, c₁, …) for
+        points 0, 1, … apart (c₀ ≤ 1 is the independent fraction of each point's variance).
+        Pixel-split cakes share detector pixels between neighbouring bins
+        (:func:`midasflow.refinement.lineouts.noise_correlation`). The covariance is then the
+        least-squares estimate's own, (JᵀWJ)⁻¹·JᵀWCWJ·(JᵀWJ)⁻¹ with C the points' noise
+        covariance, scaled by χ² over its expectation tr((I − H)·C/σσᵀ) for a right model
+        (GSAS-II's GOF² when the points are independent). None: independent points
+        (GSAS-II's covariance).
 
     Returns
     -------
@@ -1217,13 +1229,13 @@ def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
                                     rwp_prev)
         stage_rwp[stages[-1].name] = rwp_prev
     if "SH/L" in vary and values["SH/L"] <= _profile.SHL_MIN:
-        # below GSAS-II's 0.002 the model uses 0.002: SH/L has no derivative there
-        values["SH/L"] = _profile.SHL_MIN
-        vary = [n for n in vary if n != "SH/L"]
-        info.append(f"SH/L reached its minimum {_profile.SHL_MIN} (no measurable asymmetry); "
-                    "held there, not refined")
+        # below GSAS-II's 0.002 the model uses 0.002; the floor clamps the model, it is no
+        # bound of the estimate: SH/L stays in the covariance with its derivative just above
+        # the floor (docs/reference/gsas2_profile.md section 6, esds)
+        values["SH/L"] = _profile.SHL_MIN  # flagged shl_at_floor by _finish
     result = _finish(model, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp, warn, flags,
-                     start_values, constraint if physical_profile else None, chi2_background)
+                     start_values, constraint if physical_profile else None, chi2_background,
+                     noise_correlation)
     result.notes = info + result.notes
     result.converged = converged
     return result
@@ -1340,8 +1352,32 @@ def _cell_weights(model: PatternModel, values: Mapping[str, float], vary: Sequen
     return out
 
 
+def _covariance(Jw: np.ndarray, n_inv: np.ndarray, chi2: float,
+                noise_correlation: Sequence[float] | None) -> tuple[np.ndarray, float]:
+    """Covariance of the least-squares estimate and the χ² a right model has on average.
+
+    ``Jw``: the Jacobian with rows times 1/σ; ``n_inv``: (JᵀWJ)⁻¹. Independent points (``noise_correlation`` None):
+    GSAS-II's (JᵀWJ)⁻¹·χ²/(N − n). Correlated points (lag correlations c_k in units of σσ):
+    the sandwich (JᵀWJ)⁻¹·JᵀWCWJ·(JᵀWJ)⁻¹ scaled by χ² over E[χ²] = tr((I − H)·R), R the
+    points' correlation matrix and H the hat matrix.
+    """
+    n_obs, n_var = Jw.shape
+    if not noise_correlation:
+        expected = float(max(n_obs - n_var, 1))
+        return n_inv * (chi2 / expected), expected
+    c = np.asarray(noise_correlation, dtype=float)
+    rj = c[0] * Jw
+    for k in range(1, min(c.size, n_obs)):
+        rj[k:] += c[k] * Jw[:-k]
+        rj[:-k] += c[k] * Jw[k:]
+    middle = Jw.T @ rj
+    expected = max(float(c[0] * n_obs - np.sum(n_inv * middle)), 1.0)  # tr(R) − tr((JᵀWJ)⁻¹M)
+    return n_inv @ middle @ n_inv * (chi2 / expected), expected
+
+
 def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp, warn,
-            flags, start_values, constraint, chi2_background) -> PatternResult:
+            flags, start_values, constraint, chi2_background,
+            noise_correlation: Sequence[float] | None = None) -> PatternResult:
     yc, bkg, J = model.evaluate(values, vary, jac=True)
     chi2 = float(np.sum(w * (y - yc) ** 2))
     n_obs, n_var = y.size, len(vary)
@@ -1349,7 +1385,7 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
     gof = math.sqrt(chi2 / dof)
     Jw = J * sqrt_w[:, None]
     normal_inv = _normal_inverse(Jw)
-    cov = normal_inv * gof ** 2
+    cov, chi2_expected = _covariance(Jw, normal_inv, chi2, noise_correlation)
     cell_weights = (_cell_weights(model, values, vary, Jw, sqrt_w, normal_inv)
                     if math.isfinite(chi2) else {})
     esd_vec = np.sqrt(np.maximum(np.diag(cov), 0.0)) if n_var else np.zeros(0)
@@ -1374,7 +1410,8 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
                                     intensity=rt["intensity"])
         if p in cell_weights:
             refl_tables[ph.name]["cell_weight"] = cell_weights[p]
-    for name, (i_obs, i_esd) in extract_intensities(model, values, y, sqrt_w, gof).items():
+    for name, (i_obs, i_esd) in extract_intensities(model, values, y, sqrt_w,
+                                                    math.sqrt(chi2 / chi2_expected)).items():
         refl_tables[name].update(i_obs=i_obs, i_obs_esd=i_esd)
     # weight fractions W_p ∝ S_p · cell mass_p (GSAS-II)
     sc = np.array([values[f"{pd.index}:0:Scale"] for pd in model.phases])
@@ -1389,7 +1426,8 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
     flags = list(flags)
     cov_flags, cov_notes = _covariance_flags(cov, vary, esd_vec)
     for flag, message in (_profile_flags(model, values, x, constraint)
-                          + _bound_flags(values, vary, start_values, esds) + cov_flags):
+                          + _bound_flags(values, vary, start_values, esds) + cov_flags
+                          + _floor_flags(values, vary, cov)):
         if flag not in flags:
             flags.append(flag)
         warn.append(f"{flag}: {message}")
@@ -1408,7 +1446,26 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
         stage_rwp=stage_rwp, values={k: float(v) for k, v in values.items()}, esds=esds,
         cells=cells, cell_esds=cell_err, phase_fractions=fractions, tth_deg=x, obs=y, calc=yc,
         bkg=bkg, weight=w, covariance=cov, reflections=refl_tables, warnings=warn, phases=phases_out, flags=tuple(flags),
-        notes=cov_notes)
+        notes=cov_notes, noise_correlation=tuple(float(c) for c in noise_correlation or ()))
+
+
+def _floor_flags(values: Mapping[str, float], vary: Sequence[str],
+                 cov: np.ndarray) -> list[tuple[str, str]]:
+    """``shl_at_floor``: a refined SH/L ended on GSAS-II's floor (the model's smallest
+    asymmetry). Where the true asymmetry is there or below, the fit could not follow the noise
+    below it and the cell errs to the side its correlation with SH/L gives, by ~0.4·ρ esd
+    (docs/reference/gsas2_profile.md section 6)."""
+    if "SH/L" not in vary or values["SH/L"] > _profile.SHL_MIN:
+        return []
+    i = list(vary).index("SH/L")
+    sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    rho = {name: float(cov[i, j] / (sd[i] * sd[j])) for j, name in enumerate(vary)
+           if "::A" in name and sd[i] > 0 and sd[j] > 0}
+    worst = max(rho, key=lambda n: abs(rho[n]), default=None)
+    corr = (f"; correlation with {worst} {rho[worst]:+.2f}: if the true asymmetry is at or "
+            f"below the floor, {worst} is biased by about 0.4 × that in its esds") if worst else ""
+    return [("shl_at_floor", f"SH/L ended on its floor {_profile.SHL_MIN} (held there; its esd "
+                             f"and correlations are those just above it){corr}")]
 
 
 def _ranges(tth: np.ndarray, bad: np.ndarray) -> str:

@@ -677,7 +677,7 @@ def _measured_start(x: np.ndarray, y: np.ndarray, s: np.ndarray, phases: list[Ph
 
     try:
         measured = estimate_start(x, y, s, phases, instrument, bkg_terms=bkg_terms, limits=limits,
-                                  sample_azimuth_deg=sample_azimuth_deg)
+                                  sample_azimuth_deg=sample_azimuth_deg, precision="float32")
     except PatternError:
         return {}  # GSAS-II starts from the instrument terms
     tth = np.array([limits[0], 0.5 * (limits[0] + limits[1]), limits[1]])

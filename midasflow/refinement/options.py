@@ -75,8 +75,8 @@ def check_recipe(bkg_terms: int, limits: Sequence[float] | None, mode: str) -> N
 TEXTURE_MODELS: tuple[str | None, ...] = (None, "md", "sh")
 #: Spherical-harmonics orders offered (GSAS-II's even l = 2 … order; the cubic table ends at 12).
 SH_ORDER_RANGE = (2, 12)
-#: Profile arithmetic of the native engine: GSAS-II's float32 (default) or double precision.
-PRECISIONS = ("float32", "float64")
+#: Profile arithmetic of the native engine: double precision (default) or GSAS-II's float32.
+PRECISIONS = ("float64", "float32")
 
 
 def check_texture(texture: Any, po_axis: Any, sh_order: Any) -> tuple[int, int, int]:
@@ -200,7 +200,7 @@ class RefineOptions:
     texture: str | None = None
     po_axis: tuple[int, int, int] = (0, 0, 1)
     sh_order: int = 4
-    precision: str = "float32"
+    precision: str = "float64"
     warm_start: bool | None = None
 
     def __post_init__(self) -> None:

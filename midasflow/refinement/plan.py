@@ -47,6 +47,7 @@ from midasflow.refinement.lineouts import (
     independent_fraction,
     is_normalized,
     lineouts_of_group,
+    noise_correlation,
     refine_lineout,
 )
 from midasflow.refinement.options import SEED_MODES, RefineOptions, SeedFrom
@@ -83,6 +84,9 @@ class CakeLayout:
         no histogram).
     tth_axis : {"effective", "bin_centre"}
         Which 2θ ``tth_deg`` holds.
+    radial_width_px : float or None
+        R bin spacing in pixels (None: a cake without ``r_px``), for the lineouts'
+        :func:`~midasflow.refinement.lineouts.noise_correlation`.
     """
 
     n_groups: int
@@ -97,6 +101,7 @@ class CakeLayout:
     fraction: np.ndarray | None = None
     histogram: np.ndarray | None = None
     tth_axis: str = "bin_centre"
+    radial_width_px: float | None = None
 
     @classmethod
     def of(cls, ds: Any, normalized: bool | None = None, *, store: str | os.PathLike | None = None,
@@ -127,11 +132,13 @@ class CakeLayout:
         sizes = ds["intensity"].sizes
         area = np.asarray(ds["bin_area"].transpose("r", "eta").values, dtype=np.float64)
         eta = np.asarray(ds["eta_deg"].values, dtype=np.float64)
-        fraction = None
+        fraction, width = None, None
         if "r_px" in ds.variables:  # every cake of the caking contract; absent: independent bins
             sq = (np.asarray(ds["bin_area_sq"].transpose("r", "eta").values)
                   if "bin_area_sq" in ds.variables else None)
-            fraction = independent_fraction(ds["r_px"].values, eta, bin_area=area, bin_area_sq=sq)
+            r_px = np.asarray(ds["r_px"].values, dtype=np.float64)
+            fraction = independent_fraction(r_px, eta, bin_area=area, bin_area_sq=sq)
+            width = float(np.median(np.abs(np.diff(r_px)))) if r_px.size > 1 else None
         from midasflow.refinement.numbering import histogram_numbers, importer_area
 
         last_frame = (np.asarray(ds["last_frame"].values) if "last_frame" in ds.variables
@@ -142,7 +149,8 @@ class CakeLayout:
             n_groups=int(sizes["group"]), n_r=int(sizes["r"]), n_eta=int(sizes["eta"]),
             tth_deg=tth, eta_deg=eta, bin_area=area, omega_deg=omega,
             frames_summed=np.asarray(ds["frames_summed"].values, dtype=np.int64),
-            normalized=bool(normalized), fraction=fraction, histogram=histogram, tth_axis=axis)
+            normalized=bool(normalized), fraction=fraction, histogram=histogram, tth_axis=axis,
+            radial_width_px=width)
 
     def columns(self, e0: int, e1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """2θ, η, bin areas and independent fractions of η columns ``e0:e1``."""
@@ -269,7 +277,8 @@ class WorkerContext:
             omega_deg=float(lay.omega_deg[group]), tth_deg=tth, eta_deg=eta, bin_area=area,
             min_points=self.min_points, normalized=lay.normalized, fraction=fraction,
             eta_start=eta_start, n_eta=lay.n_eta,
-            histogram=lay.histogram[group, eta_start:eta_start + block.shape[1]])
+            histogram=lay.histogram[group, eta_start:eta_start + block.shape[1]],
+            radial_width_px=lay.radial_width_px)
 
     def read(self, group: int) -> np.ndarray:
         """The group's whole cake, from the store."""
@@ -315,10 +324,12 @@ def group_mean_spec(intensity: np.ndarray, layout: CakeLayout, group: int, *,
     if layout.fraction is not None and keep.any():
         merged = (np.where(use, area * layout.fraction, 0.0)).sum(axis=1)[keep] / used_area[keep]
         fraction = float(merged.mean())
+    lags = noise_correlation(layout.radial_width_px, fraction) if layout.radial_width_px else ()
     return LineoutSpec(index=-1 - group, group=group, eta_index=-1,
                        omega_deg=float(layout.omega_deg[group]), eta_deg=float("nan"),
                        tth_deg=arrays[0], intensity=arrays[1], sigma=arrays[2], frames_summed=n,
-                       skipped=bool(keep.sum() <= min_points), independent_fraction=fraction)
+                       skipped=bool(keep.sum() <= min_points), independent_fraction=fraction,
+                       noise_correlation=lags)
 
 
 def _refine_checkpointed(ctx: WorkerContext, spec: LineoutSpec, name: str, digest: str,

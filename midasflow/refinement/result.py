@@ -34,6 +34,9 @@ FLAGS: dict[str, str] = {
                         "background terms are only noted)",
     "bad_esd": "a refined parameter has a non-finite or zero esd (singular normal matrix)",
     "rwp_above_max": "Rwp is above the maximum the caller set (PatternResult.with_max_rwp)",
+    "shl_at_floor": "the refined FCJ asymmetry SH/L ended on GSAS-II's floor 0.002: if the true "
+                    "asymmetry is at or below it the cell is biased by ~0.4·ρ(cell, SH/L) esd, "
+                    "the same way on every such lineout",
 }
 
 
@@ -93,6 +96,9 @@ class PatternResult:
     converged : bool
         Whether the minimisation of the last stage kept ended on its convergence test (False:
         it ran out of cycles or found no step lowering χ²); True from backends that do not say.
+    noise_correlation : tuple of float
+        The correlation of neighbouring points' noise the covariance accounts for (lag 0, 1, …
+        in units of σσ; ``refine_pattern(noise_correlation=...)``); empty: independent points.
     """
 
     status: str
@@ -122,6 +128,7 @@ class PatternResult:
     notes: list[str] = field(default_factory=list)
     dropped_range_deg: tuple[float, float] | None = None
     converged: bool = True
+    noise_correlation: tuple[float, ...] = ()
 
     @property
     def fitted_range_deg(self) -> tuple[float, float] | None:
@@ -171,6 +178,9 @@ class PatternResult:
         parameters (and so are the reflections' ``i_obs_esd``); ``gof`` stays
         GSAS-II's, over all points, and a note gives the factor.
 
+        A result whose covariance already accounts for the points' correlation
+        (:attr:`noise_correlation`, the native engine's) is returned as it is.
+
         Parameters
         ----------
         fraction : float
@@ -181,7 +191,7 @@ class PatternResult:
         PatternResult
         """
         f = float(fraction)
-        if self.status != "ok" or not (0.0 < f < 1.0) or not self.n_points:
+        if self.status != "ok" or not (0.0 < f < 1.0) or not self.n_points or self.noise_correlation:
             return self
         n, n_var = float(self.n_points), float(len(self.esds))
         factor = math.sqrt(max(n - n_var, 1.0) / max(f * n - n_var, 1.0))

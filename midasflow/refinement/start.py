@@ -54,7 +54,7 @@ _STOFW = 2.0 * math.sqrt(2.0 * math.log(2.0))
 def estimate_start(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray,
                    phases: Sequence[Phase], instrument: Any, *, bkg_terms: int = 6,
                    limits: tuple[float, float] | None = None,
-                   sample_azimuth_deg: float = 0.0) -> dict[str, float]:
+                   sample_azimuth_deg: float = 0.0, precision: str = "float64") -> dict[str, float]:
     """GSAS-II-named start values (U, V, W, X, Y, Scale, Back;i) measured from a pattern.
 
     Parameters
@@ -70,6 +70,9 @@ def estimate_start(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
     limits : (lo, hi), optional
         2θ range, degrees.
     sample_azimuth_deg : float
+    precision : {'float64', 'float32'}
+        Arithmetic of the profile the estimate fits (:class:`~midasflow.refinement.engine.PatternModel`;
+        the GSAS-II backend asks for GSAS-II's float32).
 
     Returns
     -------
@@ -88,7 +91,8 @@ def estimate_start(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray
     x, y, s, x_range, _ = _prepare(tth_deg, intensity, sigma, limits)
     if x.size < 10:
         raise PatternError(f"pattern has {x.size} usable points; need at least 10")
-    model = PatternModel(x, x_range, phases, instrument, bkg_terms, sample_azimuth_deg)
+    model = PatternModel(x, x_range, phases, instrument, bkg_terms, sample_azimuth_deg,
+                         precision=precision)
     values, _, _ = estimate_from_model(model, y, s)
     return values
 

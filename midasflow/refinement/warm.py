@@ -24,7 +24,8 @@ from midasflow.profile import SHL_MIN
 from midasflow.refinement.recipe import Stage, warm_stages
 from midasflow.refinement.result import PatternResult
 
-__all__ = ["GOF_MARGIN", "MAX_SHL", "RECIPES", "fallback_reason", "refine_warm", "seed_refusal", "warm_vary"]
+__all__ = ["GOF_MARGIN", "MAX_SHL", "RECIPES", "TOLERATED_FLAGS", "fallback_reason", "refine_warm",
+           "seed_refusal", "warm_vary"]
 
 #: A warm fit whose GOF exceeds the seed's by more than this factor is refined again in full.
 #: Full-recipe lineouts of simulated scans end at 1.06–1.19 × their group mean's GOF; a warm fit
@@ -36,6 +37,11 @@ MAX_SHL = 0.005
 #: recipe after a warm fit was refused.
 RECIPES = ("full", "warm", "full after warm")
 
+#: Flags that refuse neither a seed nor a warm fit: ``shl_at_floor`` marks SH/L on its floor,
+#: which is where warm starts are measured equal to the full recipe (the cell's possible floor
+#: bias is the full recipe's too).
+TOLERATED_FLAGS = ("shl_at_floor",)
+
 #: ``fit(stages, start)``: the refinement of one pattern with a recipe (None: the backend's own)
 #: from start values (None: from the data).
 Fit = Callable[[Sequence[Stage] | None, Mapping[str, float] | None], PatternResult]
@@ -43,7 +49,8 @@ Fit = Callable[[Sequence[Stage] | None, Mapping[str, float] | None], PatternResu
 
 def seed_refusal(seed: PatternResult) -> str:
     """Why ``seed`` cannot start a warm fit ("" when it can): it is not "ok", carries a
-    quality flag, has no esds (nothing was refined), or its SH/L is above :data:`MAX_SHL`.
+    quality flag (but :data:`TOLERATED_FLAGS`), has no esds (nothing was refined), or its SH/L
+    is above :data:`MAX_SHL`.
 
     With a large SH/L the FCJ asymmetry's quadrature order jumps with it, so χ² has steps and
     the full recipe's own minimum moves with the start (seeded and unseeded full fits of one
@@ -65,13 +72,15 @@ def _defect(result: PatternResult) -> str:
     """"failed (message)" or "flagged (flags)" for a result that is not a clean fit, else ""."""
     if result.status != "ok":
         return f"{result.status} ({result.message})"
-    return f"flagged ({', '.join(result.flags)})" if result.flags else ""
+    flags = [f for f in result.flags if f not in TOLERATED_FLAGS]
+    return f"flagged ({', '.join(flags)})" if flags else ""
 
 
 def warm_vary(seed: PatternResult, recipe: Sequence[Stage] | None = None) -> list[str]:
     """The final vary list of the recipe ``seed`` was refined with: its refined parameters, and
-    SH/L when it ended on its floor (held there, so left out of the esds) and the recipe refines
-    it (``recipe`` None: the default recipe, which does)."""
+    SH/L when it ended on its floor and the recipe refines it (``recipe`` None: the default
+    recipe, which does) but the seed's esds leave it out (results of before SH/L stayed in the
+    covariance on its floor)."""
     vary = list(seed.esds)
     refines_shl = recipe is None or any("SH/L" in st.add for st in recipe)
     if refines_shl and "SH/L" not in vary and seed.values.get("SH/L", math.inf) <= SHL_MIN:

@@ -164,7 +164,7 @@ def run_stream(
     texture: str | None = None,
     po_axis: Sequence[int] = (0, 0, 1),
     sh_order: int = 4,
-    precision: str = "float32",
+    precision: str = "float64",
     warm_start: bool | None = None,
 ) -> Any:
     """Cake and refine a stream of frames as they arrive; return the results Dataset (the
