@@ -509,3 +509,27 @@ def test_omegas_must_match_the_frames(zip_path, tmp_path):  # found by the fuzz 
     with pytest.raises(CakeFileError, match=r"Omegas holds \(\d+,\) float64 values, expected one number per "
                                             r"IntegrationResult frame"):
         open_caked(bad)
+
+
+def test_effective_tth_read_back_is_checked(caked, tmp_path):
+    """A store's Effective2Theta is not trusted: values that are no 2θ in degrees are refused on
+    open, and a bin that holds counts but no finite effective 2θ is refused when lineouts are
+    planned from it, each with one line naming the store or the bin."""
+    from midasflow.refinement.lineouts import plan_lineouts
+
+    tth = caked["effective_tth_deg"].transpose("r", "eta").values
+    r, e = np.argwhere(caked["bin_area"].transpose("r", "eta").values != 0)[0]
+    for value, where in ((200.0, "open"), (np.nan, "plan")):
+        changed = tth.copy()
+        changed[r, e] = value
+        bad = caked.assign_coords(effective_tth_deg=(("r", "eta"), changed))
+        path = write_midas_zarr(bad, tmp_path / f"bad_{where}.zarr.zip")
+        if where == "open":
+            with pytest.raises(CakeFileError, match=r"member Effective2Theta holds float64 values outside "
+                                                    r"\[0, 180\), expected 2θ in degrees") as info:
+                open_caked(path)
+            assert str(info.value).startswith(f"{path}: ")
+        else:
+            with pytest.raises(CakeFileError, match=rf"effective_tth_deg is nan in bin \(r {r}, eta {e}\)") as info:
+                plan_lineouts(open_caked(path))
+        assert "\n" not in str(info.value)
