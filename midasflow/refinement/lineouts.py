@@ -52,6 +52,7 @@ list of :class:`LineoutResult`. A failing lineout becomes a "failed" result with
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -198,15 +199,19 @@ def noise_correlation(radial_width_px: float, fraction: float) -> tuple[float, .
     w = float(radial_width_px)
     if not (fraction < 1.0 and w > 0):
         return ()
+    s = _shared_variance(w)
+    return tuple(float(fraction * v / s[0]) for v in s if v > 1e-12 * s[0])
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_variance(w: float) -> tuple[float, ...]:
+    """S(k·w) of :func:`noise_correlation` for the lags k = 0, 1, … the pixels reach, bins w px
+    wide (the same for every lineout of a cake, so computed once per width)."""
     u = np.linspace(-1.0, 1.0, 4001)
     tri_pixel = 1.0 - np.abs(u)
     lags = np.arange(int(np.ceil((1.0 + w) / w)))
-
-    def shared(d: float) -> float:
-        return float(np.trapezoid(np.maximum(w - np.abs(d - u), 0.0) * tri_pixel, u))
-
-    s = np.array([shared(k * w) for k in lags])
-    return tuple(float(fraction * v / s[0]) for v in s if v > 1e-12 * s[0])
+    return tuple(float(np.trapezoid(np.maximum(w - np.abs(k * w - u), 0.0) * tri_pixel, u))
+                 for k in lags)
 
 
 def independent_fraction(r_px: np.ndarray, eta_deg: np.ndarray, *, bin_area: np.ndarray | None = None,
