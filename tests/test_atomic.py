@@ -87,3 +87,60 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_nothing_else(tmp_path
     finally:
         live.kill()
         live.wait()
+
+
+def test_compute_settled_passes_an_error_on_only_after_the_running_tasks_stop(tmp_path):
+    """Dask's threaded scheduler raises the first error while other tasks still run; a task
+    writing into a temporary after the caller's cleanup removed it would leave it behind.
+    compute_settled returns its error only once every running task has finished."""
+    import threading
+    import time
+
+    import dask
+
+    from midasflow.io.atomic import compute_settled
+
+    started, finished = threading.Event(), []
+
+    def slow_writer():
+        started.set()
+        time.sleep(0.5)
+        (tmp_path / "late").write_text("written after the error was raised")
+        finished.append(True)
+        return 1
+
+    def failing():
+        started.wait(10)  # fail while the writer runs
+        raise RuntimeError("first task failed")
+
+    with dask.config.set(num_workers=2), pytest.raises(RuntimeError, match="first task failed"):
+        compute_settled(dask.delayed(slow_writer)(), dask.delayed(failing)())
+    assert finished == [True] and (tmp_path / "late").exists()  # settled: nothing runs on
+    assert compute_settled(dask.delayed(sum)([1, 2])) == (3,)
+
+
+def test_a_failed_caked_store_write_leaves_nothing_behind_its_running_tasks(tmp_path):
+    """Blocks still being computed when another block's error stops the write: they finish
+    before the temporary store is removed, so they cannot make its folders again."""
+    import time
+
+    import dask
+    import dask.array as da
+    import numpy as np
+    import xarray as xr
+
+    from midasflow.io.caked_store import write_caked_zarr
+
+    def block(x, block_info=None):
+        if block_info[0]["chunk-location"][0] == 0:
+            time.sleep(0.1)
+            raise RuntimeError("disk on fire")
+        time.sleep(0.6)
+        return x
+
+    data = da.zeros((4, 8, 3), chunks=(1, 8, 3)).map_blocks(block, dtype=np.float64)
+    ds = xr.Dataset({"intensity": (("group", "r", "eta"), data)})
+    with dask.config.set(num_workers=4), pytest.raises(RuntimeError, match="disk on fire"):
+        write_caked_zarr(ds, tmp_path / "plain.zarr")
+    time.sleep(1.0)  # any task still running would have written by now
+    assert list(tmp_path.iterdir()) == []

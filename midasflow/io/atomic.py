@@ -17,6 +17,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 #: Temporaries of our own naming (:func:`_sibling`; ``.parts`` is the caked-store writer's scratch
@@ -29,6 +30,31 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def compute_settled(*collections: Any) -> tuple[Any, ...]:
+    """``dask.compute(*collections)``, with every task stopped when it returns or raises.
+
+    Dask's threaded scheduler raises the first error (or a SIGTERM or Ctrl-C arriving in the main
+    thread) at once, while the tasks already running go on in its shared pool: one writing into a
+    temporary that the caller's cleanup is removing can leave a file behind it, or make the folder
+    again. On the threaded scheduler (the default without a distributed client) the tasks
+    therefore run in a pool of their own, drained before the result or the error is passed on:
+    running tasks finish, queued ones are cancelled. Any other scheduler is used as configured.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+    import dask.threaded
+
+    configured = dask.base.get_scheduler()  # None: the arrays' and delayed's default, threads
+    if configured is not None and configured is not dask.threaded.get:
+        return dask.compute(*collections)
+    pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    try:
+        return dask.compute(*collections, scheduler="threads", pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager

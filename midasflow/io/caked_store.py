@@ -13,7 +13,7 @@ from typing import Any
 
 from midasflow.caked_schema import CAKED_VARS
 from midasflow.errors import CakeFileError
-from midasflow.io.atomic import atomic_output
+from midasflow.io.atomic import atomic_output, compute_settled
 
 
 def _regular_chunks(ds: Any) -> Any:
@@ -50,7 +50,7 @@ def write_caked_zarr(ds: Any, path: str | os.PathLike, *, client: Any = None) ->
         stored = _regular_chunks(ds).to_zarr(tmp, mode="w", zarr_format=3, consolidated=False,
                                              compute=False)
         if client is None:
-            stored.compute()
+            compute_settled(stored)
         else:
             client.compute(stored).result()
     return Path(path)

@@ -52,7 +52,7 @@ import numpy as np
 
 from midasflow.errors import CakeFileError
 from midasflow.instrument import DATASET_NAMES, MIDAS_WRITE_DEFAULTS, gsas_names
-from midasflow.io.atomic import atomic_output
+from midasflow.io.atomic import atomic_output, compute_settled
 from midasflow.io.untrusted import check_v2_array, check_zip_members, reading, zip_v2_arrays
 
 #: REtaMap plane names and units (midas_zarr_layout.md §3).
@@ -125,11 +125,10 @@ class _Members:
 
 def _compute(collections: list[Any], client: Any, progress: bool) -> tuple[Any, ...]:
     """Compute ``collections`` together on ``client`` (a ``distributed.Client``), or on the
-    current Dask scheduler when None."""
-    import dask
-
+    current Dask scheduler when None (:func:`~midasflow.io.atomic.compute_settled`: no task
+    still writing when an error reaches the caller's cleanup)."""
     if client is None:
-        return dask.compute(*collections)
+        return compute_settled(*collections)
     from midasflow.progress import futures_progress
 
     futures = client.compute(collections)
