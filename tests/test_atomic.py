@@ -119,9 +119,23 @@ def test_compute_settled_passes_an_error_on_only_after_the_running_tasks_stop(tm
     assert compute_settled(dask.delayed(sum)([1, 2])) == (3,)
 
 
-def test_a_failed_caked_store_write_leaves_nothing_behind_its_running_tasks(tmp_path):
+def _block_failing_while_others_run(x, block_info=None):
+    """A caked block: the first fails after 0.1 s, the others are returned after 0.6 s."""
+    import time
+
+    if block_info[0]["chunk-location"][0] == 0:
+        time.sleep(0.1)
+        raise RuntimeError("disk on fire")
+    time.sleep(0.6)
+    return x
+
+
+@pytest.mark.parametrize("where", ["threads", "client", "default client"])
+def test_a_failed_caked_store_write_leaves_nothing_behind_its_running_tasks(tmp_path, where, request):
     """Blocks still being computed when another block's error stops the write: they finish
-    before the temporary store is removed, so they cannot make its folders again."""
+    before the temporary store is removed, so they cannot make its folders again, whether they
+    run on Dask's threads or on a distributed cluster's workers (passed, or the default client)."""
+    import contextlib
     import time
 
     import dask
@@ -131,16 +145,16 @@ def test_a_failed_caked_store_write_leaves_nothing_behind_its_running_tasks(tmp_
 
     from midasflow.io.caked_store import write_caked_zarr
 
-    def block(x, block_info=None):
-        if block_info[0]["chunk-location"][0] == 0:
-            time.sleep(0.1)
-            raise RuntimeError("disk on fire")
-        time.sleep(0.6)
-        return x
-
-    data = da.zeros((4, 8, 3), chunks=(1, 8, 3)).map_blocks(block, dtype=np.float64)
+    data = da.zeros((4, 8, 3), chunks=(1, 8, 3)).map_blocks(_block_failing_while_others_run,
+                                                           dtype=np.float64)
     ds = xr.Dataset({"intensity": (("group", "r", "eta"), data)})
-    with dask.config.set(num_workers=4), pytest.raises(RuntimeError, match="disk on fire"):
-        write_caked_zarr(ds, tmp_path / "plain.zarr")
+    client = None if where == "threads" else request.getfixturevalue("client")
+    context = client.as_current() if where == "default client" else contextlib.nullcontext()
+    with dask.config.set(num_workers=4), context, pytest.raises(RuntimeError, match="disk on fire"):
+        write_caked_zarr(ds, tmp_path / "plain.zarr", client=client if where == "client" else None)
     time.sleep(1.0)  # any task still running would have written by now
     assert list(tmp_path.iterdir()) == []
+    if client is not None:  # the workers are free again: the next write goes through
+        ok = xr.Dataset({"intensity": (("group", "r", "eta"), da.ones((2, 8, 3), chunks=(1, 8, 3)))})
+        write_caked_zarr(ok, tmp_path / "ok.zarr", client=client)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.zarr"]

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +32,24 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def compute_settled(*collections: Any) -> tuple[Any, ...]:
+def compute_settled(*collections: Any, client: Any = None,
+                    on_submit: Callable[[list[Any]], None] | None = None) -> tuple[Any, ...]:
     """``dask.compute(*collections)``, with every task stopped when it returns or raises.
 
-    Dask's threaded scheduler raises the first error (or a SIGTERM or Ctrl-C arriving in the main
-    thread) at once, while the tasks already running go on in its shared pool: one writing into a
-    temporary that the caller's cleanup is removing can leave a file behind it, or make the folder
-    again. On the threaded scheduler (the default without a distributed client) the tasks
-    therefore run in a pool of their own, drained before the result or the error is passed on:
-    running tasks finish, queued ones are cancelled. Any other scheduler is used as configured.
+    Dask raises the first error (or a SIGTERM or Ctrl-C arriving in the main thread) at once,
+    while the tasks already running go on: one writing into a temporary that the caller's cleanup
+    is removing can leave a file behind it, or make the folder again. So the error is passed on
+    only once no task of ``collections`` still runs:
+
+    - on the threaded scheduler (the default without a distributed client) the tasks run in a
+      pool of their own, drained first: running tasks finish, queued ones are cancelled;
+    - on a ``distributed`` client (``client``, or the default client Dask is configured with)
+      the futures are cancelled and the workers polled until none of the tasks still executes
+      (a worker finishes a running task even once it is cancelled), for at most
+      :data:`SETTLE_TIMEOUT_S`;
+    - any other scheduler is used as configured.
+
+    ``on_submit`` is called with the client's futures once they are submitted (progress).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +57,10 @@ def compute_settled(*collections: Any) -> tuple[Any, ...]:
     import dask.threaded
 
     configured = dask.base.get_scheduler()  # None: the arrays' and delayed's default, threads
+    if client is None:
+        client = _client_of(configured)
+    if client is not None:
+        return _compute_on_client(client, list(collections), on_submit)
     if configured is not None and configured is not dask.threaded.get:
         return dask.compute(*collections)
     pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or os.cpu_count() or 1)
@@ -55,6 +68,58 @@ def compute_settled(*collections: Any) -> tuple[Any, ...]:
         return dask.compute(*collections, scheduler="threads", pool=pool)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: How long a failed computation on a distributed client waits for its running tasks (s).
+SETTLE_TIMEOUT_S = 300.0
+#: A worker's task states in which the task's code may still be running.
+_RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
+
+
+def _client_of(scheduler: Any) -> Any:
+    """The ``distributed.Client`` whose ``get`` ``scheduler`` is, else None."""
+    owner = getattr(scheduler, "__self__", None)
+    return owner if type(owner).__name__ == "Client" and hasattr(owner, "compute") else None
+
+
+def _compute_on_client(client: Any, collections: list[Any],
+                       on_submit: Callable[[list[Any]], None] | None) -> tuple[Any, ...]:
+    """Compute on ``client``; on an error, cancel and wait for running tasks before raising."""
+    import time
+
+    import dask
+    from dask.base import collections_to_expr
+
+    # as Client.compute takes them: containers (da.store's result) as one delayed each
+    collections = [dask.delayed(c) if isinstance(c, (list, tuple, set, dict)) else c for c in collections]
+    graph = collections_to_expr([c for c in collections if dask.is_dask_collection(c)]).optimize()
+    names = {key[0] if isinstance(key, tuple) else key for key in graph.__dask_graph__()}
+    futures = client.compute(collections)
+    try:
+        if on_submit is not None:
+            on_submit(futures)
+        return tuple(client.gather(futures))
+    except BaseException:
+        client.cancel(futures)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                running = sum(client.run(_running_tasks, names=names).values())
+            except Exception:  # noqa: BLE001 - workers gone: nothing of theirs runs on
+                break
+            if not running:
+                break
+            time.sleep(0.05)
+        else:
+            log.warning("tasks still running on the workers %.0f s after a failed computation",
+                        SETTLE_TIMEOUT_S)
+        raise
+
+
+def _running_tasks(dask_worker: Any, names: set[Any]) -> int:
+    """On a worker: how many tasks named in ``names`` may still be running there."""
+    return sum((key[0] if isinstance(key, tuple) else key) in names and ts.state in _RUNNING_STATES
+               for key, ts in dask_worker.state.tasks.items())
 
 
 @contextlib.contextmanager

@@ -49,10 +49,7 @@ def write_caked_zarr(ds: Any, path: str | os.PathLike, *, client: Any = None) ->
     with atomic_output(path) as tmp:
         stored = _regular_chunks(ds).to_zarr(tmp, mode="w", zarr_format=3, consolidated=False,
                                              compute=False)
-        if client is None:
-            compute_settled(stored)
-        else:
-            client.compute(stored).result()
+        compute_settled(stored, client=client)
     return Path(path)
 
 

@@ -125,15 +125,13 @@ class _Members:
 
 def _compute(collections: list[Any], client: Any, progress: bool) -> tuple[Any, ...]:
     """Compute ``collections`` together on ``client`` (a ``distributed.Client``), or on the
-    current Dask scheduler when None (:func:`~midasflow.io.atomic.compute_settled`: no task
-    still writing when an error reaches the caller's cleanup)."""
-    if client is None:
-        return compute_settled(*collections)
+    current Dask scheduler when None, with progress on a client
+    (:func:`~midasflow.io.atomic.compute_settled`: no task still writing when an error reaches
+    the caller's cleanup)."""
     from midasflow.progress import futures_progress
 
-    futures = client.compute(collections)
-    futures_progress(futures, "integrate", enabled=progress)
-    return tuple(client.gather(futures))
+    return compute_settled(*collections, client=client,
+                           on_submit=lambda futures: futures_progress(futures, "integrate", enabled=progress))
 
 
 def _write(ds: Any, path: Path, parts: Path, client: Any, progress: bool) -> None:
