@@ -471,6 +471,61 @@ def test_frames_in_flight_are_bounded(small_scan, client, tmp_path, monkeypatch,
     flow.finish(end_of_stream=True)
 
 
+def _small_flow(small_scan, client, tmp_path, name, **limits):
+    """A StreamDataflow of the small scan's parameters (cake only), and a TIFF of its first frame."""
+    import tifffile
+
+    from midasflow.binmap import load_or_build_binmap
+    from midasflow.params import read_params
+    from midasflow.stream import tasks
+    from midasflow.stream.dataflow import StreamDataflow, StreamLimits
+    from midasflow.stream.spool import Spool
+
+    params = read_params(small_scan["files"].params_file)
+    binmap = load_or_build_binmap(params, None)
+    caking = tasks.Caking(params=params, data_loc="exchange/data", normalize=bool(params.normalize),
+                          min_area_fraction=float(params.min_area_fraction), mask_rule=str(params.mask_rule),
+                          pre_proc_thresh=None)
+    spool = Spool(tmp_path / name)
+    spool.create()
+    path = tmp_path / "frame.tif"
+    tifffile.imwrite(path, small_scan["frames"][0])
+    flow = StreamDataflow(client, params, binmap, caking, None, spool, StreamLimits(**limits),
+                          keep_frames=False, caking_digest="test")
+    return flow, path
+
+
+def test_cakes_stay_on_the_workers_and_a_failed_task_still_stops_the_stream(small_scan, client, tmp_path,
+                                                                             monkeypatch):
+    """The client checks the caking and group tasks for errors without fetching their results
+    (a caking task's cakes are ~1.2 MB per 2048² frame): only what it needs comes back. A frame
+    that cannot be read still stops the stream with its error."""
+    from distributed import Future
+
+    from midasflow.stream.sources import Arrival
+
+    fetched = []
+    real = Future.result
+
+    def result(self, *args, **kw):
+        fetched.append(str(self.key))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Future, "result", result)
+    flow, path = _small_flow(small_scan, client, tmp_path, "kept", frames_per_task=2, max_wait_s=0.0)
+    for i in range(4):
+        flow.feed(Arrival(name=f"f{i}.tif", n_frames=1, path=str(path), more=i % 2 == 0))
+    flow.finish(end_of_stream=True)
+    assert len(flow.state.groups) == 2 and Path(flow.spool.group_path(1)).is_file()
+    assert not [k for k in fetched if k.startswith(("stream-cake", "stream-group"))], fetched
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"not a tiff")
+    flow, _ = _small_flow(small_scan, client, tmp_path, "broken", frames_per_task=1)
+    flow.feed(Arrival(name="broken.tif", n_frames=1, path=str(broken)))
+    with pytest.raises(Exception, match="broken.tif"):
+        flow.finish(end_of_stream=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # the command, end to end
 # ---------------------------------------------------------------------------------------------

@@ -340,7 +340,9 @@ class StreamDataflow:
         data = None
         if any(part.pva is not None for part in parts):  # PV frames (MBs each) go as data, not in the task
             item = replace(item, parts=())
-            [data] = self.client.scatter([parts], hash=False)
+            # straight to a worker (distributed's default sends them through the scheduler: every
+            # frame's bytes would cross two connections), unless the client was told not to
+            [data] = self.client.scatter([parts], hash=False, direct=self.client.direct_to_workers is not False)
         cakes = self.client.submit(cake_item, item, self.binmap, self.caking_future, self.dark, data, key=key,
                                    pure=False, priority=10)
         self._track(cakes, "cake", len(positions))
@@ -397,11 +399,11 @@ class StreamDataflow:
     def _finished(self, fut: Any, tracked: _Tracked) -> None:
         if tracked.kind == "cake":
             self.frames_in_flight -= tracked.payload
-            fut.result()  # a frame that could not be read stops the stream (one line)
+            _raise_if_failed(fut)  # a frame that could not be read stops the stream (one line)
         elif tracked.kind == "save":
-            fut.result()
+            _raise_if_failed(fut)
         elif tracked.kind == "group":
-            fut.result()
+            _raise_if_failed(fut)
             record: GroupRecord = tracked.payload
             self.unwritten.discard(record.group)
             self.write_manifest()
@@ -507,6 +509,14 @@ class StreamDataflow:
             "keep_frames": self.keep_frames,
             "source": self.source_summary(),
         })
+
+
+def _raise_if_failed(future: Any) -> None:
+    """Raise a finished task's error, if it failed, without fetching its result: the cakes of a
+    caking task (~1.2 MB per 2048² frame) and a group's cake stay on the workers, where the
+    tasks after them read them."""
+    if future.status != "finished":
+        future.result()
 
 
 def lineouts_per_task(n_eta: int, threads: int) -> int:
