@@ -231,6 +231,7 @@ class PatternModel:
         self.x_step = np.diff(self.x, append=self.x[-1] + (self.x[-1] - self.x[-2]
                                                              if self.x.size > 1 else 1.0))
         self._terms_memo: list[tuple] = []     # (key, output) of the last two _all_terms
+        self._eval_memo = [(None, None), (None, None)]  # (key, output) of the last _evaluate without, with J
 
     # ------------------------------------------------------------------ set-up
     def _phase_data(self, p: int, ph: Phase, tth_min: float, tth_max: float) -> _PhaseData:
@@ -445,16 +446,36 @@ class PatternModel:
         return y, bkg, J
 
     def _evaluate(self, values, vary=(), jac=False):
-        """:meth:`evaluate` plus the concatenated reflection terms."""
+        """:meth:`evaluate` plus what it was made of: ``(rt, terms, peaks)``, the concatenated
+        and per-phase reflection terms (:meth:`_all_terms`) and the peak sum (None when a
+        reflection's 2θ is not finite).
+
+        The last evaluation with and the last without the Jacobian are kept and given again for
+        the same values and vary list (Rietveld only: Le Bail's extracted intensities change
+        between calls): a refinement evaluates its stages' and its final values once more after
+        the LM has (the stage's R, the esds at the minimum). The arrays returned are shared:
+        callers must not change them in place."""
+        key = None
+        if self.mode != "lebail":
+            key = (tuple(values.items()), tuple(vary))
+            memo_key, memo_out = self._eval_memo[jac]
+            if key == memo_key:
+                return memo_out
+        out = self._evaluate_new(values, vary, jac)
+        if key is not None:
+            self._eval_memo[jac] = (key, out)
+        return out
+
+    def _evaluate_new(self, values, vary, jac):
         bkg = self.background(values)
-        rt, _ = self._all_terms(values, vary, jac)
+        rt, terms = self._all_terms(values, vary, jac)
         if not np.all(np.isfinite(rt["tth"])):
             nan = np.full(self.x.size, np.nan)
-            return nan, bkg, (np.full((self.x.size, len(vary)), np.nan) if jac else None), rt
+            return nan, bkg, (np.full((self.x.size, len(vary)), np.nan) if jac else None), (rt, terms, None)
         peaks = self._peaks(rt, values["SH/L"], jac)
         y = bkg + peaks.y
         if not jac:
-            return y, bkg, None, rt
+            return y, bkg, None, (rt, terms, peaks)
         J = np.zeros((self.x.size, len(vary)))
         for c, name in enumerate(vary):
             if name.startswith("Back;"):
@@ -465,7 +486,7 @@ class PatternModel:
         used = np.flatnonzero(np.any([np.any(c != 0, axis=0) for c in coefs.values()], axis=0))
         if used.size:
             J[:, used] += peaks.project({n: c[:, used] for n, c in coefs.items()})
-        return y, bkg, J, rt
+        return y, bkg, J, (rt, terms, peaks)
 
     def chi2(self, values: Mapping[str, float], yobs: np.ndarray, sqrt_w: np.ndarray) -> float:
         """Σ w (y − y_calc)² (inf if not finite)."""
@@ -1316,7 +1337,8 @@ def _normal_inverse(Jw: np.ndarray) -> np.ndarray:
 
 
 def _cell_weights(model: PatternModel, values: Mapping[str, float], vary: Sequence[str],
-                  Jw: np.ndarray, sqrt_w: np.ndarray, normal_inv: np.ndarray) -> dict[int, np.ndarray]:
+                  Jw: np.ndarray, sqrt_w: np.ndarray, normal_inv: np.ndarray,
+                  parts: tuple) -> dict[int, np.ndarray]:
     """Weight of every reflection on the refined cubic cell: ∂ln a/∂ε_k, the change of the
     refined ln a when reflection k alone moves as a strain ε_k would move it (2θ_k by
     −2 tan θ_k·ε_k), through the least-squares estimator (JᵀWJ)⁻¹JᵀW of all refined parameters.
@@ -1325,14 +1347,14 @@ def _cell_weights(model: PatternModel, values: Mapping[str, float], vary: Sequen
     correlated parameters (SH/L, zero, widths) absorb weigh less, and some may weigh < 0
     (a low-angle peak moved alone reads partly as asymmetry). Phases with one free A-term
     (cubic) only: ``{phase index: (n_reflections,)}``. ``normal_inv`` is
-    :func:`_normal_inverse` of ``Jw``.
+    :func:`_normal_inverse` of ``Jw``; ``parts`` what :meth:`PatternModel._evaluate` made ``Jw``
+    of (its peak sum with derivatives).
     """
     out: dict[int, np.ndarray] = {}
     cubic = {pd.index for pd in model.phases if len(pd.free) == 1 and f"{pd.index}::A{pd.free[0]}" in vary}
-    if not cubic:
+    _, terms, peaks = parts
+    if not cubic or peaks is None:
         return out
-    rt, terms = model._all_terms(values)
-    peaks = model._peaks(rt, values["SH/L"], True)
     gain = normal_inv @ Jw.T  # (n_var, n_obs): parameter change per unit of r_w
     start = 0
     for pd, t in zip(model.phases, terms):
@@ -1378,7 +1400,7 @@ def _covariance(Jw: np.ndarray, n_inv: np.ndarray, chi2: float,
 def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage_rwp, warn,
             flags, start_values, constraint, chi2_background,
             noise_correlation: Sequence[float] | None = None) -> PatternResult:
-    yc, bkg, J = model.evaluate(values, vary, jac=True)
+    yc, bkg, J, parts = model._evaluate(values, vary, jac=True)
     chi2 = float(np.sum(w * (y - yc) ** 2))
     n_obs, n_var = y.size, len(vary)
     dof = max(n_obs - n_var, 1)
@@ -1386,7 +1408,7 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
     Jw = J * sqrt_w[:, None]
     normal_inv = _normal_inverse(Jw)
     cov, chi2_expected = _covariance(Jw, normal_inv, chi2, noise_correlation)
-    cell_weights = (_cell_weights(model, values, vary, Jw, sqrt_w, normal_inv)
+    cell_weights = (_cell_weights(model, values, vary, Jw, sqrt_w, normal_inv, parts)
                     if math.isfinite(chi2) else {})
     esd_vec = np.sqrt(np.maximum(np.diag(cov), 0.0)) if n_var else np.zeros(0)
     esds = {name: float(e) for name, e in zip(vary, esd_vec)}

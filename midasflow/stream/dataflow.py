@@ -80,7 +80,7 @@ class StreamLimits:
     idle_timeout_s: float | None = None
     max_frames_in_flight: int = 8
     max_groups_pending: int = 3
-    frames_per_task: int = 8
+    frames_per_task: int = 16
     max_wait_s: float = 1.0
 
 
