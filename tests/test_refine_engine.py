@@ -52,6 +52,36 @@ def off_inst(**kw):
 
 # --------------------------------------------------------------------------- Jacobian
 
+def test_a_repeated_evaluation_is_that_of_its_values_and_vary_list():
+    """The model gives its last evaluation (with or without J) again only for the same values
+    and vary list: a values dict changed in place, another vary list, or in Le Bail mode new
+    extracted intensities give the evaluation of what is asked (that of a fresh model)."""
+    def fresh(values, vary=(), jac=False, mode="rietveld", fsq=None):
+        model = PatternModel(X, (X[0], X[-1]), [ceo2()], INST, 4, mode=mode)
+        if fsq is not None:
+            model.phases[0].fsq_lebail = fsq
+        return model.evaluate(values, vary, jac)
+
+    model = PatternModel(X, (X[0], X[-1]), [ceo2()], INST, 4)
+    vals = dict(model.values, **{"Scale": 1e-2, "Back;0": 100.0})
+    y1, _, J1 = model.evaluate(vals, ["U", "Scale"], jac=True)
+    assert model.evaluate(vals, ["U", "Scale"], jac=True)[2] is J1  # given again
+    vals["U"] *= 1.5  # the same dict, changed
+    y2, _, J2 = model.evaluate(vals, ["U", "Scale"], jac=True)
+    assert not np.array_equal(y1, y2)
+    np.testing.assert_array_equal(J2, fresh(vals, ["U", "Scale"], True)[2])
+    _, _, J3 = model.evaluate(vals, ["V", "Scale"], jac=True)
+    np.testing.assert_array_equal(J3, fresh(vals, ["V", "Scale"], True)[2])
+    np.testing.assert_array_equal(model.evaluate(vals)[0], fresh(vals)[0])
+    lebail = PatternModel(X, (X[0], X[-1]), [ceo2()], INST, 4, mode="lebail")
+    lebail.phases[0].fsq_lebail = np.full(len(lebail.phases[0].mult), 5.0)
+    y_a = lebail.evaluate(vals)[0]
+    lebail.phases[0].fsq_lebail = np.full(len(lebail.phases[0].mult), 7.0)
+    y_b = lebail.evaluate(vals)[0]
+    assert not np.array_equal(y_a, y_b)
+    np.testing.assert_array_equal(y_b, fresh(vals, mode="lebail", fsq=lebail.phases[0].fsq_lebail)[0])
+
+
 @pytest.mark.parametrize("phase_fn,extra", [
     (ceo2, ["0::A0", "0::AUiso:0", "0::AUiso:1"]),
     (zno, ["0::A0", "0::A2", "0::Az:1", "0::AUiso:0"]),
