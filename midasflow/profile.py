@@ -17,17 +17,30 @@ follow that routine's operation order in float32 and reproduce GSAS-II to ~1e-6 
 ``precision="float64"`` the same algorithm runs in double precision, which differs from GSAS-II by
 up to 1 % of the peak maximum at 2θ ≈ 2° with SH/L = 0.002 and by ≤ 3e-4 elsewhere.
 Returned arrays are always float64.
+
+Kernels. The profile sums run in two implementations with bit-identical results: numba
+(:mod:`midasflow.profile_compiled`) and numpy (:mod:`midasflow.profile_numpy`, float64 only).
+Importing numba and setting up its CPU target costs about 0.5 s of CPU in a new process, five
+to ten times a typical lineout's refinement, so a process starts on the numpy kernels and loads
+the compiled ones once it has spent ``NUMPY_TIER_BUDGET`` on them, meets a call larger than
+``NUMPY_TIER_MAX_CALL``, needs float32 or a single-peak function, or calls :func:`use_compiled_kernels`; a
+process that has imported numba already (for caking, say) uses the compiled ones from the start.
 """
 from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
-import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from midasflow import profile_numpy as _numpy_kernels
+from midasflow.profile_constants import FSTTERM as _FSTTERM
+from midasflow.profile_constants import NTERMS as _NTERMS
 
 Precision = Literal["float32", "float64"]
 
@@ -38,358 +51,94 @@ GAM_FLOOR_CDEG = 0.001
 _WINDOW_LOW_FWHM = 50.0
 _WINDOW_HIGH_FWHM = 75.0
 
-# Gauss-Legendre table sizes of PSVFCJO (all even); N = first entry >= K, 400 if K > 300.
-_NTERMS = np.array(
-    [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 40, 50, 60, 70, 80, 90, 100, 110,
-     120, 140, 160, 180, 200, 220, 240, 260, 280, 300, 400], dtype=np.int64)
-_FSTTERM = np.concatenate(([0], np.cumsum(_NTERMS // 2)[:-1])).astype(np.int64)
 
 
-# --------------------------------------------------------------------------------------------
-# numba kernels. Every kernel takes the float type F (np.float32 emulates GSAS-II's REAL*4,
-# np.float64 runs the same algorithm in double precision) and casts each literal with it, so one
-# source serves both precisions and numba caches one specialisation per type.
-# --------------------------------------------------------------------------------------------
-_COFT = np.array([1.0, 2.69269, 2.42843, 4.47163, 0.07842, 1.0])  # TCH FWHM coefficients
-_COFN = np.array([1.36603, -0.47719, 0.11116])                    # TCH eta coefficients
-_STOFW = 2.35482005       # 2 sqrt(2 ln 2)
-_SQ2PI = 2.506628275      # sqrt(2 pi)
-_PI_LORENTZ = 3.1415292654  # sic: the mistyped pi of GSAS-II's lorentz.for
-_RPD = 0.017453292519943  # radians per degree as in GSAS-II's sind/cosd/acosd
-#: PSVOIGT clamps the Gaussian exponent at −20: exp(−20), and the dx²/σ² beyond which the clamp
-#: holds whatever the rounding (40 with a 2.5e-5 relative margin; float32 rounding is ~1e-7)
-_EXP_FLOOR = math.exp(-20.0)
-_GAUSS_FLOOR_DX2 = 40.001
+
+#: profile work a process does with the numpy kernels before it loads the compiled ones, in the
+#: work units of :func:`midasflow.profile_numpy.peaks_f64` (~0.15 µs of CPU each): about 0.2 s,
+#: under half of what loading the compiled kernels costs (two CeO2 refinements of 1000 points)
+NUMPY_TIER_BUDGET = 1_500_000
+#: the largest single call the numpy kernels take (~8 ms there, ~0.5 ms compiled): a refinement
+#: makes 50-100 profile calls, so a pattern with larger ones (a 3761-point PbSO4 Cu Kα pattern
+#: makes ~500 000) would spend more in numpy than loading the compiled kernels costs
+NUMPY_TIER_MAX_CALL = 50_000
+_numpy_tier = {"left": NUMPY_TIER_BUDGET}
 
 
-@numba.njit(cache=True)
-def _gauleg_into(n, eps, xp, wp, first, F):
-    """Positive half of the n-point Gauss-Legendre rule (NR ``gauleg``), ascending nodes, into
-    xp/wp[first:first + n/2]. (Written into preallocated arrays: returning fresh arrays of a
-    dtype given by the class F took ~4 s of numba compilation.)"""
-    half = n // 2
-    one = F(1.0)
-    for i in range(1, (n + 1) // 2 + 1):
-        z = F(math.cos(F(3.141592654) * (F(i) - F(0.25)) / (F(n) + F(0.5))))
-        z1 = F(0.0)
-        pp = one
-        while abs(z - z1) > F(eps):
-            p1 = one
-            p2 = F(0.0)
-            for j in range(1, n + 1):
-                p3 = p2
-                p2 = p1
-                p1 = ((F(2.0) * F(j) - one) * z * p2 - (F(j) - one) * p3) / F(j)
-            pp = F(n) * (z * p1 - p2) / (z * z - one)
-            z1 = z
-            z = z1 - p1 / pp
-        # x(n+1-i) = +z is the (half - i)-th positive node in ascending order
-        xp[first + half - i] = z
-        wp[first + half - i] = F(2.0) / ((one - z * z) * pp * pp)
+def _compiled() -> ModuleType:
+    """The numba kernels; the first call imports numba (and the cached kernels load on their
+    first call)."""
+    from midasflow import profile_compiled
+    return profile_compiled
 
 
-# one entry point per precision (see _peaks_f32): all PSVFCJO quadrature tables, positive
-# halves packed at _FSTTERM offsets
-@numba.njit(cache=True)
-def _tables_f32(xp, wp, nterms, fstterm):
-    for t in range(nterms.size):
-        _gauleg_into(nterms[t], 3.0e-7, xp, wp, fstterm[t], np.float32)
+def use_compiled_kernels() -> None:
+    """Use the numba kernels for every later profile evaluation of this process.
 
-
-@numba.njit(cache=True)
-def _tables_f64(xp, wp, nterms, fstterm):
-    for t in range(nterms.size):
-        _gauleg_into(nterms[t], 3.0e-14, xp, wp, fstterm[t], np.float64)
-
-
-@numba.njit(cache=True)
-def _tch_widths(sig, gam, F):
-    """PSVOIGT's per-(σ², γ) part: total FWHM Γ, η and the pieces of their derivatives."""
-    sqsg = max(F(math.sqrt(sig)), F(0.001))
-    fwhg = F(_STOFW) * sqsg
-    pgl = fwhg * fwhg * fwhg * fwhg * fwhg
-    sumhm = pgl
-    dsdl = F(0.0)
-    dsdg = F(0.0)
-    for itrm in range(1, 6):
-        pgl = pgl / fwhg
-        dsdl = dsdl + F(itrm) * F(_COFT[itrm]) * pgl
-        dsdg = dsdg + F(6 - itrm) * F(_COFT[itrm - 1]) * pgl
-        pgl = pgl * gam
-        sumhm = sumhm + F(_COFT[itrm]) * pgl
-    fwhm = F(math.exp(F(0.2) * F(math.log(sumhm))))
-    frac = gam / fwhm
-    dedf = F(0.0)
-    pf = F(1.0)
-    eta = F(0.0)
-    for itrm in range(1, 4):
-        dedf = dedf + F(itrm) * F(_COFN[itrm - 1]) * pf
-        pf = pf * frac
-        eta = eta + F(_COFN[itrm - 1]) * pf
-    return fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg
-
-
-@numba.njit(cache=True)
-def _pv_constants(fwhm, F):
-    """Per-peak constants of :func:`_psvoigt`: 2Γ/π (the Lorentzian's numerator, 0 when PSVOIGT
-    switches it off), σ_p² = (Γ/2.355)², the dx² beyond which the Gaussian exponent is clamped,
-    and the clamped Gaussian (each computed in PSVOIGT's operation order)."""
-    stofw = F(_STOFW)
-    ctl = F(2.0) * fwhm / F(_PI_LORENTZ) if abs(fwhm) > F(5.0e-6) else F(0.0)
-    sigp = (fwhm / stofw) * (fwhm / stofw)
-    tg_floor = stofw * F(_EXP_FLOOR) / (F(_SQ2PI) * fwhm)
-    return ctl, sigp, F(_GAUSS_FLOOR_DX2) * sigp, tg_floor
-
-
-@numba.njit(cache=True)
-def _psvoigt(dx, fwhm, eta, ctl, sigp, dx2_floor, tg_floor, deriv, F):
-    """TCH pseudo-Voigt at dx (centideg) (PSVOIGT + LORENTZ); ctl … tg_floor from
-    :func:`_pv_constants`. With ``deriv`` also ∂/∂dx and the two terms ``(tl − tg,
-    η ∂tl/∂Γ + ∂tg/∂Γ·…)`` that :func:`_pv_chain` turns into ∂/∂σ² and ∂/∂γ."""
-    stofw = F(_STOFW)
-    one = F(1.0)
-    half = F(0.5)
-    denom = fwhm * fwhm + F(4.0) * dx * dx
-    tl = ctl / denom
-    if dx * dx > dx2_floor:
-        # far tail: −½dx²/σ² is below −20 by far more than rounding, so PSVOIGT's exponent is
-        # clamped there; the division and exp are skipped (same value, most points of a window)
-        ex = F(-20.0)
-        tg = tg_floor
-    else:
-        ex = max(F(-20.0), -half * dx * dx / sigp)
-        tg = stofw * F(math.exp(ex)) / (F(_SQ2PI) * fwhm)
-    func = eta * tl + (one - eta) * tg
-    if not deriv:
-        return func, F(0.0), F(0.0), F(0.0)
-    # derivatives: reciprocals instead of PSVOIGT's divisions (an ulp apart, not its values)
-    rden = one / denom
-    if ctl != F(0.0):
-        dtldt = F(-8.0) * dx * tl * rden
-        dtldfw = (F(8.0) * dx * dx - F(2.0) * fwhm * fwhm) * rden * rden * F(1.0 / _PI_LORENTZ)
-    else:
-        dtldt = F(0.0)
-        dtldfw = F(0.0)
-    ts = F(-2.0) * (one - eta) * tg * (ex + half) * (one / fwhm)
-    dfdx = eta * dtldt - (one - eta) * tg * dx * (one / sigp)
-    return func, dfdx, tl - tg, eta * dtldfw + ts
-
-
-@numba.njit(cache=True)
-def _pv_chain(fwhm, frac, dedf, dsdg, dsdl, sumhm, sqsg, F):
-    """Per-peak factors (a_s, b_s, a_g, b_g): ∂PV/∂σ² = a_s·(tl − tg) + b_s·(η∂tl/∂Γ + …) and
-    ∂PV/∂γ = a_g·(…) + b_g·(…) (PSVOIGT's chain through Γ and η)."""
-    one = F(1.0)
-    dfwdg = F(0.2) * dsdg * fwhm / sumhm
-    dfrdg = -frac * dfwdg / fwhm
-    ks = F(0.5) * F(_STOFW) / sqsg
-    dfwdl = F(0.2) * dsdl * fwhm / sumhm
-    dfrdl = (one - frac * dfwdl) / fwhm
-    return ks * dedf * dfrdg, ks * dfwdg, dedf * dfrdl, dfwdl
-
-
-@numba.njit(cache=True)
-def _pv_array(delta_cdeg, sig, gam, deriv, F):
-    n = delta_cdeg.size
-    out = np.zeros((4, n), dtype=np.float64)
-    fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg = _tch_widths(F(sig), F(gam), F)
-    ctl, sigp, dx2_floor, tg_floor = _pv_constants(fwhm, F)
-    a_s, b_s, a_g, b_g = _pv_chain(fwhm, frac, dedf, dsdg, dsdl, sumhm, sqsg, F)
-    for i in range(n):
-        f, dfdx, d_tl_tg, d_fw = _psvoigt(F(delta_cdeg[i]), fwhm, eta, ctl, sigp, dx2_floor,
-                                          tg_floor, deriv, F)
-        out[0, i] = f
-        out[1, i] = dfdx
-        out[2, i] = a_s * d_tl_tg + b_s * d_fw
-        out[3, i] = a_g * d_tl_tg + b_g * d_fw
-    return out
-
-
-@numba.njit(cache=True)
-def _fcj_core(x, lo, hi, tth, sig_in, gam_in, shl_in, xp, wp, deriv, scale, pos_fac, out, off,
-              F):
-    """Add scale·Ω(x[i]) (and derivatives) for i in [lo, hi) to out[:, off + i - lo].
-
-    Follows PSVFCJO (psvfcjo.for) with A = B = SH/L/2. out rows: 0 Ω, 1 dΩ/d2θ_h (per degree,
-    times pos_fac), 2 dΩ/dσ², 3 dΩ/dγ, 4 dΩ/d(SH/L_eff). Derivatives differentiate the node
-    positions δ_k(2θ_h, SH/L) and FCJ weights analytically for the selected node count.
+    For a process about to refine many patterns (the numpy kernels it would otherwise start on
+    give bit-identical results, 10-20 times slower). Imports numba and loads the cached kernels.
     """
-    one = F(1.0)
-    zero = F(0.0)
-    half = F(0.5)
-    two = F(2.0)
-    hundred = F(100.0)
-    rpd = F(_RPD)
-    sig = F(sig_in)
-    gam = F(gam_in)
-    ttheta = F(tth) * hundred
-    tthetad = F(0.01) * ttheta
-    s2t = F(math.sin(tthetad * rpd))
-    c2t = F(math.cos(tthetad * rpd))
-    s2t2 = s2t * s2t
-    c2t2 = c2t * c2t
-    a_half = F(shl_in) / two
-    apb = a_half + a_half
-    tmp2 = one + apb * apb
-    einfl = F(math.acos(min(one, max(-one, c2t)))) / rpd
-    u = F(math.sqrt(tmp2)) * c2t
-    demin_dt = zero
-    demin_da = zero
-    if abs(u) <= one:
-        emin = F(math.acos(min(one, max(-one, u)))) / rpd
-        one_m_u2 = one - u * u
-        if one_m_u2 > zero:
-            root = F(math.sqrt(one_m_u2))
-            demin_dt = F(math.sqrt(tmp2)) * s2t / root
-            demin_da = -apb * c2t / (F(math.sqrt(tmp2)) * root) / rpd
-    elif u > zero:
-        emin = zero
-    else:
-        emin = F(180.0)
-    tmp = abs(tthetad - emin)
-    if gam <= zero:
-        k = int(tmp * F(200.0))
-    else:
-        k = int(F(300.0) * tmp / gam)
-    arraynum = 0
-    while arraynum < _NTERMS.size - 1 and k > _NTERMS[arraynum]:
-        arraynum += 1
-    first = _FSTTERM[arraynum]
-    nh = _NTERMS[arraynum] // 2
-    # per-node quantities (independent of the data point)
-    d100 = np.empty(nh, dtype=F)
-    wg = np.empty(nh, dtype=F)
-    wdel_dt = np.zeros(nh, dtype=F)     # w_k·100·∂δ_k/∂2θ (the PV argument's shift)
-    wdel_da = np.zeros(nh, dtype=F)
-    dwg_dt = np.zeros(nh, dtype=F)
-    dwg_da = np.zeros(nh, dtype=F)
-    sumwg = zero
-    sum_dwg_dt = zero
-    sum_dwg_da = zero
-    sgn = one if c2t >= zero else -one
-    for kk in range(nh):
-        xk = xp[first + kk]
-        delta = emin + (tthetad - emin) * xk
-        d100[kk] = delta * hundred
-        sind = F(math.sin(delta * rpd))
-        cosd = F(math.cos(delta * rpd))
-        rcos = one / cosd
-        tt = s2t2 - sind * sind
-        if ttheta > F(4500.0):
-            tt = cosd * cosd - c2t2
-        if tt > zero:
-            rs = one / F(math.sqrt(tt))
-            ff = abs(c2t) * rs
-        else:
-            rs = zero
-            ff = one
-        if abs(delta - emin) > abs(einfl - emin):
-            g = two * a_half * ff * rcos
-        else:
-            g = (-one + apb * ff) * rcos
-        wg[kk] = wp[first + kk] * g
-        sumwg = sumwg + wg[kk]
-        if deriv:
-            ddt = (one - xk) * demin_dt + xk
-            dda = (one - xk) * demin_da
-            wdel_dt[kk] = wg[kk] * hundred * ddt
-            wdel_da[kk] = wg[kk] * hundred * dda
-            # T = sin²2θ − sin²δ:  dT = 2 s c RPD d2θ − 2 sinδ cosδ RPD dδ
-            dt_dt = two * s2t * c2t * rpd - two * sind * cosd * rpd * ddt
-            dt_da = -two * sind * cosd * rpd * dda
-            df_dt = (-sgn * s2t * rpd * rs - half * abs(c2t) * rs * rs * rs * dt_dt) if tt > zero \
-                else zero
-            df_da = -half * abs(c2t) * rs * rs * rs * dt_da if tt > zero else zero
-            tand = sind * rcos
-            dwg_dt[kk] = wp[first + kk] * (apb * df_dt * rcos + g * tand * rpd * ddt)
-            dwg_da[kk] = wp[first + kk] * ((ff + apb * df_da) * rcos + g * tand * rpd * dda)
-            sum_dwg_dt += dwg_dt[kk]
-            sum_dwg_da += dwg_da[kk]
-    rsumwg = one / sumwg
-    fwhm, eta, frac, dedf, dsdg, dsdl, sumhm, sqsg = _tch_widths(sig, gam, F)
-    ctl, sigp, dx2_floor, tg_floor = _pv_constants(fwhm, F)
-    a_s, b_s, a_g, b_g = _pv_chain(fwhm, frac, dedf, dsdg, dsdl, sumhm, sqsg, F)
-    for i in range(lo, hi):
-        base = F(x[i] - tth) * hundred + ttheta
-        sumwrg = zero
-        s_t = zero
-        s_a = zero
-        s_d = zero
-        s_f = zero
-        for kk in range(nh):
-            r, drdx, d_tl_tg, d_fw = _psvoigt(base - d100[kk], fwhm, eta, ctl, sigp, dx2_floor,
-                                              tg_floor, deriv, F)
-            sumwrg = sumwrg + wg[kk] * r
-            if deriv:
-                # the PV argument moves by −100 dδ at fixed x
-                s_t += dwg_dt[kk] * r - wdel_dt[kk] * drdx
-                s_a += dwg_da[kk] * r - wdel_da[kk] * drdx
-                s_d += wg[kk] * d_tl_tg
-                s_f += wg[kk] * d_fw
-        prf = sumwrg * rsumwg
-        j = off + i - lo
-        out[0, j] += scale * prf
-        if deriv:
-            out[1, j] += scale * pos_fac * (s_t - prf * sum_dwg_dt) * rsumwg
-            out[2, j] += scale * (a_s * s_d + b_s * s_f) * rsumwg
-            out[3, j] += scale * (a_g * s_d + b_g * s_f) * rsumwg
-            out[4, j] += scale * (s_a - prf * sum_dwg_da) * rsumwg
+    _numpy_tier["left"] = 0
+    kernels = _compiled()
+    kernels.accumulate(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0), np.zeros(0),
+                       np.zeros(0))
 
 
-@numba.njit(cache=True)
-def _peaks_kernel(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out, F):
-    """Evaluate every (sub)peak p on x[lo[p]:hi[p]] into out[:, off[p]:...]."""
-    for p in range(pos.size):
-        if hi[p] - lo[p] >= 2:
-            _fcj_core(x, lo[p], hi[p], pos[p], sig2[p], gam[p], shl, xp, wp, deriv, scale[p],
-                      pos_fac[p], out, off[p], F)
+def _numba_loaded() -> bool:
+    """Whether this process has imported numba already (caking, the compiled profile kernels or
+    the user's own code): most of the compiled kernels' one-time cost is then paid."""
+    return "numba" in sys.modules
 
 
-# one entry point per precision: numba types a class argument (F) slowly on every call
-@numba.njit(cache=True)
-def _peaks_f32(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out):
-    _peaks_kernel(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out,
-                  np.float32)
-
-
-@numba.njit(cache=True)
-def _peaks_f64(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out):
-    _peaks_kernel(x, pos, sig2, gam, shl, xp, wp, lo, hi, off, scale, pos_fac, deriv, out,
-                  np.float64)
-
-
-_FTYPES = {"float32": (np.float32, _tables_f32), "float64": (np.float64, _tables_f64)}
-_PEAKS_KERNELS = {np.float32: _peaks_f32, np.float64: _peaks_f64}
+def _numpy_tier_open() -> bool:
+    """Whether float64 profile sums run on the numpy kernels: budget left and numba not loaded."""
+    return _numpy_tier["left"] > 0 and not _numba_loaded()
 
 
 @functools.lru_cache(maxsize=2)
 def _tables(precision: Precision) -> tuple[type, NDArray, NDArray]:
-    """(float type, packed positive Gauss–Legendre nodes, weights) for one precision."""
-    if precision not in _FTYPES:
+    """(float type, packed positive Gauss–Legendre nodes, weights) for one precision: float64
+    computed with numpy (the same values numba's loop gives), GSAS-II's float32 with numba."""
+    if precision == "float64":
+        return (np.float64, *_numpy_kernels.gauss_legendre_f64())
+    if precision != "float32":
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
-    ftype, build = _FTYPES[precision]
     total = int(_FSTTERM[-1] + _NTERMS[-1] // 2)
-    xp, wp = np.empty(total, dtype=ftype), np.empty(total, dtype=ftype)
-    build(xp, wp, _NTERMS, _FSTTERM)
-    return ftype, xp, wp
+    xp, wp = np.empty(total, dtype=np.float32), np.empty(total, dtype=np.float32)
+    _compiled().tables_f32(xp, wp, _NTERMS, _FSTTERM)
+    return np.float32, xp, wp
 
 
 # --------------------------------------------------------------------------------------------
 # pseudo-Voigt and FCJ profile
 # --------------------------------------------------------------------------------------------
-def tch_fwhm_eta(sig2_cdeg2: float, gam_cdeg: float, *,
-                 precision: Precision = "float32") -> tuple[float, float]:
+def tch_fwhm_eta(sig2_cdeg2: ArrayLike, gam_cdeg: ArrayLike, *,
+                 precision: Precision = "float32") -> tuple[float, float] | tuple[NDArray, NDArray]:
     """Total TCH FWHM Γ (centideg) and Lorentzian fraction η of the pseudo-Voigt (doc section 2).
 
     Parameters
     ----------
     sig2_cdeg2 : Gaussian variance σ² (centideg²); σ is floored at 0.001 centideg.
-    gam_cdeg : Lorentzian FWHM γ (centideg).
+    gam_cdeg : Lorentzian FWHM γ (centideg), broadcast with ``sig2_cdeg2``.
     precision : "float32" (GSAS-II arithmetic) or "float64".
+
+    Returns
+    -------
+    (Γ, η) : floats for scalar arguments, float64 arrays of the broadcast shape otherwise.
     """
-    ftype, _, _ = _tables(precision)
-    fwhm, eta = _tch_widths(ftype(sig2_cdeg2), ftype(gam_cdeg), ftype)[:2]
-    return float(fwhm), float(eta)
+    sig2, gam = np.broadcast_arrays(np.asarray(sig2_cdeg2, dtype=np.float64),
+                                    np.asarray(gam_cdeg, dtype=np.float64))
+    if precision == "float64":
+        with np.errstate(all="ignore"):
+            fwhm, eta = _numpy_kernels.tch_widths(sig2.ravel(), gam.ravel())[:2]
+    else:
+        ftype, _, _ = _tables(precision)
+        kernel = _compiled().tch_widths
+        pairs = [kernel(ftype(s), ftype(g), ftype)[:2] for s, g in zip(sig2.flat, gam.flat)]
+        fwhm, eta = np.array(pairs, dtype=np.float64).reshape(-1, 2).T
+    if sig2.ndim == 0:
+        return float(fwhm[0]), float(eta[0])
+    return fwhm.reshape(sig2.shape), eta.reshape(sig2.shape)
 
 
 def tch_pseudo_voigt(delta_cdeg: ArrayLike, sig2_cdeg2: float, gam_cdeg: float, *,
@@ -415,7 +164,8 @@ def tch_pseudo_voigt(delta_cdeg: ArrayLike, sig2_cdeg2: float, gam_cdeg: float, 
     """
     d = np.asarray(delta_cdeg, dtype=np.float64)
     ftype, _, _ = _tables(precision)
-    out = _pv_array(d.ravel(), float(sig2_cdeg2), float(gam_cdeg), bool(derivatives), ftype)
+    out = _compiled().pv_array(d.ravel(), float(sig2_cdeg2), float(gam_cdeg), bool(derivatives),
+                               ftype)
     vals = tuple(row.reshape(d.shape) for row in out)
     return vals if derivatives else vals[0]
 
@@ -426,7 +176,7 @@ def _fcj_eval(x_deg: ArrayLike, tth_peak_deg: float, sig2: float, gam: float, sh
     flat = x.ravel()
     ftype, xp, wp = _tables(precision)
     out = np.zeros((5, flat.size), dtype=np.float64)
-    _fcj_core(flat, 0, flat.size, float(tth_peak_deg), float(sig2), float(gam),
+    _compiled().fcj_core(flat, 0, flat.size, float(tth_peak_deg), float(sig2), float(gam),
               max(float(shl), SHL_MIN), xp, wp, deriv, 1.0, 1.0, out, 0, ftype)
     return out, x
 
@@ -789,7 +539,8 @@ class PeakSum:
                 raise ValueError(f"{name} was not computed; call pattern(..., derivatives=True)")
             pieces.append(piece)
         coef = np.ascontiguousarray(np.stack([coefs[n] for n in names]), dtype=np.float64)
-        _project_kernel(self.lo, self.offsets, np.stack(pieces), coef, out)
+        kernels = _numpy_kernels if _numpy_tier_open() else _compiled()
+        kernels.project(self.lo, self.offsets, np.stack(pieces), coef, out)
         return out.T
 
     def dense(self, name: str) -> NDArray[np.float64]:
@@ -878,11 +629,27 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
     sub_off = parent_off + (ilo - lo_all)
     ftype, xp, wp = _tables(precision)
     buf = np.zeros((5 if derivatives else 1, offsets[-1]), dtype=np.float64)
-    _PEAKS_KERNELS[ftype](x, pos, s2a, gma, shl_eff, xp, wp, ilo.astype(np.int64, copy=False),
-                          ihi.astype(np.int64, copy=False), sub_off.astype(np.int64, copy=False),
-                          ratio, pos_fac, bool(derivatives), buf)
+    args = (x, pos, s2a, gma, shl_eff, xp, wp, ilo.astype(np.int64, copy=False),
+            ihi.astype(np.int64, copy=False), sub_off.astype(np.int64, copy=False), ratio,
+            pos_fac, bool(derivatives), buf)
+    if precision == "float64" and _numpy_tier_open():
+        with np.errstate(all="ignore"):     # numba's kernels make nan/inf silently too
+            used = _numpy_kernels.peaks_f64(
+                *args, max_work=min(_numpy_tier["left"], NUMPY_TIER_MAX_CALL))
+        # a call too large for the numpy kernels: loading numba costs less than staying
+        _numpy_tier["left"] = _numpy_tier["left"] - used if used >= 0 else 0
+        if used >= 0:
+            y = _numpy_kernels.accumulate(lo, offsets, inten, buf[0], x.size)
+            return _peak_sum(y, lo, hi, offsets, inten, buf, shl, derivatives)
+    kernels = _compiled()
+    (kernels.peaks_f64 if ftype is np.float64 else kernels.peaks_f32)(*args)
     y = np.zeros(x.size)
-    _accumulate_kernel(lo, offsets, inten, buf[0], y)
+    kernels.accumulate(lo, offsets, inten, buf[0], y)
+    return _peak_sum(y, lo, hi, offsets, inten, buf, shl, derivatives)
+
+
+def _peak_sum(y, lo, hi, offsets, inten, buf, shl, derivatives) -> PeakSum:
+    """The :class:`PeakSum` of :func:`pattern` from the kernels' per-peak pieces ``buf``."""
     if not derivatives:
         return PeakSum(y=y, lo=lo, hi=hi, offsets=offsets, d_intensity=buf[0], d_pos=None,
                        d_sig2=None, d_gam=None, d_shl=None)
@@ -890,27 +657,3 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
     return PeakSum(y=y, lo=lo, hi=hi, offsets=offsets, d_intensity=buf[0], d_pos=scaled[0],
                    d_sig2=scaled[1], d_gam=scaled[2],
                    d_shl=scaled[3] if shl >= SHL_MIN else np.zeros(offsets[-1]))
-
-
-@numba.njit(cache=True)
-def _accumulate_kernel(lo, offsets, intensity, values, y):
-    """y[lo[p] + j] += intensity[p]·values[offsets[p] + j] over every peak's entries."""
-    for p in range(lo.size):
-        base = lo[p] - offsets[p]
-        for e in range(offsets[p], offsets[p + 1]):
-            y[base + e] += intensity[p] * values[e]
-
-
-@numba.njit(cache=True)
-def _project_kernel(lo, offsets, pieces, coef, out):
-    """out[c, lo[p] + j] += Σ_r pieces[r, offsets[p] + j]·coef[r, p, c] (see PeakSum.project);
-    parameter columns with an all-zero coefficient row for a peak are skipped."""
-    n_rows, _, k = coef.shape
-    for p in range(lo.size):
-        base = lo[p] - offsets[p]
-        for r in range(n_rows):
-            for c in range(k):
-                cf = coef[r, p, c]
-                if cf != 0.0:
-                    for e in range(offsets[p], offsets[p + 1]):
-                        out[c, base + e] += pieces[r, e] * cf

@@ -11,7 +11,8 @@ import pytest
 #: The pure numpy/numba/scipy modules: geometry, bin-map kernel, caking kernel, profile, engine
 #: core, strain (and what they stand on).
 KERNELS = ("midasflow.geometry", "midasflow.binmap", "midasflow.caking_kernel", "midasflow.profile",
-           "midasflow.refinement.engine", "midasflow.strain", "midasflow.crystal", "midasflow.instrument",
+           "midasflow.profile_compiled", "midasflow.refinement.engine", "midasflow.strain",
+           "midasflow.crystal", "midasflow.instrument",
            "midasflow.params")
 HEAVY = ("dask", "distributed", "xarray")
 

@@ -509,8 +509,7 @@ def _instrument_fwhm(model: Any, values: Mapping[str, float], tth: np.ndarray) -
     v = values
     sg = peak_sig2_gam(tth, v["U"], v["V"], v["W"], v["X"], v["Y"], v["Z"],
                        size_um=v["0:0:Size;i"], mustrain=v["0:0:Mustrain;i"], lam_a=model.lam)
-    return np.array([tch_fwhm_eta(a, b, precision=model.precision)[0]
-                     for a, b in zip(sg.sig2, sg.gam)]) / 100.0
+    return np.asarray(tch_fwhm_eta(sg.sig2, sg.gam, precision=model.precision)[0]) / 100.0
 
 
 def _zero_check(peaks: list[dict[str, float]], fwhm: np.ndarray) -> str:
