@@ -17,7 +17,10 @@ Paths timed, each printed with its ratio to pyFAI's median from the same rounds:
 whole passes, the kernel one frame per call (calibrant images, single exposures), ``cake()``
 through Dask on pass-sized chunks, and the README's composition ``open_frames -> cake`` on an
 HDF5 file of the same frames as uint16 counts with a dark, with open_frames' default chunks
-(read raw and dark-subtracted inside the kernel). Cold start: a fresh process to its first caked frame
+(read raw and dark-subtracted inside the kernel). The composition's two parts are timed apart
+too: the kernel on the file's raw uint16 frames with the dark (what it cakes), and reading the
+file alone, one read per map pass as the composition reads it (its floor on this input); the
+composition is printed as a fraction of each and of what the two allow together on the cores. Cold start: a fresh process to its first caked frame
 with no cached bin map, with an empty and with a filled numba cache, beside a fresh process's
 first pyFAI integrate2d_ng of the same frame (import, geometry, its CSR engine built on that
 call); wall and CPU (user + system of the process and its threads) times.
@@ -150,8 +153,8 @@ def bench_throughput(args, frames: np.ndarray) -> None:
 
     from midasflow.binmap import load_or_build_binmap
     from midasflow.caking import cake
-    from midasflow.caking_kernel import cake_block, frames_per_pass
-    from midasflow.io.frames import open_frames
+    from midasflow.caking_kernel import RawCorrection, cake_block, frames_per_pass, raw_buffer
+    from midasflow.io.frames import open_frames, raw_frames_of
     from midasflow.params import read_params
     from midasflow.simulate import write_scan
 
@@ -164,7 +167,8 @@ def bench_throughput(args, frames: np.ndarray) -> None:
     n = frames.shape[0]
     # raw uint16 counts with a 4-frame dark in the file (exchange/dark), as a beamline writes
     dark = np.random.default_rng(1).integers(0, 8, size=(4,) + frames.shape[1:]).astype(np.uint16)
-    scan = write_scan(os.path.join(tmp, "scan"), params, np.round(frames).astype(np.uint16), dark)
+    raw = np.round(frames).astype(np.uint16)
+    scan = write_scan(os.path.join(tmp, "scan"), params, raw, dark)
     file_params = read_params(scan.params_file)
     print(f"frames: {frames.shape} float32; numba threads {numba.get_num_threads()}; "
           f"{step} frames per map pass; {os.cpu_count()} CPUs; load average "
@@ -181,12 +185,28 @@ def bench_throughput(args, frames: np.ndarray) -> None:
         for i in range(n):
             cake_block(frames[i], binmap)
 
+    # what open_frames -> cake does per map pass, apart: the file's raw frames read as the
+    # composition reads them (its floor on this input), and the kernel on them (dark subtracted
+    # and flags turned into NaN inside the kernel, as the composition cakes them)
+    reader = raw_frames_of(open_frames(scan.data, file_params).data).reader
+    correction = RawCorrection(dark.astype(np.float64).mean(axis=0).astype(np.float32))
+
+    def read_only():
+        for lo in range(0, n, step):
+            reader.read_raw(lo, min(lo + step, n), raw_buffer)
+
+    def raw_kernel():
+        for lo in range(0, n, step):
+            cake_block(raw[lo:lo + step], binmap, correction=correction)
+
     n_fai = min(n, 8)
     # wrapped once: dask hashes a numpy array's bytes when it is wrapped, which is not caking
     chunked = xr.DataArray(frames, dims=("frame", "z", "y")).chunk({"frame": step})
     runs = {
         "kernel: cake_block, whole passes": (lambda: cake_block(frames, binmap), n),
         "kernel: cake_block, one frame per call": (one_by_one, n),
+        "kernel: raw uint16 + dark (as open_frames -> cake), passes": (raw_kernel, n),
+        "read only: the HDF5 file's raw frames, one read per pass": (read_only, n),
         f"cake() on {step}-frame chunks (threaded scheduler)": (dask_run(lambda: chunked), n),
         "open_frames -> cake (HDF5 uint16 + dark, default chunks)":
             (dask_run(lambda: open_frames(scan.data, file_params)), n),
@@ -211,6 +231,14 @@ def bench_throughput(args, frames: np.ndarray) -> None:
     for name in names:
         print(f"  {name:58s} {fps[name]:7.1f} [{max(times[name]):7.1f}]  "
               f"{fps[name] / fai:5.2f}x pyFAI")
+    composition = fps["open_frames -> cake (HDF5 uint16 + dark, default chunks)"]
+    raw_fps, read_fps = fps[names[2]], fps[names[3]]
+    # on 2 cores the reads and the kernel overlap: one CPU-second of each per frame
+    bound = 1.0 / (1.0 / raw_fps + 1.0 / (read_fps * args.threads))
+    print(f"open_frames -> cake: {composition / fps[names[0]]:.2f} of the float32 kernel, "
+          f"{composition / raw_fps:.2f} of the kernel on the file's raw frames, "
+          f"{composition / bound:.2f} of what that kernel and the reads allow together on "
+          f"{args.threads} cores ({bound:.1f} frames/s = 1 / (1/kernel + 1/({args.threads} x read)))")
     print(f"load average {os.getloadavg()[0]:.1f} at the end (2 cores shared: wall rates are "
           "noisy, the ratios less so)")
 

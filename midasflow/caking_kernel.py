@@ -98,10 +98,9 @@ def _raw_value(v, dark, flag, flag_value, lower):  # pragma: no cover - compiled
     (``max(threshold, 0)``: values below the threshold and negative ones; -inf without a
     threshold), NaN where flagged (``flag`` 1: negative; 2: equal to ``flag_value``); NaN
     stays NaN. float32 arithmetic throughout, as numpy does it on float32 frames."""
-    flagged = (flag == 1 and v < 0) or (flag == 2 and v == flag_value)
+    flagged = ((flag == 1) & (v < 0)) | ((flag == 2) & (v == flag_value))  # no branches
     x = np.float32(v) - dark
-    if x < lower:
-        x = np.float32(0.0)
+    x = np.float32(0.0) if x < lower else x
     return np.float32(np.nan) if flagged else x
 
 
@@ -133,14 +132,15 @@ def _gather_pixel_major(t0, t1, frames2d, slot, out, nan_bits, raw, dark, flag, 
             m = _BLOCK if b0 + _BLOCK < n_pix else n_pix - b0
             for f in range(n):
                 if raw:
+                    row, tile = frames2d[f, b0:b0 + m], block[f, :m]
                     if dark.size:
+                        d = dark[b0:b0 + m]
                         for i in range(m):
-                            block[f, i] = _raw_value(frames2d[f, b0 + i], dark[b0 + i], flag,
-                                                     flag_value, lower)
+                            tile[i] = _raw_value(row[i], d[i], flag, flag_value, lower)
                     else:
                         for i in range(m):
-                            block[f, i] = _raw_value(frames2d[f, b0 + i], np.float32(0.0),
-                                                     flag, flag_value, lower)
+                            tile[i] = _raw_value(row[i], np.float32(0.0), flag, flag_value,
+                                                 lower)
                 else:
                     for i in range(m):
                         block[f, i] = frames2d[f, b0 + i]
