@@ -379,6 +379,8 @@ class _SectorMap(NamedTuple):
 _CSR_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KERNEL_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SECTOR_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Maps that had a call of fewer than _MIN_BUFFER_FRAMES frames (:func:`_sectors_due`).
+_ONE_FRAME_CALLED: weakref.WeakSet = weakref.WeakSet()
 _KERNEL_MAPS_LOCK = threading.Lock()
 _HELPER_POOL: list[concurrent.futures.ThreadPoolExecutor | None] = [None]
 _BUFFERS = threading.local()
@@ -686,6 +688,39 @@ def _area_rows(AT, S, lo, bin_area):
     return AT[0], AT[1]
 
 
+def _sectors_due(binmap: BinMap) -> bool:
+    """Whether the one-frame passes of this call go through the sector layout
+    (:func:`_sector_map`): from the map's second call of fewer than ``_MIN_BUFFER_FRAMES``
+    frames on. The first such call (a new process's first frame, a single calibrant image) goes
+    through the CSR map (:func:`_csr_frame`), which needs no layout built."""
+    with _KERNEL_MAPS_LOCK:
+        if binmap in _SECTOR_MAPS or binmap in _ONE_FRAME_CALLED:
+            return True
+        _ONE_FRAME_CALLED.add(binmap)
+    return False
+
+
+def _csr_frame(cm: _CsrMap, frame: np.ndarray, S: np.ndarray, AT: list, i: int) -> None:
+    """One frame's sums into row ``i`` of ``S`` (and of ``AT = [A, T]`` once a frame meets a
+    NaN) straight through the CSR map: :func:`_bin_sums` and :func:`_valid_areas` with the
+    frame (NaN written as 0) as a one-frame pixel-major buffer whose rows are the raw pixels.
+    The sums of :func:`_sector_frame` (and of a whole pass) bit for bit: every bin adds its
+    entries in increasing pixel order with the same fused multiply-adds."""
+    nan = np.isnan(frame)
+    has_nan = bool(nan.any())
+    values = np.where(nan, frame.dtype.type(0.0), frame) if has_nan else frame
+    n_chunks = cm.chunks.size - 1
+    _threaded(_bin_sums, n_chunks, 1, cm.indptr, cm.indices, cm.weights, values.reshape(-1, 1),
+              cm.chunks, S[i:i + 1])
+    if has_nan:
+        A, T = _area_rows(AT, S, i, cm.bin_area)
+        _threaded(_valid_areas, n_chunks, 1, cm.indptr, cm.indices, cm.areas,
+                  nan.astype(np.uint32), cm.bin_area, cm.chunks, A[i:i + 1], T[i:i + 1])
+    elif AT[0] is not None:
+        AT[0][i] = cm.bin_area
+        AT[1][i] = 0.0
+
+
 def _one_pass(blocks, lo, hi, binmap, S, AT, correction=None):
     """Sums of frames ``lo:hi`` of the concatenated ``blocks`` into rows ``lo:hi`` of ``S`` and,
     once a pass meets a NaN, of ``AT = [A, T]`` (allocated then, earlier rows NaN-free);
@@ -693,7 +728,7 @@ def _one_pass(blocks, lo, hi, binmap, S, AT, correction=None):
     pieces = list(_segments(blocks, lo, hi))
     if hi - lo < _MIN_BUFFER_FRAMES:  # frame by frame, straight from the frames
         km = _csr_map(binmap)
-        sm = _sector_map(binmap)
+        sm = _sector_map(binmap) if _sectors_due(binmap) else None
         touched = _pass_buffer(1, S.shape[1], np.bool_)[0]
         for piece, col in pieces:
             if correction is not None:
@@ -701,7 +736,9 @@ def _one_pass(blocks, lo, hi, binmap, S, AT, correction=None):
                 _raw_to_float32(piece, *_raw_args(piece.dtype, correction), values)
                 piece = values
             for i, frame in enumerate(piece, start=lo + col):
-                if _sector_frame(sm, int(binmap.n_eta), frame, S[i], touched):
+                if sm is None:
+                    _csr_frame(km, frame, S, AT, i)
+                elif _sector_frame(sm, int(binmap.n_eta), frame, S[i], touched):
                     A, T = _area_rows(AT, S, i, km.bin_area)
                     _threaded(_touched_areas, km.chunks.size - 1, 1, km.indptr, km.indices,
                               km.areas, km.bin_area, frame, touched, km.chunks, A[i], T[i])
@@ -780,13 +817,15 @@ def cake_block(
     then read that buffer almost sequentially and every entry updates all frames of the pass
     with one vector operation; threads share the bins in ranges of equal entry counts. The
     buffer (up to 512 MiB) is kept per calling thread and reused. A pass of fewer than
-    ``_MIN_BUFFER_FRAMES`` frames (a single frame, say) skips the buffer: the threads share the
-    bins and each bin reads its entries' pixels straight from the frame, one frame after the
-    other. NaN values count as 0 and are flagged; only the bins a NaN touches have the
-    unmasked areas of their entries summed again (other bins keep the precomputed
-    ``binmap.bin_area``). Both ways add a bin's entries in increasing pixel order in
-    float64 (fused multiply-adds), so every frame's result is bit-identical whichever frames
-    share its pass and however the frames are split into blocks.
+    ``_MIN_BUFFER_FRAMES`` frames (a single frame, say) skips the buffer and goes through the
+    map frame by frame, straight from the frames, the threads sharing sectors of the (R, eta)
+    grid; the map's first such call (a new process's first frame, one calibrant image) goes
+    through the CSR map instead, bin by bin, so no sector layout is built for it. NaN values
+    count as 0 and are flagged; only the bins a NaN touches have the unmasked areas of their
+    entries summed again (other bins keep the precomputed ``binmap.bin_area``). Every way adds
+    a bin's entries in increasing pixel order in float64 (fused multiply-adds), so every
+    frame's result is bit-identical whichever frames share its pass and however the frames
+    are split into blocks.
 
     Calls running at the same time (Dask threads) share the threads: each pass uses
     ``max_threads // (calls running)`` of them.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from cake_helpers import noisy_frames
 
-from midasflow.caking_kernel import cake_block, cake_block_reference
+from midasflow.caking_kernel import RawCorrection, cake_block, cake_block_reference
 from midasflow.errors import ParameterError
 
 
@@ -207,6 +207,37 @@ def test_one_frame_sectors_give_the_whole_pass_result(eta_bin_deg):
     np.testing.assert_array_equal(singles, whole)
     np.testing.assert_allclose(singles, cake_block_reference(frames, bm, mask_rule="midas"),
                                rtol=1e-10, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("mask_rule", ["area", "midas"])
+def test_first_one_frame_call_goes_through_the_csr_map_with_the_same_result(mask_rule):
+    """A map's first call of fewer than _MIN_BUFFER_FRAMES frames (a new process's first frame)
+    reads the frames through the CSR map, building no sector layout; later calls use the
+    sectors. Both give the whole pass's cakes bit for bit, NaN-free and NaN frames alike."""
+    from cake_helpers import small_params
+
+    from midasflow.binmap import build_binmap
+    from midasflow.caking_kernel import _MIN_BUFFER_FRAMES, _SECTOR_MAPS
+
+    params = small_params()
+    bm = build_binmap(params)
+    frames = noisy_frames(params, n=6)
+    has_nan = np.isnan(frames).any(axis=(1, 2))
+    picked = np.concatenate([frames[has_nan][:1], frames[~has_nan][:1]])
+    assert len(picked) == 2 < _MIN_BUFFER_FRAMES
+    whole = cake_block(frames, bm, mask_rule=mask_rule)
+    expected = np.concatenate([whole[has_nan][:1], whole[~has_nan][:1]])
+    first = cake_block(picked, bm, mask_rule=mask_rule)
+    assert bm not in _SECTOR_MAPS
+    np.testing.assert_array_equal(first, expected)
+    later = cake_block(picked, bm, mask_rule=mask_rule)
+    assert bm in _SECTOR_MAPS
+    np.testing.assert_array_equal(later, expected)
+    raw = picked[1].astype(np.float32)  # raw frames take the one-frame CSR path too
+    raw_first = cake_block(raw, build_binmap(params), mask_rule=mask_rule,
+                           correction=RawCorrection(np.ones(raw.shape, np.float32)))
+    np.testing.assert_array_equal(raw_first, cake_block(raw - np.float32(1), bm,
+                                                        mask_rule=mask_rule))
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32, np.float32, np.float64])
