@@ -107,7 +107,10 @@ def tch_widths(sig: NDArray[np.float64], gam: NDArray[np.float64]) -> tuple[NDAr
 
 
 def _row_sums(a: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Sums along axis 1 added left to right (np.sum adds pairwise, the scalar loops do not)."""
+    """Sums along axis 1 added left to right from 0.0 (np.sum adds pairwise, the scalar loops do
+    not); one column: 0.0 + a, which turns −0.0 into 0.0 as the loop's first addition does."""
+    if a.shape[1] == 1:
+        return a[:, 0] + 0.0
     return np.cumsum(a, axis=1)[:, -1]
 
 
