@@ -471,21 +471,28 @@ def test_frames_in_flight_are_bounded(small_scan, client, tmp_path, monkeypatch,
     flow.finish(end_of_stream=True)
 
 
-def _small_flow(small_scan, client, tmp_path, name, **limits):
-    """A StreamDataflow of the small scan's parameters (cake only), and a TIFF of its first frame."""
-    import tifffile
-
+def _small_caking(small_scan):
+    """The small scan's parameters, bin map and the stream's caking settings."""
     from midasflow.binmap import load_or_build_binmap
     from midasflow.params import read_params
     from midasflow.stream import tasks
-    from midasflow.stream.dataflow import StreamDataflow, StreamLimits
-    from midasflow.stream.spool import Spool
 
     params = read_params(small_scan["files"].params_file)
     binmap = load_or_build_binmap(params, None)
     caking = tasks.Caking(params=params, data_loc="exchange/data", normalize=bool(params.normalize),
                           min_area_fraction=float(params.min_area_fraction), mask_rule=str(params.mask_rule),
                           pre_proc_thresh=None)
+    return params, binmap, caking
+
+
+def _small_flow(small_scan, client, tmp_path, name, **limits):
+    """A StreamDataflow of the small scan's parameters (cake only), and a TIFF of its first frame."""
+    import tifffile
+
+    from midasflow.stream.dataflow import StreamDataflow, StreamLimits
+    from midasflow.stream.spool import Spool
+
+    params, binmap, caking = _small_caking(small_scan)
     spool = Spool(tmp_path / name)
     spool.create()
     path = tmp_path / "frame.tif"
@@ -493,6 +500,42 @@ def _small_flow(small_scan, client, tmp_path, name, **limits):
     flow = StreamDataflow(client, params, binmap, caking, None, spool, StreamLimits(**limits),
                           keep_frames=False, caking_digest="test")
     return flow, path
+
+
+def test_pv_frames_of_one_task_are_read_as_one_block_and_caked_as_each_alone(small_scan):
+    """A caking task's PV frames are decoded into one block in frame order (the thread's
+    reused frame buffer), and their cakes are bit for bit those of each frame caked alone; parts
+    of two dtypes come as float32 with the flags NaN."""
+    import bitshuffle
+
+    from midasflow.io.frames import _to_float32
+    from midasflow.stream.pva import PvaFrame
+    from midasflow.stream.tasks import FrameItem, FramePart, cake_item, read_item
+
+    _, binmap, caking = _small_caking(small_scan)
+    frames = small_scan["frames"]
+    code = {np.dtype(np.uint16): 6, np.dtype(np.int32): 3}[frames.dtype]
+
+    def item(frames_, first=0):
+        parts = tuple(FramePart(pva=PvaFrame(value=np.frombuffer(bitshuffle.compress_lz4(f, 0).tobytes(), np.uint8),
+                                             shape=f.shape, codec="bslz4", parameters=code,
+                                             uncompressed_size=f.nbytes, channel="test")) for f in frames_)
+        return FrameItem(positions=tuple(range(first, first + len(parts))), parts=parts)
+
+    [block] = read_item(item(frames[:4]), caking)
+    assert block.dtype == frames.dtype and np.array_equal(block, frames[:4])
+    [again] = read_item(item(frames[2:6], 2), caking)
+    assert np.shares_memory(block, again) and np.array_equal(again, frames[2:6])
+    cakes = cake_item(item(frames), binmap, caking, None)
+    alone = np.concatenate([cake_item(item(frames[i:i + 1], i), binmap, caking, None) for i in range(len(frames))])
+    assert np.array_equal(cakes, alone, equal_nan=True)
+    other = frames[:1].astype(np.int32 if code == 6 else np.uint16)
+    plain = FramePart(pva=PvaFrame(value=other[0].ravel(), shape=other.shape[1:], codec="", parameters=None,
+                                   uncompressed_size=None, channel="test"))
+    mixed = FrameItem(positions=(0, 1), parts=(*item(frames[:1]).parts, plain))
+    [both] = read_item(mixed, caking)
+    assert both.dtype == np.float32
+    np.testing.assert_array_equal(both, np.concatenate([_to_float32(frames[:1]), _to_float32(other)]))
 
 
 def test_cakes_stay_on_the_workers_and_a_failed_task_still_stops_the_stream(small_scan, client, tmp_path,
