@@ -530,3 +530,34 @@ def test_a_scan_truncated_after_opening_is_named_in_one_line_by_both_reads(tmp_p
             read()
         message = str(info.value)
         assert "\n" not in message and str(path) in message and "frames 0..3" in message, message
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize(("n_dark", "per_chunk"), [(1, 4), (3, 4), (10, 4), (20, 1)])
+def test_dark_mean_is_dasks_mean_of_the_float32_frames(tmp_path, dtype, n_dark, per_chunk):
+    """dark_mean reads the dark in one task without a float64 copy of the frames, and gives
+    bit for bit dask's float64 mean of open_frames' float32 dark frames (flags NaN) over the
+    same chunks, more chunks than a reduction combines at once included."""
+    import h5py
+
+    from midasflow.io.frames import ScanReader, _lazy, dark_mean
+
+    rng = np.random.default_rng(3)
+    if np.dtype(dtype).kind == "f":
+        dark = rng.gamma(2.0, 3.3, size=(n_dark, NZ, NY)).astype(dtype)  # sums that round
+        dark[0, 1, 2] = np.nan
+    else:
+        dark = rng.integers(0, 9000, size=(n_dark, NZ, NY)).astype(dtype)
+        dark[0, 1, 2] = np.iinfo(dtype).max if np.dtype(dtype).kind == "u" else -1
+    path = tmp_path / "dark.h5"
+    with h5py.File(path, "w") as f:
+        f["exchange/data"] = dark[:1]
+        f["exchange/dark"] = dark
+    with raise_if_dask_computes():
+        got, label = dark_mean(str(path), _params(), None, "exchange/dark", per_chunk)
+    assert label == f"{path}::exchange/dark" and got.dtype == np.float32
+    reader = ScanReader((hdf5.open_hdf5(str(path), "exchange/dark"),), 0)
+    expected = _lazy(reader, per_chunk, "dark").astype(np.float64).mean(axis=0).astype(np.float32)
+    got, expected = got.compute(), expected.compute()
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got[1, 2]) and np.isfinite(np.delete(got.ravel(), 1 * NY + 2)).all()

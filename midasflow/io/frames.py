@@ -48,6 +48,7 @@ Choices (see docs/reference/midas_parameters.md §8):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import threading
@@ -474,15 +475,55 @@ def dark_mean(first_file: str, params: Params, dark_fn: str | None, dark_loc: st
     ``first_file`` (HDF5, zarr); returns ``(None, "")`` when there is none, else the array and
     a label naming the file (and dataset).
     """
+    import dask
+    import dask.array as da
+    from dask.base import tokenize
+
     dark = _dark_source(first_file, params, dark_fn, dark_loc)
     if dark is None:
         return None, ""
     skip = int(params.skip_frame)
     dark_reader = ScanReader((dark,), skip if dark.n_frames > skip else 0)
     per_chunk = _frames_per_chunk(dark_reader.shape, frames_per_chunk)
-    dark_frames = _lazy(dark_reader, per_chunk, "dark")
+    stamp = (dark.path, os.stat(dark.path).st_mtime_ns, os.stat(dark.path).st_size)
+    name = f"dark-mean-{tokenize(dark_reader, stamp, per_chunk)}"
+    task = dask.delayed(_mean_frames, pure=True)(dark_reader, per_chunk, dask_key_name=name)
     label = dark.path + (f"::{dark.loc}" if getattr(dark, "loc", "") else "")
-    return dark_frames.astype(np.float64).mean(axis=0).astype(np.float32), label
+    return da.from_delayed(task, shape=dark_reader.shape[1:], dtype=np.float32,
+                           meta=np.empty((0, 0), np.float32)), label
+
+
+#: Partial sums a dask reduction adds at once (its ``split_every`` default).
+_SPLIT_EVERY = 4
+
+
+def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:
+    """``parts[0] + parts[1] + ...`` added in order, in place of ``parts[0]``."""
+    total = parts[0]
+    for part in parts[1:]:
+        np.add(total, part, out=total)
+    return total
+
+
+def _mean_frames(reader: ScanReader, per_chunk: int) -> np.ndarray:
+    """The float32 mean of ``reader``'s frames (flags NaN), bit for bit what dask's
+    ``frames.astype(float64).mean(axis=0).astype(float32)`` gives over chunks of ``per_chunk``
+    frames: a float64 sum frame by frame within each chunk, the chunks' sums added in dask's
+    tree (groups of ``_SPLIT_EVERY`` consecutive sums, in order), divided by the count. Without
+    a float64 copy of the frames: one chunk of raw frames in memory, one frame converted at a
+    time."""
+    n = reader.shape[0]
+    sums = []
+    for lo in range(0, n, per_chunk):
+        raw = reader.read_raw(lo, min(lo + per_chunk, n))
+        total = _to_float32(raw[0]).astype(np.float64)
+        for frame in raw[1:]:
+            np.add(total, _to_float32(frame), out=total)
+        sums.append(total)
+    depth = max(1, math.ceil(math.log(len(sums), _SPLIT_EVERY))) if len(sums) > 1 else 1
+    for _ in range(depth - 1):
+        sums = [_sum_in_order(sums[i:i + _SPLIT_EVERY]) for i in range(0, len(sums), _SPLIT_EVERY)]
+    return (_sum_in_order(sums) / n).astype(np.float32)
 
 
 def _process_variables(sources: tuple[FrameSource, ...], params: Params,
