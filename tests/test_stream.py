@@ -359,9 +359,31 @@ def test_dark_inside_the_files_is_subtracted_as_batch_mode_does(small_scan, clie
     assert json.loads((tmp_path / "ref_b" / "stream_summary.json").read_text())["dark"] == str(other)
 
 
+async def _nothing() -> None:
+    """A coroutine run on the client's event loop after everything queued there before it."""
+
+
 def _stream_tasks_on_the_scheduler(client, token, prefix="stream-", held_only=False) -> int:
     """Tasks of a stream (its ``token``) the scheduler knows (``held_only``: those pending or
-    holding data)."""
+    holding data), once it has taken every submission and release the client made before."""
+    # releases pass through the client's event loop, then they and the submissions travel on
+    # its batched stream, which the scheduler can take later than run_on_scheduler's own
+    # connection on a loaded machine: wait until the keys it has the client wanting are the
+    # client's own
+    client.sync(_nothing)
+
+    def wanted(dask_scheduler, client_id=client.id):
+        state = dask_scheduler.clients.get(client_id)
+        return sorted(str(ts.key) for ts in state.wants_what) if state is not None else []
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with client._refcount_lock:
+            own = sorted(str(key) for key in client.refcount if str(key).endswith(token))
+        if [key for key in client.run_on_scheduler(wanted) if key.endswith(token)] == own:
+            break
+        time.sleep(0.02)
+
     def count(dask_scheduler, prefix=prefix, held_only=held_only):
         return sum(str(k).startswith(prefix) and str(k).endswith(token)
                    and not (held_only and ts.state in ("released", "forgotten"))
@@ -416,11 +438,6 @@ def test_frames_in_flight_are_bounded(small_scan, client, tmp_path, monkeypatch,
         flow.feed(Arrival(name=f"f{i}.tif", n_frames=1, path=str(path)))
         held.append(_stream_tasks_on_the_scheduler(client, flow.token, "stream-cake", held_only=True))
     if gate is not None:
-        # submissions reach the scheduler on their own stream, which a loaded machine delays
-        deadline = time.monotonic() + 20
-        while held[-1] <= 3 + 2 + 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-            held.append(_stream_tasks_on_the_scheduler(client, flow.token, "stream-cake", held_only=True))
         gate.set()
     flow.finish(end_of_stream=True)
     shape = (binmap.n_r, binmap.n_eta)
