@@ -130,7 +130,8 @@ def _block_failing_while_others_run(x, block_info=None):
     return x
 
 
-@pytest.mark.parametrize("where", ["threads", "client", "default client"])
+@pytest.mark.parametrize("where", ["threads", pytest.param("client", marks=pytest.mark.slow),
+                                   pytest.param("default client", marks=pytest.mark.slow)])
 def test_a_failed_caked_store_write_leaves_nothing_behind_its_running_tasks(tmp_path, where, request):
     """Blocks still being computed when another block's error stops the write: they finish
     before the temporary store is removed, so they cannot make its folders again, whether they

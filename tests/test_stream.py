@@ -960,6 +960,7 @@ def test_stream_refuses_an_unknown_export_kind_as_batch_mode_does(small_scan, tm
     assert not (tmp_path / "a" / "stream_summary.json").exists()
 
 
+@pytest.mark.slow
 def test_stream_store_goes_beside_the_refinement_folder_by_default(small_scan, tmp_path):
     """run_stream without result_folder puts the .zarr.zip beside ``out`` as pipeline.run does
     (it went to the working directory)."""
