@@ -485,7 +485,8 @@ def dark_mean(first_file: str, params: Params, dark_fn: str | None, dark_loc: st
     skip = int(params.skip_frame)
     dark_reader = ScanReader((dark,), skip if dark.n_frames > skip else 0)
     per_chunk = _frames_per_chunk(dark_reader.shape, frames_per_chunk)
-    stamp = (dark.path, os.stat(dark.path).st_mtime_ns, os.stat(dark.path).st_size)
+    status = os.stat(dark.path)
+    stamp = (dark.path, status.st_mtime_ns, status.st_size)
     name = f"dark-mean-{tokenize(dark_reader, stamp, per_chunk)}"
     task = dask.delayed(_mean_frames, pure=True)(dark_reader, per_chunk, dask_key_name=name)
     label = dark.path + (f"::{dark.loc}" if getattr(dark, "loc", "") else "")
