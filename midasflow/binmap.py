@@ -668,6 +668,41 @@ def _effective_tth_deg(area_map: sp.csr_matrix, bin_area: NDArray[np.float64], p
     return out
 
 
+def effective_tth_deg_without(binmap: BinMap, params: Params, excluded: NDArray[np.bool_]
+                              ) -> NDArray[np.float64]:
+    """The bins' effective 2θ (deg), shape (n_r, n_eta), in frames where the pixels ``excluded``
+    have no value (NaN: detector flags such as a Pilatus's −1 gaps) besides the map's mask.
+
+    A bin such a pixel overlaps samples only its other pixels, so its effective 2θ is
+    Σ area·(pixel mean 2θ) / Σ area over those. Bins no excluded pixel overlaps, and bins left
+    with no area (their value is NaN or 0), keep ``binmap.effective_tth_deg`` bit for bit.
+
+    Parameters
+    ----------
+    binmap : BinMap
+        The map of ``params`` (its static mask is already left out).
+    params : Params
+        The geometry the map was built from (for the pixels' mean 2θ).
+    excluded : ndarray of bool, shape (nz, ny)
+        RAW frame, True = no value.
+    """
+    excluded = np.asarray(excluded, dtype=bool)
+    if excluded.shape != tuple(binmap.detector_shape):
+        raise ValueError(f"excluded: expected shape {tuple(binmap.detector_shape)}, got {excluded.shape}")
+    hidden = excluded.ravel().astype(np.float64)
+    touched = (binmap.areas @ hidden) > 0
+    if not touched.any():
+        return binmap.effective_tth_deg
+    rows = binmap.areas[np.flatnonzero(touched)]
+    kept = 1.0 - hidden
+    area = rows @ kept
+    sums = rows @ (pixel_mean_tth_deg(params).ravel() * kept)
+    out = binmap.effective_tth_deg.ravel().copy()
+    changed = np.flatnonzero(touched)[area > 0]
+    out[changed] = sums[area > 0] / area[area > 0]
+    return out.reshape(binmap.n_r, binmap.n_eta)
+
+
 def _default_cache_dir() -> Path:
     env = os.environ.get("MIDASFLOW_CACHE")
     if env:

@@ -187,3 +187,36 @@ def test_refined_cell_is_unbiased_on_the_effective_axis(noise_free_ceo2, tmp_pat
     old = pipeline.refine(caked.drop_vars("effective_tth_deg"), [cif], out=tmp_path / "old",
                           export=False, report=False, refine_atoms=False, precision="float64")
     assert old.attrs["tth_axis"] == "bin_centre"
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_detector_flags_in_the_frames_move_the_axis_as_a_mask_does(tmp_path, dark):
+    """Pilatus gaps flagged −1 in the frames (or in the dark) and no mask file: the integrated
+    cake's effective 2θ is the one a mask of those pixels gives (the bins they cut sample their
+    other pixels), the values are the same, and bins no flag touches keep the map's value."""
+    from midasflow import pipeline
+    from midasflow.simulate import write_scan
+
+    params = ceo2_params(SHAPE, r_bin_px=1.0, eta_bin_deg=10.0)
+    mask = _mask()
+    rng = np.random.default_rng(7)
+    frames = rng.integers(50, 500, size=(2, *SHAPE)).astype(np.int32)
+    darks = rng.integers(0, 5, size=(2, *SHAPE)).astype(np.int32) if dark else None
+    (darks if dark else frames)[..., mask] = -1  # flagged in every frame, or in the dark only
+    flagged = write_scan(tmp_path / "flags", params, frames, darks)
+    masked = write_scan(tmp_path / "mask", params, np.where(frames < 0, 0, frames).astype(np.int32),
+                        None if darks is None else np.where(darks < 0, 0, darks).astype(np.int32), mask=mask)
+    cakes = []
+    for files in (flagged, masked):  # HDF5: the dark is the data file's exchange/dark
+        cakes.append(pipeline.integrate_dataset(files.data, files.params, cache_dir=tmp_path / "cache"))
+    by_flags, by_mask = cakes
+    static = load_or_build_binmap(params, None, tmp_path / "cache").effective_tth_deg
+    tth_flags, tth_mask = by_flags.effective_tth_deg.values, by_mask.effective_tth_deg.values
+    collected = np.isfinite(tth_mask)
+    np.testing.assert_allclose(tth_flags[collected], tth_mask[collected], rtol=0, atol=1e-9)
+    cut = collected & (np.abs(static - tth_mask) > 1e-3)  # bins the gaps move by more than 0.001°
+    assert cut.sum() >= 20
+    untouched = np.isclose(by_mask.bin_area.values, load_or_build_binmap(params, None, tmp_path / "cache").bin_area)
+    np.testing.assert_array_equal(tth_flags[untouched], static[untouched])
+    np.testing.assert_array_equal(np.isnan(by_flags.intensity.values), np.isnan(by_mask.intensity.values))
+    np.testing.assert_allclose(by_flags.intensity.values, by_mask.intensity.values, rtol=1e-6, equal_nan=True)
