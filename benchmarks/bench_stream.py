@@ -88,6 +88,39 @@ def _cpu_s(client) -> float:  # noqa: ANN001
     return time.process_time() + sum(client.run(time.process_time).values())
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds used so far by this process's threads, by kind: Python threads by their
+    name (numbers dropped, so a pool's threads add up), threads Python does not know (p4p's,
+    the codecs' and numba's own) as ``other``."""
+    import re
+    import threading
+
+    tick = os.sysconf("SC_CLK_TCK")
+    by_kind: dict[str, float] = {}
+    known = 0.0
+    for thread in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, TypeError):
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        kind = re.sub(r"-?\d+-?", "", thread.name) or thread.name
+        by_kind[kind] = by_kind.get(kind, 0.0) + cpu
+        known += cpu
+    by_kind["other"] = max(time.process_time() - known, 0.0)
+    return by_kind
+
+
+def _cpu_split(client) -> dict[str, float]:  # noqa: ANN001
+    """CPU seconds so far by process (``client``: this process, with the scheduler; ``worker``:
+    the workers added up) and thread kind."""
+    split = {f"client {k}": v for k, v in _thread_cpu().items()}
+    for per_worker in client.run(_thread_cpu).values():
+        for k, v in per_worker.items():
+            split[f"worker {k}"] = split.get(f"worker {k}", 0.0) + v
+    return split
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[5, 10, 20, 30])
@@ -149,7 +182,7 @@ def main() -> None:
         server.start()
         ready.wait(60)
         out = work / f"rate_{rate:g}"
-        cpu = _cpu_s(client)
+        cpu, split = _cpu_s(client), _cpu_split(client)
         try:
             run_stream(param_file, [] if args.no_refine else [cif], pva=True, pva_ip=address.value.decode(),
                        pva_channel="bench:Pva1:Image", out=out, result_folder=out, client=client,
@@ -164,6 +197,8 @@ def main() -> None:
         fps = summary["frames_per_s"] or float("nan")
         delay = summary["last_result_after_last_frame_s"]
         cpu_ms = 1e3 * (_cpu_s(client) - cpu) / max(src["received_frames"], 1)
+        split = {k: 1e3 * (v - split.get(k, 0.0)) / max(src["received_frames"], 1)
+                 for k, v in _cpu_split(client).items()}
         recipes = ""
         if (out / "results.zarr").is_dir():
             from midasflow.results import open_results
@@ -174,6 +209,8 @@ def main() -> None:
               f"{fps / batch_fps:14.2f}  {delay if delay is not None else float('nan'):30.2f}  "
               f"{cpu_ms:16.0f}  {batch_cpu_ms / cpu_ms:18.2f}  {1e3 * args.workers / cpu_ms:13.1f}  "
               f"{os.getloadavg()[0]:8.1f}{recipes}", flush=True)
+        print("#   CPU ms per frame by process and thread: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1]) if v >= 0.5), flush=True)
     client.close()
     cluster.close()
 

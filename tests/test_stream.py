@@ -586,6 +586,51 @@ def test_cakes_stay_on_the_workers_and_a_failed_task_still_stops_the_stream(smal
         flow.finish(end_of_stream=True)
 
 
+@pytest.mark.slow
+def test_each_worker_loads_the_bin_map_once_and_keeps_it_until_the_stream_ends(small_scan, tmp_path):
+    """The caking tasks name the bin map by its cache file: no task depends on a map key (whose
+    extra copies distributed's active memory manager would drop, so every few tasks a worker
+    would receive the whole map again and rebuild the kernel's layout of it); each worker of a
+    two-process cluster loads it once, keeps the same copy through the memory manager's cycles,
+    and forgets it when the stream is released."""
+    from midasflow.cluster import close_client, get_client
+
+    client, _ = get_client(n_workers=2, dashboard=False)
+    try:
+        _bin_map_kept_by_each_worker(small_scan, client, tmp_path)
+    finally:
+        close_client(client)
+
+
+def _bin_map_kept_by_each_worker(small_scan, client, tmp_path):
+    from midasflow.stream import tasks
+    from midasflow.stream.sources import Arrival
+
+    flow, path = _small_flow(small_scan, client, tmp_path, "kept", frames_per_task=1, max_wait_s=0.0)
+    assert isinstance(flow.binmap, tasks.BinMapRef)
+    digest = flow.binmap.digest
+
+    def kept():
+        from midasflow.stream import tasks
+
+        bm = tasks._STREAM_MAPS.get(digest)
+        return None if bm is None else id(bm)
+
+    flow.warm_up()
+    before = client.run(kept)
+    assert len(before) == 2 and None not in before.values()
+    for i in range(4):
+        flow.feed(Arrival(name=f"f{i}.tif", n_frames=1, path=str(path)))
+        deps = client.run_on_scheduler(lambda dask_scheduler: [str(d.key) for t in dask_scheduler.tasks.values()
+                                                               for d in t.dependencies])
+        assert not [k for k in deps if k.startswith("binmap")], deps
+        client.amm.run_once()
+    flow.finish(end_of_stream=True)
+    assert client.run(kept) == before
+    flow.release()
+    assert set(client.run(kept).values()) == {None}
+
+
 # ---------------------------------------------------------------------------------------------
 # the command, end to end
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from midasflow.errors import MidasflowError
 from midasflow.stream.sources import Arrival
 from midasflow.stream.spool import Spool, save_array
 from midasflow.stream.tasks import (
+    BinMapRef,
     Caking,
     FrameItem,
     FramePart,
@@ -47,6 +48,7 @@ from midasflow.stream.tasks import (
     load_spooled,
     refine_group_seed,
     refine_part,
+    release_binmap,
     save_carry,
     take_group,
     warm_caking,
@@ -193,11 +195,8 @@ class StreamDataflow:
             raise MidasflowError("OmegaSumFrames: expected a non-zero frame count (-1 = all frames)")
         self.token = uuid.uuid4().hex[:8]
         self.state = state or StreamState()
-        if binmap.cache_file is not None and binmap.digest is not None:
-            from midasflow.binmap import cached_binmap
-
-            self.binmap = client.submit(cached_binmap, binmap.cache_file, binmap.key, binmap.digest,
-                                        key=f"binmap-{binmap.digest}", pure=True)
+        if binmap.cache_file is not None and binmap.digest is not None:  # each worker loads and keeps it
+            self.binmap = BinMapRef(binmap.cache_file, binmap.key, binmap.digest)
         else:
             [self.binmap] = client.scatter([binmap], broadcast=True, hash=False)
         self.dark = None if dark is None else client.scatter([dark], broadcast=True, hash=False)[0]
@@ -454,6 +453,15 @@ class StreamDataflow:
             record.units_left += 1
 
     # -- the end --------------------------------------------------------------------------
+    def release(self) -> None:
+        """Let the workers drop what the stream had them keep (the bin map they loaded); the
+        stream's futures go with this object."""
+        if isinstance(self.binmap, BinMapRef):
+            try:
+                self.client.run(release_binmap, self.binmap.digest)
+            except Exception as exc:  # a lost worker's copy went with it  # noqa: BLE001
+                log.debug("stream: releasing the bin map on the workers: %s", exc)
+
     def finish(self, *, end_of_stream: bool) -> None:
         """Wait for everything in flight. ``end_of_stream``: the open group is closed (a short
         last group, as MIDAS); otherwise (the stream was interrupted) its partial sum is kept in

@@ -306,6 +306,7 @@ def run_stream(
         print(description, file=sys.stderr)
     stop = threading.Event()
     spool = Spool(out)
+    flow = None
     try:
         with output_lock(out, flag="--out", holder="midasflow run --backend stream"):
             for path in (out, out / CHECKPOINT_SUBDIR):
@@ -385,6 +386,8 @@ def run_stream(
             signum = received["signal"]
     finally:
         stop.set()
+        if flow is not None:
+            flow.release()
         if owns_client:
             from midasflow.cluster import close_client
 

@@ -59,6 +59,44 @@ class Caking:
     pre_proc_thresh: float | None
 
 
+@dataclass(frozen=True)
+class BinMapRef:
+    """The stream's bin map by its cache file, for the caking tasks: each worker loads it once
+    (checked as on every load, :func:`midasflow.binmap.cached_binmap`) and keeps it until the
+    stream releases it (:func:`release_binmap`).
+
+    Not a Dask dependency on purpose: distributed's active memory manager drops every copy of a
+    key beyond one that no queued task waits for (every 2 s), so with the map as a future each
+    worker would receive it again (240 MB for 20 M entries) and rebuild the kernel's layout of it
+    every few tasks: ~55 ms of CPU per 2048² frame in the stream benchmark (docs/stream.md)."""
+
+    cache_file: str
+    key: str
+    digest: str
+
+
+#: The maps of the streams running on this worker, by digest (:class:`BinMapRef`).
+_STREAM_MAPS: dict[str, Any] = {}
+
+
+def stream_binmap(binmap: Any) -> Any:
+    """The bin map a caking task was given: a :class:`BinMapRef` resolved to this worker's
+    copy (loaded on first use), or the map itself."""
+    if not isinstance(binmap, BinMapRef):
+        return binmap
+    bm = _STREAM_MAPS.get(binmap.digest)
+    if bm is None:
+        from midasflow.binmap import cached_binmap
+
+        bm = _STREAM_MAPS[binmap.digest] = cached_binmap(binmap.cache_file, binmap.key, binmap.digest)
+    return bm
+
+
+def release_binmap(digest: str) -> bool:
+    """Forget this worker's copy of a stream's bin map (the stream ended); True if it had one."""
+    return _STREAM_MAPS.pop(digest, None) is not None
+
+
 def read_part(part: FramePart, caking: Caking) -> np.ndarray:
     """A part's frames (k, nz, ny) as stored (a PV frame decoded), in their own dtype."""
     if part.pva is not None:
@@ -95,7 +133,7 @@ def cake_item(item: FrameItem, binmap: Any, caking: Caking, dark: np.ndarray | N
     inside the task)."""
     if parts is not None:
         item = dataclasses.replace(item, parts=parts)
-    cakes = _cake_chunk(read_item(item, caking), binmap, caking.normalize, caking.min_area_fraction,
+    cakes = _cake_chunk(read_item(item, caking), stream_binmap(binmap), caking.normalize, caking.min_area_fraction,
                         caking.mask_rule, RawCorrection(dark, caking.pre_proc_thresh))
     for path, cake in zip(item.frame_paths, cakes):
         save_array(path, cake)
@@ -106,6 +144,7 @@ def warm_caking(binmap: Any, caking: Caking, n_frames: int) -> int:
     """Task: cake ``n_frames`` blank frames on this worker, so it holds the bin map and the
     kernel's layout of it (built on first use) before the stream's first frame; returns the
     number of frames caked."""
+    binmap = stream_binmap(binmap)
     frames = np.zeros((n_frames, *binmap.detector_shape), dtype=np.uint16)
     return len(_cake_chunk(frames, binmap, caking.normalize, caking.min_area_fraction, caking.mask_rule,
                            RawCorrection()))
