@@ -395,8 +395,8 @@ def cell_esds(A: np.ndarray, cov_p: np.ndarray, laue: str,
     """
     T, _ = laue_tie_matrix(laue, unique_axis)
     cov_A = T @ cov_p @ T.T
-    J = np.empty((7, 6))
-    for i in range(6):
+    J = np.zeros((7, 6))
+    for i in np.flatnonzero(np.any(cov_A != 0, axis=0)):   # tied-off terms (cov 0) add nothing
         step = 1e-7 * max(abs(A[i]), 1e-3)
         ap, am = A.copy(), A.copy()
         ap[i] += step

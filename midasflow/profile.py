@@ -493,6 +493,10 @@ def chebyshev_background(x_deg: ArrayLike, coeffs: ArrayLike, x0: float,
 # --------------------------------------------------------------------------------------------
 # whole pattern
 # --------------------------------------------------------------------------------------------
+#: The per-peak pieces of a :class:`PeakSum` with derivatives, in the order of its ``pieces``.
+PIECES = ("d_intensity", "d_pos", "d_sig2", "d_gam", "d_shl")
+
+
 @dataclass(frozen=True)
 class PeakSum:
     """Σ_h I_h Ω_h(x) and the per-peak pieces for the Jacobian (from :func:`pattern`).
@@ -505,6 +509,8 @@ class PeakSum:
     d_intensity : ∂y/∂I_p = Ω₁ + k·Ω₂ (per centidegree).
     d_pos, d_sig2, d_gam, d_shl : ∂y/∂2θ_p (per deg), ∂y/∂σ²_p, ∂y/∂γ_p, ∂y/∂SH/L (this peak's
         share; sum over peaks for the global SH/L). ``None`` unless ``derivatives=True``.
+    pieces : (5, n_entries) — the five pieces stacked in the order of :data:`PIECES` (the
+        fields above are its rows), or ``None`` unless ``derivatives=True``.
     """
 
     y: NDArray[np.float64]
@@ -516,6 +522,7 @@ class PeakSum:
     d_sig2: NDArray[np.float64] | None
     d_gam: NDArray[np.float64] | None
     d_shl: NDArray[np.float64] | None
+    pieces: NDArray[np.float64] | None = None
 
     def entry_points(self) -> NDArray[np.int64]:
         """Data-point index of every entry of the concatenated per-peak pieces."""
@@ -532,15 +539,16 @@ class PeakSum:
         out = np.zeros((k, self.y.size))
         if not names or not k or not self.offsets[-1]:
             return out.T
-        pieces = []
-        for name in names:
-            piece = getattr(self, name)
-            if piece is None:
-                raise ValueError(f"{name} was not computed; call pattern(..., derivatives=True)")
-            pieces.append(piece)
+        if tuple(names) == PIECES and self.pieces is not None:
+            pieces = self.pieces                # all five, in their stacked order: no copy
+        else:
+            for name in names:
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} was not computed; call pattern(..., derivatives=True)")
+            pieces = np.stack([getattr(self, name) for name in names])
         coef = np.ascontiguousarray(np.stack([coefs[n] for n in names]), dtype=np.float64)
         kernels = _numpy_kernels if _numpy_tier_open() else _compiled()
-        kernels.project(self.lo, self.offsets, np.stack(pieces), coef, out)
+        kernels.project(self.lo, self.offsets, pieces, coef, out)
         return out.T
 
     def dense(self, name: str) -> NDArray[np.float64]:
@@ -653,7 +661,8 @@ def _peak_sum(y, lo, hi, offsets, inten, buf, shl, derivatives) -> PeakSum:
     if not derivatives:
         return PeakSum(y=y, lo=lo, hi=hi, offsets=offsets, d_intensity=buf[0], d_pos=None,
                        d_sig2=None, d_gam=None, d_shl=None)
-    scaled = np.repeat(inten, hi - lo) * buf[1:]
-    return PeakSum(y=y, lo=lo, hi=hi, offsets=offsets, d_intensity=buf[0], d_pos=scaled[0],
-                   d_sig2=scaled[1], d_gam=scaled[2],
-                   d_shl=scaled[3] if shl >= SHL_MIN else np.zeros(offsets[-1]))
+    buf[1:] *= np.repeat(inten, hi - lo)     # the derivatives of I·Ω: rows 1.. times I
+    if shl < SHL_MIN:
+        buf[4] = 0.0                            # the floor holds SH/L
+    return PeakSum(y=y, lo=lo, hi=hi, offsets=offsets, d_intensity=buf[0], d_pos=buf[1],
+                   d_sig2=buf[2], d_gam=buf[3], d_shl=buf[4], pieces=buf)

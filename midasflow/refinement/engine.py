@@ -307,7 +307,8 @@ class PatternModel:
         dict
             ``tth, sig2, gam, intensity, fsq, pre`` (n,) (``pre`` = I_h/|F_h|²) and, if ``jac``,
             ``dI, dtth, dsig2, dgam, dshl`` (n, len(vary)): derivatives of I_h, 2θ_h, σ²_h, γ_h
-            and SH/L.
+            and SH/L, and ``jac_coef`` (5, n, len(vary)): those five stacked (they are its rows),
+            in the order of the peak sum's pieces (:data:`midasflow.profile.PIECES`).
         """
         pd = self.phases[p]
         tb = pd.tables
@@ -341,7 +342,8 @@ class PatternModel:
             return out
         col = {name: i for i, name in enumerate(vary)}
         n, nv = len(tth), len(vary)
-        dI, dtth, dsig2, dgam, dshl = (np.zeros((n, nv)) for _ in range(5))
+        jac_coef = np.zeros((5, n, nv))
+        dI, dtth, dsig2, dgam, dshl = jac_coef      # views: filled in place
         # I_h through 2θ_h: ∂ln L/∂2θ and ∂ln P_pol/∂2θ (per degree)
         th = np.radians(tth) / 2
         dlnl_dtth = (-2 / np.tan(th) + np.tan(th)) * (math.pi / 360.0)
@@ -397,7 +399,7 @@ class PatternModel:
                             uiso = np.array([v[f"{p}::AUiso:{i}"] for i in range(pd.sf.n_atoms)])
                             dxyz = pd.sf.dfsq_dxyz(inv_d2, uiso)
                         dI[:, c] = pre * dxyz[j, axis]
-        return dict(out, dI=dI, dtth=dtth, dsig2=dsig2, dgam=dgam, dshl=dshl)
+        return dict(out, dI=dI, dtth=dtth, dsig2=dsig2, dgam=dgam, dshl=dshl, jac_coef=jac_coef)
 
     # ------------------------------------------------------------------ pattern
     def _all_terms(self, values, vary=(), jac=False):
@@ -417,7 +419,8 @@ class PatternModel:
         if len(terms) == 1:
             out = terms[0], terms
         else:
-            out = {k: np.concatenate([t[k] for t in terms]) for k in terms[0]}, terms
+            out = {k: np.concatenate([t[k] for t in terms], axis=1 if k == "jac_coef" else 0)
+                   for k in terms[0]}, terms
         if key is not None:
             self._terms_memo = [(key, out)] + self._terms_memo[:1]
         return out
@@ -477,15 +480,15 @@ class PatternModel:
         if not jac:
             return y, bkg, None, (rt, terms, peaks)
         J = np.zeros((self.x.size, len(vary)))
-        for c, name in enumerate(vary):
-            if name.startswith("Back;"):
-                J[:, c] = self.bkg_basis[:, int(name[5:])]
+        back = [(c, int(name[5:])) for c, name in enumerate(vary) if name.startswith("Back;")]
+        if back:
+            cols, terms_b = zip(*back)
+            J[:, cols] = self.bkg_basis[:, terms_b]
         # each per-peak piece only multiplies the parameter columns it depends on
-        coefs = {"d_intensity": rt["dI"], "d_pos": rt["dtth"], "d_sig2": rt["dsig2"],
-                 "d_gam": rt["dgam"], "d_shl": rt["dshl"]}
-        used = np.flatnonzero(np.any([np.any(c != 0, axis=0) for c in coefs.values()], axis=0))
+        coef = rt["jac_coef"]
+        used = np.flatnonzero(coef.any(axis=(0, 1)))
         if used.size:
-            J[:, used] += peaks.project({n: c[:, used] for n, c in coefs.items()})
+            J[:, used] = peaks.project(dict(zip(_profile.PIECES, coef[:, :, used])))
         return y, bkg, J, (rt, terms, peaks)
 
     def chi2(self, values: Mapping[str, float], yobs: np.ndarray, sqrt_w: np.ndarray) -> float:
@@ -784,10 +787,11 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
         yc, _, J, _ = model._evaluate(vals, vary, jac=True)
         r = sqrt_w * (yobs - yc)
         Jw = J * sqrt_w[:, None]
-        if not (np.all(np.isfinite(Jw)) and np.all(np.isfinite(r))):
-            break
         N = Jw.T @ Jw
         g = Jw.T @ r
+        # a non-finite Jw or r (inf or nan) makes N's diagonal or g non-finite
+        if not (np.all(np.isfinite(np.diag(N))) and np.all(np.isfinite(g)) and math.isfinite(chi2)):
+            break
         scale = np.sqrt(np.diag(N))
         scale[scale == 0] = 1.0
         Nn = N / np.outer(scale, scale)
@@ -795,11 +799,12 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
         if constraint is not None:
             C, g0 = constraint.linearised(vals, vary)
             Cn, lower = C / scale, constraint.bounds() - g0
-        _hold_shl_on_floor(Nn, gn, vals, vary, lam_start, svd_tol)
+        step_n = _hold_shl_on_floor(Nn, gn, vals, vary, lam_start, svd_tol)
         lam = lam_start
         accepted = False
         while lam <= 1e3:
-            step_n = _svd_solve(Nn + lam * eye, gn, svd_tol)
+            if step_n is None:
+                step_n = _svd_solve(Nn + lam * eye, gn, svd_tol)
             if constraint is not None:
                 step_n = _constrained_step(Nn + lam * eye, gn, Cn, lower, step_n)
             # linear-model decrease of χ² for this step: negligible -> converged, stop
@@ -817,6 +822,7 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
                     accepted = True
                     break
             lam = 1e-3 if lam == 0 else lam * 10
+            step_n = None
         if not accepted:
             break
         # Marquardt: the next cycle starts from a ten times smaller damping
@@ -834,21 +840,26 @@ def levenberg_marquardt(model: PatternModel, values: dict[str, float], vary: Seq
 
 
 def _hold_shl_on_floor(Nn: np.ndarray, gn: np.ndarray, values: Mapping[str, float],
-                       vary: Sequence[str], lam: float, svd_tol: float) -> None:
+                       vary: Sequence[str], lam: float, svd_tol: float) -> np.ndarray | None:
     """SH/L on its 0.002 floor with a step pointing below it: hold it for this cycle (its row
     and column of the normalised normal equations decoupled, in place), so the other
     parameters take the step they have with SH/L fixed. Projecting the full step onto the
     floor instead moves them as if SH/L had gone down: the step is refused and the LM stalls
-    (a ZnO fit stopped 3 in χ² and 1.1 esd in a short of its minimum)."""
+    (a ZnO fit stopped 3 in χ² and 1.1 esd in a short of its minimum).
+
+    Returns the step (damping ``lam``) it solved for when it left the equations unchanged
+    (the caller's first step), else None."""
     if "SH/L" not in vary or values["SH/L"] > _profile.SHL_MIN:
-        return
+        return None
     i = vary.index("SH/L")
-    if _svd_solve(Nn + lam * np.eye(len(vary)), gn, svd_tol)[i] >= 0:
-        return
+    step = _svd_solve(Nn + lam * np.eye(len(vary)), gn, svd_tol)
+    if step[i] >= 0:
+        return step
     Nn[i, :] = 0.0
     Nn[:, i] = 0.0
     Nn[i, i] = 1.0
     gn[i] = 0.0
+    return None
 
 
 def _onto_shl_floor(values: dict[str, float], vary: Sequence[str]) -> None:
@@ -1355,21 +1366,19 @@ def _cell_weights(model: PatternModel, values: Mapping[str, float], vary: Sequen
     _, terms, peaks = parts
     if not cubic or peaks is None:
         return out
-    gain = normal_inv @ Jw.T  # (n_var, n_obs): parameter change per unit of r_w
+    point = peaks.entry_points()
+    peak_of = np.repeat(np.arange(peaks.lo.size), peaks.hi - peaks.lo)
     start = 0
     for pd, t in zip(model.phases, terms):
         n_refl = len(t["tth"])
         if pd.index in cubic:
-            i = vary.index(f"{pd.index}::A{pd.free[0]}")
+            name = f"{pd.index}::A{pd.free[0]}"
+            gain = normal_inv[vary.index(name)] @ Jw.T  # (n_obs,): change of A per unit of r_w
+            mine = (peak_of >= start) & (peak_of < start + n_refl)
+            d_a = np.bincount(peak_of[mine] - start, minlength=n_refl,
+                              weights=gain[point[mine]] * peaks.d_pos[mine] * sqrt_w[point[mine]])
             shift_deg = -2.0 * np.tan(np.radians(t["tth"]) / 2.0) * (180.0 / math.pi)
-            w = np.zeros(n_refl)
-            for k in range(n_refl):
-                lo, hi = peaks.lo[start + k], peaks.hi[start + k]
-                if hi > lo:
-                    piece = peaks.d_pos[peaks.offsets[start + k]:peaks.offsets[start + k + 1]]
-                    d_a = float(gain[i, lo:hi] @ (piece * sqrt_w[lo:hi])) * shift_deg[k]
-                    w[k] = -0.5 * d_a / values[f"{pd.index}::A{pd.free[0]}"]
-            out[pd.index] = w
+            out[pd.index] = -0.5 * (d_a * shift_deg) / values[name]
         start += n_refl
     return out
 
@@ -1401,6 +1410,7 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
             flags, start_values, constraint, chi2_background,
             noise_correlation: Sequence[float] | None = None) -> PatternResult:
     yc, bkg, J, parts = model._evaluate(values, vary, jac=True)
+    terms = parts[1]
     chi2 = float(np.sum(w * (y - yc) ** 2))
     n_obs, n_var = y.size, len(vary)
     dof = max(n_obs - n_var, 1)
@@ -1423,8 +1433,9 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
         cov_p = _sub_covariance(cov, idx, [f"{p}::A{i}" for i in pd.free])
         cell_err[ph.name] = tuple(float(e) for e in cell_esds(A, cov_p, ph.laue, ph.unique_axis))
         phases_out.append(model.refined_phase(p, values))
-        masses.append(phases_out[-1].cell_mass)
-        rt = model.reflection_terms(p, values)
+        if len(model.phases) > 1:       # one phase: its weight fraction is 1 ± 0 whatever its mass
+            masses.append(phases_out[-1].cell_mass)
+        rt = terms[p]                   # the final evaluation's (the same values)
         refl_tables[ph.name] = dict(h=pd.hkl[:, 0].copy(), k=pd.hkl[:, 1].copy(),
                                     l=pd.hkl[:, 2].copy(), mult=pd.mult.astype(int),
                                     d_a=1 / np.sqrt(pd.tables.H6 @ A), tth_deg=rt["tth"],
@@ -1433,11 +1444,11 @@ def _finish(model: PatternModel, values, vary, x, y, w, sqrt_w, n_dropped, stage
         if p in cell_weights:
             refl_tables[ph.name]["cell_weight"] = cell_weights[p]
     for name, (i_obs, i_esd) in extract_intensities(model, values, y, sqrt_w,
-                                                    math.sqrt(chi2 / chi2_expected)).items():
+                                                    math.sqrt(chi2 / chi2_expected), parts).items():
         refl_tables[name].update(i_obs=i_obs, i_obs_esd=i_esd)
     # weight fractions W_p ∝ S_p · cell mass_p (GSAS-II)
     sc = np.array([values[f"{pd.index}:0:Scale"] for pd in model.phases])
-    m = np.array(masses) if all(mm > 0 for mm in masses) else np.ones(len(masses))
+    m = np.array(masses) if masses and all(mm > 0 for mm in masses) else np.ones(len(sc))
     wt = sc * m
     frac = wt / wt.sum()
     jf = (np.diag(m) * wt.sum() - np.outer(wt, m)) / wt.sum() ** 2     # ∂frac_i/∂S_j

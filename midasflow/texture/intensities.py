@@ -26,7 +26,8 @@ COINCIDENT_DEG = 1e-6
 
 
 def extract_intensities(model: PatternModel, values: Mapping[str, float], y: np.ndarray,
-                        sqrt_w: np.ndarray, gof: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                        sqrt_w: np.ndarray, gof: float,
+                        evaluated: tuple | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Integrated intensity and esd of every reflection of every phase (module docstring).
 
     Parameters
@@ -38,18 +39,22 @@ def extract_intensities(model: PatternModel, values: Mapping[str, float], y: np.
         Observed points and the square roots of their weights.
     gof : float
         The refinement's GOF; esds are scaled by it (as the parameters' are).
+    evaluated : tuple, optional
+        What ``PatternModel._evaluate`` made its evaluation at ``values`` of (reflection terms
+        and peak sum): the unit profiles are taken from that peak sum instead of evaluated again
+        (they do not depend on the intensities).
 
     Returns
     -------
     dict phase name → (i_obs, i_obs_esd), each (n_reflections,) in the units of the model's
     ``intensity`` (counts·centidegree).
     """
-    rt, terms = model._all_terms(values)
+    rt, terms, unit = evaluated if evaluated is not None else (*model._all_terms(values), None)
     n = len(rt["tth"])
     i_obs, i_esd = np.full(n, np.nan), np.full(n, np.nan)
     if n and np.all(np.isfinite(rt["tth"])):
-        unit = model._peaks(rt, values["SH/L"], False, intensity=np.ones(n))
-        omega = unit.project({"d_intensity": np.eye(n)})  # (n_points, n): each unit peak
+        if unit is None:
+            unit = model._peaks(rt, values["SH/L"], False, intensity=np.ones(n))
         # coincident reflections: one column, shared in the model's intensity ratio
         order = np.argsort(rt["tth"], kind="stable")
         group = np.zeros(n, dtype=int)
@@ -58,9 +63,14 @@ def extract_intensities(model: PatternModel, values: Mapping[str, float], y: np.
         total = np.bincount(group, weights=share)
         share = np.where(total[group] > 0, share / np.where(total[group] > 0, total[group], 1.0),
                          1.0 / np.bincount(group)[group])
-        merge = np.zeros((n, group.max() + 1))
-        merge[np.arange(n), group] = share
-        design = sqrt_w[:, None] * (omega @ merge)
+        # design (n_points, n_groups): every unit peak (its entries over its window) times its
+        # share, summed into its group's column
+        n_groups = int(group.max()) + 1
+        peak_of = np.repeat(np.arange(n), unit.hi - unit.lo)
+        cell = unit.entry_points() * n_groups + group[peak_of]
+        design = np.bincount(cell, weights=unit.d_intensity * share[peak_of],
+                             minlength=y.size * n_groups).reshape(y.size, n_groups)
+        design *= sqrt_w[:, None]
         normal = design.T @ design
         seen = np.diag(normal) > 0
         if seen.any():
