@@ -596,9 +596,7 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
     x = np.ascontiguousarray(x_deg, dtype=np.float64)
     pos1 = np.atleast_1d(np.asarray(tth_peak_deg, dtype=np.float64))
     # per-peak arrays for the kernels: C-contiguous, writable float64 (one numba signature)
-    s2, gm, inten = (np.require(np.broadcast_to(np.asarray(a, dtype=np.float64), pos1.shape),
-                                requirements=("C", "W"))
-                     for a in (sig2, gam, intensity))
+    s2, gm, inten = (_kernel_array(a, pos1.shape) for a in (sig2, gam, intensity))
     shl_eff = max(float(shl), SHL_MIN)
     doublet = lam2_a is not None and i_ratio != 0.0
     if doublet:
@@ -654,6 +652,16 @@ def pattern(x_deg: ArrayLike, tth_peak_deg: ArrayLike, sig2: ArrayLike, gam: Arr
     y = np.zeros(x.size)
     kernels.accumulate(lo, offsets, inten, buf[0], y)
     return _peak_sum(y, lo, hi, offsets, inten, buf, shl, derivatives)
+
+
+def _kernel_array(a: ArrayLike, shape: tuple[int, ...]) -> NDArray[np.float64]:
+    """``a`` as the kernels take it: C-contiguous writable float64 of ``shape`` (broadcast), as
+    it is when it is one already (the kernels only read it)."""
+    if isinstance(a, np.ndarray) and a.dtype == np.float64 and a.shape == shape \
+            and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.require(np.broadcast_to(np.asarray(a, dtype=np.float64), shape),
+                      requirements=("C", "W"))
 
 
 def _peak_sum(y, lo, hi, offsets, inten, buf, shl, derivatives) -> PeakSum:

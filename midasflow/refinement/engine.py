@@ -1374,7 +1374,7 @@ def _cell_weights(model: PatternModel, values: Mapping[str, float], vary: Sequen
         if pd.index in cubic:
             name = f"{pd.index}::A{pd.free[0]}"
             gain = normal_inv[vary.index(name)] @ Jw.T  # (n_obs,): change of A per unit of r_w
-            mine = (peak_of >= start) & (peak_of < start + n_refl)
+            mine = slice(peaks.offsets[start], peaks.offsets[start + n_refl])  # its entries
             d_a = np.bincount(peak_of[mine] - start, minlength=n_refl,
                               weights=gain[point[mine]] * peaks.d_pos[mine] * sqrt_w[point[mine]])
             shift_deg = -2.0 * np.tan(np.radians(t["tth"]) / 2.0) * (180.0 / math.pi)
@@ -1398,9 +1398,10 @@ def _covariance(Jw: np.ndarray, n_inv: np.ndarray, chi2: float,
         return n_inv * (chi2 / expected), expected
     c = np.asarray(noise_correlation, dtype=float)
     rj = c[0] * Jw
+    lagged = np.empty_like(Jw)
     for k in range(1, min(c.size, n_obs)):
-        rj[k:] += c[k] * Jw[:-k]
-        rj[:-k] += c[k] * Jw[k:]
+        rj[k:] += np.multiply(c[k], Jw[:-k], out=lagged[k:])
+        rj[:-k] += np.multiply(c[k], Jw[k:], out=lagged[:-k])
     middle = Jw.T @ rj
     expected = max(float(c[0] * n_obs - np.sum(n_inv * middle)), 1.0)  # tr(R) − tr((JᵀWJ)⁻¹M)
     return n_inv @ middle @ n_inv * (chi2 / expected), expected

@@ -174,15 +174,22 @@ def low_envelope(basis: np.ndarray, yobs: np.ndarray, sigma: np.ndarray,
     w = 1.0 / sigma ** 2
     keep = np.ones(yobs.size, dtype=bool)
     coef = np.zeros(basis.shape[1])
+    # normal equations (the basis has a few columns) of the kept points, updated by the points
+    # that join or leave the set (after the first passes a few of thousands)
+    weighted = basis * w[:, None]
+    normal, rhs = basis.T @ weighted, weighted.T @ yobs
     for _ in range(max_iter):
         if keep.sum() < basis.shape[1]:
             break
-        wk = w * keep                       # normal equations: the basis has a few columns
-        coef = np.linalg.lstsq(basis.T @ (basis * wk[:, None]), basis.T @ (wk * yobs),
-                               rcond=None)[0]
+        coef = np.linalg.lstsq(normal, rhs, rcond=None)[0]
         new = yobs - basis @ coef <= clip_sigma * sigma
-        if np.array_equal(new, keep):
+        changed = np.flatnonzero(new != keep)
+        if not changed.size:
             break
+        b = basis[changed]
+        wb = b * np.where(new[changed], w[changed], -w[changed])[:, None]  # + joins, − leaves
+        normal = normal + b.T @ wb
+        rhs = rhs + wb.T @ yobs[changed]
         keep = new
     return coef, basis @ coef
 
