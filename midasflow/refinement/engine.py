@@ -479,16 +479,20 @@ class PatternModel:
         y = bkg + peaks.y
         if not jac:
             return y, bkg, None, (rt, terms, peaks)
-        J = np.zeros((self.x.size, len(vary)))
+        # every column is set: the background's, the peaks' (each per-peak piece only
+        # multiplies the parameter columns it depends on) and zeros
+        J = np.empty((self.x.size, len(vary)))
+        coef = rt["jac_coef"]
+        depends = coef.any(axis=(0, 1))
+        used = np.flatnonzero(depends)
+        if used.size:
+            J[:, used] = peaks.project(dict(zip(_profile.PIECES, coef[:, :, used])))
         back = [(c, int(name[5:])) for c, name in enumerate(vary) if name.startswith("Back;")]
         if back:
             cols, terms_b = zip(*back)
             J[:, cols] = self.bkg_basis[:, terms_b]
-        # each per-peak piece only multiplies the parameter columns it depends on
-        coef = rt["jac_coef"]
-        used = np.flatnonzero(coef.any(axis=(0, 1)))
-        if used.size:
-            J[:, used] = peaks.project(dict(zip(_profile.PIECES, coef[:, :, used])))
+            depends[list(cols)] = True
+        J[:, ~depends] = 0.0
         return y, bkg, J, (rt, terms, peaks)
 
     def chi2(self, values: Mapping[str, float], yobs: np.ndarray, sqrt_w: np.ndarray) -> float:
