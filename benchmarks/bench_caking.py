@@ -217,20 +217,23 @@ def bench_throughput(args, frames: np.ndarray) -> None:
     for fn, _ in runs.values():  # warm up (numba compile, kernel layouts, thread buffers, CSR)
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for i in range(args.rounds):  # rotate the order: no run always follows the same neighbour
         for name in names[i % len(names):] + names[:i % len(names)]:
             fn, count = runs[name]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(count / (time.perf_counter() - t0))
+            cpu_ms[name].append((time.process_time() - c0) / count * 1e3)
     fps = {name: float(np.median(v)) for name, v in times.items()}
     fai = fps[names[-1]]
     print(f"frames/s, median [best] of {args.rounds} rounds; ratio = median / pyFAI's median "
-          f"from the same rounds (open_frames' chunks: {chunks[0]} frames)")
+          f"from the same rounds; CPU ms per frame (all threads of this process; what other "
+          f"processes take does not count) (open_frames' chunks: {chunks[0]} frames)")
     for name in names:
         print(f"  {name:58s} {fps[name]:7.1f} [{max(times[name]):7.1f}]  "
-              f"{fps[name] / fai:5.2f}x pyFAI")
+              f"{fps[name] / fai:5.2f}x pyFAI  {np.median(cpu_ms[name]):6.1f} ms CPU")
     composition = fps["open_frames -> cake (HDF5 uint16 + dark, default chunks)"]
     raw_fps, read_fps = fps[names[2]], fps[names[3]]
     # on 2 cores the reads and the kernel overlap: one CPU-second of each per frame

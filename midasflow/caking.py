@@ -131,7 +131,7 @@ def _cake_chunk(block: np.ndarray | list[np.ndarray], binmap: BinMap, normalize:
 
     On a distributed worker the kernel runs on at most the worker's own thread count of numba
     threads (numba's setting is per calling thread), so n one-thread workers on n cores run n
-    threads, not n x cpu_count; concurrent calls in one process share those threads."""
+    threads, not n x cpu_count; concurrent calls in one process take turns pass by pass."""
     threads = _worker_threads()
     if threads is not None:
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
@@ -143,8 +143,9 @@ def _cake_raw_pass(reader: ScanReader, lo: int, hi: int, dark: np.ndarray | None
                    threshold: float | None, binmap: BinMap, normalize: bool,
                    min_area_fraction: float, mask_rule: MaskRule) -> np.ndarray:
     """The cakes of frames ``lo:hi`` of an ``open_frames`` scan, read raw here and corrected
-    inside the kernel. While this task reads, kernel calls running at the same time leave it
-    its share of the cores (:func:`midasflow.caking_kernel.reading_frames`)."""
+    inside the kernel. Tasks read one at a time (:func:`midasflow.caking_kernel.reading_frames`)
+    beside the kernel passes of other tasks (one pass at a time per process, on every thread:
+    :func:`midasflow.caking_kernel.cake_block`)."""
     with reading_frames():
         frames = reader.read_raw(lo, hi, raw_buffer)
     return _cake_chunk(frames, binmap, normalize, min_area_fraction, mask_rule,
@@ -300,8 +301,10 @@ def cake(
     ``open_frames -> cake`` runs at the kernel's full-pass speed (the kernel copies the chunks
     of a pass into one array, cheaper than a sweep through its buffer per chunk); larger
     chunks are kept (the kernel goes through them pass by pass). Tasks running at the same time
-    share numba's threads (one each for two Dask threads on two cores) instead of
-    oversubscribing the cores; each thread keeps its own pass buffer.
+    in one process take turns pass by pass, each pass on all the process's (or the worker's)
+    threads with one pass buffer, while the other tasks read their next frames (one read at a
+    time: :func:`midasflow.caking_kernel.reading_frames`): two Dask threads on two cores
+    pipeline reading and caking.
 
     Process variables: MIDAS IntegratorZarrOMP writes group sums divided by the ω-arithmetic
     frame count for Temperature/Pressure/I, and for I0 the last frame's value divided by that

@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from midasflow.binmap import BinMap
 
 __all__ = ["cake_block", "cake_block_reference", "frames_per_pass", "RawCorrection",
-           "reading_frames", "raw_buffer"]
+           "reading_frames", "raw_buffer", "sum_raw_frames"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +68,9 @@ _N_SECTORS = 8
 #: Passes of fewer frames go through the map frame by frame, sector by sector
 #: (:func:`_sector_frame`), instead of the pixel-major buffer, which only pays for itself over several frames.
 _MIN_BUFFER_FRAMES = 4
+#: Entries of one record of the sector layout (:func:`_sector_split`): most pixels have 3 or
+#: 4 entries in a sector (2048 x 2048 frames, 0.5 px R bins).
+_RECORD = 4
 
 
 @numba.njit(cache=True)
@@ -168,17 +171,35 @@ def _raw_to_float32(frames2d, dark, flag, flag_value, lower, out):  # pragma: no
             out[f, p] = _raw_value(frames2d[f, p], d, flag, flag_value, lower)
 
 
-@numba.njit(cache=True)
-def _sector_split(csc_indptr, csc_bins, csc_weights, sector_of_bin, local_of_bin, recs, ents,
-                  seen, pix, counts, local, weights):  # pragma: no cover - compiled
-    """Split the map (CSC: pixel-major, bins increasing within a pixel) into the sectors
-    ``sector_of_bin``, pixel-major within each sector.
+@numba.njit(cache=True, nogil=True)
+def _sum_raw_frames(frames2d, flag, flag_value, out):  # pragma: no cover - compiled
+    """``out[p]`` = the float64 sum over f, in frame order, of the float32 value of
+    ``frames2d[f, p]`` (detector flags NaN, :func:`_raw_value` without dark or threshold):
+    numpy's ``frames.astype(float32)`` (flags NaN) summed frame by frame into float64, bit for
+    bit, in one sweep through the raw frames (n, n_pix)."""
+    n, n_pix = frames2d.shape
+    for p in range(n_pix):
+        out[p] = np.float64(_raw_value(frames2d[0, p], np.float32(0.0), flag, flag_value,
+                                       np.float32(-np.inf)))
+    for f in range(1, n):
+        for p in range(n_pix):
+            out[p] += np.float64(_raw_value(frames2d[f, p], np.float32(0.0), flag, flag_value,
+                                            np.float32(-np.inf)))
 
-    ``recs``/``ents`` (n_sectors,) int64 advance past every record (pixel, sector pair) and
-    entry of each sector; ``seen`` (n_sectors,) bool, all False, is scratch. Counting pass
-    (``pix.size == 0``, ``recs``/``ents`` zero): they end as the counts. Filling pass (from
-    each sector's first record and entry on): writes each record's pixel and entry count and
-    each entry's bin within its sector (``local_of_bin``) and weight.
+
+@numba.njit(cache=True)
+def _sector_split(csc_indptr, csc_bins, csc_weights, sector_of_bin, local_of_bin, spare, recs,
+                  seen, pix, local, weights):  # pragma: no cover - compiled
+    """Split the map (CSC: pixel-major, bins increasing within a pixel) into the sectors
+    ``sector_of_bin``, pixel-major within each sector, in records of ``_RECORD`` entries: a
+    pixel's entries in a sector fill as many consecutive records as they need, the last one
+    padded with weight 0 in the sector's ``spare`` bin (a scratch bin never read back).
+
+    ``recs`` (n_sectors,) int64 advances past every record of each sector; ``seen``
+    (n_sectors,) bool, all False, is scratch. Counting pass (``pix.size == 0``, ``recs``
+    zero): it ends as the record counts. Filling pass (from each sector's first record on):
+    writes each record's pixel and its entries' bins within the sector (``local_of_bin``) and
+    weights.
     """
     n_pix = csc_indptr.size - 1
     fill = pix.size > 0
@@ -189,55 +210,60 @@ def _sector_split(csc_indptr, csc_bins, csc_weights, sector_of_bin, local_of_bin
             if seen[g]:
                 continue
             seen[g] = True
+            first = recs[g] * _RECORD
             m = 0
             for k in range(j, j1):  # this pixel's entries in sector g, bins increasing
                 if sector_of_bin[csc_bins[k]] == g:
                     if fill:
-                        local[ents[g] + m] = local_of_bin[csc_bins[k]]
-                        weights[ents[g] + m] = csc_weights[k]
+                        local[first + m] = local_of_bin[csc_bins[k]]
+                        weights[first + m] = csc_weights[k]
                     m += 1
+            n_recs = (m + _RECORD - 1) // _RECORD
             if fill:
-                pix[recs[g]] = p
-                counts[recs[g]] = m
-            recs[g] += 1
-            ents[g] += m
+                for x in range(m, n_recs * _RECORD):
+                    local[first + x] = spare
+                    weights[first + x] = 0.0
+                for r in range(n_recs):
+                    pix[recs[g] + r] = p
+            recs[g] += n_recs
         for j in range(j0, j1):
             seen[sector_of_bin[csc_bins[j]]] = False
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _sector_sums(g0, g1, n_eta, eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts,
-                 local, weights, frame, S, touched, sums, hit):  # pragma: no cover - compiled
+def _sector_sums(g0, g1, n_eta, eta_per, r_per, n_eta_sectors, rec_start, pix, local, weights,
+                 frame, S, touched, sums, hit):  # pragma: no cover - compiled
     """The sums ``S`` (n_bins,) and NaN flags ``touched`` of the bins of sectors g0..g1-1 of one
     frame.
 
     Within a sector (:func:`_sector_split`) the frame's pixels are read in increasing order
     (long runs along the rows) and each is added to its bins' sums, which stay in cache; every
     bin sees its entries in increasing pixel order, the CSR order of :func:`_bin_sums`, a NaN
-    value adding ``w * 0.0`` there too, so the sums are bit-identical. ``touched[b]`` is set
-    where a NaN value has an entry in bin b. Returns the number of NaN values with entries in
-    the sectors. Releases the GIL: the sectors of a frame run on Python threads
-    (:func:`_sector_frame`), which compiles much faster than a numba parallel loop.
-    ``sums`` (float64) and ``hit`` (bool), of at least ``r_per * eta_per``, are scratch.
+    value adding ``w * 0.0`` there too, so the sums are bit-identical. Every record has
+    ``_RECORD`` entries (padding adds 0 to a spare bin): a loop of fixed length, unrolled,
+    where a loop over each pixel's own entry count (3 or 4, at random) would mispredict its
+    exit. ``touched[b]`` is set where a NaN value has an entry in bin b. Returns the number of
+    records of NaN values in the sectors (> 0 when a NaN value has entries). Releases the GIL:
+    the sectors of a frame run on Python threads (:func:`_sector_frame`), which compiles much
+    faster than a numba parallel loop. ``sums`` (float64) and ``hit`` (bool), of at least
+    ``r_per * eta_per + 1``, are scratch.
     """
     count = 0
     for g in range(g0, g1):
-        for x in range(r_per * eta_per):
+        for x in range(r_per * eta_per + 1):
             sums[x] = 0.0
             hit[x] = False
-        e = ent_start[g]
         for q in range(rec_start[g], rec_start[g + 1]):
             v = frame[pix[q]]
             nan = np.isnan(v)
             value = 0.0 if nan else np.float64(v)
-            m = np.int64(counts[q])
-            for k in range(e, e + m):
+            e = q * _RECORD
+            for k in range(e, e + _RECORD):
                 sums[local[k]] += weights[k] * value
             if nan:
                 count += 1
-                for k in range(e, e + m):
+                for k in range(e, e + _RECORD):
                     hit[local[k]] = True
-            e += m
         n_r = S.size // n_eta
         r0, e0 = g // n_eta_sectors * r_per, g % n_eta_sectors * eta_per
         r1 = r0 + r_per if r0 + r_per < n_r else n_r  # min(): builtins compile apart (binmap.py)
@@ -362,18 +388,17 @@ class _KernelMap(NamedTuple):
 
 
 class _SectorMap(NamedTuple):
-    """The weights split into sectors of the (R, eta) grid, pixel-major within each sector, for
-    passes of few frames (built on first use, :func:`_sector_split`)."""
+    """The weights split into sectors of the (R, eta) grid, pixel-major within each sector, in
+    records of ``_RECORD`` entries, for passes of few frames (built on first use,
+    :func:`_sector_split`)."""
 
     eta_per: int  # eta bins per sector
     r_per: int  # R bins per sector
     n_eta_sectors: int
     rec_start: np.ndarray  # (n_sectors + 1,) int64: first record of each sector
-    ent_start: np.ndarray  # (n_sectors + 1,) int64: first entry of each sector
     pix: np.ndarray  # (n_records,) int32: pixel of each record
-    counts: np.ndarray  # (n_records,) uint8/uint16/...: entries of each record
-    local: np.ndarray  # (nnz,) uint16/uint32: bin of each entry within its sector
-    weights: np.ndarray  # (nnz,) float64
+    local: np.ndarray  # (n_records * _RECORD,) uint16/uint32: bin of each entry in its sector
+    weights: np.ndarray  # (n_records * _RECORD,) float64 (0 for padding)
 
 
 _CSR_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -384,8 +409,12 @@ _ONE_FRAME_CALLED: weakref.WeakSet = weakref.WeakSet()
 _KERNEL_MAPS_LOCK = threading.Lock()
 _HELPER_POOL: list[concurrent.futures.ThreadPoolExecutor | None] = [None]
 _BUFFERS = threading.local()
-#: Kernel calls running in this process, so concurrent callers share the threads (below).
-_ACTIVE = [0]
+#: Held by the kernel pass running in this process (:func:`_pass_threads`).
+_PASS_LOCK = threading.Lock()
+#: Held by the thread reading frames for the kernel (:func:`reading_frames`).
+_READ_LOCK = threading.Lock()
+#: The pass buffer (:func:`_pass_buffer`), used under ``_PASS_LOCK`` only.
+_PASS_BUFFER: list[np.ndarray | None] = [None]
 
 
 def _csr_map(binmap: BinMap) -> _CsrMap:
@@ -441,32 +470,27 @@ def _sector_map(binmap: BinMap) -> _SectorMap:
         eta_per = -(-n_eta // n_eta_sectors)
         n_eta_sectors = -(-n_eta // eta_per)
         n_r_sectors = -(-_N_SECTORS // n_eta_sectors)
-        while -(-n_r // n_r_sectors) * eta_per > 2**16 and n_r_sectors < n_r:
-            n_r_sectors += 1  # local bins fit in uint16 unless an eta wedge alone is too wide
+        while -(-n_r // n_r_sectors) * eta_per >= 2**16 and n_r_sectors < n_r:
+            n_r_sectors += 1  # local bins (and the spare) fit in uint16 unless a wedge is too wide
         r_per = -(-n_r // n_r_sectors)
         n_r_sectors = -(-n_r // r_per)
         csc = binmap.weights.tocsc()  # within a pixel: bins in increasing order
         ir, ie = np.divmod(np.arange(n_r * n_eta, dtype=np.int64), n_eta)
         sector_of_bin = (ir // r_per * n_eta_sectors + ie // eta_per).astype(np.int32)
-        local_dtype = np.uint16 if r_per * eta_per <= 2**16 else np.uint32
+        local_dtype = np.uint16 if r_per * eta_per < 2**16 else np.uint32
         local_of_bin = (ir % r_per * eta_per + ie % eta_per).astype(local_dtype)
-        count_dtype = np.min_scalar_type(int(np.diff(csc.indptr).max(initial=0)))
         n_sectors = n_r_sectors * n_eta_sectors
-        recs, ents = np.zeros(n_sectors, dtype=np.int64), np.zeros(n_sectors, dtype=np.int64)
+        recs = np.zeros(n_sectors, dtype=np.int64)
         seen = np.zeros(n_sectors, dtype=np.bool_)
-        tables = (csc.indptr, csc.indices, csc.data, sector_of_bin, local_of_bin)
-        _sector_split(*tables, recs, ents, seen, np.empty(0, np.int32), np.empty(0, count_dtype),
-                      np.empty(0, local_dtype), np.empty(0, np.float64))
+        tables = (csc.indptr, csc.indices, csc.data, sector_of_bin, local_of_bin, r_per * eta_per)
+        _sector_split(*tables, recs, seen, np.empty(0, np.int32), np.empty(0, local_dtype),
+                      np.empty(0, np.float64))
         rec_start = np.concatenate(([0], np.cumsum(recs)))
-        ent_start = np.concatenate(([0], np.cumsum(ents)))
         pix = np.empty(rec_start[-1], dtype=np.int32)
-        counts = np.empty(rec_start[-1], dtype=count_dtype)
-        local = np.empty(csc.nnz, dtype=local_dtype)
-        weights = np.empty(csc.nnz, dtype=np.float64)
-        _sector_split(*tables, rec_start[:-1].copy(), ent_start[:-1].copy(), seen, pix, counts,
-                      local, weights)
-        sm = _SectorMap(eta_per, r_per, n_eta_sectors, rec_start, ent_start, pix, counts, local,
-                        weights)
+        local = np.empty(rec_start[-1] * _RECORD, dtype=local_dtype)
+        weights = np.empty(rec_start[-1] * _RECORD, dtype=np.float64)
+        _sector_split(*tables, rec_start[:-1].copy(), seen, pix, local, weights)
+        sm = _SectorMap(eta_per, r_per, n_eta_sectors, rec_start, pix, local, weights)
         _SECTOR_MAPS[binmap] = sm
     return sm
 
@@ -476,10 +500,10 @@ def _sector_frame(sm: _SectorMap, n_eta: int, frame: np.ndarray, S: np.ndarray,
     """One frame's sums through the sector map, the sectors shared by ``numba.get_num_threads()``
     threads (this one and pool threads, each taking the next sector as it frees up); returns
     the number of NaN values with entries (:func:`_sector_sums`)."""
-    args = (n_eta, sm.eta_per, sm.r_per, sm.n_eta_sectors, sm.rec_start, sm.ent_start, sm.pix,
-            sm.counts, sm.local, sm.weights, frame, S, touched)
+    args = (n_eta, sm.eta_per, sm.r_per, sm.n_eta_sectors, sm.rec_start, sm.pix, sm.local,
+            sm.weights, frame, S, touched)
     return _threaded(_sector_sums, sm.rec_start.size - 1, 1, *args, scratch=lambda: (
-        np.empty(sm.r_per * sm.eta_per), np.empty(sm.r_per * sm.eta_per, np.bool_)))
+        np.empty(sm.r_per * sm.eta_per + 1), np.empty(sm.r_per * sm.eta_per + 1, np.bool_)))
 
 
 def _threaded(kernel: Callable[..., int], n_items: int, step: int, *args: Any,
@@ -510,40 +534,58 @@ def _helper_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 @contextlib.contextmanager
-def _shared_threads(max_threads: int | None) -> Iterator[Callable[[], None]]:
-    """Share ``max_threads`` numba threads (default all) among the kernel calls running at once.
+def _pass_threads(max_threads: int | None) -> Iterator[Callable[[], contextlib.AbstractContextManager]]:
+    """Run the passes of one kernel call one at a time in this process, each with
+    ``max_threads`` numba threads (default all).
 
-    Yields a function to call before each pass: it sets this thread's numba thread count to an
-    equal share, so two concurrent calls (two Dask threads) run one thread each instead of
-    oversubscribing the cores, and a call running alone uses them all. The caller's setting is
-    restored on exit (numba's thread count is per calling thread).
+    Yields a function returning the context to run each pass in: it holds this process's pass
+    lock, so kernel calls running at the same time (Dask threads) take turns pass by pass, each
+    pass on every thread, instead of two passes sharing the cores with a buffer each (more
+    memory traffic per frame); what a caller does between its passes (reading the next frames)
+    runs beside the other calls' passes. The caller's thread setting is restored on exit
+    (numba's thread count is per calling thread).
     """
     budget = numba.config.NUMBA_NUM_THREADS if max_threads is None else int(max_threads)
     budget = max(1, min(budget, numba.config.NUMBA_NUM_THREADS))
     previous = numba.get_num_threads()
-    with _KERNEL_MAPS_LOCK:
-        _ACTIVE[0] += 1
+
+    @contextlib.contextmanager
+    def one_pass() -> Iterator[None]:
+        with _PASS_LOCK:
+            numba.set_num_threads(budget)
+            yield
+
     try:
-        yield lambda: numba.set_num_threads(max(1, budget // max(_ACTIVE[0], 1)))
+        yield one_pass
     finally:
-        with _KERNEL_MAPS_LOCK:
-            _ACTIVE[0] -= 1
         numba.set_num_threads(previous)
 
 
 @contextlib.contextmanager
 def reading_frames() -> Iterator[None]:
-    """Count the calling thread, while it reads frames for the kernel, among the kernel calls
-    sharing numba's threads (:func:`_shared_threads`): a kernel pass starting meanwhile leaves
-    it its share of the cores (one of two), so reading and caking overlap instead of
-    oversubscribing them."""
-    with _KERNEL_MAPS_LOCK:
-        _ACTIVE[0] += 1
-    try:
+    """Read frames for the kernel one thread at a time in this process (a lock held for the
+    whole read). HDF5 reads run one at a time anyway (h5py's lock), but they interleave: two
+    tasks' reads started together end together, and neither pass can start before. Whole
+    reads in turn let the first read's pass run while the next read goes on beside it."""
+    with _READ_LOCK:
         yield
-    finally:
-        with _KERNEL_MAPS_LOCK:
-            _ACTIVE[0] -= 1
+
+
+def sum_raw_frames(raw: np.ndarray) -> np.ndarray:
+    """The float64 sum, frame by frame in order, of raw frames ``raw`` (n >= 1, nz, ny) turned
+    into float32 with detector flags NaN (:class:`RawCorrection`'s flags, no dark): numpy's
+    float32 frames added one by one into a float64 frame, bit for bit, without a float copy of
+    the frames.
+
+    Returns
+    -------
+    ndarray (nz, ny) float64
+    """
+    raw = np.ascontiguousarray(raw, dtype=raw.dtype.newbyteorder("="))
+    _, flag, flag_value, _ = _raw_args(raw.dtype, RawCorrection())
+    out = np.empty(raw.shape[1:], dtype=np.float64)
+    _sum_raw_frames(raw.reshape(raw.shape[0], -1), flag, flag_value, out.reshape(-1))
+    return out
 
 
 def raw_buffer(shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray:
@@ -559,11 +601,12 @@ def raw_buffer(shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray:
 
 def _pass_buffer(n_rows: int, n_frames: int, dtype: np.dtype) -> np.ndarray:
     """A (n_rows, n_frames) scratch array starting on a 64-byte cache-line boundary (a row of
-    16 float32 frames is then exactly one line), reused by the calling thread across calls."""
+    16 float32 frames is then exactly one line), reused across passes: one per process, for
+    the pass holding ``_PASS_LOCK``."""
     nbytes = n_rows * n_frames * np.dtype(dtype).itemsize
-    raw = getattr(_BUFFERS, "raw", None)
+    raw = _PASS_BUFFER[0]
     if raw is None or raw.size < nbytes + 64:
-        raw = _BUFFERS.raw = np.empty(nbytes + 64, dtype=np.uint8)
+        raw = _PASS_BUFFER[0] = np.empty(nbytes + 64, dtype=np.uint8)
     start = -raw.ctypes.data % 64
     return raw[start:start + nbytes].view(dtype).reshape(n_rows, n_frames)
 
@@ -816,10 +859,11 @@ def cake_block(
     (one row of all frames per pixel) in the order in which the bins use them, so the bin sums
     then read that buffer almost sequentially and every entry updates all frames of the pass
     with one vector operation; threads share the bins in ranges of equal entry counts. The
-    buffer (up to 512 MiB) is kept per calling thread and reused. A pass of fewer than
+    buffer (up to 512 MiB) is kept per process and reused. A pass of fewer than
     ``_MIN_BUFFER_FRAMES`` frames (a single frame, say) skips the buffer and goes through the
     map frame by frame, straight from the frames, the threads sharing sectors of the (R, eta)
-    grid; the map's first such call (a new process's first frame, one calibrant image) goes
+    grid (each pixel's entries in a sector read as records of 4, padded); the map's first such
+    call (a new process's first frame, one calibrant image) goes
     through the CSR map instead, bin by bin, so no sector layout is built for it. NaN values
     count as 0 and are flagged; only the bins a NaN touches have the unmasked areas of their
     entries summed again (other bins keep the precomputed ``binmap.bin_area``). Every way adds
@@ -827,8 +871,9 @@ def cake_block(
     frame's result is bit-identical whichever frames share its pass and however the frames
     are split into blocks.
 
-    Calls running at the same time (Dask threads) share the threads: each pass uses
-    ``max_threads // (calls running)`` of them.
+    Calls running at the same time in one process (Dask threads) take turns pass by pass, each
+    pass on ``max_threads`` threads with the process's one pass buffer: two passes at once, a
+    buffer each, would cost more memory traffic per frame.
     """
     raw = correction is not None
     if raw and correction.dark is not None and \
@@ -846,10 +891,10 @@ def cake_block(
     dtype = np.float32 if raw else np.result_type(np.float32, *(block.dtype for block in blocks))
     # a call of fewer frames than the buffer pays for is one pass (no ring order needed)
     step = max(n, 1) if n < _MIN_BUFFER_FRAMES else frames_per_pass(binmap, dtype)
-    with _shared_threads(max_threads) as share:
+    with _pass_threads(max_threads) as one_pass:
         for lo in range(0, n, step):
-            share()
-            _one_pass(flats, lo, min(lo + step, n), binmap, S, AT, correction)
+            with one_pass():
+                _one_pass(flats, lo, min(lo + step, n), binmap, S, AT, correction)
     A, T = AT
     shape = (n, n_r, n_eta)
     if A is None:

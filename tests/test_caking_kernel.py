@@ -143,35 +143,37 @@ def test_kernel_rejects_bad_input(params, masked_map):
         cake_block(np.zeros((2, 10, 10)), masked_map)
 
 
-def test_concurrent_kernel_calls_share_numba_threads(params, masked_map, monkeypatch):
-    """Two kernel calls at once (two Dask threads) run one numba thread each on two cores
-    instead of oversubscribing them; a call alone uses them all; the caller's setting is kept."""
+def test_concurrent_kernel_calls_take_turns_pass_by_pass(params, masked_map, monkeypatch):
+    """Two kernel calls at once (two Dask threads) run their passes one at a time, each pass on
+    every numba thread (not two passes with one thread and a buffer each); both calls get the
+    result of a call alone; the caller's thread setting is kept."""
     import threading
+    import time
 
     import numba
 
     import midasflow.caking_kernel as kernel
 
     n_threads = numba.config.NUMBA_NUM_THREADS
-    if n_threads < 2:
-        pytest.skip("numba has a single thread here")
     monkeypatch.setattr(kernel, "_PASS_BYTES", 4 * 4 * kernel._kernel_map(masked_map).n_used)
     frames = noisy_frames(params, n=16).astype(np.float32)
     one_pass = kernel._one_pass
-    seen: dict[str, list[int]] = {}
-    barrier = threading.Barrier(2)
+    passes: list[tuple[str, int, float, float]] = []
 
-    def recording(*args, together=False):
-        name = threading.current_thread().name
-        if together:
-            barrier.wait(timeout=60)  # both calls are inside cake_block from here on
-        seen.setdefault(name, []).append(numba.get_num_threads())
-        return one_pass(*args)
+    def recording(*args):
+        t0 = time.perf_counter()
+        out = one_pass(*args)
+        time.sleep(0.01)  # long enough for the other call to try to overlap
+        passes.append((threading.current_thread().name, numba.get_num_threads(), t0,
+                       time.perf_counter()))
+        return out
 
     monkeypatch.setattr(kernel, "_one_pass", recording)
-    ref = cake_block(frames, masked_map)
-    assert seen.pop(threading.current_thread().name) == [n_threads] * 4  # alone: every thread
-    monkeypatch.setattr(kernel, "_one_pass", lambda *a: recording(*a, together=True))
+    numba.set_num_threads(1)
+    ref = cake_block(frames, masked_map)  # 4 passes of 4 frames
+    assert [p[1] for p in passes] == [n_threads] * 4 and numba.get_num_threads() == 1
+    numba.set_num_threads(n_threads)
+    passes.clear()
     out = {}
     threads = [threading.Thread(target=lambda k=k: out.__setitem__(k, cake_block(frames, masked_map)),
                                 name=f"dask-{k}") for k in range(2)]
@@ -181,7 +183,10 @@ def test_concurrent_kernel_calls_share_numba_threads(params, masked_map, monkeyp
         t.join()
     for k in range(2):
         np.testing.assert_array_equal(out[k], ref)
-        assert seen[f"dask-{k}"][1:] == [n_threads // 2] * 3  # after the first pass: shared
+    assert sorted(p[0] for p in passes) == ["dask-0"] * 4 + ["dask-1"] * 4
+    assert all(p[1] == n_threads for p in passes)
+    spans = sorted(p[2:] for p in passes)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two passes at once
     assert numba.get_num_threads() == n_threads
 
 
@@ -192,15 +197,17 @@ def test_one_frame_sectors_give_the_whole_pass_result(eta_bin_deg):
     from cake_helpers import small_params
 
     from midasflow.binmap import build_binmap
-    from midasflow.caking_kernel import _N_SECTORS, _sector_map
+    from midasflow.caking_kernel import _N_SECTORS, _RECORD, _sector_map
 
     params = small_params(eta_bin_deg=eta_bin_deg)
     bm = build_binmap(params)
     sm = _sector_map(bm)
     n_sectors = sm.rec_start.size - 1
     assert min(_N_SECTORS, bm.n_r * bm.n_eta) // 2 < n_sectors <= 2 * _N_SECTORS
-    assert sm.ent_start[-1] == bm.weights.nnz
-    np.testing.assert_allclose(np.sort(sm.weights), np.sort(bm.weights.data), rtol=0, atol=0)
+    assert sm.weights.size == sm.local.size == _RECORD * sm.pix.size
+    real = sm.local != sm.r_per * sm.eta_per  # the rest pads records in the spare bin
+    assert (sm.weights[~real] == 0).all() and (sm.local < sm.r_per * sm.eta_per + 1).all()
+    np.testing.assert_array_equal(np.sort(sm.weights[real]), np.sort(bm.weights.data))
     frames = noisy_frames(params, n=6)  # NaN stripes in some frames
     whole = cake_block(frames, bm, mask_rule="midas")
     singles = np.concatenate([cake_block(f, bm, mask_rule="midas") for f in frames])

@@ -511,16 +511,13 @@ def _mean_frames(reader: ScanReader, per_chunk: int) -> np.ndarray:
     ``frames.astype(float64).mean(axis=0).astype(float32)`` gives over chunks of ``per_chunk``
     frames: a float64 sum frame by frame within each chunk, the chunks' sums added in dask's
     tree (groups of ``_SPLIT_EVERY`` consecutive sums, in order), divided by the count. Without
-    a float64 copy of the frames: one chunk of raw frames in memory, one frame converted at a
-    time."""
+    a float copy of the frames: one chunk of raw frames in memory, summed in one sweep
+    (:func:`midasflow.caking_kernel.sum_raw_frames`)."""
+    from midasflow.caking_kernel import sum_raw_frames
+
     n = reader.shape[0]
-    sums = []
-    for lo in range(0, n, per_chunk):
-        raw = reader.read_raw(lo, min(lo + per_chunk, n))
-        total = _to_float32(raw[0]).astype(np.float64)
-        for frame in raw[1:]:
-            np.add(total, _to_float32(frame), out=total)
-        sums.append(total)
+    sums = [sum_raw_frames(reader.read_raw(lo, min(lo + per_chunk, n)))
+            for lo in range(0, n, per_chunk)]
     depth = max(1, math.ceil(math.log(len(sums), _SPLIT_EVERY))) if len(sums) > 1 else 1
     for _ in range(depth - 1):
         sums = [_sum_in_order(sums[i:i + _SPLIT_EVERY]) for i in range(0, len(sums), _SPLIT_EVERY)]
