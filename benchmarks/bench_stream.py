@@ -139,7 +139,7 @@ def main() -> None:
 
     from midasflow.crystal import cubic_phase, write_phase_cif
     from midasflow.simulate import CEO2_A_A, ceo2_params, simulate_frames
-    from midasflow.stream.run import run_stream
+    from midasflow.stream.run import run_stream, stream_worker_config
 
     work = Path(tempfile.mkdtemp(prefix="bench_stream_"))
     params = ceo2_params((2048, 2048), eta_bin_deg=args.eta_bin, omega_sum_frames=args.omega_sum_frames,
@@ -155,7 +155,8 @@ def main() -> None:
           f"OmegaSumFrames {args.omega_sum_frames}, {args.workers} workers; precision {args.precision or 'default'}, "
           f"warm starts {'default' if args.warm_start is None else args.warm_start}; work folder {work}")
 
-    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    with stream_worker_config():  # as run --backend stream makes its cluster
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
     # the peer from the same run: batch mode (integrate) of the same frames from an HDF5 file
     # (bitshuffle-LZ4, as an Eiger writes) on the same cluster, the .zarr.zip written as the stream writes it

@@ -587,12 +587,12 @@ def test_cakes_stay_on_the_workers_and_a_failed_task_still_stops_the_stream(smal
 
 
 @pytest.mark.slow
-def test_each_worker_loads_the_bin_map_once_and_keeps_it_until_the_stream_ends(small_scan, tmp_path):
+def test_each_worker_loads_the_bin_map_once_and_keeps_it_for_the_next_stream(small_scan, tmp_path):
     """The caking tasks name the bin map by its cache file: no task depends on a map key (whose
     extra copies distributed's active memory manager would drop, so every few tasks a worker
     would receive the whole map again and rebuild the kernel's layout of it); each worker of a
-    two-process cluster loads it once, keeps the same copy through the memory manager's cycles,
-    and forgets it when the stream is released."""
+    two-process cluster loads it once and keeps the same copy through the memory manager's
+    cycles, and for the next stream of the same map."""
     from midasflow.cluster import close_client, get_client
 
     client, _ = get_client(n_workers=2, dashboard=False)
@@ -613,12 +613,11 @@ def _bin_map_kept_by_each_worker(small_scan, client, tmp_path):
     def kept():
         from midasflow.stream import tasks
 
-        bm = tasks._STREAM_MAPS.get(digest)
-        return None if bm is None else id(bm)
+        return {d: id(bm) for d, bm in tasks._STREAM_MAP.items()}
 
     flow.warm_up()
     before = client.run(kept)
-    assert len(before) == 2 and None not in before.values()
+    assert len(before) == 2 and all(set(k) == {digest} for k in before.values())
     for i in range(4):
         flow.feed(Arrival(name=f"f{i}.tif", n_frames=1, path=str(path)))
         deps = client.run_on_scheduler(lambda dask_scheduler: [str(d.key) for t in dask_scheduler.tasks.values()
@@ -626,9 +625,42 @@ def _bin_map_kept_by_each_worker(small_scan, client, tmp_path):
         assert not [k for k in deps if k.startswith("binmap")], deps
         client.amm.run_once()
     flow.finish(end_of_stream=True)
+    again, _ = _small_flow(small_scan, client, tmp_path, "again", frames_per_task=1, max_wait_s=0.0)
+    again.warm_up()
     assert client.run(kept) == before
-    flow.release()
-    assert set(client.run(kept).values()) == {None}
+
+
+def test_a_worker_keeps_one_stream_bin_map(small_scan, tmp_path):
+    """A worker keeps the latest stream's map only: another map replaces it (memory stays
+    bounded however many streams of other geometries a cluster runs)."""
+    import dataclasses
+
+    from midasflow.binmap import load_or_build_binmap
+    from midasflow.stream import tasks
+
+    params, binmap, _ = _small_caking(small_scan)
+    other = load_or_build_binmap(dataclasses.replace(params, eta_bin_deg=2 * params.eta_bin_deg), None)
+    assert other.digest != binmap.digest
+    refs = [tasks.BinMapRef(bm.cache_file, bm.key, bm.digest) for bm in (binmap, other)]
+    assert tasks.stream_binmap(refs[0]) is binmap  # the live object of this process: no reload
+    assert tasks.stream_binmap(refs[1]) is other and list(tasks._STREAM_MAP) == [other.digest]
+    assert tasks.stream_binmap(binmap) is binmap  # a map given as itself is used as it is
+
+
+def test_a_stream_clusters_workers_profile_every_100_ms():
+    """Workers made for a stream sample their tasks for the dashboard's Profile page every
+    100 ms (distributed's default is 10 ms, on the thread that also receives the frames)."""
+    from distributed import LocalCluster
+
+    from midasflow.stream.run import stream_worker_config
+
+    with stream_worker_config():
+        cluster = LocalCluster(n_workers=1, processes=False, dashboard_address=None)
+    try:
+        [worker] = cluster.workers.values()
+        assert worker.periodic_callbacks["profile"].callback_time == 100
+    finally:
+        cluster.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,12 +115,12 @@ def _check_stream_flags(args: argparse.Namespace, parser: argparse.ArgumentParse
 def stream_main(args: argparse.Namespace, overrides: list[str]) -> int:
     """``run --backend stream``."""
     from midasflow.cli.refine import refine_options, report_outcome
-    from midasflow.stream.run import run_stream
+    from midasflow.stream.run import run_stream, stream_worker_config
 
     options = refine_options(args)
     out = options.pop("out")
     resume = options.pop("resume")
-    with dask_client(args, distributed=True) as client:
+    with stream_worker_config(), dask_client(args, distributed=True) as client:
         result = run_stream(
             args.param_fn, args.cif, folder=args.folder, pva=args.pva, pva_ip=args.pva_ip,
             pva_channel=args.pva_channel, out=out, result_folder=args.result_folder, overrides=overrides,

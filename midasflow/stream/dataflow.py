@@ -48,7 +48,6 @@ from midasflow.stream.tasks import (
     load_spooled,
     refine_group_seed,
     refine_part,
-    release_binmap,
     save_carry,
     take_group,
     warm_caking,
@@ -453,15 +452,6 @@ class StreamDataflow:
             record.units_left += 1
 
     # -- the end --------------------------------------------------------------------------
-    def release(self) -> None:
-        """Let the workers drop what the stream had them keep (the bin map they loaded); the
-        stream's futures go with this object."""
-        if isinstance(self.binmap, BinMapRef):
-            try:
-                self.client.run(release_binmap, self.binmap.digest)
-            except Exception as exc:  # a lost worker's copy went with it  # noqa: BLE001
-                log.debug("stream: releasing the bin map on the workers: %s", exc)
-
     def finish(self, *, end_of_stream: bool) -> None:
         """Wait for everything in flight. ``end_of_stream``: the open group is closed (a short
         last group, as MIDAS); otherwise (the stream was interrupted) its partial sum is kept in

@@ -41,6 +41,24 @@ log = logging.getLogger(__name__)
 #: Groups whose lineouts keep their full patterns (fitted curves) for the report and live view.
 FULL_PATTERN_GROUPS = 12
 
+#: Dask settings of the workers of a cluster made for a stream: distributed's statistical
+#: profiler samples each worker's running task every 100 ms instead of every 10 ms (its default).
+#: Sampling runs on the worker's event loop, the thread that also receives the frames; at 10 ms it
+#: cost ~2 ms of CPU per 2048² frame at 20 frames/s (docs/stream.md). The dashboard's Profile page
+#: still fills (10 samples per second per worker); switching it off would blank it.
+STREAM_WORKER_CONFIG = {"distributed.worker.profile.interval": "100ms"}
+
+
+@contextmanager
+def stream_worker_config() -> Iterator[None]:
+    """While inside, workers made in this process (a ``LocalCluster``'s) get
+    :data:`STREAM_WORKER_CONFIG`."""
+    import dask
+    import distributed  # noqa: F401  (its settings must be known before they are set)
+
+    with dask.config.set(STREAM_WORKER_CONFIG):
+        yield
+
 
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[dict[str, int]]:
@@ -302,11 +320,11 @@ def run_stream(
     if owns_client:
         from midasflow.cluster import get_client
 
-        client, description = get_client(n_workers=os.cpu_count() or 1)
+        with stream_worker_config():
+            client, description = get_client(n_workers=os.cpu_count() or 1)
         print(description, file=sys.stderr)
     stop = threading.Event()
     spool = Spool(out)
-    flow = None
     try:
         with output_lock(out, flag="--out", holder="midasflow run --backend stream"):
             for path in (out, out / CHECKPOINT_SUBDIR):
@@ -386,8 +404,6 @@ def run_stream(
             signum = received["signal"]
     finally:
         stop.set()
-        if flow is not None:
-            flow.release()
         if owns_client:
             from midasflow.cluster import close_client
 

@@ -62,39 +62,37 @@ class Caking:
 @dataclass(frozen=True)
 class BinMapRef:
     """The stream's bin map by its cache file, for the caking tasks: each worker loads it once
-    (checked as on every load, :func:`midasflow.binmap.cached_binmap`) and keeps it until the
-    stream releases it (:func:`release_binmap`).
+    (checked as on every load, :func:`midasflow.binmap.cached_binmap`) and keeps it
+    (:func:`stream_binmap`).
 
     Not a Dask dependency on purpose: distributed's active memory manager drops every copy of a
     key beyond one that no queued task waits for (every 2 s), so with the map as a future each
     worker would receive it again (240 MB for 20 M entries) and rebuild the kernel's layout of it
-    every few tasks: ~55 ms of CPU per 2048² frame in the stream benchmark (docs/stream.md)."""
+    every few tasks: ~50 ms of CPU per 2048² frame in the stream benchmark (docs/stream.md)."""
 
     cache_file: str
     key: str
     digest: str
 
 
-#: The maps of the streams running on this worker, by digest (:class:`BinMapRef`).
-_STREAM_MAPS: dict[str, Any] = {}
+#: The bin map of the latest stream on this worker (one at most: memory stays bounded).
+_STREAM_MAP: dict[str, Any] = {}
 
 
 def stream_binmap(binmap: Any) -> Any:
     """The bin map a caking task was given: a :class:`BinMapRef` resolved to this worker's
-    copy (loaded on first use), or the map itself."""
+    copy, or the map itself. A worker keeps the latest stream's map after the stream (the next
+    stream of the same geometry starts without loading it again: seconds for 20 M entries,
+    while a PV's first frames wait) and drops it when a stream of another map comes."""
     if not isinstance(binmap, BinMapRef):
         return binmap
-    bm = _STREAM_MAPS.get(binmap.digest)
+    bm = _STREAM_MAP.get(binmap.digest)
     if bm is None:
         from midasflow.binmap import cached_binmap
 
-        bm = _STREAM_MAPS[binmap.digest] = cached_binmap(binmap.cache_file, binmap.key, binmap.digest)
+        _STREAM_MAP.clear()
+        bm = _STREAM_MAP[binmap.digest] = cached_binmap(binmap.cache_file, binmap.key, binmap.digest)
     return bm
-
-
-def release_binmap(digest: str) -> bool:
-    """Forget this worker's copy of a stream's bin map (the stream ended); True if it had one."""
-    return _STREAM_MAPS.pop(digest, None) is not None
 
 
 def read_part(part: FramePart, caking: Caking) -> np.ndarray:
