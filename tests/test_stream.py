@@ -60,6 +60,18 @@ def test_bad_or_lossy_codec_frames_are_one_line_errors():
         decode_frame(np.full(16, 255, np.uint8), (4, 4), codec="lz4", parameters=6)
     with pytest.raises(FrameError, match="20 pixels"):
         decode_frame(np.zeros(20, np.uint16), (4, 4))
+    # bitshuffle's decoder takes no input length: a truncated frame must not reach it (it would
+    # read past the end and crash the process)
+    import bitshuffle
+
+    frame = np.random.default_rng(1).poisson(50, (65, 67)).astype(np.uint16)  # 2 blocks and 3 raw pixels
+    data = np.frombuffer(bitshuffle.compress_lz4(frame, 0).tobytes(), np.uint8)
+    assert np.array_equal(decode_frame(data, frame.shape, codec="bslz4", parameters=6), frame)
+    for cut in (data[:-1], data[: len(data) // 2], data[:3]):
+        with pytest.raises(FrameError, match=r"ends inside block \d of 2 \(4355 pixels\): truncated"):
+            decode_frame(cut, frame.shape, codec="bslz4", parameters=6)
+    with pytest.raises(FrameError, match="3 bytes after its 2 blocks"):
+        decode_frame(np.concatenate([data, data[:3]]), frame.shape, codec="bslz4", parameters=6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,7 +642,7 @@ def _bin_map_kept_by_each_worker(small_scan, client, tmp_path):
     assert client.run(kept) == before
 
 
-def test_a_worker_keeps_one_stream_bin_map(small_scan, tmp_path):
+def test_a_worker_keeps_one_stream_bin_map(small_scan, monkeypatch):
     """A worker keeps the latest stream's map only: another map replaces it (memory stays
     bounded however many streams of other geometries a cluster runs)."""
     import dataclasses
@@ -638,12 +650,14 @@ def test_a_worker_keeps_one_stream_bin_map(small_scan, tmp_path):
     from midasflow.binmap import load_or_build_binmap
     from midasflow.stream import tasks
 
+    monkeypatch.setattr(tasks, "_STREAM_MAP", {})  # this process's in-process workers kept one
     params, binmap, _ = _small_caking(small_scan)
     other = load_or_build_binmap(dataclasses.replace(params, eta_bin_deg=2 * params.eta_bin_deg), None)
     assert other.digest != binmap.digest
     refs = [tasks.BinMapRef(bm.cache_file, bm.key, bm.digest) for bm in (binmap, other)]
-    assert tasks.stream_binmap(refs[0]) is binmap  # the live object of this process: no reload
-    assert tasks.stream_binmap(refs[1]) is other and list(tasks._STREAM_MAP) == [other.digest]
+    first = tasks.stream_binmap(refs[0])
+    assert first.digest == binmap.digest and tasks.stream_binmap(refs[0]) is first  # kept
+    assert tasks.stream_binmap(refs[1]).digest == other.digest and list(tasks._STREAM_MAP) == [other.digest]
     assert tasks.stream_binmap(binmap) is binmap  # a map given as itself is used as it is
 
 
