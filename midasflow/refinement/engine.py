@@ -620,6 +620,11 @@ class ProfileConstraint:
                 "X": (zero, 1 / np.cos(th)), "Y": (zero, tan_t), "Z": (zero, one)}
         self._linear = {k: np.concatenate([np.tile(a, n_ph), np.tile(b, n_ph)])
                         for k, (a, b) in rows.items()}
+        # what the widths depend on, and the last widths computed (an accepted trial's are
+        # the next LM cycle's linearisation point)
+        self._width_names = ("U", "V", "W", "X", "Y", "Z") + tuple(
+            f"{pd.index}{suffix}" for pd in model.phases for suffix in _WIDTH_SUFFIXES)
+        self._memo: tuple = (None, None)
 
     def bounds(self) -> np.ndarray:
         """Lower bounds of the stacked (σ², γ) grid values."""
@@ -628,11 +633,15 @@ class ProfileConstraint:
 
     def values_of(self, values: Mapping[str, float]) -> np.ndarray:
         """Stacked unfloored σ² and γ on the grid."""
-        sig2, gam = self.model.raw_widths(values, self.tth)
+        sig2, gam = self._grid_widths(values)
         return np.concatenate([sig2.ravel(), gam.ravel()])
 
     def _grid_widths(self, values: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        return self.model.raw_widths(values, self.tth)
+        """Unfloored σ², γ on the grid (shared arrays: not to be changed in place)."""
+        key = tuple(values[name] for name in self._width_names)
+        if key != self._memo[0]:
+            self._memo = (key, self.model.raw_widths(values, self.tth))
+        return self._memo[1]
 
     def feasible(self, values: Mapping[str, float]) -> bool:
         sig2, gam = self._grid_widths(values)
