@@ -361,3 +361,20 @@ def test_kalpha2_position_and_intensity():
     single = P.pattern(x, [21.0], [2.0], [1.0], [100.0], 0.002, precision="float64")
     second = P.pattern(x, pos2, [2.0], [1.0], [50.0], 0.002, precision="float64")
     np.testing.assert_allclose(res.y, single.y + second.y, atol=1e-10)
+
+
+def test_pattern_pieces_are_the_derivative_rows_and_project_either_way(synthetic):
+    """``PeakSum.pieces`` stacks the five derivative pieces in the order of ``PIECES`` (its rows
+    are the fields), and projecting all five through it equals projecting them one by one."""
+    x, pos, sig2, gam, inten = synthetic
+    res = P.pattern(x, pos, sig2, gam, inten, 0.01, derivatives=True, precision="float64")
+    for row, name in zip(res.pieces, P.PIECES):
+        assert np.shares_memory(row, getattr(res, name)) and np.array_equal(row, getattr(res, name))
+    rng = np.random.default_rng(5)
+    coefs = {name: rng.normal(size=(pos.size, 3)) for name in P.PIECES}
+    whole = res.project(coefs)
+    summed = sum(res.project({name: c}) for name, c in coefs.items())
+    np.testing.assert_allclose(whole, summed, rtol=1e-12, atol=1e-9 * np.abs(whole).max())
+    # SH/L below its floor: the d_shl row is zero (the floor holds it)
+    low = P.pattern(x, pos, sig2, gam, inten, 0.001, derivatives=True, precision="float64")
+    assert not low.d_shl.any() and low.pieces[1].any()

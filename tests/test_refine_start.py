@@ -183,3 +183,17 @@ def test_pseudo_voigt_fits_match_least_squares():
 
         assert chi2(got) <= chi2(ref.x) * (1 + 1e-9)
         np.testing.assert_allclose(got[:4], ref.x[:4], rtol=1e-5, atol=1e-6)
+
+
+def test_low_envelope_equals_its_definition():
+    """The envelope's normal equations, updated by the points that join or leave the kept set,
+    give the weighted least squares of the final kept set formed afresh, and that set is the
+    points not more than 1.5 σ above it."""
+    x, y, s, _, inst = simulate_fine(ceo2(), 0.172979, 2.0, 12.0, 0.006, seed=2)
+    basis = PatternModel(x, (x[0], x[-1]), [ceo2()], inst, 6).bkg_basis
+    coef, bkg = low_envelope(basis, y, s)
+    keep = y - bkg <= 1.5 * s
+    assert 0.2 * y.size < keep.sum() < y.size
+    w = keep / s ** 2
+    direct = np.linalg.lstsq(basis * np.sqrt(w)[:, None], y * np.sqrt(w), rcond=None)[0]
+    np.testing.assert_allclose(coef, direct, rtol=1e-9, atol=1e-9 * np.abs(direct).max())

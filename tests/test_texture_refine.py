@@ -118,3 +118,21 @@ def test_texture_options_and_flags():
         with pytest.raises(ParameterError, match=match):
             base.replace(**bad)
 
+
+
+def test_extracted_intensities_from_the_final_evaluation_equal_a_fresh_one():
+    """``extract_intensities`` given the final evaluation (as the engine's ``_finish`` does)
+    equals it evaluating the unit profiles itself, coincident reflections (CeO2 333/511) shared."""
+    from midasflow.texture.intensities import extract_intensities
+
+    y, sig = simulate(ceo2(), {})
+    res = refine_pattern(X, y, sig, [ceo2()], INST)
+    model = PatternModel(X, (X[0], X[-1]), [ceo2()], INST, 6)
+    vals = dict(model.values, **res.values)
+    evaluated = model._evaluate(vals, list(res.esds), jac=True)[3]
+    given = extract_intensities(model, vals, y, 1 / sig, res.gof, evaluated)["CeO2"]
+    fresh = extract_intensities(model, vals, y, 1 / sig, res.gof)["CeO2"]
+    for a, b in zip(given, fresh):
+        assert np.isfinite(a).sum() > 10
+        np.testing.assert_allclose(a, b, rtol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(res.reflections["CeO2"]["i_obs"], given[0], rtol=1e-6, equal_nan=True)
