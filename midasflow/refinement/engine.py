@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from midasflow import profile as _profile
+from midasflow.blas_threads import one_blas_thread
 from midasflow.crystal import (
     A_derivative_H,
     A_to_cell,
@@ -1081,6 +1082,7 @@ def _failed(message: str, x, y, n_dropped: int, warn: list[str]) -> PatternResul
                          warnings=warn)
 
 
+@one_blas_thread()
 def refine_pattern(tth_deg: np.ndarray, intensity: np.ndarray, sigma: np.ndarray,
                    phases: Sequence[Phase], instprm: Instrument | Mapping[str, Any] | str, *,
                    bkg_terms: int = 6, limits: tuple[float, float] | None = None,
