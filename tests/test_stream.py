@@ -661,6 +661,35 @@ def test_a_worker_keeps_one_stream_bin_map(small_scan, monkeypatch):
     assert tasks.stream_binmap(binmap) is binmap  # a map given as itself is used as it is
 
 
+def test_a_workers_threads_load_the_stream_bin_map_once(small_scan, monkeypatch):
+    """Tasks starting together on one worker's threads share one load of the map."""
+    import threading
+    import time
+
+    import midasflow.binmap as binmap_module
+    from midasflow.stream import tasks
+
+    monkeypatch.setattr(tasks, "_STREAM_MAP", {})
+    _, binmap, _ = _small_caking(small_scan)
+    loads = []
+    load = binmap_module.cached_binmap
+
+    def slow_load(*args):
+        loads.append(args)
+        time.sleep(0.2)  # a 2048² map takes seconds: the other threads arrive meanwhile
+        return load(*args)
+
+    monkeypatch.setattr(binmap_module, "cached_binmap", slow_load)
+    ref = tasks.BinMapRef(binmap.cache_file, binmap.key, binmap.digest)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(tasks.stream_binmap(ref))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loads) == 1 and len(got) == 4 and all(bm is got[0] for bm in got)
+
+
 def test_a_stream_clusters_workers_profile_every_100_ms():
     """Workers made for a stream sample their tasks for the dashboard's Profile page every
     100 ms (distributed's default is 10 ms, on the thread that also receives the frames)."""

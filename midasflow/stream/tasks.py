@@ -13,6 +13,7 @@ closed group's lineouts are made and refined by the lineout plan's own task func
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,8 @@ class BinMapRef:
 
 #: The bin map of the latest stream on this worker (one at most: memory stays bounded).
 _STREAM_MAP: dict[str, Any] = {}
+#: Held while the map is looked up or loaded: a worker's threads load it once between them.
+_STREAM_MAP_LOCK = threading.Lock()
 
 
 def stream_binmap(binmap: Any) -> Any:
@@ -86,12 +89,13 @@ def stream_binmap(binmap: Any) -> Any:
     while a PV's first frames wait) and drops it when a stream of another map comes."""
     if not isinstance(binmap, BinMapRef):
         return binmap
-    bm = _STREAM_MAP.get(binmap.digest)
-    if bm is None:
-        from midasflow.binmap import cached_binmap
+    with _STREAM_MAP_LOCK:
+        bm = _STREAM_MAP.get(binmap.digest)
+        if bm is None:
+            from midasflow.binmap import cached_binmap
 
-        _STREAM_MAP.clear()
-        bm = _STREAM_MAP[binmap.digest] = cached_binmap(binmap.cache_file, binmap.key, binmap.digest)
+            _STREAM_MAP.clear()
+            bm = _STREAM_MAP[binmap.digest] = cached_binmap(binmap.cache_file, binmap.key, binmap.digest)
     return bm
 
 
