@@ -4,9 +4,18 @@ The dataset is ``(frames, nz, ny)`` or a single ``(nz, ny)`` frame. Compressed d
 (bitshuffle/LZ4, Blosc, … as written by Eiger/Pilatus/Dectris software) are decoded through the
 filters registered by ``import hdf5plugin``. Files are opened inside :meth:`Hdf5Source.read`, so a
 source pickles to a few strings and works on any dask worker.
+
+:meth:`Hdf5Source.read_into` (the caking path) reads the stored bytes itself where the layout
+allows it (docs/architecture.md, "Reading HDF5 frames"): HDF5 reports where each chunk (or the
+contiguous data) lies in the file (``H5Dget_chunk_info``, ``H5Dget_offset``), and an
+uncompressed frame's bytes are then read with ``os.preadv`` straight into the caller's buffer,
+about half the CPU time of HDF5's own read of the same bytes. Anything it does not recognise
+(filters, chunks splitting a frame, a big-endian type, a user block, external or virtual
+storage, an unwritten chunk) goes through h5py's ``read_direct`` as before.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,13 +71,113 @@ class Hdf5Source:
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Raw frames ``start:stop`` of a 3-D dataset into ``out`` ((stop − start, nz, ny) of
-        :attr:`dtype`), with no array allocated (``read_direct``)."""
+        :attr:`dtype`, C-contiguous), with no array allocated: the stored bytes read directly
+        where :func:`_direct_plan` finds the layout plain, else h5py's ``read_direct``.
+
+        Raises
+        ------
+        FrameError
+            The file ends before the bytes HDF5 places the frames at (one line naming the file
+            and the frames).
+        """
         with _open_file(self.path) as f:
             ds = f[self.loc]
             if ds.ndim == 2:
                 out[...] = ds[()][np.newaxis][start:stop]
-            else:
+                return
+            plan = _direct_plan(f, ds, start, stop, out)
+            if plan is None:
                 ds.read_direct(out, np.s_[start:stop])
+                return
+        _read_pieces(*plan, out, start, f"{self.path}: frames {start}..{stop - 1}")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Frames stored as one run of bytes: ``n_frames`` frames from ``frame`` (an index into the
+    read's output) at byte ``offset`` of the file."""
+
+    offset: int
+    frame: int
+    n_frames: int
+
+
+def _direct_plan(f, ds, start: int, stop: int, out: np.ndarray) -> tuple[str, list[_Piece]] | None:
+    """Where frames ``start:stop`` of the open 3-D dataset ``ds`` lie in its file, as (path of
+    the file holding them, runs of frames stored as whole runs of bytes), when nothing stands
+    between those bytes and ``out``'s: no filter, whole frames per chunk (or contiguous
+    storage), every chunk written and of exactly its frames' size, the stored type ``out``'s
+    own (native byte order), no user block, no external or virtual storage, a plain POSIX file.
+    None otherwise: the caller reads through HDF5."""
+    import h5py
+
+    dtype = np.dtype(ds.dtype)
+    frame_bytes = int(np.prod(ds.shape[1:])) * dtype.itemsize
+    if (dtype != out.dtype or not dtype.isnative or dtype.kind not in "uif" or f.driver != "sec2"
+            or f.userblock_size != 0 or not out.flags.c_contiguous
+            or out.shape != (stop - start, *ds.shape[1:])):
+        return None
+    dcpl = ds.id.get_create_plist()
+    if dcpl.get_nfilters() != 0 or dcpl.get_external_count() != 0:
+        return None
+    layout = dcpl.get_layout()
+    pieces: list[_Piece] = []
+    if layout == h5py.h5d.CONTIGUOUS:
+        base = ds.id.get_offset()
+        if base is None or ds.id.get_storage_size() != ds.shape[0] * frame_bytes:
+            return None
+        pieces.append(_Piece(base + start * frame_bytes, 0, stop - start))
+    elif layout == h5py.h5d.CHUNKED and tuple(ds.chunks[1:]) == tuple(ds.shape[1:]):
+        per_chunk = int(ds.chunks[0])
+        for first in range(start - start % per_chunk, stop, per_chunk):
+            info = ds.id.get_chunk_info_by_coord((first, 0, 0))
+            if info.byte_offset is None or info.size != per_chunk * frame_bytes or info.filter_mask:
+                return None
+            a, b = max(first, start), min(first + per_chunk, stop)
+            offset = info.byte_offset + (a - first) * frame_bytes
+            last = pieces[-1] if pieces else None
+            if last is not None and last.offset + last.n_frames * frame_bytes == offset:
+                pieces[-1] = _Piece(last.offset, last.frame, last.n_frames + b - a)  # one read
+            else:
+                pieces.append(_Piece(offset, a - start, b - a))
+    else:
+        return None
+    return ds.file.filename, pieces
+
+
+def _read_pieces(path: str, pieces: list[_Piece], out: np.ndarray, first: int, what: str) -> None:
+    """Read the runs of bytes of :func:`_direct_plan` from file ``path`` into ``out`` (whose
+    frame 0 is the dataset's frame ``first``) with ``os.preadv``, the GIL released while the
+    operating system copies, after checking that the file holds them all.
+
+    Raises
+    ------
+    FrameError
+        A run ends past the end of the file, or a read comes back short (the file was cut while
+        it was read); one line starting with ``what`` (file and frames).
+    """
+    frame_bytes = out[0].nbytes if len(out) else 0
+    flat = memoryview(out.reshape(-1).view(np.uint8))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        for piece in pieces:
+            end = piece.offset + piece.n_frames * frame_bytes
+            if end > size:
+                raise FrameError(f"{what}: frames {first + piece.frame}..{first + piece.frame + piece.n_frames - 1} "
+                                 f"are stored up to byte {end} of {path}, which holds {size} bytes: "
+                                 "truncated")
+        for piece in pieces:
+            view = flat[piece.frame * frame_bytes:(piece.frame + piece.n_frames) * frame_bytes]
+            done = 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], piece.offset + done)
+                if got <= 0:
+                    raise FrameError(f"{what}: {path} ended at byte {piece.offset + done} while it "
+                                     "was read: truncated")
+                done += got
+    finally:
+        os.close(fd)
 
 
 def has_dataset(path: str, loc: str) -> bool:
