@@ -16,6 +16,7 @@ storage, an unwritten chunk) goes through h5py's ``read_direct`` as before.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,53 +63,91 @@ class Hdf5Source:
     dtype: str = ""
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Raw frames ``start:stop`` as an array (stop − start, nz, ny) of the stored dtype."""
+        """Raw frames ``start:stop`` as an array (stop − start, nz, ny) of the stored dtype
+        (:meth:`read_into` a new array)."""
         with _open_file(self.path) as f:
             ds = f[self.loc]
             if ds.ndim == 2:
+                _check_bitshuffle_chunks(ds, 0, 1, f"{self.path}: frame 0")
                 return ds[()][np.newaxis][start:stop]
-            return ds[start:stop]
+            dtype = ds.dtype
+        out = np.empty((max(0, stop - start), *self.frame_shape), dtype=dtype)
+        self.read_into(start, stop, out)
+        return out
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Raw frames ``start:stop`` of a 3-D dataset into ``out`` ((stop − start, nz, ny) of
-        :attr:`dtype`, C-contiguous), with no array allocated: the stored bytes read directly
-        where :func:`_direct_plan` finds the layout plain, else h5py's ``read_direct``.
+        :attr:`dtype`, C-contiguous), with no array allocated: the stored bytes read (and
+        bitshuffle-LZ4 chunks decoded) here where :func:`_direct_plan` finds the layout plain,
+        else h5py's ``read_direct`` (bitshuffle chunks checked first:
+        :func:`_check_bitshuffle_chunks`).
 
         Raises
         ------
         FrameError
-            The file ends before the bytes HDF5 places the frames at (one line naming the file
-            and the frames).
+            The file ends before the bytes HDF5 places the frames at, or a bitshuffle chunk is
+            damaged (one line naming the file and the frames).
         """
+        what = f"{self.path}: frames {start}..{stop - 1}"
         with _open_file(self.path) as f:
             ds = f[self.loc]
             if ds.ndim == 2:
+                _check_bitshuffle_chunks(ds, 0, 1, what)
                 out[...] = ds[()][np.newaxis][start:stop]
                 return
             plan = _direct_plan(f, ds, start, stop, out)
             if plan is None:
+                _check_bitshuffle_chunks(ds, start, stop, what)
                 ds.read_direct(out, np.s_[start:stop])
                 return
-        _read_pieces(*plan, out, start, f"{self.path}: frames {start}..{stop - 1}")
+        _read_plan(plan, out, start, what)
 
 
 @dataclass(frozen=True)
 class _Piece:
-    """Frames stored as one run of bytes: ``n_frames`` frames from ``frame`` (an index into the
-    read's output) at byte ``offset`` of the file."""
+    """``n_frames`` frames stored as ``n_bytes`` bytes at byte ``offset`` of the file, the first
+    being frame ``frame`` of the read's output (negative for a compressed chunk that starts
+    before the frames read)."""
 
     offset: int
+    n_bytes: int
     frame: int
     n_frames: int
 
 
-def _direct_plan(f, ds, start: int, stop: int, out: np.ndarray) -> tuple[str, list[_Piece]] | None:
-    """Where frames ``start:stop`` of the open 3-D dataset ``ds`` lie in its file, as (path of
-    the file holding them, runs of frames stored as whole runs of bytes), when nothing stands
-    between those bytes and ``out``'s: no filter, whole frames per chunk (or contiguous
-    storage), every chunk written and of exactly its frames' size, the stored type ``out``'s
-    own (native byte order), no user block, no external or virtual storage, a plain POSIX file.
-    None otherwise: the caller reads through HDF5."""
+@dataclass(frozen=True)
+class _Plan:
+    """Where a read's frames are stored: in file ``path`` (an external link's target, say), as
+    ``pieces``, raw (``codec`` "") or one bitshuffle-LZ4 chunk a piece (``codec`` "bslz4")."""
+
+    path: str
+    codec: str
+    pieces: list[_Piece]
+
+
+def _codec(dcpl, itemsize: int) -> str | None:
+    """"" for no filter, "bslz4" for HDF5's bitshuffle filter with LZ4 alone
+    (:data:`midasflow.io.bslz4.HDF5_FILTER`), None for anything else."""
+    from midasflow.io import bslz4
+
+    n = dcpl.get_nfilters()
+    if n == 0:
+        return ""
+    if n == 1:
+        code, _, values, _ = dcpl.get_filter(0)
+        if (code == bslz4.HDF5_FILTER and len(values) >= 5 and values[4] == bslz4.HDF5_LZ4
+                and values[2] == itemsize):
+            return "bslz4"
+    return None
+
+
+def _direct_plan(f, ds, start: int, stop: int, out: np.ndarray) -> _Plan | None:
+    """Where frames ``start:stop`` of the open 3-D dataset ``ds`` are stored, when nothing but
+    a bitshuffle-LZ4 filter stands between those bytes and ``out``'s: no other filter, whole
+    frames per chunk (or contiguous storage), every chunk written and (uncompressed) of exactly
+    its frames' size, the stored type ``out``'s own (native byte order), no user block, no
+    external or virtual storage, a plain POSIX file. None otherwise: the caller reads through
+    HDF5."""
     import h5py
 
     dtype = np.dtype(ds.dtype)
@@ -118,7 +157,8 @@ def _direct_plan(f, ds, start: int, stop: int, out: np.ndarray) -> tuple[str, li
             or out.shape != (stop - start, *ds.shape[1:])):
         return None
     dcpl = ds.id.get_create_plist()
-    if dcpl.get_nfilters() != 0 or dcpl.get_external_count() != 0:
+    codec = _codec(dcpl, dtype.itemsize)
+    if codec is None or dcpl.get_external_count() != 0:
         return None
     layout = dcpl.get_layout()
     pieces: list[_Piece] = []
@@ -126,58 +166,148 @@ def _direct_plan(f, ds, start: int, stop: int, out: np.ndarray) -> tuple[str, li
         base = ds.id.get_offset()
         if base is None or ds.id.get_storage_size() != ds.shape[0] * frame_bytes:
             return None
-        pieces.append(_Piece(base + start * frame_bytes, 0, stop - start))
+        pieces.append(_Piece(base + start * frame_bytes, (stop - start) * frame_bytes, 0, stop - start))
     elif layout == h5py.h5d.CHUNKED and tuple(ds.chunks[1:]) == tuple(ds.shape[1:]):
         per_chunk = int(ds.chunks[0])
         for first in range(start - start % per_chunk, stop, per_chunk):
             info = ds.id.get_chunk_info_by_coord((first, 0, 0))
-            if info.byte_offset is None or info.size != per_chunk * frame_bytes or info.filter_mask:
+            if info.byte_offset is None or info.filter_mask:
+                return None
+            if codec:  # the whole chunk, decoded in one piece
+                pieces.append(_Piece(info.byte_offset, info.size, first - start, per_chunk))
+                continue
+            if info.size != per_chunk * frame_bytes:
                 return None
             a, b = max(first, start), min(first + per_chunk, stop)
             offset = info.byte_offset + (a - first) * frame_bytes
             last = pieces[-1] if pieces else None
-            if last is not None and last.offset + last.n_frames * frame_bytes == offset:
-                pieces[-1] = _Piece(last.offset, last.frame, last.n_frames + b - a)  # one read
+            if last is not None and last.offset + last.n_bytes == offset:  # one read
+                pieces[-1] = _Piece(last.offset, last.n_bytes + (b - a) * frame_bytes, last.frame,
+                                    last.n_frames + b - a)
             else:
-                pieces.append(_Piece(offset, a - start, b - a))
+                pieces.append(_Piece(offset, (b - a) * frame_bytes, a - start, b - a))
     else:
         return None
-    return ds.file.filename, pieces
+    return _Plan(ds.file.filename, codec, pieces)
 
 
-def _read_pieces(path: str, pieces: list[_Piece], out: np.ndarray, first: int, what: str) -> None:
-    """Read the runs of bytes of :func:`_direct_plan` from file ``path`` into ``out`` (whose
-    frame 0 is the dataset's frame ``first``) with ``os.preadv``, the GIL released while the
-    operating system copies, after checking that the file holds them all.
+_SCRATCH = threading.local()
+
+
+def _scratch(n_bytes: int) -> np.ndarray:
+    """A uint8 array of ``n_bytes`` for compressed chunks, reused by the calling thread."""
+    buf = getattr(_SCRATCH, "chunks", None)
+    if buf is None or buf.size < n_bytes:
+        buf = _SCRATCH.chunks = np.empty(n_bytes, dtype=np.uint8)
+    return buf[:n_bytes]
+
+
+def _pread(fd: int, view: memoryview, offset: int, path: str, what: str) -> None:
+    """Fill ``view`` from byte ``offset`` of the open file ``fd`` (``os.preadv``, the GIL
+    released while the operating system copies); FrameError if the file ends first."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise FrameError(f"{what}: {path} ended at byte {offset + done} while it was read: "
+                             "truncated")
+        done += got
+
+
+def _read_plan(plan: _Plan, out: np.ndarray, first: int, what: str) -> None:
+    """Read the frames :func:`_direct_plan` located into ``out`` (whose frame 0 is the
+    dataset's frame ``first``), after checking that the file holds every piece: raw pieces
+    straight into ``out``, compressed chunks into a scratch buffer, then decoded
+    (:func:`midasflow.io.bslz4.decode_hdf5_chunk`) into ``out`` on the decoding threads
+    (:func:`midasflow.io.bslz4.decode_pool`; through a chunk-sized array for a chunk holding
+    frames outside the read).
 
     Raises
     ------
     FrameError
-        A run ends past the end of the file, or a read comes back short (the file was cut while
-        it was read); one line starting with ``what`` (file and frames).
+        A piece ends past the end of the file, a read comes back short (the file was cut while
+        it was read), or a chunk is damaged; one line starting with ``what`` (file and frames).
     """
+    from midasflow.io import bslz4
+
     frame_bytes = out[0].nbytes if len(out) else 0
     flat = memoryview(out.reshape(-1).view(np.uint8))
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(plan.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         size = os.fstat(fd).st_size
-        for piece in pieces:
-            end = piece.offset + piece.n_frames * frame_bytes
-            if end > size:
-                raise FrameError(f"{what}: frames {first + piece.frame}..{first + piece.frame + piece.n_frames - 1} "
-                                 f"are stored up to byte {end} of {path}, which holds {size} bytes: "
-                                 "truncated")
-        for piece in pieces:
-            view = flat[piece.frame * frame_bytes:(piece.frame + piece.n_frames) * frame_bytes]
-            done = 0
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], piece.offset + done)
-                if got <= 0:
-                    raise FrameError(f"{what}: {path} ended at byte {piece.offset + done} while it "
-                                     "was read: truncated")
-                done += got
+        for piece in plan.pieces:
+            if piece.offset + piece.n_bytes > size:
+                a, b = max(first, first + piece.frame), min(first + len(out), first + piece.frame + piece.n_frames)
+                raise FrameError(f"{what}: frames {a}..{b - 1} are stored up to byte "
+                                 f"{piece.offset + piece.n_bytes} of {plan.path}, which holds {size} "
+                                 "bytes: truncated")
+        if not plan.codec:
+            for piece in plan.pieces:
+                view = flat[piece.frame * frame_bytes:piece.frame * frame_bytes + piece.n_bytes]
+                _pread(fd, view, piece.offset, plan.path, what)
+            return
+        scratch = _scratch(sum(piece.n_bytes for piece in plan.pieces))
+        starts = np.cumsum([0] + [piece.n_bytes for piece in plan.pieces])
+        for piece, pos in zip(plan.pieces, starts):
+            _pread(fd, memoryview(scratch[pos:pos + piece.n_bytes]), piece.offset, plan.path, what)
     finally:
         os.close(fd)
+    def decode(piece: _Piece, pos: int) -> None:
+        chunk = scratch[pos:pos + piece.n_bytes]
+        where = f"{what}: chunk of frames {first + piece.frame}..{first + piece.frame + piece.n_frames - 1}"
+        if piece.frame >= 0 and piece.frame + piece.n_frames <= len(out):
+            bslz4.decode_hdf5_chunk(chunk, out[piece.frame:piece.frame + piece.n_frames], where)
+        else:  # the chunk holds frames before or after the read
+            whole = np.empty((piece.n_frames, *out.shape[1:]), dtype=out.dtype)
+            bslz4.decode_hdf5_chunk(chunk, whole, where)
+            a, b = max(0, piece.frame), min(len(out), piece.frame + piece.n_frames)
+            out[a:b] = whole[a - piece.frame:b - piece.frame]
+
+    list(bslz4.decode_pool().map(decode, plan.pieces, starts[:-1]))  # raises the first error
+
+
+def _check_bitshuffle_chunks(ds, start: int, stop: int, what: str) -> None:
+    """Before HDF5 decodes frames ``start:stop`` of ``ds`` (all of a 2-D dataset): check every
+    chunk its bitshuffle filter would decode with LZ4 or zstd blocks (:mod:`midasflow.io.bslz4`:
+    the filter's decoder trusts the block counts and crashes the process on a damaged chunk).
+    Nothing for a dataset without that filter.
+
+    Raises
+    ------
+    FrameError
+        A damaged chunk, or a bitshuffle filter followed by another filter (its chunks cannot
+        be checked before decoding); one line starting with ``what``.
+    """
+    import itertools
+
+    from midasflow.io import bslz4
+
+    dcpl = ds.id.get_create_plist()
+    n = dcpl.get_nfilters()
+    index = next((i for i in range(n) if dcpl.get_filter(i)[0] == bslz4.HDF5_FILTER), None)
+    if index is None:
+        return
+    values = dcpl.get_filter(index)[2]
+    if len(values) < 5 or values[4] not in (bslz4.HDF5_LZ4, 3):  # bitshuffle alone: no blocks
+        return
+    if index != n - 1:
+        raise FrameError(f"{what}: the dataset's bitshuffle filter (HDF5 32008) is followed by another "
+                         "filter, so its chunks cannot be checked before they are decoded; refused "
+                         "(bitshuffle's decoder crashes the process on a damaged chunk)")
+    itemsize = ds.dtype.itemsize
+    chunk_bytes = int(np.prod(ds.chunks)) * itemsize
+    if ds.ndim == 3:
+        axes = [range(start - start % ds.chunks[0], stop, ds.chunks[0])]
+        axes += [range(0, size, step) for size, step in zip(ds.shape[1:], ds.chunks[1:])]
+    else:
+        axes = [range(0, size, step) for size, step in zip(ds.shape, ds.chunks)]
+    for coord in itertools.product(*axes):
+        info = ds.id.get_chunk_info_by_coord(coord)
+        if info.byte_offset is None or info.filter_mask & (1 << index):
+            continue  # not written (fill value), or stored without the filter
+        _, data = ds.id.read_direct_chunk(coord)
+        bslz4.check_hdf5_chunk(np.frombuffer(data, dtype=np.uint8), chunk_bytes, itemsize,
+                               f"{what}: chunk at {coord}")
 
 
 def has_dataset(path: str, loc: str) -> bool:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from midasflow.errors import FrameError
+from midasflow.io.bslz4 import check_blocks
 
 #: pvData ScalarType code of ``codec.parameters`` → numpy dtype of the uncompressed pixels.
 SCALAR_TYPES = {
@@ -40,40 +41,6 @@ CODECS = ("", "lz4", "bslz4", "blosc")
 def frame_shape(dimension_sizes: Sequence[int]) -> tuple[int, ...]:
     """Numpy shape of an NTNDArray from its ``dimension[].size`` (fastest axis first)."""
     return tuple(int(s) for s in dimension_sizes)[::-1]
-
-
-def _check_bslz4_blocks(data: np.ndarray, n_pixels: int, itemsize: int, source: str) -> None:
-    """Check that ``data`` is exactly the blocks ``bshuf_compress_lz4`` writes for ``n_pixels``
-    pixels (block size 0: its default of 8192 bytes' worth of pixels, a multiple of 8, at least
-    128; a last, shorter block of a multiple of 8 pixels; each block a 4-byte big-endian byte
-    count and that many LZ4 bytes; the last ``n_pixels % 8`` pixels raw). bitshuffle's decoder
-    is given no input length and reads past the end of a truncated frame (the worker crashes),
-    so this is checked first (~1 ms for a 2048² frame).
-
-    Raises
-    ------
-    FrameError
-        The bytes end inside a block, or bytes are left over; one line naming ``source``.
-    """
-    block = max((8192 // itemsize) // 8 * 8, 128)
-    last = n_pixels % block - n_pixels % block % 8
-    n_blocks = n_pixels // block + (1 if last else 0)
-    raw = memoryview(data).cast("B")
-    end = len(raw) - (n_pixels % 8) * itemsize
-    pos = 0
-    for k in range(n_blocks):
-        if pos + 4 > end:
-            break
-        pos += 4 + int.from_bytes(raw[pos:pos + 4], "big")
-        if pos > end:
-            break
-    else:
-        if pos == end:
-            return
-        raise FrameError(f"{source}: bslz4 frame of {len(raw)} bytes has {end - pos} bytes after its "
-                         f"{n_blocks} blocks ({n_pixels} pixels)")
-    raise FrameError(f"{source}: bslz4 frame of {len(raw)} bytes ends inside block {k + 1} of {n_blocks} "
-                     f"({n_pixels} pixels): truncated")
 
 
 def decode_frame(value: np.ndarray, shape: Sequence[int], *, codec: str = "", parameters: int | None = None,
@@ -126,7 +93,7 @@ def decode_frame(value: np.ndarray, shape: Sequence[int], *, codec: str = "", pa
                          f"{dtype} are {n_bytes}")
     data = np.ascontiguousarray(value, dtype=np.uint8)
     if codec == "bslz4":
-        _check_bslz4_blocks(data, n_pixels, dtype.itemsize, source)
+        check_blocks(data, n_pixels, dtype.itemsize, source)  # bitshuffle trusts the block counts
     try:
         if codec == "lz4":
             import lz4.block
