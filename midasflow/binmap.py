@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 import warnings
 import weakref
 import zipfile
@@ -65,7 +66,8 @@ if TYPE_CHECKING:
     from midasflow.params import Params
 
 __all__ = ["BinMap", "build_binmap", "load_or_build_binmap", "binmap_key", "check_binmap",
-           "cached_binmap", "pixel_mean_tth_deg", "MIN_AREA_PX2"]
+           "cached_binmap", "pixel_mean_tth_deg", "cached_pixel_mean_tth_deg", "effective_tth_deg_without",
+           "MIN_AREA_PX2"]
 
 #: Overlap areas (px²) at or below this are rounding noise and produce no entry.
 MIN_AREA_PX2 = 1e-10
@@ -610,7 +612,8 @@ def build_binmap(params: Params, mask: NDArray | None = None) -> BinMap:
         bin_area=bin_area.reshape(n_r, n_eta),
         geometric_area=geometric.reshape(n_r, n_eta),
         touches_mask=touches.reshape(n_r, n_eta),
-        effective_tth_deg=_effective_tth_deg(area_map, bin_area, params, (cx, cy)).reshape(n_r, n_eta),
+        effective_tth_deg=_effective_tth_deg(area_map, bin_area, pixel_mean_tth_deg(params, (cx, cy))
+                                             ).reshape(n_r, n_eta),
         key=binmap_key(params, masked),
     )
 
@@ -659,10 +662,11 @@ def pixel_mean_tth_deg(params: Params, corners: tuple[NDArray, NDArray] | None =
     return mean_t
 
 
-def _effective_tth_deg(area_map: sp.csr_matrix, bin_area: NDArray[np.float64], params: Params,
-                       corners: tuple[NDArray, NDArray] | None = None) -> NDArray[np.float64]:
-    """Σ area·(pixel mean 2θ) / bin area of every bin (flat), NaN where the bin area is 0."""
-    sums = area_map @ pixel_mean_tth_deg(params, corners).ravel()
+def _effective_tth_deg(area_map: sp.csr_matrix, bin_area: NDArray[np.float64],
+                       pixel_tth_deg: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Σ area·(pixel mean 2θ) / bin area of every bin (flat), NaN where the bin area is 0, from
+    the pixels' mean 2θ (:func:`pixel_mean_tth_deg`)."""
+    sums = area_map @ pixel_tth_deg.ravel()
     out = np.full(bin_area.shape, np.nan)
     np.divide(sums, bin_area, out=out, where=bin_area > 0)
     return out
@@ -682,7 +686,8 @@ def effective_tth_deg_without(binmap: BinMap, params: Params, excluded: NDArray[
     binmap : BinMap
         The map of ``params`` (its static mask is already left out).
     params : Params
-        The geometry the map was built from (for the pixels' mean 2θ).
+        The geometry the map was built from (for the pixels' mean 2θ, computed once per map:
+        :func:`cached_pixel_mean_tth_deg`).
     excluded : ndarray of bool, shape (nz, ny)
         RAW frame, True = no value.
     """
@@ -696,11 +701,112 @@ def effective_tth_deg_without(binmap: BinMap, params: Params, excluded: NDArray[
     rows = binmap.areas[np.flatnonzero(touched)]
     kept = 1.0 - hidden
     area = rows @ kept
-    sums = rows @ (pixel_mean_tth_deg(params).ravel() * kept)
+    sums = rows @ (cached_pixel_mean_tth_deg(binmap, params).ravel() * kept)
     out = binmap.effective_tth_deg.ravel().copy()
     changed = np.flatnonzero(touched)[area > 0]
     out[changed] = sums[area > 0] / area[area > 0]
     return out.reshape(binmap.n_r, binmap.n_eta)
+
+
+#: Format of a map's cached pixel mean 2θ (``<map key>.pixel-tth.npz`` beside the map's file).
+_PIXEL_TTH_FORMAT = "midasflow-pixel-tth-v1"
+#: Largest difference (deg) allowed between a map's effective 2θ and the one its pixel means give.
+_PIXEL_TTH_ATOL_DEG = 1e-9
+#: The pixels' mean 2θ of the maps alive in this process (computed or loaded once per map).
+_PIXEL_TTH: weakref.WeakKeyDictionary[BinMap, NDArray[np.float64]] = weakref.WeakKeyDictionary()
+_PIXEL_TTH_LOCK = threading.Lock()
+
+
+def cached_pixel_mean_tth_deg(binmap: BinMap, params: Params) -> NDArray[np.float64]:
+    """:func:`pixel_mean_tth_deg` (deg, shape (nz, ny), read-only) of the map's geometry,
+    computed once per map: kept with the map in this process and, for a map from the cache,
+    in the cache beside its file (``<key>.pixel-tth.npz``, 8 bytes a pixel).
+
+    Nothing read back is trusted: the file is read without unpickling and used only if its
+    SHA-256 content digest, the map's key, its shape and dtype match and its values, summed
+    over every bin with the map's areas, give the map's own (digest-checked)
+    ``effective_tth_deg`` within 1e-9°; a file that fails is recomputed and replaced, with a
+    warning. A cache folder that cannot be written to only costs the recomputation (warned).
+
+    Parameters
+    ----------
+    binmap : BinMap
+    params : Params
+        The geometry the map was built from.
+
+    Raises
+    ------
+    ValueError
+        ``params`` are not the map's geometry (their pixel means do not give its effective 2θ).
+    """
+    with _PIXEL_TTH_LOCK:
+        tth = _PIXEL_TTH.get(binmap)
+    if tth is not None:
+        return tth
+    path = (None if binmap.cache_file is None
+            else Path(binmap.cache_file).with_name(f"{binmap.key}.pixel-tth.npz"))
+    if path is not None and path.exists():
+        try:
+            tth = _load_pixel_tth(path, binmap)
+        except ValueError as exc:
+            warnings.warn(f"{path}: cached pixel 2θ rejected, {exc}; recomputing it", stacklevel=2)
+    if tth is None:
+        tth = pixel_mean_tth_deg(params)
+        problem = _pixel_tth_problem(binmap, tth)
+        if problem:
+            raise ValueError(f"{params.source}: the parameters are not the bin map's geometry ({problem})")
+        if path is not None:
+            try:
+                with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, key=np.array(binmap.key), digest=np.array(_pixel_tth_digest(binmap.key, tth)),
+                             pixel_tth_deg=tth)
+            except OSError as exc:
+                warnings.warn(f"{path}: pixel 2θ not cached ({exc}); it is recomputed next time", stacklevel=2)
+    tth.flags.writeable = False
+    with _PIXEL_TTH_LOCK:
+        return _PIXEL_TTH.setdefault(binmap, tth)
+
+
+def _pixel_tth_digest(key: str, tth: NDArray[np.float64]) -> str:
+    """SHA-256 hex over the format, the map's key and the array's dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(_PIXEL_TTH_FORMAT.encode())
+    h.update(key.encode())
+    a = np.ascontiguousarray(tth)
+    h.update(f"{a.dtype.str}:{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _pixel_tth_problem(binmap: BinMap, tth: NDArray) -> str:
+    """Why ``tth`` cannot be the pixel mean 2θ of ``binmap``'s geometry ("" when it can)."""
+    if tth.dtype != np.float64 or tth.shape != tuple(binmap.detector_shape):
+        return f"expected float64 of shape {tuple(binmap.detector_shape)}, got {tth.dtype} {tth.shape}"
+    flat = binmap.bin_area.ravel()
+    again = _effective_tth_deg(binmap.areas, flat, tth).reshape(binmap.n_r, binmap.n_eta)
+    if not np.allclose(again, binmap.effective_tth_deg, rtol=0, atol=_PIXEL_TTH_ATOL_DEG, equal_nan=True):
+        return "its values do not give the map's effective 2θ"
+    return ""
+
+
+def _load_pixel_tth(path: Path, binmap: BinMap) -> NDArray[np.float64]:
+    """The pixel mean 2θ cached at ``path`` for ``binmap``, checked (ValueError saying why not)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("key", "digest", "pixel_tth_deg") if k not in f.files]
+            if missing:
+                raise ValueError(f"member {missing[0]!r} missing")
+            key, digest, tth = f["key"], f["digest"], f["pixel_tth_deg"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"unreadable ({exc})") from None
+    if key.dtype.kind != "U" or str(key) != binmap.key:
+        raise ValueError("made for another bin map (key differs)")
+    if digest.dtype.kind != "U" or str(digest) != _pixel_tth_digest(binmap.key, tth):
+        raise ValueError("content does not match its digest")
+    problem = _pixel_tth_problem(binmap, tth)
+    if problem:
+        raise ValueError(problem)
+    return tth
 
 
 def _default_cache_dir() -> Path:

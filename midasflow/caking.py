@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from midasflow.io.frames import RawFrames, ScanReader
     from midasflow.params import MaskRule, Params
 
-__all__ = ["cake", "group_bounds", "bin_centres", "cake_coords", "cake_attrs"]
+__all__ = ["cake", "group_bounds", "bin_centres", "cake_coords", "cake_attrs", "flagged_pixels"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +279,8 @@ def cake(
         each the mean over the group's frames; coordinates
         ``r_px``, ``tth_deg``, ``q_inv_a`` (r; bin centres), ``eta_deg`` (eta), ``bin_area``
         (r, eta, pixel²), ``effective_tth_deg`` (r, eta; the 2θ each bin's value samples,
-        :attr:`midasflow.binmap.BinMap.effective_tth_deg`, NaN where no pixel is collected),
+        :attr:`midasflow.binmap.BinMap.effective_tth_deg` with the pixels the first frame has no
+        value for left out, NaN where no pixel is collected),
         ``omega_deg`` (group, mid-group ω), ``omega_frame_deg`` (frame); attrs ``params`` (MIDAS
         text) and ``instrument`` (JSON of the GSAS-II instrument terms).
 
@@ -293,7 +294,13 @@ def cake(
     copy, dark-subtracted copy or concatenation of the frames; the cakes are bit-identical.
     The other notes below are about any other frames.
 
-    Nothing is computed here: the per-frame cakes are one task per map pass of
+    Only the first frame is read here (with the dark, once per process): the pixels it has no
+    value for (NaN: detector flags such as a Pilatus's −1 gaps, in the frame or in the dark)
+    are not in the map's static mask, so the bins they cut get the 2θ of their other pixels
+    (:func:`cake_coords`; docs/caking_2theta.md §6). Flags that change from frame to frame are
+    not followed: give fixed gaps as a mask.
+
+    Nothing else is computed here: the per-frame cakes are one task per map pass of
     ``frames_per_pass(binmap)`` frames (32 for 2048 x 2048 float32 frames), whose tasks share
     the bin map as a single graph key; group sums are a streaming scan over those chunks.
     Frame chunks smaller than a pass (``open_frames``' default, say) are not rechunked: each task
@@ -372,7 +379,7 @@ def cake(
         last_frame=frame_idx[last],
         frame=frame_idx,
         omega_frame_deg=omega,
-        **cake_coords(params, binmap),
+        **cake_coords(params, binmap, _first_frame_flags(data)),
         frame_intensity=cakes if params.save_individual_frames else None,
         sum_frames=sum_frames,
         process_variables=process,
@@ -380,17 +387,46 @@ def cake(
     )
 
 
-def cake_coords(params: Params, binmap: BinMap) -> dict[str, np.ndarray]:
+def cake_coords(params: Params, binmap: BinMap, flagged: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
     """The bin coordinates of a caked Dataset: ``r_px``, ``tth_deg``, ``q_inv_a`` (r; bin centres),
     ``eta_deg`` (eta), ``bin_area`` and ``effective_tth_deg`` (r, eta), as keywords of
-    :func:`midasflow.caked_schema.caked_dataset`."""
+    :func:`midasflow.caked_schema.caked_dataset`.
+
+    ``flagged`` (nz, ny) bool, raw frame: pixels with no value in the frames besides the map's
+    mask (detector flags, :func:`flagged_pixels`); the bins they cut get the 2θ their other
+    pixels sample (:func:`midasflow.binmap.effective_tth_deg_without`, docs/caking_2theta.md §6).
+    """
+    from midasflow.binmap import effective_tth_deg_without
     from midasflow.geometry import r_to_tth_deg, tth_to_q_inv_a
 
     r_px = bin_centres(binmap.r_edges_px)
     tth = r_to_tth_deg(r_px, params)
+    effective = (binmap.effective_tth_deg if flagged is None or not flagged.any()
+                 else effective_tth_deg_without(binmap, params, flagged))
     return {"r_px": r_px, "tth_deg": tth, "q_inv_a": tth_to_q_inv_a(tth, params.wavelength_a),
             "eta_deg": bin_centres(binmap.eta_edges_deg), "bin_area": binmap.bin_area,
-            "effective_tth_deg": binmap.effective_tth_deg}
+            "effective_tth_deg": effective}
+
+
+def flagged_pixels(first: np.ndarray, dark: np.ndarray | None = None) -> np.ndarray:
+    """The pixels (nz, ny) bool that have no value in a scan's first frame ``first`` (as read:
+    float32 with detector flags NaN, :func:`midasflow.io.frames.open_frames`' conversion)
+    once ``dark`` is subtracted: NaN in either."""
+    first = np.asarray(first)
+    return np.isnan(first) if dark is None else np.isnan(first - np.asarray(dark))
+
+
+def _first_frame_flags(data: Any) -> np.ndarray:
+    """:func:`flagged_pixels` of the first of the frames ``data`` (a dask array) caked: for
+    ``open_frames``' frames one frame read from the files and its dark (computed once per
+    process: :func:`midasflow.io.frames.dark_mean`), for any other array its first frame."""
+    from midasflow.io.frames import raw_frames_of
+
+    raw = raw_frames_of(data)
+    if raw is None:
+        return flagged_pixels(np.asarray(data[0].compute()))
+    return flagged_pixels(raw.reader[0:1][0], None if raw.dark is None else raw.dark.compute())
 
 
 def cake_attrs(params: Params) -> dict[str, str]:

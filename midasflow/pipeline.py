@@ -85,7 +85,7 @@ def integrate_dataset(
     pass over the map takes (the kernel's fastest size, with bounded memory). The files'
     existence and the mask are checked before the map is built; the frames' shapes when they
     are opened. The first frame is read at once for the pixels the detector flags
-    (:func:`with_flagged_pixels`); the rest stays lazy.
+    (:func:`midasflow.caking.cake`); the rest stays lazy.
     """
     from midasflow.binmap import load_or_build_binmap
     from midasflow.caking import cake
@@ -101,38 +101,7 @@ def integrate_dataset(
                                   max_map_entries=max_map_entries)
     check_binmap_covers_detector(binmap, params)
     frames = open_frames(scan, params, frames_per_chunk=frames_per_pass(binmap, np.float32))
-    return with_flagged_pixels(cake(frames, params, binmap=binmap), frames, params, binmap)
-
-
-def with_flagged_pixels(ds: xr.Dataset, frames: xr.DataArray, params: Params, binmap: Any) -> xr.Dataset:
-    """``ds``, the cake of ``frames``, with the pixels the detector flags left out of its
-    effective 2θ.
-
-    Detector flags (a Pilatus's −1 gaps and −2 bad pixels, an Eiger's gap value) are NaN in
-    the frames :func:`~midasflow.io.frames.open_frames` gives, in the frames or through the
-    dark, but are not in the map's static mask, so a bin they cut samples only its other
-    pixels. The first frame is read now (only that frame, and the dark), and the bins its NaN
-    pixels overlap get the 2θ those other pixels sample
-    (:func:`midasflow.binmap.effective_tth_deg_without`). Flags that change from frame to
-    frame are not followed: give fixed gaps as a mask.
-    """
-    from midasflow.binmap import effective_tth_deg_without
-    from midasflow.io.frames import raw_frames_of
-
-    recipe = raw_frames_of(frames.data)
-    if recipe is None:
-        first = frames.isel(frame=slice(0, 1)).values[0]
-    else:  # one frame, not the whole first chunk
-        first = recipe.reader[0:1][0]
-        if recipe.dark is not None:
-            first = first - np.asarray(recipe.dark.compute())
-    flagged = np.isnan(first)
-    if not flagged.any():
-        return ds
-    tth = effective_tth_deg_without(binmap, params, flagged)
-    if tth is binmap.effective_tth_deg:
-        return ds
-    return ds.assign_coords(effective_tth_deg=(("r", "eta"), tth))
+    return cake(frames, params, binmap=binmap)
 
 
 def check_binmap_covers_detector(binmap: Any, params: Params) -> None:

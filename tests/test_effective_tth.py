@@ -189,12 +189,9 @@ def test_refined_cell_is_unbiased_on_the_effective_axis(noise_free_ceo2, tmp_pat
     assert old.attrs["tth_axis"] == "bin_centre"
 
 
-@pytest.mark.parametrize("dark", [False, True])
-def test_detector_flags_in_the_frames_move_the_axis_as_a_mask_does(tmp_path, dark):
-    """Pilatus gaps flagged −1 in the frames (or in the dark) and no mask file: the integrated
-    cake's effective 2θ is the one a mask of those pixels gives (the bins they cut sample their
-    other pixels), the values are the same, and bins no flag touches keep the map's value."""
-    from midasflow import pipeline
+def _flagged_and_masked_scans(tmp_path, dark: bool):
+    """The same scan twice: its gaps flagged −1 in the frames (or in the dark) with no mask
+    file, and the gaps' pixels 0 with a mask file of them."""
     from midasflow.simulate import write_scan
 
     params = ceo2_params(SHAPE, r_bin_px=1.0, eta_bin_deg=10.0)
@@ -206,17 +203,81 @@ def test_detector_flags_in_the_frames_move_the_axis_as_a_mask_does(tmp_path, dar
     flagged = write_scan(tmp_path / "flags", params, frames, darks)
     masked = write_scan(tmp_path / "mask", params, np.where(frames < 0, 0, frames).astype(np.int32),
                         None if darks is None else np.where(darks < 0, 0, darks).astype(np.int32), mask=mask)
-    cakes = []
-    for files in (flagged, masked):  # HDF5: the dark is the data file's exchange/dark
-        cakes.append(pipeline.integrate_dataset(files.data, files.params, cache_dir=tmp_path / "cache"))
-    by_flags, by_mask = cakes
-    static = load_or_build_binmap(params, None, tmp_path / "cache").effective_tth_deg
-    tth_flags, tth_mask = by_flags.effective_tth_deg.values, by_mask.effective_tth_deg.values
+    return params, flagged, masked
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_detector_flags_in_the_frames_move_the_axis_as_a_mask_does(tmp_path, dark):
+    """Pilatus gaps flagged −1 in the frames (or in the dark) and no mask file: the cake's
+    effective 2θ is the one a mask of those pixels gives (the bins they cut sample their other
+    pixels), the values are the same, and bins no flag touches keep the map's value; through
+    ``integrate``, the public composition ``open_frames -> cake`` and ``cake`` of the same
+    frames as a numpy array (flags: the first frame's NaN pixels)."""
+    import xarray as xr
+
+    from midasflow import pipeline
+    from midasflow.caking import cake
+    from midasflow.io.frames import open_frames
+
+    params, flagged, masked = _flagged_and_masked_scans(tmp_path, dark)
+    cache = tmp_path / "cache"
+    by_mask = pipeline.integrate_dataset(masked.data, masked.params, cache_dir=cache)  # HDF5: the dark is
+    frames = open_frames(flagged.data, flagged.params)                                # exchange/dark
+    in_memory = xr.DataArray(frames.values, dims=frames.dims)
+    static = load_or_build_binmap(params, None, cache)
+    tth_mask = by_mask.effective_tth_deg.values
     collected = np.isfinite(tth_mask)
-    np.testing.assert_allclose(tth_flags[collected], tth_mask[collected], rtol=0, atol=1e-9)
-    cut = collected & (np.abs(static - tth_mask) > 1e-3)  # bins the gaps move by more than 0.001°
+    cut = collected & (np.abs(static.effective_tth_deg - tth_mask) > 1e-3)  # bins the gaps move by > 0.001°
     assert cut.sum() >= 20
-    untouched = np.isclose(by_mask.bin_area.values, load_or_build_binmap(params, None, tmp_path / "cache").bin_area)
-    np.testing.assert_array_equal(tth_flags[untouched], static[untouched])
-    np.testing.assert_array_equal(np.isnan(by_flags.intensity.values), np.isnan(by_mask.intensity.values))
-    np.testing.assert_allclose(by_flags.intensity.values, by_mask.intensity.values, rtol=1e-6, equal_nan=True)
+    untouched = np.isclose(by_mask.bin_area.values, static.bin_area)
+    for way, by_flags in (("integrate", pipeline.integrate_dataset(flagged.data, flagged.params, cache_dir=cache)),
+                          ("open_frames -> cake", cake(frames, flagged.params, cache_dir=cache)),
+                          ("numpy frames", cake(in_memory, flagged.params, cache_dir=cache))):
+        tth_flags = by_flags.effective_tth_deg.values
+        np.testing.assert_allclose(tth_flags[collected], tth_mask[collected], rtol=0, atol=1e-9, err_msg=way)
+        np.testing.assert_array_equal(tth_flags[untouched], static.effective_tth_deg[untouched], err_msg=way)
+        intensity = by_flags.intensity.values
+        np.testing.assert_array_equal(np.isnan(intensity), np.isnan(by_mask.intensity.values), err_msg=way)
+        np.testing.assert_allclose(intensity, by_mask.intensity.values, rtol=1e-6, equal_nan=True, err_msg=way)
+
+
+def test_following_flags_reads_the_dark_once_and_keeps_the_pixel_2theta_with_the_map(tmp_path, monkeypatch):
+    """``open_frames -> cake`` of a scan with flags computes the dark once for the flags and
+    the cakes, and the pixels' mean 2θ once per map: cached beside the map's file and read
+    back (checked) by the next process; a tampered file is refused, with a warning, and
+    recomputed; parameters of another geometry are refused."""
+    import midasflow.binmap as binmap_module
+    import midasflow.io.frames as frames_module
+    from midasflow.caking import cake
+    from midasflow.io.frames import open_frames
+
+    params, flagged, masked = _flagged_and_masked_scans(tmp_path, dark=True)
+    cache = tmp_path / "cache"
+    binmap = load_or_build_binmap(params, None, cache)  # its build computes the pixel means too
+    darks, pixel_means = [], []
+    real_mean, real_pixels = frames_module._mean_frames, binmap_module.pixel_mean_tth_deg
+    monkeypatch.setattr(frames_module, "_mean_frames", lambda *a: darks.append(1) or real_mean(*a))
+    monkeypatch.setattr(binmap_module, "pixel_mean_tth_deg", lambda *a: pixel_means.append(1) or real_pixels(*a))
+    ds = cake(open_frames(flagged.data, flagged.params), flagged.params, cache_dir=cache)
+    ds.compute()
+    assert darks == [1] and pixel_means == [1]
+    cached = cache / f"{binmap.key}.pixel-tth.npz"
+    assert cached.is_file()
+    binmap_module._PIXEL_TTH.clear()  # as in another process: from the file
+    again = cake(open_frames(flagged.data, flagged.params), flagged.params, cache_dir=cache)
+    assert pixel_means == [1]
+    np.testing.assert_array_equal(again.effective_tth_deg.values, ds.effective_tth_deg.values)
+
+    with np.load(cached) as f:
+        members = {k: f[k] for k in f.files}
+    members["pixel_tth_deg"] = members["pixel_tth_deg"] + 1e-6  # a consistent digest, other values
+    members["digest"] = np.array(binmap_module._pixel_tth_digest(binmap.key, members["pixel_tth_deg"]))
+    np.savez(cached, **members)
+    binmap_module._PIXEL_TTH.clear()
+    with pytest.warns(UserWarning, match="cached pixel 2θ rejected, its values do not give the map's"):
+        tampered = cake(open_frames(flagged.data, flagged.params), flagged.params, cache_dir=cache)
+    assert pixel_means == [1, 1]
+    np.testing.assert_array_equal(tampered.effective_tth_deg.values, ds.effective_tth_deg.values)
+    binmap_module._PIXEL_TTH.clear()
+    with pytest.raises(ValueError, match="not the bin map's geometry"):
+        binmap_module.cached_pixel_mean_tth_deg(build_binmap(params), params.with_overrides(lsd_um=params.lsd_um * 1.01))

@@ -488,7 +488,7 @@ def dark_mean(first_file: str, params: Params, dark_fn: str | None, dark_loc: st
     status = os.stat(dark.path)
     stamp = (dark.path, status.st_mtime_ns, status.st_size)
     name = f"dark-mean-{tokenize(dark_reader, stamp, per_chunk)}"
-    task = dask.delayed(_mean_frames, pure=True)(dark_reader, per_chunk, dask_key_name=name)
+    task = dask.delayed(_dark_frame, pure=True)(name, dark_reader, per_chunk, dask_key_name=name)
     label = dark.path + (f"::{dark.loc}" if getattr(dark, "loc", "") else "")
     return da.from_delayed(task, shape=dark_reader.shape[1:], dtype=np.float32,
                            meta=np.empty((0, 0), np.float32)), label
@@ -522,6 +522,30 @@ def _mean_frames(reader: ScanReader, per_chunk: int) -> np.ndarray:
     for _ in range(depth - 1):
         sums = [_sum_in_order(sums[i:i + _SPLIT_EVERY]) for i in range(0, len(sums), _SPLIT_EVERY)]
     return (_sum_in_order(sums) / n).astype(np.float32)
+
+
+#: The darks computed in this process, by their graph key (most recent last).
+_DARKS: dict[str, np.ndarray] = {}
+_DARKS_LOCK = threading.Lock()
+#: Darks kept (a frame each, 16 MiB for 2048² pixels).
+_MAX_DARKS = 2
+
+
+def _dark_frame(name: str, reader: ScanReader, per_chunk: int) -> np.ndarray:
+    """The task of :func:`dark_mean`'s array ``name``: :func:`_mean_frames`, computed once per
+    process. The key names the dark's files, their size and modification time and the
+    chunking, so reading the first frame's flags with the dark (:func:`midasflow.caking.cake`)
+    and caking the scan, two computations, read the dark files once. Read-only."""
+    with _DARKS_LOCK:
+        dark = _DARKS.get(name)
+    if dark is None:
+        dark = _mean_frames(reader, per_chunk)
+        dark.flags.writeable = False
+        with _DARKS_LOCK:
+            dark = _DARKS.setdefault(name, dark)
+            while len(_DARKS) > _MAX_DARKS:
+                del _DARKS[next(iter(_DARKS))]
+    return dark
 
 
 def _process_variables(sources: tuple[FrameSource, ...], params: Params,
