@@ -593,9 +593,114 @@ def test_cakes_stay_on_the_workers_and_a_failed_task_still_stops_the_stream(smal
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"not a tiff")
     flow, _ = _small_flow(small_scan, client, tmp_path, "broken", frames_per_task=1)
+    flow.feed(Arrival(name="f0.tif", n_frames=1, path=str(path)))  # the first frame (its flags read here)
     flow.feed(Arrival(name="broken.tif", n_frames=1, path=str(broken)))
     with pytest.raises(Exception, match="broken.tif"):
         flow.finish(end_of_stream=True)
+
+
+def _gaps(shape):
+    """A module gap (rows 60..66) and a dead block, cutting through the small scan's rings."""
+    gaps = np.zeros(shape, dtype=bool)
+    gaps[60:67, :] = True
+    gaps[90:110, 20:31] = True
+    return gaps
+
+
+def _flagged_frames(small_scan):
+    """The small scan's frames as int32 with its gaps flagged −1 (a Pilatus's gap value)."""
+    frames = small_scan["frames"].astype(np.int32)
+    frames[:, _gaps(frames.shape[1:])] = -1
+    return frames
+
+
+def test_stream_refinement_takes_the_first_frames_flagged_pixels_and_resume_keeps_them(small_scan, client,
+                                                                                       tmp_path):
+    """A stream whose frames have gaps flagged −1 and no mask file: at its first frame the
+    refinement's lineouts get the effective 2θ a mask of the gaps gives (within 1e-9°), the flags
+    go to the spool, and a resumed stream takes them from there."""
+    import tifffile
+
+    from midasflow.binmap import load_or_build_binmap
+    from midasflow.caked_schema import caked_dataset
+    from midasflow.caking import cake_attrs, cake_coords
+    from midasflow.refinement.plan import CakeLayout, WorkerContext
+    from midasflow.stream.dataflow import Refinement, StreamDataflow, StreamLimits, StreamState
+    from midasflow.stream.sources import Arrival
+    from midasflow.stream.spool import Spool
+
+    params, binmap, caking = _small_caking(small_scan)
+    params = params.with_overrides(omega_sum_frames=2)  # no group closes: nothing is refined
+    skeleton = caked_dataset(
+        intensity=np.zeros((0, binmap.n_r, binmap.n_eta)), frames_summed=np.zeros(0),
+        omega_first_deg=np.zeros(0), omega_last_deg=np.zeros(0), last_frame=np.zeros(0),
+        frame=np.zeros(0), omega_frame_deg=np.zeros(0), **cake_coords(params, binmap), attrs=cake_attrs(params))
+    context = WorkerContext(CakeLayout.of(skeleton), None, None, None, None, 20, None)
+    path = tmp_path / "gaps.tif"
+    tifffile.imwrite(path, _flagged_frames(small_scan)[0])
+    spool = Spool(tmp_path / "flags")
+    spool.create()
+
+    def flow_of(state=None):
+        return StreamDataflow(client, params, binmap, caking, None, spool, StreamLimits(frames_per_task=1),
+                              keep_frames=False, caking_digest="test", state=state,
+                              refinement=Refinement(context, None, binmap.n_eta, binmap.n_eta))
+
+    flow = flow_of()
+    static = client.gather(flow.context).layout.tth_deg
+    np.testing.assert_array_equal(static, binmap.effective_tth_deg)
+    flow.feed(Arrival(name="gaps.tif", n_frames=1, path=str(path)))
+    np.testing.assert_array_equal(flow.flagged, _gaps(binmap.detector_shape))
+    by_mask = load_or_build_binmap(params, _gaps(binmap.detector_shape)).effective_tth_deg
+    collected = np.isfinite(by_mask)
+    assert (np.abs(by_mask - static)[collected] > 1e-3).sum() >= 20  # bins the gaps move
+    followed = client.gather(flow.context).layout.tth_deg
+    np.testing.assert_allclose(followed[collected], by_mask[collected], rtol=0, atol=1e-9)
+    flow.finish(end_of_stream=False)
+    resumed = flow_of(StreamState(frames=list(flow.state.frames)))
+    np.testing.assert_array_equal(resumed.flagged, flow.flagged)
+    np.testing.assert_array_equal(client.gather(resumed.context).layout.tth_deg, followed)
+
+
+@pytest.mark.slow
+def test_folder_and_pv_streams_follow_flagged_pixels_as_a_mask_file_does(small_scan, client, tmp_path):
+    """Frames with gaps flagged −1 (int32) and no mask file, from a watched folder and from a
+    PV: the stream's store and HDF5 carry the effective 2θ that batch mode gives with a mask
+    file of the gaps (within 1e-9°)."""
+    import h5py
+    import tifffile
+
+    from midasflow.io.caked_store import open_caked
+    from midasflow.pipeline import integrate
+    from midasflow.stream.run import run_stream
+
+    frames = _flagged_frames(small_scan)
+    mask_file = tmp_path / "gaps_mask.tif"
+    tifffile.imwrite(mask_file, _gaps(frames.shape[1:]).astype(np.uint8))
+    batch = open_caked(integrate(small_scan["files"].params_file, small_scan["files"].data,
+                                 overrides={"MaskFile": str(mask_file)}, result_folder=tmp_path / "batch",
+                                 client=client))
+    by_mask = batch.effective_tth_deg.values
+    collected = np.isfinite(by_mask)
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    writer = drop_files(folder, frames[:2], interval_s=0.05)
+    server = NtndArrayServer(shape=frames.shape[1:])
+    try:
+        server.publish(frames[:2], rate_hz=20)
+        for source, kwargs in (("folder", dict(folder=folder, settle_s=0.2, output_h5=str(tmp_path / "cakes.h5"))),
+                               ("pva", dict(pva=True, pva_channel=server.pv_name, pva_conf=server.conf))):
+            store = run_stream(small_scan["files"].params_file, [], out=tmp_path / f"ref_{source}",
+                               result_folder=tmp_path / source, dark=str(small_scan["dark"]), stop_after=2,
+                               client=client, skip_refinement=True, live=False, **kwargs)
+            streamed = open_caked(store).effective_tth_deg.values
+            np.testing.assert_allclose(streamed[collected], by_mask[collected], rtol=0, atol=1e-9, err_msg=source)
+    finally:
+        server.stop()
+    writer.join(10)
+    with h5py.File(tmp_path / "cakes.h5") as f:
+        np.testing.assert_allclose(f["geometry_maps/TTh_eff_map"][...][collected], by_mask[collected],
+                                   rtol=0, atol=1e-9)
 
 
 @pytest.mark.slow

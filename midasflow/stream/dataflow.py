@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from midasflow.errors import MidasflowError
+from midasflow.io.frames import _to_float32
 from midasflow.stream.sources import Arrival
-from midasflow.stream.spool import Spool, save_array
+from midasflow.stream.spool import Spool, load_array, save_array
 from midasflow.stream.tasks import (
     BinMapRef,
     Caking,
@@ -47,6 +48,7 @@ from midasflow.stream.tasks import (
     fold,
     load_spooled,
     refine_group_seed,
+    read_part,
     refine_part,
     save_carry,
     take_group,
@@ -113,10 +115,11 @@ class GroupRecord:
 
 @dataclass
 class Refinement:
-    """How closed groups are refined: the plan's worker context (scattered once by the caller)
-    and the unit size."""
+    """How closed groups are refined: the plan's worker context (the dataflow sends it to the
+    workers, again once the first frame's flagged pixels move its lineouts' 2θ) and the unit
+    size."""
 
-    context: Any           # future of the stream's WorkerContext
+    context: Any           # the stream's WorkerContext (the dataflow scatters it)
     seed_from: str | None
     lineouts_per_task: int
     n_eta: int
@@ -165,7 +168,8 @@ class StreamDataflow:
         returns ``(dark or None, dark_source)``, the dark that file holds, subtracted from then on
         (and kept in the spool for ``--resume``).
     refinement : Refinement, optional
-        Refine every closed group; None: cake only.
+        Refine every closed group; None: cake only. The lineouts' 2θ follow the pixels the
+        first frame has no value for (``flagged``).
     on_group_refined : callable, optional
         Called with (GroupRecord, list of LineoutResult) when a group's lineouts are all back.
     state : StreamState, optional
@@ -198,7 +202,15 @@ class StreamDataflow:
             self.binmap = BinMapRef(binmap.cache_file, binmap.key, binmap.digest)
         else:
             [self.binmap] = client.scatter([binmap], broadcast=True, hash=False)
+        self.map = binmap
+        self.dark_frame = dark
         self.dark = None if dark is None else client.scatter([dark], broadcast=True, hash=False)[0]
+        #: The pixels the first frame taken has no value for (detector flags, with the dark's),
+        #: None before it came: the cake's effective 2θ leaves them out (docs/caking_2theta.md §6).
+        self.flagged = None if state is None else _resumed_flags(spool, self.state, tuple(binmap.detector_shape))
+        self.context = None  # future of the refinement's WorkerContext
+        if refinement is not None:
+            self._scatter_context()
         self.dark_of_file = dark_of_file
         if dark_of_file is None:
             self.state.dark_source = dark_source
@@ -252,6 +264,8 @@ class StreamDataflow:
             skipped = min(skip, arrival.n_frames - start)
             self.state.skipped += skipped
             start += skipped
+        if self.flagged is None and start < arrival.n_frames and self.wants_more():
+            self._take_flags(arrival, start)
         per_task = self.limits.frames_per_task
         while start < arrival.n_frames and self.wants_more():
             room = self.limits.stop_after - self.n_frames if self.limits.stop_after else arrival.n_frames
@@ -275,7 +289,12 @@ class StreamDataflow:
         """Give every worker the bin map and the caking kernel's layout of it (one pass of
         ``frames_per_task`` blank frames, :func:`~midasflow.stream.tasks.warm_caking`) before the
         first frame comes: they take seconds to load, check and build, which would otherwise be
-        spent while the first frames queue up (and a PV drops them)."""
+        spent while the first frames queue up (and a PV drops them). This process gets the
+        pixels' mean 2θ the first frame's flags need (:func:`midasflow.binmap.cached_pixel_mean_tth_deg`)."""
+        from midasflow.binmap import cached_pixel_mean_tth_deg
+
+        if self.flagged is None:
+            cached_pixel_mean_tth_deg(self.map, self.params)
         workers = list(self.client.scheduler_info()["workers"])
         n = self.limits.frames_per_task
         futures = [self.client.submit(warm_caking, self.binmap, self.caking_future, n, workers=[w],
@@ -290,10 +309,40 @@ class StreamDataflow:
         the workers once."""
         dark, self.state.dark_source = self.dark_of_file(path)
         self.dark_of_file = None
+        self.dark_frame = dark
         if dark is not None:
             save_array(self.spool.dark_path, dark)
             [self.dark] = self.client.scatter([dark], broadcast=True, hash=False)
         log.info("stream dark: %s", self.state.dark_source or "none")
+
+    def _take_flags(self, arrival: Arrival, start: int) -> None:
+        """The pixels the stream's first frame (frame ``start`` of ``arrival``, read here) has
+        no value for, with the dark's (:func:`midasflow.caking.flagged_pixels`, as batch mode
+        takes them from a scan's first frame), kept in the spool; the refinement's lineouts
+        get the 2θ the bins they cut sample."""
+        from midasflow.caking import flagged_pixels
+
+        part = FramePart(path=arrival.path, start=start, stop=start + 1, pva=arrival.payload)
+        [first] = _to_float32(read_part(part, self.caking))
+        self.flagged = flagged_pixels(first, self.dark_frame)
+        save_array(self.spool.flags_path, self.flagged)
+        log.info("stream first frame: %d pixels flagged", int(self.flagged.sum()))
+        if self.refinement is not None and self.flagged.any():
+            self._scatter_context()
+
+    def _scatter_context(self) -> None:
+        """Send the refinement's worker context to the workers (replacing the one sent before),
+        its lineouts' 2θ following ``flagged`` (:func:`midasflow.caking.cake_coords`)."""
+        from midasflow.caking import cake_coords
+
+        context = self.refinement.context
+        layout = context.layout
+        if self.flagged is not None and layout is not None and layout.tth_axis == "effective":
+            axis = cake_coords(self.params, self.map, self.flagged)["effective_tth_deg"]
+            context = replace(context, layout=replace(layout, tth_deg=np.asarray(axis)))
+        if self.context is not None:
+            self.context.release()
+        [self.context] = self.client.scatter([context], broadcast=True, hash=False)
 
     def _take(self, arrival: Arrival, start: int, stop: int) -> None:
         """Frames ``start:stop`` of an arrival: recorded, and added to the next caking task."""
@@ -440,13 +489,13 @@ class StreamDataflow:
         step = ref.lineouts_per_task
         whole = step >= ref.n_eta
         if ref.seed_from is not None and not whole:
-            seed = self.client.submit(refine_group_seed, ref.context, info, cake, pure=False,
+            seed = self.client.submit(refine_group_seed, self.context, info, cake, pure=False,
                                       key=f"refine-lineout-seed-{record.group}-{self.token}")
         base = record.group * ref.n_eta
         for e0 in range(0, ref.n_eta, step):
             e1 = min(e0 + step, ref.n_eta)
             span = f"{base + e0}" if e1 - e0 == 1 else f"{base + e0}-{base + e1 - 1}"
-            fut = self.client.submit(refine_part, ref.context, info, cake, e0, e1, seed, pure=False,
+            fut = self.client.submit(refine_part, self.context, info, cake, e0, e1, seed, pure=False,
                                      key=f"refine-lineout-{span}-{self.token}", retries=2)
             self._track(fut, "refine", (record, (e0, e1)))
             record.units_left += 1
@@ -515,6 +564,20 @@ def _raise_if_failed(future: Any) -> None:
     tasks after them read them."""
     if future.status != "finished":
         future.result()
+
+
+def _resumed_flags(spool: Spool, state: StreamState, shape: tuple[int, int]) -> np.ndarray | None:
+    """The flagged pixels of a resumed stream's first frame, from the spool (None: no frame
+    was taken yet); none (with a warning) for a spool written before midasflow kept them."""
+    from pathlib import Path
+
+    if Path(spool.flags_path).is_file():
+        return load_array(spool.flags_path, shape, np.bool_)
+    if not state.frames:
+        return None
+    log.warning("%s: missing; the resumed stream's effective 2θ leaves no flagged pixel out",
+                spool.flags_path)
+    return np.zeros(shape, dtype=bool)
 
 
 def lineouts_per_task(n_eta: int, threads: int) -> int:

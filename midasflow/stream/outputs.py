@@ -28,12 +28,15 @@ def _lazy_stack(paths: list[str], shape: tuple[int, int]) -> Any:
                      for p in paths])
 
 
-def caked_from_spool(state: Any, spool: Spool, params: Any, binmap: Any, *, keep_frames: bool) -> Any:
+def caked_from_spool(state: Any, spool: Spool, params: Any, binmap: Any, *, keep_frames: bool,
+                     flagged: np.ndarray | None = None) -> Any:
     """The caked Dataset (:func:`midasflow.caking.cake`'s layout) of the stream's closed groups.
 
     Frames of an open group (a stream stopped mid-group) are not in it. Per-frame cakes
     (``frame_intensity``, when ``SaveIndividualFrames``) and ``sum_frames`` (``SumImages``) come
-    from the spooled frame cakes, summed in frame order as batch mode sums them.
+    from the spooled frame cakes, summed in frame order as batch mode sums them. ``flagged``:
+    the pixels the stream's first frame had no value for, left out of the effective 2θ as
+    batch mode leaves them out.
 
     Returns
     -------
@@ -64,7 +67,7 @@ def caked_from_spool(state: Any, spool: Spool, params: Any, binmap: Any, *, keep
         last_frame=np.array([g.last for g in groups]),
         frame=np.arange(n),
         omega_frame_deg=omega,
-        **cake_coords(params, binmap),
+        **cake_coords(params, binmap, flagged),
         frame_intensity=frame_cakes if params.save_individual_frames else None,
         sum_frames=sum_frames,
         attrs={**cake_attrs(params), "source": "stream"},

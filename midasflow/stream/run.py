@@ -352,9 +352,9 @@ def run_stream(
                                       "seed_from": seed_from, "data_file": f"stream {folder or channel}"},
                                 resume=resume)
                 checkpoints = Checkpoints.create(out, plan.refine_digest(), resume=resume)
-                [context] = client.scatter([plan.worker_context(checkpoints)], broadcast=True, hash=False)
                 threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
-                refinement = Refinement(context, seed_from, lineouts_per_task(binmap.n_eta, threads),
+                refinement = Refinement(plan.worker_context(checkpoints), seed_from,
+                                        lineouts_per_task(binmap.n_eta, threads),
                                         int(binmap.n_eta))
             if folder is not None:
                 source = FolderSource(folder, params, data_loc=data_loc, settle_s=settle_s,
@@ -544,7 +544,8 @@ class _Outputs:
         from midasflow.io.midas_zarr import write_midas_zarr
         from midasflow.stream.outputs import caked_from_spool, write_cakes_h5
 
-        caked = caked_from_spool(flow.state, spool, params, binmap, keep_frames=keep_frames)
+        caked = caked_from_spool(flow.state, spool, params, binmap, keep_frames=keep_frames,
+                                 flagged=flow.flagged)
         if caked is not None and not no_zarr:
             write_midas_zarr(caked, zarr_path, client=client)
         if caked is not None and output_h5:

@@ -100,6 +100,11 @@ class Spool:
         return str(self.folder / "dark.npy")
 
     @property
+    def flags_path(self) -> str:
+        """The pixels the stream's first frame has no value for (bool (nz, ny)), for --resume."""
+        return str(self.folder / "flagged_pixels.npy")
+
+    @property
     def manifest_path(self) -> Path:
         return self.folder / "manifest.json"
 
