@@ -166,12 +166,25 @@ def _bs_read(path, start, stop, loc="exchange/data"):
     return out
 
 
+@pytest.fixture(params=["C function", "decompress_lz4"])
+def decoder(request, monkeypatch):
+    """Each of bitshuffle's two entry points decode_hdf5_chunk uses."""
+    from midasflow.io import bslz4
+
+    if request.param == "C function":
+        assert bslz4._c_decoder() is not None, "bitshuffle's extension exports bshuf_decompress_lz4"
+    else:
+        monkeypatch.setattr(bslz4, "_C_DECODER", [None])
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", ["<u2", "<u4", "<i4", "<f4"])
 @pytest.mark.parametrize("per_chunk, nelems", [(1, 0), (3, 0), (1, 256), (2, 1024)])
-def test_bitshuffle_lz4_chunks_are_decoded_here_bit_for_bit(tmp_path, dtype, per_chunk, nelems):
+def test_bitshuffle_lz4_chunks_are_decoded_here_bit_for_bit(tmp_path, dtype, per_chunk, nelems, decoder):
     """HDF5 bitshuffle-LZ4 (filter 32008, as Eiger files hold it): read and decoded outside HDF5,
     the same bits as h5py + hdf5plugin, for one or several frames per chunk, the default and
-    explicit block sizes, any frame range (chunks holding frames outside it included)."""
+    explicit block sizes, any frame range (chunks holding frames outside it included), with
+    either of bitshuffle's entry points."""
     data = _bs_data(7, dtype)
     path = _write(tmp_path / "eiger.h5", data, chunks=(per_chunk, BZ, BY), bitshuffle=True, nelems=nelems)
     plan = _plan(path)
@@ -181,6 +194,21 @@ def test_bitshuffle_lz4_chunks_are_decoded_here_bit_for_bit(tmp_path, dtype, per
         np.testing.assert_array_equal(got.view(np.uint8), _h5py(path, start, stop).view(np.uint8))
     source = hdf5.open_hdf5(path, "exchange/data")
     np.testing.assert_array_equal(source.read(2, 5), data[2:5])  # the float32 path's read
+
+
+@pytest.mark.parametrize("n_bytes", [200, 2000])
+def test_lz4_bytes_the_decoder_rejects_are_one_line(tmp_path, decoder, n_bytes):
+    """The first block's LZ4 bytes overwritten (its count intact, so the block check passes):
+    the decoder's error is one FrameError line, whichever entry point. (LZ4 carries no checksum:
+    other damage can decode to wrong pixels unnoticed, through HDF5's filter as here.)"""
+    path = _write(tmp_path / "eiger.h5", _bs_data(2, "<u2"), chunks=(1, BZ, BY), bitshuffle=True)
+    with h5py.File(path, "r") as f:
+        offset = f["exchange/data"].id.get_chunk_info_by_coord((1, 0, 0)).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 16)
+        fh.write(b"\xff" * n_bytes)
+    with pytest.raises(FrameError, match=r"frames 0..1: chunk of frames 1..1: bitshuffle chunk cannot be decoded"):
+        _bs_read(path, 0, 2)
 
 
 def _damage(path, frame, how):

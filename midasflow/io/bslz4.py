@@ -60,22 +60,45 @@ def check_blocks(data: np.ndarray, n_pixels: int, itemsize: int, source: str, bl
     block = block or default_block(itemsize)
     last = n_pixels % block - n_pixels % block % 8
     n_blocks = n_pixels // block + (1 if last else 0)
-    raw = memoryview(data).cast("B")
-    end = len(raw) - (n_pixels % 8) * itemsize
-    pos = 0
-    for k in range(n_blocks):
-        if pos + 4 > end:
-            break
-        pos += 4 + int.from_bytes(raw[pos:pos + 4], "big")
-        if pos > end:
-            break
-    else:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    end = raw.size - (n_pixels % 8) * itemsize
+    k, pos = _block_walk()(raw, n_blocks, end)
+    if k == n_blocks:
         if pos == end:
             return
-        raise FrameError(f"{source}: bslz4 frame of {len(raw)} bytes has {end - pos} bytes after its "
+        raise FrameError(f"{source}: bslz4 frame of {raw.size} bytes has {end - pos} bytes after its "
                          f"{n_blocks} blocks ({n_pixels} pixels)")
-    raise FrameError(f"{source}: bslz4 frame of {len(raw)} bytes ends inside block {k + 1} of {n_blocks} "
+    raise FrameError(f"{source}: bslz4 frame of {raw.size} bytes ends inside block {k + 1} of {n_blocks} "
                      f"({n_pixels} pixels): truncated")
+
+
+_WALK: list = [None]
+
+
+def _block_walk():
+    """The compiled block walk (numba, cached; compiled on first use, so importing this module
+    does not import numba): ``walk(raw, n_blocks, end) -> (k, pos)``, following the 4-byte
+    big-endian counts from byte 0; ``k == n_blocks`` and the position after the last block when
+    every block ends by ``end``, else the index of the first block that does not and the
+    position reached (~20 µs for a 2048² frame's 1024 blocks, against ~1 ms in Python)."""
+    if _WALK[0] is None:
+        import numba
+
+        @numba.njit(cache=True, nogil=True)
+        def walk(raw, n_blocks, end):  # pragma: no cover - compiled
+            pos = 0
+            for k in range(n_blocks):
+                if pos + 4 > end:
+                    return k, pos
+                count = ((np.int64(raw[pos]) << 24) | (np.int64(raw[pos + 1]) << 16)
+                         | (np.int64(raw[pos + 2]) << 8) | np.int64(raw[pos + 3]))
+                pos += 4 + count
+                if pos > end:
+                    return k, pos
+            return n_blocks, pos
+
+        _WALK[0] = walk
+    return _WALK[0]
 
 
 def check_hdf5_chunk(chunk: np.ndarray, n_bytes: int, itemsize: int, source: str) -> int:
@@ -125,20 +148,58 @@ def decode_pool() -> concurrent.futures.ThreadPoolExecutor:
     return _POOL[0]
 
 
+_C_DECODER: list = []
+
+
+def _c_decoder():
+    """bitshuffle's C function ``bshuf_decompress_lz4`` (its public C interface, bitshuffle.h:
+    ``int64_t (const void *in, void *out, size_t size, size_t elem_size, size_t block_size)``,
+    returning the input bytes used or a negative error code) as its extension module exports it,
+    called through ctypes (which releases the GIL for the call): it decodes straight into the
+    caller's array, where ``decompress_lz4`` returns a new array to copy (~0.8 ms of ~6 ms per
+    2048² uint16 frame). None when the module does not export it."""
+    if not _C_DECODER:
+        import ctypes
+
+        import bitshuffle.ext
+
+        try:
+            fn = ctypes.CDLL(bitshuffle.ext.__file__).bshuf_decompress_lz4
+        except (OSError, AttributeError):
+            fn = None
+        else:
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                           ctypes.c_size_t]
+        _C_DECODER.append(fn)
+    return _C_DECODER[0]
+
+
 def decode_hdf5_chunk(chunk: np.ndarray, out: np.ndarray, source: str) -> None:
     """Decode a chunk of HDF5's bitshuffle-LZ4 filter into ``out`` (C-contiguous, the chunk's
-    pixels in their dtype), after :func:`check_hdf5_chunk`. bitshuffle releases the GIL while
-    it decodes (its ``decompress_lz4``).
+    pixels in their dtype), after :func:`check_hdf5_chunk`: through bitshuffle's C function
+    (:func:`_c_decoder`), else ``bitshuffle.decompress_lz4``; both release the GIL while they
+    decode.
 
     Raises
     ------
     FrameError
-        The chunk fails the check, or the decoder reports an error; one line naming ``source``.
+        The chunk fails the check, or the decoder reports an error or uses other than all the
+        chunk's bytes; one line naming ``source``.
     """
     import bitshuffle
 
+    if not out.flags.c_contiguous:
+        raise ValueError("decode_hdf5_chunk decodes into a C-contiguous array")
     block = check_hdf5_chunk(chunk, out.nbytes, out.dtype.itemsize, source)
-    data = chunk[HDF5_HEADER.size:]
+    data = np.ascontiguousarray(chunk[HDF5_HEADER.size:])
+    decode = _c_decoder()
+    if decode is not None:
+        used = decode(data.ctypes.data, out.ctypes.data, out.size, out.dtype.itemsize, block)
+        if used != data.size:
+            why = f"error code {used}" if used < 0 else f"it used {used} of its {data.size} bytes"
+            raise FrameError(f"{source}: bitshuffle chunk cannot be decoded ({why})")
+        return
     try:
         decoded = bitshuffle.decompress_lz4(data, (out.size,), out.dtype, block)
     except Exception as exc:  # bitshuffle raises RuntimeError with its error code
