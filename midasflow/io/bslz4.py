@@ -41,6 +41,8 @@ HDF5_HEADER = struct.Struct(">QI")
 DECODE_THREADS = min(2, os.cpu_count() or 1)
 _POOL: list[concurrent.futures.ThreadPoolExecutor | None] = [None]
 _POOL_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads: a new pool
+    os.register_at_fork(after_in_child=lambda: _POOL.__setitem__(0, None))
 
 
 def default_block(itemsize: int) -> int:
