@@ -20,7 +20,9 @@ HDF5 file of the same frames as uint16 counts with a dark, with open_frames' def
 (read raw and dark-subtracted inside the kernel). The composition's two parts are timed apart
 too: the kernel on the file's raw uint16 frames with the dark (what it cakes), and reading the
 file alone, one read per map pass as the composition reads it (its floor on this input); the
-composition is printed as a fraction of each and of what the two allow together on the cores. Cold start: a fresh process to its first caked frame
+composition is printed as a fraction of each and of what the two allow together on the cores.
+The same composition and read on the same frames written bitshuffle-LZ4 compressed (HDF5 filter
+32008, as Eiger detectors write them; one frame per chunk), with their bound likewise. Cold start: a fresh process to its first caked frame
 with no cached bin map, with an empty and with a filled numba cache, beside a fresh process's
 first pyFAI integrate2d_ng of the same frame (import, geometry, its CSR engine built on that
 call); wall and CPU (user + system of the process and its threads) times.
@@ -170,6 +172,8 @@ def bench_throughput(args, frames: np.ndarray) -> None:
     raw = np.round(frames).astype(np.uint16)
     scan = write_scan(os.path.join(tmp, "scan"), params, raw, dark)
     file_params = read_params(scan.params_file)
+    scan_bs = write_scan(os.path.join(tmp, "scan_bs"), params, raw, dark, compression="bitshuffle")
+    file_params_bs = read_params(scan_bs.params_file)
     print(f"frames: {frames.shape} float32; numba threads {numba.get_num_threads()}; "
           f"{step} frames per map pass; {os.cpu_count()} CPUs; load average "
           f"{os.getloadavg()[0]:.1f} at start")
@@ -189,11 +193,14 @@ def bench_throughput(args, frames: np.ndarray) -> None:
     # composition reads them (its floor on this input), and the kernel on them (dark subtracted
     # and flags turned into NaN inside the kernel, as the composition cakes them)
     reader = raw_frames_of(open_frames(scan.data, file_params).data).reader
+    reader_bs = raw_frames_of(open_frames(scan_bs.data, file_params_bs).data).reader
     correction = RawCorrection(dark.astype(np.float64).mean(axis=0).astype(np.float32))
 
-    def read_only():
-        for lo in range(0, n, step):
-            reader.read_raw(lo, min(lo + step, n), raw_buffer)
+    def read_only(scan_reader):
+        def run():
+            for lo in range(0, n, step):
+                scan_reader.read_raw(lo, min(lo + step, n), raw_buffer)
+        return run
 
     def raw_kernel():
         for lo in range(0, n, step):
@@ -206,10 +213,13 @@ def bench_throughput(args, frames: np.ndarray) -> None:
         "kernel: cake_block, whole passes": (lambda: cake_block(frames, binmap), n),
         "kernel: cake_block, one frame per call": (one_by_one, n),
         "kernel: raw uint16 + dark (as open_frames -> cake), passes": (raw_kernel, n),
-        "read only: the HDF5 file's raw frames, one read per pass": (read_only, n),
+        "read only: the HDF5 file's raw frames, one read per pass": (read_only(reader), n),
         f"cake() on {step}-frame chunks (threaded scheduler)": (dask_run(lambda: chunked), n),
         "open_frames -> cake (HDF5 uint16 + dark, default chunks)":
             (dask_run(lambda: open_frames(scan.data, file_params)), n),
+        "read only: the bitshuffle-LZ4 file's frames, one read per pass": (read_only(reader_bs), n),
+        "open_frames -> cake (bitshuffle-LZ4 HDF5 + dark)":
+            (dask_run(lambda: open_frames(scan_bs.data, file_params_bs)), n),
         f"pyFAI {pyFAI.version} integrate2d_ng {kw['method']}":
             (lambda: [ai.integrate2d_ng(frames[i], **kw) for i in range(n_fai)], n_fai),
     }
@@ -234,14 +244,19 @@ def bench_throughput(args, frames: np.ndarray) -> None:
     for name in names:
         print(f"  {name:58s} {fps[name]:7.1f} [{max(times[name]):7.1f}]  "
               f"{fps[name] / fai:5.2f}x pyFAI  {np.median(cpu_ms[name]):6.1f} ms CPU")
-    composition = fps["open_frames -> cake (HDF5 uint16 + dark, default chunks)"]
-    raw_fps, read_fps = fps[names[2]], fps[names[3]]
-    # on 2 cores the reads and the kernel overlap: one CPU-second of each per frame
-    bound = 1.0 / (1.0 / raw_fps + 1.0 / (read_fps * args.threads))
-    print(f"open_frames -> cake: {composition / fps[names[0]]:.2f} of the float32 kernel, "
-          f"{composition / raw_fps:.2f} of the kernel on the file's raw frames, "
-          f"{composition / bound:.2f} of what that kernel and the reads allow together on "
-          f"{args.threads} cores ({bound:.1f} frames/s = 1 / (1/kernel + 1/({args.threads} x read)))")
+    raw_fps = fps[names[2]]
+    for label, composed, read in (
+            ("open_frames -> cake", "open_frames -> cake (HDF5 uint16 + dark, default chunks)", names[3]),
+            ("bitshuffle-LZ4 open_frames -> cake", "open_frames -> cake (bitshuffle-LZ4 HDF5 + dark)",
+             "read only: the bitshuffle-LZ4 file's frames, one read per pass")):
+        composition, read_fps = fps[composed], fps[read]
+        # the reads and the kernel overlap; the bound takes each read's CPU from the kernel's cores
+        read_cpu_s = float(np.median(cpu_ms[read])) / 1e3
+        bound = 1.0 / (1.0 / raw_fps + read_cpu_s / args.threads)
+        print(f"{label}: {composition / fps[names[0]]:.2f} of the float32 kernel, "
+              f"{composition / raw_fps:.2f} of the kernel on the file's raw frames, "
+              f"{composition / bound:.2f} of what that kernel and the reads allow together on "
+              f"{args.threads} cores ({bound:.1f} frames/s = 1 / (1/kernel + read CPU s/{args.threads}))")
     print(f"load average {os.getloadavg()[0]:.1f} at the end (2 cores shared: wall rates are "
           "noisy, the ratios less so)")
 
