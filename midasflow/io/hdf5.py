@@ -9,9 +9,11 @@ source pickles to a few strings and works on any dask worker.
 allows it (docs/architecture.md, "Reading HDF5 frames"): HDF5 reports where each chunk (or the
 contiguous data) lies in the file (``H5Dget_chunk_info``, ``H5Dget_offset``), and an
 uncompressed frame's bytes are then read with ``os.preadv`` straight into the caller's buffer,
-about half the CPU time of HDF5's own read of the same bytes. Anything it does not recognise
-(filters, chunks splitting a frame, a big-endian type, a user block, external or virtual
-storage, an unwritten chunk) goes through h5py's ``read_direct`` as before.
+about half the CPU time of HDF5's own read of the same bytes; bitshuffle-LZ4 chunks (Eiger) are
+read the same way, checked and decoded on two threads (:mod:`midasflow.io.bslz4`). Anything it
+does not recognise (other filters, chunks splitting a frame, a big-endian type, a user block,
+external or virtual storage, an unwritten chunk) goes through h5py's ``read_direct``, a
+bitshuffle dataset's chunks checked first (HDF5's filter crashes on a damaged one).
 """
 from __future__ import annotations
 
@@ -173,7 +175,9 @@ def _direct_plan(f, ds, start: int, stop: int, out: np.ndarray) -> _Plan | None:
             info = ds.id.get_chunk_info_by_coord((first, 0, 0))
             if info.byte_offset is None or info.filter_mask:
                 return None
-            if codec:  # the whole chunk, decoded in one piece
+            if codec:  # the whole chunk, decoded in one piece (LZ4 never doubles a block)
+                if info.size > 2 * per_chunk * frame_bytes + 4096:
+                    return None
                 pieces.append(_Piece(info.byte_offset, info.size, first - start, per_chunk))
                 continue
             if info.size != per_chunk * frame_bytes:
