@@ -337,3 +337,25 @@ def test_a_forked_child_decodes_on_its_own_threads(tmp_path):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's read did not finish in 60 s")
+
+
+def test_a_failed_decode_returns_only_when_every_decode_has_finished(tmp_path, monkeypatch):
+    """One chunk failing must not leave others decoding into the caller's buffer (reused by its
+    next read) after the error is raised."""
+    import time
+
+    from midasflow.io import bslz4
+
+    path = _write(tmp_path / "eiger.h5", _bs_data(6, "<u2"), chunks=(1, BZ, BY), bitshuffle=True)
+    finished = []
+
+    def decode(chunk, out, source):
+        if "frames 0..0" in source:
+            raise FrameError(f"{source}: damaged")
+        time.sleep(0.2)
+        finished.append(source)
+
+    monkeypatch.setattr(bslz4, "decode_hdf5_chunk", decode)
+    with pytest.raises(FrameError, match="chunk of frames 0..0: damaged"):
+        _bs_read(path, 0, 6)
+    assert len(finished) == 5

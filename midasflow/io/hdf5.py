@@ -17,6 +17,7 @@ bitshuffle dataset's chunks checked first (HDF5's filter crashes on a damaged on
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 from dataclasses import dataclass
@@ -267,7 +268,11 @@ def _read_plan(plan: _Plan, out: np.ndarray, first: int, what: str) -> None:
             a, b = max(0, piece.frame), min(len(out), piece.frame + piece.n_frames)
             out[a:b] = whole[a - piece.frame:b - piece.frame]
 
-    list(bslz4.decode_pool().map(decode, plan.pieces, starts[:-1]))  # raises the first error
+    pool = bslz4.decode_pool()
+    futures = [pool.submit(decode, piece, pos) for piece, pos in zip(plan.pieces, starts)]
+    concurrent.futures.wait(futures)  # none still writes into out or reads the scratch buffer
+    for future in futures:
+        future.result()  # the first error
 
 
 def _check_bitshuffle_chunks(ds, start: int, stop: int, what: str) -> None:
