@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -415,6 +416,19 @@ _PASS_LOCK = threading.Lock()
 _READ_LOCK = threading.Lock()
 #: The pass buffer (:func:`_pass_buffer`), used under ``_PASS_LOCK`` only.
 _PASS_BUFFER: list[np.ndarray | None] = [None]
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: a new helper pool and new locks. Only the forking thread survives a
+    fork, so the parent's pool threads are gone (work handed to them would wait forever) and a
+    lock another thread held at the fork would never be released."""
+    global _KERNEL_MAPS_LOCK, _PASS_LOCK, _READ_LOCK
+    _KERNEL_MAPS_LOCK, _PASS_LOCK, _READ_LOCK = threading.Lock(), threading.Lock(), threading.Lock()
+    _HELPER_POOL[0] = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _csr_map(binmap: BinMap) -> _CsrMap:

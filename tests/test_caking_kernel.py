@@ -1,9 +1,13 @@
 """Caking kernel (midasflow.caking_kernel): numba vs the scipy oracle, mask rules, pass sizes."""
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pytest
 from cake_helpers import noisy_frames
+from fork_helpers import assert_forked_child_passes
 
 from midasflow.caking_kernel import RawCorrection, cake_block, cake_block_reference
 from midasflow.errors import ParameterError
@@ -290,3 +294,39 @@ def test_raw_correction_refuses_a_dark_of_another_shape(params, masked_map):
     frames = np.zeros((1,) + tuple(masked_map.detector_shape), np.uint16)
     with pytest.raises(ParameterError, match=r"^dark: expected shape"):
         cake_block(frames, masked_map, correction=RawCorrection(np.zeros((3, 3), np.float32)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_cakes_on_threads_of_its_own(params, masked_map):
+    """The helper threads of a kernel pass do not survive a fork, and a lock another thread
+    holds at the fork is never released in the child: a child that cakes after its parent did
+    (helper pool made), forked while a parent thread is inside a pass (pass lock held), cakes
+    on two threads and gets the parent's cakes (it would otherwise wait forever)."""
+    import numba
+
+    from midasflow import caking_kernel
+
+    frames = noisy_frames(params)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        expected = cake_block(frames, masked_map)
+        assert caking_kernel._HELPER_POOL[0] is not None  # the parent's pool exists
+        inside, release = threading.Event(), threading.Event()
+
+        def hold_the_pass() -> None:
+            with caking_kernel._PASS_LOCK:
+                inside.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold_the_pass)
+        holder.start()
+        inside.wait(30)
+        try:
+            assert_forked_child_passes(lambda: np.array_equal(
+                cake_block(frames, masked_map), expected, equal_nan=True))
+        finally:
+            release.set()
+            holder.join()
+    finally:
+        numba.set_num_threads(threads)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from fork_helpers import assert_forked_child_passes
 
 from midasflow.errors import FrameError
 from midasflow.io import hdf5
@@ -313,30 +314,10 @@ def test_bitshuffle_before_another_filter_is_refused_in_one_line(tmp_path):
 def test_a_forked_child_decodes_on_its_own_threads(tmp_path):
     """The decode pool's threads do not survive a fork: a child that reads bitshuffle frames
     after its parent did gets a pool of its own (it would otherwise wait forever)."""
-    import os
-
     data = _bs_data(2, "<u2")
     path = _write(tmp_path / "eiger.h5", data, chunks=(1, BZ, BY), bitshuffle=True)
     np.testing.assert_array_equal(_bs_read(path, 0, 2), data)  # the parent's pool exists now
-    pid = os.fork()
-    if pid == 0:  # the child: exit 0 only if the read completes with the right frames
-        ok = False
-        try:
-            ok = np.array_equal(_bs_read(path, 0, 2), data)
-        finally:
-            os._exit(0 if ok else 1)
-    import time
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        time.sleep(0.05)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    pytest.fail("the forked child's read did not finish in 60 s")
+    assert_forked_child_passes(lambda: np.array_equal(_bs_read(path, 0, 2), data))
 
 
 def test_a_failed_decode_returns_only_when_every_decode_has_finished(tmp_path, monkeypatch):
