@@ -23,6 +23,7 @@ def _write_store(args):
     return None
 
 
+@pytest.mark.slow
 def test_concurrent_directory_store_writes_all_succeed_and_leave_one_complete_store(tmp_path):
     path = tmp_path / "store.zarr"
     with ProcessPoolExecutor(4) as pool:

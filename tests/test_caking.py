@@ -367,7 +367,8 @@ def test_process_variables_become_group_means(params, plain_map, tmp_path):
     xr.testing.assert_identical(ds.drop_vars(list(pv)), plain)
 
 
-@pytest.mark.parametrize("fmt, dtype", [("h5", np.uint16), ("h5", np.int32), ("ge", np.uint32)])
+@pytest.mark.parametrize("fmt, dtype", [("h5", np.uint16), pytest.param("h5", np.int32, marks=pytest.mark.slow),
+                                        pytest.param("ge", np.uint32, marks=pytest.mark.slow)])
 def test_open_frames_scan_is_caked_from_its_raw_frames(params, masked_map, tmp_path, fmt, dtype,
                                                        monkeypatch):
     """cake() of what open_frames returned reads the raw frames in its own pass-sized tasks (a

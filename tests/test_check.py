@@ -51,6 +51,7 @@ def test_true_cell_gives_zero_shifts(unstrained):
     assert n == len(ok) and abs(mean) < 3 * esd + 5 and esd < 20
 
 
+@pytest.mark.slow
 def test_a_cif_cell_500_ppm_too_large_shows_on_every_ring(unstrained, tmp_path):
     cif = write_phase_cif(cubic_phase("CeO2", unstrained["a0"] * (1 + 500e-6)), tmp_path / "big.cif")
     check = check_calibration(unstrained["store"], [cif])

@@ -372,6 +372,7 @@ def test_a_planted_pickle_checkpoint_runs_no_code(scan):
     assert n == 6 and not marker.exists() and (res.status.values == "ok").all()
 
 
+@pytest.mark.slow
 def test_an_interrupted_rerun_leaves_no_earlier_results_beside_new_settings(scan):
     """Issue 12.11: a rerun with other settings, interrupted, left the old results.zarr and
     summary in the folder as if they were its own."""

@@ -599,7 +599,8 @@ def _rewrite_zarray(store, path, member, **changes):
     return path
 
 
-@pytest.mark.parametrize("case", ["blosc bomb", "huge REtaMap", "absurd REtaMap", "cake of another shape"])
+@pytest.mark.parametrize("case", [pytest.param("blosc bomb", marks=pytest.mark.slow), "huge REtaMap", "absurd REtaMap",
+                                  pytest.param("cake of another shape", marks=pytest.mark.slow)])
 def test_resource_bombs_in_a_store_are_refused_before_memory_is_spent(case, scan, store, tmp_path):
     bad = tmp_path / "bad.zarr.zip"
     if case == "blosc bomb":
@@ -621,6 +622,7 @@ def test_resource_bombs_in_a_store_are_refused_before_memory_is_spent(case, scan
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_huge_cell_is_refused_before_any_lineout_with_an_override(scan, store, tmp_path, capsys):
     from midasflow.crystal import phase_from_cell, write_phase_cif
 
@@ -635,7 +637,8 @@ def test_a_huge_cell_is_refused_before_any_lineout_with_an_override(scan, store,
     assert "phase CeO2 (cell 5.41" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("binning", [["RBinSize", "1e-8"], ["RBinSize", "1e-7"], ["RBinSize", "1e-4", "EtaBinSize", "360"]])
+@pytest.mark.parametrize("binning", [["RBinSize", "1e-8"], pytest.param(["RBinSize", "1e-7"], marks=pytest.mark.slow),
+                                     pytest.param(["RBinSize", "1e-4", "EtaBinSize", "360"], marks=pytest.mark.slow)])
 def test_absurd_binning_is_refused_before_memory_is_spent(binning, scan, tmp_path):
     out = tmp_path / "out"
     rc, err, rss_mb = _measured("integrate", "-paramFN", scan["params"], "-dataFN", scan["data"],

@@ -36,6 +36,7 @@ def test_signature_is_midas():
     assert [(p.name, p.default) for p in params.values()] == MIDAS_SIGNATURE
 
 
+@pytest.mark.slow
 def test_the_manuals_example_runs(store, tmp_path, capsys):
     from midasflow import run_refinement
 

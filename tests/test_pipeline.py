@@ -303,6 +303,7 @@ def test_resume_after_interruption_refines_only_what_is_missing(small, tmp_path,
     assert len(fresh.calls) == 6
 
 
+@pytest.mark.slow
 def test_resume_refuses_checkpoints_made_with_other_settings(small, tmp_path, monkeypatch):
     from midasflow.errors import ParameterError
 
@@ -317,6 +318,7 @@ def test_resume_refuses_checkpoints_made_with_other_settings(small, tmp_path, mo
     assert counting.calls == []  # refused before any lineout ran
 
 
+@pytest.mark.slow
 def test_group_process_variables_reach_the_results(small, tmp_path):
     from midasflow.results import open_results
 

@@ -139,6 +139,7 @@ print(json.dumps({"numba_after_first": numba_after_first, "left": left,
 """
 
 
+@pytest.mark.slow
 def test_first_refinement_in_a_new_process_runs_without_numba_and_equals_the_compiled():
     out = subprocess.run([sys.executable, "-c", _NEW_PROCESS], capture_output=True, text=True,
                          check=True)

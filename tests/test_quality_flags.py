@@ -95,6 +95,7 @@ def test_flags_of_the_parametrisation_do_not_exclude_from_strain():
                                                         "texture_rolled_back", "shl_at_floor"}
 
 
+@pytest.mark.slow
 def test_undone_texture_stage_on_an_untextured_scan_is_reported_not_excluded(scan, tmp_path):
     """The demo's CeO2 is untextured: March–Dollase along [111] finds nothing (r within 3 esd of
     1 where it is kept) and is undone on some lineouts. Those lineouts are flagged ``texture_rolled_back`` (not ``rolled_back``), keep
@@ -117,6 +118,7 @@ def test_undone_texture_stage_on_an_untextured_scan_is_reported_not_excluded(sca
     assert "texture_rolled_back" not in summary["strain_excluding_flags"]
 
 
+@pytest.mark.slow
 def test_command_line_flags_reach_the_results(scan, tmp_path, capsys):
     from midasflow.cli import main
 
@@ -144,6 +146,7 @@ def test_options_no_backend_can_honour_exit_2_before_any_work(scan, tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_lineouts_start_from_their_group_mean_by_default_and_say_so(scan, tmp_path, capsys):
     from midasflow.cli import main
 

@@ -63,6 +63,7 @@ def test_strain_fits_recover_the_tensor(run):
     assert np.all(np.abs(zz - truth[izz]) < 5 * res.strain_lab_esd.values[0, :, izz])
 
 
+@pytest.mark.slow
 def test_write_and_read_back(run, tmp_path):
     _, lineouts, res = run
     out = write_results(res, tmp_path / "out")

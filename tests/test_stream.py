@@ -93,6 +93,7 @@ def _collect(source, stop, until, timeout_s=30.0):
     return got
 
 
+@pytest.mark.slow
 def test_folder_source_takes_complete_files_once_in_name_order(tmp_path):
     import tifffile
 
@@ -219,6 +220,7 @@ def test_idle_timeout_counts_from_when_the_source_is_ready():
     assert time.monotonic() - t0 >= 0.6 + 0.4
 
 
+@pytest.mark.slow
 def test_pva_source_decodes_counts_drops_and_ignores_the_stale_value():
     from midasflow.stream.pva import PvaSource
 

@@ -61,6 +61,7 @@ def _assert_same_within_esd(warm, full):
         assert float(diff.max()) < MAX_ESD, (name, diff)
 
 
+@pytest.mark.slow
 def test_warm_starts_end_where_the_full_recipe_ends(tmp_path):
     """~500-point lineouts of a strained two-group scan: warm from the group mean (the default
     seed), every lineout's cell and strain and every strain-tensor component within 0.1 esd of
